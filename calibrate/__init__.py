@@ -1,0 +1,1 @@
+"""PyTorch microbenchmarks and profile fitting (filled in by the calibrate issue)."""

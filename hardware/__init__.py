@@ -1,0 +1,1 @@
+"""GPU, interconnect and model specs, the step operator list and its roofline cost."""

@@ -1,0 +1,237 @@
+"""The operator list of one forward step: FLOPs and bytes of every kernel, per GPU, for a batch shape.
+
+A step's batch is described by `StepShape` (per request: prefill chunks with the KV already cached before
+them, decodes with their context, speculative verifications). Per-request arrays are reduced with numpy to
+a handful of totals (`StepTotals`), and operators are built from totals only, so pricing a step never
+loops in Python over requests. Every decoder layer has the same operators, so they are built once and
+counted `layers` times.
+
+Attention counts the query-key pairs actually computed under the causal (or sliding-window, or tree) mask:
+a chunk of c tokens after p cached ones computes c*p + c(c+1)/2 pairs; QK^T and PV cost 2 FLOPs per pair
+per head dimension each. Attention reads each request's K and V once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+
+from hardware.deployment import Deployment
+from hardware.errors import ServesimError
+from hardware.specs import DTYPE_BYTES
+
+IntArray = np.ndarray
+
+
+def _ints(name: str, values: Sequence[int] | np.ndarray | None, n: int | None = None, minimum: int = 0) -> IntArray:
+    arr = np.zeros(n or 0, dtype=np.int64) if values is None else np.asarray(values, dtype=np.int64).reshape(-1)
+    if n is not None and arr.size != n:
+        raise ServesimError(f"{name}: has {arr.size} values but must have one per request ({n})")
+    if arr.size and int(arr.min()) < minimum:
+        raise ServesimError(f"{name}: value {int(arr.min())} is below the minimum {minimum}")
+    return arr
+
+
+@dataclass(frozen=True, slots=True)
+class StepShape:
+    """What one step runs, per request.
+
+    - `prefill_tokens[i]`: tokens in request i's prefill chunk; `prefill_cached[i]`: tokens of its KV
+      already cached before the chunk (earlier chunks or a prefix-cache hit).
+    - `decode_context[j]`: tokens in request j's KV before this step; it decodes one token.
+    - `verify_tokens[k]`: tokens verified for a speculating request (k+1 for k draft tokens, or the nodes
+      of a token tree) after `verify_context[k]` tokens of KV; `verify_pairs[k]` the query-key pairs inside
+      the verified tokens (a causal chain when omitted: n(n+1)/2; a tree: the sum of node depths + 1).
+    """
+
+    prefill_tokens: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+    prefill_cached: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+    decode_context: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+    verify_tokens: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+    verify_context: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
+    verify_pairs: IntArray | None = None
+
+    @classmethod
+    def build(
+        cls,
+        prefill: Sequence[int] | np.ndarray = (),
+        prefill_cached: Sequence[int] | np.ndarray | None = None,
+        decode: Sequence[int] | np.ndarray = (),
+        verify: Sequence[int] | np.ndarray = (),
+        verify_context: Sequence[int] | np.ndarray | None = None,
+        verify_pairs: Sequence[int] | np.ndarray | None = None,
+    ) -> StepShape:
+        """Validated shape; cached prefixes and verify contexts default to zero."""
+        chunks = _ints("prefill_tokens", prefill, minimum=1)
+        vtok = _ints("verify_tokens", verify, minimum=1)
+        pairs = None if verify_pairs is None else _ints("verify_pairs", verify_pairs, vtok.size, minimum=1)
+        return cls(
+            prefill_tokens=chunks,
+            prefill_cached=_ints("prefill_cached", prefill_cached, chunks.size),
+            decode_context=_ints("decode_context", decode),
+            verify_tokens=vtok,
+            verify_context=_ints("verify_context", verify_context, vtok.size),
+            verify_pairs=pairs,
+        )
+
+    @property
+    def num_requests(self) -> int:
+        return self.prefill_tokens.size + self.decode_context.size + self.verify_tokens.size
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.prefill_tokens.size == 0 and self.verify_tokens.size == 0
+
+
+def _window_pairs(first: IntArray, count: IntArray, window: int | None) -> float:
+    """Sum over requests of sum_{j=first}^{first+count-1} min(j, window): keys seen by each query."""
+    last = first + count - 1
+    if window is None:
+        return float(((first + last) * count).sum() / 2)
+    w = window
+    full = (first + last) * count / 2  # all below the window
+    capped = count * w  # all at or above it
+    mixed = (first + w) * (w - first + 1) / 2 + (last - w) * w
+    return float(np.where(last <= w, full, np.where(first > w, capped, mixed)).sum())
+
+
+@dataclass(frozen=True, slots=True)
+class StepTotals:
+    """The few sums of a `StepShape` that operator costs depend on."""
+
+    tokens: int  # new tokens through the GEMMs
+    logit_tokens: int  # tokens whose logits are computed (last of each prefill chunk, decodes, all verified)
+    prefill_seqs: int  # requests in the prefill-style attention kernel (chunks and verifications)
+    prefill_queries: int
+    prefill_pairs: float
+    prefill_kv_tokens: float  # K/V tokens read by the prefill-style attention
+    decode_seqs: int
+    decode_pairs: float  # = K/V tokens read by decode attention
+
+    @classmethod
+    def of(cls, shape: StepShape, sliding_window: int | None = None) -> StepTotals:
+        c, p = shape.prefill_tokens, shape.prefill_cached
+        v, vc = shape.verify_tokens, shape.verify_context
+        w = sliding_window
+        chunk_pairs = _window_pairs(p + 1, c, w)
+        vc_seen = vc if w is None else np.minimum(vc, w)
+        intra = v * (v + 1) // 2 if shape.verify_pairs is None else shape.verify_pairs
+        verify_pairs = float((v * vc_seen).sum() + intra.sum())
+        kv_read = (p + c) if w is None else np.minimum(p + c, w)
+        dec = shape.decode_context + 1
+        dec_seen = dec if w is None else np.minimum(dec, w)
+        n_dec, n_chunk, n_ver = dec.size, c.size, v.size
+        tokens_c, tokens_v = int(c.sum()), int(v.sum())
+        return cls(
+            tokens=tokens_c + tokens_v + n_dec,
+            logit_tokens=n_chunk + n_dec + tokens_v,
+            prefill_seqs=n_chunk + n_ver,
+            prefill_queries=tokens_c + tokens_v,
+            prefill_pairs=chunk_pairs + verify_pairs,
+            prefill_kv_tokens=float(kv_read.sum() + (vc_seen + v).sum()),
+            decode_seqs=n_dec,
+            decode_pairs=float(dec_seen.sum()),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Operator:
+    """One kernel (or fused group) on one GPU: FLOPs and HBM bytes per instance, `count` instances.
+
+    Collectives carry their payload in `comm_bytes` and the number of ranks in `ranks`.
+    """
+
+    name: str
+    kind: str
+    flops: float
+    bytes: float
+    count: int = 1
+    kernels: int = 1
+    comm_bytes: float = 0.0
+    ranks: int = 1
+    stage: int = 0
+
+
+def _gemm(name: str, m: float, k: float, n: float, w_bytes: float, a_bytes: float, count: int = 1,
+          weight_reads: float = 1.0) -> Operator:
+    """Y[m,n] = X[m,k] W[k,n]: reads X and `weight_reads` matrices W (MoE: the experts hit), writes Y."""
+    return Operator(name, "gemm", 2.0 * m * k * n, k * n * w_bytes * weight_reads + (m * k + m * n) * a_bytes,
+                    count)
+
+
+def expected_active_experts(num_experts: int, top_k: int, tokens: int) -> float:
+    """Experts hit by at least one of `tokens` tokens routed uniformly to top_k of num_experts."""
+    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
+
+
+def layer_operators(dep: Deployment, t: StepTotals, rows: int) -> list[Operator]:
+    """Operators of one decoder layer on one GPU; `rows` is tokens padded to the executed batch shape."""
+    m = dep.model
+    h, d = m.hidden_size, m.head_size
+    a, w = dep.act_bytes, DTYPE_BYTES[dep.weight_dtype]
+    kvb = DTYPE_BYTES[dep.kv_dtype]
+    hq, hkv, inter = dep.heads_per_gpu, dep.kv_heads_per_gpu, dep.intermediate_per_gpu
+    qkv = (hq + 2 * hkv) * d
+    norm = Operator("add_rmsnorm", "elementwise", 5.0 * rows * h, 4.0 * rows * h * a + h * a, count=2)
+    ops = [
+        norm,
+        _gemm("qkv_proj", rows, h, qkv, w, a),
+        Operator("rope", "elementwise", 6.0 * rows * (hq + hkv) * d, 2.0 * rows * (hq + hkv) * d * a),
+        Operator("kv_write", "kv-write", 0.0, t.tokens * 2 * hkv * d * (a + kvb)),
+    ]
+    if t.prefill_seqs:
+        ops.append(Operator("attention_prefill", "attention-prefill", 4.0 * t.prefill_pairs * d * hq,
+                            2.0 * t.prefill_queries * hq * d * a + t.prefill_kv_tokens * 2 * hkv * d * kvb))
+    if t.decode_seqs:
+        ops.append(Operator("attention_decode", "attention-decode", 4.0 * t.decode_pairs * d * hq,
+                            2.0 * t.decode_seqs * hq * d * a + t.decode_pairs * 2 * hkv * d * kvb))
+    ops.append(_gemm("o_proj", rows, hq * d, h, w, a))
+    if dep.tp > 1:
+        ops.append(Operator("all_reduce_attn", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp))
+    if m.is_moe:
+        k, e = m.experts_per_token, m.num_experts
+        frac = expected_active_experts(e, k, rows)
+        ops.append(_gemm("moe_router", rows, h, e, w, a))
+        # Each token runs k experts; only the experts some token is routed to have their weights read.
+        ops.append(_gemm("moe_gate_up", rows * k, h, 2 * inter, w, a, weight_reads=frac))
+        ops.append(Operator("silu_mul", "elementwise", 5.0 * rows * k * inter, 3.0 * rows * k * inter * a))
+        ops.append(_gemm("moe_down", rows * k, inter, h, w, a, weight_reads=frac))
+    else:
+        ops.append(_gemm("gate_up_proj", rows, h, 2 * inter, w, a))
+        ops.append(Operator("silu_mul", "elementwise", 5.0 * rows * inter, 3.0 * rows * inter * a))
+        ops.append(_gemm("down_proj", rows, inter, h, w, a))
+    if dep.tp > 1:
+        ops.append(Operator("all_reduce_mlp", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp))
+    return ops
+
+
+def first_stage_operators(dep: Deployment, rows: int) -> list[Operator]:
+    """Embedding gather (vocab-parallel: an all-reduce joins the shards under TP)."""
+    h, a = dep.model.hidden_size, dep.act_bytes
+    ops = [Operator("embedding", "embedding", 0.0, 2.0 * rows * h * a + rows * 8.0)]
+    if dep.tp > 1:
+        ops.append(Operator("all_reduce_embed", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp))
+    return ops
+
+
+def last_stage_operators(dep: Deployment, t: StepTotals) -> list[Operator]:
+    """Final norm, LM head on the tokens that need logits, logits gathered across TP, sampling."""
+    m = dep.model
+    h, a, w = m.hidden_size, dep.act_bytes, DTYPE_BYTES[dep.weight_dtype]
+    n, v = t.logit_tokens, dep.vocab_per_gpu
+    ops = [
+        Operator("final_norm", "elementwise", 4.0 * n * h, 2.0 * n * h * a + h * a),
+        _gemm("lm_head", n, h, v, w, a),
+    ]
+    if dep.tp > 1:
+        ops.append(Operator("gather_logits", "all-gather", 0.0, 0.0, comm_bytes=n * m.vocab_size * a, ranks=dep.tp))
+    ops.append(Operator("sampling", "sampling", 6.0 * n * m.vocab_size, 3.0 * n * m.vocab_size * 4.0, kernels=3))
+    return ops
+
+
+def pipeline_operator(dep: Deployment, rows: int, stage: int) -> Operator:
+    """Hidden states and residual sent from stage-1 to stage (vLLM's intermediate tensors)."""
+    payload = 2.0 * rows * dep.model.hidden_size * dep.act_bytes
+    return Operator("pp_send_recv", "send-recv", 0.0, 0.0, comm_bytes=payload, ranks=2, stage=stage)

@@ -1,0 +1,1 @@
+"""Schedulers, routers and speculation policies (filled in by the engine and policy issues)."""

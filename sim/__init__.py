@@ -1,0 +1,1 @@
+"""The SimPy serving engine and the `servesim` command line."""

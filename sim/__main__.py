@@ -1,0 +1,3 @@
+from sim.cli import main
+import sys
+sys.exit(main())

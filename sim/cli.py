@@ -1,0 +1,176 @@
+"""The `servesim` command line: `estimate` (one step's cost) and `catalog` (what the catalog holds)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict
+from typing import Any
+
+from hardware.catalog import get_gpu, get_interconnect, get_model, gpu_ids, interconnect_ids, model_ids
+from hardware.cost import CostModel
+from hardware.deployment import Deployment
+from hardware.errors import ServesimError
+from hardware.operators import StepShape
+from hardware.profile import load_profile
+
+
+def _add_deployment_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("deployment")
+    g.add_argument("--model", required=True, help="catalog model id (see `servesim catalog models`) or a config.json")
+    g.add_argument("--gpu", required=True, help="catalog GPU id or alias (see `servesim catalog gpus`) or a YAML file")
+    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
+    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
+    g.add_argument("--link", help="interconnect for TP collectives (default: the GPU's intra-node link)")
+    g.add_argument("--pp-link", help="interconnect between pipeline stages (default: --link)")
+    g.add_argument("--weight-dtype", default="bf16", help="bf16, fp16, fp8 or fp32 (default bf16)")
+    g.add_argument("--kv-dtype", default="bf16", help="bf16, fp16, fp8 or fp32 (default bf16)")
+    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of HBM usable (default 0.9)")
+    g.add_argument("--max-model-len", type=int, help="longest request in tokens (default: the model's maximum)")
+    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step (default 8192)")
+    g.add_argument("--max-num-seqs", type=int, default=256, help="requests per step (default 256)")
+    g.add_argument("--gpu-price", type=float, help="override the GPU's hourly price in USD")
+    g.add_argument("--profile", help="calibrated efficiency profile JSON (default: shipped one, else defaults)")
+
+
+def _deployment(args: argparse.Namespace) -> Deployment:
+    gpu = get_gpu(args.gpu)
+    if args.gpu_price is not None:
+        gpu = gpu.with_price(args.gpu_price)
+    return Deployment.build(
+        get_model(args.model),
+        gpu,
+        tp=args.tp,
+        pp=args.pp,
+        link=args.link,
+        pp_link=args.pp_link,
+        weight_dtype=args.weight_dtype,
+        kv_dtype=args.kv_dtype,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        max_model_len=args.max_model_len,
+        max_num_batched_tokens=args.max_num_batched_tokens,
+        max_num_seqs=args.max_num_seqs,
+    )
+
+
+def _shape(args: argparse.Namespace) -> StepShape:
+    prefill = args.prefill or []
+    cached = args.cached or [0]
+    if len(cached) not in (1, len(prefill)):
+        raise ServesimError(f"--cached: give one value or one per --prefill request ({len(prefill)}), got {len(cached)}")
+    if (args.decode or args.verify) and args.context is None:
+        raise ServesimError("--context is required with --decode or --verify (tokens of KV per request)")
+    if not (prefill or args.decode or args.verify):
+        raise ServesimError("nothing to run: give --prefill N, --decode N --context L, or --verify N --context L")
+    context = args.context or 0
+    return StepShape.build(
+        prefill=prefill,
+        prefill_cached=cached * len(prefill) if len(cached) == 1 else cached,
+        decode=[context] * (args.decode or 0),
+        verify=[args.verify_tokens] * (args.verify or 0),
+        verify_context=[context] * (args.verify or 0),
+    )
+
+
+def cmd_estimate(args: argparse.Namespace) -> dict[str, Any]:
+    dep = _deployment(args)
+    plan = dep.check_fits()
+    profile = load_profile(args.profile) if args.profile else None
+    model = CostModel(dep, profile=profile, cuda_graphs=args.graphs)
+    shape = _shape(args)
+    cost = model.price(shape, breakdown=args.breakdown)
+    kv_needed = int(shape.prefill_tokens.sum() + shape.prefill_cached.sum() + (shape.decode_context + 1).sum()
+                    + (shape.verify_tokens + shape.verify_context).sum())
+    warnings = []
+    if kv_needed > plan.kv_capacity_tokens:
+        warnings.append(f"the batch holds {kv_needed} tokens of KV but the KV cache has room for "
+                        f"{plan.kv_capacity_tokens}: no real server could run this step")
+    out: dict[str, Any] = {
+        "model": dep.model.id,
+        "gpu": dep.gpu.id,
+        "tp": dep.tp,
+        "pp": dep.pp,
+        "profile": model.profile.gpu,
+        "execution": cost.execution,
+        "seconds": cost.seconds,
+        "tokens": cost.tokens,
+        "tokens_per_second": cost.tokens / cost.seconds,
+        "flops": cost.flops,
+        "bytes": cost.bytes,
+        "comm_bytes": cost.comm_bytes,
+        "mfu": cost.mfu,
+        "mbu": cost.mbu,
+        "bound": cost.bound,
+        "compute_seconds": cost.compute_seconds,
+        "memory_seconds": cost.memory_seconds,
+        "comm_seconds": cost.comm_seconds,
+        "launch_seconds": cost.launch_seconds,
+        "overhead_seconds": cost.overhead_seconds,
+        "stage_seconds": list(cost.stage_seconds),
+        "kernels": cost.kernels,
+        "kv_bytes_per_token": dep.model.kv_bytes_per_token(dep.kv_dtype),
+        "kv_bytes_per_token_per_gpu": plan.kv_bytes_per_token,
+        "kv_capacity_tokens": plan.kv_capacity_tokens,
+        "weights_bytes_per_gpu": plan.weights,
+        "gpu_price_per_hour": dep.gpu.price_per_hour * dep.num_gpus,
+        "warnings": warnings,
+    }
+    if args.breakdown:
+        out["breakdown"] = [asdict(row) for row in cost.breakdown]
+    for w in warnings:
+        print(f"servesim: warning: {w}", file=sys.stderr)
+    return out
+
+
+def cmd_catalog(args: argparse.Namespace) -> dict[str, Any]:
+    kinds = {
+        "gpus": (gpu_ids, get_gpu),
+        "models": (model_ids, get_model),
+        "links": (interconnect_ids, get_interconnect),
+    }
+    ids, get = kinds[args.kind]
+    return {i: get(i).model_dump(mode="json") for i in ids()}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="servesim", description="Discrete-event simulator for LLM serving.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    est = sub.add_parser("estimate", help="cost of one forward step, as JSON on stdout")
+    _add_deployment_args(est)
+    b = est.add_argument_group("batch")
+    b.add_argument("--prefill", type=int, nargs="+", metavar="N", help="prefill chunk(s), one request each")
+    b.add_argument("--cached", type=int, nargs="+", metavar="P", help="tokens already cached before each chunk")
+    b.add_argument("--decode", type=int, metavar="N", help="number of decoding requests")
+    b.add_argument("--verify", type=int, metavar="N", help="number of requests verifying speculative tokens")
+    b.add_argument("--verify-tokens", type=int, default=5, metavar="K", help="tokens each verifies (default 5)")
+    b.add_argument("--context", type=int, metavar="L", help="tokens of KV per decoding/verifying request")
+    x = est.add_argument_group("execution")
+    x.add_argument("--graphs", dest="graphs", action="store_true", default=True,
+                   help="CUDA graphs for decode-only steps (default)")
+    x.add_argument("--eager", dest="graphs", action="store_false", help="run every step eagerly")
+    x.add_argument("--breakdown", action="store_true", help="add the per-operator table")
+    est.set_defaults(func=cmd_estimate)
+
+    cat = sub.add_parser("catalog", help="list catalog entries as JSON")
+    cat.add_argument("kind", choices=["gpus", "models", "links"])
+    cat.set_defaults(func=cmd_catalog)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = args.func(args)
+    except ServesimError as exc:
+        print(f"servesim: error: {exc}", file=sys.stderr)
+        return 2
+    json.dump(result, sys.stdout, indent=2)
+    sys.stdout.write("\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,87 @@
+"""`servesim estimate` and `servesim catalog` as a user runs them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from sim.cli import main
+
+
+def run(capsys, *argv: str) -> tuple[int, dict | None, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, (json.loads(out) if code == 0 else None), err
+
+
+def test_estimate_prefill(capsys) -> None:
+    code, out, _ = run(capsys, "estimate", "--model", "llama-3-8b", "--gpu", "h100", "--prefill", "2048")
+    assert code == 0
+    assert {"seconds", "flops", "bytes", "mfu", "mbu", "bound"} <= set(out)
+    assert out["bound"] == "compute" and out["execution"] == "eager" and out["tokens"] == 2048
+    assert 0.02 < out["seconds"] < 0.1 and 0.3 < out["mfu"] < 0.9
+
+
+def test_estimate_decode_and_modes(capsys) -> None:
+    args = ("estimate", "--model", "llama-3-8b", "--gpu", "h100", "--decode", "64", "--context", "2048")
+    _, graph, _ = run(capsys, *args)
+    _, eager, _ = run(capsys, *args, "--eager")
+    assert graph["bound"] == "memory" and graph["execution"] == "graph" and eager["execution"] == "eager"
+    assert eager["seconds"] > graph["seconds"]
+    _, tp2, _ = run(capsys, *args, "--tp", "2")
+    assert tp2["seconds"] < graph["seconds"] and tp2["comm_seconds"] > 0 and tp2["gpu_price_per_hour"] == 6.0
+    _, bd, _ = run(capsys, *args, "--breakdown", "--pp", "2")
+    names = {row["name"] for row in bd["breakdown"]}
+    assert {"qkv_proj", "attention_decode", "lm_head", "sampling", "pp_send_recv"} <= names
+    assert len(bd["stage_seconds"]) == 2
+
+
+def test_estimate_with_profile(capsys, tmp_path, ideal_profile) -> None:
+    path = tmp_path / "ideal.json"
+    path.write_text(ideal_profile.model_dump_json())
+    args = ("estimate", "--model", "llama-3-8b", "--gpu", "h100", "--decode", "1", "--context", "10")
+    _, ideal, _ = run(capsys, *args, "--profile", str(path))
+    _, default, _ = run(capsys, *args)
+    assert ideal["profile"] == "ideal" and ideal["overhead_seconds"] == 0
+    assert ideal["seconds"] < default["seconds"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--model", "llama-9b", "--gpu", "h100", "--prefill", "8"], "unknown model 'llama-9b'; known: llama-2-13b"),
+    (["--model", "llama-3-8b", "--gpu", "h900", "--prefill", "8"], "unknown GPU 'h900'; known: a100"),
+    (["--model", "llama-3-8b", "--gpu", "h100", "--decode", "8"], "--context is required with --decode"),
+    (["--model", "llama-3-8b", "--gpu", "h100"], "nothing to run"),
+    (["--model", "llama-3-8b", "--gpu", "h100", "--prefill", "0"], "prefill_tokens: value 0 is below the minimum 1"),
+    (["--model", "llama-3-70b", "--gpu", "h100", "--prefill", "8"], "does not fit on 1 x h100-sxm-80gb"),
+    (["--model", "llama-3-8b", "--gpu", "h100", "--tp", "3", "--prefill", "8"], "tp=3 must divide"),
+    (["--model", "llama-3-8b", "--gpu", "h100", "--prefill", "8", "--profile", "nope.json"], "no such file"),
+    (["--model", "llama-3-8b", "--gpu", "h100", "--prefill", "8", "--link", "smoke"], "unknown interconnect"),
+])
+def test_user_errors_are_one_line_with_exit_2(capsys, argv: list[str], message: str) -> None:
+    code, _, err = run(capsys, "estimate", *argv)
+    assert code == 2
+    assert err.count("\n") == 1 and err.startswith("servesim: error: ") and message in err
+
+
+def test_kv_overflow_is_warned_not_hidden(capsys) -> None:
+    code, out, err = run(capsys, "estimate", "--model", "llama-3-8b", "--gpu", "h100", "--decode", "256",
+                         "--context", "8000")
+    assert code == 0 and out["warnings"] and "room for" in err
+
+
+def test_catalog_lists_entries(capsys) -> None:
+    code, out, _ = run(capsys, "catalog", "gpus")
+    assert code == 0 and out["h100-sxm-80gb"]["hbm_bandwidth"] == 3.35e12
+    _, models, _ = run(capsys, "catalog", "models")
+    assert models["mixtral-8x7b"]["num_local_experts"] == 8
+
+
+def test_console_entry_point_is_deterministic() -> None:
+    cmd = [sys.executable, "-m", "sim", "estimate", "--model", "qwen2.5-72b", "--gpu", "h200", "--tp", "4",
+           "--prefill", "1000", "--decode", "30", "--context", "3000", "--breakdown"]
+    first = subprocess.run(cmd, capture_output=True, check=True).stdout
+    second = subprocess.run(cmd, capture_output=True, check=True).stdout
+    assert first == second and json.loads(first)["model"] == "qwen2.5-72b"

@@ -1,0 +1,194 @@
+"""Roofline behaviour of the step cost: bounds, monotonicity, profiles, CUDA graphs, memory fit."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hardware.cost import GRAPH_BATCH_SIZES, CostModel
+from hardware.deployment import Deployment
+from hardware.errors import DoesNotFitError, ServesimError
+from hardware.operators import StepShape
+from hardware.profile import DEFAULT_PROFILE, Curve, KindEfficiency, Profile, TimeTable, load_profile
+
+
+@pytest.mark.parametrize("gpu", ["h100", "h200", "a100", "mi300x"])
+def test_decode_batch_one_is_weight_bandwidth_bound(gpu: str, ideal_profile: Profile) -> None:
+    dep = Deployment.build("llama-3-8b", gpu)
+    weights = dep.memory.weights - dep.model.vocab_size * dep.model.hidden_size * 2  # embedding is gathered
+    floor = weights / dep.gpu.hbm_bandwidth
+    ideal = CostModel(dep, profile=ideal_profile).price(StepShape.build(decode=[100]))
+    assert ideal.bound == "memory"
+    assert ideal.seconds == pytest.approx(floor, rel=0.03)
+    real = CostModel(dep).price(StepShape.build(decode=[100]))  # documented defaults
+    expected = floor / DEFAULT_PROFILE.efficiency["gemm"].memory + real.launch_seconds + real.overhead_seconds
+    assert real.seconds == pytest.approx(expected, rel=0.05)
+    assert real.mbu > 0.6 and real.mfu < 0.01
+
+
+@pytest.mark.parametrize("model,tp", [("llama-3-8b", 1), ("llama-3-70b", 4), ("mixtral-8x7b", 2)])
+def test_large_prefill_is_compute_bound(model: str, tp: int, ideal_profile: Profile) -> None:
+    dep = Deployment.build(model, "h100", tp=tp)
+    cost = CostModel(dep, profile=ideal_profile).price(StepShape.build(prefill=[8192]))
+    assert cost.bound == "compute"
+    # Ideal profile: only the memory-bound norms, activations and the (not overlapped) TP collectives keep MFU
+    # below 1.
+    assert cost.mfu > 0.8 * (1 - cost.comm_seconds / cost.seconds)
+    assert CostModel(dep).price(StepShape.build(prefill=[8192])).bound == "compute"
+
+
+def test_attention_grows_memory_bound_at_long_context() -> None:
+    """MagicDec's observation: at long context even a batch of decodes is dominated by KV reads."""
+    model = CostModel(Deployment.build("llama-3-8b", "h100", max_model_len=8192))
+    short = model.price(StepShape.build(decode=[512] * 64), breakdown=True)
+    long = model.price(StepShape.build(decode=[8000] * 64), breakdown=True)
+    share = {n: sum(r.seconds for r in c.breakdown if r.kind == "attention-decode") / c.seconds
+             for n, c in (("short", short), ("long", long))}
+    assert share["long"] > 0.5 > share["short"]
+
+
+PROFILES = {
+    "default": DEFAULT_PROFILE,
+    "curved": Profile(  # a calibrated-looking profile where small kernels are much less efficient
+        gpu="curved",
+        efficiency={
+            "gemm": KindEfficiency(compute=Curve(sizes=(1e6, 1e9, 1e12), efficiency=(0.05, 0.4, 0.8)),
+                                   memory=Curve(sizes=(1e4, 1e7, 1e9), efficiency=(0.1, 0.6, 0.9))),
+            "attention-decode": KindEfficiency(memory=Curve(sizes=(1e5, 1e8), efficiency=(0.2, 0.8))),
+        },
+        overheads=DEFAULT_PROFILE.overheads,
+    ),
+}
+
+requests = st.lists(st.integers(0, 20_000), max_size=6)
+chunks = st.lists(st.tuples(st.integers(1, 4096), st.integers(0, 20_000)), max_size=3)
+
+
+def _price(model: CostModel, pf: list[tuple[int, int]], dec: list[int]) -> float:
+    shape = StepShape.build(prefill=[c for c, _ in pf], prefill_cached=[p for _, p in pf], decode=dec)
+    return model.price(shape).seconds if shape.num_requests else 0.0
+
+
+@pytest.mark.parametrize("profile", sorted(PROFILES))
+@pytest.mark.parametrize("graphs", [True, False])
+@settings(max_examples=60, deadline=None)
+@given(pf=chunks, dec=requests, which=st.integers(0, 3), grow=st.integers(1, 5000))
+def test_more_work_never_costs_less(profile: str, graphs: bool, pf, dec, which: int, grow: int) -> None:
+    model = CostModel(Deployment.build("llama-3-8b", "h100", tp=2), profile=PROFILES[profile], cuda_graphs=graphs)
+    base = _price(model, pf, dec)
+    if which == 0:  # one more decoding request
+        bigger = _price(model, pf, dec + [grow])
+    elif which == 1:  # one more prefill chunk
+        bigger = _price(model, pf + [(grow, 0)], dec)
+    elif which == 2 and dec:  # more context for a decode
+        bigger = _price(model, pf, [dec[0] + grow] + dec[1:])
+    elif which == 3 and pf:  # a longer chunk, or more cached context before it
+        c, p = pf[0]
+        bigger = min(_price(model, [(c + grow, p)] + pf[1:], dec), _price(model, [(c, p + grow)] + pf[1:], dec))
+    else:
+        return
+    assert bigger >= base * (1 - 1e-12)
+
+
+def test_cuda_graphs_pad_decode_and_only_apply_to_decode_only_steps() -> None:
+    dep = Deployment.build("llama-3-8b", "h100")
+    graphs, eager = CostModel(dep), CostModel(dep, cuda_graphs=False)
+    assert graphs.graph_rows(9) == 16 and graphs.graph_rows(1) == 1 and graphs.graph_rows(513) is None
+    assert GRAPH_BATCH_SIZES[-1] == 512
+    dec = StepShape.build(decode=[1000] * 9)
+    g, e = graphs.price(dec, breakdown=True), eager.price(dec, breakdown=True)
+    assert (g.execution, e.execution) == ("graph", "eager")
+    assert g.seconds < e.seconds and g.overhead_seconds < e.overhead_seconds
+    qkv = {c.execution: next(r for r in c.breakdown if r.name == "qkv_proj").flops for c in (g, e)}
+    assert qkv["graph"] == pytest.approx(qkv["eager"] * 16 / 9)  # padded to the captured batch of 16
+    mixed = graphs.price(StepShape.build(prefill=[10], decode=[1000] * 9))
+    assert mixed.execution == "eager"
+
+
+def test_time_table_interpolates_in_log_space_and_is_monotone() -> None:
+    curve = Curve(sizes=(1e3, 1e5), efficiency=(0.1, 0.5))
+    table = TimeTable(curve)
+    assert table.seconds(1e3, 1.0) == pytest.approx(1e3 / 0.1)
+    assert table.seconds(1e5, 1.0) == pytest.approx(1e5 / 0.5, rel=1e-9)
+    assert table.seconds(1e2, 1.0) == pytest.approx(1e2 / 0.1)  # flat beyond the ends
+    assert table.seconds(1e7, 1.0) == pytest.approx(1e7 / 0.5, rel=1e-9)
+    mid = table.seconds(1e4, 1.0)  # log-time is linear in log-size: geometric mean of the end times
+    assert mid == pytest.approx((1e3 / 0.1 * 1e5 / 0.5) ** 0.5, rel=1e-6)
+    # A curve whose efficiency jumps faster than the size grows is clamped: time never goes down.
+    steep = TimeTable(Curve(sizes=(1e3, 1.2e3, 1e6), efficiency=(0.01, 0.9, 0.9)))
+    times = [steep.seconds(x, 1.0) for x in (1e3, 1.05e3, 1.1e3, 1.2e3, 2e3)]
+    assert times == sorted(times)
+
+
+def test_profile_file_round_trip_and_errors(tmp_path) -> None:
+    path = tmp_path / "p.json"
+    data = PROFILES["curved"].model_dump(mode="json")
+    path.write_text(json.dumps(data))
+    loaded = load_profile(path)
+    assert loaded.efficiency["gemm"] == PROFILES["curved"].efficiency["gemm"]
+    assert loaded.efficiency["sampling"] == DEFAULT_PROFILE.efficiency["sampling"]  # missing kinds: defaults
+    dep = Deployment.build("llama-3-8b", "h100")
+    assert CostModel(dep, profile=loaded).price(StepShape.build(decode=[10])).seconds != \
+        CostModel(dep).price(StepShape.build(decode=[10])).seconds
+    data["efficiency"]["matmul"] = data["efficiency"].pop("gemm")
+    path.write_text(json.dumps(data))
+    with pytest.raises(ServesimError, match=r"unknown operator kind\(s\) \['matmul'\]; allowed: gemm"):
+        load_profile(path)
+    data["efficiency"] = {"gemm": {"compute": {"sizes": [1, 2], "efficiency": [0.5, 1.5]}}}
+    path.write_text(json.dumps(data))
+    with pytest.raises(ServesimError, match="efficiency values must be in"):
+        load_profile(path)
+    with pytest.raises(ServesimError, match="no such file"):
+        load_profile(tmp_path / "missing.json")
+
+
+def test_memory_plan_and_fit_error() -> None:
+    dep = Deployment.build("llama-3-8b", "h100")
+    plan = dep.check_fits()
+    assert plan.weights == pytest.approx(dep.model.num_params * 2)
+    assert plan.kv_capacity_tokens == int(plan.kv_cache // dep.model.kv_bytes_per_token())
+    assert 300_000 < plan.kv_capacity_tokens < 500_000  # vLLM reports ~4e5 tokens for this setup
+    with pytest.raises(DoesNotFitError) as exc:
+        Deployment.build("llama-3-70b", "h100").check_fits()
+    msg = str(exc.value)
+    assert "needs 147.3 GB per GPU" in msg and "72.0 GB is usable" in msg and "\n" not in msg
+    with pytest.raises(DoesNotFitError):
+        Deployment.build("llama-3-70b", "h100", tp=2).check_fits()  # 70.6 GB of weights per GPU
+    Deployment.build("llama-3-70b", "h100", tp=4).check_fits()
+    fp8 = Deployment.build("llama-3-70b", "h100", tp=2, weight_dtype="fp8")
+    assert fp8.memory.weights == pytest.approx(fp8.model.num_params / 2, rel=0.01)
+    fp8.check_fits()
+
+
+def test_tp_shards_weights_and_kv() -> None:
+    one = Deployment.build("llama-3-70b", "h200")
+    four = Deployment.build("llama-3-70b", "h200", tp=4)
+    assert four.memory.kv_bytes_per_token * 4 == one.memory.kv_bytes_per_token
+    assert four.memory.weights < one.memory.weights / 3.9
+    replicated = Deployment.build("llama-3-70b", "h100", tp=16)  # 8 KV heads on 16 ranks: one copy each
+    assert replicated.kv_heads_per_gpu == 1
+    assert replicated.memory.kv_bytes_per_token == one.memory.kv_bytes_per_token / 8
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"tp": 3}, "tp=3 must divide num_attention_heads=32"),
+    ({"pp": 40}, "pp=40 exceeds num_hidden_layers=32"),
+    ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization = 1.5"),
+    ({"weight_dtype": "int4"}, "weight_dtype = 'int4': Input should be 'fp32', 'bf16', 'fp16' or 'fp8'"),
+])
+def test_bad_deployments_fail_cleanly(kwargs: dict, match: str) -> None:
+    with pytest.raises(ServesimError, match=match):
+        Deployment.build("llama-3-8b", "h100", **kwargs)
+
+
+def test_every_catalog_model_prices_on_every_gpu() -> None:
+    from hardware.catalog import gpu_ids, model_ids
+
+    shape = StepShape.build(prefill=[300], decode=[50, 4000])
+    for model_id in model_ids():
+        for gpu_id in gpu_ids():
+            cost = CostModel(Deployment.build(model_id, gpu_id, tp=2 if model_id != "tiny-llama" else 1)).price(shape)
+            assert cost.seconds > 0 and 0 < cost.mfu < 1 and 0 < cost.mbu < 1

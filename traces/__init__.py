@@ -1,0 +1,1 @@
+"""Request streams and trace readers (filled in by the engine issue)."""
