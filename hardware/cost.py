@@ -13,19 +13,22 @@ size, at most 512); any step with a prefill or verification runs eagerly.
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+import numpy as np
 
 from hardware.deployment import Deployment
 from hardware.operators import (
     Operator,
     StepShape,
     StepTotals,
+    expected_active_experts,
     first_stage_operators,
     last_stage_operators,
     layer_operators,
     pipeline_operator,
 )
-from hardware.profile import COLLECTIVE_KINDS, DEFAULT_PROFILE, OP_KINDS, Profile, TimeTable, packaged_profile
+from hardware.profile import COLLECTIVE_KINDS, DEFAULT_PROFILE, Profile, TimeTables, packaged_profile
 
 # vLLM's default CUDA-graph capture sizes (1, 2, 4, then multiples of 8 up to 512).
 GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, *range(8, 513, 8))
@@ -46,26 +49,73 @@ class OpCost:
     bound: str  # compute, memory or link
 
 
-@dataclass(frozen=True, slots=True)
 class StepCost:
-    """Priced step. FLOPs and bytes are totals over all GPUs of the replica; times are wall seconds."""
+    """A priced step. FLOPs and bytes are totals over all GPUs of the replica; times are wall seconds.
 
-    seconds: float  # latency of the step through every pipeline stage, CPU overhead included
-    stage_seconds: tuple[float, ...]  # GPU time of each pipeline stage
-    flops: float
-    bytes: float  # HBM bytes read + written
-    comm_bytes: float  # collective payload bytes (per GPU)
-    compute_seconds: float  # sum over operators of their compute-side time (one GPU per stage)
-    memory_seconds: float  # sum over operators of their memory-side time
-    comm_seconds: float
-    launch_seconds: float
-    overhead_seconds: float  # CPU time of the step outside the kernels
-    kernels: int
-    execution: str  # "graph" or "eager"
-    tokens: int
-    mfu: float
-    mbu: float
-    breakdown: tuple[OpCost, ...] = ()
+    `seconds`, `stage_seconds`, `execution`, `mfu` and `mbu` are what the engine reads every step; the
+    other figures and the per-operator `breakdown` are derived from the per-operator arrays on access.
+    """
+
+    __slots__ = ("seconds", "stage_seconds", "execution", "tokens", "launch", "overhead_seconds", "_m", "_flops",
+                 "_bytes", "_payload", "_tc", "_tm", "_total", "_present")
+
+    def __init__(self, model: CostModel, seconds: float, stage_seconds: tuple[float, ...], execution: str,
+                 tokens: int, launch: float, overhead: float, arrays: tuple[np.ndarray, ...]) -> None:
+        self.seconds = seconds  # latency of the step through every pipeline stage, CPU overhead included
+        self.stage_seconds = stage_seconds  # GPU time of each pipeline stage
+        self.execution = execution  # "graph" or "eager"
+        self.tokens = tokens
+        self.launch = launch
+        self.overhead_seconds = overhead  # CPU time of the step outside the kernels
+        self._m = model
+        self._flops, self._bytes, self._payload, self._tc, self._tm, self._total, self._present = arrays
+
+    @property
+    def flops(self) -> float:
+        return float(self._flops @ self._m._count) * self._m.dep.tp
+
+    @property
+    def bytes(self) -> float:
+        """HBM bytes read and written."""
+        return float(self._bytes @ self._m._count) * self._m.dep.tp
+
+    @property
+    def comm_bytes(self) -> float:
+        """Collective payload bytes, per GPU."""
+        return float(self._payload @ self._m._count)
+
+    @property
+    def compute_seconds(self) -> float:
+        """Sum over operators of their compute-side time (one GPU per stage)."""
+        dense = ~self._m._comm
+        return float(self._tc[dense] @ self._m._count[dense])
+
+    @property
+    def memory_seconds(self) -> float:
+        """Sum over operators of their memory-side time."""
+        dense = ~self._m._comm
+        return float(self._tm[dense] @ self._m._count[dense])
+
+    @property
+    def comm_seconds(self) -> float:
+        comm = self._m._comm
+        return float((self._tm + self._m._latency)[comm] @ self._m._count[comm])
+
+    @property
+    def kernels(self) -> int:
+        return int((self._present * self._m._kernels) @ self._m._count)
+
+    @property
+    def launch_seconds(self) -> float:
+        return self.kernels * self.launch
+
+    @property
+    def mfu(self) -> float:
+        return self.flops / (self.seconds * self._m._gemm_peak * self._m.dep.num_gpus)
+
+    @property
+    def mbu(self) -> float:
+        return self.bytes / (self.seconds * self._m.dep.gpu.hbm_bandwidth * self._m.dep.num_gpus)
 
     @property
     def bound(self) -> str:
@@ -76,29 +126,108 @@ class StepCost:
         """Slowest stage: the step interval of a full pipeline (PP with one batch per stage in flight)."""
         return max(self.stage_seconds)
 
+    @property
+    def breakdown(self) -> tuple[OpCost, ...]:
+        """One row per operator that did work, per GPU, summed over its instances."""
+        m = self._m
+        return tuple(
+            OpCost(op.name, op.kind, op.stage, int(c), float(f * c), float(b * c), float(p * c), float(t),
+                   "link" if comm else ("compute" if tc >= tm else "memory"))
+            for op, c, f, b, p, t, comm, tc, tm in zip(m._ops, m._count, self._flops, self._bytes, self._payload,
+                                                       self._total, m._comm, self._tc, self._tm)
+            if f or b or p
+        )
+
+
+FEATURES = ("rows", "active_experts", "tokens", "logit_tokens", "prefill_pairs", "prefill_queries",
+            "prefill_kv_tokens", "decode_seqs", "decode_pairs")
+
+
+def _totals(x: np.ndarray) -> StepTotals:
+    f = dict(zip(FEATURES, x.tolist()))
+    return StepTotals(tokens=f["tokens"], logit_tokens=f["logit_tokens"], prefill_seqs=0,
+                      prefill_queries=f["prefill_queries"], prefill_pairs=f["prefill_pairs"],
+                      prefill_kv_tokens=f["prefill_kv_tokens"], decode_seqs=f["decode_seqs"],
+                      decode_pairs=f["decode_pairs"])
+
+
+def _collective_shape(op: Operator) -> tuple[int, float]:
+    """(latency steps, share of the payload each rank moves): ring all-reduce 2(n-1) and 2(n-1)/n,
+    all-gather n-1 and (n-1)/n, send/recv (and any non-collective) 1 and all of it."""
+    n = op.ranks
+    if op.kind == "all-reduce":
+        return 2 * (n - 1), 2.0 * (n - 1) / n
+    if op.kind == "all-gather":
+        return n - 1, (n - 1) / n
+    return 1, 1.0
+
+
+def step_operators(dep: Deployment, t: StepTotals, rows: float, active_experts: float) -> list[tuple[Operator, int]]:
+    """Every operator of a step on one GPU per stage, with how many times it runs: (operator, count)."""
+    layer = layer_operators(dep, t, rows, active_experts)
+    out: list[tuple[Operator, int]] = []
+    for s, n_layers in enumerate(dep.layers_per_stage):
+        out += [(replace(op, stage=s), n_layers * op.count) for op in layer]
+        extras = first_stage_operators(dep, rows) if s == 0 else [pipeline_operator(dep, rows, s)]
+        if s == dep.pp - 1:
+            extras += last_stage_operators(dep, t)
+        out += [(replace(op, stage=s), op.count) for op in extras]
+    return out
+
 
 class CostModel:
-    """Prices `StepShape`s for one `Deployment` under an efficiency profile."""
+    """Prices `StepShape`s for one `Deployment` under an efficiency profile.
 
-    def __init__(
-        self,
-        deployment: Deployment,
-        profile: Profile | None = None,
-        cuda_graphs: bool = True,
-    ) -> None:
+    At construction the operator list is compiled: every operator's FLOPs, bytes and collective payload
+    are affine in a few step features (`FEATURES`), so they are read off `step_operators` at the origin and
+    at unit vectors, checked at a random point, and kept as matrices. Pricing a step is then a handful of
+    numpy operations whatever the model, the batch size or the number of pipeline stages.
+    """
+
+    def __init__(self, deployment: Deployment, profile: Profile | None = None, cuda_graphs: bool = True) -> None:
         self.dep = deployment
         base = profile or packaged_profile(deployment.gpu.id) or DEFAULT_PROFILE
         self.profile = base.merged_over(DEFAULT_PROFILE)
         self.cuda_graphs = cuda_graphs
-        gpu = deployment.gpu
-        elementwise_peak = gpu.fp32_flops
-        attention_peak = gpu.fp32_flops if deployment.weight_dtype == "fp32" else gpu.bf16_flops
-        self._peak = {kind: elementwise_peak for kind in OP_KINDS}
-        self._peak["gemm"] = gpu.matmul_flops(deployment.weight_dtype)
-        self._peak["attention-prefill"] = self._peak["attention-decode"] = attention_peak
-        self._tables = {
-            kind: (TimeTable(eff.compute), TimeTable(eff.memory)) for kind, eff in self.profile.efficiency.items()
-        }
+        self._compile()
+
+    def _affine(self, x: np.ndarray) -> np.ndarray:
+        """(ops, 3) array of FLOPs, bytes and collective payload at feature vector x."""
+        ops = step_operators(self.dep, _totals(x), float(x[0]), float(x[1]))
+        return np.array([(op.flops, op.bytes, op.comm_bytes) for op, _ in ops])
+
+    def _compile(self) -> None:
+        dep, gpu = self.dep, self.dep.gpu
+        origin = np.zeros(len(FEATURES))
+        ops = step_operators(dep, _totals(origin), 0.0, 0.0)
+        base = self._affine(origin)
+        slopes = np.stack([self._affine(e) - base for e in np.eye(len(FEATURES))], axis=2)  # (ops, 3, F)
+        probe = np.random.default_rng(0).uniform(1.0, 1e4, len(FEATURES))
+        if not np.allclose(self._affine(probe), base + slopes @ probe, rtol=1e-9):
+            raise AssertionError("operator counts are not affine in the step features")
+        self._base, self._slopes = base, slopes
+        self._ops = [op for op, _ in ops]
+        n = len(ops)
+        self._count = np.array([c for _, c in ops], dtype=float)
+        self._kernels = np.array([op.kernels for op in self._ops], dtype=float)
+        self._stage = np.array([op.stage for op in self._ops])
+        self._comm = np.array([op.kind in COLLECTIVE_KINDS for op in self._ops])
+        links = [dep.pp_link if op.kind == "send-recv" else dep.tp_link for op in self._ops]
+        steps, self._moved = (np.array(v, dtype=float) for v in zip(*map(_collective_shape, self._ops)))
+        self._latency = np.where(self._comm, steps * np.array([link.latency for link in links]), 0.0)
+        elementwise = gpu.fp32_flops
+        attention = gpu.fp32_flops if dep.weight_dtype == "fp32" else gpu.bf16_flops
+        peak_c = {"gemm": gpu.matmul_flops(dep.weight_dtype), "attention-prefill": attention,
+                  "attention-decode": attention}
+        self._gemm_peak = peak_c["gemm"]
+        kinds = list(self.profile.efficiency)
+        curves = [self.profile.efficiency[k].compute for k in kinds] + [self.profile.efficiency[k].memory for k in kinds]
+        self._tables = TimeTables(curves)
+        self._table_ids = np.array([kinds.index(op.kind) for op in self._ops]
+                                   + [len(kinds) + kinds.index(op.kind) for op in self._ops])
+        self._peaks = np.array([peak_c.get(op.kind, elementwise) for op in self._ops]
+                               + [link.bandwidth if c else gpu.hbm_bandwidth for link, c in zip(links, self._comm)])
+        self._n = n
 
     def graph_rows(self, decode_seqs: int) -> int | None:
         """Padded batch size a decode-only step replays as a CUDA graph, or None when it runs eagerly."""
@@ -106,80 +235,27 @@ class CostModel:
             return None
         return GRAPH_BATCH_SIZES[bisect.bisect_left(GRAPH_BATCH_SIZES, decode_seqs)]
 
-    def _time(self, op: Operator, launch: float) -> tuple[float, float, float, str]:
-        """(seconds, compute-side, memory-side, bound) of one instance of `op`."""
-        ctab, mtab = self._tables[op.kind]
-        if op.kind in COLLECTIVE_KINDS:
-            link = self.dep.pp_link if op.kind == "send-recv" else self.dep.tp_link
-            n = op.ranks
-            if op.kind == "all-reduce":
-                steps, moved = 2 * (n - 1), 2.0 * (n - 1) / n * op.comm_bytes
-            elif op.kind == "all-gather":
-                steps, moved = n - 1, (n - 1) / n * op.comm_bytes
-            else:
-                steps, moved = 1, op.comm_bytes
-            t = steps * link.latency + mtab.seconds(moved, link.bandwidth)
-            return t + op.kernels * launch, 0.0, 0.0, "link"
-        c = ctab.seconds(op.flops, self._peak[op.kind])
-        m = mtab.seconds(op.bytes, self.dep.gpu.hbm_bandwidth)
-        return max(c, m) + op.kernels * launch, c, m, "compute" if c >= m else "memory"
-
-    def price(self, shape: StepShape, breakdown: bool = False) -> StepCost:
+    def price(self, shape: StepShape) -> StepCost:
         """Cost of one step running `shape`."""
         dep = self.dep
-        totals = StepTotals.of(shape, dep.model.sliding_window)
-        graph = self.graph_rows(totals.decode_seqs) if shape.is_decode_only else None
-        rows = graph or totals.tokens
+        t = StepTotals.of(shape, dep.model.sliding_window)
+        graph = self.graph_rows(t.decode_seqs) if shape.is_decode_only else None
+        rows = graph or t.tokens
+        m = dep.model
+        experts = expected_active_experts(m.num_experts, m.experts_per_token, rows) if m.is_moe else 0.0
+        x = np.array([rows, experts, t.tokens, t.logit_tokens, t.prefill_pairs, t.prefill_queries,
+                      t.prefill_kv_tokens, t.decode_seqs, t.decode_pairs], dtype=float)
+        work = self._base + self._slopes @ x  # (ops, 3): flops, bytes, payload
+        flops, nbytes, payload = work[:, 0], work[:, 1], work[:, 2]
+        present = (flops > 0) | (nbytes > 0) | (payload > 0)
+        sides = self._tables.seconds(np.concatenate([flops, np.where(self._comm, payload * self._moved, nbytes)]),
+                                     self._table_ids, self._peaks)
+        tc, tm = sides[: self._n], sides[self._n:]
         ovh = self.profile.overheads
         launch = ovh.launch_graph if graph else ovh.launch_eager
-
-        layer_ops = [(op, self._time(op, launch)) for op in layer_operators(dep, totals, rows)]
-        last = dep.pp - 1
-        stage_seconds = []
-        flops = nbytes = comm = comp_s = mem_s = comm_s = 0.0
-        kernels = 0
-        rows_out: list[OpCost] = []
-        for s, n_layers in enumerate(dep.layers_per_stage):
-            extras = first_stage_operators(dep, rows) if s == 0 else [pipeline_operator(dep, rows, s)]
-            if s == last:
-                extras += last_stage_operators(dep, totals)
-            items = [(op, timing, n_layers * op.count) for op, timing in layer_ops]
-            items += [(op, self._time(op, launch), op.count) for op in extras]
-            stage_t = 0.0
-            for op, (t, c, m, bound), count in items:
-                stage_t += t * count
-                flops += op.flops * count * dep.tp
-                nbytes += op.bytes * count * dep.tp
-                kernels += op.kernels * count
-                if bound == "link":
-                    comm += op.comm_bytes * count
-                    comm_s += (t - op.kernels * launch) * count
-                else:
-                    comp_s += c * count
-                    mem_s += m * count
-                if breakdown:
-                    rows_out.append(OpCost(op.name, op.kind, s, count, op.flops * count, op.bytes * count,
-                                           op.comm_bytes * count, t * count, bound))
-            stage_seconds.append(stage_t)
-
+        total = (np.maximum(tc, tm) + present * (self._latency + self._kernels * launch)) * self._count
+        stage_seconds = np.bincount(self._stage, weights=total, minlength=dep.pp)
         overhead = ovh.step_graph if graph else ovh.step_eager
-        seconds = sum(stage_seconds) + overhead
-        gpus = dep.num_gpus
-        return StepCost(
-            seconds=seconds,
-            stage_seconds=tuple(stage_seconds),
-            flops=flops,
-            bytes=nbytes,
-            comm_bytes=comm,
-            compute_seconds=comp_s,
-            memory_seconds=mem_s,
-            comm_seconds=comm_s,
-            launch_seconds=kernels * launch,
-            overhead_seconds=overhead,
-            kernels=kernels,
-            execution="graph" if graph else "eager",
-            tokens=totals.tokens,
-            mfu=flops / (seconds * self._peak["gemm"] * gpus),
-            mbu=nbytes / (seconds * dep.gpu.hbm_bandwidth * gpus),
-            breakdown=tuple(rows_out),
-        )
+        return StepCost(self, float(stage_seconds.sum()) + overhead, tuple(stage_seconds.tolist()),
+                        "graph" if graph else "eager", t.tokens, launch, overhead,
+                        (flops, nbytes, payload, tc, tm, total, present))

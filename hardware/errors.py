@@ -28,5 +28,8 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
     if not err["loc"]:  # a check across fields: its message names them
         return f"{source}: {msg}{extra}"
     field = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "union_tag_invalid":  # a section's kind/name is unknown: show just that field
+        ctx = err["ctx"]
+        return f"{source}: {field}.{ctx['discriminator'].strip(chr(39))} = {ctx['tag']!r}: allowed: {ctx['expected_tags']}"
     shown = "missing" if err["type"] == "missing" else repr(err.get("input"))
     return f"{source}: {field} = {shown}: {msg}{extra}"

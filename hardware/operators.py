@@ -112,27 +112,35 @@ class StepTotals:
 
     @classmethod
     def of(cls, shape: StepShape, sliding_window: int | None = None) -> StepTotals:
-        c, p = shape.prefill_tokens, shape.prefill_cached
-        v, vc = shape.verify_tokens, shape.verify_context
         w = sliding_window
-        chunk_pairs = _window_pairs(p + 1, c, w)
-        vc_seen = vc if w is None else np.minimum(vc, w)
-        intra = v * (v + 1) // 2 if shape.verify_pairs is None else shape.verify_pairs
-        verify_pairs = float((v * vc_seen).sum() + intra.sum())
-        kv_read = (p + c) if w is None else np.minimum(p + c, w)
-        dec = shape.decode_context + 1
-        dec_seen = dec if w is None else np.minimum(dec, w)
-        n_dec, n_chunk, n_ver = dec.size, c.size, v.size
-        tokens_c, tokens_v = int(c.sum()), int(v.sum())
+        n_dec = shape.decode_context.size
+        dec_pairs = 0.0
+        if n_dec:
+            dec = shape.decode_context + 1
+            dec_pairs = float((dec if w is None else np.minimum(dec, w)).sum())
+        tokens_c = pairs = kv_read = 0.0
+        c, v = shape.prefill_tokens, shape.verify_tokens
+        if c.size:
+            p = shape.prefill_cached
+            tokens_c = float(c.sum())
+            pairs = _window_pairs(p + 1, c, w)
+            kv_read = float(((p + c) if w is None else np.minimum(p + c, w)).sum())
+        tokens_v = 0.0
+        if v.size:
+            vc = shape.verify_context if w is None else np.minimum(shape.verify_context, w)
+            intra = v * (v + 1) // 2 if shape.verify_pairs is None else shape.verify_pairs
+            tokens_v = float(v.sum())
+            pairs += float((v * vc).sum() + intra.sum())
+            kv_read += float((vc + v).sum())
         return cls(
-            tokens=tokens_c + tokens_v + n_dec,
-            logit_tokens=n_chunk + n_dec + tokens_v,
-            prefill_seqs=n_chunk + n_ver,
-            prefill_queries=tokens_c + tokens_v,
-            prefill_pairs=chunk_pairs + verify_pairs,
-            prefill_kv_tokens=float(kv_read.sum() + (vc_seen + v).sum()),
+            tokens=int(tokens_c + tokens_v) + n_dec,
+            logit_tokens=c.size + n_dec + int(tokens_v),
+            prefill_seqs=c.size + v.size,
+            prefill_queries=int(tokens_c + tokens_v),
+            prefill_pairs=pairs,
+            prefill_kv_tokens=kv_read,
             decode_seqs=n_dec,
-            decode_pairs=float(dec_seen.sum()),
+            decode_pairs=dec_pairs,
         )
 
 
@@ -166,38 +174,40 @@ def expected_active_experts(num_experts: int, top_k: int, tokens: int) -> float:
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
 
 
-def layer_operators(dep: Deployment, t: StepTotals, rows: int) -> list[Operator]:
-    """Operators of one decoder layer on one GPU; `rows` is tokens padded to the executed batch shape."""
+def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts: float = 0.0) -> list[Operator]:
+    """Operators of one decoder layer on one GPU.
+
+    `rows` is the tokens through the dense layers (padded to a captured CUDA-graph batch when one is
+    replayed); `active_experts` the MoE experts some token is routed to. Every FLOP and byte count is an
+    affine function of these and of the totals (the cost model relies on it); an operator with no work
+    (attention kinds absent from the step) launches nothing.
+    """
     m = dep.model
     h, d = m.hidden_size, m.head_size
     a, w = dep.act_bytes, DTYPE_BYTES[dep.weight_dtype]
     kvb = DTYPE_BYTES[dep.kv_dtype]
     hq, hkv, inter = dep.heads_per_gpu, dep.kv_heads_per_gpu, dep.intermediate_per_gpu
     qkv = (hq + 2 * hkv) * d
-    norm = Operator("add_rmsnorm", "elementwise", 5.0 * rows * h, 4.0 * rows * h * a + h * a, count=2)
     ops = [
-        norm,
+        Operator("add_rmsnorm", "elementwise", 5.0 * rows * h, 4.0 * rows * h * a + h * a, count=2),
         _gemm("qkv_proj", rows, h, qkv, w, a),
         Operator("rope", "elementwise", 6.0 * rows * (hq + hkv) * d, 2.0 * rows * (hq + hkv) * d * a),
         Operator("kv_write", "kv-write", 0.0, t.tokens * 2 * hkv * d * (a + kvb)),
+        Operator("attention_prefill", "attention-prefill", 4.0 * t.prefill_pairs * d * hq,
+                 2.0 * t.prefill_queries * hq * d * a + t.prefill_kv_tokens * 2 * hkv * d * kvb),
+        Operator("attention_decode", "attention-decode", 4.0 * t.decode_pairs * d * hq,
+                 2.0 * t.decode_seqs * hq * d * a + t.decode_pairs * 2 * hkv * d * kvb),
     ]
-    if t.prefill_seqs:
-        ops.append(Operator("attention_prefill", "attention-prefill", 4.0 * t.prefill_pairs * d * hq,
-                            2.0 * t.prefill_queries * hq * d * a + t.prefill_kv_tokens * 2 * hkv * d * kvb))
-    if t.decode_seqs:
-        ops.append(Operator("attention_decode", "attention-decode", 4.0 * t.decode_pairs * d * hq,
-                            2.0 * t.decode_seqs * hq * d * a + t.decode_pairs * 2 * hkv * d * kvb))
     ops.append(_gemm("o_proj", rows, hq * d, h, w, a))
     if dep.tp > 1:
         ops.append(Operator("all_reduce_attn", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp))
     if m.is_moe:
         k, e = m.experts_per_token, m.num_experts
-        frac = expected_active_experts(e, k, rows)
         ops.append(_gemm("moe_router", rows, h, e, w, a))
         # Each token runs k experts; only the experts some token is routed to have their weights read.
-        ops.append(_gemm("moe_gate_up", rows * k, h, 2 * inter, w, a, weight_reads=frac))
+        ops.append(_gemm("moe_gate_up", rows * k, h, 2 * inter, w, a, weight_reads=active_experts))
         ops.append(Operator("silu_mul", "elementwise", 5.0 * rows * k * inter, 3.0 * rows * k * inter * a))
-        ops.append(_gemm("moe_down", rows * k, inter, h, w, a, weight_reads=frac))
+        ops.append(_gemm("moe_down", rows * k, inter, h, w, a, weight_reads=active_experts))
     else:
         ops.append(_gemm("gate_up_proj", rows, h, 2 * inter, w, a))
         ops.append(Operator("silu_mul", "elementwise", 5.0 * rows * inter, 3.0 * rows * inter * a))
@@ -207,7 +217,7 @@ def layer_operators(dep: Deployment, t: StepTotals, rows: int) -> list[Operator]
     return ops
 
 
-def first_stage_operators(dep: Deployment, rows: int) -> list[Operator]:
+def first_stage_operators(dep: Deployment, rows: float) -> list[Operator]:
     """Embedding gather (vocab-parallel: an all-reduce joins the shards under TP)."""
     h, a = dep.model.hidden_size, dep.act_bytes
     ops = [Operator("embedding", "embedding", 0.0, 2.0 * rows * h * a + rows * 8.0)]
@@ -231,7 +241,7 @@ def last_stage_operators(dep: Deployment, t: StepTotals) -> list[Operator]:
     return ops
 
 
-def pipeline_operator(dep: Deployment, rows: int, stage: int) -> Operator:
+def pipeline_operator(dep: Deployment, rows: float, stage: int) -> Operator:
     """Hidden states and residual sent from stage-1 to stage (vLLM's intermediate tensors)."""
     payload = 2.0 * rows * dep.model.hidden_size * dep.act_bytes
     return Operator("pp_send_recv", "send-recv", 0.0, 0.0, comm_bytes=payload, ranks=2, stage=stage)

@@ -117,45 +117,54 @@ DEFAULT_PROFILE = Profile(
 )
 
 
-class TimeTable:
-    """O(1) seconds-per-work lookup for one curve: `seconds(work, peak)` = work / (peak * eff(work))."""
+def log_time_curve(curve: Curve | float) -> np.ndarray:
+    """Grid of (log10 size, log10 size/efficiency) points, one every 1/32 decade, monotone in both.
 
-    __slots__ = ("_flat", "_u0", "_n", "_log_t", "_e_lo", "_e_hi", "_x_lo", "_x_hi")
+    Linear interpolation between the points, and slope 1 beyond the ends (constant efficiency), give
+    log10(time x peak) at any size. Flat curves need just two points.
+    """
+    if not isinstance(curve, Curve) or len(curve.sizes) == 1:
+        e = curve.efficiency[0] if isinstance(curve, Curve) else curve
+        if not 0.0 < e <= 1.0:
+            raise ServesimError(f"efficiency {e} must be in (0, 1]")
+        u = np.array([0.0, 1.0])
+        return np.stack([u, u - math.log10(e)], axis=1)
+    u = np.log10(np.asarray(curve.sizes, dtype=float))
+    n = max(2, int(math.ceil((u[-1] - u[0]) * _GRID_PER_DECADE)) + 1)
+    grid = np.linspace(u[0], u[-1], n)
+    log_t = np.interp(grid, u, u - np.log10(np.asarray(curve.efficiency, dtype=float)))
+    return np.stack([grid, np.maximum.accumulate(log_t)], axis=1)  # more work never takes less time
 
-    def __init__(self, curve: Curve | float) -> None:
-        if not isinstance(curve, Curve):
-            if not 0.0 < curve <= 1.0:
-                raise ServesimError(f"efficiency {curve} must be in (0, 1]")
-            self._flat = float(curve)
-            return
-        self._flat = 0.0 if len(curve.sizes) > 1 else curve.efficiency[0]
-        if self._flat:
-            return
-        x = np.asarray(curve.sizes, dtype=float)
-        e = np.asarray(curve.efficiency, dtype=float)
-        u = np.log10(x)
-        self._u0 = float(u[0])
-        self._n = max(2, int(math.ceil((u[-1] - u[0]) * _GRID_PER_DECADE)) + 1)
-        grid = np.linspace(u[0], u[-1], self._n)
-        log_t = np.interp(grid, u, u - np.log10(e))  # log10(work / eff), linear between points
-        self._log_t = np.maximum.accumulate(log_t).tolist()  # monotone: more work never takes less time
-        self._x_lo, self._x_hi = float(x[0]), float(x[-1])
-        self._e_lo = float(x[0] / 10 ** self._log_t[0])
-        self._e_hi = float(x[-1] / 10 ** self._log_t[-1])
 
-    def seconds(self, work: float, peak: float) -> float:
-        if work <= 0.0:
-            return 0.0
-        if self._flat:
-            return work / (peak * self._flat)
-        if work <= self._x_lo:
-            return work / (peak * self._e_lo)
-        if work >= self._x_hi:
-            return work / (peak * self._e_hi)
-        pos = (math.log10(work) - self._u0) * _GRID_PER_DECADE
-        i = min(int(pos), self._n - 2)
-        lo = self._log_t[i]
-        return 10.0 ** (lo + (pos - i) * (self._log_t[i + 1] - lo)) / peak
+class TimeTables:
+    """Many `log_time_curve`s packed into flat arrays, evaluated for many operators at once (O(1) each)."""
+
+    def __init__(self, curves: list[Curve | float]) -> None:
+        grids = [log_time_curve(c) for c in curves]
+        sizes = np.array([g.shape[0] for g in grids])
+        self._t = np.concatenate([g[:, 1] for g in grids])
+        self._offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        self._lo = np.array([g[0, 0] for g in grids])
+        self._hi = np.array([g[-1, 0] for g in grids])
+        self._last = sizes - 2
+        self._scale = (sizes - 1) / (self._hi - self._lo)
+        flat = all(g.shape[0] == 2 and math.isclose(g[1, 1] - g[0, 1], g[1, 0] - g[0, 0]) for g in grids)
+        self._inverse_eff = np.power(10.0, self._t[self._offset] - self._lo) if flat else None
+
+    def seconds(self, work: np.ndarray, table: np.ndarray, peak: np.ndarray) -> np.ndarray:
+        """work / (peak x efficiency(work)) for each element, using table `table[i]`; 0 where work <= 0."""
+        if self._inverse_eff is not None:  # every curve flat: one multiply
+            return np.maximum(work, 0.0) * self._inverse_eff[table] / peak
+        positive = work > 0
+        u = np.log10(np.where(positive, work, 1.0))
+        lo, hi = self._lo[table], self._hi[table]
+        uc = np.clip(u, lo, hi)
+        pos = (uc - lo) * self._scale[table]
+        i = np.minimum(pos.astype(np.int64), self._last[table])
+        j = self._offset[table] + i
+        left = self._t[j]
+        log_t = left + (pos - i) * (self._t[j + 1] - left) + (u - uc)
+        return np.where(positive, np.power(10.0, log_t) / peak, 0.0)
 
 
 def load_profile(path: str | Path) -> Profile:

@@ -1,1 +1,30 @@
-"""Schedulers, routers and speculation policies (filled in by the engine and policy issues)."""
+"""Schedulers (one file per family), routers across replicas, and the `Batch` they produce.
+
+`SCHEDULERS` maps a policy name to its (parameters model, scheduler class); `SchedulerConfig` is the
+pydantic union a config's `scheduler:` section validates against (chosen by its `name`).
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Union
+
+from pydantic import Field
+
+from policies.base import Scheduler, SchedulerParams
+from policies.orca import OrcaParams, OrcaScheduler
+from policies.static import StaticParams, StaticScheduler
+from policies.vllm import VllmParams, VllmScheduler
+
+SCHEDULERS: dict[str, tuple[type[SchedulerParams], type[Scheduler]]] = {
+    "static": (StaticParams, StaticScheduler),
+    "orca": (OrcaParams, OrcaScheduler),
+    "vllm": (VllmParams, VllmScheduler),
+}
+
+SchedulerConfig = Annotated[Union[StaticParams, OrcaParams, VllmParams], Field(discriminator="name")]
+
+
+def make_scheduler(params: SchedulerParams) -> Scheduler:
+    """A fresh scheduler for one replica from its validated parameters."""
+    _, cls = SCHEDULERS[params.name]  # type: ignore[attr-defined]
+    return cls(params)

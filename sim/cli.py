@@ -1,4 +1,4 @@
-"""The `servesim` command line: `estimate` (one step's cost) and `catalog` (what the catalog holds)."""
+"""The `servesim` command line: `run` (simulate), `estimate` (one step's cost), `catalog` (its entries)."""
 
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def cmd_estimate(args: argparse.Namespace) -> dict[str, Any]:
     profile = load_profile(args.profile) if args.profile else None
     model = CostModel(dep, profile=profile, cuda_graphs=args.graphs)
     shape = _shape(args)
-    cost = model.price(shape, breakdown=args.breakdown)
+    cost = model.price(shape)
     kv_needed = int(shape.prefill_tokens.sum() + shape.prefill_cached.sum() + (shape.decode_context + 1).sum()
                     + (shape.verify_tokens + shape.verify_context).sum())
     warnings = []
@@ -124,6 +124,24 @@ def cmd_estimate(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def cmd_run(args: argparse.Namespace) -> dict[str, Any] | None:
+    from sim.config import load_config
+    from sim.engine import simulate
+    from sim.report import format_summary, write_outputs
+
+    config = load_config(args.config, args.set)
+    results = simulate(config, progress=not args.quiet)
+    if args.json:
+        return results.summary
+    print(format_summary(results.summary))
+    if args.out:
+        paths = write_outputs(results, args.out)
+        print(f"wrote {', '.join(p.name for p in paths)} to {args.out}")
+    print(f"simulated {results.summary['requests_total']} requests in {results.wall_seconds:.1f} s wall",
+          file=sys.stderr)
+    return None
+
+
 def cmd_catalog(args: argparse.Namespace) -> dict[str, Any]:
     kinds = {
         "gpus": (gpu_ids, get_gpu),
@@ -154,6 +172,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--breakdown", action="store_true", help="add the per-operator table")
     est.set_defaults(func=cmd_estimate)
 
+    run = sub.add_parser("run", help="simulate a serving scenario (default: the embedded one)")
+    run.add_argument("config", nargs="?", help="scenario YAML (default: Llama-3-8B on one H100, Poisson arrivals)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a config field, e.g. --set scheduler.max_num_seqs=128 (repeatable)")
+    run.add_argument("--out", help="directory for summary.json, requests.csv, steps.csv, token_times.npy, plots")
+    run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
+    run.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    run.set_defaults(func=cmd_run)
+
     cat = sub.add_parser("catalog", help="list catalog entries as JSON")
     cat.add_argument("kind", choices=["gpus", "models", "links"])
     cat.set_defaults(func=cmd_catalog)
@@ -167,6 +194,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ServesimError as exc:
         print(f"servesim: error: {exc}", file=sys.stderr)
         return 2
+    if result is None:
+        return 0
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -12,7 +13,7 @@ from hardware.cost import GRAPH_BATCH_SIZES, CostModel
 from hardware.deployment import Deployment
 from hardware.errors import DoesNotFitError, ServesimError
 from hardware.operators import StepShape
-from hardware.profile import DEFAULT_PROFILE, Curve, KindEfficiency, Profile, TimeTable, load_profile
+from hardware.profile import DEFAULT_PROFILE, Curve, KindEfficiency, Profile, TimeTables, load_profile
 
 
 @pytest.mark.parametrize("gpu", ["h100", "h200", "a100", "mi300x"])
@@ -43,8 +44,8 @@ def test_large_prefill_is_compute_bound(model: str, tp: int, ideal_profile: Prof
 def test_attention_grows_memory_bound_at_long_context() -> None:
     """MagicDec's observation: at long context even a batch of decodes is dominated by KV reads."""
     model = CostModel(Deployment.build("llama-3-8b", "h100", max_model_len=8192))
-    short = model.price(StepShape.build(decode=[512] * 64), breakdown=True)
-    long = model.price(StepShape.build(decode=[8000] * 64), breakdown=True)
+    short = model.price(StepShape.build(decode=[512] * 64))
+    long = model.price(StepShape.build(decode=[8000] * 64))
     share = {n: sum(r.seconds for r in c.breakdown if r.kind == "attention-decode") / c.seconds
              for n, c in (("short", short), ("long", long))}
     assert share["long"] > 0.5 > share["short"]
@@ -99,7 +100,7 @@ def test_cuda_graphs_pad_decode_and_only_apply_to_decode_only_steps() -> None:
     assert graphs.graph_rows(9) == 16 and graphs.graph_rows(1) == 1 and graphs.graph_rows(513) is None
     assert GRAPH_BATCH_SIZES[-1] == 512
     dec = StepShape.build(decode=[1000] * 9)
-    g, e = graphs.price(dec, breakdown=True), eager.price(dec, breakdown=True)
+    g, e = graphs.price(dec), eager.price(dec)
     assert (g.execution, e.execution) == ("graph", "eager")
     assert g.seconds < e.seconds and g.overhead_seconds < e.overhead_seconds
     qkv = {c.execution: next(r for r in c.breakdown if r.name == "qkv_proj").flops for c in (g, e)}
@@ -108,9 +109,19 @@ def test_cuda_graphs_pad_decode_and_only_apply_to_decode_only_steps() -> None:
     assert mixed.execution == "eager"
 
 
+class OneTable:
+    """Scalar view of a single-curve `TimeTables`."""
+
+    def __init__(self, curve: Curve) -> None:
+        self.tables = TimeTables([curve])
+
+    def seconds(self, work: float, peak: float) -> float:
+        return float(self.tables.seconds(np.array([work]), np.array([0]), np.array([peak]))[0])
+
+
 def test_time_table_interpolates_in_log_space_and_is_monotone() -> None:
     curve = Curve(sizes=(1e3, 1e5), efficiency=(0.1, 0.5))
-    table = TimeTable(curve)
+    table = OneTable(curve)
     assert table.seconds(1e3, 1.0) == pytest.approx(1e3 / 0.1)
     assert table.seconds(1e5, 1.0) == pytest.approx(1e5 / 0.5, rel=1e-9)
     assert table.seconds(1e2, 1.0) == pytest.approx(1e2 / 0.1)  # flat beyond the ends
@@ -118,7 +129,7 @@ def test_time_table_interpolates_in_log_space_and_is_monotone() -> None:
     mid = table.seconds(1e4, 1.0)  # log-time is linear in log-size: geometric mean of the end times
     assert mid == pytest.approx((1e3 / 0.1 * 1e5 / 0.5) ** 0.5, rel=1e-6)
     # A curve whose efficiency jumps faster than the size grows is clamped: time never goes down.
-    steep = TimeTable(Curve(sizes=(1e3, 1.2e3, 1e6), efficiency=(0.01, 0.9, 0.9)))
+    steep = OneTable(Curve(sizes=(1e3, 1.2e3, 1e6), efficiency=(0.01, 0.9, 0.9)))
     times = [steep.seconds(x, 1.0) for x in (1e3, 1.05e3, 1.1e3, 1.2e3, 2e3)]
     assert times == sorted(times)
 

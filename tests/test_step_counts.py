@@ -18,7 +18,7 @@ KV_PER_TOKEN_LAYER = 2 * NKV * D * 2  # K and V, bf16
 
 def price(shape: StepShape, tp: int = 1, graphs: bool = False) -> tuple[StepCost, Deployment]:
     dep = Deployment.build("llama-3-8b", "h100", tp=tp)
-    return CostModel(dep, cuda_graphs=graphs).price(shape, breakdown=True), dep
+    return CostModel(dep, cuda_graphs=graphs).price(shape), dep
 
 
 def by_kind(cost: StepCost, tp: int, field: str = "flops") -> dict[str, float]:
@@ -94,7 +94,7 @@ def test_tp_adds_two_all_reduces_per_layer(tp: int) -> None:
 def test_pipeline_stages_split_layers_and_send_activations() -> None:
     dep = Deployment.build("llama-3-8b", "h100", pp=3)
     assert dep.layers_per_stage == (11, 11, 10)
-    cost = CostModel(dep, cuda_graphs=False).price(StepShape.build(prefill=[500]), breakdown=True)
+    cost = CostModel(dep, cuda_graphs=False).price(StepShape.build(prefill=[500]))
     assert len(cost.stage_seconds) == 3
     sends = [r for r in cost.breakdown if r.kind == "send-recv"]
     assert [r.stage for r in sends] == [1, 2] and all(r.comm_bytes == 2 * 500 * H * 2 for r in sends)
@@ -131,8 +131,8 @@ def test_moe_reads_only_the_experts_hit() -> None:
     assert expected_active_experts(8, 2, 10_000) == pytest.approx(8.0)
     dep = Deployment.build("mixtral-8x7b", "h100", tp=2)
     model = CostModel(dep, cuda_graphs=False)
-    one = model.price(StepShape.build(decode=[100]), breakdown=True)
-    many = model.price(StepShape.build(decode=[100] * 256), breakdown=True)
+    one = model.price(StepShape.build(decode=[100]))
+    many = model.price(StepShape.build(decode=[100] * 256))
     expert_bytes = {c: sum(r.bytes for r in cost.breakdown if r.name in ("moe_gate_up", "moe_down"))
                     for c, cost in (("one", one), ("many", many))}
     per_expert = 3 * 4096 * 14336 * 2 / 2 * 32  # one expert's weights on one of 2 GPUs, 32 layers

@@ -1,0 +1,38 @@
+"""The scheduler contract every policy implements, and the base of their parameter models."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from pydantic import BaseModel, ConfigDict
+
+from policies.batch import Batch
+from policies.state import ReplicaState, StepResult
+
+
+class SchedulerParams(BaseModel):
+    """Parameters of one policy; each policy subclasses this with a `name` literal and documented fields."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def step_limits(self, max_model_len: int) -> tuple[int, int]:
+        """(tokens, requests) one step can hold at most: sizes the activation memory of the deployment."""
+        return max(max_model_len, 2048), 256
+
+
+class Scheduler(ABC):
+    """A policy: looks at a replica's state and returns the next batch, and hears how the step went.
+
+    `schedule` may move requests between the state's queues (admit, preempt, reject) and must give every
+    request it puts in the batch the KV blocks its tokens need. It returns None when nothing can run;
+    the engine then sleeps until a request arrives. Policies never see the clock's kind.
+    """
+
+    def __init__(self, params: SchedulerParams) -> None:
+        self.params = params
+
+    @abstractmethod
+    def schedule(self, state: ReplicaState) -> Batch | None: ...
+
+    def on_step_end(self, state: ReplicaState, batch: Batch, result: StepResult) -> None:
+        """Called after the step's outcome is applied to the state; most policies need nothing here."""

@@ -1,0 +1,56 @@
+"""`Batch`: what one step runs, per request, as policies hand it to an executor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from hardware.operators import StepShape
+
+_EMPTY = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(frozen=True, slots=True)
+class Batch:
+    """Requests of one step, in two groups.
+
+    - prefill: `prefill_ids[i]` runs `prefill_tokens[i]` tokens after `prefill_computed[i]` tokens whose KV
+      is already cached (an earlier chunk, a prefix-cache hit; zero for a fresh prompt). A preempted
+      request's recompute is a prefill of its prompt plus the tokens it had generated.
+    - decode: `decode_ids[j]` runs its one newest token after `decode_computed[j]` tokens of KV.
+
+    `pad_prefill_to` and `pad_rows` model padded request-level batching (Hugging Face generate): every
+    prompt padded to the longest, and finished rows still computed until the whole batch ends.
+    """
+
+    prefill_ids: np.ndarray = field(default_factory=lambda: _EMPTY)
+    prefill_tokens: np.ndarray = field(default_factory=lambda: _EMPTY)
+    prefill_computed: np.ndarray = field(default_factory=lambda: _EMPTY)
+    decode_ids: np.ndarray = field(default_factory=lambda: _EMPTY)
+    decode_computed: np.ndarray = field(default_factory=lambda: _EMPTY)
+    pad_prefill_to: int = 0
+    pad_rows: int = 0
+
+    @property
+    def num_requests(self) -> int:
+        return self.prefill_ids.size + self.decode_ids.size
+
+    @property
+    def num_prefill_tokens(self) -> int:
+        return int(self.prefill_tokens.sum())
+
+    @property
+    def num_tokens(self) -> int:
+        return self.num_prefill_tokens + self.decode_ids.size
+
+    def shape(self) -> StepShape:
+        """The batch as the cost model sees it, padding included."""
+        chunks = self.prefill_tokens
+        if self.pad_prefill_to and chunks.size:
+            chunks = np.full(chunks.size, max(self.pad_prefill_to, int(chunks.max())), dtype=np.int64)
+        decode = self.decode_computed
+        if self.pad_rows:
+            longest = int(decode.max()) if decode.size else int((self.prefill_computed + chunks).max())
+            decode = np.concatenate([decode, np.full(self.pad_rows, longest, dtype=np.int64)])
+        return StepShape(prefill_tokens=chunks, prefill_cached=self.prefill_computed, decode_context=decode)

@@ -1,0 +1,84 @@
+"""`vllm`: continuous batching over a paged KV cache, prefill-prioritised (vLLM V0's default scheduler).
+
+Kwon et al., "Efficient Memory Management for Large Language Model Serving with PagedAttention", SOSP 2023.
+Behaviour follows vLLM v0.6's V0 scheduler with chunked prefill off: each step is either a prefill of as
+many waiting requests (FCFS) as fit the token budget, `max_num_seqs` and the free KV blocks minus a
+watermark, or, when none can start, a decode step of every running request. A decode that needs a new
+block when none is free preempts the most recently started request (recompute: its KV is dropped and it
+returns to the head of the waiting queue), repeatedly, until the rest fit.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+from pydantic import Field, PositiveInt
+
+from policies.base import Scheduler, SchedulerParams
+from policies.batch import Batch
+from policies.state import ReplicaState
+
+
+class VllmParams(SchedulerParams):
+    name: Literal["vllm"] = "vllm"
+    max_num_seqs: PositiveInt = Field(256, description="requests running at once")
+    max_num_batched_tokens: PositiveInt | None = Field(
+        None, description="prefill tokens per step; default max(max_model_len, 2048) as in vLLM without chunking")
+    watermark: float = Field(0.01, ge=0.0, lt=1.0, description="fraction of KV blocks kept free when admitting")
+
+
+    def step_limits(self, max_model_len: int) -> tuple[int, int]:
+        return self.max_num_batched_tokens or max(max_model_len, 2048), self.max_num_seqs
+
+
+class VllmScheduler(Scheduler):
+    params: VllmParams
+
+    def token_budget(self, state: ReplicaState) -> int:
+        return self.params.step_limits(state.max_model_len)[0]
+
+    def schedule(self, state: ReplicaState) -> Batch | None:
+        # When the decodes preempt every running request, those go back to the waiting queue: try them again.
+        return self._schedule_prefills(state) or self._schedule_decodes(state) or self._schedule_prefills(state)
+
+    def _schedule_prefills(self, state: ReplicaState) -> Batch | None:
+        kv, limit = state.kv, self.token_budget(state)
+        budget, seqs = limit, len(state.running)
+        ids: list[int] = []
+        tokens: list[int] = []
+        while state.waiting and seqs < self.params.max_num_seqs:
+            rid = state.waiting[0]
+            n = state.tokens_to_run(rid)
+            need = int(kv.blocks_for(n))
+            if n > limit:
+                state.reject_head("exceeds_token_budget", f"prompt of {n} tokens exceeds max_num_batched_tokens={limit} (no chunked prefill)")
+                continue
+            if need > kv.num_blocks - kv.watermark_blocks:
+                state.reject_head("exceeds_kv_capacity", f"prompt of {n} tokens needs {need} KV blocks; the replica has {kv.num_blocks}")
+                continue
+            if n > budget or not kv.can_allocate(need):
+                break
+            kv.grow_to(rid, n)
+            state.start(rid)
+            ids.append(rid)
+            tokens.append(n)
+            budget -= n
+            seqs += 1
+        if not ids:
+            return None
+        return Batch(prefill_ids=np.array(ids, dtype=np.int64), prefill_tokens=np.array(tokens, dtype=np.int64),
+                     prefill_computed=np.zeros(len(ids), dtype=np.int64))
+
+    def _schedule_decodes(self, state: ReplicaState) -> Batch | None:
+        r, kv = state.req, state.kv
+        while state.running:
+            run = np.array(state.running, dtype=np.int64)
+            grow = r.computed[run] + 1 > r.blocks[run] * kv.block_size
+            new_blocks = int(grow.sum())
+            if new_blocks <= kv.free:
+                r.blocks[run[grow]] += 1
+                kv.free -= new_blocks
+                return Batch(decode_ids=run, decode_computed=r.computed[run])
+            state.preempt(state.running[-1])
+        return None

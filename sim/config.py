@@ -1,0 +1,150 @@
+"""The one config of a simulation run: pydantic, loadable from YAML, with `--set key.path=value` overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+
+from hardware.errors import ServesimError, describe_validation_error
+from hardware.specs import DType
+from policies import SchedulerConfig
+from policies.vllm import VllmParams
+from traces.workload import LognormalLengths, PoissonArrival, Workload
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class HardwareConfig(_Section):
+    gpu: str = Field("h100", description="catalog GPU id or alias, or a GPU YAML file")
+    tp: PositiveInt = 1
+    pp: PositiveInt = 1
+    link: str | None = Field(None, description="interconnect for TP (default: the GPU's intra-node link)")
+    pp_link: str | None = None
+    weight_dtype: DType = "bf16"
+    kv_dtype: DType = "bf16"
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    gpu_price: float | None = Field(None, ge=0.0, description="override the catalog's USD per GPU-hour")
+    profile: str | None = Field(None, description="calibrated efficiency profile JSON")
+    cuda_graphs: bool = True
+
+
+class ClusterConfig(_Section):
+    replicas: PositiveInt = 1
+    router: Literal["round_robin", "least_outstanding", "least_kv"] = "round_robin"
+
+
+class KvCacheConfig(_Section):
+    block_size: PositiveInt = Field(16, description="tokens per KV block")
+    num_blocks: PositiveInt | None = Field(
+        None, description="override the KV blocks per replica (default: from the memory plan), like vLLM's "
+                          "num_gpu_blocks_override")
+
+
+class SloConfig(_Section):
+    """Per-request latency targets; a request meets the SLOs when it finishes within every one given."""
+
+    ttft_s: PositiveFloat | None = None
+    tpot_s: PositiveFloat | None = None
+    e2e_s: PositiveFloat | None = None
+
+
+def _default_workloads() -> list[Workload]:
+    # Azure LLM conversation trace 2023 statistics: prompt mean 1155 (cv 0.96), output mean 211 (cv 0.77).
+    return [Workload(
+        name="azure-conv-like",
+        arrival=PoissonArrival(rate=15.0),
+        lengths=LognormalLengths(prompt_mean=1155, prompt_cv=0.96, output_mean=211, output_cv=0.77,
+                                 max_prompt=7000, max_output=1000),
+        num_requests=3000,
+    )]
+
+
+class SimConfig(_Section):
+    """Everything a run depends on; the default is the embedded scenario of `servesim run`."""
+
+    seed: int = 0
+    model: str = Field("llama-3-8b", description="catalog model id or a Hugging Face config.json")
+    max_model_len: PositiveInt | None = Field(None, description="longest request (default: the model's maximum)")
+    hardware: HardwareConfig = HardwareConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    scheduler: SchedulerConfig = VllmParams()
+    kv_cache: KvCacheConfig = KvCacheConfig()
+    workloads: list[Workload] = Field(default_factory=_default_workloads, min_length=1)
+    slo: SloConfig = SloConfig(ttft_s=2.0, tpot_s=0.1)
+
+
+def _set(tree: Any, path: list[str], value: Any, full: str) -> None:
+    key, rest = path[0], path[1:]
+    if isinstance(tree, list):
+        if not key.isdigit() or int(key) >= len(tree):
+            raise ServesimError(f"--set {full}: {key!r} is not an index of a list of {len(tree)}")
+        idx: Any = int(key)
+    elif isinstance(tree, dict):
+        idx = key
+    else:
+        raise ServesimError(f"--set {full}: cannot descend into {key!r} of a {type(tree).__name__}")
+    if rest:
+        if isinstance(tree, dict) and tree.get(idx) is None:
+            tree[idx] = {}
+        _set(tree[idx], rest, value, full)
+    else:
+        tree[idx] = value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.path=value` overrides (values parsed as YAML, list items by index) to a config dict."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ServesimError(f"--set {item!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        _set(data, key.split("."), value, item)
+    return data
+
+
+def _resolve_paths(data: dict[str, Any], base: Path) -> None:
+    """Relative file paths in a config file (traces, profile) are relative to the file's folder."""
+    def fix(holder: Any, key: str) -> None:
+        if isinstance(holder, dict) and isinstance(holder.get(key), str) and not Path(holder[key]).is_absolute():
+            holder[key] = str(base / holder[key])
+
+    fix(data.get("hardware"), "profile")
+    for w in data.get("workloads") or []:
+        if isinstance(w, dict):
+            fix(w.get("trace"), "path")
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SimConfig:
+    """The config at `path` (default: the embedded scenario) with overrides, validated; errors are one line."""
+    if path is None:
+        data: dict[str, Any] = SimConfig().model_dump(mode="json", exclude_unset=False)
+        source = "default scenario"
+    else:
+        p = Path(path)
+        if not p.is_file():
+            raise ServesimError(f"config: no such file {str(p)!r}")
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ServesimError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+        if not isinstance(data, dict):
+            raise ServesimError(f"{p}: the config must be a mapping of sections, got {type(data).__name__}")
+        source = str(p)
+    data = apply_overrides(data, overrides or [])
+    if path is not None:
+        _resolve_paths(data, Path(path).parent)
+    if isinstance(data.get("scheduler"), dict):
+        data["scheduler"].setdefault("name", "vllm")  # the default policy when a section omits its name
+    try:
+        return SimConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ServesimError(describe_validation_error(exc, source)) from None
+

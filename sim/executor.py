@@ -1,0 +1,49 @@
+"""The executor contract (`run(batch) -> StepOutcome`) and the cost-model executor of the simulator.
+
+The real GPU executor (backend/) implements the same `run`, so the engine and the policies are unchanged
+between simulating and replaying on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from hardware.cost import CostModel
+from policies.batch import Batch
+
+
+@dataclass(frozen=True, slots=True)
+class StepOutcome:
+    """How long a step took, and what the hardware did in it (NaN where the executor cannot tell)."""
+
+    seconds: float
+    mfu: float = float("nan")
+    mbu: float = float("nan")
+    execution: str = "eager"
+
+
+class Executor(Protocol):
+    def run(self, batch: Batch) -> StepOutcome: ...
+
+
+class CostModelExecutor:
+    """Prices each batch with the roofline `CostModel` (padding of request-level batching included)."""
+
+    def __init__(self, cost_model: CostModel) -> None:
+        self.cost_model = cost_model
+
+    def run(self, batch: Batch) -> StepOutcome:
+        cost = self.cost_model.price(batch.shape())
+        return StepOutcome(seconds=cost.seconds, mfu=cost.mfu, mbu=cost.mbu, execution=cost.execution)
+
+
+class FixedCostExecutor:
+    """A step costs `base_s + per_token_s * tokens`: for hand-checkable tests and policy studies."""
+
+    def __init__(self, base_s: float, per_token_s: float = 0.0) -> None:
+        self.base_s = base_s
+        self.per_token_s = per_token_s
+
+    def run(self, batch: Batch) -> StepOutcome:
+        return StepOutcome(seconds=self.base_s + self.per_token_s * batch.num_tokens)

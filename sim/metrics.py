@@ -1,0 +1,149 @@
+"""Per-request and per-step results and the run summary, with vLLM's serving-benchmark definitions.
+
+Clocks (all in simulated seconds from the start of the run):
+- `arrival_s`: the request reaches the router; `first_scheduled_s`: start of the first step it runs in.
+- a token's time is the end of the step that sampled it; `first_token_s` is the first one's.
+- TTFT = first_token - arrival; E2E = last token - arrival; TPOT = (E2E - TTFT) / (output tokens - 1)
+  (requests with one output token have no TPOT); ITL = each gap between consecutive tokens of a request.
+- duration = last finish - first arrival; throughputs count finished requests over it.
+- a request meets the SLOs when it finished and its TTFT, TPOT and E2E are within every target given;
+  goodput = such requests per second of duration; attainment = their share of all requests (rejected
+  ones count as misses).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hardware.deployment import Deployment
+from policies.state import Requests, Status
+from sim.config import SimConfig
+
+PERCENTILES = (50, 90, 99)
+
+
+@dataclass
+class Results:
+    """A run's outcome: `requests` and `steps` DataFrames, the flat `summary`, every token's time."""
+
+    config: SimConfig
+    requests: pd.DataFrame
+    steps: pd.DataFrame
+    summary: dict[str, Any]
+    token_times: np.ndarray
+    wall_seconds: float
+    free_blocks_at_end: list[int] = field(default_factory=list)  # per replica: all blocks, if nothing leaked
+
+    def itls(self, request_id: int) -> np.ndarray:
+        """Inter-token latencies of one request, in seconds."""
+        row = self.requests.loc[request_id]
+        start = int(row["token_offset"])
+        return np.diff(self.token_times[start:start + int(row["output_tokens"])])
+
+
+def _stats(prefix: str, values: np.ndarray, out: dict[str, Any]) -> None:
+    values = values[~np.isnan(values)]
+    out[f"{prefix}_mean_s"] = float(values.mean()) if values.size else None
+    pcts = np.percentile(values, PERCENTILES) if values.size else [None] * len(PERCENTILES)
+    for p, v in zip(PERCENTILES, pcts):
+        out[f"{prefix}_p{p}_s"] = None if v is None else float(v)
+
+
+def _itls(r: Requests) -> tuple[np.ndarray, np.ndarray]:
+    """All inter-token gaps of finished requests, and each request's largest gap (NaN when none)."""
+    gaps = np.diff(r.token_time)
+    inside = np.ones(gaps.size, dtype=bool)
+    inside[r.token_offset[1:] - 1] = False  # the gap between one request's last token and the next's first
+    gaps[~inside] = -np.inf
+    multi = np.flatnonzero(r.output > 1)
+    itl_max = np.full(r.n, np.nan)
+    if multi.size:
+        itl_max[multi] = np.maximum.reduceat(gaps, r.token_offset[multi])
+    itl_max[itl_max == -np.inf] = np.nan
+    return gaps[inside & ~np.isnan(gaps)], itl_max
+
+
+def build_results(config: SimConfig, dep: Deployment, num_blocks: int, r: Requests, workload_names: list[str],
+                  step_columns: dict[str, list], skipped_rows: int, wall_seconds: float) -> Results:
+    finished = r.status == Status.FINISHED
+    ttft = r.first_token - r.arrival
+    e2e = r.finish - r.arrival
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot = np.where(r.output > 1, (e2e - ttft) / (r.output - 1), np.nan)
+    itl, itl_max = _itls(r)
+    slo = config.slo
+    meets = finished.copy()
+    for target, values in ((slo.ttft_s, ttft), (slo.tpot_s, tpot), (slo.e2e_s, e2e)):
+        if target is not None:
+            meets &= np.nan_to_num(values, nan=0.0) <= target
+    requests = pd.DataFrame({
+        "request_id": np.arange(r.n),
+        "workload": np.asarray(workload_names, dtype=object)[r.workload] if r.n else [],
+        "replica": r.replica,
+        "status": np.where(finished, "finished", "rejected"),
+        "reject_code": [r.reject_code.get(i, "") for i in range(r.n)],
+        "reject_reason": [r.reject_reason.get(i, "") for i in range(r.n)],
+        "arrival_s": r.arrival,
+        "first_scheduled_s": r.first_scheduled,
+        "first_token_s": r.first_token,
+        "finish_s": r.finish,
+        "prompt_tokens": r.prompt,
+        "output_tokens": r.output,
+        "queue_s": r.first_scheduled - r.arrival,
+        "ttft_s": ttft,
+        "tpot_s": tpot,
+        "e2e_s": e2e,
+        "itl_max_s": itl_max,
+        "preemptions": r.preemptions,
+        "meets_slo": meets,
+        "token_offset": r.token_offset,
+    })
+    steps = pd.DataFrame(step_columns)
+    steps["kv_usage"] = steps["kv_blocks_used"] / num_blocks if num_blocks else np.nan
+    summary = _summary(config, dep, num_blocks, r, finished, meets, ttft, tpot, itl, e2e, steps, skipped_rows)
+    return Results(config, requests, steps, summary, r.token_time, wall_seconds)
+
+
+def _summary(config: SimConfig, dep: Deployment, num_blocks: int, r: Requests, finished: np.ndarray,
+             meets: np.ndarray, ttft: np.ndarray, tpot: np.ndarray, itl: np.ndarray, e2e: np.ndarray,
+             steps: pd.DataFrame, skipped_rows: int) -> dict[str, Any]:
+    s: dict[str, Any] = {
+        "requests_total": int(r.n),
+        "requests_finished": int(finished.sum()),
+        "requests_rejected": int((r.status == Status.REJECTED).sum()),
+    }
+    for code in sorted(set(r.reject_code.values())):
+        s[f"rejected_{code}"] = sum(1 for c in r.reject_code.values() if c == code)
+    s["trace_rows_skipped"] = skipped_rows
+    end = float(np.nanmax(r.finish)) if finished.any() else float(r.arrival.max(initial=0.0))
+    duration = end - float(r.arrival.min(initial=0.0))
+    s["duration_s"] = duration
+    per_s = (lambda x: x / duration) if duration > 0 else (lambda x: float("nan"))
+    s["throughput_req_s"] = per_s(float(finished.sum()))
+    s["throughput_input_tok_s"] = per_s(float(r.prompt[finished].sum()))
+    s["throughput_output_tok_s"] = per_s(float(r.output[finished].sum()))
+    for name, values in (("ttft", ttft[finished]), ("tpot", tpot[finished]), ("itl", itl), ("e2e", e2e[finished]),
+                         ("queue", (r.first_scheduled - r.arrival)[finished])):
+        _stats(name, values, s)
+    s["slo_ttft_s"], s["slo_tpot_s"], s["slo_e2e_s"] = config.slo.ttft_s, config.slo.tpot_s, config.slo.e2e_s
+    s["goodput_req_s"] = per_s(float(meets.sum()))
+    s["slo_attainment"] = float(meets.sum() / r.n) if r.n else float("nan")
+    s["steps"] = int(len(steps))
+    busy = float(steps["duration_s"].sum()) if len(steps) else 0.0
+    s["mean_batch_size"] = float((steps["prefill_requests"] + steps["decode_requests"]).mean()) if len(steps) else 0.0
+    s["mean_kv_usage"] = float((steps["kv_usage"] * steps["duration_s"]).sum() / busy) if busy else 0.0
+    s["peak_kv_usage"] = float(steps["kv_usage"].max()) if len(steps) else 0.0
+    s["preemptions"] = int(r.preemptions.sum())
+    s["replicas"] = config.cluster.replicas
+    s["gpus"] = config.cluster.replicas * dep.num_gpus
+    s["kv_blocks_per_replica"] = num_blocks
+    s["cost_per_hour"] = s["gpus"] * dep.gpu.price_per_hour
+    out_tokens = float(r.output[finished].sum())
+    s["cost_per_million_output_tokens"] = (s["cost_per_hour"] * duration / 3600 / out_tokens * 1e6
+                                           if out_tokens else None)
+    return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in s.items()}

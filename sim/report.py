@@ -1,0 +1,105 @@
+"""Writing a run's results: summary.json, requests.csv, steps.csv, token_times.npy, config.yaml and plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+
+from sim.metrics import Results  # noqa: E402
+
+SUMMARY_ROWS = (
+    ("requests finished / rejected", "requests_finished", "requests_rejected", "{:d} / {:d}"),
+    ("duration", "duration_s", None, "{:.1f} s"),
+    ("throughput", "throughput_req_s", "throughput_output_tok_s", "{:.2f} req/s, {:.0f} output tok/s"),
+    ("TTFT p50 / p99", "ttft_p50_s", "ttft_p99_s", "{:.3f} / {:.3f} s"),
+    ("TPOT p50 / p99", "tpot_p50_s", "tpot_p99_s", "{:.4f} / {:.4f} s"),
+    ("ITL p50 / p99", "itl_p50_s", "itl_p99_s", "{:.4f} / {:.4f} s"),
+    ("E2E p50 / p99", "e2e_p50_s", "e2e_p99_s", "{:.2f} / {:.2f} s"),
+    ("goodput / SLO attainment", "goodput_req_s", "slo_attainment", "{:.2f} req/s / {:.1%}"),
+    ("mean batch / mean KV use", "mean_batch_size", "mean_kv_usage", "{:.1f} / {:.1%}"),
+    ("preemptions / steps", "preemptions", "steps", "{:d} / {:d}"),
+    ("cost", "cost_per_hour", "cost_per_million_output_tokens", "${:.2f}/h, ${:.3f} per M output tokens"),
+)
+
+
+def format_summary(summary: dict[str, Any]) -> str:
+    """A short human-readable table of the headline numbers."""
+    lines = []
+    for label, a, b, fmt in SUMMARY_ROWS:
+        values = [summary.get(a)] + ([summary.get(b)] if b else [])
+        text = fmt.format(*values) if all(v is not None for v in values) else "n/a"
+        lines.append(f"{label:30s} {text}")
+    return "\n".join(lines)
+
+
+def _cdf_plot(results: Results, path: Path) -> None:
+    done = results.requests[results.requests["status"] == "finished"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    for ax, col, title in zip(axes, ("ttft_s", "tpot_s", "e2e_s"), ("TTFT", "TPOT", "E2E latency")):
+        values = np.sort(done[col].dropna().to_numpy())
+        if values.size:
+            ax.plot(values, np.arange(1, values.size + 1) / values.size)
+        ax.set_xlabel(f"{title} (s)")
+        ax.set_ylabel("fraction of requests")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{results.config.model} on {results.config.hardware.gpu}: latency CDFs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _binned(start: np.ndarray, duration: np.ndarray, values: np.ndarray, edges: np.ndarray) -> np.ndarray:
+    """Time-weighted mean of a per-step series in each time bin (NaN where no step ran)."""
+    weight, _ = np.histogram(start, edges, weights=duration)
+    total, _ = np.histogram(start, edges, weights=values * duration)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return total / weight
+
+
+def _timeline_plot(results: Results, path: Path, bins: int = 300) -> None:
+    steps = results.steps
+    fig, axes = plt.subplots(3, 1, figsize=(11, 7), sharex=True)
+    end = float((steps["start_s"] + steps["duration_s"]).max()) if len(steps) else 1.0
+    edges = np.linspace(0.0, end, bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    batch = (steps["prefill_requests"] + steps["decode_requests"]).to_numpy(dtype=float)
+    series = (("batch size (requests)", batch), ("KV cache in use", steps["kv_usage"].to_numpy(dtype=float)),
+              ("waiting requests", steps["waiting"].to_numpy(dtype=float)))
+    for ax, (label, values) in zip(axes, series):
+        for replica, idx in steps.groupby("replica").groups.items():
+            sel = np.asarray(idx)
+            ax.plot(centers, _binned(steps["start_s"].to_numpy()[sel], steps["duration_s"].to_numpy()[sel],
+                                     values[sel], edges), lw=0.9, label=f"replica {replica}")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_title(f"time-weighted means over {bins} bins of {end / bins:.2f} s")
+    axes[-1].set_xlabel("simulated time (s)")
+    if steps["replica"].nunique() > 1:
+        axes[0].legend(loc="upper right", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def write_outputs(results: Results, out: str | Path) -> list[Path]:
+    """Write every output file under `out` (created if needed); returns their paths."""
+    d = Path(out)
+    d.mkdir(parents=True, exist_ok=True)
+    paths = [d / n for n in ("summary.json", "requests.csv", "steps.csv", "token_times.npy", "config.yaml",
+                             "latency_cdf.png", "timeline.png")]
+    paths[0].write_text(json.dumps(results.summary, indent=2) + "\n")
+    results.requests.to_csv(paths[1], index=False)
+    results.steps.to_csv(paths[2], index=False)
+    np.save(paths[3], results.token_times)
+    paths[4].write_text(yaml.safe_dump(results.config.model_dump(mode="json"), sort_keys=False))
+    _cdf_plot(results, paths[5])
+    _timeline_plot(results, paths[6])
+    return paths

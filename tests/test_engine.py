@@ -1,0 +1,196 @@
+"""Engine correctness: conservation, hand-computable latencies, queueing sanity, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hardware.cost import CostModel
+from hardware.operators import StepShape
+from policies.state import Status
+from sim.config import SimConfig, load_config
+from sim.engine import build_deployment, simulate
+from sim.executor import FixedCostExecutor
+
+
+def config(**sections) -> SimConfig:
+    base = {
+        "model": "llama-3-8b",
+        "workloads": [{"arrival": {"kind": "poisson", "rate": 5.0}, "lengths": {"kind": "fixed", "prompt": 100,
+                                                                                "output": 10}, "num_requests": 20}],
+    }
+    base.update(sections)
+    return SimConfig.model_validate(base)
+
+
+def check_conservation(cfg: SimConfig, res) -> None:
+    req, steps = res.requests, res.steps
+    assert len(req) == sum(1 for _ in range(len(req)))
+    assert set(req["status"]) <= {"finished", "rejected"}  # every arrival ends one way or the other
+    rejected = req[req["status"] == "rejected"]
+    assert (rejected["reject_code"] != "").all() and (rejected["reject_code"] != "stalled").all()
+    done = req[req["status"] == "finished"]
+    r_tokens = res.token_times
+    for row in done.itertuples():
+        times = r_tokens[row.token_offset:row.token_offset + row.output_tokens]
+        assert not np.isnan(times).any()  # generated tokens == requested output length
+        assert (np.diff(times) > 0).all() and times[0] >= row.arrival_s
+        assert times[0] == row.first_token_s and times[-1] == row.finish_s
+        assert row.first_scheduled_s >= row.arrival_s
+    for _, rows in steps.groupby("replica"):
+        start, dur = rows["start_s"].to_numpy(), rows["duration_s"].to_numpy()
+        assert (dur > 0).all() and (start[1:] >= start[:-1] + dur[:-1] - 1e-12).all()  # clock never goes back
+    assert (steps["kv_blocks_used"] <= res.summary["kv_blocks_per_replica"]).all()
+    assert res.free_blocks_at_end == [res.summary["kv_blocks_per_replica"]] * cfg.cluster.replicas
+    assert res.summary["requests_finished"] + res.summary["requests_rejected"] == res.summary["requests_total"]
+
+
+schedulers = st.one_of(
+    st.fixed_dictionaries({"name": st.just("vllm"), "max_num_seqs": st.integers(1, 16),
+                           "max_num_batched_tokens": st.sampled_from([None, 256, 2048])}),
+    st.fixed_dictionaries({"name": st.just("orca"), "max_batch_size": st.integers(1, 16),
+                           "reserve": st.sampled_from(["max", "pow2", "oracle"])}),
+    st.fixed_dictionaries({"name": st.just("static"), "batch_size": st.integers(1, 8)}),
+)
+workloads = st.fixed_dictionaries({
+    "arrival": st.one_of(
+        st.fixed_dictionaries({"kind": st.just("poisson"), "rate": st.floats(0.5, 200)}),
+        st.fixed_dictionaries({"kind": st.just("gamma"), "rate": st.floats(0.5, 200), "cv": st.floats(0.2, 4)})),
+    "lengths": st.fixed_dictionaries({"kind": st.just("uniform"),
+                                      "prompt": st.tuples(st.integers(1, 300), st.integers(300, 1500)),
+                                      "output": st.tuples(st.integers(1, 20), st.integers(20, 300))}),
+    "num_requests": st.integers(1, 40),
+})
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(sched=schedulers, wls=st.lists(workloads, min_size=1, max_size=2), replicas=st.integers(1, 3),
+       router=st.sampled_from(["round_robin", "least_outstanding", "least_kv"]), blocks=st.integers(60, 400),
+       seed=st.integers(0, 1000))
+def test_conservation_over_random_workloads(sched, wls, replicas, router, blocks, seed) -> None:
+    cfg = config(scheduler=sched, workloads=[{**w, "name": f"w{i}"} for i, w in enumerate(wls)],
+                 cluster={"replicas": replicas, "router": router}, kv_cache={"num_blocks": blocks, "block_size": 16},
+                 max_model_len=2048, seed=seed)
+    res = simulate(cfg)
+    check_conservation(cfg, res)
+    steps = res.steps
+    if sched["name"] == "vllm":
+        budget = sched["max_num_batched_tokens"] or 2048
+        assert (steps["prefill_tokens"] <= budget).all()
+        assert (steps["prefill_requests"] + steps["decode_requests"] <= sched["max_num_seqs"]).all()
+        assert not ((steps["prefill_requests"] > 0) & (steps["decode_requests"] > 0)).any()  # V0: never mixed
+    if sched["name"] != "vllm":
+        assert res.summary["preemptions"] == 0  # they reserve KV up front
+
+
+def test_preemption_under_memory_pressure_conserves() -> None:
+    cfg = config(scheduler={"name": "vllm"}, kv_cache={"num_blocks": 80},
+                 workloads=[{"arrival": {"kind": "poisson", "rate": 50}, "num_requests": 60,
+                             "lengths": {"kind": "uniform", "prompt": [50, 400], "output": [50, 400]}}])
+    res = simulate(cfg)
+    assert res.summary["preemptions"] > 0
+    check_conservation(cfg, res)
+    assert (res.requests["preemptions"] > 0).any()
+
+
+def test_hand_computable_single_request() -> None:
+    """One request, prompt 100, output 5, arriving at t=1; each step costs 10 ms + 1 ms per token."""
+    cfg = config(workloads=[{"arrival": {"kind": "constant", "rate": 1.0}, "num_requests": 1,
+                             "lengths": {"kind": "fixed", "prompt": 100, "output": 5}}])
+    res = simulate(cfg, executor_factory=lambda dep: FixedCostExecutor(0.010, 0.001))
+    row = res.requests.iloc[0]
+    prefill, decode = 0.010 + 0.100, 0.010 + 0.001
+    assert row.arrival_s == 1.0 and row.first_scheduled_s == 1.0
+    assert row.ttft_s == pytest.approx(prefill)
+    assert row.e2e_s == pytest.approx(prefill + 4 * decode)
+    assert row.tpot_s == pytest.approx(decode)
+    assert res.itls(0) == pytest.approx([decode] * 4)
+    assert res.summary["steps"] == 5 and res.summary["itl_p99_s"] == pytest.approx(decode)
+
+
+def test_static_batches_run_to_completion_with_padding() -> None:
+    cfg = config(scheduler={"name": "static", "batch_size": 4},
+                 workloads=[{"arrival": {"kind": "constant", "rate": 1000.0}, "num_requests": 8,
+                             "lengths": {"kind": "uniform", "prompt": [10, 200], "output": [2, 30]}}])
+    res = simulate(cfg, executor_factory=lambda dep: FixedCostExecutor(0.01))
+    batches = [g for _, g in res.requests.groupby("first_scheduled_s")]
+    assert len(batches) >= 2 and all(len(g) <= 4 for g in batches)
+    for prev, nxt in zip(batches, batches[1:]):
+        assert nxt["first_scheduled_s"].iloc[0] >= prev["finish_s"].max() - 1e-12  # nobody joins mid-batch
+    steps = res.steps
+    for g in batches:  # finished rows keep being computed until the batch's longest request ends
+        inside = steps[(steps["start_s"] > g["first_scheduled_s"].iloc[0]) & (steps["start_s"] < g["finish_s"].max())]
+        assert (inside["decode_requests"] + inside["pad_rows"] == len(g)).all()
+        assert inside["pad_rows"].iloc[-1] == (g["output_tokens"] < g["output_tokens"].max()).sum()
+
+
+def test_low_load_latency_equals_unloaded_service_time() -> None:
+    cfg = config(workloads=[{"arrival": {"kind": "constant", "rate": 0.05}, "num_requests": 5,
+                             "lengths": {"kind": "fixed", "prompt": 1000, "output": 50}}])
+    res = simulate(cfg)
+    cost = CostModel(build_deployment(cfg))
+    expected = cost.price(StepShape.build(prefill=[1000])).seconds + sum(
+        cost.price(StepShape.build(decode=[1000 + i])).seconds for i in range(49))
+    assert res.requests["e2e_s"].to_numpy() == pytest.approx(np.full(5, expected), rel=1e-9)
+    assert res.summary["queue_p99_s"] == 0.0
+
+
+def test_past_saturation_throughput_plateaus_and_queues_grow() -> None:
+    def run(rate: float):
+        return simulate(config(workloads=[{"arrival": {"kind": "poisson", "rate": rate}, "num_requests": 1500,
+                                           "lengths": {"kind": "fixed", "prompt": 1000, "output": 200}}])).summary
+
+    low, sat, over = run(5.0), run(60.0), run(120.0)
+    assert low["throughput_req_s"] == pytest.approx(5.0, rel=0.1)
+    assert over["throughput_req_s"] == pytest.approx(sat["throughput_req_s"], rel=0.05)  # capacity plateau
+    assert sat["throughput_req_s"] < 60 * 0.9  # really saturated
+    assert over["ttft_p50_s"] > sat["ttft_p50_s"] > 10 * low["ttft_p50_s"]
+
+
+def test_requests_longer_than_the_context_are_rejected_and_counted() -> None:
+    cfg = config(max_model_len=1000, workloads=[{"arrival": {"kind": "poisson", "rate": 5}, "num_requests": 30,
+                                                 "lengths": {"kind": "uniform", "prompt": [100, 1500],
+                                                             "output": [1, 10]}}])
+    res = simulate(cfg)
+    rej = res.requests[res.requests["status"] == "rejected"]
+    assert len(rej) > 0 and (rej["prompt_tokens"] + rej["output_tokens"] > 1000).all()
+    assert res.summary["rejected_exceeds_max_model_len"] == len(rej)
+    assert "exceeds max_model_len=1000" in rej["reject_reason"].iloc[0]
+    check_conservation(cfg, res)
+
+
+def test_vllm_rejects_prompts_beyond_its_token_budget() -> None:
+    cfg = config(scheduler={"name": "vllm", "max_num_batched_tokens": 512},
+                 workloads=[{"arrival": {"kind": "poisson", "rate": 5}, "num_requests": 20,
+                             "lengths": {"kind": "uniform", "prompt": [100, 1000], "output": [1, 10]}}])
+    res = simulate(cfg)
+    assert res.summary["rejected_exceeds_token_budget"] == int((res.requests["prompt_tokens"] > 512).sum()) > 0
+
+
+def test_routers_spread_load() -> None:
+    busy = [{"arrival": {"kind": "poisson", "rate": 200.0}, "num_requests": 90,
+             "lengths": {"kind": "fixed", "prompt": 500, "output": 50}}]
+    for router in ("round_robin", "least_outstanding", "least_kv"):
+        res = simulate(config(cluster={"replicas": 3, "router": router}, workloads=busy))
+        counts = res.requests["replica"].value_counts()
+        assert len(counts) == 3 and counts.min() >= 20, router
+    idle = simulate(config(cluster={"replicas": 3, "router": "least_outstanding"}))  # 5 req/s: never busy
+    assert idle.requests["replica"].value_counts().idxmax() == 0  # ties go to the lowest index
+    rr = simulate(config(cluster={"replicas": 3, "router": "round_robin"})).requests["replica"]
+    assert rr.tolist()[:6] == [0, 1, 2, 0, 1, 2]
+
+
+def test_default_scenario_runs_and_is_deterministic() -> None:
+    cfg = load_config(None, ["workloads.0.num_requests=300"])
+    a, b = simulate(cfg), simulate(cfg)
+    assert a.summary == b.summary
+    assert a.requests.equals(b.requests) and a.steps.equals(b.steps)
+    assert a.summary["requests_finished"] == 300 and a.summary["slo_attainment"] > 0.9
+    other = simulate(load_config(None, ["workloads.0.num_requests=300", "seed=1"]))
+    assert other.summary != a.summary
+
+
+def test_status_enum_covers_the_table() -> None:
+    assert [s.name for s in Status] == ["PENDING", "WAITING", "RUNNING", "FINISHED", "REJECTED"]

@@ -1,0 +1,140 @@
+"""Readers of real request traces: the Azure LLM inference trace (CSV) and Mooncake's JSONL.
+
+Both return a `TraceData` whose times start at zero (the trace's first row). A malformed row raises an
+error naming the file and line, unless `on_bad_row="skip"`, which skips it and counts it.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from hardware.errors import ServesimError
+
+BadRow = Literal["error", "skip"]
+
+
+@dataclass(frozen=True)
+class TraceData:
+    """Requests of a trace in time order: arrival (s from the first row), prompt and output tokens."""
+
+    path: str
+    time_s: np.ndarray
+    prompt: np.ndarray
+    output: np.ndarray
+    hash_ids: tuple[tuple[int, ...], ...] | None  # Mooncake: ids of 512-token prompt blocks
+    skipped_rows: int
+
+    def __len__(self) -> int:
+        return self.time_s.size
+
+
+def _positive_int(value: object, field: str) -> int:
+    n = int(value)  # type: ignore[call-overload]
+    if n < 1 or float(value) != n:  # type: ignore[arg-type]
+        raise ValueError(f"{field} must be a positive integer, got {value!r}")
+    return n
+
+
+def _finish(path: Path, times: list[float], prompt: list[int], output: list[int],
+            hashes: list[tuple[int, ...]] | None, skipped: int) -> TraceData:
+    if not times:
+        raise ServesimError(f"{path}: no valid rows")
+    t = np.asarray(times, dtype=np.float64)
+    order = np.argsort(t, kind="stable")  # some traces are not sorted; keep file order on ties
+    t = t[order] - t[order[0]]
+    return TraceData(
+        path=str(path),
+        time_s=t,
+        prompt=np.asarray(prompt, dtype=np.int64)[order],
+        output=np.asarray(output, dtype=np.int64)[order],
+        hash_ids=None if hashes is None else tuple(hashes[i] for i in order),
+        skipped_rows=skipped,
+    )
+
+
+def _open(path: str | Path) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise ServesimError(f"trace: no such file {str(p)!r}")
+    return p
+
+
+def read_azure(path: str | Path, on_bad_row: BadRow = "error") -> TraceData:
+    """Azure LLM inference trace 2023 (`TIMESTAMP,ContextTokens,GeneratedTokens`; Patel et al., Splitwise)."""
+    p = _open(path)
+    times: list[float] = []
+    prompt: list[int] = []
+    output: list[int] = []
+    skipped = 0
+    with p.open(newline="") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        expected = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
+        if header is None or [h.strip() for h in header] != expected:
+            raise ServesimError(f"{p}:1: header must be {','.join(expected)}, got {header}")
+        for line, row in enumerate(reader, start=2):
+            try:
+                if len(row) != 3:
+                    raise ValueError(f"expected 3 fields, got {len(row)}")
+                t = datetime.fromisoformat(row[0].strip()).replace(tzinfo=timezone.utc).timestamp()
+                pr, out = _positive_int(row[1], "ContextTokens"), _positive_int(row[2], "GeneratedTokens")
+            except ValueError as exc:
+                if on_bad_row == "skip":
+                    skipped += 1
+                    continue
+                raise ServesimError(f"{p}:{line}: bad row {','.join(row)!r}: {exc}") from None
+            times.append(t)
+            prompt.append(pr)
+            output.append(out)
+    return _finish(p, times, prompt, output, None, skipped)
+
+
+def read_mooncake(path: str | Path, on_bad_row: BadRow = "error") -> TraceData:
+    """Mooncake FAST'25 JSONL (`timestamp` ms, `input_length`, `output_length`, `hash_ids`; Qin et al.)."""
+    p = _open(path)
+    times: list[float] = []
+    prompt: list[int] = []
+    output: list[int] = []
+    hashes: list[tuple[int, ...]] = []
+    skipped = 0
+    with p.open() as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+                t = float(row["timestamp"]) / 1000.0
+                pr = _positive_int(row["input_length"], "input_length")
+                out = _positive_int(row["output_length"], "output_length")
+                ids = tuple(int(h) for h in row.get("hash_ids", ()))
+            except (ValueError, KeyError, TypeError) as exc:
+                if on_bad_row == "skip":
+                    skipped += 1
+                    continue
+                what = f"missing field {exc}" if isinstance(exc, KeyError) else str(exc)
+                raise ServesimError(f"{p}:{line}: bad row: {what}") from None
+            times.append(t)
+            prompt.append(pr)
+            output.append(out)
+            hashes.append(ids)
+    return _finish(p, times, prompt, output, hashes, skipped)
+
+
+READERS = {"azure": read_azure, "mooncake": read_mooncake}
+
+
+def read_trace(path: str | Path, format: str | None = None, on_bad_row: BadRow = "error") -> TraceData:
+    """Read a trace; the format defaults from the suffix (.csv: azure, .jsonl: mooncake)."""
+    fmt = format or {".csv": "azure", ".jsonl": "mooncake"}.get(Path(path).suffix)
+    if fmt not in READERS:
+        raise ServesimError(f"trace.format = {fmt!r} for {path}: allowed: {', '.join(READERS)}")
+    return READERS[fmt](path, on_bad_row)
