@@ -221,7 +221,8 @@ class CostModel:
                   "attention-decode": attention}
         self._gemm_peak = peak_c["gemm"]
         kinds = list(self.profile.efficiency)
-        curves = [self.profile.efficiency[k].compute for k in kinds] + [self.profile.efficiency[k].memory for k in kinds]
+        eff = self.profile.efficiency
+        curves = [eff[k].compute for k in kinds] + [eff[k].memory for k in kinds]
         self._tables = TimeTables(curves)
         self._table_ids = np.array([kinds.index(op.kind) for op in self._ops]
                                    + [len(kinds) + kinds.index(op.kind) for op in self._ops])

@@ -30,6 +30,7 @@ def describe_validation_error(exc: ValidationError, source: str) -> str:
     field = ".".join(str(p) for p in err["loc"])
     if err["type"] == "union_tag_invalid":  # a section's kind/name is unknown: show just that field
         ctx = err["ctx"]
-        return f"{source}: {field}.{ctx['discriminator'].strip(chr(39))} = {ctx['tag']!r}: allowed: {ctx['expected_tags']}"
+        key = ctx["discriminator"].strip("'")
+        return f"{source}: {field}.{key} = {ctx['tag']!r}: allowed: {ctx['expected_tags']}"
     shown = "missing" if err["type"] == "missing" else repr(err.get("input"))
     return f"{source}: {field} = {shown}: {msg}{extra}"

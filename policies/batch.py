@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -31,6 +32,23 @@ class Batch:
     decode_computed: np.ndarray = field(default_factory=lambda: _EMPTY)
     pad_prefill_to: int = 0
     pad_rows: int = 0
+
+    @classmethod
+    def make(
+        cls,
+        prefill_ids: Sequence[int] = (),
+        prefill_tokens: Sequence[int] = (),
+        prefill_computed: Sequence[int] | None = None,
+        decode_ids: np.ndarray | None = None,
+        decode_computed: np.ndarray | None = None,
+        **padding: int,
+    ) -> Batch:
+        """A batch from lists (cached prefixes default to zero)."""
+        ids = np.asarray(prefill_ids, dtype=np.int64)
+        computed = np.zeros(ids.size, np.int64) if prefill_computed is None else np.asarray(prefill_computed, np.int64)
+        return cls(ids, np.asarray(prefill_tokens, dtype=np.int64), computed,
+                   _EMPTY if decode_ids is None else decode_ids, _EMPTY if decode_computed is None else decode_computed,
+                   **padding)
 
     @property
     def num_requests(self) -> int:

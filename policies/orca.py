@@ -52,18 +52,15 @@ class OrcaScheduler(Scheduler):
             n, reserve = state.tokens_to_run(rid), self.reservation(state, rid)
             need = int(kv.blocks_for(reserve))
             if need > kv.num_blocks:
-                state.reject_head("exceeds_kv_capacity", f"reservation of {reserve} tokens needs {need} KV blocks; the replica has "
+                state.reject_head("exceeds_kv_capacity",
+                                  f"reservation of {reserve} tokens needs {need} KV blocks; the replica has "
                                   f"{kv.num_blocks}")
                 continue
             if n > budget or not kv.can_allocate(need, watermark=False):
                 break
-            kv.grow_to(rid, reserve)
-            state.start(rid)
-            ids.append(rid)
+            ids.append(state.admit_head(reserve))
             tokens.append(n)
             budget -= n
         if not ids and not decode.size:
             return None
-        return Batch(prefill_ids=np.array(ids, dtype=np.int64), prefill_tokens=np.array(tokens, dtype=np.int64),
-                     prefill_computed=np.zeros(len(ids), dtype=np.int64),
-                     decode_ids=decode, decode_computed=r.computed[decode])
+        return Batch.make(ids, tokens, decode_ids=decode, decode_computed=r.computed[decode])

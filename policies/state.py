@@ -151,6 +151,13 @@ class ReplicaState:
             self.req.first_scheduled[rid] = self.now
         self.running.append(rid)
 
+    def admit_head(self, kv_tokens: int) -> int:
+        """Start the head of the waiting queue with KV blocks for `kv_tokens` tokens; returns its id."""
+        rid = self.waiting[0]
+        self.kv.grow_to(rid, kv_tokens)
+        self.start(rid)
+        return rid
+
     def preempt(self, rid: int) -> None:
         """Recompute preemption: drop the KV, put the request back at the head of the waiting queue."""
         self.running.remove(rid)

@@ -42,19 +42,17 @@ class StaticScheduler(Scheduler):
         ids: list[int] = []
         while state.waiting and len(ids) < self.params.batch_size:
             rid = state.waiting[0]
-            need = int(kv.blocks_for(state.total_tokens(rid)))
+            total = state.total_tokens(rid)
+            need = int(kv.blocks_for(total))
             if need > kv.num_blocks:
-                state.reject_head("exceeds_kv_capacity", f"request of {state.total_tokens(rid)} tokens needs {need} KV blocks; "
-                                  f"the replica has {kv.num_blocks}")
+                state.reject_head("exceeds_kv_capacity",
+                                  f"request of {total} tokens needs {need} KV blocks; the replica has {kv.num_blocks}")
                 continue
             if not kv.can_allocate(need, watermark=False):
                 break
-            kv.grow_to(rid, state.total_tokens(rid))
-            state.start(rid)
-            ids.append(rid)
+            ids.append(state.admit_head(total))
         self.active = np.array(ids, dtype=np.int64)
         if not ids:
             return None
         prompts = r.prompt[self.active]
-        return Batch(prefill_ids=self.active, prefill_tokens=prompts, prefill_computed=np.zeros(len(ids), np.int64),
-                     pad_prefill_to=int(prompts.max()))
+        return Batch.make(ids, prompts, pad_prefill_to=int(prompts.max()))

@@ -52,23 +52,20 @@ class VllmScheduler(Scheduler):
             n = state.tokens_to_run(rid)
             need = int(kv.blocks_for(n))
             if n > limit:
-                state.reject_head("exceeds_token_budget", f"prompt of {n} tokens exceeds max_num_batched_tokens={limit} (no chunked prefill)")
+                state.reject_head("exceeds_token_budget",
+                                  f"prompt of {n} tokens exceeds max_num_batched_tokens={limit} (no chunked prefill)")
                 continue
             if need > kv.num_blocks - kv.watermark_blocks:
-                state.reject_head("exceeds_kv_capacity", f"prompt of {n} tokens needs {need} KV blocks; the replica has {kv.num_blocks}")
+                state.reject_head("exceeds_kv_capacity",
+                                  f"prompt of {n} tokens needs {need} KV blocks; the replica has {kv.num_blocks}")
                 continue
             if n > budget or not kv.can_allocate(need):
                 break
-            kv.grow_to(rid, n)
-            state.start(rid)
-            ids.append(rid)
+            ids.append(state.admit_head(n))
             tokens.append(n)
             budget -= n
             seqs += 1
-        if not ids:
-            return None
-        return Batch(prefill_ids=np.array(ids, dtype=np.int64), prefill_tokens=np.array(tokens, dtype=np.int64),
-                     prefill_computed=np.zeros(len(ids), dtype=np.int64))
+        return Batch.make(ids, tokens) if ids else None
 
     def _schedule_decodes(self, state: ReplicaState) -> Batch | None:
         r, kv = state.req, state.kv

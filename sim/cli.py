@@ -59,7 +59,8 @@ def _shape(args: argparse.Namespace) -> StepShape:
     prefill = args.prefill or []
     cached = args.cached or [0]
     if len(cached) not in (1, len(prefill)):
-        raise ServesimError(f"--cached: give one value or one per --prefill request ({len(prefill)}), got {len(cached)}")
+        raise ServesimError(
+            f"--cached: give one value or one per --prefill request ({len(prefill)}), got {len(cached)}")
     if (args.decode or args.verify) and args.context is None:
         raise ServesimError("--context is required with --decode or --verify (tokens of KV per request)")
     if not (prefill or args.decode or args.verify):

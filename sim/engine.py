@@ -20,8 +20,8 @@ from hardware.cost import CostModel
 from hardware.deployment import Deployment
 from hardware.profile import load_profile
 from policies import make_scheduler
-from policies.routers import ROUTERS, Router
 from policies.base import Scheduler
+from policies.routers import ROUTERS, Router
 from policies.state import BlockManager, ReplicaState, Requests, Status
 from sim.config import SimConfig
 from sim.executor import CostModelExecutor, Executor

@@ -46,8 +46,10 @@ def test_gpu_entries_are_sane(gpu_id: str) -> None:
         gpu.hbm_bytes = 1.0  # frozen
 
 
-@pytest.mark.parametrize("alias,gpu_id", [("h100", "h100-sxm-80gb"), ("H200", "h200-sxm-141gb"),
-                                          ("a100", "a100-sxm-80gb"), ("mi300x", "mi300x-192gb"), ("b200", "b200-180gb")])
+@pytest.mark.parametrize("alias,gpu_id", [
+    ("h100", "h100-sxm-80gb"), ("H200", "h200-sxm-141gb"), ("a100", "a100-sxm-80gb"), ("mi300x", "mi300x-192gb"),
+    ("b200", "b200-180gb"),
+])
 def test_gpu_aliases(alias: str, gpu_id: str) -> None:
     assert get_gpu(alias).id == gpu_id
 
