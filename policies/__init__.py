@@ -12,16 +12,27 @@ from pydantic import Field
 
 from policies.base import Scheduler, SchedulerParams
 from policies.orca import OrcaParams, OrcaScheduler
+from policies.sarathi import SarathiParams, SarathiScheduler
+from policies.sarathi_decode_maximal import SarathiDecodeMaximalParams, SarathiDecodeMaximalScheduler
 from policies.static import StaticParams, StaticScheduler
 from policies.vllm import VllmParams, VllmScheduler
+from policies.vllm_v1 import VllmV1Params, VllmV1Scheduler
 
 SCHEDULERS: dict[str, tuple[type[SchedulerParams], type[Scheduler]]] = {
     "static": (StaticParams, StaticScheduler),
     "orca": (OrcaParams, OrcaScheduler),
     "vllm": (VllmParams, VllmScheduler),
+    "vllm_v1": (VllmV1Params, VllmV1Scheduler),
+    "sarathi": (SarathiParams, SarathiScheduler),
+    "sarathi_decode_maximal": (SarathiDecodeMaximalParams, SarathiDecodeMaximalScheduler),
 }
+# Policies that page the KV cache block by block (prefix caching works with these).
+PAGED_SCHEDULERS = ("vllm", "vllm_v1", "sarathi", "sarathi_decode_maximal")
 
-SchedulerConfig = Annotated[Union[StaticParams, OrcaParams, VllmParams], Field(discriminator="name")]
+SchedulerConfig = Annotated[
+    Union[StaticParams, OrcaParams, VllmParams, VllmV1Params, SarathiParams, SarathiDecodeMaximalParams],
+    Field(discriminator="name"),
+]
 
 
 def make_scheduler(params: SchedulerParams) -> Scheduler:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
+
 from policies.state import ReplicaState
 
 
@@ -45,8 +47,52 @@ class LeastKvLoad(Router):
         return min(range(len(replicas)), key=load)
 
 
-ROUTERS: dict[str, type[Router]] = {
-    "round_robin": RoundRobin,
-    "least_outstanding": LeastOutstanding,
-    "least_kv": LeastKvLoad,
-}
+class PowerOfTwoChoices(Router):
+    """Two replicas drawn at random, the less loaded one taken (Mitzenmacher, "The Power of Two Choices in
+    Randomized Load Balancing", IEEE TPDS 2001)."""
+
+    def __init__(self, rng: np.random.Generator) -> None:
+        self.rng = rng
+
+    def route(self, rid: int, replicas: Sequence[ReplicaState]) -> int:
+        if len(replicas) == 1:
+            return 0
+        a, b = self.rng.choice(len(replicas), size=2, replace=False).tolist()
+        return min((replicas[a].outstanding, a), (replicas[b].outstanding, b))[1]
+
+
+class PrefixAffinity(Router):
+    """The replica whose prefix cache holds most of the request's leading blocks, among those within
+    `slack` outstanding requests of the least loaded one (a load cap, as in cache-aware routers such as
+    SGLang's); ties go to the less loaded. Without prefix caching it is least-outstanding."""
+
+    def __init__(self, slack: int) -> None:
+        self.slack = slack
+
+    def route(self, rid: int, replicas: Sequence[ReplicaState]) -> int:
+        least = min(s.outstanding for s in replicas)
+
+        def score(i: int) -> tuple[int, int, int]:
+            s = replicas[i]
+            hit = s.kv.cache.match(s.req.keys_of(rid).tolist())[0] if s.kv.cache is not None else 0
+            return -hit, s.outstanding, i
+
+        return min((i for i, s in enumerate(replicas) if s.outstanding <= least + self.slack), key=score)
+
+
+ROUTERS = ("round_robin", "least_outstanding", "least_kv", "power_of_two", "prefix_affinity")
+
+
+def make_router(name: str, seed: int, affinity_slack: int = 8) -> Router:
+    """A router by name; `power_of_two` draws from a generator seeded by the run's seed."""
+    if name == "round_robin":
+        return RoundRobin()
+    if name == "least_outstanding":
+        return LeastOutstanding()
+    if name == "least_kv":
+        return LeastKvLoad()
+    if name == "power_of_two":
+        return PowerOfTwoChoices(np.random.default_rng([seed, 2]))
+    if name == "prefix_affinity":
+        return PrefixAffinity(affinity_slack)
+    raise ValueError(f"router {name!r} is not one of {', '.join(ROUTERS)}")

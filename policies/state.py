@@ -20,6 +20,7 @@ from enum import IntEnum
 import numpy as np
 
 from policies.batch import Batch
+from policies.kv_cache import NO_HIT, BlockManager, PrefixHit
 
 
 class Status(IntEnum):
@@ -55,49 +56,26 @@ class Requests:
         self.token_offset = np.concatenate([[0], np.cumsum(self.output)[:-1]]).astype(np.int64) if n else \
             np.zeros(0, dtype=np.int64)
         self.token_time = np.full(int(self.output.sum()), np.nan)
+        self.cached_tokens = np.zeros(n, dtype=np.int64)  # prefix-cache hits over all admissions
+        # Block keys for prefix caching: request i's are keys[key_offset[i]:key_offset[i] + num_keys[i]].
+        self.keys = np.zeros(0, dtype=np.int64)
+        self.key_offset = np.zeros(n, dtype=np.int64)
+        self.num_keys = np.zeros(n, dtype=np.int64)
+
+    def set_keys(self, per_request: list[np.ndarray]) -> None:
+        """Identities of each request's full KV blocks (prompt first), for prefix caching."""
+        self.num_keys = np.array([k.size for k in per_request], dtype=np.int64)
+        self.key_offset = np.concatenate([[0], np.cumsum(self.num_keys)[:-1]]).astype(np.int64)
+        self.keys = np.concatenate(per_request).astype(np.int64) if per_request else self.keys
+
+    def keys_of(self, rid: int) -> np.ndarray:
+        start = self.key_offset[rid]
+        return self.keys[start:start + self.num_keys[rid]]
 
     def reject(self, rid: int, code: str, reason: str) -> None:
         self.status[rid] = Status.REJECTED
         self.reject_code[rid] = code
         self.reject_reason[rid] = reason
-
-
-class BlockManager:
-    """Paged KV cache of one replica, counted in blocks of `block_size` tokens (vLLM's PagedAttention)."""
-
-    def __init__(self, requests: Requests, num_blocks: int, block_size: int, watermark: float = 0.01) -> None:
-        self.req = requests
-        self.num_blocks = num_blocks
-        self.block_size = block_size
-        self.free = num_blocks
-        self.watermark_blocks = int(watermark * num_blocks)
-
-    @property
-    def used(self) -> int:
-        return self.num_blocks - self.free
-
-    def blocks_for(self, tokens: int | np.ndarray) -> int | np.ndarray:
-        return -(-tokens // self.block_size)
-
-    def can_allocate(self, blocks: int, watermark: bool = True) -> bool:
-        """Whether `blocks` more fit, keeping the watermark free when asked (vLLM admits new requests so)."""
-        return self.free - blocks >= (self.watermark_blocks if watermark else 0)
-
-    def grow_to(self, rid: int, tokens: int) -> int:
-        """Give `rid` blocks for `tokens` tokens of KV; returns the blocks added. Caller checks room first."""
-        need = int(self.blocks_for(tokens)) - int(self.req.blocks[rid])
-        if need > 0:
-            if need > self.free:
-                raise RuntimeError(f"KV overflow: request {rid} needs {need} blocks, {self.free} free")
-            self.req.blocks[rid] += need
-            self.free -= need
-            return need
-        return 0
-
-    def release(self, rid: int | np.ndarray) -> None:
-        """Free every block of one request, or of an array of requests."""
-        self.free += int(self.req.blocks[rid].sum()) if isinstance(rid, np.ndarray) else int(self.req.blocks[rid])
-        self.req.blocks[rid] = 0
 
 
 @dataclass
@@ -120,6 +98,10 @@ class ReplicaState:
         self.running: list[int] = []
         self.now = 0.0
         self.preemptions = 0  # preemptions so far on this replica
+        self.lookup_tokens = 0  # prefix-cache statistics over admissions: tokens and full blocks asked for,
+        self.lookup_blocks = 0  # and hit
+        self.hit_tokens = 0
+        self.hit_blocks = 0
 
     # ---- queries policies use ----------------------------------------------------------------------------
     @property
@@ -151,9 +133,23 @@ class ReplicaState:
             self.req.first_scheduled[rid] = self.now
         self.running.append(rid)
 
-    def admit_head(self, kv_tokens: int) -> int:
-        """Start the head of the waiting queue with KV blocks for `kv_tokens` tokens; returns its id."""
+    def prefix_hit(self, rid: int) -> PrefixHit:
+        """What the prefix cache holds of `rid`'s known tokens (nothing when caching is off)."""
+        return self.kv.lookup(rid, self.known_tokens(rid))
+
+    def admit_head(self, kv_tokens: int, hit: PrefixHit = NO_HIT) -> int:
+        """Start the head of the waiting queue: reuse its cached prefix `hit` (from `prefix_hit`), give it
+        KV blocks for `kv_tokens` tokens in all, and move it to the running list; returns its id."""
         rid = self.waiting[0]
+        if self.kv.cache is not None:
+            known = self.known_tokens(rid)
+            self.lookup_tokens += known
+            self.lookup_blocks += min(int(self.req.num_keys[rid]), known // self.kv.block_size)
+            self.hit_tokens += hit.tokens
+            self.hit_blocks += hit.blocks
+            self.kv.apply_hit(rid, hit)
+            self.req.computed[rid] = hit.tokens
+            self.req.cached_tokens[rid] += hit.tokens
         self.kv.grow_to(rid, kv_tokens)
         self.start(rid)
         return rid
@@ -181,7 +177,12 @@ class ReplicaState:
             r.computed[batch.prefill_ids] += batch.prefill_tokens
         if batch.decode_ids.size:
             r.computed[batch.decode_ids] += 1
-        ids = batch.decode_ids if not batch.prefill_ids.size else np.concatenate([batch.prefill_ids, batch.decode_ids])
+        if not batch.prefill_ids.size:
+            ids = batch.decode_ids
+        else:
+            ids = np.concatenate([batch.prefill_ids, batch.decode_ids])
+        if self.kv.cache is not None:
+            self.kv.register_computed(ids, np.concatenate([batch.prefill_computed, batch.decode_computed]))
         emitted = ids[r.computed[ids] == r.prompt[ids] + r.generated[ids]]
         gen = r.generated[emitted]
         r.token_time[r.token_offset[emitted] + gen] = end_time

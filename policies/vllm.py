@@ -47,35 +47,34 @@ class VllmScheduler(Scheduler):
         budget, seqs = limit, len(state.running)
         ids: list[int] = []
         tokens: list[int] = []
+        computed: list[int] = []
         while state.waiting and seqs < self.params.max_num_seqs:
             rid = state.waiting[0]
-            n = state.tokens_to_run(rid)
-            need = int(kv.blocks_for(n))
-            if n > limit:
-                state.reject_head("exceeds_token_budget",
-                                  f"prompt of {n} tokens exceeds max_num_batched_tokens={limit} (no chunked prefill)")
+            hit = state.prefix_hit(rid)
+            known = state.known_tokens(rid)
+            n = known - hit.tokens
+            if known > limit:
+                state.reject_head("exceeds_token_budget", f"prompt of {known} tokens exceeds "
+                                                          f"max_num_batched_tokens={limit} (no chunked prefill)")
                 continue
-            if need > kv.num_blocks - kv.watermark_blocks:
-                state.reject_head("exceeds_kv_capacity",
-                                  f"prompt of {n} tokens needs {need} KV blocks; the replica has {kv.num_blocks}")
+            if kv.blocks_for(known) > kv.num_blocks - kv.watermark_blocks:
+                state.reject_head("exceeds_kv_capacity", f"prompt of {known} tokens needs {kv.blocks_for(known)} "
+                                                         f"KV blocks; the replica has {kv.num_blocks}")
                 continue
-            if n > budget or not kv.can_allocate(need):
+            if n > budget or not kv.can_allocate(kv.admission_blocks(hit, known)):
                 break
-            ids.append(state.admit_head(n))
+            ids.append(state.admit_head(known, hit))
             tokens.append(n)
+            computed.append(hit.tokens)
             budget -= n
             seqs += 1
-        return Batch.make(ids, tokens) if ids else None
+        return Batch.make(ids, tokens, computed) if ids else None
 
     def _schedule_decodes(self, state: ReplicaState) -> Batch | None:
         r, kv = state.req, state.kv
         while state.running:
             run = np.array(state.running, dtype=np.int64)
-            grow = r.computed[run] + 1 > r.blocks[run] * kv.block_size
-            new_blocks = int(grow.sum())
-            if new_blocks <= kv.free:
-                r.blocks[run[grow]] += 1
-                kv.free -= new_blocks
+            if kv.grow_many(run, r.computed[run] + 1):
                 return Batch(decode_ids=run, decode_computed=r.computed[run])
             state.preempt(state.running[-1])
         return None

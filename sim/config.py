@@ -6,11 +6,20 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from hardware.errors import ServesimError, describe_validation_error
 from hardware.specs import DType
-from policies import SchedulerConfig
+from policies import PAGED_SCHEDULERS, SchedulerConfig
 from policies.vllm import VllmParams
 from traces.workload import LognormalLengths, PoissonArrival, Workload
 
@@ -35,11 +44,16 @@ class HardwareConfig(_Section):
 
 class ClusterConfig(_Section):
     replicas: PositiveInt = 1
-    router: Literal["round_robin", "least_outstanding", "least_kv"] = "round_robin"
+    router: Literal["round_robin", "least_outstanding", "least_kv", "power_of_two", "prefix_affinity"] = \
+        "round_robin"
+    affinity_slack: NonNegativeInt = Field(
+        8, description="prefix_affinity: a replica is eligible while its outstanding requests exceed the least "
+                       "loaded replica's by at most this many")
 
 
 class KvCacheConfig(_Section):
     block_size: PositiveInt = Field(16, description="tokens per KV block")
+    prefix_caching: bool = Field(False, description="reuse cached KV blocks of shared prompt prefixes")
     num_blocks: PositiveInt | None = Field(
         None, description="override the KV blocks per replica (default: from the memory plan), like vLLM's "
                           "num_gpu_blocks_override")
@@ -77,6 +91,13 @@ class SimConfig(_Section):
     workloads: list[Workload] = Field(default_factory=_default_workloads, min_length=1)
     slo: SloConfig = SloConfig(ttft_s=2.0, tpot_s=0.1)
 
+    @model_validator(mode="after")
+    def _check(self) -> SimConfig:
+        if self.kv_cache.prefix_caching and self.scheduler.name not in PAGED_SCHEDULERS:
+            raise ValueError(f"kv_cache.prefix_caching needs a paged scheduler ({', '.join(PAGED_SCHEDULERS)}), "
+                             f"not {self.scheduler.name!r}")
+        return self
+
 
 def _set(tree: Any, path: list[str], value: Any, full: str) -> None:
     key, rest = path[0], path[1:]
@@ -106,6 +127,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
+        if key == "scheduler.name" and isinstance(data.get("scheduler"), dict) \
+                and data["scheduler"].get("name", "vllm") != value:
+            data["scheduler"] = {}  # another policy: the old one's parameters do not apply
         _set(data, key.split("."), value, item)
     return data
 

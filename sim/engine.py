@@ -21,16 +21,17 @@ from hardware.deployment import Deployment
 from hardware.profile import load_profile
 from policies import make_scheduler
 from policies.base import Scheduler
-from policies.routers import ROUTERS, Router
-from policies.state import BlockManager, ReplicaState, Requests, Status
+from policies.kv_cache import BlockManager
+from policies.routers import Router, make_router
+from policies.state import ReplicaState, Requests, Status
 from sim.config import SimConfig
 from sim.executor import CostModelExecutor, Executor
 from sim.metrics import Results, build_results
 from traces.workload import generate
 
 STEP_COLUMNS = ("replica", "start_s", "duration_s", "prefill_requests", "decode_requests", "prefill_tokens",
-                "decode_tokens", "pad_rows", "kv_blocks_used", "waiting", "running", "preemptions", "mfu", "mbu",
-                "execution")
+                "decode_tokens", "pad_rows", "kv_blocks_used", "kv_blocks_cached", "waiting", "running",
+                "preemptions", "mfu", "mbu", "execution")
 
 
 @dataclass
@@ -96,7 +97,8 @@ class Replica:
             policy.on_step_end(state, batch, result)
             for name, value in zip(STEP_COLUMNS, (
                 state.index, start, outcome.seconds, batch.prefill_ids.size, batch.decode_ids.size,
-                batch.num_prefill_tokens, batch.decode_ids.size, batch.pad_rows, kv.used, len(state.waiting),
+                batch.num_prefill_tokens, batch.decode_ids.size, batch.pad_rows, kv.used, kv.evictable,
+                len(state.waiting),
                 len(state.running), state.preemptions - preempted_before, outcome.mfu, outcome.mbu,
                 outcome.execution,
             )):
@@ -146,7 +148,8 @@ def build_deployment(config: SimConfig) -> Deployment:
 
 
 def make_requests(config: SimConfig) -> tuple[Requests, list[str], int]:
-    """All workloads' requests merged in arrival order; returns the table, workload names, skipped rows."""
+    """All workloads' requests merged in arrival order; returns the table, workload names, skipped rows.
+    With prefix caching on, each request also gets the keys of its shareable KV blocks."""
     seeds = np.random.SeedSequence(config.seed).spawn(len(config.workloads))
     parts = [generate(w, np.random.default_rng(s)) for w, s in zip(config.workloads, seeds)]
     arrival = np.concatenate([p.arrival for p in parts])
@@ -155,6 +158,9 @@ def make_requests(config: SimConfig) -> tuple[Requests, list[str], int]:
     prompt = np.concatenate([p.prompt for p in parts])[order]
     output = np.concatenate([p.output for p in parts])[order]
     requests = Requests(arrival[order], prompt, output, workload[order])
+    if config.kv_cache.prefix_caching:
+        keys = [k for i, p in enumerate(parts) for k in p.block_keys(config.kv_cache.block_size, i)]
+        requests.set_keys([keys[i] for i in order.tolist()])
     return requests, [w.name for w in config.workloads], sum(p.skipped_rows for p in parts)
 
 
@@ -180,9 +186,11 @@ def simulate(
     replicas = []
     for i in range(config.cluster.replicas):
         watermark = getattr(config.scheduler, "watermark", 0.0)
-        state = ReplicaState(i, requests, BlockManager(requests, num_blocks, block_size, watermark), dep.context_limit)
+        kv = BlockManager(requests, num_blocks, block_size, watermark, config.kv_cache.prefix_caching)
+        state = ReplicaState(i, requests, kv, dep.context_limit)
         replicas.append(Replica(env, state, make_scheduler(config.scheduler), executor_factory(dep), log, bar))
-    cluster = Cluster(replicas, ROUTERS[config.cluster.router](), requests, dep.context_limit)
+    router = make_router(config.cluster.router, config.seed, config.cluster.affinity_slack)
+    cluster = Cluster(replicas, router, requests, dep.context_limit)
     for w in range(len(config.workloads)):
         ids = np.flatnonzero(requests.workload == w)
         env.process(_arrivals(env, cluster, ids.tolist(), requests.arrival[ids].tolist()))
@@ -190,7 +198,10 @@ def simulate(
     bar.close()
     for rid in np.flatnonzero(requests.status < Status.FINISHED).tolist():  # nothing may disappear
         requests.reject(int(rid), "stalled", "still queued when the simulation ran out of events")
+    states = [r.state for r in replicas]
+    cache_stats = {name: sum(getattr(s, name) for s in states)
+                   for name in ("lookup_tokens", "lookup_blocks", "hit_tokens", "hit_blocks")}
     results = build_results(config, dep, num_blocks, requests, names, log.columns, skipped,
-                            wall_seconds=time.perf_counter() - wall0)
-    results.free_blocks_at_end = [r.state.kv.free for r in replicas]
+                            wall_seconds=time.perf_counter() - wall0, cache_stats=cache_stats)
+    results.free_blocks_at_end = [r.state.kv.available for r in replicas]
     return results

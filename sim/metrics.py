@@ -37,7 +37,7 @@ class Results:
     summary: dict[str, Any]
     token_times: np.ndarray
     wall_seconds: float
-    free_blocks_at_end: list[int] = field(default_factory=list)  # per replica: all blocks, if nothing leaked
+    free_blocks_at_end: list[int] = field(default_factory=list)  # per replica, blocks no request holds (all)
 
     def itls(self, request_id: int) -> np.ndarray:
         """Inter-token latencies of one request, in seconds."""
@@ -69,7 +69,8 @@ def _itls(r: Requests) -> tuple[np.ndarray, np.ndarray]:
 
 
 def build_results(config: SimConfig, dep: Deployment, num_blocks: int, r: Requests, workload_names: list[str],
-                  step_columns: dict[str, list], skipped_rows: int, wall_seconds: float) -> Results:
+                  step_columns: dict[str, list], skipped_rows: int, wall_seconds: float,
+                  cache_stats: dict[str, int] | None = None) -> Results:
     finished = r.status == Status.FINISHED
     ttft = r.first_token - r.arrival
     e2e = r.finish - r.arrival
@@ -100,12 +101,18 @@ def build_results(config: SimConfig, dep: Deployment, num_blocks: int, r: Reques
         "e2e_s": e2e,
         "itl_max_s": itl_max,
         "preemptions": r.preemptions,
+        "cached_tokens": r.cached_tokens,
         "meets_slo": meets,
         "token_offset": r.token_offset,
     })
     steps = pd.DataFrame(step_columns)
     steps["kv_usage"] = steps["kv_blocks_used"] / num_blocks if num_blocks else np.nan
     summary = _summary(config, dep, num_blocks, r, finished, meets, ttft, tpot, itl, e2e, steps, skipped_rows)
+    if config.kv_cache.prefix_caching and cache_stats is not None:
+        c = cache_stats
+        summary["prefix_cache_hit_rate"] = c["hit_tokens"] / c["lookup_tokens"] if c["lookup_tokens"] else 0.0
+        summary["prefix_cache_block_hit_rate"] = c["hit_blocks"] / c["lookup_blocks"] if c["lookup_blocks"] else 0.0
+        summary["prefill_tokens_saved"] = c["hit_tokens"]
     return Results(config, requests, steps, summary, r.token_time, wall_seconds)
 
 

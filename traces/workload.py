@@ -91,6 +91,15 @@ class TraceSource(_Spec):
     on_bad_row: BadRow = "error"
 
 
+class SharedPrefix(_Spec):
+    """A `fraction` of requests start with one of `prompts` system prompts of `tokens` tokens (added to
+    their drawn prompt length), chosen uniformly: the blocks of a system prompt are shared across requests."""
+
+    tokens: PositiveInt
+    fraction: float = Field(1.0, ge=0.0, le=1.0)
+    prompts: PositiveInt = 1
+
+
 class Workload(_Spec):
     """One request stream. Give `num_requests` or `duration_s` (a replayed trace may give neither: all rows)."""
 
@@ -101,6 +110,7 @@ class Workload(_Spec):
     num_requests: PositiveInt | None = None
     duration_s: PositiveFloat | None = None
     start_s: float = Field(0.0, ge=0.0, description="time of the stream's start")
+    shared_prefix: SharedPrefix | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Workload:
@@ -114,14 +124,42 @@ class Workload(_Spec):
         return self
 
 
+# Prefix-cache block keys: int64 of (namespace << 58) | (id << 24) | block index. Equal keys mean equal
+# token prefixes up to the end of that block.
+_NS_TRACE, _NS_SYSTEM_PROMPT = 1, 2
+
+
+def _keys(namespace: int, ident: int | np.ndarray, index: np.ndarray) -> np.ndarray:
+    return (np.int64(namespace) << 58) | (np.asarray(ident, dtype=np.int64) << 24) | index.astype(np.int64)
+
+
 @dataclass(frozen=True)
 class GeneratedRequests:
-    """Requests of one workload, in arrival order."""
+    """Requests of one workload, in arrival order, with what identifies their shared prefixes."""
 
     arrival: np.ndarray
     prompt: np.ndarray
     output: np.ndarray
     skipped_rows: int
+    hash_ids: list[tuple[int, ...]] | None = None  # Mooncake rows: ids of 512-token prompt blocks
+    hash_block_tokens: int = 512
+    prefix_group: np.ndarray | None = None  # system prompt each request starts with (-1: none)
+    prefix_tokens: int = 0
+
+    def block_keys(self, block_size: int, workload_index: int) -> list[np.ndarray]:
+        """Keys of each request's full KV blocks whose tokens are shared (empty where nothing is)."""
+        keys = [np.zeros(0, dtype=np.int64)] * self.arrival.size
+        if self.hash_ids is not None:  # block j is identified by the trace block holding its last token
+            for i, (ids, n) in enumerate(zip(self.hash_ids, self.prompt.tolist())):
+                j = np.arange(min(n // block_size, len(ids) * self.hash_block_tokens // block_size))
+                last = ((j + 1) * block_size - 1) // self.hash_block_tokens
+                keys[i] = _keys(_NS_TRACE, np.asarray(ids, dtype=np.int64)[last], j)
+        if self.prefix_group is not None:
+            shared = np.arange(self.prefix_tokens // block_size)
+            for i in np.flatnonzero(self.prefix_group >= 0).tolist():
+                group = workload_index * (1 << 20) + int(self.prefix_group[i])
+                keys[i] = _keys(_NS_SYSTEM_PROMPT, group, shared)
+        return keys
 
 
 @lru_cache(maxsize=8)
@@ -162,7 +200,8 @@ def _lognormal(mean: float, cv: float, n: int, rng: np.random.Generator, cap: in
     return np.clip(np.rint(x), 1, cap or np.inf).astype(np.int64)
 
 
-def _lengths(w: Workload, n: int, rng: np.random.Generator, trace: TraceData | None) -> tuple[np.ndarray, np.ndarray]:
+def _lengths(w: Workload, n: int, rng: np.random.Generator, trace: TraceData | None,
+             rows: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
     spec = w.lengths
     if spec.kind == "fixed":
         return np.full(n, spec.prompt, dtype=np.int64), np.full(n, spec.output, dtype=np.int64)
@@ -172,17 +211,30 @@ def _lengths(w: Workload, n: int, rng: np.random.Generator, trace: TraceData | N
     if spec.kind == "lognormal":
         return (_lognormal(spec.prompt_mean, spec.prompt_cv, n, rng, spec.max_prompt),
                 _lognormal(spec.output_mean, spec.output_cv, n, rng, spec.max_output))
-    assert trace is not None
-    if w.arrival.kind == "trace":  # replay: the rows that arrived, in order
-        return trace.prompt[:n].copy(), trace.output[:n].copy()
-    pick = rng.integers(0, len(trace), n)
-    return trace.prompt[pick], trace.output[pick]
+    assert trace is not None and rows is not None
+    return trace.prompt[rows], trace.output[rows]
+
+
+def _trace_rows(w: Workload, n: int, rng: np.random.Generator, trace: TraceData) -> np.ndarray:
+    """Rows of the trace the requests take: in order when replaying its arrivals, else drawn."""
+    return np.arange(n) if w.arrival.kind == "trace" else rng.integers(0, len(trace), n)
 
 
 def generate(w: Workload, rng: np.random.Generator) -> GeneratedRequests:
     """Draw one workload's requests (deterministic for a given generator state)."""
     trace = _load(w.trace) if w.trace is not None else None
     arrival = _arrivals(w, rng, trace) + w.start_s
-    prompt, output = _lengths(w, arrival.size, rng, trace)
+    n = arrival.size
+    rows = _trace_rows(w, n, rng, trace) if w.lengths.kind == "trace" and trace is not None else None
+    hash_ids = None
+    if rows is not None and trace is not None and trace.hash_ids is not None:
+        hash_ids = [trace.hash_ids[i] for i in rows.tolist()]
+    prompt, output = _lengths(w, n, rng, trace, rows)
+    group = None
+    if w.shared_prefix is not None:
+        sp = w.shared_prefix
+        group = np.where(rng.random(n) < sp.fraction, rng.integers(0, sp.prompts, n), -1)
+        prompt = prompt + np.where(group >= 0, sp.tokens, 0)
     return GeneratedRequests(arrival=arrival, prompt=prompt, output=output,
-                             skipped_rows=trace.skipped_rows if trace is not None else 0)
+                             skipped_rows=trace.skipped_rows if trace is not None else 0, hash_ids=hash_ids,
+                             prefix_group=group, prefix_tokens=w.shared_prefix.tokens if w.shared_prefix else 0)

@@ -1,0 +1,210 @@
+"""Paged KV cache bookkeeping of one replica, with optional automatic prefix caching.
+
+Blocks are counted, not addressed (Kwon et al., PagedAttention, SOSP 2023). With prefix caching, a block
+whose tokens have a known identity (a key: a hash of the prefix up to and including it) stays cached
+after its request frees it, and a later request whose prompt starts with the same keys reuses it instead
+of recomputing it (vLLM's automatic prefix caching). Cached blocks nobody holds are evicted least
+recently freed first when memory is needed; a block some request holds is never evicted.
+
+Each block is in exactly one of three states: free (holds nothing), held by one or more requests, or
+cached and evictable (refcount 0). `free + held + evictable == num_blocks` at all times.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True, slots=True)
+class PrefixHit:
+    """A lookup's result: leading blocks already cached, and how many of them are now evictable."""
+
+    blocks: int = 0
+    tokens: int = 0
+    reclaimed: int = 0  # hit blocks that sit in the evictable pool: taking them uses up available room
+
+
+NO_HIT = PrefixHit()
+
+
+class PrefixCache:
+    """Refcounted blocks by key, with an LRU pool of the unreferenced ones."""
+
+    def __init__(self) -> None:
+        self.refs: dict[int, int] = {}
+        self.evictable: OrderedDict[int, None] = OrderedDict()
+
+    def match(self, keys: Iterable[int]) -> tuple[int, int]:
+        """(leading keys cached, how many of those are evictable)."""
+        hit = reclaimed = 0
+        for key in keys:
+            refs = self.refs.get(key)
+            if refs is None:
+                break
+            hit += 1
+            reclaimed += refs == 0
+        return hit, reclaimed
+
+    def acquire(self, keys: Iterable[int]) -> None:
+        for key in keys:
+            if self.refs[key] == 0:
+                del self.evictable[key]
+            self.refs[key] += 1
+
+    def register(self, key: int) -> bool:
+        """A held block was just filled with `key`'s tokens; False when another copy is already cached."""
+        if key in self.refs:
+            return False
+        self.refs[key] = 1
+        return True
+
+    def release(self, keys: Iterable[int]) -> None:
+        for key in keys:
+            self.refs[key] -= 1
+            if self.refs[key] == 0:
+                self.evictable[key] = None
+
+    def evict(self, n: int) -> int:
+        """Drop up to `n` unreferenced blocks, least recently freed first; returns how many."""
+        done = 0
+        while done < n and self.evictable:
+            key, _ = self.evictable.popitem(last=False)
+            assert self.refs.pop(key) == 0, "evicting a block in use"
+            done += 1
+        return done
+
+
+class BlockManager:
+    """Blocks of `block_size` tokens: per-request counts in `requests.blocks`, and the pool's state."""
+
+    def __init__(self, requests, num_blocks: int, block_size: int, watermark: float = 0.0,
+                 prefix_caching: bool = False) -> None:
+        self.req = requests
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.free = num_blocks
+        self.watermark_blocks = int(watermark * num_blocks)
+        self.cache = PrefixCache() if prefix_caching else None
+        self.held: dict[int, list[int]] = {}  # request -> keys of the cached blocks it references, in order
+
+    # ---- counts ---------------------------------------------------------------------------------------
+    @property
+    def evictable(self) -> int:
+        return len(self.cache.evictable) if self.cache is not None else 0
+
+    @property
+    def available(self) -> int:
+        """Blocks an allocation can use: free ones plus cached ones nobody holds."""
+        return self.free + self.evictable
+
+    @property
+    def used(self) -> int:
+        """Blocks held by requests."""
+        return self.num_blocks - self.available
+
+    def blocks_for(self, tokens: int | np.ndarray) -> int | np.ndarray:
+        return -(-tokens // self.block_size)
+
+    def can_allocate(self, blocks: int, watermark: bool = True) -> bool:
+        """Whether `blocks` more fit, keeping the watermark free when asked (vLLM admits new requests so)."""
+        return self.available - blocks >= (self.watermark_blocks if watermark else 0)
+
+    # ---- allocation -----------------------------------------------------------------------------------
+    def take(self, n: int) -> None:
+        """Use `n` blocks, evicting cached ones when the free pool is short. Callers check room first."""
+        if n > self.free:
+            self.free += self.cache.evict(n - self.free) if self.cache is not None else 0
+            if n > self.free:
+                raise RuntimeError(f"KV overflow: {n} blocks asked, {self.free} available")
+        self.free -= n
+
+    def grow_to(self, rid: int, tokens: int) -> int:
+        """Give `rid` blocks for `tokens` tokens of KV; returns the blocks added."""
+        need = int(self.blocks_for(tokens)) - int(self.req.blocks[rid])
+        if need <= 0:
+            return 0
+        self.take(need)
+        self.req.blocks[rid] += need
+        return need
+
+    def grow_many(self, ids: np.ndarray, tokens: np.ndarray) -> bool:
+        """Blocks for `tokens[i]` tokens to each `ids[i]` if they all fit (no watermark); False otherwise."""
+        need = np.maximum(self.blocks_for(tokens) - self.req.blocks[ids], 0)
+        total = int(need.sum())
+        if total > self.available:
+            return False
+        self.take(total)
+        self.req.blocks[ids] += need
+        return True
+
+    def release(self, rid: int | np.ndarray) -> None:
+        """Free every block of one request, or of an array of requests; cached ones stay as evictable."""
+        if self.cache is None:
+            blocks = self.req.blocks[rid]
+            self.free += int(blocks.sum()) if isinstance(rid, np.ndarray) else int(blocks)
+            self.req.blocks[rid] = 0
+            return
+        for r in np.atleast_1d(rid).tolist():
+            held = self.held.pop(r, [])
+            self.cache.release(reversed(held))  # the tail of a prompt is evicted before its head
+            self.free += int(self.req.blocks[r]) - len(held)
+            self.req.blocks[r] = 0
+
+    def check(self, members: np.ndarray) -> None:
+        """Assert the bookkeeping invariants; `members` are the requests routed to this replica."""
+        private = int(self.req.blocks[members].sum()) - sum(len(k) for k in self.held.values())
+        shared = 0
+        if self.cache is not None:
+            refs: dict[int, int] = {}
+            for keys in self.held.values():
+                for k in keys:
+                    refs[k] = refs.get(k, 0) + 1
+            assert all(self.cache.refs.get(k) == n for k, n in refs.items()), "refcounts disagree with holders"
+            assert all(v == 0 for k, v in self.cache.refs.items() if k not in refs), "unheld block not at refcount 0"
+            assert set(self.cache.evictable) == {k for k, v in self.cache.refs.items() if v == 0}
+            shared = len(refs)
+        assert private >= 0 and self.free >= 0
+        assert self.free + private + shared + self.evictable == self.num_blocks, "blocks appeared or vanished"
+
+    # ---- prefix caching -------------------------------------------------------------------------------
+    def lookup(self, rid: int, known_tokens: int) -> PrefixHit:
+        """Cached leading blocks of `rid`'s known tokens; the last token is always recomputed."""
+        if self.cache is None:
+            return NO_HIT
+        keys = self.req.keys_of(rid)
+        limit = min(len(keys), (known_tokens - 1) // self.block_size)
+        hit, reclaimed = self.cache.match(keys[:limit].tolist())
+        return PrefixHit(hit, hit * self.block_size, reclaimed) if hit else NO_HIT
+
+    def admission_blocks(self, hit: PrefixHit, kv_tokens: int) -> int:
+        """Room an admission with this hit and `kv_tokens` tokens of KV uses up."""
+        return int(self.blocks_for(kv_tokens)) - hit.blocks + hit.reclaimed
+
+    def apply_hit(self, rid: int, hit: PrefixHit) -> None:
+        """`rid` starts holding its cached leading blocks."""
+        if not hit.blocks:
+            return
+        keys = self.req.keys_of(rid)[: hit.blocks].tolist()
+        self.cache.acquire(keys)
+        self.held[rid] = keys
+        self.req.blocks[rid] = hit.blocks
+
+    def register_computed(self, ids: np.ndarray, before: np.ndarray) -> None:
+        """Blocks that steps filled (computed went from `before` to now) become cached under their keys."""
+        if self.cache is None:
+            return
+        r, bs = self.req, self.block_size
+        first = before // bs
+        last = np.minimum(r.computed[ids] // bs, r.num_keys[ids])
+        for rid, lo, hi in zip(ids[last > first].tolist(), first[last > first].tolist(), last[last > first].tolist()):
+            held = self.held.setdefault(rid, [])
+            if len(held) != lo:  # an earlier block was a duplicate kept private: later ones stay private too
+                continue
+            for key in r.keys_of(rid)[lo:hi].tolist():
+                if not self.cache.register(key):
+                    break
+                held.append(key)
