@@ -1,4 +1,4 @@
-"""Replica state shared by policies and executors: the request table, queues and paged-KV bookkeeping.
+"""Replica state shared by policies and executors: the request table and queues (KV blocks: kv_cache.py).
 
 Requests live in one struct-of-arrays table (`Requests`) indexed by request id, so the per-step work of
 the engine is a handful of numpy operations instead of a loop over requests. Each replica has a
@@ -53,8 +53,7 @@ class Requests:
         self.reject_code: dict[int, str] = {}  # short category, e.g. exceeds_max_model_len
         self.reject_reason: dict[int, str] = {}  # the full sentence
         # Every output token's emission time; request i's tokens are token_time[offset[i]:offset[i]+output[i]].
-        self.token_offset = np.concatenate([[0], np.cumsum(self.output)[:-1]]).astype(np.int64) if n else \
-            np.zeros(0, dtype=np.int64)
+        self.token_offset = np.cumsum(self.output) - self.output
         self.token_time = np.full(int(self.output.sum()), np.nan)
         self.cached_tokens = np.zeros(n, dtype=np.int64)  # prefix-cache hits over all admissions
         # Block keys for prefix caching: request i's are keys[key_offset[i]:key_offset[i] + num_keys[i]].
@@ -65,7 +64,7 @@ class Requests:
     def set_keys(self, per_request: list[np.ndarray]) -> None:
         """Identities of each request's full KV blocks (prompt first), for prefix caching."""
         self.num_keys = np.array([k.size for k in per_request], dtype=np.int64)
-        self.key_offset = np.concatenate([[0], np.cumsum(self.num_keys)[:-1]]).astype(np.int64)
+        self.key_offset = np.cumsum(self.num_keys) - self.num_keys
         self.keys = np.concatenate(per_request).astype(np.int64) if per_request else self.keys
 
     def keys_of(self, rid: int) -> np.ndarray:

@@ -7,6 +7,7 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 from hardware.catalog import get_gpu, get_interconnect, get_model, gpu_ids, interconnect_ids, model_ids
@@ -143,6 +144,35 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any] | None:
     return None
 
 
+def cmd_replay(args: argparse.Namespace) -> dict[str, Any] | None:
+    from sim.config import load_config
+    from sim.report import format_summary, write_outputs
+
+    try:
+        from backend.replay import replay, write_shapes
+    except ImportError as exc:
+        raise ServesimError(f"replay needs torch (pip install -e '.[torch]'): {exc}") from None
+    config = load_config(args.config, args.set)
+    results, _, shapes = replay(config, device=args.device, asap=args.asap, temperature=args.temperature,
+                                checkpoint=args.checkpoint)
+    print(format_summary(results.summary))
+    if args.out:
+        paths = write_outputs(results, args.out)
+        write_shapes(shapes, Path(args.out) / "batches.jsonl")
+        print(f"wrote {', '.join(p.name for p in paths)}, batches.jsonl to {args.out}")
+    return None
+
+
+def cmd_validate(args: argparse.Namespace) -> dict[str, Any] | None:
+    from sim.validate import format_report, validate
+
+    report = validate(args.sim_dir, args.real_dir, profile=args.profile, out=args.out)
+    if args.json:
+        return report
+    print(format_report(report))
+    return None
+
+
 def cmd_catalog(args: argparse.Namespace) -> dict[str, Any]:
     kinds = {
         "gpus": (gpu_ids, get_gpu),
@@ -181,6 +211,24 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     run.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     run.set_defaults(func=cmd_run)
+
+    rep = sub.add_parser("replay", help="run a scenario for real on a PyTorch device (needs torch)")
+    rep.add_argument("config", nargs="?", help="scenario YAML (default: the embedded one)")
+    rep.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field")
+    rep.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    rep.add_argument("--out", help="directory for the same files as `run`, plus batches.jsonl")
+    rep.add_argument("--asap", action="store_true", help="skip idle gaps: jump to the next arrival when idle")
+    rep.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
+    rep.add_argument("--checkpoint", help="local safetensors file or folder to load instead of random weights")
+    rep.set_defaults(func=cmd_replay)
+
+    val = sub.add_parser("validate", help="compare a simulated run with a replay")
+    val.add_argument("sim_dir", help="--out folder of `servesim run`")
+    val.add_argument("real_dir", help="--out folder of `servesim replay`")
+    val.add_argument("--profile", help="efficiency profile for re-pricing the real steps")
+    val.add_argument("--out", help="where validation.json and step_scatter.png go (default: REAL_DIR)")
+    val.add_argument("--json", action="store_true", help="print the report as JSON")
+    val.set_defaults(func=cmd_validate)
 
     cat = sub.add_parser("catalog", help="list catalog entries as JSON")
     cat.add_argument("kind", choices=["gpus", "models", "links"])

@@ -21,17 +21,18 @@ from hardware.deployment import Deployment
 from hardware.profile import load_profile
 from policies import make_scheduler
 from policies.base import Scheduler
+from policies.batch import Batch
 from policies.kv_cache import BlockManager
 from policies.routers import Router, make_router
 from policies.state import ReplicaState, Requests, Status
 from sim.config import SimConfig
-from sim.executor import CostModelExecutor, Executor
+from sim.executor import CostModelExecutor, Executor, StepOutcome
 from sim.metrics import Results, build_results
 from traces.workload import generate
 
 STEP_COLUMNS = ("replica", "start_s", "duration_s", "prefill_requests", "decode_requests", "prefill_tokens",
                 "decode_tokens", "pad_rows", "kv_blocks_used", "kv_blocks_cached", "waiting", "running",
-                "preemptions", "mfu", "mbu", "execution")
+                "preemptions", "mfu", "mbu", "execution", "gpu_s")
 
 
 @dataclass
@@ -39,6 +40,17 @@ class StepLog:
     """Per-step records, one list per column (turned into a DataFrame at the end)."""
 
     columns: dict[str, list] = field(default_factory=lambda: {c: [] for c in STEP_COLUMNS})
+
+    def record(self, state: ReplicaState, batch: Batch, start: float, outcome: StepOutcome, preempted: int) -> None:
+        """One step of `state`'s replica that began at `start`; `preempted` requests were preempted in it."""
+        kv = state.kv
+        for name, value in zip(STEP_COLUMNS, (
+            state.index, start, outcome.seconds, batch.prefill_ids.size, batch.decode_ids.size,
+            batch.num_prefill_tokens, batch.decode_ids.size, batch.pad_rows, kv.used, kv.evictable,
+            len(state.waiting), len(state.running), preempted, outcome.mfu, outcome.mbu, outcome.execution,
+            outcome.gpu_seconds,
+        )):
+            self.columns[name].append(value)
 
 
 class Progress:
@@ -79,8 +91,7 @@ class Replica:
             self.wake = None
 
     def loop(self) -> Iterator[simpy.Event]:
-        env, state, policy, executor, cols = self.env, self.state, self.policy, self.executor, self.log.columns
-        kv = state.kv
+        env, state, policy, executor = self.env, self.state, self.policy, self.executor
         steps = 0
         while True:
             state.now = env.now
@@ -95,14 +106,7 @@ class Replica:
             yield env.timeout(outcome.seconds)
             result = state.complete_step(batch, env.now)
             policy.on_step_end(state, batch, result)
-            for name, value in zip(STEP_COLUMNS, (
-                state.index, start, outcome.seconds, batch.prefill_ids.size, batch.decode_ids.size,
-                batch.num_prefill_tokens, batch.decode_ids.size, batch.pad_rows, kv.used, kv.evictable,
-                len(state.waiting),
-                len(state.running), state.preemptions - preempted_before, outcome.mfu, outcome.mbu,
-                outcome.execution,
-            )):
-                cols[name].append(value)
+            self.log.record(state, batch, start, outcome, state.preemptions - preempted_before)
             steps += 1
             if steps % 1000 == 0:
                 self.progress.update(env.now, state.req)
@@ -164,6 +168,46 @@ def make_requests(config: SimConfig) -> tuple[Requests, list[str], int]:
     return requests, [w.name for w in config.workloads], sum(p.skipped_rows for p in parts)
 
 
+@dataclass
+class Setup:
+    """What a run needs before its clock starts: the deployment, its requests and the KV capacity."""
+
+    config: SimConfig
+    deployment: Deployment
+    requests: Requests
+    workload_names: list[str]
+    skipped_rows: int
+    num_blocks: int
+
+    def replica_states(self) -> list[ReplicaState]:
+        cfg = self.config
+        watermark = getattr(cfg.scheduler, "watermark", 0.0)
+        return [ReplicaState(i, self.requests, BlockManager(self.requests, self.num_blocks, cfg.kv_cache.block_size,
+                                                            watermark, cfg.kv_cache.prefix_caching),
+                             self.deployment.context_limit) for i in range(cfg.cluster.replicas)]
+
+    def results(self, states: list[ReplicaState], log: StepLog, wall_seconds: float) -> Results:
+        """Reject what is left (nothing may disappear) and build the results."""
+        r = self.requests
+        for rid in np.flatnonzero(r.status < Status.FINISHED).tolist():
+            r.reject(int(rid), "stalled", "still queued when the run ran out of events")
+        cache_stats = {name: sum(getattr(s, name) for s in states)
+                       for name in ("lookup_tokens", "lookup_blocks", "hit_tokens", "hit_blocks")}
+        results = build_results(self.config, self.deployment, self.num_blocks, r, self.workload_names, log.columns,
+                                self.skipped_rows, wall_seconds=wall_seconds, cache_stats=cache_stats)
+        results.free_blocks_at_end = [s.kv.available for s in states]
+        return results
+
+
+def prepare(config: SimConfig) -> Setup:
+    """Deployment (checked to fit), requests and KV blocks per replica for a run of `config`."""
+    dep = build_deployment(config)
+    plan = dep.check_fits()
+    requests, names, skipped = make_requests(config)
+    num_blocks = config.kv_cache.num_blocks or plan.kv_capacity_tokens // config.kv_cache.block_size
+    return Setup(config, dep, requests, names, skipped, num_blocks)
+
+
 def simulate(
     config: SimConfig,
     executor_factory: Callable[[Deployment], Executor] | None = None,
@@ -171,24 +215,17 @@ def simulate(
 ) -> Results:
     """Run one simulation: a pure function of the config (and the executor), returning its `Results`."""
     wall0 = time.perf_counter()
-    dep = build_deployment(config)
-    plan = dep.check_fits()
+    setup = prepare(config)
+    dep, requests = setup.deployment, setup.requests
     if executor_factory is None:
         profile = load_profile(config.hardware.profile) if config.hardware.profile else None
         cost_model = CostModel(dep, profile=profile, cuda_graphs=config.hardware.cuda_graphs)
         executor_factory = lambda _dep: CostModelExecutor(cost_model)  # noqa: E731
-    requests, names, skipped = make_requests(config)
-    block_size = config.kv_cache.block_size
-    num_blocks = config.kv_cache.num_blocks or plan.kv_capacity_tokens // block_size
     env = simpy.Environment()
     log = StepLog()
     bar = Progress(requests.n, progress and sys.stderr.isatty())
-    replicas = []
-    for i in range(config.cluster.replicas):
-        watermark = getattr(config.scheduler, "watermark", 0.0)
-        kv = BlockManager(requests, num_blocks, block_size, watermark, config.kv_cache.prefix_caching)
-        state = ReplicaState(i, requests, kv, dep.context_limit)
-        replicas.append(Replica(env, state, make_scheduler(config.scheduler), executor_factory(dep), log, bar))
+    states = setup.replica_states()
+    replicas = [Replica(env, s, make_scheduler(config.scheduler), executor_factory(dep), log, bar) for s in states]
     router = make_router(config.cluster.router, config.seed, config.cluster.affinity_slack)
     cluster = Cluster(replicas, router, requests, dep.context_limit)
     for w in range(len(config.workloads)):
@@ -196,12 +233,4 @@ def simulate(
         env.process(_arrivals(env, cluster, ids.tolist(), requests.arrival[ids].tolist()))
     env.run()
     bar.close()
-    for rid in np.flatnonzero(requests.status < Status.FINISHED).tolist():  # nothing may disappear
-        requests.reject(int(rid), "stalled", "still queued when the simulation ran out of events")
-    states = [r.state for r in replicas]
-    cache_stats = {name: sum(getattr(s, name) for s in states)
-                   for name in ("lookup_tokens", "lookup_blocks", "hit_tokens", "hit_blocks")}
-    results = build_results(config, dep, num_blocks, requests, names, log.columns, skipped,
-                            wall_seconds=time.perf_counter() - wall0, cache_stats=cache_stats)
-    results.free_blocks_at_end = [r.state.kv.available for r in replicas]
-    return results
+    return setup.results(states, log, time.perf_counter() - wall0)

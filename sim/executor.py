@@ -21,6 +21,7 @@ class StepOutcome:
     mfu: float = float("nan")
     mbu: float = float("nan")
     execution: str = "eager"
+    gpu_seconds: float = float("nan")  # device time alone (CUDA events), where a real executor measures it
 
 
 class Executor(Protocol):

@@ -1,0 +1,114 @@
+"""Replay: the simulator's config, workload and policy objects, run for real on one device by wall clock.
+
+The same `ReplicaState`, scheduler and router the simulator uses; only the executor (`TorchExecutor`) and
+the clock (`time.perf_counter`) differ. Arrivals are released at their times (with `asap`, idle gaps are
+skipped: the clock jumps to the next arrival when nothing can run). Every step's batch shape is kept so
+`servesim validate` can re-price exactly these steps with the cost model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from backend.executor import TorchExecutor
+from hardware.errors import ServesimError
+from hardware.operators import StepShape
+from policies import make_scheduler
+from policies.routers import make_router
+from policies.state import ReplicaState
+from sim.config import SimConfig
+from sim.engine import Cluster, StepLog, prepare
+from sim.metrics import Results
+
+
+def free_memory(device: str) -> float:
+    """Bytes free on the device (host RAM for cpu)."""
+    if device.startswith("cuda"):
+        import torch
+
+        return float(torch.cuda.mem_get_info(torch.device(device))[0])
+    return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
+
+
+class _Replica:
+    """What the cluster's router needs of a replica: its state (the loop below never sleeps on an event)."""
+
+    def __init__(self, state: ReplicaState) -> None:
+        self.state = state
+
+    def notify(self) -> None:
+        pass
+
+
+def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperature: float = 0.0,
+           checkpoint: str | None = None) -> tuple[Results, TorchExecutor, list[StepShape]]:
+    """Run `config` on a real device; returns its results, the executor (tokens) and every step's shape."""
+    hw = config.hardware
+    if config.cluster.replicas != 1 or hw.tp != 1 or hw.pp != 1:
+        raise ServesimError(f"replay runs one replica on one device: cluster.replicas = {config.cluster.replicas}, "
+                            f"hardware.tp = {hw.tp}, hardware.pp = {hw.pp}; allowed: 1")
+    if config.kv_cache.prefix_caching:
+        raise ServesimError("replay: kv_cache.prefix_caching = true is not implemented in the backend; allowed: false")
+    setup = prepare(config)
+    requests = setup.requests
+    spec = setup.deployment.model
+    cache_bytes = setup.num_blocks * config.kv_cache.block_size * spec.kv_bytes_per_token(
+        "bf16" if device.startswith("cuda") else "fp32")
+    if cache_bytes > 0.9 * free_memory(device):
+        raise ServesimError(f"replay: the KV cache of {setup.num_blocks} blocks ({cache_bytes / 1e9:.2f} GB) does "
+                            f"not fit the free memory of {device} ({free_memory(device) / 1e9:.2f} GB); set "
+                            "kv_cache.num_blocks, and the same value for `servesim run`")
+    (state,) = setup.replica_states()
+    executor = TorchExecutor(setup.deployment.model, requests, setup.num_blocks, config.kv_cache.block_size,
+                             device, config.seed, temperature, checkpoint)
+    policy = make_scheduler(config.scheduler)
+    cluster = Cluster([_Replica(state)], make_router(config.cluster.router, config.seed), requests,  # type: ignore[list-item]
+                      setup.deployment.context_limit)
+    log, shapes = StepLog(), []
+    arrivals = requests.arrival.tolist()
+    nxt, skipped = 0, 0.0
+    wall0 = time.perf_counter()
+
+    def clock() -> float:
+        return time.perf_counter() - wall0 + skipped
+
+    while True:
+        now = clock()
+        while nxt < len(arrivals) and arrivals[nxt] <= now:
+            cluster.arrive(nxt)
+            nxt += 1
+        state.now = now
+        before = state.preemptions
+        batch = policy.schedule(state)
+        if batch is None:
+            if nxt == len(arrivals):
+                break
+            wait = arrivals[nxt] - clock()
+            if asap:
+                skipped += max(wait, 0.0)
+            elif wait > 0:
+                time.sleep(wait)
+            continue
+        start = clock()
+        outcome = executor.run(batch)
+        end = clock()
+        result = state.complete_step(batch, end)
+        policy.on_step_end(state, batch, result)
+        log.record(state, batch, start, replace(outcome, seconds=end - start), state.preemptions - before)
+        shapes.append(batch.shape())
+    executor.sync_tables()  # the last steps' finished requests give their blocks back
+    return setup.results([state], log, time.perf_counter() - wall0), executor, shapes
+
+
+def write_shapes(shapes: list[StepShape], path: str | Path) -> None:
+    """Each step's batch shape, one JSON line per step (what `servesim validate` re-prices)."""
+    with open(path, "w") as f:
+        for s in shapes:
+            f.write(json.dumps({"prefill_tokens": s.prefill_tokens.tolist(),
+                                "prefill_cached": s.prefill_cached.tolist(),
+                                "decode_context": s.decode_context.tolist()}) + "\n")
+
