@@ -14,7 +14,8 @@ import time
 import numpy as np
 import torch
 
-from backend.model import PagedKVCache, Sequence, build_model
+from backend.model import AttentionMeta, Chunk, LlamaModel, PagedKVCache, attention_meta, build_model
+from hardware.cost import GRAPH_BATCH_SIZES
 from hardware.specs import ModelSpec
 from policies.batch import Batch
 from policies.state import Requests
@@ -26,17 +27,71 @@ def prompt_tokens(seed: int, rid: int, length: int, vocab: int) -> list[int]:
     return np.random.default_rng([seed, rid]).integers(0, vocab, length).tolist()
 
 
+# Largest batch rows x context width captured as a graph (its K/V gathers stay in the graph's memory pool).
+GRAPH_MAX_CELLS = 128 * 2048
+
+
+class DecodeGraph:
+    """A decode step of `batch` rows over at most `width` tokens of context, captured as a CUDA graph.
+
+    Inputs live in static buffers; rows past the real batch are padding that writes to and reads from a
+    scratch slot, so their outputs are ignored (vLLM pads decode batches to captured sizes the same way)."""
+
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, batch: int, width: int, scratch: int,
+                 pool: object) -> None:
+        dev = cache.k.device
+        self.batch, self.width, self.scratch = batch, width, scratch
+        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
+        self.slots = torch.full((batch,), scratch, dtype=torch.long, device=dev)
+        self.index = torch.full((batch, width), scratch, dtype=torch.long, device=dev)
+        self.valid = torch.zeros((batch, width), dtype=torch.bool, device=dev)
+        self.valid[:, 0] = True
+        # Every tensor the graph reads must outlive it: keep them on the object.
+        self.rows = torch.arange(batch, device=dev)
+        self.meta = AttentionMeta(self.slots, [], self.rows, self.index, self.valid)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(self.tokens, self.positions, self.meta, cache, self.rows)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.logits = model(self.tokens, self.positions, self.meta, cache, self.rows)
+
+    def run(self, tokens: list[int], positions: list[int], meta: AttentionMeta) -> torch.Tensor:
+        n = len(tokens)
+        length = meta.decode_index.shape[1]
+        self.tokens[:n] = torch.tensor(tokens)
+        self.positions[:n] = torch.tensor(positions)
+        self.slots[:n] = meta.slots
+        self.index.fill_(self.scratch)
+        self.index[:n, :length] = meta.decode_index
+        self.valid.zero_()
+        self.valid[:, 0] = True
+        self.valid[:n, :length] = meta.decode_valid
+        self.graph.replay()
+        return self.logits[:n]
+
+
 class TorchExecutor:
     """The engine's `Executor` contract on a PyTorch model (greedy, or temperature sampling)."""
 
     def __init__(self, spec: ModelSpec, requests: Requests, num_blocks: int, block_size: int,
-                 device: str = "cpu", seed: int = 0, temperature: float = 0.0, checkpoint: str | None = None) -> None:
+                 device: str = "cpu", seed: int = 0, temperature: float = 0.0, checkpoint: str | None = None,
+                 cuda_graphs: bool = True) -> None:
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.spec, self.req, self.seed, self.temperature = spec, requests, seed, temperature
         self.model = build_model(spec, self.device, self.dtype, seed, checkpoint)
-        self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks, block_size, spec.num_key_value_heads,
+        # One block more than the engine's: the scratch slot that padded CUDA-graph rows write to.
+        self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks + 1, block_size, spec.num_key_value_heads,
                                   spec.head_size, self.dtype, self.device)
+        self.scratch = num_blocks * block_size
+        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.block_size = block_size
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
         self.tables: dict[int, list[int]] = {}
@@ -53,11 +108,6 @@ class TorchExecutor:
             table = self.tables.setdefault(rid, [])
             while len(table) < self.req.blocks[rid]:
                 table.append(self.free_blocks.pop())
-
-    def _slots(self, rid: int, start: int, stop: int) -> torch.Tensor:
-        table = torch.tensor(self.tables[rid], dtype=torch.long)
-        pos = torch.arange(start, stop)
-        return (table[pos // self.block_size] * self.block_size + pos % self.block_size).to(self.device)
 
     def _generator(self, rid: int) -> torch.Generator:
         """The random stream of request `rid`'s next token: seeded by (seed, request, position)."""
@@ -79,34 +129,55 @@ class TorchExecutor:
         self.sync_tables(ids)
         flat_tokens: list[int] = []
         positions: list[int] = []
-        seqs: list[Sequence] = []
+        chunks: list[Chunk] = []
         sample_rows: list[int] = []
         sample_ids: list[int] = []
         for rid, n, done in zip(ids, counts, cached):
             toks = self.tokens_of(rid)
-            seqs.append(Sequence(len(flat_tokens), n, done, self._slots(rid, 0, done + n)))
+            chunks.append(Chunk(len(flat_tokens), n, done, self.tables[rid]))
             flat_tokens += toks[done:done + n]
             positions += range(done, done + n)
             if done + n == len(toks):  # no known token left uncomputed: this row samples the next one
                 sample_rows.append(len(flat_tokens) - 1)
                 sample_ids.append(rid)
         dev = self.device
-        slots = torch.cat([s.slots[s.cached:] for s in seqs])
+        meta = attention_meta(chunks, self.block_size, dev, self.spec.sliding_window)
+        graph = self._graph(batch, meta)
         if dev.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
-        logits = self.model(torch.tensor(flat_tokens, device=dev), torch.tensor(positions, device=dev), slots, seqs,
-                            self.cache, torch.tensor(sample_rows, dtype=torch.long, device=dev))
+        if graph is not None:
+            logits = graph.run(flat_tokens, positions, meta)
+        else:
+            logits = self.model(torch.tensor(flat_tokens, device=dev), torch.tensor(positions, device=dev), meta,
+                                self.cache, torch.tensor(sample_rows, dtype=torch.long, device=dev))
         if self.temperature > 0:  # each token from its own seeded draw: outputs do not depend on batching
             probs = torch.softmax(logits / self.temperature, dim=-1)
             new = torch.stack([torch.multinomial(p, 1, generator=self._generator(rid))[0]
                                for p, rid in zip(probs, sample_ids)]) if sample_ids else logits.argmax(dim=-1)
         else:
             new = logits.argmax(dim=-1)
+        gpu = float("nan")
         if dev.type == "cuda":
             end.record()
-        new_ids = new.tolist()  # synchronises the device
-        gpu = start.elapsed_time(end) / 1e3 if dev.type == "cuda" else float("nan")
+            end.synchronize()
+            gpu = start.elapsed_time(end) / 1e3
+        new_ids = new.tolist()
         for rid, tok in zip(sample_ids, new_ids):
             self.tokens[rid].append(tok)
-        return StepOutcome(seconds=time.perf_counter() - t0, execution="eager", gpu_seconds=gpu)
+        return StepOutcome(seconds=time.perf_counter() - t0, execution="graph" if graph else "eager",
+                           gpu_seconds=gpu)
+
+    def _graph(self, batch: Batch, meta: AttentionMeta) -> DecodeGraph | None:
+        """The captured graph for a decode-only batch (captured on first use), or None to run eagerly."""
+        n = batch.decode_ids.size
+        if not self.use_graphs or batch.prefill_ids.size or not n or n > GRAPH_BATCH_SIZES[-1]:
+            return None
+        rows = next(b for b in GRAPH_BATCH_SIZES if b >= n)
+        width = 1 << max(8, (meta.decode_index.shape[1] - 1).bit_length())  # context padded to a power of two
+        if rows * width > GRAPH_MAX_CELLS:  # the padded K/V gather would pin too much memory in the graph pool
+            return None
+        key = (rows, width)
+        if key not in self.graphs:
+            self.graphs[key] = DecodeGraph(self.model, self.cache, rows, width, self.scratch, self.graph_pool)
+        return self.graphs[key]

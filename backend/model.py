@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,29 +26,82 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        var = x.float().pow(2).mean(-1, keepdim=True)
-        return (x.float() * torch.rsqrt(var + self.eps)).to(x.dtype) * self.weight
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, theta: float) -> torch.Tensor:
+def rope_tables(positions: torch.Tensor, d: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotary angles, (T, 1, d/2), computed once per pass."""
+    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
+    ang = positions.float()[:, None] * inv[None, :]
+    return ang.cos()[:, None, :], ang.sin()[:, None, :]
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding, half-split layout as in Hugging Face Llama. x: (T, heads, d)."""
     d = x.shape[-1]
-    inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=x.device, dtype=torch.float32) / d))
-    ang = positions.float()[:, None] * inv[None, :]
-    cos, sin = ang.cos()[:, None, :], ang.sin()[:, None, :]
     x1, x2 = x[..., : d // 2].float(), x[..., d // 2:].float()
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
 
 
 @dataclass
-class Sequence:
-    """One request's part of a forward pass: `length` new tokens starting at flat index `start`, after
-    `cached` tokens already in the cache; `slots` are the cache slots of all its cached + new tokens."""
+class Chunk:
+    """A request's new tokens in a pass: rows [start, start + length) of the flat batch, after `cached`
+    tokens already in the cache; `table` lists its cache blocks."""
 
     start: int
     length: int
     cached: int
+    table: list[int]
+
+
+@dataclass
+class AttentionMeta:
+    """Where one pass writes and reads the cache, built once per step (not per layer).
+
+    Multi-token chunks attend one by one (`prefills`: rows, key slots, mask); single-token rows (decodes)
+    attend together in one padded call (`decode_rows`, `decode_index`, `decode_valid`)."""
+
     slots: torch.Tensor
+    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]
+    decode_rows: torch.Tensor | None = None
+    decode_index: torch.Tensor | None = None
+    decode_valid: torch.Tensor | None = None
+
+
+def _slots(table: list[int], positions: np.ndarray, block_size: int) -> np.ndarray:
+    return np.asarray(table, dtype=np.int64)[positions // block_size] * block_size + positions % block_size
+
+
+def attention_meta(chunks: list[Chunk], block_size: int, device: torch.device, window: int | None) -> AttentionMeta:
+    """Slots and masks of a pass over `chunks` (token order: chunk after chunk)."""
+    new_slots = np.concatenate([_slots(c.table, np.arange(c.cached, c.cached + c.length), block_size)
+                                for c in chunks])
+    prefills = []
+    for c in (c for c in chunks if c.length > 1):
+        total = c.cached + c.length
+        k_pos, q_pos = np.arange(total), np.arange(c.cached, total)
+        allowed = k_pos[None, :] <= q_pos[:, None]
+        if window is not None:
+            allowed &= k_pos[None, :] > q_pos[:, None] - window
+        prefills.append((c.start, c.length, torch.from_numpy(_slots(c.table, k_pos, block_size)).to(device),
+                         torch.from_numpy(allowed).to(device)))
+    meta = AttentionMeta(torch.from_numpy(new_slots).to(device), prefills)
+    decodes = [c for c in chunks if c.length == 1]
+    if decodes:
+        lengths = np.array([c.cached + 1 for c in decodes])
+        longest = int(lengths.max())
+        width = -(-longest // block_size)
+        tables = np.zeros((len(decodes), width), dtype=np.int64)
+        for i, c in enumerate(decodes):
+            tables[i, : min(len(c.table), width)] = c.table[:width]
+        pos = np.arange(longest)
+        valid = pos[None, :] < lengths[:, None]
+        if window is not None:
+            valid &= pos[None, :] > lengths[:, None] - 1 - window
+        meta.decode_rows = torch.from_numpy(np.array([c.start for c in decodes])).to(device)
+        meta.decode_index = torch.from_numpy(tables[:, pos // block_size] * block_size + pos % block_size).to(device)
+        meta.decode_valid = torch.from_numpy(valid).to(device)
+    return meta
 
 
 class PagedKVCache:
@@ -72,47 +126,28 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(spec.hidden_size, kvh * d, bias=spec.attention_bias)
         self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=False)
 
-    def _mask(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
-        allowed = k_pos[None, :] <= q_pos[:, None]
-        if self.window is not None:
-            allowed &= k_pos[None, :] > q_pos[:, None] - self.window
-        return allowed
-
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence],
+    def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], meta: AttentionMeta,
                 cache: PagedKVCache) -> torch.Tensor:
         t = x.shape[0]
-        q = rope(self.q_proj(x).view(t, self.heads, self.head_dim), positions, self.theta)
-        k = rope(self.k_proj(x).view(t, self.kv_heads, self.head_dim), positions, self.theta)
+        q = rope(self.q_proj(x).view(t, self.heads, self.head_dim), *rot)
+        k = rope(self.k_proj(x).view(t, self.kv_heads, self.head_dim), *rot)
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
         kc, vc = cache.k[self.layer], cache.v[self.layer]
-        kc.index_copy_(0, slots, k)
-        vc.index_copy_(0, slots, v)
+        kc.index_copy_(0, meta.slots, k)
+        vc.index_copy_(0, meta.slots, v)
         out = torch.empty_like(q)
-        decodes = [s for s in seqs if s.length == 1]
-        for s in seqs:
-            if s.length == 1 and len(decodes) > 1:
-                continue
-            total = s.cached + s.length
-            qs = q[s.start:s.start + s.length].transpose(0, 1)  # (heads, len, d)
-            ks, vs = kc[s.slots].transpose(0, 1), vc[s.slots].transpose(0, 1)  # (kv_heads, total, d)
-            mask = self._mask(torch.arange(s.cached, total, device=x.device), torch.arange(total, device=x.device))
+        for start, length, kv_slots, mask in meta.prefills:
+            qs = q[start:start + length].transpose(0, 1)  # (heads, length, d)
+            ks, vs = kc[kv_slots].transpose(0, 1), vc[kv_slots].transpose(0, 1)  # (kv_heads, total, d)
             o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
-            out[s.start:s.start + s.length] = o.transpose(0, 1)
-        if len(decodes) > 1:  # one padded batched call for all single-token rows
-            lengths = torch.tensor([s.cached + 1 for s in decodes], device=x.device)
-            longest = int(lengths.max())
-            index = torch.zeros(len(decodes), longest, dtype=torch.long, device=x.device)
-            for i, s in enumerate(decodes):
-                index[i, : s.cached + 1] = s.slots
-            k_pos = torch.arange(longest, device=x.device)
-            valid = k_pos[None, :] < lengths[:, None]
-            if self.window is not None:
-                valid &= k_pos[None, :] > lengths[:, None] - 1 - self.window
-            rows = torch.tensor([s.start for s in decodes], device=x.device)
-            qd = q[rows][:, :, None, :]  # (B, heads, 1, d)
-            kd, vd = kc[index].transpose(1, 2), vc[index].transpose(1, 2)  # (B, kv_heads, longest, d)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=valid[:, None, None, :], enable_gqa=True)
-            out[rows] = o[:, :, 0, :]
+            out[start:start + length] = o.transpose(0, 1)
+        if meta.decode_rows is not None:  # every single-token row in one padded call
+            qd = q[meta.decode_rows][:, :, None, :]  # (B, heads, 1, d)
+            kd = kc[meta.decode_index].transpose(1, 2)  # (B, kv_heads, longest, d)
+            vd = vc[meta.decode_index].transpose(1, 2)
+            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_valid[:, None, None, :],
+                                               enable_gqa=True)
+            out[meta.decode_rows] = o[:, :, 0, :]
         return self.o_proj(out.reshape(t, self.heads * self.head_dim))
 
 
@@ -135,8 +170,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size)
         self.mlp = MLP(spec)
 
-    def forward(self, x, positions, slots, seqs, cache):  # type: ignore[no-untyped-def]
-        x = x + self.self_attn(self.input_layernorm(x), positions, slots, seqs, cache)
+    def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], meta: AttentionMeta,
+                cache: PagedKVCache) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), rot, meta, cache)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -156,12 +192,13 @@ class LlamaModel(nn.Module):
             self.lm_head.weight = self.embed_tokens.weight
 
     @torch.no_grad()
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, slots: torch.Tensor, seqs: list[Sequence],
-                cache: PagedKVCache, logit_rows: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, cache: PagedKVCache,
+                logit_rows: torch.Tensor) -> torch.Tensor:
         """Logits (float32) of the flat rows `logit_rows` after running all tokens."""
         x = self.embed_tokens(tokens)
+        rot = rope_tables(positions, self.spec.head_size, self.spec.rope_theta)
         for layer in self.layers:
-            x = layer(x, positions, slots, seqs, cache)
+            x = layer(x, rot, meta, cache)
         return self.lm_head(self.norm(x[logit_rows])).float()
 
 

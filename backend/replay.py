@@ -64,7 +64,7 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
                             "kv_cache.num_blocks, and the same value for `servesim run`")
     (state,) = setup.replica_states()
     executor = TorchExecutor(setup.deployment.model, requests, setup.num_blocks, config.kv_cache.block_size,
-                             device, config.seed, temperature, checkpoint)
+                             device, config.seed, temperature, checkpoint, hw.cuda_graphs)
     policy = make_scheduler(config.scheduler)
     cluster = Cluster([_Replica(state)], make_router(config.cluster.router, config.seed), requests,  # type: ignore[list-item]
                       setup.deployment.context_limit)

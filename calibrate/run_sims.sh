@@ -4,7 +4,7 @@
 set -euo pipefail
 M=calibrate/measurements
 for sched in vllm sarathi; do
-  for load in "light 1.0 100" "heavy 6.0 200"; do
+  for load in "light 1.0 100" "heavy 5.0 150"; do
     set -- $load
     servesim run "$M/h100_llama3_8b_azure.yaml" --quiet --out "$M/sim_${sched}_$1" \
       --set scheduler.name=$sched --set workloads.0.arrival.rate=$2 --set workloads.0.num_requests=$3 > /dev/null

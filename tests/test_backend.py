@@ -14,7 +14,7 @@ torch.set_num_threads(1)  # tiny shapes: threads only add contention
 import torch.nn.functional as F  # noqa: E402
 
 from backend.executor import prompt_tokens  # noqa: E402
-from backend.model import PagedKVCache, Sequence, build_model, rope  # noqa: E402
+from backend.model import Chunk, PagedKVCache, attention_meta, build_model, rope, rope_tables  # noqa: E402
 from backend.replay import replay  # noqa: E402
 from hardware.catalog import get_model  # noqa: E402
 from sim.cli import main  # noqa: E402
@@ -30,8 +30,9 @@ def reference_logits(model, tokens: list[int]) -> torch.Tensor:
     x = model.embed_tokens(torch.tensor(tokens))
     for layer in model.layers:
         a, h = layer.self_attn, layer.input_layernorm(x)
-        q = rope(a.q_proj(h).view(t, a.heads, a.head_dim), pos, a.theta).transpose(0, 1)
-        k = rope(a.k_proj(h).view(t, a.kv_heads, a.head_dim), pos, a.theta).transpose(0, 1)
+        rot = rope_tables(pos, a.head_dim, a.theta)
+        q = rope(a.q_proj(h).view(t, a.heads, a.head_dim), *rot).transpose(0, 1)
+        k = rope(a.k_proj(h).view(t, a.kv_heads, a.head_dim), *rot).transpose(0, 1)
         v = a.v_proj(h).view(t, a.kv_heads, a.head_dim).transpose(0, 1)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         x = x + a.o_proj(o.transpose(0, 1).reshape(t, -1))
@@ -55,20 +56,15 @@ def test_paged_attention_matches_contiguous_reference() -> None:
     b = prompt_tokens(0, 2, 20, SPEC.vocab_size)
     table_a, table_b = [7, 2, 11], [5, 9]  # scattered blocks
 
-    def slots(table: list[int], n: int) -> torch.Tensor:
-        p = torch.arange(n)
-        return torch.tensor(table)[p // bs] * bs + p % bs
-
     def step(parts):  # parts: (tokens, cached, table); returns each part's last-row logits
-        flat, pos, seqs, rows = [], [], [], []
+        flat, pos, chunks, rows = [], [], [], []
         for toks, cached, table in parts:
-            n = len(toks) - cached
-            seqs.append(Sequence(len(flat), n, cached, slots(table, len(toks))))
+            chunks.append(Chunk(len(flat), len(toks) - cached, cached, table))
             flat += toks[cached:]
             pos += range(cached, len(toks))
             rows.append(len(flat) - 1)
-        all_slots = torch.cat([s.slots[s.cached:] for s in seqs])
-        return model(torch.tensor(flat), torch.tensor(pos), all_slots, seqs, cache, torch.tensor(rows))
+        meta = attention_meta(chunks, bs, torch.device("cpu"), None)
+        return model(torch.tensor(flat), torch.tensor(pos), meta, cache, torch.tensor(rows))
 
     step([(a[:30], 0, table_a)])  # a's first chunk alone
     out = step([(a, 30, table_a), (b, 0, table_b)])  # a's second chunk (cached prefix, mid-block) with b's prompt
