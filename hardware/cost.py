@@ -56,11 +56,12 @@ class StepCost:
     other figures and the per-operator `breakdown` are derived from the per-operator arrays on access.
     """
 
-    __slots__ = ("seconds", "stage_seconds", "execution", "tokens", "launch", "overhead_seconds", "_m", "_flops",
-                 "_bytes", "_payload", "_tc", "_tm", "_total", "_present")
+    __slots__ = ("seconds", "stage_seconds", "execution", "tokens", "launch", "overhead_seconds", "flops", "bytes",
+                 "comm_bytes", "_m", "_flops", "_bytes", "_payload", "_tc", "_tm", "_total", "_present")
 
     def __init__(self, model: CostModel, seconds: float, stage_seconds: tuple[float, ...], execution: str,
-                 tokens: int, launch: float, overhead: float, arrays: tuple[np.ndarray, ...]) -> None:
+                 tokens: int, launch: float, overhead: float, totals: np.ndarray,
+                 arrays: tuple[np.ndarray, ...]) -> None:
         self.seconds = seconds  # latency of the step through every pipeline stage, CPU overhead included
         self.stage_seconds = stage_seconds  # GPU time of each pipeline stage
         self.execution = execution  # "graph" or "eager"
@@ -69,20 +70,10 @@ class StepCost:
         self.overhead_seconds = overhead  # CPU time of the step outside the kernels
         self._m = model
         self._flops, self._bytes, self._payload, self._tc, self._tm, self._total, self._present = arrays
-
-    @property
-    def flops(self) -> float:
-        return float(self._flops @ self._m._count) * self._m.dep.tp
-
-    @property
-    def bytes(self) -> float:
-        """HBM bytes read and written."""
-        return float(self._bytes @ self._m._count) * self._m.dep.tp
-
-    @property
-    def comm_bytes(self) -> float:
-        """Collective payload bytes, per GPU."""
-        return float(self._payload @ self._m._count)
+        tp = model.dep.tp
+        self.flops = float(totals[0]) * tp  # all GPUs
+        self.bytes = float(totals[1]) * tp  # HBM bytes read and written, all GPUs
+        self.comm_bytes = float(totals[2])  # collective payload bytes, per GPU
 
     @property
     def compute_seconds(self) -> float:
@@ -258,5 +249,5 @@ class CostModel:
         stage_seconds = np.bincount(self._stage, weights=total, minlength=dep.pp)
         overhead = ovh.step_graph if graph else ovh.step_eager
         return StepCost(self, float(stage_seconds.sum()) + overhead, tuple(stage_seconds.tolist()),
-                        "graph" if graph else "eager", t.tokens, launch, overhead,
+                        "graph" if graph else "eager", t.tokens, launch, overhead, self._count @ work,
                         (flops, nbytes, payload, tc, tm, total, present))

@@ -37,20 +37,24 @@ STEP_COLUMNS = ("replica", "start_s", "duration_s", "prefill_requests", "decode_
 
 @dataclass
 class StepLog:
-    """Per-step records, one list per column (turned into a DataFrame at the end)."""
+    """Per-step records, one tuple per step in `STEP_COLUMNS` order (a DataFrame at the end)."""
 
-    columns: dict[str, list] = field(default_factory=lambda: {c: [] for c in STEP_COLUMNS})
+    rows: list[tuple] = field(default_factory=list)
 
     def record(self, state: ReplicaState, batch: Batch, start: float, outcome: StepOutcome, preempted: int) -> None:
         """One step of `state`'s replica that began at `start`; `preempted` requests were preempted in it."""
         kv = state.kv
-        for name, value in zip(STEP_COLUMNS, (
+        self.rows.append((
             state.index, start, outcome.seconds, batch.prefill_ids.size, batch.decode_ids.size,
             batch.num_prefill_tokens, batch.decode_ids.size, batch.pad_rows, kv.used, kv.evictable,
             len(state.waiting), len(state.running), preempted, outcome.mfu, outcome.mbu, outcome.execution,
             outcome.gpu_seconds,
-        )):
-            self.columns[name].append(value)
+        ))
+
+    @property
+    def columns(self) -> dict[str, list]:
+        return {name: list(values) for name, values in zip(STEP_COLUMNS, zip(*self.rows))} if self.rows else \
+            {name: [] for name in STEP_COLUMNS}
 
 
 class Progress:
