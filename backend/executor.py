@@ -10,6 +10,7 @@ each side (CUDA events measure the GPU part separately).
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -96,9 +97,10 @@ class TorchExecutor:
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
         self.tables: dict[int, list[int]] = {}
         self.tokens: dict[int, list[int]] = {}
+        self.capture_seconds = 0.0  # time the last step spent capturing a CUDA graph (a server does it at start)
 
     # ---- block tables mirror the engine's block counts --------------------------------------------------
-    def sync_tables(self, ids: list[int] = ()) -> None:  # type: ignore[assignment]
+    def sync_tables(self, ids: Sequence[int] = ()) -> None:
         """Return the blocks the engine freed to the free list, then give `ids` the blocks it added."""
         for rid in [r for r, table in self.tables.items() if self.req.blocks[r] < len(table)]:
             keep = int(self.req.blocks[rid])  # freed by the engine (finish, preemption)
@@ -123,6 +125,7 @@ class TorchExecutor:
     # ---- one step ---------------------------------------------------------------------------------------
     def run(self, batch: Batch) -> StepOutcome:
         t0 = time.perf_counter()
+        self.capture_seconds = 0.0
         ids = batch.prefill_ids.tolist() + batch.decode_ids.tolist()
         counts = batch.prefill_tokens.tolist() + [1] * batch.decode_ids.size
         cached = batch.prefill_computed.tolist() + batch.decode_computed.tolist()
@@ -165,7 +168,8 @@ class TorchExecutor:
         new_ids = new.tolist()
         for rid, tok in zip(sample_ids, new_ids):
             self.tokens[rid].append(tok)
-        return StepOutcome(seconds=time.perf_counter() - t0, execution="graph" if graph else "eager",
+        return StepOutcome(seconds=time.perf_counter() - t0 - self.capture_seconds,
+                           execution="graph" if graph else "eager",
                            gpu_seconds=gpu)
 
     def _graph(self, batch: Batch, meta: AttentionMeta) -> DecodeGraph | None:
@@ -179,5 +183,7 @@ class TorchExecutor:
             return None
         key = (rows, width)
         if key not in self.graphs:
+            t0 = time.perf_counter()
             self.graphs[key] = DecodeGraph(self.model, self.cache, rows, width, self.scratch, self.graph_pool)
+            self.capture_seconds = time.perf_counter() - t0
         return self.graphs[key]

@@ -95,6 +95,7 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
             continue
         start = clock()
         outcome = executor.run(batch)
+        skipped -= executor.capture_seconds  # the clock stops while a new CUDA graph is captured
         end = clock()
         result = state.complete_step(batch, end)
         policy.on_step_end(state, batch, result)
