@@ -3,6 +3,8 @@ waiting ones in chunks, and split the result into a `Batch` (prefill chunks and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from policies.batch import Batch
@@ -79,6 +81,16 @@ def admit_chunks(state: ReplicaState, budget: int, max_seqs: int, cap: int | Non
         tokens.append(n)
         budget -= n
     return ids, tokens
+
+
+def assemble(state: ReplicaState, ids: np.ndarray, tokens: np.ndarray, admitted: tuple[list[int], list[int]],
+             preempted: bool, again: Callable[[], Batch | None]) -> Batch | None:
+    """The batch of the planned running requests and the admitted ones; when preempting left nothing to
+    run, the preempted requests are waiting again, so `again()` plans the step anew."""
+    ids = np.concatenate([ids, np.array(admitted[0], dtype=np.int64)])
+    tokens = np.concatenate([tokens, np.array(admitted[1], dtype=np.int64)])
+    batch = make_batch(state, ids, tokens)
+    return batch if batch is not None or not preempted else again()
 
 
 def make_batch(state: ReplicaState, ids: np.ndarray, tokens: np.ndarray) -> Batch | None:

@@ -17,7 +17,7 @@ from pydantic import Field, PositiveInt
 
 from policies.base import Scheduler, SchedulerParams
 from policies.batch import Batch
-from policies.chunked import admit_chunks, is_decoding, make_batch, plan_running
+from policies.chunked import admit_chunks, assemble, is_decoding, plan_running
 from policies.state import ReplicaState
 
 
@@ -40,10 +40,5 @@ class SarathiScheduler(Scheduler):
         decoding = is_decoding(state, running)
         order = np.concatenate([running[decoding], running[~decoding]])  # decodes, then ongoing prefills
         ids, tokens, preempted = plan_running(state, order, p.token_budget)
-        if not preempted:
-            new_ids, new_tokens = admit_chunks(state, p.token_budget - int(tokens.sum()), p.max_num_seqs)
-            ids = np.concatenate([ids, np.array(new_ids, dtype=np.int64)])
-            tokens = np.concatenate([tokens, np.array(new_tokens, dtype=np.int64)])
-        batch = make_batch(state, ids, tokens)
-        # Preempting left nothing to run: the preempted requests are waiting now, so plan again.
-        return batch if batch is not None or not preempted else self.schedule(state)
+        admitted = ([], []) if preempted else admit_chunks(state, p.token_budget - int(tokens.sum()), p.max_num_seqs)
+        return assemble(state, ids, tokens, admitted, preempted, lambda: self.schedule(state))

@@ -15,7 +15,7 @@ from pydantic import Field, PositiveInt
 
 from policies.base import Scheduler, SchedulerParams
 from policies.batch import Batch
-from policies.chunked import admit_chunks, is_decoding, make_batch, plan_running
+from policies.chunked import admit_chunks, assemble, is_decoding, plan_running
 from policies.state import ReplicaState
 
 
@@ -39,10 +39,7 @@ class SarathiDecodeMaximalScheduler(Scheduler):
         decodes, prefilling = running[decoding], running[~decoding]
         order = np.concatenate([decodes, prefilling[:1]])  # every decode plus one ongoing prefill
         ids, tokens, preempted = plan_running(state, order, decodes.size + p.chunk_size, p.chunk_size)
-        if not preempted and not prefilling.size:
-            new_ids, new_tokens = admit_chunks(state, p.chunk_size, p.max_num_seqs, p.chunk_size, limit=1)
-            ids = np.concatenate([ids, np.array(new_ids, dtype=np.int64)])
-            tokens = np.concatenate([tokens, np.array(new_tokens, dtype=np.int64)])
-        batch = make_batch(state, ids, tokens)
-        # Preempting left nothing to run: the preempted requests are waiting now, so plan again.
-        return batch if batch is not None or not preempted else self.schedule(state)
+        admitted: tuple[list[int], list[int]] = ([], [])
+        if not preempted and not prefilling.size:  # no ongoing prefill: the next waiting request gives the chunk
+            admitted = admit_chunks(state, p.chunk_size, p.max_num_seqs, p.chunk_size, limit=1)
+        return assemble(state, ids, tokens, admitted, preempted, lambda: self.schedule(state))

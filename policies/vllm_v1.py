@@ -18,7 +18,7 @@ from pydantic import Field, NonNegativeInt, PositiveInt
 
 from policies.base import Scheduler, SchedulerParams
 from policies.batch import Batch
-from policies.chunked import admit_chunks, make_batch, plan_running
+from policies.chunked import admit_chunks, assemble, plan_running
 from policies.state import ReplicaState
 
 
@@ -41,11 +41,8 @@ class VllmV1Scheduler(Scheduler):
         cap = p.long_prefill_token_threshold or None
         ids, tokens, preempted = plan_running(state, np.array(state.running, dtype=np.int64),
                                               p.max_num_batched_tokens, cap)
-        if not preempted:
-            new_ids, new_tokens = admit_chunks(state, p.max_num_batched_tokens - int(tokens.sum()), p.max_num_seqs,
-                                               cap, watermark=False)
-            ids = np.concatenate([ids, np.array(new_ids, dtype=np.int64)])
-            tokens = np.concatenate([tokens, np.array(new_tokens, dtype=np.int64)])
-        batch = make_batch(state, ids, tokens)
-        # Preempting left nothing to run: the preempted requests are waiting now, so plan again.
-        return batch if batch is not None or not preempted else self.schedule(state)
+        admitted: tuple[list[int], list[int]] = ([], [])
+        if not preempted:  # V1 admits waiting requests only on steps that preempted nothing
+            admitted = admit_chunks(state, p.max_num_batched_tokens - int(tokens.sum()), p.max_num_seqs, cap,
+                                    watermark=False)
+        return assemble(state, ids, tokens, admitted, preempted, lambda: self.schedule(state))
