@@ -65,6 +65,9 @@ class Deployment(Spec):
             raise ValueError(
                 f"tp={self.tp} must be a multiple of num_key_value_heads={m.num_key_value_heads} of {m.id}"
             )
+        if self.max_model_len is not None and self.max_model_len > m.max_position_embeddings:
+            raise ValueError(f"max_model_len = {self.max_model_len} exceeds max_position_embeddings = "
+                             f"{m.max_position_embeddings} of {m.id}")
         if self.pp > m.num_hidden_layers:
             raise ValueError(f"pp={self.pp} exceeds num_hidden_layers={m.num_hidden_layers} of {m.id}")
         return self

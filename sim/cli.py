@@ -57,6 +57,10 @@ def _deployment(args: argparse.Namespace) -> Deployment:
 
 
 def _shape(args: argparse.Namespace) -> StepShape:
+    for flag in ("decode", "verify"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ServesimError(f"--{flag} = {value}: the number of requests must be at least 1")
     prefill = args.prefill or []
     cached = args.cached or [0]
     if len(cached) not in (1, len(prefill)):

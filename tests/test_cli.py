@@ -53,6 +53,7 @@ def test_estimate_with_profile(capsys, tmp_path, ideal_profile) -> None:
     (["--model", "llama-9b", "--gpu", "h100", "--prefill", "8"], "unknown model 'llama-9b'; known: llama-2-13b"),
     (["--model", "llama-3-8b", "--gpu", "h900", "--prefill", "8"], "unknown GPU 'h900'; known: a100"),
     (["--model", "llama-3-8b", "--gpu", "h100", "--decode", "8"], "--context is required with --decode"),
+    (["--model", "llama-3-8b", "--gpu", "h100", "--decode", "-5", "--context", "9"], "--decode = -5: the number"),
     (["--model", "llama-3-8b", "--gpu", "h100"], "nothing to run"),
     (["--model", "llama-3-8b", "--gpu", "h100", "--prefill", "0"], "prefill_tokens: value 0 is below the minimum 1"),
     (["--model", "llama-3-70b", "--gpu", "h100", "--prefill", "8"], "does not fit on 1 x h100-sxm-80gb"),

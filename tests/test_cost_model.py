@@ -187,6 +187,7 @@ def test_tp_shards_weights_and_kv() -> None:
 @pytest.mark.parametrize("kwargs,match", [
     ({"tp": 3}, "tp=3 must divide num_attention_heads=32"),
     ({"pp": 40}, "pp=40 exceeds num_hidden_layers=32"),
+    ({"max_model_len": 100_000}, "max_model_len = 100000 exceeds max_position_embeddings = 8192"),
     ({"gpu_memory_utilization": 1.5}, "gpu_memory_utilization = 1.5"),
     ({"weight_dtype": "int4"}, "weight_dtype = 'int4': Input should be 'fp32', 'bf16', 'fp16' or 'fp8'"),
 ])
