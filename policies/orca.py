@@ -51,6 +51,10 @@ class OrcaScheduler(Scheduler):
             rid = state.waiting[0]
             n, reserve = state.tokens_to_run(rid), self.reservation(state, rid)
             need = int(kv.blocks_for(reserve))
+            if self.params.max_num_batched_tokens and n > self.params.max_num_batched_tokens:
+                state.reject_head("exceeds_token_budget", f"prompt of {n} tokens exceeds max_num_batched_tokens="
+                                                          f"{self.params.max_num_batched_tokens} (no chunked prefill)")
+                continue
             if need > kv.num_blocks:
                 state.reject_head("exceeds_kv_capacity",
                                   f"reservation of {reserve} tokens needs {need} KV blocks; the replica has "

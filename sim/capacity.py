@@ -53,7 +53,8 @@ def slo_predicate(ttft_p99_s: float | None = None, itl_p99_s: float | None = Non
 
 def find_capacity(config: SimConfig, meets: Callable[[Summary], bool], start: float = 1.0,
                   rel_tol: float = 0.03, max_probes: int = 24, workload: int = 0) -> Capacity:
-    """Highest rate (requests/s) meeting `meets`, to within `rel_tol`; rate 0 when even `start`/8 fails."""
+    """Highest rate (requests/s) meeting `meets`, to within `rel_tol`; 0 when `start` and its halvings down
+    to `start`/4 all fail."""
     result = Capacity(rate=0.0, summary=None)
 
     def probe(rate: float) -> bool:

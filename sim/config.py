@@ -81,7 +81,7 @@ def _default_workloads() -> list[Workload]:
 class SimConfig(_Section):
     """Everything a run depends on; the default is the embedded scenario of `servesim run`."""
 
-    seed: int = 0
+    seed: NonNegativeInt = 0
     model: str = Field("llama-3-8b", description="catalog model id or a Hugging Face config.json")
     max_model_len: PositiveInt | None = Field(None, description="longest request (default: the model's maximum)")
     hardware: HardwareConfig = HardwareConfig()
@@ -117,6 +117,23 @@ def _set(tree: Any, path: list[str], value: Any, full: str) -> None:
         tree[idx] = value
 
 
+def _reset_if_switched(data: dict[str, Any], path: list[str], value: Any) -> None:
+    parent: Any = data
+    for key in path[:-2]:
+        parent = parent[int(key)] if isinstance(parent, list) and key.isdigit() and int(key) < len(parent) else \
+            parent.get(key) if isinstance(parent, dict) else None
+        if parent is None:
+            return
+    holder_key = path[-2]
+    if isinstance(parent, list) and holder_key.isdigit() and int(holder_key) < len(parent):
+        holder_key = int(holder_key)  # type: ignore[assignment]
+    elif not isinstance(parent, dict):
+        return
+    section = parent[holder_key] if isinstance(parent, list) else parent.get(holder_key)
+    if isinstance(section, dict) and section.get(path[-1], "vllm" if path[-1] == "name" else None) != value:
+        parent[holder_key] = {}
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply `key.path=value` overrides (values parsed as YAML, list items by index) to a config dict."""
     for item in overrides:
@@ -127,10 +144,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
             value = raw
-        if key == "scheduler.name" and isinstance(data.get("scheduler"), dict) \
-                and data["scheduler"].get("name", "vllm") != value:
-            data["scheduler"] = {}  # another policy: the old one's parameters do not apply
-        _set(data, key.split("."), value, item)
+        path = key.split(".")
+        if path[-1] in ("name", "kind") and path[0] in ("scheduler", "workloads"):
+            _reset_if_switched(data, path, value)  # another policy or kind: the old one's fields do not apply
+        _set(data, path, value, item)
     return data
 
 

@@ -18,6 +18,7 @@ import simpy
 from hardware.catalog import get_gpu, get_model
 from hardware.cost import CostModel
 from hardware.deployment import Deployment
+from hardware.errors import ServesimError
 from hardware.profile import load_profile
 from policies import make_scheduler
 from policies.base import Scheduler
@@ -208,7 +209,12 @@ def prepare(config: SimConfig) -> Setup:
     dep = build_deployment(config)
     plan = dep.check_fits()
     requests, names, skipped = make_requests(config)
-    num_blocks = config.kv_cache.num_blocks or plan.kv_capacity_tokens // config.kv_cache.block_size
+    block_size = config.kv_cache.block_size
+    num_blocks = config.kv_cache.num_blocks or plan.kv_capacity_tokens // block_size
+    if num_blocks * block_size < dep.context_limit:  # as vLLM: one request of max_model_len must fit
+        raise ServesimError(f"kv_cache.num_blocks = {num_blocks}: {num_blocks * block_size} tokens of KV cannot hold "
+                            f"one request of max_model_len = {dep.context_limit} tokens; raise num_blocks or lower "
+                            "max_model_len")
     return Setup(config, dep, requests, names, skipped, num_blocks)
 
 

@@ -54,11 +54,11 @@ def _stats(prefix: str, values: np.ndarray, out: dict[str, Any]) -> None:
         out[f"{prefix}_p{p}_s"] = None if v is None else float(v)
 
 
-def _itls(r: Requests) -> tuple[np.ndarray, np.ndarray]:
+def _itls(r: Requests, finished: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """All inter-token gaps of finished requests, and each request's largest gap (NaN when none)."""
     gaps = np.diff(r.token_time)
-    inside = np.ones(gaps.size, dtype=bool)
-    inside[r.token_offset[1:] - 1] = False  # the gap between one request's last token and the next's first
+    inside = np.repeat(finished, r.output)[1:]  # gaps whose later token belongs to a finished request...
+    inside[r.token_offset[1:] - 1] = False  # ...and not the gap between one request's last token and the next's
     gaps[~inside] = -np.inf
     multi = np.flatnonzero(r.output > 1)
     itl_max = np.full(r.n, np.nan)
@@ -76,7 +76,7 @@ def build_results(config: SimConfig, dep: Deployment, num_blocks: int, r: Reques
     e2e = r.finish - r.arrival
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(r.output > 1, (e2e - ttft) / (r.output - 1), np.nan)
-    itl, itl_max = _itls(r)
+    itl, itl_max = _itls(r, finished)
     slo = config.slo
     meets = finished.copy()
     for target, values in ((slo.ttft_s, ttft), (slo.tpot_s, tpot), (slo.e2e_s, e2e)):

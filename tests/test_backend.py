@@ -80,6 +80,7 @@ def test_paged_attention_matches_contiguous_reference() -> None:
 def tiny_config(scheduler: dict, blocks: int, n: int = 10) -> SimConfig:
     return SimConfig.model_validate({
         "model": "tiny-llama", "seed": 5, "scheduler": scheduler, "kv_cache": {"num_blocks": blocks},
+        "max_model_len": min(2048, blocks * 16),
         "workloads": [{"arrival": {"kind": "poisson", "rate": 200.0}, "num_requests": n,
                        "lengths": {"kind": "uniform", "prompt": [5, 70], "output": [1, 24]}}],
     })

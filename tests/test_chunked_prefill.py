@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import policies
+from hardware.errors import ServesimError
 from policies.batch import Batch
 from policies.chunked import is_decoding
 from policies.sarathi import SarathiParams, SarathiScheduler
@@ -124,6 +125,7 @@ def test_stall_free_batching_bounds_inter_token_latency() -> None:
 
 def test_v1_admits_nothing_on_a_step_that_preempted() -> None:
     cfg = config(scheduler=sched("vllm_v1", max_num_batched_tokens=1024), kv_cache={"num_blocks": 120},
+                 max_model_len=1920,
                  workloads=[{"arrival": {"kind": "poisson", "rate": 80.0}, "num_requests": 80,
                              "lengths": {"kind": "uniform", "prompt": [100, 600], "output": [50, 300]}}])
     res = simulate(cfg)
@@ -171,7 +173,8 @@ def test_conservation_with_chunking_and_prefix_caching(monkeypatch, scheduler, c
           "lengths": {"kind": "uniform", "prompt": [1, 400], "output": [1, 80]},
           "shared_prefix": {"tokens": prefix, "fraction": fraction, "prompts": prompts}}
     cfg = config(scheduler=scheduler, workloads=[wl], kv_cache={"num_blocks": blocks, "prefix_caching": caching},
-                 cluster={"replicas": replicas, "router": "prefix_affinity"}, max_model_len=2048, seed=seed)
+                 cluster={"replicas": replicas, "router": "prefix_affinity"}, max_model_len=min(2048, blocks * 16),
+                 seed=seed)
     res = simulate(cfg)
     check_conservation(cfg, res)
     req = res.requests
@@ -200,9 +203,9 @@ def test_caching_with_nothing_to_share_changes_nothing() -> None:
     wl = [{"arrival": {"kind": "poisson", "rate": 20.0}, "num_requests": 200,
            "lengths": {"kind": "uniform", "prompt": [50, 900], "output": [10, 200]}}]
     for name in ("vllm", "vllm_v1", "sarathi"):
-        on = simulate(config(scheduler=sched(name), workloads=wl, kv_cache={"prefix_caching": True,
-                                                                            "num_blocks": 300}))
-        off = simulate(config(scheduler=sched(name), workloads=wl, kv_cache={"num_blocks": 300}))
+        on = simulate(config(scheduler=sched(name), workloads=wl, max_model_len=4800,
+                             kv_cache={"prefix_caching": True, "num_blocks": 300}))
+        off = simulate(config(scheduler=sched(name), workloads=wl, kv_cache={"num_blocks": 300}, max_model_len=4800))
         assert on.summary["preemptions"] > 0  # memory pressure exercised
         assert on.requests.equals(off.requests) and on.steps.equals(off.steps), name
 
@@ -259,16 +262,20 @@ def test_prefix_caching_needs_a_paged_scheduler() -> None:
 @pytest.mark.parametrize("name", CHUNKED)
 def test_new_policies_are_deterministic(name: str) -> None:
     cfg = config(scheduler=sched(name), workloads=WORK, kv_cache={"prefix_caching": True, "num_blocks": 200},
+                 max_model_len=3200,
                  cluster={"replicas": 2, "router": "power_of_two"})
     a, b = simulate(cfg), simulate(cfg)
     assert a.summary == b.summary and a.requests.equals(b.requests) and a.steps.equals(b.steps)
 
 
 @pytest.mark.parametrize("name", ("vllm", *CHUNKED))
-def test_a_request_outgrowing_the_whole_cache_is_rejected_not_stalled(name: str) -> None:
-    cfg = config(scheduler=sched(name), kv_cache={"num_blocks": 50},  # 800 tokens of KV
-                 workloads=[{"arrival": {"kind": "poisson", "rate": 1.0}, "num_requests": 3,
-                             "lengths": {"kind": "fixed", "prompt": 500, "output": 600}}])
-    res = simulate(cfg)
+def test_a_cache_smaller_than_one_request_is_refused_and_long_requests_rejected(name: str) -> None:
+    work = [{"arrival": {"kind": "poisson", "rate": 1.0}, "num_requests": 3,
+             "lengths": {"kind": "fixed", "prompt": 500, "output": 600}}]
+    with pytest.raises(ServesimError, match="kv_cache.num_blocks = 50: 800 tokens of KV cannot hold one request of "
+                                            "max_model_len = 8192 tokens"):
+        simulate(config(scheduler=sched(name), kv_cache={"num_blocks": 50}, workloads=work))
+    cfg = config(scheduler=sched(name), kv_cache={"num_blocks": 50}, max_model_len=800, workloads=work)
+    res = simulate(cfg)  # as vLLM: requests longer than max_model_len never start
     check_conservation(cfg, res)
-    assert (res.requests["reject_code"] == "exceeds_kv_capacity").all()
+    assert (res.requests["reject_code"] == "exceeds_max_model_len").all()

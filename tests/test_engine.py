@@ -72,12 +72,12 @@ workloads = st.fixed_dictionaries({
 def test_conservation_over_random_workloads(sched, wls, replicas, router, blocks, seed) -> None:
     cfg = config(scheduler=sched, workloads=[{**w, "name": f"w{i}"} for i, w in enumerate(wls)],
                  cluster={"replicas": replicas, "router": router}, kv_cache={"num_blocks": blocks, "block_size": 16},
-                 max_model_len=2048, seed=seed)
+                 max_model_len=min(2048, blocks * 16), seed=seed)
     res = simulate(cfg)
     check_conservation(cfg, res)
     steps = res.steps
     if sched["name"] == "vllm":
-        budget = sched["max_num_batched_tokens"] or 2048
+        budget = sched["max_num_batched_tokens"] or max(cfg.max_model_len, 2048)
         assert (steps["prefill_tokens"] <= budget).all()
         assert (steps["prefill_requests"] + steps["decode_requests"] <= sched["max_num_seqs"]).all()
         assert not ((steps["prefill_requests"] > 0) & (steps["decode_requests"] > 0)).any()  # V0: never mixed
@@ -86,7 +86,7 @@ def test_conservation_over_random_workloads(sched, wls, replicas, router, blocks
 
 
 def test_preemption_under_memory_pressure_conserves() -> None:
-    cfg = config(scheduler={"name": "vllm"}, kv_cache={"num_blocks": 80},
+    cfg = config(scheduler={"name": "vllm"}, kv_cache={"num_blocks": 80}, max_model_len=1280,
                  workloads=[{"arrival": {"kind": "poisson", "rate": 50}, "num_requests": 60,
                              "lengths": {"kind": "uniform", "prompt": [50, 400], "output": [50, 400]}}])
     res = simulate(cfg)
@@ -194,3 +194,15 @@ def test_default_scenario_runs_and_is_deterministic() -> None:
 
 def test_status_enum_covers_the_table() -> None:
     assert [s.name for s in Status] == ["PENDING", "WAITING", "RUNNING", "FINISHED", "REJECTED"]
+
+
+def test_itl_counts_only_finished_requests() -> None:
+    from policies.state import Requests
+    from sim.metrics import _itls
+
+    r = Requests(np.zeros(3), np.ones(3, np.int64), np.array([3, 2, 2]), np.zeros(3, np.int64))
+    r.token_time[:] = [1.0, 1.5, 2.5, 3.0, 3.1, 4.0, 6.0]  # request 1 emitted tokens, then was rejected
+    finished = np.array([True, False, True])
+    itl, itl_max = _itls(r, finished)
+    assert sorted(itl.tolist()) == [0.5, 1.0, 2.0]
+    assert itl_max[0] == 1.0 and itl_max[2] == 2.0

@@ -40,6 +40,21 @@ def test_run_writes_every_output_and_is_byte_identical(tmp_path, capsys) -> None
     assert again == load_config(None, ["workloads.0.num_requests=200"])
 
 
+def test_switching_a_kind_resets_its_section(capsys) -> None:
+    cfg = load_config(None, ["workloads.0.arrival.kind=constant", "workloads.0.arrival.rate=3"])
+    assert cfg.workloads[0].arrival.kind == "constant" and cfg.workloads[0].arrival.rate == 3
+    assert main(["run", "--set", "workloads.0.arrival.kind=trace", "--quiet"]) == 2  # no trace given: one line
+    assert "a `trace` section (path) is required" in capsys.readouterr().err
+
+
+def test_orca_rejects_prompts_over_its_token_cap(capsys) -> None:
+    assert main(["run", *SMALL, "--json", "--set", "scheduler.name=orca",
+                 "--set", "scheduler.max_num_batched_tokens=512"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert s["rejected_exceeds_token_budget"] > 0 and "rejected_stalled" not in s
+    assert s["requests_finished"] + s["rejected_exceeds_token_budget"] == 200
+
+
 def test_json_summary_and_overrides(capsys) -> None:
     assert main(["run", *SMALL, "--json", "--set", "scheduler.max_num_seqs=8", "--set", "hardware.gpu=h200"]) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -56,6 +71,8 @@ def test_json_summary_and_overrides(capsys) -> None:
     (["--set", "hardware.colour=blue"], "hardware.colour = 'blue': Extra inputs are not permitted"),
     (["--set", "model=llama-3-70b"], "does not fit on 1 x h100-sxm-80gb"),
     (["missing.yaml"], "config: no such file 'missing.yaml'"),
+    (["--set", "seed=-1"], "seed = -1: Input should be greater than or equal to 0"),
+    (["--set", "scheduler.name=orca", "--set", "scheduler.max_num_batched_tokens=0"], "max_num_batched_tokens = 0"),
 ])
 def test_bad_configs_fail_in_one_line(capsys, argv: list[str], message: str) -> None:
     assert main(["run", *argv, "--quiet"]) == 2

@@ -127,3 +127,29 @@ def test_trace_replay_scales_time_and_keeps_pairs(tmp_path) -> None:
 def test_bad_workloads_are_rejected(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
         workload(**fields)
+
+
+@pytest.mark.parametrize("row,message", [
+    ('{"timestamp": 0, "input_length": 1e400, "output_length": 5}', "bad row: cannot convert float infinity"),
+    ('{"timestamp": NaN, "input_length": 10, "output_length": 5}', "timestamp must be a finite number"),
+    ('{"timestamp": 0, "input_length": 10, "output_length": 5, "hash_ids": [99999999999]}', "hash_ids must be"),
+])
+def test_mooncake_rejects_unusable_rows(tmp_path, row: str, message: str) -> None:
+    with pytest.raises(ServesimError, match=message):
+        read_mooncake(write(tmp_path, "m.jsonl", row + "\n"))
+
+
+@pytest.mark.parametrize("fields,message", [
+    ({"lengths": {"kind": "uniform", "prompt": [1, 9e21], "output": [1, 2]}}, "exceeded maximum size"),
+    ({"lengths": {"kind": "uniform", "prompt": [1, 3e9], "output": [1, 2]}}, "less than or equal to 2147483648"),
+    ({"arrival": {"kind": "gamma", "rate": 1.0, "cv": 1e-200}}, "greater than or equal to 0.001"),
+])
+def test_absurd_workload_fields_fail_validation(fields: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        workload(**fields)
+
+
+def test_absurd_request_counts_are_refused() -> None:
+    w = workload(arrival={"kind": "poisson", "rate": 1e300}, num_requests=None, duration_s=10.0)
+    with pytest.raises(ServesimError, match="allowed: at most 50,000,000"):
+        generate(w, np.random.default_rng(0))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -18,6 +19,8 @@ import numpy as np
 from hardware.errors import ServesimError
 
 BadRow = Literal["error", "skip"]
+MAX_HASH_ID = 1 << 26  # prefix-cache keys keep 26 bits for a trace's block id
+MAX_TOKENS = 1 << 31  # longest prompt or output a trace or generator may give
 
 
 @dataclass(frozen=True)
@@ -37,8 +40,8 @@ class TraceData:
 
 def _positive_int(value: object, field: str) -> int:
     n = int(value)  # type: ignore[call-overload]
-    if n < 1 or float(value) != n:  # type: ignore[arg-type]
-        raise ValueError(f"{field} must be a positive integer, got {value!r}")
+    if n < 1 or n > MAX_TOKENS or float(value) != n:  # type: ignore[arg-type]
+        raise ValueError(f"{field} must be an integer in [1, {MAX_TOKENS}], got {value!r}")
     return n
 
 
@@ -113,10 +116,14 @@ def read_mooncake(path: str | Path, on_bad_row: BadRow = "error") -> TraceData:
                 if not isinstance(row, dict):
                     raise ValueError("not a JSON object")
                 t = float(row["timestamp"]) / 1000.0
+                if not math.isfinite(t):
+                    raise ValueError(f"timestamp must be a finite number of ms, got {row['timestamp']!r}")
                 pr = _positive_int(row["input_length"], "input_length")
                 out = _positive_int(row["output_length"], "output_length")
                 ids = tuple(int(h) for h in row.get("hash_ids", ()))
-            except (ValueError, KeyError, TypeError) as exc:
+                if any(not 0 <= h < MAX_HASH_ID for h in ids):
+                    raise ValueError(f"hash_ids must be integers in [0, {MAX_HASH_ID})")
+            except (ValueError, KeyError, TypeError, OverflowError) as exc:
                 if on_bad_row == "skip":
                     skipped += 1
                     continue

@@ -17,7 +17,11 @@ from typing import Annotated, Literal, Union
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
-from traces.readers import BadRow, TraceData, read_trace
+from hardware.errors import ServesimError
+from traces.readers import MAX_TOKENS, BadRow, TraceData, read_trace
+
+Tokens = Annotated[int, Field(ge=1, le=MAX_TOKENS)]
+MAX_REQUESTS = 50_000_000  # a generated workload larger than this is surely a typo
 
 
 class _Spec(BaseModel):
@@ -32,7 +36,7 @@ class PoissonArrival(_Spec):
 class GammaArrival(_Spec):
     kind: Literal["gamma"] = "gamma"
     rate: PositiveFloat = Field(description="requests per second")
-    cv: PositiveFloat = Field(description="coefficient of variation of the gaps (1 = Poisson)")
+    cv: float = Field(ge=1e-3, le=1e3, description="coefficient of variation of the gaps (1 = Poisson)")
 
 
 class ConstantArrival(_Spec):
@@ -50,14 +54,14 @@ Arrival = Annotated[Union[PoissonArrival, GammaArrival, ConstantArrival, TraceAr
 
 class FixedLengths(_Spec):
     kind: Literal["fixed"] = "fixed"
-    prompt: PositiveInt
-    output: PositiveInt
+    prompt: Tokens
+    output: Tokens
 
 
 class UniformLengths(_Spec):
     kind: Literal["uniform"] = "uniform"
-    prompt: tuple[PositiveInt, PositiveInt] = Field(description="inclusive [min, max]")
-    output: tuple[PositiveInt, PositiveInt]
+    prompt: tuple[Tokens, Tokens] = Field(description="inclusive [min, max]")
+    output: tuple[Tokens, Tokens]
 
     @model_validator(mode="after")
     def _ordered(self) -> UniformLengths:
@@ -69,12 +73,12 @@ class UniformLengths(_Spec):
 
 class LognormalLengths(_Spec):
     kind: Literal["lognormal"] = "lognormal"
-    prompt_mean: PositiveFloat
-    prompt_cv: PositiveFloat
-    output_mean: PositiveFloat
-    output_cv: PositiveFloat
-    max_prompt: PositiveInt | None = Field(None, description="clip prompts to this many tokens")
-    max_output: PositiveInt | None = None
+    prompt_mean: float = Field(gt=0, le=MAX_TOKENS)
+    prompt_cv: float = Field(gt=0, le=1e3)
+    output_mean: float = Field(gt=0, le=MAX_TOKENS)
+    output_cv: float = Field(gt=0, le=1e3)
+    max_prompt: Tokens | None = Field(None, description="clip prompts to this many tokens")
+    max_output: Tokens | None = None
 
 
 class TraceLengths(_Spec):
@@ -107,7 +111,7 @@ class Workload(_Spec):
     arrival: Arrival
     lengths: Lengths
     trace: TraceSource | None = None
-    num_requests: PositiveInt | None = None
+    num_requests: int | None = Field(None, ge=1, le=MAX_REQUESTS)
     duration_s: PositiveFloat | None = None
     start_s: float = Field(0.0, ge=0.0, description="time of the stream's start")
     shared_prefix: SharedPrefix | None = None
@@ -153,7 +157,8 @@ class GeneratedRequests:
             for i, (ids, n) in enumerate(zip(self.hash_ids, self.prompt.tolist())):
                 j = np.arange(min(n // block_size, len(ids) * self.hash_block_tokens // block_size))
                 last = ((j + 1) * block_size - 1) // self.hash_block_tokens
-                keys[i] = _keys(_NS_TRACE, np.asarray(ids, dtype=np.int64)[last], j)
+                ident = (workload_index << 26) | np.asarray(ids, dtype=np.int64)[last]  # hash ids < 2**26
+                keys[i] = _keys(_NS_TRACE, ident, j)
         if self.prefix_group is not None:
             shared = np.arange(self.prefix_tokens // block_size)
             for i in np.flatnonzero(self.prefix_group >= 0).tolist():
@@ -187,6 +192,9 @@ def _arrivals(w: Workload, rng: np.random.Generator, trace: TraceData | None) ->
         return np.cumsum(_gaps(w.arrival, w.num_requests, rng))
     assert w.duration_s is not None
     expected = w.arrival.rate * w.duration_s
+    if expected > MAX_REQUESTS:
+        raise ServesimError(f"workload {w.name!r}: rate x duration_s = {expected:.3g} requests; allowed: at most "
+                            f"{MAX_REQUESTS:,}")
     chunk = int(expected + 10 * math.sqrt(expected) + 16)
     times = np.cumsum(_gaps(w.arrival, chunk, rng))
     while times[-1] < w.duration_s:  # rare: draw more gaps until past the end
@@ -197,7 +205,7 @@ def _arrivals(w: Workload, rng: np.random.Generator, trace: TraceData | None) ->
 def _lognormal(mean: float, cv: float, n: int, rng: np.random.Generator, cap: int | None) -> np.ndarray:
     sigma2 = math.log1p(cv**2)
     x = rng.lognormal(math.log(mean) - sigma2 / 2, math.sqrt(sigma2), n)
-    return np.clip(np.rint(x), 1, cap or np.inf).astype(np.int64)
+    return np.clip(np.rint(x), 1, cap or MAX_TOKENS).astype(np.int64)
 
 
 def _lengths(w: Workload, n: int, rng: np.random.Generator, trace: TraceData | None,
