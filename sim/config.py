@@ -145,7 +145,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except yaml.YAMLError:
             value = raw
         path = key.split(".")
-        if path[-1] in ("name", "kind") and path[0] in ("scheduler", "workloads"):
+        if path == ["scheduler", "name"] or path[-1] == "kind":
             _reset_if_switched(data, path, value)  # another policy or kind: the old one's fields do not apply
         _set(data, path, value, item)
     return data

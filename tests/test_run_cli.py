@@ -105,3 +105,9 @@ def test_console_script_runs_the_default_scenario(tmp_path) -> None:
     out = subprocess.run([sys.executable, "-m", "sim", "run", str(cfg), "--json", "--quiet"], capture_output=True,
                          text=True, check=True).stdout
     assert json.loads(out)["requests_finished"] == 100
+
+
+def test_renaming_a_workload_keeps_its_fields() -> None:
+    cfg = load_config(None, ["workloads.0.name=chat", "scheduler.max_num_seqs=64"])
+    assert cfg.workloads[0].name == "chat" and cfg.workloads[0].arrival.rate == 15.0
+    assert cfg.scheduler.max_num_seqs == 64
