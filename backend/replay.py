@@ -109,7 +109,5 @@ def write_shapes(shapes: list[StepShape], path: str | Path) -> None:
     """Each step's batch shape, one JSON line per step (what `servesim validate` re-prices)."""
     with open(path, "w") as f:
         for s in shapes:
-            f.write(json.dumps({"prefill_tokens": s.prefill_tokens.tolist(),
-                                "prefill_cached": s.prefill_cached.tolist(),
-                                "decode_context": s.decode_context.tolist()}) + "\n")
+            f.write(json.dumps(s.to_dict()) + "\n")
 

@@ -142,6 +142,10 @@ def _totals(x: np.ndarray) -> StepTotals:
                       decode_pairs=f["decode_pairs"])
 
 
+def _work(ops: list[tuple[Operator, int]]) -> np.ndarray:
+    return np.array([(op.flops, op.bytes, op.comm_bytes) for op, _ in ops])
+
+
 def _collective_shape(op: Operator) -> tuple[int, float]:
     """(latency steps, share of the payload each rank moves): ring all-reduce 2(n-1) and 2(n-1)/n,
     all-gather n-1 and (n-1)/n, send/recv (and any non-collective) 1 and all of it."""
@@ -182,16 +186,17 @@ class CostModel:
         self.cuda_graphs = cuda_graphs
         self._compile()
 
+    def _operators(self, x: np.ndarray) -> list[tuple[Operator, int]]:
+        return step_operators(self.dep, _totals(x), float(x[0]), float(x[1]))
+
     def _affine(self, x: np.ndarray) -> np.ndarray:
         """(ops, 3) array of FLOPs, bytes and collective payload at feature vector x."""
-        ops = step_operators(self.dep, _totals(x), float(x[0]), float(x[1]))
-        return np.array([(op.flops, op.bytes, op.comm_bytes) for op, _ in ops])
+        return _work(self._operators(x))
 
     def _compile(self) -> None:
         dep, gpu = self.dep, self.dep.gpu
-        origin = np.zeros(len(FEATURES))
-        ops = step_operators(dep, _totals(origin), 0.0, 0.0)
-        base = self._affine(origin)
+        ops = self._operators(np.zeros(len(FEATURES)))
+        base = _work(ops)
         slopes = np.stack([self._affine(e) - base for e in np.eye(len(FEATURES))], axis=2)  # (ops, 3, F)
         probe = np.random.default_rng(0).uniform(1.0, 1e4, len(FEATURES))
         if not np.allclose(self._affine(probe), base + slopes @ probe, rtol=1e-9):

@@ -80,6 +80,15 @@ class StepShape:
     def num_requests(self) -> int:
         return self.prefill_tokens.size + self.decode_context.size + self.verify_tokens.size
 
+    def to_dict(self) -> dict[str, list[int]]:
+        """Prefill chunks and decodes as plain lists (the line format of a replay's batches.jsonl)."""
+        return {"prefill_tokens": self.prefill_tokens.tolist(), "prefill_cached": self.prefill_cached.tolist(),
+                "decode_context": self.decode_context.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, list[int]]) -> StepShape:
+        return cls.build(prefill=d["prefill_tokens"], prefill_cached=d["prefill_cached"], decode=d["decode_context"])
+
     @property
     def is_decode_only(self) -> bool:
         return self.prefill_tokens.size == 0 and self.verify_tokens.size == 0

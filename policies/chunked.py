@@ -11,15 +11,9 @@ from policies.batch import Batch
 from policies.state import ReplicaState, Status
 
 
-def remaining_tokens(state: ReplicaState, ids: np.ndarray) -> np.ndarray:
-    """Tokens each request still has to run: prompt + generated - computed."""
-    r = state.req
-    return r.prompt[ids] + r.generated[ids] - r.computed[ids]
-
-
 def is_decoding(state: ReplicaState, ids: np.ndarray) -> np.ndarray:
     """Requests whose next step runs just their newest sampled token."""
-    return (remaining_tokens(state, ids) == 1) & (state.req.generated[ids] > 0)
+    return (state.tokens_to_run(ids) == 1) & (state.req.generated[ids] > 0)
 
 
 def plan_running(state: ReplicaState, order: np.ndarray, budget: int, cap: int | None = None
@@ -29,7 +23,7 @@ def plan_running(state: ReplicaState, order: np.ndarray, budget: int, cap: int |
     not yet planned (the tail of the running list), as vLLM does; when none is left, the request itself is
     preempted and the planning ends. Returns (ids, tokens, whether anything was preempted)."""
     r, kv = state.req, state.kv
-    want = remaining_tokens(state, order)
+    want = state.tokens_to_run(order)
     if cap:
         want = np.minimum(want, cap)
     tokens = np.clip(budget - (np.cumsum(want) - want), 0, want)

@@ -110,8 +110,11 @@ class ReplicaState:
     def known_tokens(self, rid: int) -> int:
         return int(self.req.prompt[rid] + self.req.generated[rid])
 
-    def tokens_to_run(self, rid: int) -> int:
-        return int(self.req.prompt[rid] + self.req.generated[rid] - self.req.computed[rid])
+    def tokens_to_run(self, rid: int | np.ndarray) -> int | np.ndarray:
+        """Known tokens not yet computed (prompt + generated - computed), for one request or an array."""
+        r = self.req
+        left = r.prompt[rid] + r.generated[rid] - r.computed[rid]
+        return left if isinstance(rid, np.ndarray) else int(left)
 
     def total_tokens(self, rid: int) -> int:
         """Prompt plus full output: what a request holds at its end (KV of all but the last token)."""

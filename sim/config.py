@@ -23,6 +23,8 @@ from policies import PAGED_SCHEDULERS, SchedulerConfig
 from policies.vllm import VllmParams
 from traces.workload import LognormalLengths, PoissonArrival, Workload
 
+DEFAULT_SCHEDULER = VllmParams().name
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
@@ -117,21 +119,16 @@ def _set(tree: Any, path: list[str], value: Any, full: str) -> None:
         tree[idx] = value
 
 
-def _reset_if_switched(data: dict[str, Any], path: list[str], value: Any) -> None:
-    parent: Any = data
-    for key in path[:-2]:
-        parent = parent[int(key)] if isinstance(parent, list) and key.isdigit() and int(key) < len(parent) else \
-            parent.get(key) if isinstance(parent, dict) else None
-        if parent is None:
-            return
-    holder_key = path[-2]
-    if isinstance(parent, list) and holder_key.isdigit() and int(holder_key) < len(parent):
-        holder_key = int(holder_key)  # type: ignore[assignment]
-    elif not isinstance(parent, dict):
-        return
-    section = parent[holder_key] if isinstance(parent, list) else parent.get(holder_key)
-    if isinstance(section, dict) and section.get(path[-1], "vllm" if path[-1] == "name" else None) != value:
-        parent[holder_key] = {}
+def _node(tree: Any, path: list[str]) -> Any:
+    """The part of a config dict at `path` (list items by index), or None where it does not exist."""
+    for key in path:
+        if isinstance(tree, list) and key.isdigit() and int(key) < len(tree):
+            tree = tree[int(key)]
+        elif isinstance(tree, dict):
+            tree = tree.get(key)
+        else:
+            return None
+    return tree
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -145,8 +142,11 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except yaml.YAMLError:
             value = raw
         path = key.split(".")
-        if path == ["scheduler", "name"] or path[-1] == "kind":
-            _reset_if_switched(data, path, value)  # another policy or kind: the old one's fields do not apply
+        if path == ["scheduler", "name"] or path[-1] == "kind":  # a discriminator: another policy or kind
+            section = _node(data, path[:-1])
+            default = DEFAULT_SCHEDULER if path[-1] == "name" else None
+            if isinstance(section, dict) and section.get(path[-1], default) != value:
+                section.clear()  # the old one's fields do not apply
         _set(data, path, value, item)
     return data
 
@@ -183,7 +183,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         _resolve_paths(data, Path(path).parent)
     if isinstance(data.get("scheduler"), dict):
-        data["scheduler"].setdefault("name", "vllm")  # the default policy when a section omits its name
+        data["scheduler"].setdefault("name", DEFAULT_SCHEDULER)  # when a section omits its name
     try:
         return SimConfig.model_validate(data)
     except ValidationError as exc:

@@ -156,6 +156,13 @@ def build_deployment(config: SimConfig) -> Deployment:
                             max_num_batched_tokens=tokens, max_num_seqs=seqs)
 
 
+def cost_model(config: SimConfig, profile: str | None = None) -> CostModel:
+    """The cost model of a config's deployment, with `profile` (default: the config's) applied."""
+    path = profile or config.hardware.profile
+    return CostModel(build_deployment(config), profile=load_profile(path) if path else None,
+                     cuda_graphs=config.hardware.cuda_graphs)
+
+
 def make_requests(config: SimConfig) -> tuple[Requests, list[str], int]:
     """All workloads' requests merged in arrival order; returns the table, workload names, skipped rows.
     With prefix caching on, each request also gets the keys of its shareable KV blocks."""
@@ -228,9 +235,8 @@ def simulate(
     setup = prepare(config)
     dep, requests = setup.deployment, setup.requests
     if executor_factory is None:
-        profile = load_profile(config.hardware.profile) if config.hardware.profile else None
-        cost_model = CostModel(dep, profile=profile, cuda_graphs=config.hardware.cuda_graphs)
-        executor_factory = lambda _dep: CostModelExecutor(cost_model)  # noqa: E731
+        model = cost_model(config)
+        executor_factory = lambda _dep: CostModelExecutor(model)  # noqa: E731
     env = simpy.Environment()
     log = StepLog()
     bar = Progress(requests.n, progress and sys.stderr.isatty())

@@ -20,12 +20,10 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from hardware.cost import CostModel  # noqa: E402
 from hardware.errors import ServesimError  # noqa: E402
 from hardware.operators import StepShape  # noqa: E402
-from hardware.profile import load_profile  # noqa: E402
 from sim.config import load_config  # noqa: E402
-from sim.engine import build_deployment  # noqa: E402
+from sim.engine import cost_model  # noqa: E402
 
 METRICS = [f"{m}_{p}_s" for m in ("ttft", "tpot", "itl", "e2e") for p in ("p50", "p90", "p99")]
 
@@ -39,21 +37,13 @@ def _read_summary(d: Path) -> dict[str, Any]:
 
 def read_shapes(path: Path) -> list[StepShape]:
     """Batch shapes written by `servesim replay`, one JSON line per step."""
-    out = []
     with path.open() as f:
-        for line in f:
-            d = json.loads(line)
-            out.append(StepShape.build(prefill=d["prefill_tokens"], prefill_cached=d["prefill_cached"],
-                                       decode=d["decode_context"]))
-    return out
+        return [StepShape.from_dict(json.loads(line)) for line in f]
 
 
 def reprice(real_dir: Path, profile: str | None = None) -> pd.DataFrame:
     """Measured and predicted duration of every step of a replay, on identical batches."""
-    config = load_config(real_dir / "config.yaml")
-    prof = load_profile(profile) if profile else (load_profile(config.hardware.profile)
-                                                  if config.hardware.profile else None)
-    model = CostModel(build_deployment(config), profile=prof, cuda_graphs=config.hardware.cuda_graphs)
+    model = cost_model(load_config(real_dir / "config.yaml"), profile)
     steps = pd.read_csv(real_dir / "steps.csv")
     shapes = read_shapes(real_dir / "batches.jsonl")
     if len(shapes) != len(steps):
