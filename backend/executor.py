@@ -15,7 +15,15 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from backend.model import AttentionMeta, Chunk, LlamaModel, PagedKVCache, attention_meta, build_model
+from backend.model import (
+    AttentionGroup,
+    AttentionMeta,
+    Chunk,
+    LlamaModel,
+    PagedKVCache,
+    attention_meta,
+    build_model,
+)
 from hardware.cost import GRAPH_BATCH_SIZES
 from hardware.specs import ModelSpec
 from policies.batch import Batch
@@ -28,29 +36,38 @@ def prompt_tokens(seed: int, rid: int, length: int, vocab: int) -> list[int]:
     return np.random.default_rng([seed, rid]).integers(0, vocab, length).tolist()
 
 
-# Largest batch rows x context width captured as a graph (its K/V gathers stay in the graph's memory pool).
-GRAPH_MAX_CELLS = 128 * 2048
+def capacity_bucket(n: int) -> int:
+    """n rounded up on a grid of 8 steps per octave (at most 12.5% more), at least 256: the sizes of the
+    K/V gather that decode CUDA graphs are captured for."""
+    if n <= 256:
+        return 256
+    step = 1 << (n.bit_length() - 4)
+    return -(-n // step) * step
 
 
 class DecodeGraph:
-    """A decode step of `batch` rows over at most `width` tokens of context, captured as a CUDA graph.
+    """A decode step of `batch` rows over at most `capacity` tokens of context in all, as a CUDA graph.
 
-    Inputs live in static buffers; rows past the real batch are padding that writes to and reads from a
-    scratch slot, so their outputs are ignored (vLLM pads decode batches to captured sizes the same way)."""
+    Inputs live in static buffers; rows past the real batch are padding that write to and read one key
+    from a scratch slot, so their outputs are ignored (vLLM pads decode batches to captured sizes the same
+    way). The K/V gather writes into buffers shared by all graphs, and the logits are copied out to a
+    shared buffer, so a graph keeps little memory of its own."""
 
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, batch: int, width: int, scratch: int,
-                 pool: object) -> None:
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, batch: int, capacity: int, scratch: int,
+                 pool: object, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
         dev = cache.k.device
-        self.batch, self.width, self.scratch = batch, width, scratch
+        self.batch, self.capacity, self.scratch = batch, capacity, scratch
+        k_buf, v_buf, self.logits = shared
+        # Every tensor the graph reads must outlive it: keep them on the object.
         self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
         self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
         self.slots = torch.full((batch,), scratch, dtype=torch.long, device=dev)
-        self.index = torch.full((batch, width), scratch, dtype=torch.long, device=dev)
-        self.valid = torch.zeros((batch, width), dtype=torch.bool, device=dev)
-        self.valid[:, 0] = True
-        # Every tensor the graph reads must outlive it: keep them on the object.
+        self.index = torch.full((capacity,), scratch, dtype=torch.long, device=dev)
+        self.cu_k = torch.arange(batch + 1, dtype=torch.int32, device=dev)
         self.rows = torch.arange(batch, device=dev)
-        self.meta = AttentionMeta(self.slots, [], self.rows, self.index, self.valid)
+        group = AttentionGroup(0, batch, self.index, torch.arange(batch + 1, dtype=torch.int32, device=dev),
+                               self.cu_k, 1, capacity, [], [], k_buf[:capacity], v_buf[:capacity])
+        self.meta = AttentionMeta(self.slots, [group])
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -59,19 +76,18 @@ class DecodeGraph:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits = model(self.tokens, self.positions, self.meta, cache, self.rows)
+            self.logits[:batch].copy_(model(self.tokens, self.positions, self.meta, cache, self.rows))
 
     def run(self, tokens: list[int], positions: list[int], meta: AttentionMeta) -> torch.Tensor:
-        n = len(tokens)
-        length = meta.decode_index.shape[1]
+        n, (g,) = len(tokens), meta.groups
+        total = sum(g.k_lens)
         self.tokens[:n] = torch.tensor(tokens)
         self.positions[:n] = torch.tensor(positions)
         self.slots[:n] = meta.slots
-        self.index.fill_(self.scratch)
-        self.index[:n, :length] = meta.decode_index
-        self.valid.zero_()
-        self.valid[:, 0] = True
-        self.valid[:n, :length] = meta.decode_valid
+        self.index[:total] = g.kv_index
+        self.index[total:] = self.scratch
+        pad = np.arange(total + 1, total + 1 + self.batch - n)  # each padding row reads the scratch slot
+        self.cu_k.copy_(torch.from_numpy(np.concatenate([[0], np.cumsum(g.k_lens), pad]).astype(np.int32)))
         self.graph.replay()
         return self.logits[:n]
 
@@ -92,6 +108,8 @@ class TorchExecutor:
         self.scratch = num_blocks * block_size
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self.num_blocks = num_blocks
+        self._graph_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.block_size = block_size
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
@@ -108,8 +126,10 @@ class TorchExecutor:
             del self.tables[rid][keep:]
         for rid in ids:
             table = self.tables.setdefault(rid, [])
-            while len(table) < self.req.blocks[rid]:
-                table.append(self.free_blocks.pop())
+            need = int(self.req.blocks[rid]) - len(table)
+            if need > 0:  # the free list's last `need` blocks, in the order pop() would give them
+                table.extend(self.free_blocks[: -need - 1: -1])
+                del self.free_blocks[-need:]
 
     def _generator(self, rid: int) -> torch.Generator:
         """The random stream of request `rid`'s next token: seeded by (seed, request, position)."""
@@ -144,7 +164,7 @@ class TorchExecutor:
                 sample_rows.append(len(flat_tokens) - 1)
                 sample_ids.append(rid)
         dev = self.device
-        meta = attention_meta(chunks, self.block_size, dev, self.spec.sliding_window)
+        meta = attention_meta(chunks, self.block_size, dev, batch.prefill_ids.size)
         graph = self._graph(batch, meta)
         if dev.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -178,12 +198,15 @@ class TorchExecutor:
         if not self.use_graphs or batch.prefill_ids.size or not n or n > GRAPH_BATCH_SIZES[-1]:
             return None
         rows = next(b for b in GRAPH_BATCH_SIZES if b >= n)
-        width = 1 << max(8, (meta.decode_index.shape[1] - 1).bit_length())  # context padded to a power of two
-        if rows * width > GRAPH_MAX_CELLS:  # the padded K/V gather would pin too much memory in the graph pool
-            return None
-        key = (rows, width)
+        key = (rows, capacity_bucket(sum(meta.groups[0].k_lens) + rows - n))
         if key not in self.graphs:
             t0 = time.perf_counter()
-            self.graphs[key] = DecodeGraph(self.model, self.cache, rows, width, self.scratch, self.graph_pool)
+            if self._graph_buffers is None:  # sized for the whole cache plus padding rows, shared by all graphs
+                most = capacity_bucket(self.num_blocks * self.block_size + GRAPH_BATCH_SIZES[-1])
+                kv = torch.empty((most, *self.cache.k.shape[2:]), dtype=self.dtype, device=self.device)
+                logits = torch.empty((GRAPH_BATCH_SIZES[-1], self.spec.vocab_size), device=self.device)
+                self._graph_buffers = (kv, torch.empty_like(kv), logits)
+            self.graphs[key] = DecodeGraph(self.model, self.cache, *key, self.scratch, self.graph_pool,
+                                           self._graph_buffers)
             self.capture_seconds = time.perf_counter() - t0
         return self.graphs[key]

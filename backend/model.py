@@ -8,6 +8,7 @@ and to each other (Vaswani et al. 2017; Touvron et al., Llama 2, 2023).
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,18 +30,19 @@ class RMSNorm(nn.Module):
         return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
 
 
-def rope_tables(positions: torch.Tensor, d: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of every position's rotary angles, (T, 1, d/2), computed once per pass."""
+def rope_tables(positions: torch.Tensor, d: int, theta: float, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of every position's rotary angles, (T, 1, d/2), computed in float32 once per pass and
+    cast to the activations' dtype (as Hugging Face Llama does)."""
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
     ang = positions.float()[:, None] * inv[None, :]
-    return ang.cos()[:, None, :], ang.sin()[:, None, :]
+    return ang.cos()[:, None, :].to(dtype), ang.sin()[:, None, :].to(dtype)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary position embedding, half-split layout as in Hugging Face Llama. x: (T, heads, d)."""
     d = x.shape[-1]
-    x1, x2 = x[..., : d // 2].float(), x[..., d // 2:].float()
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 @dataclass
@@ -55,53 +57,100 @@ class Chunk:
 
 
 @dataclass
-class AttentionMeta:
-    """Where one pass writes and reads the cache, built once per step (not per layer).
+class AttentionGroup:
+    """Consecutive rows [start, end) of the flat batch that attend in one variable-length call: sequence i
+    has queries cu_q[i]:cu_q[i+1] and keys cu_k[i]:cu_k[i+1] of the K/V gathered at `kv_index` (cache
+    slots). `q_lens`/`k_lens` are host copies for the CPU kernel; `k_buf`/`v_buf` optional static gather
+    outputs (CUDA graphs)."""
 
-    Multi-token chunks attend one by one (`prefills`: rows, key slots, mask); single-token rows (decodes)
-    attend together in one padded call (`decode_rows`, `decode_index`, `decode_valid`)."""
+    start: int
+    end: int
+    kv_index: torch.Tensor
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    q_lens: list[int]
+    k_lens: list[int]
+    k_buf: torch.Tensor | None = None
+    v_buf: torch.Tensor | None = None
+
+
+@dataclass
+class AttentionMeta:
+    """Where one pass writes new K/V (`slots`) and how its rows attend (`groups`: prefill chunks, then
+    decodes), built once per step, not per layer."""
 
     slots: torch.Tensor
-    prefills: list[tuple[int, int, torch.Tensor, torch.Tensor]]
-    decode_rows: torch.Tensor | None = None
-    decode_index: torch.Tensor | None = None
-    decode_valid: torch.Tensor | None = None
+    groups: list[AttentionGroup]
 
 
 def _slots(table: list[int], positions: np.ndarray, block_size: int) -> np.ndarray:
     return np.asarray(table, dtype=np.int64)[positions // block_size] * block_size + positions % block_size
 
 
-def attention_meta(chunks: list[Chunk], block_size: int, device: torch.device, window: int | None) -> AttentionMeta:
-    """Slots and masks of a pass over `chunks` (token order: chunk after chunk)."""
+def _cumulative(lengths: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
+
+
+def attention_group(chunks: list[Chunk], block_size: int, device: torch.device) -> AttentionGroup:
+    """One varlen call over `chunks` (consecutive rows): each chunk's queries see its whole cache so far.
+
+    The slots of every key are computed on the device from the block tables (a few vector operations),
+    so the host's work grows with the blocks of the step, not with its tokens."""
+    q_lens = [c.length for c in chunks]
+    k_lens = [c.cached + c.length for c in chunks]
+    tables = torch.tensor(list(itertools.chain.from_iterable(c.table for c in chunks)), dtype=torch.long,
+                          device=device)
+    first_block = torch.tensor(np.cumsum([0] + [len(c.table) for c in chunks[:-1]]), device=device)
+    lengths, total = torch.tensor(k_lens, device=device), sum(k_lens)
+    seq = torch.repeat_interleave(torch.arange(len(chunks), device=device), lengths, output_size=total)
+    starts = torch.cumsum(lengths, 0) - lengths
+    pos = torch.arange(total, device=device) - starts[seq]
+    index = tables[first_block[seq] + pos // block_size] * block_size + pos % block_size
+    return AttentionGroup(chunks[0].start, chunks[-1].start + chunks[-1].length, index, _cumulative(q_lens, device),
+                          _cumulative(k_lens, device), max(q_lens), max(k_lens), q_lens, k_lens)
+
+
+def attention_meta(chunks: list[Chunk], block_size: int, device: torch.device, prefills: int) -> AttentionMeta:
+    """Slots and attention groups of a pass over `chunks` (token order: chunk after chunk), the first
+    `prefills` of them prefill chunks attending in one call, the rest decodes in another (as the cost
+    model prices them: one prefill-attention and one decode-attention kernel)."""
     new_slots = np.concatenate([_slots(c.table, np.arange(c.cached, c.cached + c.length), block_size)
                                 for c in chunks])
-    prefills = []
-    for c in (c for c in chunks if c.length > 1):
-        total = c.cached + c.length
-        k_pos, q_pos = np.arange(total), np.arange(c.cached, total)
-        allowed = k_pos[None, :] <= q_pos[:, None]
+    groups = [attention_group(part, block_size, device) for part in (chunks[:prefills], chunks[prefills:]) if part]
+    return AttentionMeta(torch.from_numpy(new_slots).to(device), groups)
+
+
+def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: AttentionGroup,
+                     window: int | None) -> torch.Tensor:
+    """Causal attention per sequence, the mask aligned at the end (a chunk's first query sees the cached
+    keys before it). CUDA: PyTorch's FlashAttention-2 varlen kernel (grouped-query heads natively);
+    CPU: one `scaled_dot_product_attention` per sequence (the reference)."""
+    if q.is_cuda:
+        heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[2]
+        if g.max_q == 1 and heads > kv_heads and window is None:
+            # Decode: the query heads sharing a KV head become that head's query rows (each sequence then
+            # has `group` queries that all see every key), so one kernel tile serves the whole group.
+            group, rows = heads // kv_heads, q.shape[0]
+            qg = q.view(rows, kv_heads, group, d).transpose(1, 2).reshape(rows * group, kv_heads, d)
+            out = torch.ops.aten._flash_attention_forward(qg, k, v, g.cu_q * group, g.cu_k, group, g.max_k, 0.0,
+                                                          False, False)[0]
+            return out.view(rows, group, kv_heads, d).transpose(1, 2).reshape(rows, heads, d)
+        left = None if window is None else window - 1
+        return torch.ops.aten._flash_attention_forward(q, k, v, g.cu_q, g.cu_k, g.max_q, g.max_k, 0.0, True, False,
+                                                       window_size_left=left, window_size_right=0 if left else None)[0]
+    out, qs, ks = [], 0, 0
+    for lq, lk in zip(g.q_lens, g.k_lens):
+        q_pos, k_pos = torch.arange(lk - lq, lk)[:, None], torch.arange(lk)[None, :]
+        allowed = k_pos <= q_pos
         if window is not None:
-            allowed &= k_pos[None, :] > q_pos[:, None] - window
-        prefills.append((c.start, c.length, torch.from_numpy(_slots(c.table, k_pos, block_size)).to(device),
-                         torch.from_numpy(allowed).to(device)))
-    meta = AttentionMeta(torch.from_numpy(new_slots).to(device), prefills)
-    decodes = [c for c in chunks if c.length == 1]
-    if decodes:
-        lengths = np.array([c.cached + 1 for c in decodes])
-        longest = int(lengths.max())
-        width = -(-longest // block_size)
-        tables = np.zeros((len(decodes), width), dtype=np.int64)
-        for i, c in enumerate(decodes):
-            tables[i, : min(len(c.table), width)] = c.table[:width]
-        pos = np.arange(longest)
-        valid = pos[None, :] < lengths[:, None]
-        if window is not None:
-            valid &= pos[None, :] > lengths[:, None] - 1 - window
-        meta.decode_rows = torch.from_numpy(np.array([c.start for c in decodes])).to(device)
-        meta.decode_index = torch.from_numpy(tables[:, pos // block_size] * block_size + pos % block_size).to(device)
-        meta.decode_valid = torch.from_numpy(valid).to(device)
-    return meta
+            allowed &= k_pos > q_pos - window
+        o = F.scaled_dot_product_attention(q[qs:qs + lq].transpose(0, 1), k[ks:ks + lk].transpose(0, 1),
+                                           v[ks:ks + lk].transpose(0, 1), attn_mask=allowed, enable_gqa=True)
+        out.append(o.transpose(0, 1))
+        qs, ks = qs + lq, ks + lk
+    return torch.cat(out)
 
 
 class PagedKVCache:
@@ -116,50 +165,45 @@ class PagedKVCache:
 
 
 class Attention(nn.Module):
+    """Fused QKV projection, RoPE on queries and keys together, paged K/V write, varlen attention."""
+
     def __init__(self, spec: ModelSpec, layer: int) -> None:
         super().__init__()
         d, h, kvh = spec.head_size, spec.num_attention_heads, spec.num_key_value_heads
         self.layer, self.heads, self.kv_heads, self.head_dim = layer, h, kvh, d
         self.theta, self.window = spec.rope_theta, spec.sliding_window
-        self.q_proj = nn.Linear(spec.hidden_size, h * d, bias=spec.attention_bias)
-        self.k_proj = nn.Linear(spec.hidden_size, kvh * d, bias=spec.attention_bias)
-        self.v_proj = nn.Linear(spec.hidden_size, kvh * d, bias=spec.attention_bias)
+        self.qkv_proj = nn.Linear(spec.hidden_size, (h + 2 * kvh) * d, bias=spec.attention_bias)
         self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], meta: AttentionMeta,
                 cache: PagedKVCache) -> torch.Tensor:
-        t = x.shape[0]
-        q = rope(self.q_proj(x).view(t, self.heads, self.head_dim), *rot)
-        k = rope(self.k_proj(x).view(t, self.kv_heads, self.head_dim), *rot)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        t, h, kvh = x.shape[0], self.heads, self.kv_heads
+        qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
+        qk = rope(qkv[:, : h + kvh], *rot)
+        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kvh:]
         kc, vc = cache.k[self.layer], cache.v[self.layer]
         kc.index_copy_(0, meta.slots, k)
         vc.index_copy_(0, meta.slots, v)
-        out = torch.empty_like(q)
-        for start, length, kv_slots, mask in meta.prefills:
-            qs = q[start:start + length].transpose(0, 1)  # (heads, length, d)
-            ks, vs = kc[kv_slots].transpose(0, 1), vc[kv_slots].transpose(0, 1)  # (kv_heads, total, d)
-            o = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, enable_gqa=True)
-            out[start:start + length] = o.transpose(0, 1)
-        if meta.decode_rows is not None:  # every single-token row in one padded call
-            qd = q[meta.decode_rows][:, :, None, :]  # (B, heads, 1, d)
-            kd = kc[meta.decode_index].transpose(1, 2)  # (B, kv_heads, longest, d)
-            vd = vc[meta.decode_index].transpose(1, 2)
-            o = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=meta.decode_valid[:, None, None, :],
-                                               enable_gqa=True)
-            out[meta.decode_rows] = o[:, :, 0, :]
-        return self.o_proj(out.reshape(t, self.heads * self.head_dim))
+        parts = []
+        for g in meta.groups:
+            kg = torch.index_select(kc, 0, g.kv_index, out=g.k_buf) if g.k_buf is not None else kc[g.kv_index]
+            vg = torch.index_select(vc, 0, g.kv_index, out=g.v_buf) if g.v_buf is not None else vc[g.kv_index]
+            parts.append(varlen_attention(q[g.start:g.end], kg, vg, g, self.window))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        return self.o_proj(out.reshape(t, h * self.head_dim))
 
 
 class MLP(nn.Module):
+    """SwiGLU with the gate and up projections fused into one GEMM."""
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        self.gate_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(spec.hidden_size, spec.intermediate_size, bias=False)
+        self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class DecoderLayer(nn.Module):
@@ -196,10 +240,28 @@ class LlamaModel(nn.Module):
                 logit_rows: torch.Tensor) -> torch.Tensor:
         """Logits (float32) of the flat rows `logit_rows` after running all tokens."""
         x = self.embed_tokens(tokens)
-        rot = rope_tables(positions, self.spec.head_size, self.spec.rope_theta)
+        rot = rope_tables(positions, self.spec.head_size, self.spec.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, rot, meta, cache)
         return self.lm_head(self.norm(x[logit_rows])).float()
+
+
+def fuse_hf_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Hugging Face's separate q/k/v and gate/up projections concatenated into the fused ones."""
+    fused = {"q_proj": ("qkv_proj", 0), "k_proj": ("qkv_proj", 1), "v_proj": ("qkv_proj", 2),
+             "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1)}
+    out, parts = {}, {}
+    for name, tensor in state.items():
+        prefix, _, rest = name.rpartition(".")  # rest: weight or bias
+        owner, _, proj = prefix.rpartition(".")
+        if proj in fused:
+            target, pos = fused[proj]
+            parts.setdefault(f"{owner}.{target}.{rest}", {})[pos] = tensor
+        else:
+            out[name] = tensor
+    for name, pieces in parts.items():
+        out[name] = torch.cat([pieces[i] for i in sorted(pieces)])
+    return out
 
 
 def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -225,7 +287,7 @@ def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed:
         state = {}
         for f in files:
             state.update({k.removeprefix("model."): v for k, v in load_file(str(f)).items()})
-        missing, unexpected = model.load_state_dict(state, strict=False)
+        missing, unexpected = model.load_state_dict(fuse_hf_projections(state), strict=False)
         if missing or unexpected:
             raise ValueError(f"checkpoint {checkpoint}: missing {missing[:3]}..., unexpected {unexpected[:3]}...")
     return model.eval()

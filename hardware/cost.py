@@ -1,11 +1,15 @@
 """Roofline cost of one forward step: sum over operators of max(compute, memory) time plus launches.
 
-    op time   = max(flops / (peak_flops * eff_c), bytes / (hbm_bw * eff_m)) + kernels * launch
+    op time   = max(flops / (peak_flops * eff_c), bytes / (hbm_bw * eff_m)) + kernels * launch_graph
     collective= steps * link_latency + moved_bytes / (link_bw * eff_link)   (ring all-reduce: 2(n-1) steps,
                 moving 2(n-1)/n of the payload; all-gather: n-1 steps, (n-1)/n; send/recv: 1 step, all)
-    step time = sum over pipeline stages of their operators + CPU overhead of the step
+    stage     = sum of its operators (GPU time); eager: at least kernels * launch_eager (host dispatch)
+    step time = sum over pipeline stages + CPU overhead of the step (+ per request in it)
 
-Efficiencies come from a calibration profile (`hardware.profile`), falling back to documented defaults.
+Efficiencies come from a calibration profile (`hardware.profile`), falling back to documented defaults;
+a calibrated profile's measured GEMM, named-operator, attention and collective surfaces take precedence
+over its per-kind curves. A profile from another GPU keeps its efficiencies and takes this GPU's peaks:
+a kernel is assumed to reach the same fraction of the roofline at the same shape (the what-if rule).
 Decode-only steps run as CUDA graphs when enabled (vLLM's rule: the batch is padded to the next captured
 size, at most 512); any step with a prefill or verification runs eagerly.
 """
@@ -28,7 +32,8 @@ from hardware.operators import (
     layer_operators,
     pipeline_operator,
 )
-from hardware.profile import COLLECTIVE_KINDS, DEFAULT_PROFILE, Profile, TimeTables, packaged_profile
+from hardware.profile import COLLECTIVE_KINDS, DEFAULT_PROFILE, Curve, Profile, TimeTables
+from hardware.specs import DTYPE_BYTES
 
 # vLLM's default CUDA-graph capture sizes (1, 2, 4, then multiples of 8 up to 512).
 GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, *range(8, 513, 8))
@@ -157,6 +162,17 @@ def _collective_shape(op: Operator) -> tuple[int, float]:
     return 1, 1.0
 
 
+def peak_flops(dep: Deployment, kind: str) -> float:
+    """The datasheet FLOP/s an operator kind is measured against: tensor cores for GEMMs (at the weights'
+    dtype) and attention (at the activations' dtype), fp32 CUDA cores for everything else."""
+    gpu = dep.gpu
+    if kind == "gemm":
+        return gpu.matmul_flops(dep.weight_dtype)
+    if kind.startswith("attention"):
+        return gpu.fp32_flops if dep.weight_dtype == "fp32" else gpu.bf16_flops
+    return gpu.fp32_flops
+
+
 def step_operators(dep: Deployment, t: StepTotals, rows: float, active_experts: float) -> list[tuple[Operator, int]]:
     """Every operator of a step on one GPU per stage, with how many times it runs: (operator, count)."""
     layer = layer_operators(dep, t, rows, active_experts)
@@ -181,8 +197,7 @@ class CostModel:
 
     def __init__(self, deployment: Deployment, profile: Profile | None = None, cuda_graphs: bool = True) -> None:
         self.dep = deployment
-        base = profile or packaged_profile(deployment.gpu.id) or DEFAULT_PROFILE
-        self.profile = base.merged_over(DEFAULT_PROFILE)
+        self.profile = (profile or DEFAULT_PROFILE).merged_over(DEFAULT_PROFILE)
         self.cuda_graphs = cuda_graphs
         self._compile()
 
@@ -211,20 +226,35 @@ class CostModel:
         links = [dep.pp_link if op.kind == "send-recv" else dep.tp_link for op in self._ops]
         steps, self._moved = (np.array(v, dtype=float) for v in zip(*map(_collective_shape, self._ops)))
         self._latency = np.where(self._comm, steps * np.array([link.latency for link in links]), 0.0)
-        elementwise = gpu.fp32_flops
-        attention = gpu.fp32_flops if dep.weight_dtype == "fp32" else gpu.bf16_flops
-        peak_c = {"gemm": gpu.matmul_flops(dep.weight_dtype), "attention-prefill": attention,
-                  "attention-decode": attention}
-        self._gemm_peak = peak_c["gemm"]
-        kinds = list(self.profile.efficiency)
-        eff = self.profile.efficiency
-        curves = [eff[k].compute for k in kinds] + [eff[k].memory for k in kinds]
-        self._tables = TimeTables(curves)
-        self._table_ids = np.array([kinds.index(op.kind) for op in self._ops]
-                                   + [len(kinds) + kinds.index(op.kind) for op in self._ops])
-        self._peaks = np.array([peak_c.get(op.kind, elementwise) for op in self._ops]
-                               + [link.bandwidth if c else gpu.hbm_bandwidth for link, c in zip(links, self._comm)])
+        self._peak_c = np.array([peak_flops(dep, op.kind) for op in self._ops])
+        self._gemm_peak = gpu.matmul_flops(dep.weight_dtype)
+        curves = [self._curves(op) for op in self._ops]
+        self._tables = TimeTables([c for c, _ in curves] + [m for _, m in curves])
+        self._table_ids = np.arange(2 * n)
+        self._peaks = np.concatenate([self._peak_c, [link.bandwidth if c else gpu.hbm_bandwidth
+                                                     for link, c in zip(links, self._comm)]])
+        # Attention kernels measured over their shape: (operator index, surface), evaluated per step.
+        self._surfaces = [(i, s) for i, op in enumerate(self._ops) if op.kind.startswith("attention")
+                          and (s := self.profile.attention_surface(op.kind, dep.heads_per_gpu, dep.kv_heads_per_gpu,
+                                                                   dep.model.head_size)) is not None]
         self._n = n
+
+    def _curves(self, op: Operator) -> tuple[Curve | float, Curve | float]:
+        """Compute and memory efficiency curves of one operator: a measured surface of the profile where it
+        has one (GEMM weight shape, named operator, collective), else its kind's curves."""
+        prof, dep = self.profile, self.dep
+        kind = prof.efficiency[op.kind]
+        if op.kind in COLLECTIVE_KINDS:
+            return kind.compute, prof.collective_curve(op.kind, op.ranks) or kind.memory
+        if op.name in prof.operators:
+            return kind.compute, prof.operators[op.name]
+        g = prof.gemm_curve(*op.dims) if op.dims is not None and prof.gemm else None
+        if g is None:
+            return kind.compute, kind.memory
+        (k, n), m = op.dims, np.asarray(g.m)
+        flops = 2.0 * m * k * n
+        nbytes = k * n * DTYPE_BYTES[dep.weight_dtype] + m * (k + n) * dep.act_bytes
+        return Curve(sizes=tuple(flops), efficiency=g.efficiency), Curve(sizes=tuple(nbytes), efficiency=g.efficiency)
 
     def graph_rows(self, decode_seqs: int) -> int | None:
         """Padded batch size a decode-only step replays as a CUDA graph, or None when it runs eagerly."""
@@ -248,11 +278,30 @@ class CostModel:
         sides = self._tables.seconds(np.concatenate([flops, np.where(self._comm, payload * self._moved, nbytes)]),
                                      self._table_ids, self._peaks)
         tc, tm = sides[: self._n], sides[self._n:]
+        for i, surface in self._surfaces:
+            xy = _attention_coordinates(surface.kind, t)
+            if xy is not None:
+                e = surface.at(*xy)
+                tc[i], tm[i] = flops[i] / (self._peak_c[i] * e), nbytes[i] / (dep.gpu.hbm_bandwidth * e)
         ovh = self.profile.overheads
-        launch = ovh.launch_graph if graph else ovh.launch_eager
-        total = (np.maximum(tc, tm) + present * (self._latency + self._kernels * launch)) * self._count
+        launched = present * self._kernels * self._count
+        total = (np.maximum(tc, tm) + present * self._latency) * self._count + launched * ovh.launch_graph
         stage_seconds = np.bincount(self._stage, weights=total, minlength=dep.pp)
-        overhead = ovh.step_graph if graph else ovh.step_eager
+        if graph:
+            launch = ovh.launch_graph
+            overhead = ovh.step_graph + ovh.step_graph_per_request * shape.num_requests
+        else:  # the host dispatches kernels while the GPU runs them: a stage takes the longer of the two
+            launch = ovh.launch_eager
+            host = np.bincount(self._stage, weights=launched * launch, minlength=dep.pp)
+            stage_seconds = np.maximum(stage_seconds, host)
+            overhead = ovh.step_eager + ovh.step_eager_per_request * shape.num_requests
         return StepCost(self, float(stage_seconds.sum()) + overhead, tuple(stage_seconds.tolist()),
                         "graph" if graph else "eager", t.tokens, launch, overhead, self._count @ work,
                         (flops, nbytes, payload, tc, tm, total, present))
+
+
+def _attention_coordinates(kind: str, t: StepTotals) -> tuple[float, float] | None:
+    """Where a step's attention kernel sits on its measured surface (see `AttentionSurface`)."""
+    if kind == "attention-prefill":
+        return (float(t.prefill_queries), t.prefill_kv_tokens / t.prefill_queries) if t.prefill_seqs else None
+    return (float(t.decode_seqs), t.decode_pairs / t.decode_seqs) if t.decode_seqs else None

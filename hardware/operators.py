@@ -157,7 +157,8 @@ class StepTotals:
 class Operator:
     """One kernel (or fused group) on one GPU: FLOPs and HBM bytes per instance, `count` instances.
 
-    Collectives carry their payload in `comm_bytes` and the number of ranks in `ranks`.
+    Collectives carry their payload in `comm_bytes` and the number of ranks in `ranks`; dense GEMMs their
+    weight shape (K, N) in `dims`, so a calibrated profile can use the curve measured for that shape.
     """
 
     name: str
@@ -169,13 +170,15 @@ class Operator:
     comm_bytes: float = 0.0
     ranks: int = 1
     stage: int = 0
+    dims: tuple[int, int] | None = None
 
 
 def _gemm(name: str, m: float, k: float, n: float, w_bytes: float, a_bytes: float, count: int = 1,
-          weight_reads: float = 1.0) -> Operator:
+          weight_reads: float = 1.0, expert: bool = False) -> Operator:
     """Y[m,n] = X[m,k] W[k,n]: reads X and `weight_reads` matrices W (MoE: the experts hit), writes Y."""
+    dims = None if expert else (int(k), int(n))  # MoE experts read their weights per expert hit
     return Operator(name, "gemm", 2.0 * m * k * n, k * n * w_bytes * weight_reads + (m * k + m * n) * a_bytes,
-                    count)
+                    count, dims=dims)
 
 
 def expected_active_experts(num_experts: int, top_k: int, tokens: int) -> float:
@@ -198,14 +201,14 @@ def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts:
     hq, hkv, inter = dep.heads_per_gpu, dep.kv_heads_per_gpu, dep.intermediate_per_gpu
     qkv = (hq + 2 * hkv) * d
     ops = [
-        Operator("add_rmsnorm", "elementwise", 5.0 * rows * h, 4.0 * rows * h * a + h * a, count=2),
+        Operator("add_rmsnorm", "elementwise", 5.0 * rows * h, 4.0 * rows * h * a + h * a, count=2, kernels=2),
         _gemm("qkv_proj", rows, h, qkv, w, a),
-        Operator("rope", "elementwise", 6.0 * rows * (hq + hkv) * d, 2.0 * rows * (hq + hkv) * d * a),
-        Operator("kv_write", "kv-write", 0.0, t.tokens * 2 * hkv * d * (a + kvb)),
+        Operator("rope", "elementwise", 6.0 * rows * (hq + hkv) * d, 2.0 * rows * (hq + hkv) * d * a, kernels=7),
+        Operator("kv_write", "kv-write", 0.0, t.tokens * 2 * hkv * d * (a + kvb), kernels=2),
         Operator("attention_prefill", "attention-prefill", 4.0 * t.prefill_pairs * d * hq,
-                 2.0 * t.prefill_queries * hq * d * a + t.prefill_kv_tokens * 2 * hkv * d * kvb),
+                 2.0 * t.prefill_queries * hq * d * a + t.prefill_kv_tokens * 2 * hkv * d * kvb, kernels=4),
         Operator("attention_decode", "attention-decode", 4.0 * t.decode_pairs * d * hq,
-                 2.0 * t.decode_seqs * hq * d * a + t.decode_pairs * 2 * hkv * d * kvb),
+                 2.0 * t.decode_seqs * hq * d * a + t.decode_pairs * 2 * hkv * d * kvb, kernels=4),
     ]
     ops.append(_gemm("o_proj", rows, hq * d, h, w, a))
     if dep.tp > 1:
@@ -214,12 +217,12 @@ def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts:
         k, e = m.experts_per_token, m.num_experts
         ops.append(_gemm("moe_router", rows, h, e, w, a))
         # Each token runs k experts; only the experts some token is routed to have their weights read.
-        ops.append(_gemm("moe_gate_up", rows * k, h, 2 * inter, w, a, weight_reads=active_experts))
+        ops.append(_gemm("moe_gate_up", rows * k, h, 2 * inter, w, a, weight_reads=active_experts, expert=True))
         ops.append(Operator("silu_mul", "elementwise", 5.0 * rows * k * inter, 3.0 * rows * k * inter * a))
-        ops.append(_gemm("moe_down", rows * k, inter, h, w, a, weight_reads=active_experts))
+        ops.append(_gemm("moe_down", rows * k, inter, h, w, a, weight_reads=active_experts, expert=True))
     else:
         ops.append(_gemm("gate_up_proj", rows, h, 2 * inter, w, a))
-        ops.append(Operator("silu_mul", "elementwise", 5.0 * rows * inter, 3.0 * rows * inter * a))
+        ops.append(Operator("silu_mul", "elementwise", 5.0 * rows * inter, 3.0 * rows * inter * a, kernels=2))
         ops.append(_gemm("down_proj", rows, inter, h, w, a))
     if dep.tp > 1:
         ops.append(Operator("all_reduce_mlp", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp))

@@ -1,9 +1,20 @@
-"""Efficiency profiles: what fraction of the datasheet peaks each operator kind reaches, by its size.
+"""Efficiency profiles: what fraction of the datasheet roofline each operator reaches, by its shape.
 
 A profile holds, per operator kind, a compute-efficiency curve over the operator's FLOPs and a
 memory-efficiency curve over its bytes (collectives: link efficiency over their payload bytes), plus the
-fixed costs (per-kernel launch, per-step CPU overhead) in eager and CUDA-graph execution. `servesim
-calibrate` writes profiles from kernel timings; without one, `DEFAULT_PROFILE` applies.
+fixed costs in eager and CUDA-graph execution. Calibrated profiles (version 2, written by `servesim
+calibrate`) add measured surfaces that take precedence over the per-kind curves:
+
+- `gemm`: for each measured weight shape (K, N), the fraction of the roofline reached at each M (tokens);
+- `operators`: per named operator (`rope`, `add_rmsnorm`, ...), memory efficiency over its bytes;
+- `attention`: per head configuration, efficiency over (query tokens, key tokens per query token) for
+  the prefill kernel and over (sequences, key tokens per sequence) for the decode kernel;
+- `collectives`: per kind and number of ranks, link efficiency over the payload.
+
+An operator's time is its roofline divided by its efficiency, plus `launch_graph` GPU seconds per kernel;
+an eager step is bounded below by the host's dispatch of its kernels (`launch_eager` each). Without a
+profile `DEFAULT_PROFILE` applies. A GPU with no profile of its own may borrow another GPU's: the same
+efficiencies applied to its own datasheet peaks (see `CostModel`).
 
 Curves are interpolated linearly in log-log space over (size, time-per-size) and tabulated once on a
 fine grid so a lookup is O(1). Each curve is made monotone on load: more work never takes less time.
@@ -14,10 +25,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field, PositiveFloat, ValidationError, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
 from hardware.errors import ServesimError, describe_validation_error
 from hardware.specs import Spec
@@ -35,7 +46,7 @@ OP_KINDS = (
     "send-recv",
 )
 COLLECTIVE_KINDS = frozenset({"all-reduce", "all-gather", "send-recv"})
-PROFILE_VERSION = 1
+PROFILE_VERSION = 2
 _GRID_PER_DECADE = 32
 
 
@@ -56,30 +67,119 @@ class Curve(Spec):
         return self
 
 
+Efficiency = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
 class KindEfficiency(Spec):
     """Compute and memory efficiency of one operator kind (a number is a flat curve)."""
 
-    compute: Curve | float = 1.0
-    memory: Curve | float = 1.0
+    compute: Curve | Efficiency = 1.0
+    memory: Curve | Efficiency = 1.0
 
 
 class Overheads(Spec):
-    """Fixed costs in seconds: per kernel launched, and per step on the CPU (scheduling, input prep)."""
+    """Fixed costs in seconds: host dispatch per kernel in eager mode, GPU time per kernel beyond its
+    roofline share, and per step on the CPU (scheduling, input preparation, sampling), which may grow by
+    `*_per_request` with the requests in the step."""
 
     launch_eager: float = Field(ge=0.0)
     launch_graph: float = Field(ge=0.0)
     step_eager: float = Field(ge=0.0)
     step_graph: float = Field(ge=0.0)
+    step_eager_per_request: float = Field(0.0, ge=0.0)
+    step_graph_per_request: float = Field(0.0, ge=0.0)
+
+
+def _efficiencies(values: tuple[float, ...]) -> None:
+    if any(not 0.0 < e <= 1.0 for e in values):
+        raise ValueError(f"efficiency values must be in (0, 1], got {values}")
+
+
+def _increasing(name: str, values: tuple[float, ...]) -> None:
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be strictly increasing")
+
+
+class GemmCurve(Spec):
+    """Measured GEMM Y[M,N] = X[M,K] W[K,N]: fraction of the roofline reached at each M."""
+
+    k: PositiveInt
+    n: PositiveInt
+    m: tuple[PositiveFloat, ...] = Field(min_length=1)
+    efficiency: tuple[float, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> GemmCurve:
+        if len(self.m) != len(self.efficiency):
+            raise ValueError(f"m ({len(self.m)}) and efficiency ({len(self.efficiency)}) differ in length")
+        _increasing("m", self.m)
+        _efficiencies(self.efficiency)
+        return self
+
+    def at(self, m: np.ndarray) -> np.ndarray:
+        """Efficiency at M, linear in log M between points, constant beyond the ends."""
+        return np.interp(np.log(m), np.log(self.m), self.efficiency)
+
+
+class AttentionSurface(Spec):
+    """Efficiency of an attention kernel over a log grid: `efficiency[i][j]` at (x[i], y[j]).
+
+    prefill: x = query tokens of the step (all its chunks: the kernel's parallelism), y = key tokens per
+    query token ((cached prefix + chunk) / chunk summed over chunks: 1 for fresh prompts);
+    decode: x = sequences in the batch, y = key tokens per sequence. Heads are per GPU.
+    """
+
+    kind: Literal["attention-prefill", "attention-decode"]
+    heads: PositiveInt
+    kv_heads: PositiveInt
+    head_dim: PositiveInt
+    x: tuple[PositiveFloat, ...] = Field(min_length=1)
+    y: tuple[PositiveFloat, ...] = Field(min_length=1)
+    efficiency: tuple[tuple[float, ...], ...]
+
+    @model_validator(mode="after")
+    def _check(self) -> AttentionSurface:
+        _increasing("x", self.x)
+        _increasing("y", self.y)
+        if len(self.efficiency) != len(self.x) or any(len(row) != len(self.y) for row in self.efficiency):
+            raise ValueError(f"efficiency must be {len(self.x)} rows of {len(self.y)} values (x by y)")
+        for row in self.efficiency:
+            _efficiencies(row)
+        return self
+
+    def at(self, x: float, y: float) -> float:
+        """Bilinear interpolation in (log x, log y), clamped to the grid."""
+        e = np.asarray(self.efficiency)
+        lx, ly = np.log(self.x), np.log(self.y)
+        u, v = float(np.clip(np.log(x), lx[0], lx[-1])), float(np.clip(np.log(y), ly[0], ly[-1]))
+        i = min(int(np.searchsorted(lx, u, side="right")) - 1, max(len(lx) - 2, 0))
+        j = min(int(np.searchsorted(ly, v, side="right")) - 1, max(len(ly) - 2, 0))
+        fx = (u - lx[i]) / (lx[i + 1] - lx[i]) if len(lx) > 1 else 0.0
+        fy = (v - ly[j]) / (ly[j + 1] - ly[j]) if len(ly) > 1 else 0.0
+        i1, j1 = min(i + 1, len(lx) - 1), min(j + 1, len(ly) - 1)
+        return float((1 - fx) * ((1 - fy) * e[i, j] + fy * e[i, j1]) + fx * ((1 - fy) * e[i1, j] + fy * e[i1, j1]))
+
+
+class CollectiveCurve(Spec):
+    """Link efficiency of one collective over its payload bytes, for a number of ranks."""
+
+    kind: Literal["all-reduce", "all-gather", "send-recv"]
+    ranks: int = Field(ge=2)
+    curve: Curve
 
 
 class Profile(Spec):
     """A versioned efficiency profile for one GPU (see module docstring)."""
 
-    version: Literal[1] = PROFILE_VERSION
+    version: Literal[1, 2] = PROFILE_VERSION
     gpu: str
     metadata: dict[str, Any] = {}
     efficiency: dict[str, KindEfficiency]
     overheads: Overheads
+    gemm: tuple[GemmCurve, ...] = ()
+    operators: dict[str, Curve] = {}
+    attention: tuple[AttentionSurface, ...] = ()
+    collectives: tuple[CollectiveCurve, ...] = ()
 
     @model_validator(mode="after")
     def _check_kinds(self) -> Profile:
@@ -87,6 +187,36 @@ class Profile(Spec):
         if unknown:
             raise ValueError(f"unknown operator kind(s) {sorted(unknown)}; allowed: {', '.join(OP_KINDS)}")
         return self
+
+    def gemm_curve(self, k: int, n: int) -> GemmCurve | None:
+        """The measured curve of weight shape (K, N); otherwise one interpolated in (log K, log N) at
+        each M from the measured shapes (scipy, linear inside their hull, nearest outside)."""
+        exact = next((g for g in self.gemm if g.k == k and g.n == n), None)
+        if exact is not None or not self.gemm:
+            return exact
+        from scipy.interpolate import LinearNDInterpolator, NearestNDInterpolator
+
+        m = np.unique(np.concatenate([g.m for g in self.gemm]))
+        points = np.log([[g.k, g.n] for g in self.gemm])
+        values = np.array([g.at(m) for g in self.gemm])
+        target = np.log([[k, n]])
+        eff = NearestNDInterpolator(points, values)(target)[0]
+        if len(self.gemm) >= 3 and np.linalg.matrix_rank(points - points[0]) == 2:
+            linear = LinearNDInterpolator(points, values)(target)[0]
+            eff = np.where(np.isnan(linear), eff, linear)
+        return GemmCurve(k=k, n=n, m=tuple(m.tolist()), efficiency=tuple(np.clip(eff, 1e-6, 1.0).tolist()))
+
+    def attention_surface(self, kind: str, heads: int, kv_heads: int, head_dim: int) -> AttentionSurface | None:
+        """The surface measured for this head configuration, else the one with the same head size and the
+        nearest number of heads (same grouping first), else None."""
+        same = [s for s in self.attention if s.kind == kind and s.head_dim == head_dim]
+        if not same:
+            return None
+        return min(same, key=lambda s: (s.heads * kv_heads != s.kv_heads * heads, abs(math.log(s.heads / heads)),
+                                        abs(math.log(s.kv_heads / kv_heads))))
+
+    def collective_curve(self, kind: str, ranks: int) -> Curve | None:
+        return next((c.curve for c in self.collectives if c.kind == kind and c.ranks == ranks), None)
 
     def merged_over(self, base: Profile) -> Profile:
         """This profile with kinds it lacks taken from `base`."""
@@ -182,7 +312,33 @@ def load_profile(path: str | Path) -> Profile:
         raise ServesimError(describe_validation_error(exc, str(p))) from None
 
 
+PROFILES_DIR = Path(__file__).resolve().parent.parent / "calibrate" / "profiles"  # shipped with the package
+
+
 def packaged_profile(gpu_id: str) -> Profile | None:
-    """The calibrated profile shipped for this GPU id (`hardware/profiles/<id>.json`), if any."""
-    path = Path(__file__).parent / "profiles" / f"{gpu_id}.json"
+    """The calibrated profile committed for this GPU id (`calibrate/profiles/<id>.json`), if any."""
+    path = PROFILES_DIR / f"{gpu_id}.json"
     return load_profile(path) if path.is_file() else None
+
+
+def resolve_profile(value: str | None, gpu_id: str) -> Profile | None:
+    """A profile named by a user: None or "datasheet" give None (the documented defaults); "calibrated" the
+    committed profile of `gpu_id` (an error if it has none); a path to a JSON file; or the id or alias of
+    a catalog GPU with a committed profile (price one GPU with another's profile: the what-if rule)."""
+    if value is None or value == "datasheet":
+        return None
+    if value == "calibrated":
+        value = gpu_id
+    if Path(value).suffix == ".json" or Path(value).exists():
+        return load_profile(value)
+    from hardware.catalog import get_gpu
+
+    try:
+        gid = get_gpu(value).id
+    except ServesimError:
+        raise ServesimError(f"profile: {value!r} is neither a profile JSON file nor a catalog GPU id") from None
+    found = packaged_profile(gid)
+    if found is None:
+        shipped = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
+        raise ServesimError(f"profile: no committed profile for GPU {gid!r}; committed: {', '.join(shipped) or 'none'}")
+    return found

@@ -10,12 +10,13 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from calibrate.cli import add_parser as calibrate_parser
 from hardware.catalog import get_gpu, get_interconnect, get_model, gpu_ids, interconnect_ids, model_ids
 from hardware.cost import CostModel
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
 from hardware.operators import StepShape
-from hardware.profile import load_profile
+from hardware.profile import resolve_profile
 
 
 def _add_deployment_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +34,8 @@ def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step (default 8192)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="requests per step (default 256)")
     g.add_argument("--gpu-price", type=float, help="override the GPU's hourly price in USD")
-    g.add_argument("--profile", help="calibrated efficiency profile JSON (default: shipped one, else defaults)")
+    g.add_argument("--profile", help="efficiency profile: a JSON file, the GPU id of a committed profile, or "
+                   "'calibrated' for the GPU's committed one (default: the datasheet defaults)")
 
 
 def _deployment(args: argparse.Namespace) -> Deployment:
@@ -83,7 +85,7 @@ def _shape(args: argparse.Namespace) -> StepShape:
 def cmd_estimate(args: argparse.Namespace) -> dict[str, Any]:
     dep = _deployment(args)
     plan = dep.check_fits()
-    profile = load_profile(args.profile) if args.profile else None
+    profile = resolve_profile(args.profile, dep.gpu.id)
     model = CostModel(dep, profile=profile, cuda_graphs=args.graphs)
     shape = _shape(args)
     cost = model.price(shape)
@@ -233,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--out", help="where validation.json and step_scatter.png go (default: REAL_DIR)")
     val.add_argument("--json", action="store_true", help="print the report as JSON")
     val.set_defaults(func=cmd_validate)
+
+    calibrate_parser(sub)
 
     cat = sub.add_parser("catalog", help="list catalog entries as JSON")
     cat.add_argument("kind", choices=["gpus", "models", "links"])

@@ -40,7 +40,8 @@ class HardwareConfig(_Section):
     kv_dtype: DType = "bf16"
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     gpu_price: float | None = Field(None, ge=0.0, description="override the catalog's USD per GPU-hour")
-    profile: str | None = Field(None, description="calibrated efficiency profile JSON")
+    profile: str | None = Field(None, description="efficiency profile: a JSON file, the GPU id of a committed "
+                                "profile, or 'calibrated' for the GPU's committed one (default: datasheet defaults)")
     cuda_graphs: bool = True
 
 
@@ -157,7 +158,9 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         if isinstance(holder, dict) and isinstance(holder.get(key), str) and not Path(holder[key]).is_absolute():
             holder[key] = str(base / holder[key])
 
-    fix(data.get("hardware"), "profile")
+    hw = data.get("hardware")
+    if isinstance(hw, dict) and str(hw.get("profile", "")).endswith(".json"):  # not a GPU id or "datasheet"
+        fix(hw, "profile")
     for w in data.get("workloads") or []:
         if isinstance(w, dict):
             fix(w.get("trace"), "path")

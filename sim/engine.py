@@ -19,7 +19,7 @@ from hardware.catalog import get_gpu, get_model
 from hardware.cost import CostModel
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
-from hardware.profile import load_profile
+from hardware.profile import resolve_profile
 from policies import make_scheduler
 from policies.base import Scheduler
 from policies.batch import Batch
@@ -158,8 +158,8 @@ def build_deployment(config: SimConfig) -> Deployment:
 
 def cost_model(config: SimConfig, profile: str | None = None) -> CostModel:
     """The cost model of a config's deployment, with `profile` (default: the config's) applied."""
-    path = profile or config.hardware.profile
-    return CostModel(build_deployment(config), profile=load_profile(path) if path else None,
+    dep = build_deployment(config)
+    return CostModel(dep, profile=resolve_profile(profile or config.hardware.profile, dep.gpu.id),
                      cuda_graphs=config.hardware.cuda_graphs)
 
 

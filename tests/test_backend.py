@@ -30,10 +30,11 @@ def reference_logits(model, tokens: list[int]) -> torch.Tensor:
     x = model.embed_tokens(torch.tensor(tokens))
     for layer in model.layers:
         a, h = layer.self_attn, layer.input_layernorm(x)
-        rot = rope_tables(pos, a.head_dim, a.theta)
-        q = rope(a.q_proj(h).view(t, a.heads, a.head_dim), *rot).transpose(0, 1)
-        k = rope(a.k_proj(h).view(t, a.kv_heads, a.head_dim), *rot).transpose(0, 1)
-        v = a.v_proj(h).view(t, a.kv_heads, a.head_dim).transpose(0, 1)
+        rot = rope_tables(pos, a.head_dim, a.theta, x.dtype)
+        q, k, v = a.qkv_proj(h).split([a.heads * a.head_dim, a.kv_heads * a.head_dim, a.kv_heads * a.head_dim], -1)
+        q = rope(q.reshape(t, a.heads, a.head_dim), *rot).transpose(0, 1)
+        k = rope(k.reshape(t, a.kv_heads, a.head_dim), *rot).transpose(0, 1)
+        v = v.reshape(t, a.kv_heads, a.head_dim).transpose(0, 1)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         x = x + a.o_proj(o.transpose(0, 1).reshape(t, -1))
         x = x + layer.mlp(layer.post_attention_layernorm(x))
@@ -56,23 +57,23 @@ def test_paged_attention_matches_contiguous_reference() -> None:
     b = prompt_tokens(0, 2, 20, SPEC.vocab_size)
     table_a, table_b = [7, 2, 11], [5, 9]  # scattered blocks
 
-    def step(parts):  # parts: (tokens, cached, table); returns each part's last-row logits
+    def step(parts, prefills):  # parts: (tokens, cached, table); returns each part's last-row logits
         flat, pos, chunks, rows = [], [], [], []
         for toks, cached, table in parts:
             chunks.append(Chunk(len(flat), len(toks) - cached, cached, table))
             flat += toks[cached:]
             pos += range(cached, len(toks))
             rows.append(len(flat) - 1)
-        meta = attention_meta(chunks, bs, torch.device("cpu"), None)
+        meta = attention_meta(chunks, bs, torch.device("cpu"), prefills)
         return model(torch.tensor(flat), torch.tensor(pos), meta, cache, torch.tensor(rows))
 
-    step([(a[:30], 0, table_a)])  # a's first chunk alone
-    out = step([(a, 30, table_a), (b, 0, table_b)])  # a's second chunk (cached prefix, mid-block) with b's prompt
+    step([(a[:30], 0, table_a)], 1)  # a's first chunk alone
+    out = step([(a, 30, table_a), (b, 0, table_b)], 2)  # a's second chunk (cached prefix, mid-block) with b's prompt
     with torch.no_grad():
         assert torch.allclose(out[0], reference_logits(model, a), atol=1e-4)
         assert torch.allclose(out[1], reference_logits(model, b), atol=1e-4)
         a2, b2 = a + [int(out[0].argmax())], b + [int(out[1].argmax())]
-        dec = step([(a2, 45, table_a), (b2, 20, table_b)])  # a batched decode of both
+        dec = step([(a2, 45, table_a), (b2, 20, table_b)], 0)  # a batched decode of both
         assert torch.allclose(dec[0], reference_logits(model, a2), atol=1e-4)
         assert torch.allclose(dec[1], reference_logits(model, b2), atol=1e-4)
 
@@ -132,3 +133,34 @@ def test_temperature_sampling_is_seeded() -> None:
     greedy = replay(cfg, asap=True)[1].tokens
     assert any(a.tokens[r] != greedy[r] for r in greedy)
     assert np.isfinite(len(a.tokens))
+
+
+def test_hugging_face_projections_fuse_into_qkv_and_gate_up() -> None:
+    """A checkpoint with HF's separate q/k/v and gate/up weights loads into the fused projections."""
+    from backend.model import fuse_hf_projections
+
+    model = build_model(SPEC, torch.device("cpu"), torch.float32, seed=4)
+    a, d = model.layers[0].self_attn, SPEC.head_size
+    split = {}
+    for name, t in model.state_dict().items():
+        if "qkv_proj" in name:
+            q, k, v = t.split([a.heads * d, a.kv_heads * d, a.kv_heads * d])
+            for part, tensor in zip(("q_proj", "k_proj", "v_proj"), (q, k, v)):
+                split[name.replace("qkv_proj", part)] = tensor
+        elif "gate_up_proj" in name:
+            gate, up = t.chunk(2)
+            split[name.replace("gate_up_proj", "gate_proj")], split[name.replace("gate_up_proj", "up_proj")] = gate, up
+        else:
+            split[name] = t
+    fused = fuse_hf_projections(split)
+    assert fused.keys() == model.state_dict().keys()
+    assert all(torch.equal(fused[n], t) for n, t in model.state_dict().items())
+
+
+def test_capacity_buckets_bound_the_graph_gather_padding() -> None:
+    from backend.executor import capacity_bucket
+
+    sizes = np.unique(np.random.default_rng(0).integers(1, 5_000_000, 3000))
+    buckets = np.array([capacity_bucket(int(n)) for n in sizes])
+    assert (buckets >= sizes).all() and (buckets[sizes > 256] <= 1.125 * sizes[sizes > 256]).all()
+    assert len(set(buckets.tolist())) < 0.1 * len(sizes)  # few captures

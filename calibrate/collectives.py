@@ -1,0 +1,85 @@
+"""NCCL collectives over all visible GPUs: all-reduce, all-gather and send/recv by payload bytes.
+
+One process per GPU (torch.multiprocessing), torch.distributed with the NCCL backend and NVLink multicast
+off (NCCL_NVLS_ENABLE=0). Each size is timed with CUDA events on every rank after a warm-up; the slowest
+rank's median is kept. Payloads follow the cost model: an all-reduce's is the reduced tensor, an
+all-gather's the gathered output, a send/recv's the tensor sent (rank 0 to rank 1).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+SIZES = tuple(1 << e for e in range(10, 31, 2))  # 1 KiB .. 1 GiB
+KINDS = ("all-reduce", "all-gather", "send-recv")
+
+
+def _time(fn: Any, iters: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(iters):
+        dist.barrier()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def _worker(rank: int, world: int, port: int, sizes: tuple[int, ...], path: str) -> None:
+    os.environ["NCCL_NVLS_ENABLE"] = "0"
+    torch.cuda.set_device(rank)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dev = torch.device("cuda", rank)
+    out = []
+    for kind in KINDS:
+        for size in sizes:
+            n = size // 2  # bf16 elements of the payload
+            if kind == "all-reduce":
+                x = torch.randn(n, device=dev, dtype=torch.bfloat16)
+                fn = lambda: dist.all_reduce(x)  # noqa: E731
+            elif kind == "all-gather":
+                part = torch.randn(max(1, n // world), device=dev, dtype=torch.bfloat16)
+                full = torch.empty(part.numel() * world, device=dev, dtype=torch.bfloat16)
+                fn = lambda: dist.all_gather_into_tensor(full, part)  # noqa: E731
+            else:
+                x = torch.randn(n, device=dev, dtype=torch.bfloat16)
+                fn = (lambda: dist.send(x, 1)) if rank == 0 else (lambda: dist.recv(x, 0)) if rank == 1 else None
+            sec = _time(fn, 10) if fn is not None else 0.0
+            worst = torch.tensor([sec], device=dev)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+            out.append({"op": kind, "kind": kind, "ranks": world, "comm_bytes": float(size),
+                        "seconds": float(worst.item())})
+    if rank == 0:
+        Path(path).write_text(json.dumps(out))
+    dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_collectives(sizes: tuple[int, ...] = SIZES) -> list[dict[str, Any]]:
+    """Timings over every visible GPU; empty when fewer than two are visible."""
+    world = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if world < 2:
+        return []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "collectives.json")
+        mp.spawn(_worker, args=(world, _free_port(), sizes, path), nprocs=world, join=True)
+        return json.loads(Path(path).read_text())

@@ -1,0 +1,234 @@
+"""Turn microbenchmark records into an efficiency profile (`hardware.profile.Profile`, version 2).
+
+Every measured operator gets efficiency = roofline / (seconds - kernels x launch_graph), where the roofline
+is max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) of the GPU's datasheet and the FLOPs and bytes are the
+cost model's own counts (so the cost model reproduces a measured point exactly). Then:
+
+- GEMMs: one curve over M per weight shape (K, N), plus a pooled per-kind curve for unmeasured GEMMs;
+- named operators (`rope`, `add_rmsnorm`, ...): memory efficiency over bytes, pooled over the models and
+  TP degrees measured, binned at four points per decade (median), and pooled per kind;
+- attention: per head configuration, a surface over its grid (cells the grid could not hold in memory
+  take the nearest measured cell); ragged batches are kept out of the fit and reported as a check;
+- collectives: link efficiency over the bytes each rank moves, per kind and number of ranks;
+- fixed costs: GPU seconds per kernel in a graph; host dispatch per kernel and per-step overheads from
+  whole steps of a model with half and all of its layers (see `_overheads`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from typing import Any
+
+import numpy as np
+from scipy.stats import theilslopes
+
+from hardware.catalog import get_interconnect, get_model
+from hardware.cost import CostModel, peak_flops, step_operators
+from hardware.deployment import Deployment
+from hardware.operators import StepShape, StepTotals
+from hardware.profile import (
+    DEFAULT_PROFILE,
+    AttentionSurface,
+    CollectiveCurve,
+    Curve,
+    GemmCurve,
+    KindEfficiency,
+    Overheads,
+    Profile,
+)
+from hardware.specs import GPUSpec, ModelSpec
+
+MIN_EFFICIENCY = 1e-6
+
+
+def efficiency(roofline: float, seconds: float, fixed: float) -> float:
+    """Roofline seconds over measured seconds less the fixed per-kernel part, within (0, 1]."""
+    busy = seconds - fixed
+    return 1.0 if busy <= roofline else max(MIN_EFFICIENCY, roofline / busy)
+
+
+def binned_curve(sizes: np.ndarray, eff: np.ndarray, per_decade: int = 4) -> Curve:
+    """Median efficiency (and median size) in bins of 1/per_decade decade of size."""
+    order = np.argsort(sizes)
+    sizes, eff = np.asarray(sizes, float)[order], np.asarray(eff, float)[order]
+    bins = np.floor(np.log10(sizes) * per_decade)
+    xs, ys = [], []
+    for b in np.unique(bins):
+        sel = bins == b
+        xs.append(float(np.exp(np.median(np.log(sizes[sel])))))
+        ys.append(float(np.clip(np.median(eff[sel]), MIN_EFFICIENCY, 1.0)))
+    return Curve(sizes=tuple(xs), efficiency=tuple(ys))
+
+
+class _Roofline:
+    """Datasheet roofline seconds of an operator kind's FLOPs and bytes on one GPU (bf16 weights)."""
+
+    def __init__(self, gpu: GPUSpec) -> None:
+        self.gpu = gpu
+        self.dep = Deployment.build(get_model("tiny-llama"), gpu)
+
+    def __call__(self, kind: str, flops: float, nbytes: float) -> float:
+        return max(flops / peak_flops(self.dep, kind), nbytes / self.gpu.hbm_bandwidth)
+
+
+def _gemm_curves(records: list[dict[str, Any]], roof: _Roofline, launch: float) -> tuple[GemmCurve, ...]:
+    by_shape: dict[tuple[int, int], list[tuple[float, float]]] = defaultdict(list)
+    for r in records:
+        by_shape[(r["k"], r["n"])].append((r["m"], efficiency(roof("gemm", r["flops"], r["bytes"]), r["seconds"],
+                                                              launch * r["kernels"])))
+    curves = []
+    for (k, n), points in sorted(by_shape.items()):
+        points.sort()
+        curves.append(GemmCurve(k=k, n=n, m=tuple(float(m) for m, _ in points), efficiency=tuple(e for _, e in points)))
+    return tuple(curves)
+
+
+def _memory_efficiency(r: dict[str, Any], gpu: GPUSpec, launch: float) -> float:
+    return efficiency(r["bytes"] / gpu.hbm_bandwidth, r["seconds"], launch * r["kernels"])
+
+
+def _surfaces(records: list[dict[str, Any]], roof: _Roofline, launch: float) -> tuple[AttentionSurface, ...]:
+    groups: dict[tuple[str, int, int, int], dict[tuple[float, float], float]] = defaultdict(dict)
+    for r in records:
+        key = (r["kind"], r["heads"], r["kv_heads"], r["head_dim"])
+        groups[key][(r["x"], r["y"])] = efficiency(roof(r["kind"], r["flops"], r["bytes"]), r["seconds"],
+                                                   launch * r["kernels"])
+    out = []
+    for (kind, heads, kv_heads, head_dim), cells in sorted(groups.items()):
+        xs, ys = sorted({x for x, _ in cells}), sorted({y for _, y in cells})
+        known = np.array(list(cells))
+        grid = []
+        for x in xs:
+            row = []
+            for y in ys:
+                if (x, y) not in cells:  # not measured (memory): the nearest measured cell in log space
+                    d = np.hypot(np.log(known[:, 0] / x), np.log(known[:, 1] / y))
+                    nearest = known[int(np.argmin(d))]
+                    row.append(cells[(float(nearest[0]), float(nearest[1]))])
+                else:
+                    row.append(cells[(x, y)])
+            grid.append(tuple(row))
+        out.append(AttentionSurface(kind=kind, heads=heads, kv_heads=kv_heads, head_dim=head_dim, x=tuple(xs),
+                                    y=tuple(ys), efficiency=tuple(grid)))
+    return tuple(out)
+
+
+def _collective_curves(records: list[dict[str, Any]], gpu: GPUSpec) -> tuple[CollectiveCurve, ...]:
+    link = get_interconnect(gpu.intra_node_link)
+    groups: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
+    for r in records:
+        n = r["ranks"]
+        steps, share = {"all-reduce": (2 * (n - 1), 2.0 * (n - 1) / n), "all-gather": (n - 1, (n - 1) / n)}.get(
+            r["kind"], (1, 1.0))
+        moved = r["comm_bytes"] * share
+        groups[(r["kind"], n)].append((moved, efficiency(moved / link.bandwidth, r["seconds"], steps * link.latency)))
+    return tuple(CollectiveCurve(kind=kind, ranks=ranks, curve=binned_curve(*map(np.array, zip(*pts)), per_decade=2))
+                 for (kind, ranks), pts in sorted(groups.items()))
+
+
+def layer_kernels(spec: ModelSpec, shape: StepShape, gpu: GPUSpec) -> tuple[float, float]:
+    """Kernels the cost model counts for a step of `spec`: (per decoder layer, outside the layers)."""
+    dep = Deployment.build(spec, gpu)
+    t = StepTotals.of(shape, spec.sliding_window)
+    ops = step_operators(dep, t, float(t.tokens), 0.0)
+    done = [(op, c) for op, c in ops if op.flops or op.bytes or op.comm_bytes]
+    layer = sum(op.kernels * c for op, c in done if c >= spec.num_hidden_layers) / spec.num_hidden_layers
+    return layer, sum(op.kernels * c for op, c in done if c < spec.num_hidden_layers)
+
+
+def _robust_line(x: list[float], y: list[float]) -> tuple[float, float]:
+    """Non-negative (intercept, slope) of y over x, robust to outliers (Theil-Sen, scipy)."""
+    if len(set(x)) < 2:
+        return max(0.0, float(np.median(y))), 0.0
+    slope, intercept, *_ = theilslopes(y, x)
+    slope = max(0.0, float(slope))
+    return max(0.0, float(np.median(np.array(y) - slope * np.array(x)))), slope
+
+
+def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph: float) -> Overheads:
+    """Fixed costs from whole steps of a model run with half and all of its layers (robust fits: a shared
+    host has slow phases).
+
+    Eager steps are host-bound: the median over step shapes of the wall's growth per layer is the host's
+    time per layer, so a kernel is dispatched in that over the kernels per layer; the wall
+    less the layers' dispatch, over the requests, gives the step overhead (intercept, less the kernels
+    outside the layers) and its per-request part (slope). Graph steps: wall less their priced GPU time,
+    over the requests.
+    """
+    base = DEFAULT_PROFILE.overheads
+    fitted: dict[str, float] = {"launch_graph": launch_graph}
+    steps = raw.get("steps", [])
+    eager = [s for s in steps if s["execution"] == "eager"]
+    graph = [s for s in steps if s["execution"] == "graph"]
+    key = lambda s: json.dumps(s["shape"], sort_keys=True)  # noqa: E731
+    by_layers = {(s["layers"], key(s)): s["seconds"] for s in eager}
+    layers = sorted({s["layers"] for s in eager})
+    if len(layers) >= 2:
+        lo, hi = layers[0], layers[-1]
+        per_layer = float(np.median([(by_layers[(hi, k)] - w) / (hi - lo) for (n, k), w in by_layers.items()
+                                     if n == lo and (hi, k) in by_layers]))
+        k_layer, k_other = layer_kernels(get_model(eager[0].get("model", "tiny-llama")), StepShape.build(decode=[63]),
+                                         gpu)
+        launch = max(0.0, per_layer) / k_layer
+        step, per_request = _robust_line([s["requests"] for s in eager],
+                                         [s["seconds"] - s["layers"] * per_layer for s in eager])
+        fitted.update(launch_eager=launch, step_eager=max(0.0, step - k_other * launch),
+                      step_eager_per_request=per_request)
+    if graph:
+        residual = []
+        for s in graph:
+            spec = get_model(s.get("model", "tiny-llama")).model_copy(update={"num_hidden_layers": s["layers"]})
+            priced = CostModel(Deployment.build(spec, gpu), partial, cuda_graphs=True).price(
+                StepShape.from_dict(s["shape"]))
+            residual.append(s["seconds"] - sum(priced.stage_seconds))
+        step, per_request = _robust_line([s["requests"] for s in graph], residual)
+        fitted.update(step_graph=step, step_graph_per_request=per_request)
+    return base.model_copy(update={k: float(v) for k, v in fitted.items()})
+
+
+def fit_profile(raw: dict[str, Any], gpu: GPUSpec, metadata: dict[str, Any]) -> Profile:
+    """A version-2 profile for `gpu` from `calibrate.microbench.run_all`'s output (plus collectives)."""
+    roof = _Roofline(gpu)
+    launch = float(raw["fixed"]["graph_kernel_seconds"])
+    records = raw["records"]
+    gemm = [r for r in records if r["kind"] == "gemm"]
+    named = [r for r in records if r["kind"] in ("elementwise", "embedding", "kv-write", "sampling")]
+    attention = [r for r in records if r["kind"].startswith("attention")]
+    collectives = [r for r in records if r["kind"] in ("all-reduce", "all-gather", "send-recv")]
+
+    operators, kinds = {}, dict(DEFAULT_PROFILE.efficiency)
+    by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in named:
+        by_name[r["op"]].append(r)
+    for name, rs in sorted(by_name.items()):
+        operators[name] = binned_curve(np.array([r["bytes"] for r in rs]),
+                                       np.array([_memory_efficiency(r, gpu, launch) for r in rs]))
+    for kind in {r["kind"] for r in named}:
+        rs = [r for r in named if r["kind"] == kind]
+        kinds[kind] = KindEfficiency(compute=kinds[kind].compute, memory=binned_curve(
+            np.array([r["bytes"] for r in rs]), np.array([_memory_efficiency(r, gpu, launch) for r in rs])))
+    if gemm:
+        eff = np.array([efficiency(roof("gemm", r["flops"], r["bytes"]), r["seconds"], launch) for r in gemm])
+        kinds["gemm"] = KindEfficiency(compute=binned_curve(np.array([r["flops"] for r in gemm]), eff),
+                                       memory=binned_curve(np.array([r["bytes"] for r in gemm]), eff))
+    grid = [r for r in attention if not r.get("ragged")]
+    surfaces = _surfaces(grid, roof, launch)
+    profile = Profile(gpu=gpu.id, metadata=metadata, efficiency=kinds, overheads=DEFAULT_PROFILE.overheads,
+                      gemm=_gemm_curves(gemm, roof, launch), operators=operators, attention=surfaces,
+                      collectives=_collective_curves(collectives, gpu))
+    profile = profile.model_copy(update={"overheads": _overheads(raw, profile, gpu, launch)})
+    checks = [_ragged_check(r, profile, roof, launch) for r in attention if r.get("ragged")]
+    meta = {**metadata, "ceilings": raw.get("ceilings", {}), "fixed": raw["fixed"],
+            "ragged_attention_checks": checks}
+    return profile.model_copy(update={"metadata": meta})
+
+
+def _ragged_check(r: dict[str, Any], profile: Profile, roof: _Roofline, launch: float) -> dict[str, float]:
+    """Predicted vs measured seconds of a ragged attention batch from the surface at its mean shape."""
+    surface = profile.attention_surface(r["kind"], r["heads"], r["kv_heads"], r["head_dim"])
+    e = surface.at(r["x"], r["y"]) if surface is not None else 1.0
+    predicted = roof(r["kind"], r["flops"], r["bytes"]) / e + launch * r["kernels"]
+    return {"kind": r["kind"], "seqs": r["seqs"], "x": r["x"], "y": r["y"], "measured": r["seconds"],
+            "predicted": predicted, "error": predicted / r["seconds"] - 1.0 if r["seconds"] else math.nan}

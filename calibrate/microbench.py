@@ -1,0 +1,302 @@
+"""Microbenchmarks of every operator the cost model prices, run with the backend's own PyTorch code.
+
+Each record holds the operator's name and kind, its shape, the FLOPs and bytes the cost model counts for
+it (`hardware.operators`, so the fit compares like with like), its kernel count and its measured GPU
+seconds (`calibrate.timing.Timer.gpu`: CUDA graphs between CUDA events, rotating inputs larger than L2,
+random data). Suites: GEMMs over M for the weight shapes of the chosen catalog models under TP 1/2/4/8;
+attention (prefill over chunk x cached prefix, decode over batch x context, and ragged batches of both)
+per head configuration; elementwise, norm, RoPE, embedding, KV-write and sampling kernels by size; the
+fixed costs (host dispatch per kernel, GPU time per kernel in a graph, the executor's per-step overhead);
+and the two ceilings (a large bf16 GEMM, a large device-to-device copy). `--quick` runs every suite with
+tiny shapes (on CPU in CI).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backend.model import (
+    Chunk,
+    attention_group,
+    rope,
+    rope_tables,
+    varlen_attention,
+)
+from calibrate.steps import StepRunner, release_memory
+from calibrate.timing import Timer, variants_for
+from hardware.catalog import get_model
+from hardware.cost import step_operators
+from hardware.deployment import Deployment
+from hardware.operators import Operator, StepShape, StepTotals
+from hardware.specs import GPUSpec, ModelSpec
+
+GEMM_M = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072,
+          4096, 6144, 8192, 12288, 16384)
+ROWS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+PREFILL_Q = (16, 64, 256, 1024, 4096, 16384)
+PREFILL_RATIO = (1, 2, 4, 16, 64)  # key tokens per query token
+DECODE_B = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+DECODE_CTX = (64, 256, 1024, 4096, 16384, 65536)
+MAX_KV_TOKENS = 2 ** 21  # per attention measurement (one layer's K and V, plus their gathered copy)
+POOL_BYTES = 16e9  # the K/V cache pool attention gathers from: large, as a server's (address translation)
+BLOCK = 16  # tokens per cache block, as the engine's default
+QUICK = {"gemm_m": (1, 5, 32), "rows": (1, 8, 64), "prefill_q": (4, 32), "prefill_ratio": (1, 4),
+         "decode_b": (1, 4), "decode_ctx": (16, 64), "max_kv": 4096,
+         "pool_bytes": 1e6}
+
+
+@dataclass
+class Settings:
+    gemm_m: tuple[int, ...] = GEMM_M
+    rows: tuple[int, ...] = ROWS
+    prefill_q: tuple[int, ...] = PREFILL_Q
+    prefill_ratio: tuple[int, ...] = PREFILL_RATIO
+    decode_b: tuple[int, ...] = DECODE_B
+    decode_ctx: tuple[int, ...] = DECODE_CTX
+    max_kv: int = MAX_KV_TOKENS
+    pool_bytes: float = POOL_BYTES
+
+    @classmethod
+    def quick(cls) -> Settings:
+        return cls(**QUICK)
+
+
+def _decode_shape(rows: int) -> StepShape:
+    return StepShape.build(decode=[1] * rows)
+
+
+def operators_at(dep: Deployment, shape: StepShape) -> dict[str, Operator]:
+    """The cost model's operators of one step, by name (first pipeline stage and last)."""
+    t = StepTotals.of(shape, dep.model.sliding_window)
+    return {op.name: op for op, _ in step_operators(dep, t, float(t.tokens), 0.0)}
+
+
+def _record(op: Operator, seconds: float, **params: Any) -> dict[str, Any]:
+    return {"op": op.name, "kind": op.kind, "flops": op.flops, "bytes": op.bytes, "comm_bytes": op.comm_bytes,
+            "kernels": op.kernels, "seconds": seconds, **params}
+
+
+class Bench:
+    """Runs the suites on one device for one GPU spec (whose L2 size sets the rotating inputs)."""
+
+    def __init__(self, device: torch.device, gpu: GPUSpec, settings: Settings, log: Callable[[str], None]) -> None:
+        self.device, self.gpu, self.s, self.log = device, gpu, settings, log
+        self.dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        self.timer = Timer(device) if device.type == "cuda" else Timer(device, repeats=3)
+        self.gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(self, *shape: int) -> torch.Tensor:
+        return torch.randn(*shape, device=self.device, dtype=self.dtype, generator=self.gen)
+
+    def rand_ints(self, high: int, n: int) -> torch.Tensor:
+        return torch.randint(0, high, (n,), device=self.device, generator=self.gen)
+
+    def variants(self, nbytes: float) -> int:
+        return variants_for(nbytes, self.gpu.l2_bytes) if self.device.type == "cuda" else 1
+
+    # ---- GEMMs -------------------------------------------------------------------------------------------
+    def gemms(self, shapes: Iterable[tuple[int, int]]) -> list[dict[str, Any]]:
+        out = []
+        for k, n in sorted(set(shapes)):
+            nw = self.variants(k * n * 2)
+            weights = [self.randn(n, k) for _ in range(nw)]
+            for m in self.s.gemm_m:
+                nx = max(1, min(nw, self.variants(m * k * 2)))
+                xs = [self.randn(m, k) for _ in range(nx)]
+                sec = self.timer.gpu(lambda i: F.linear(xs[i % nx], weights[i % nw]), max(nw, nx))
+                op = Operator("gemm", "gemm", 2.0 * m * k * n, k * n * 2 + (m * k + m * n) * 2)
+                out.append(_record(op, sec, k=k, n=n, m=m))
+            self.log(f"gemm k={k} n={n}")
+        return out
+
+    # ---- elementwise-type operators, as the backend runs them -------------------------------------------
+    def elementwise(self, dep: Deployment) -> list[dict[str, Any]]:
+        m_spec = dep.model
+        h, hq, hkv, d = m_spec.hidden_size, dep.heads_per_gpu, dep.kv_heads_per_gpu, m_spec.head_size
+        inter, vocab = dep.intermediate_per_gpu, m_spec.vocab_size
+        out = []
+        for m in self.s.rows:
+            ops = operators_at(dep, _decode_shape(m))
+            v = self.variants(m * h * 2 * 2)
+            xs, rs, w = [self.randn(m, h) for _ in range(v)], [self.randn(m, h) for _ in range(v)], self.randn(h)
+            qkv = [self.randn(m, hq + 2 * hkv, d) for _ in range(self.variants(m * (hq + 2 * hkv) * d * 2))]
+            cos, sin = rope_tables(self.rand_ints(4096, m), d, m_spec.rope_theta, self.dtype)
+            gu = [self.randn(m, 2 * inter) for _ in range(self.variants(m * 2 * inter * 2))]
+            slots = torch.randperm(max(4 * m, 65536), device=self.device, generator=self.gen)[:m]
+            kc, vc = self.randn(max(4 * m, 65536), hkv, d), self.randn(max(4 * m, 65536), hkv, d)
+            kn, vn = self.randn(m, hkv, d), self.randn(m, hkv, d)
+            table, tokens = self.randn(vocab, h), self.rand_ints(vocab, m)
+            logits = [self.randn(m, vocab) for _ in range(self.variants(m * vocab * 2))]
+            cases: dict[str, tuple[Callable[[int], object], int]] = {
+                "add_rmsnorm": (lambda i: F.rms_norm(xs[i] + rs[i], (h,), w, 1e-5), v),
+                "final_norm": (lambda i: F.rms_norm(xs[i], (h,), w, 1e-5), v),
+                "rope": (lambda i: rope(qkv[i][:, : hq + hkv], cos, sin), len(qkv)),
+                "silu_mul": (lambda i: (lambda g, u: F.silu(g) * u)(*gu[i].chunk(2, dim=-1)), len(gu)),
+                "kv_write": (lambda i: (kc.index_copy_(0, slots, kn), vc.index_copy_(0, slots, vn)), 1),
+                "embedding": (lambda i: F.embedding(tokens, table), 1),
+                "sampling": (lambda i: logits[i].float().argmax(dim=-1), len(logits)),
+            }
+            for name, (fn, nv) in cases.items():
+                out.append(_record(ops[name], self.timer.gpu(fn, nv), model=m_spec.id, tp=dep.tp, rows=m))
+        self.log(f"elementwise {m_spec.id} tp={dep.tp}")
+        return out
+
+    # ---- attention ---------------------------------------------------------------------------------------
+    def _attention(self, dep: Deployment, chunks: list[tuple[int, int]],
+                   pool: tuple[torch.Tensor, torch.Tensor]) -> float:
+        """GPU seconds of the backend's attention (K/V gather and the varlen kernel) over sequences given as
+        (new tokens, cached tokens), whose 16-token blocks lie at random in a large cache `pool`, rotating
+        over disjoint placements (as a serving cache scatters them)."""
+        hq, d = dep.heads_per_gpu, dep.model.head_size
+        kc, vc = pool
+        blocks = [math.ceil((c + p) / BLOCK) for c, p in chunks]
+        v = min(self.variants(sum(c + p for c, p in chunks) * kc.shape[1] * d * 2 * 2),
+                kc.shape[0] // BLOCK // sum(blocks))
+        perm = torch.randperm(kc.shape[0] // BLOCK, generator=torch.Generator().manual_seed(1)).tolist()
+        groups, queries, start = [], sum(c for c, _ in chunks), 0
+        for _ in range(v):
+            parts, row = [], 0
+            for (c, p), nb in zip(chunks, blocks):
+                parts.append(Chunk(row, c, p, perm[start:start + nb]))
+                start, row = start + nb, row + c
+            groups.append(attention_group(parts, BLOCK, self.device))
+        qs = [self.randn(queries, hq, d) for _ in range(v)]
+
+        def run(i: int) -> torch.Tensor:
+            g = groups[i]
+            return varlen_attention(qs[i], kc[g.kv_index], vc[g.kv_index], g, None)
+
+        return self.timer.gpu(run, v)
+
+    def attention(self, dep: Deployment) -> list[dict[str, Any]]:
+        out, s = [], self.s
+        head = {"heads": dep.heads_per_gpu, "kv_heads": dep.kv_heads_per_gpu, "head_dim": dep.model.head_size}
+        token_bytes = 2 * dep.kv_heads_per_gpu * dep.model.head_size * 2
+        max_kv = min(s.max_kv, int(s.max_kv * 4096 / token_bytes))  # at most 8 GiB of K and V per measurement
+        tokens = max(max_kv + BLOCK * max(s.decode_b), int(s.pool_bytes / token_bytes))
+        pool = (self.randn(tokens, dep.kv_heads_per_gpu, dep.model.head_size),
+                self.randn(tokens, dep.kv_heads_per_gpu, dep.model.head_size))
+        for q in s.prefill_q:
+            for r in s.prefill_ratio:
+                if q * r > max_kv:
+                    continue
+                shape = StepShape.build(prefill=[q], prefill_cached=[q * (r - 1)])
+                sec = self._attention(dep, [(q, q * (r - 1))], pool)
+                out.append(_record(operators_at(dep, shape)["attention_prefill"], sec, x=q, y=r, seqs=1, **head))
+        for b in s.decode_b:
+            for ctx in s.decode_ctx:
+                if b * ctx > max_kv:
+                    continue
+                shape = StepShape.build(decode=[ctx - 1] * b)
+                sec = self._attention(dep, [(1, ctx - 1)] * b, pool)
+                out.append(_record(operators_at(dep, shape)["attention_decode"], sec, x=b, y=ctx, seqs=b, **head))
+        rng = np.random.default_rng(0)  # ragged batches: checks of the surfaces, not grid points
+        for b in s.decode_b[1::3]:
+            ctx = np.minimum(np.maximum(rng.lognormal(math.log(s.decode_ctx[-2] / 8), 1.0, b), 2).astype(int),
+                             max_kv // b)
+            shape = StepShape.build(decode=(ctx - 1).tolist())
+            sec = self._attention(dep, [(1, int(c) - 1) for c in ctx], pool)
+            out.append(_record(operators_at(dep, shape)["attention_decode"], sec, x=b, y=float(ctx.mean()), seqs=b,
+                               ragged=True, **head))
+        for n in (2, 4):
+            q = np.maximum(rng.integers(s.prefill_q[0], s.prefill_q[-1] // 2, n), 1)
+            p = rng.integers(0, 4 * s.prefill_q[0], n)
+            if int((q + p).sum()) > max_kv:
+                continue
+            shape = StepShape.build(prefill=q.tolist(), prefill_cached=p.tolist())
+            sec = self._attention(dep, list(zip(q.tolist(), p.tolist())), pool)
+            out.append(_record(operators_at(dep, shape)["attention_prefill"], sec, x=float(q.sum()),
+                               y=float((q + p).sum() / q.sum()), seqs=n, ragged=True, **head))
+        self.log(f"attention {head}")
+        return out
+
+    # ---- fixed costs and ceilings ------------------------------------------------------------------------
+    def fixed_costs(self) -> dict[str, float]:
+        x = self.randn(16)
+        tiny = self.timer.gpu(lambda i: x.add_(1.0), 1)
+        dispatch = self.timer.host(lambda: x.add_(1.0), 2000 if self.device.type == "cuda" else 50)
+        return {"graph_kernel_seconds": tiny, "dispatch_seconds": dispatch}
+
+    def ceilings(self, quick: bool) -> dict[str, float]:
+        n = 256 if quick else 8192
+        a, b = self.randn(n, n), self.randn(n, n)
+        gemm = self.timer.gpu(lambda i: a @ b, 1)
+        size = (1 << 20) if quick else (1 << 29)  # elements (bf16: 1 GiB)
+        src, dst = self.randn(size), self.randn(size)
+        copy = self.timer.gpu(lambda i: dst.copy_(src), 1)
+        return {"gemm_flops": 2.0 * n ** 3 / gemm, "copy_bandwidth": 2.0 * size * src.element_size() / copy}
+
+    def step_overheads(self, model: str, quick: bool) -> list[dict[str, Any]]:
+        """Whole executor steps of `model` with half and all of its layers: small decode and prefill steps,
+        host-bound when eager, that the fit turns into per-kernel dispatch and per-step overheads."""
+        out = []
+        base = get_model(model)
+        batches = (1, 8) if quick else (1, 8, 64, 256)
+        for layers in sorted({max(1, base.num_hidden_layers // 2), base.num_hidden_layers}):
+            spec = base.model_copy(update={"num_hidden_layers": layers})
+            for graphs in ((False,) if self.device.type != "cuda" else (False, True)):
+                runner = StepRunner(spec, str(self.device), num_blocks=max(batches) * 8 + 64,
+                                    cuda_graphs=graphs, max_requests=max(batches))
+                shapes = [StepShape.build(decode=[63] * b) for b in batches]
+                if not graphs:
+                    shapes += [StepShape.build(prefill=[32] * b) for b in batches[:2]]
+                for shape, (wall, _, execution) in zip(shapes, runner.time(shapes, repeats=3 if quick else 9)):
+                    out.append({"model": model, "layers": layers, "execution": execution,
+                                "requests": shape.num_requests, "shape": shape.to_dict(), "seconds": wall})
+                del runner
+                release_memory(str(self.device))
+        self.log(f"step overheads ({model})")
+        return out
+
+
+def deployments(models: Iterable[str], tps: Iterable[int], gpu: GPUSpec) -> list[Deployment]:
+    """Every valid (model, TP) pair: TP must divide the heads; MoE models contribute their dense parts."""
+    out = []
+    for mid in models:
+        spec: ModelSpec = get_model(mid)
+        for tp in tps:
+            if spec.num_attention_heads % tp or (spec.num_key_value_heads < tp and tp % spec.num_key_value_heads):
+                continue
+            out.append(Deployment.build(spec, gpu, tp=tp))
+    return out
+
+
+def gemm_shapes(deps: Iterable[Deployment]) -> list[tuple[int, int]]:
+    """(K, N) of every dense GEMM of these deployments' steps."""
+    return sorted({op.dims for dep in deps for op in operators_at(dep, _decode_shape(1)).values()
+                   if op.dims is not None})
+
+
+SUITES = ("gemm", "elementwise", "attention", "fixed", "collectives")
+
+
+def run_all(device: torch.device, gpu: GPUSpec, models: list[str], tps: list[int], quick: bool,
+            elementwise_models: list[str], log: Callable[[str], None] = print,
+            suites: tuple[str, ...] = SUITES) -> dict[str, Any]:
+    """The chosen suites; the raw measurements that `calibrate.fit.fit_profile` turns into a profile."""
+    bench = Bench(device, gpu, Settings.quick() if quick else Settings(), log)
+    deps = deployments(models, tps, gpu)
+    heads: dict[tuple[int, int, int], Deployment] = {}
+    for dep in deps:
+        heads.setdefault((dep.heads_per_gpu, dep.kv_heads_per_gpu, dep.model.head_size), dep)
+    records: list[dict[str, Any]] = []
+    if "gemm" in suites:
+        records += bench.gemms(gemm_shapes(deps))
+    if "elementwise" in suites:
+        for dep in deps:
+            if dep.model.id in elementwise_models:
+                records += bench.elementwise(dep)
+    if "attention" in suites:
+        for dep in heads.values():
+            records += bench.attention(dep)
+    raw: dict[str, Any] = {"records": records, "fixed": bench.fixed_costs()}
+    if "fixed" in suites:
+        raw.update(ceilings=bench.ceilings(quick), steps=bench.step_overheads(elementwise_models[0], quick))
+    return raw

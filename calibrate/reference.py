@@ -1,0 +1,58 @@
+"""Whole-model reference steps: the backend's model (random weights) timed step by step through the same
+`TorchExecutor` a replay uses, over prefill, decode and mixed shapes, eager and with CUDA graphs.
+
+The shapes are deliberately off the microbenchmark grids (odd prompt lengths, batch sizes and contexts),
+so that checking the cost model against them is not circular. Each row: category, execution, TP, the
+step shape (JSON), median wall seconds (what the cost model predicts: CPU overhead included) and median
+GPU seconds (CUDA events around the forward pass and sampling).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+
+import pandas as pd
+
+from calibrate.steps import StepRunner, cache_blocks, release_memory
+from hardware.catalog import get_model
+from hardware.operators import StepShape
+
+PREFILL = (131, 397, 1000, 2900, 6000, 11000, 16000)
+DECODE_BATCH = (1, 3, 13, 37, 90, 200, 256)
+DECODE_CONTEXT = (300, 1100, 3000, 7000, 16000)
+MIXED = ((500, 0, 7, 700), (1500, 2000, 30, 1300), (300, 6000, 60, 500), (2000, 0, 120, 900))
+
+
+def shapes(quick: bool, capacity: int) -> list[tuple[str, StepShape]]:
+    """(category, shape) pairs that fit a cache of `capacity` tokens."""
+    if quick:
+        out = [("prefill", StepShape.build(prefill=[n])) for n in (7, 45)]
+        out += [("decode", StepShape.build(decode=[c] * b)) for b in (1, 5) for c in (9, 40)]
+        out.append(("mixed", StepShape.build(prefill=[20], prefill_cached=[13], decode=[30, 11])))
+        return out
+    out = [("prefill", StepShape.build(prefill=[n])) for n in PREFILL]
+    out += [("decode", StepShape.build(decode=[c] * b)) for b in DECODE_BATCH for c in DECODE_CONTEXT
+            if b * (c + 17) <= capacity]
+    for chunk, cached, b, ctx in MIXED:
+        out.append(("mixed", StepShape.build(prefill=[chunk], prefill_cached=[cached], decode=[ctx] * b)))
+    return out
+
+
+def measure(model: str, device: str, quick: bool, log: Callable[[str], None] = print) -> pd.DataFrame:
+    """Every reference shape, eager and (decode on CUDA) with CUDA graphs."""
+    spec = get_model(model)
+    blocks = cache_blocks(spec, device, 0.85)
+    rows = []
+    modes = (False, True) if device.startswith("cuda") else (False,)
+    for graphs in modes:
+        runner = StepRunner(spec, device, blocks, cuda_graphs=graphs, max_requests=512)
+        cases = [(c, shape) for c, shape in shapes(quick, runner.capacity) if not graphs or c == "decode"]
+        timed = runner.time([shape for _, shape in cases], repeats=3 if quick else 5)
+        for (category, shape), (wall, gpu, execution) in zip(cases, timed):
+            rows.append({"model": spec.id, "category": category, "execution": execution, "tp": 1,
+                         "shape": json.dumps(shape.to_dict()), "seconds": wall, "gpu_seconds": gpu})
+            log(f"{category} {execution} {shape.num_requests} requests: {wall * 1e3:.2f} ms")
+        del runner
+        release_memory(device)
+    return pd.DataFrame(rows)

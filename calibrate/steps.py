@@ -1,0 +1,90 @@
+"""Synthetic steps through the backend's `TorchExecutor`: the same code path a replay times, driven by
+hand-made batches (prefill chunks after a cached prefix, decodes at a context) instead of a scheduler."""
+
+from __future__ import annotations
+
+import gc
+import math
+import statistics
+
+import numpy as np
+import torch
+
+from backend.executor import TorchExecutor, prompt_tokens
+from hardware.operators import StepShape
+from hardware.specs import ModelSpec
+from policies.batch import Batch
+from policies.state import Requests
+
+
+class StepRunner:
+    """Runs `StepShape`s (prefill chunks and decodes) on a model with a paged cache of `num_blocks`."""
+
+    def __init__(self, spec: ModelSpec, device: str, num_blocks: int, block_size: int = 16,
+                 cuda_graphs: bool = True, max_requests: int = 1024, seed: int = 0) -> None:
+        n = max_requests
+        self.requests = Requests(np.zeros(n), np.ones(n, np.int64), np.ones(n, np.int64), np.zeros(n, np.int64))
+        self.executor = TorchExecutor(spec, self.requests, num_blocks, block_size, device, seed,
+                                      cuda_graphs=cuda_graphs)
+        self.block_size = block_size
+        self.capacity = num_blocks * block_size
+        self.prompts: dict[int, list[int]] = {}
+
+    def batch(self, shape: StepShape) -> Batch:
+        """Give each request of `shape` its prompt and blocks; prefills first, then decodes."""
+        chunks, cached, contexts = (shape.prefill_tokens.tolist(), shape.prefill_cached.tolist(),
+                                    shape.decode_context.tolist())
+        lengths = [c + p for c, p in zip(chunks, cached)] + [ctx + 1 for ctx in contexts]
+        if sum(math.ceil(n / self.block_size) for n in lengths) * self.block_size > self.capacity:
+            raise ValueError(f"step of {sum(lengths)} tokens exceeds the cache of {self.capacity}")
+        if len(lengths) > self.requests.n:
+            raise ValueError(f"step of {len(lengths)} requests exceeds {self.requests.n}")
+        req, ex = self.requests, self.executor
+        ids = list(range(len(lengths)))
+        for rid, n in zip(ids, lengths):
+            req.prompt[rid] = n
+            req.blocks[rid] = math.ceil(n / self.block_size)
+            if len(self.prompts.get(rid, ())) < n:  # made here, untimed: a replay makes each prompt once
+                self.prompts[rid] = prompt_tokens(0, rid, n, self.executor.spec.vocab_size)
+            ex.tokens[rid] = self.prompts[rid][:n]
+        p = len(chunks)
+        return Batch.make(ids[:p], chunks, cached, decode_ids=np.array(ids[p:], dtype=np.int64),
+                          decode_computed=np.array(contexts, dtype=np.int64))
+
+    def release(self) -> None:
+        self.requests.blocks[:] = 0
+        self.executor.sync_tables()
+
+    def time(self, shapes: list[StepShape], repeats: int = 5) -> list[tuple[float, float, str]]:
+        """Median wall seconds, GPU seconds and execution ("graph" or "eager") of each step.
+
+        The shapes are run round-robin `repeats` times after a warm-up round (which also captures the CUDA
+        graphs), so that slow phases of a shared host spread over all shapes instead of spoiling some."""
+        runs: list[list] = [[] for _ in shapes]
+        for round_ in range(repeats + 1):
+            for i, shape in enumerate(shapes):
+                batch = self.batch(shape)  # prompts reset: every run computes (and samples) the same tokens
+                outcome = self.executor.run(batch)
+                self.release()
+                if round_:
+                    runs[i].append(outcome)
+        return [(statistics.median(o.seconds for o in r), statistics.median(o.gpu_seconds for o in r), r[-1].execution)
+                for r in runs]
+
+
+def cache_blocks(spec: ModelSpec, device: str, fraction: float, block_size: int = 16) -> int:
+    """Blocks of KV cache that fit `fraction` of the device memory left free once the weights (bf16) and
+    4 GB of activations are taken; on CPU, 64 MB."""
+    if device.startswith("cuda"):
+        free = torch.cuda.mem_get_info(torch.device(device))[0] - 2.0 * spec.num_params - 4e9
+        per_token = spec.kv_bytes_per_token("bf16") * (1 + 2 / spec.num_hidden_layers)  # + graph gather buffers
+    else:
+        free, per_token = 64e6, spec.kv_bytes_per_token("fp32")
+    return max(16, int(fraction * free / (per_token * block_size)))
+
+
+def release_memory(device: str) -> None:
+    """Give the memory of dropped runners (cache, graphs) back before the next one is built."""
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()

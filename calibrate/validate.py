@@ -1,0 +1,110 @@
+"""Whole-model step-time error of the cost model against reference measurements (`calibrate.reference`).
+
+Each measured step is priced twice on the named GPU: with the profile under test and with the datasheet
+defaults alone, so the gain from calibration is visible. Errors are (predicted - measured) / measured;
+the table gives the mean absolute percentage error (MAPE) per category (prefill, decode, mixed), execution
+(eager, graph) and TP degree, with the worst cases and a predicted-vs-measured plot.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from hardware.catalog import get_gpu
+from hardware.cost import CostModel
+from hardware.deployment import Deployment
+from hardware.errors import ServesimError
+from hardware.operators import StepShape
+from hardware.profile import DEFAULT_PROFILE, Profile
+
+COLUMNS = ("model", "category", "execution", "tp", "shape", "seconds")
+
+
+def read_measurements(path: str | Path) -> pd.DataFrame:
+    p = Path(path)
+    if not p.is_file():
+        raise ServesimError(f"measurements: no such file {str(p)!r}")
+    df = pd.read_csv(p)
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ServesimError(f"{p}: missing column(s) {missing}; expected {', '.join(COLUMNS)}")
+    return df
+
+
+def predict(df: pd.DataFrame, gpu: str, profile: Profile) -> np.ndarray:
+    """Predicted seconds of every measured step on `gpu` under `profile`."""
+    gpu_spec = get_gpu(gpu)
+    models: dict[tuple[str, int, bool], CostModel] = {}
+    out = []
+    for row in df.itertuples():
+        key = (row.model, int(row.tp), row.execution == "graph")
+        if key not in models:
+            models[key] = CostModel(Deployment.build(row.model, gpu_spec, tp=int(row.tp)), profile, cuda_graphs=key[2])
+        out.append(models[key].price(StepShape.from_dict(json.loads(row.shape))).seconds)
+    return np.array(out)
+
+
+def compare(df: pd.DataFrame, gpu: str, profile: Profile) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Per-step predictions and errors, and the MAPE table per (category, execution, tp)."""
+    steps = df.copy()
+    steps["predicted"] = predict(df, gpu, profile)
+    steps["predicted_datasheet"] = predict(df, gpu, DEFAULT_PROFILE)
+    steps["error"] = steps["predicted"] / steps["seconds"] - 1.0
+    steps["error_datasheet"] = steps["predicted_datasheet"] / steps["seconds"] - 1.0
+    table = (steps.assign(ape=steps["error"].abs() * 100, ape_datasheet=steps["error_datasheet"].abs() * 100)
+             .groupby(["category", "execution", "tp"])
+             .agg(steps=("ape", "size"), mape=("ape", "mean"), worst=("ape", "max"),
+                  mape_datasheet=("ape_datasheet", "mean"))
+             .reset_index())
+    return steps, table
+
+
+def summary(steps: pd.DataFrame, table: pd.DataFrame, worst: int = 5) -> dict[str, Any]:
+    bad = steps.reindex(steps["error"].abs().sort_values(ascending=False).index).head(worst)
+    return {
+        "steps": len(steps),
+        "mape": float(steps["error"].abs().mean() * 100),
+        "mape_datasheet": float(steps["error_datasheet"].abs().mean() * 100),
+        "categories": table.round(2).to_dict(orient="records"),
+        "worst": bad[["category", "execution", "tp", "shape", "seconds", "predicted", "error"]].round(6)
+        .to_dict(orient="records"),
+    }
+
+
+def format_table(result: dict[str, Any]) -> str:
+    lines = [f"{'category':<9} {'exec':<6} {'tp':>2} {'steps':>5} {'MAPE %':>7} {'worst %':>8} {'datasheet %':>11}"]
+    for r in result["categories"]:
+        lines.append(f"{r['category']:<9} {r['execution']:<6} {r['tp']:>2} {r['steps']:>5} {r['mape']:>7.1f} "
+                     f"{r['worst']:>8.1f} {r['mape_datasheet']:>11.1f}")
+    lines.append(f"all: {result['steps']} steps, MAPE {result['mape']:.1f}% "
+                 f"(datasheet only: {result['mape_datasheet']:.1f}%)")
+    for w in result["worst"]:
+        lines.append(f"  worst: {w['category']} {w['execution']} {w['shape']} measured {w['seconds'] * 1e3:.2f} ms, "
+                     f"predicted {w['predicted'] * 1e3:.2f} ms ({w['error'] * 100:+.1f}%)")
+    return "\n".join(lines)
+
+
+def plot(steps: pd.DataFrame, path: str | Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5))
+    for column, label, marker in (("predicted_datasheet", "datasheet only", "x"), ("predicted", "calibrated", "o")):
+        for (cat, ex), g in steps.groupby(["category", "execution"]):
+            ax.scatter(g["seconds"] * 1e3, g[column] * 1e3, marker=marker, s=18,
+                       label=f"{label}: {cat} {ex}", alpha=0.4 if marker == "x" else 0.9)
+    lo, hi = steps[["seconds", "predicted", "predicted_datasheet"]].min().min() * 1e3, \
+        steps[["seconds", "predicted", "predicted_datasheet"]].max().max() * 1e3
+    ax.plot([lo, hi], [lo, hi], "k--", lw=1)
+    ax.set(xscale="log", yscale="log", xlabel="measured step (ms)", ylabel="predicted step (ms)", title=title)
+    ax.legend(fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
