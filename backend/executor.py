@@ -84,6 +84,7 @@ class DecodeGraph:
         self.tokens[:n] = torch.tensor(tokens)
         self.positions[:n] = torch.tensor(positions)
         self.slots[:n] = meta.slots
+        self.slots[n:] = self.scratch  # padding rows write to the scratch slot, never to a live request's
         self.index[:total] = g.kv_index
         self.index[total:] = self.scratch
         pad = np.arange(total + 1, total + 1 + self.batch - n)  # each padding row reads the scratch slot
@@ -127,6 +128,8 @@ class TorchExecutor:
         for rid in ids:
             table = self.tables.setdefault(rid, [])
             need = int(self.req.blocks[rid]) - len(table)
+            if need > len(self.free_blocks):
+                raise RuntimeError(f"request {rid} needs {need} more KV blocks; {len(self.free_blocks)} are free")
             if need > 0:  # the free list's last `need` blocks, in the order pop() would give them
                 table.extend(self.free_blocks[: -need - 1: -1])
                 del self.free_blocks[-need:]

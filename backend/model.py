@@ -137,9 +137,9 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Atten
             out = torch.ops.aten._flash_attention_forward(qg, k, v, g.cu_q * group, g.cu_k, group, g.max_k, 0.0,
                                                           False, False)[0]
             return out.view(rows, group, kv_heads, d).transpose(1, 2).reshape(rows, heads, d)
-        left = None if window is None else window - 1
+        left, right = (None, None) if window is None else (window - 1, 0)
         return torch.ops.aten._flash_attention_forward(q, k, v, g.cu_q, g.cu_k, g.max_q, g.max_k, 0.0, True, False,
-                                                       window_size_left=left, window_size_right=0 if left else None)[0]
+                                                       window_size_left=left, window_size_right=right)[0]
     out, qs, ks = [], 0, 0
     for lq, lk in zip(g.q_lens, g.k_lens):
         q_pos, k_pos = torch.arange(lk - lq, lk)[:, None], torch.arange(lk)[None, :]

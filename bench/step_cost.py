@@ -1,6 +1,6 @@
 """Speed of pricing one step: median microseconds per `CostModel.price` call, by batch shape.
 
-Run: python bench/step_cost.py [--repeat 7] [--number 2000]
+Run: python bench/step_cost.py [--repeat 7] [--number 2000] [--profile calibrated|PATH]
 The engine prices every simulated step, so this is its inner loop; the cost must not grow with batch size.
 """
 
@@ -15,6 +15,7 @@ import numpy as np
 from hardware.cost import CostModel
 from hardware.deployment import Deployment
 from hardware.operators import StepShape
+from hardware.profile import resolve_profile
 
 SHAPES = {
     "decode x1": StepShape.build(decode=[1000]),
@@ -36,11 +37,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=7)
     ap.add_argument("--number", type=int, default=2000)
+    ap.add_argument("--profile", help="'calibrated' (each GPU's committed profile) or a profile JSON")
     args = ap.parse_args()
     print(f"{'deployment':30s} {'shape':26s} {'us/step (median)':>16s} {'min':>8s}")
     medians = []
     for dname, (model, gpu, tp, pp) in DEPLOYMENTS.items():
-        cost_model = CostModel(Deployment.build(model, gpu, tp=tp, pp=pp, max_model_len=8192))
+        dep = Deployment.build(model, gpu, tp=tp, pp=pp, max_model_len=8192)
+        cost_model = CostModel(dep, resolve_profile(args.profile, dep.gpu.id))
         for sname, shape in SHAPES.items():
             runs = timeit.repeat(lambda: cost_model.price(shape), repeat=args.repeat, number=args.number)
             per = [r / args.number * 1e6 for r in runs]

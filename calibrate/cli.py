@@ -126,9 +126,15 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
     if args.refit:
         if not args.raw or not Path(args.raw).is_file():
             raise ServesimError(f"--raw = {args.raw!r}: --refit needs the raw measurements file")
-        raw = json.loads(Path(args.raw).read_text())
-        gpu = get_gpu(args.gpu or raw["gpu"])
-        metadata = raw["metadata"]
+        try:
+            raw = json.loads(Path(args.raw).read_text())
+            gpu, metadata = get_gpu(args.gpu or raw["gpu"]), raw["metadata"]
+            missing = {"records", "fixed"} - raw.keys()
+            if missing:
+                raise KeyError(sorted(missing))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ServesimError(f"--raw = {args.raw!r}: not raw calibration measurements ({exc!r}); expected "
+                                "the --raw file of an earlier `servesim calibrate`") from None
     else:
         device = _device(args)
         gpu = get_gpu(_gpu_id(args, device))
@@ -138,10 +144,15 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
         try:
             tps = [int(t) for t in args.tp.split(",")]
         except ValueError:
-            raise ServesimError(f"--tp = {args.tp!r}: give comma-separated integers, e.g. 1,2,4,8") from None
+            tps = []
+        if not tps or min(tps) < 1:
+            raise ServesimError(f"--tp = {args.tp!r}: give comma-separated positive integers, e.g. 1,2,4,8")
         from hardware.catalog import get_model
 
-        dense = [m for m in models if not get_model(m).is_moe]
+        dense = [get_model(m).id for m in models if not get_model(m).is_moe]
+        if not dense:
+            raise ServesimError(f"--models = {args.models!r}: name at least one dense model (MoE models reuse the "
+                                "dense GEMM curves)")
         metadata = _metadata(device, sys.argv[1:])
         suites = tuple(args.suites.split(","))
         unknown = set(suites) - set(SUITES)

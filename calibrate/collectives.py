@@ -1,9 +1,10 @@
 """NCCL collectives over all visible GPUs: all-reduce, all-gather and send/recv by payload bytes.
 
 One process per GPU (torch.multiprocessing), torch.distributed with the NCCL backend and NVLink multicast
-off (NCCL_NVLS_ENABLE=0). Each size is timed with CUDA events on every rank after a warm-up; the slowest
-rank's median is kept. Payloads follow the cost model: an all-reduce's is the reduced tensor, an
-all-gather's the gathered output, a send/recv's the tensor sent (rank 0 to rank 1).
+off (NCCL_NVLS_ENABLE=0). All-reduce and all-gather run over the first 2, 4, 8 ... ranks (the TP degrees
+the GPUs allow), send/recv between ranks 0 and 1 (a pipeline hop). Each size is timed with CUDA events on
+every rank after a warm-up; the slowest rank's median is kept. Payloads follow the cost model: an
+all-reduce's is the reduced tensor, an all-gather's the gathered output, a send/recv's the tensor sent.
 """
 
 from __future__ import annotations
@@ -45,24 +46,28 @@ def _worker(rank: int, world: int, port: int, sizes: tuple[int, ...], path: str)
     dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     dev = torch.device("cuda", rank)
     out = []
+    ranks = [2 ** e for e in range(1, world.bit_length()) if 2 ** e <= world]  # TP degrees: 2, 4, 8
+    groups = {n: dist.new_group(list(range(n))) for n in ranks}  # every rank creates every group
     for kind in KINDS:
-        for size in sizes:
-            n = size // 2  # bf16 elements of the payload
-            if kind == "all-reduce":
-                x = torch.randn(n, device=dev, dtype=torch.bfloat16)
-                fn = lambda: dist.all_reduce(x)  # noqa: E731
-            elif kind == "all-gather":
-                part = torch.randn(max(1, n // world), device=dev, dtype=torch.bfloat16)
-                full = torch.empty(part.numel() * world, device=dev, dtype=torch.bfloat16)
-                fn = lambda: dist.all_gather_into_tensor(full, part)  # noqa: E731
-            else:
-                x = torch.randn(n, device=dev, dtype=torch.bfloat16)
-                fn = (lambda: dist.send(x, 1)) if rank == 0 else (lambda: dist.recv(x, 0)) if rank == 1 else None
-            sec = _time(fn, 10) if fn is not None else 0.0
-            worst = torch.tensor([sec], device=dev)
-            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
-            out.append({"op": kind, "kind": kind, "ranks": world, "comm_bytes": float(size),
-                        "seconds": float(worst.item())})
+        for n in ranks if kind != "send-recv" else [2]:
+            group, member = groups[n], rank < n
+            for size in sizes:
+                elems = size // 2  # bf16 elements of the payload
+                fn = lambda: None  # noqa: E731  (ranks outside the group still join every barrier)
+                if member and kind == "all-reduce":
+                    x = torch.randn(elems, device=dev, dtype=torch.bfloat16)
+                    fn = lambda: dist.all_reduce(x, group=group)  # noqa: E731
+                elif member and kind == "all-gather":
+                    part = torch.randn(max(1, elems // n), device=dev, dtype=torch.bfloat16)
+                    full = torch.empty(part.numel() * n, device=dev, dtype=torch.bfloat16)
+                    fn = lambda: dist.all_gather_into_tensor(full, part, group=group)  # noqa: E731
+                elif member:
+                    x = torch.randn(elems, device=dev, dtype=torch.bfloat16)
+                    fn = (lambda: dist.send(x, 1)) if rank == 0 else (lambda: dist.recv(x, 0))  # noqa: E731
+                worst = torch.tensor([_time(fn, 10)], device=dev)
+                dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+                out.append({"op": kind, "kind": kind, "ranks": n, "comm_bytes": float(size),
+                            "seconds": float(worst.item())})
     if rank == 0:
         Path(path).write_text(json.dumps(out))
     dist.destroy_process_group()

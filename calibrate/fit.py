@@ -25,9 +25,9 @@ import numpy as np
 from scipy.stats import theilslopes
 
 from hardware.catalog import get_interconnect, get_model
-from hardware.cost import CostModel, peak_flops, step_operators
+from hardware.cost import CostModel, collective_shape, peak_flops, step_operators
 from hardware.deployment import Deployment
-from hardware.operators import StepShape, StepTotals
+from hardware.operators import Operator, StepShape, StepTotals
 from hardware.profile import (
     DEFAULT_PROFILE,
     AttentionSurface,
@@ -120,8 +120,7 @@ def _collective_curves(records: list[dict[str, Any]], gpu: GPUSpec) -> tuple[Col
     groups: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
     for r in records:
         n = r["ranks"]
-        steps, share = {"all-reduce": (2 * (n - 1), 2.0 * (n - 1) / n), "all-gather": (n - 1, (n - 1) / n)}.get(
-            r["kind"], (1, 1.0))
+        steps, share = collective_shape(Operator(r["kind"], r["kind"], 0.0, 0.0, ranks=n))
         moved = r["comm_bytes"] * share
         groups[(r["kind"], n)].append((moved, efficiency(moved / link.bandwidth, r["seconds"], steps * link.latency)))
     return tuple(CollectiveCurve(kind=kind, ranks=ranks, curve=binned_curve(*map(np.array, zip(*pts)), per_decade=2))
@@ -218,6 +217,8 @@ def fit_profile(raw: dict[str, Any], gpu: GPUSpec, metadata: dict[str, Any]) -> 
     profile = Profile(gpu=gpu.id, metadata=metadata, efficiency=kinds, overheads=DEFAULT_PROFILE.overheads,
                       gemm=_gemm_curves(gemm, roof, launch), operators=operators, attention=surfaces,
                       collectives=_collective_curves(collectives, gpu))
+    measured = profile.overheads.model_copy(update={"launch_graph": launch})  # graph steps are priced with it
+    profile = profile.model_copy(update={"overheads": measured})
     profile = profile.model_copy(update={"overheads": _overheads(raw, profile, gpu, launch)})
     checks = [_ragged_check(r, profile, roof, launch) for r in attention if r.get("ragged")]
     meta = {**metadata, "ceilings": raw.get("ceilings", {}), "fixed": raw["fixed"],

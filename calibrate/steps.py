@@ -77,7 +77,7 @@ def cache_blocks(spec: ModelSpec, device: str, fraction: float, block_size: int 
     4 GB of activations are taken; on CPU, 64 MB."""
     if device.startswith("cuda"):
         free = torch.cuda.mem_get_info(torch.device(device))[0] - 2.0 * spec.num_params - 4e9
-        per_token = spec.kv_bytes_per_token("bf16") * (1 + 2 / spec.num_hidden_layers)  # + graph gather buffers
+        per_token = spec.kv_bytes_per_token("bf16") * (1 + 1 / spec.num_hidden_layers)  # + one layer's gather
     else:
         free, per_token = 64e6, spec.kv_bytes_per_token("fp32")
     return max(16, int(fraction * free / (per_token * block_size)))

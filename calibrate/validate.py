@@ -33,6 +33,11 @@ def read_measurements(path: str | Path) -> pd.DataFrame:
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ServesimError(f"{p}: missing column(s) {missing}; expected {', '.join(COLUMNS)}")
+    for i, cell in enumerate(df["shape"]):
+        try:
+            StepShape.from_dict(json.loads(cell))
+        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+            raise ServesimError(f"{p}: row {i + 1}: shape = {cell!r} is not a step shape ({exc!r})") from None
     return df
 
 

@@ -33,7 +33,6 @@ from hardware.operators import (
     pipeline_operator,
 )
 from hardware.profile import COLLECTIVE_KINDS, DEFAULT_PROFILE, Curve, Profile, TimeTables
-from hardware.specs import DTYPE_BYTES
 
 # vLLM's default CUDA-graph capture sizes (1, 2, 4, then multiples of 8 up to 512).
 GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, *range(8, 513, 8))
@@ -151,7 +150,7 @@ def _work(ops: list[tuple[Operator, int]]) -> np.ndarray:
     return np.array([(op.flops, op.bytes, op.comm_bytes) for op, _ in ops])
 
 
-def _collective_shape(op: Operator) -> tuple[int, float]:
+def collective_shape(op: Operator) -> tuple[int, float]:
     """(latency steps, share of the payload each rank moves): ring all-reduce 2(n-1) and 2(n-1)/n,
     all-gather n-1 and (n-1)/n, send/recv (and any non-collective) 1 and all of it."""
     n = op.ranks
@@ -224,12 +223,13 @@ class CostModel:
         self._stage = np.array([op.stage for op in self._ops])
         self._comm = np.array([op.kind in COLLECTIVE_KINDS for op in self._ops])
         links = [dep.pp_link if op.kind == "send-recv" else dep.tp_link for op in self._ops]
-        steps, self._moved = (np.array(v, dtype=float) for v in zip(*map(_collective_shape, self._ops)))
+        steps, self._moved = (np.array(v, dtype=float) for v in zip(*map(collective_shape, self._ops)))
         self._latency = np.where(self._comm, steps * np.array([link.latency for link in links]), 0.0)
         self._peak_c = np.array([peak_flops(dep, op.kind) for op in self._ops])
         self._gemm_peak = gpu.matmul_flops(dep.weight_dtype)
         curves = [self._curves(op) for op in self._ops]
-        self._tables = TimeTables([c for c, _ in curves] + [m for _, m in curves])
+        self._derived = np.array([derived for *_, derived in curves])
+        self._tables = TimeTables([c for c, _, _ in curves] + [m for _, m, _ in curves])
         self._table_ids = np.arange(2 * n)
         self._peaks = np.concatenate([self._peak_c, [link.bandwidth if c else gpu.hbm_bandwidth
                                                      for link, c in zip(links, self._comm)]])
@@ -239,22 +239,22 @@ class CostModel:
                                                                    dep.model.head_size)) is not None]
         self._n = n
 
-    def _curves(self, op: Operator) -> tuple[Curve | float, Curve | float]:
+    def _curves(self, op: Operator) -> tuple[Curve | float, Curve | float, bool]:
         """Compute and memory efficiency curves of one operator: a measured surface of the profile where it
-        has one (GEMM weight shape, named operator, collective), else its kind's curves."""
-        prof, dep = self.profile, self.dep
+        has one (GEMM weight shape, named operator, collective), else its kind's curves. The flag marks a
+        measured GEMM, whose memory side `price` derives from its compute side: the efficiency is a
+        function of M, and bytes barely change with M at small M, so a table over bytes could not hold it."""
+        prof = self.profile
         kind = prof.efficiency[op.kind]
         if op.kind in COLLECTIVE_KINDS:
-            return kind.compute, prof.collective_curve(op.kind, op.ranks) or kind.memory
+            return kind.compute, prof.collective_curve(op.kind, op.ranks) or kind.memory, False
         if op.name in prof.operators:
-            return kind.compute, prof.operators[op.name]
+            return kind.compute, prof.operators[op.name], False
         g = prof.gemm_curve(*op.dims) if op.dims is not None and prof.gemm else None
         if g is None:
-            return kind.compute, kind.memory
+            return kind.compute, kind.memory, False
         (k, n), m = op.dims, np.asarray(g.m)
-        flops = 2.0 * m * k * n
-        nbytes = k * n * DTYPE_BYTES[dep.weight_dtype] + m * (k + n) * dep.act_bytes
-        return Curve(sizes=tuple(flops), efficiency=g.efficiency), Curve(sizes=tuple(nbytes), efficiency=g.efficiency)
+        return Curve(sizes=tuple(2.0 * m * k * n), efficiency=g.efficiency), 1.0, True
 
     def graph_rows(self, decode_seqs: int) -> int | None:
         """Padded batch size a decode-only step replays as a CUDA graph, or None when it runs eagerly."""
@@ -278,6 +278,9 @@ class CostModel:
         sides = self._tables.seconds(np.concatenate([flops, np.where(self._comm, payload * self._moved, nbytes)]),
                                      self._table_ids, self._peaks)
         tc, tm = sides[: self._n], sides[self._n:]
+        if self._derived.any():  # measured GEMMs: the compute side's efficiency e(M) applies to the bytes too
+            d = self._derived
+            tm[d] = tc[d] * (nbytes[d] / dep.gpu.hbm_bandwidth) / np.maximum(flops[d] / self._peak_c[d], 1e-300)
         for i, surface in self._surfaces:
             xy = _attention_coordinates(surface.kind, t)
             if xy is not None:

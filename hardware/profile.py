@@ -22,8 +22,10 @@ fine grid so a lookup is O(1). Each curve is made monotone on load: more work ne
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
+from functools import lru_cache
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -50,6 +52,16 @@ PROFILE_VERSION = 2
 _GRID_PER_DECADE = 32
 
 
+def _efficiencies(values: tuple[float, ...]) -> None:
+    if any(not 0.0 < e <= 1.0 for e in values):
+        raise ValueError(f"efficiency values must be in (0, 1], got {values}")
+
+
+def _increasing(name: str, values: tuple[float, ...]) -> None:
+    if any(b <= a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{name} must be strictly increasing")
+
+
 class Curve(Spec):
     """Efficiency (0, 1] at increasing sizes (FLOPs or bytes); constant beyond both ends."""
 
@@ -60,10 +72,8 @@ class Curve(Spec):
     def _check(self) -> Curve:
         if len(self.sizes) != len(self.efficiency):
             raise ValueError(f"sizes ({len(self.sizes)}) and efficiency ({len(self.efficiency)}) differ in length")
-        if any(b <= a for a, b in zip(self.sizes, self.sizes[1:])):
-            raise ValueError("sizes must be strictly increasing")
-        if any(not 0.0 < e <= 1.0 for e in self.efficiency):
-            raise ValueError(f"efficiency values must be in (0, 1], got {self.efficiency}")
+        _increasing("sizes", self.sizes)
+        _efficiencies(self.efficiency)
         return self
 
 
@@ -88,16 +98,6 @@ class Overheads(Spec):
     step_graph: float = Field(ge=0.0)
     step_eager_per_request: float = Field(0.0, ge=0.0)
     step_graph_per_request: float = Field(0.0, ge=0.0)
-
-
-def _efficiencies(values: tuple[float, ...]) -> None:
-    if any(not 0.0 < e <= 1.0 for e in values):
-        raise ValueError(f"efficiency values must be in (0, 1], got {values}")
-
-
-def _increasing(name: str, values: tuple[float, ...]) -> None:
-    if any(b <= a for a, b in zip(values, values[1:])):
-        raise ValueError(f"{name} must be strictly increasing")
 
 
 class GemmCurve(Spec):
@@ -148,16 +148,28 @@ class AttentionSurface(Spec):
         return self
 
     def at(self, x: float, y: float) -> float:
-        """Bilinear interpolation in (log x, log y), clamped to the grid."""
-        e = np.asarray(self.efficiency)
-        lx, ly = np.log(self.x), np.log(self.y)
-        u, v = float(np.clip(np.log(x), lx[0], lx[-1])), float(np.clip(np.log(y), ly[0], ly[-1]))
-        i = min(int(np.searchsorted(lx, u, side="right")) - 1, max(len(lx) - 2, 0))
-        j = min(int(np.searchsorted(ly, v, side="right")) - 1, max(len(ly) - 2, 0))
-        fx = (u - lx[i]) / (lx[i + 1] - lx[i]) if len(lx) > 1 else 0.0
-        fy = (v - ly[j]) / (ly[j + 1] - ly[j]) if len(ly) > 1 else 0.0
+        """Bilinear interpolation in (log x, log y), clamped to the grid (plain floats: called every step)."""
+        lx, ly = _log_axis(self.x), _log_axis(self.y)
+        e = self.efficiency
+        i, fx = _bracket(lx, math.log(x))
+        j, fy = _bracket(ly, math.log(y))
         i1, j1 = min(i + 1, len(lx) - 1), min(j + 1, len(ly) - 1)
-        return float((1 - fx) * ((1 - fy) * e[i, j] + fy * e[i, j1]) + fx * ((1 - fy) * e[i1, j] + fy * e[i1, j1]))
+        return (1 - fx) * ((1 - fy) * e[i][j] + fy * e[i][j1]) + fx * ((1 - fy) * e[i1][j] + fy * e[i1][j1])
+
+
+@lru_cache(maxsize=256)
+def _log_axis(values: tuple[float, ...]) -> list[float]:
+    return [math.log(v) for v in values]
+
+
+def _bracket(grid: list[float], u: float) -> tuple[int, float]:
+    """Index of the grid cell holding u (clamped) and u's fraction across it."""
+    if u <= grid[0] or len(grid) == 1:
+        return 0, 0.0
+    if u >= grid[-1]:
+        return len(grid) - 2, 1.0
+    i = bisect.bisect_right(grid, u) - 1
+    return i, (u - grid[i]) / (grid[i + 1] - grid[i])
 
 
 class CollectiveCurve(Spec):

@@ -27,7 +27,7 @@ from hardware.profile import (
 )
 
 GPU = get_gpu("h100")
-LAUNCH = 1.5e-6  # the synthetic device's GPU time per kernel
+LAUNCH = 1.2e-6  # the synthetic device's GPU time per kernel (not the default's 1.5 us)
 
 
 def true_gemm(m: float, k: int, n: int) -> float:
@@ -113,10 +113,11 @@ def fitted() -> tuple[dict, Profile]:
     exact = synthetic_raw(noise=0.0)
     _finish_graph_steps(exact, fit_profile({**exact, "steps": []}, GPU, {}))
     noisy = synthetic_raw(noise=0.02, seed=1)
+    rng = np.random.default_rng(2)
     for s, e in zip(noisy["steps"], exact["steps"]):
         if s["execution"] == "graph":
             s.pop("truth_overhead")
-            s["seconds"] = e["seconds"] * float(np.exp(np.random.default_rng(2).normal(0.0, 0.02)))
+            s["seconds"] = e["seconds"] * float(np.exp(rng.normal(0.0, 0.02)))
     return noisy, fit_profile(noisy, GPU, {"source": "synthetic"})
 
 
@@ -291,6 +292,8 @@ def test_quick_calibration_pipeline_on_cpu(tmp_path, capsys) -> None:
 @pytest.mark.parametrize("argv,needle", [
     (["calibrate", "--quick", "--out", "x.json", "--suites", "gemm,magic"], "--suites: unknown ['magic']"),
     (["calibrate", "--quick", "--out", "x.json", "--tp", "one"], "--tp = 'one'"),
+    (["calibrate", "--quick", "--out", "x.json", "--tp", "0"], "--tp = '0'"),
+    (["calibrate", "--quick", "--out", "x.json", "--models", "mixtral-8x7b"], "name at least one dense model"),
     (["calibrate", "--refit", "--out", "x.json"], "--raw = None"),
     (["calibrate", "validate", "missing.csv", "--gpu", "h100"], "measurements: no such file 'missing.csv'"),
     (["calibrate", "validate", "x.csv"], "--gpu: required"),
@@ -302,3 +305,16 @@ def test_calibrate_cli_errors(argv, needle, capsys) -> None:
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert needle in err and err.count("\n") == 1
+
+
+def test_bad_raw_and_measurement_files_give_one_line_errors(tmp_path, capsys) -> None:
+    pytest.importorskip("torch")
+    from sim.cli import main
+
+    raw, steps = tmp_path / "raw.json", tmp_path / "steps.csv"
+    raw.write_text("{oops")
+    steps.write_text('model,category,execution,tp,shape,seconds\nllama-3-8b,decode,graph,1,"{bad",0.01\n')
+    assert main(["calibrate", "--refit", "--raw", str(raw), "--out", str(tmp_path / "p.json")]) == 2
+    assert main(["calibrate", "validate", str(steps), "--gpu", "h100"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert "not raw calibration measurements" in err[0] and "row 1: shape = '{bad'" in err[1]
