@@ -11,7 +11,7 @@ OUT=${OUT:?set OUT}
 mkdir -p "$OUT"
 GPU=$($PY -c "import torch; print(torch.cuda.get_device_name(0))")
 echo "device: $GPU"
-[ -f .device/gpu_check.py ] && { $PY .device/gpu_check.py > "$OUT/gpu_check.txt" 2>&1 || true; }
+$PY calibrate/gpu_check.py > "$OUT/gpu_check.txt" 2>&1 || true
 ID=$($PY -c "from calibrate.cli import GPU_NAMES; import torch; n=torch.cuda.get_device_name(0).upper(); print(next(v for k,v in GPU_NAMES.items() if k in n))")
 ARGS=()
 [ -n "${MODELS:-}" ] && ARGS+=(--models "$MODELS")
