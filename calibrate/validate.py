@@ -89,9 +89,21 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"all: {result['steps']} steps, MAPE {result['mape']:.1f}% "
                  f"(datasheet only: {result['mape_datasheet']:.1f}%)")
     for w in result["worst"]:
-        lines.append(f"  worst: {w['category']} {w['execution']} {w['shape']} measured {w['seconds'] * 1e3:.2f} ms, "
-                     f"predicted {w['predicted'] * 1e3:.2f} ms ({w['error'] * 100:+.1f}%)")
+        lines.append(f"  worst: {w['category']} {w['execution']} ({describe(w['shape'])}) measured "
+                     f"{w['seconds'] * 1e3:.2f} ms, predicted {w['predicted'] * 1e3:.2f} ms ({w['error'] * 100:+.1f}%)")
     return "\n".join(lines)
+
+
+def describe(shape: str) -> str:
+    """A step shape (JSON) in a few words: prefill chunks and cached tokens, decodes and their contexts."""
+    d = json.loads(shape)
+    parts = []
+    if d["prefill_tokens"]:
+        parts.append(f"prefill {'+'.join(map(str, d['prefill_tokens']))} after {sum(d['prefill_cached'])} cached")
+    if d["decode_context"]:
+        ctx = d["decode_context"]
+        parts.append(f"{len(ctx)} decodes at context {min(ctx)}" + (f"-{max(ctx)}" if max(ctx) > min(ctx) else ""))
+    return ", ".join(parts)
 
 
 def plot(steps: pd.DataFrame, path: str | Path, title: str) -> None:
