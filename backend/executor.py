@@ -24,8 +24,9 @@ from backend.model import (
     attention_meta,
     build_model,
 )
+from backend.parallel import Shard
 from hardware.cost import GRAPH_BATCH_SIZES
-from hardware.specs import ModelSpec
+from hardware.specs import ModelSpec, kv_heads_per_gpu
 from policies.batch import Batch
 from policies.state import Requests
 from sim.executor import StepOutcome
@@ -98,14 +99,14 @@ class TorchExecutor:
 
     def __init__(self, spec: ModelSpec, requests: Requests, num_blocks: int, block_size: int,
                  device: str = "cpu", seed: int = 0, temperature: float = 0.0, checkpoint: str | None = None,
-                 cuda_graphs: bool = True) -> None:
+                 cuda_graphs: bool = True, shard: Shard = Shard()) -> None:
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.spec, self.req, self.seed, self.temperature = spec, requests, seed, temperature
-        self.model = build_model(spec, self.device, self.dtype, seed, checkpoint)
+        self.model = build_model(spec, self.device, self.dtype, seed, checkpoint, shard)
         # One block more than the engine's: the scratch slot that padded CUDA-graph rows write to.
-        self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks + 1, block_size, spec.num_key_value_heads,
-                                  spec.head_size, self.dtype, self.device)
+        self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks + 1, block_size,
+                                  kv_heads_per_gpu(spec, shard.size), spec.head_size, self.dtype, self.device)
         self.scratch = num_blocks * block_size
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backend.parallel import Shard, shard_model
 from hardware.specs import ModelSpec
 
 
@@ -174,6 +175,7 @@ class Attention(nn.Module):
         self.theta, self.window = spec.rope_theta, spec.sliding_window
         self.qkv_proj = nn.Linear(spec.hidden_size, (h + 2 * kvh) * d, bias=spec.attention_bias)
         self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=False)
+        self.shard = Shard()  # tensor parallelism: `backend.parallel.shard_model` slices the heads
 
     def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], meta: AttentionMeta,
                 cache: PagedKVCache) -> torch.Tensor:
@@ -190,7 +192,7 @@ class Attention(nn.Module):
             vg = torch.index_select(vc, 0, g.kv_index, out=g.v_buf) if g.v_buf is not None else vc[g.kv_index]
             parts.append(varlen_attention(q[g.start:g.end], kg, vg, g, self.window))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return self.o_proj(out.reshape(t, h * self.head_dim))
+        return self.shard.all_reduce(self.o_proj(out.reshape(t, h * self.head_dim)))
 
 
 class MLP(nn.Module):
@@ -200,10 +202,11 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = nn.Linear(spec.hidden_size, 2 * spec.intermediate_size, bias=False)
         self.down_proj = nn.Linear(spec.intermediate_size, spec.hidden_size, bias=False)
+        self.shard = Shard()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.shard.all_reduce(self.down_proj(F.silu(gate) * up))
 
 
 class DecoderLayer(nn.Module):
@@ -234,16 +237,26 @@ class LlamaModel(nn.Module):
         self.lm_head = nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         if spec.tie_word_embeddings:
             self.lm_head.weight = self.embed_tokens.weight
+        self.shard, self.vocab_start, self.vocab_local = Shard(), 0, spec.vocab_size
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Token embeddings; under tensor parallelism each rank looks up its vocabulary slice."""
+        if self.shard.size == 1:
+            return self.embed_tokens(tokens)
+        local = tokens - self.vocab_start
+        outside = (local < 0) | (local >= self.vocab_local)
+        x = F.embedding(local.clamp(0, self.vocab_local - 1), self.embed_tokens.weight)
+        return self.shard.all_reduce(x.masked_fill(outside[:, None], 0.0))
 
     @torch.no_grad()
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, cache: PagedKVCache,
                 logit_rows: torch.Tensor) -> torch.Tensor:
-        """Logits (float32) of the flat rows `logit_rows` after running all tokens."""
-        x = self.embed_tokens(tokens)
+        """Logits (float32, the whole vocabulary) of the flat rows `logit_rows` after running all tokens."""
+        x = self.embed(tokens)
         rot = rope_tables(positions, self.spec.head_size, self.spec.rope_theta, x.dtype)
         for layer in self.layers:
             x = layer(x, rot, meta, cache)
-        return self.lm_head(self.norm(x[logit_rows])).float()
+        return self.shard.all_gather_last(self.lm_head(self.norm(x[logit_rows]))).float()
 
 
 def fuse_hf_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -265,9 +278,9 @@ def fuse_hf_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 
 
 def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                checkpoint: str | None = None) -> LlamaModel:
+                checkpoint: str | None = None, shard: Shard = Shard()) -> LlamaModel:
     """The model with random weights (seeded: normal with std 1/sqrt(fan-in), so that outputs depend on
-    the context) or a local safetensors checkpoint."""
+    the context) or a local safetensors checkpoint; with a `shard`, this rank's tensor-parallel slice."""
     torch.manual_seed(seed)
     with torch.device(device):
         model = LlamaModel(spec).to(dtype)
@@ -290,4 +303,4 @@ def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed:
         missing, unexpected = model.load_state_dict(fuse_hf_projections(state), strict=False)
         if missing or unexpected:
             raise ValueError(f"checkpoint {checkpoint}: missing {missing[:3]}..., unexpected {unexpected[:3]}...")
-    return model.eval()
+    return shard_model(model, shard).eval()

@@ -37,7 +37,8 @@ def add_parser(sub: Any) -> None:
     cal.add_argument("--device", help="cuda or cpu (default: cuda when available)")
     cal.add_argument("--gpu", help="catalog GPU id the profile is for (default: detected from the device name)")
     cal.add_argument("--models", help="comma-separated catalog models whose shapes to time (default: all dense)")
-    cal.add_argument("--tp", default="1,2,4,8", help="TP degrees whose shards to time (default 1,2,4,8)")
+    cal.add_argument("--tp", help="profile: TP degrees whose shards to time (default 1,2,4,8); reference: the TP "
+                                   "degree to run (one process per GPU; default 1)")
     cal.add_argument("--suites", default="gemm,elementwise,attention,fixed,collectives",
                      help="profile: which microbenchmark suites to run (default: all)")
     cal.add_argument("--raw", help="profile: also write the raw measurements here; with --refit, read them")
@@ -75,6 +76,16 @@ def _gpu_id(args: argparse.Namespace, device: str) -> str:
     raise ServesimError("--gpu: required when calibrating on the CPU without --quick")
 
 
+def _tp_degrees(value: str) -> list[int]:
+    try:
+        tps = [int(t) for t in value.split(",")]
+    except ValueError:
+        tps = []
+    if not tps or min(tps) < 1:
+        raise ServesimError(f"--tp = {value!r}: give comma-separated positive integers, e.g. 1,2,4,8")
+    return tps
+
+
 def _metadata(device: str, argv: list[str]) -> dict[str, Any]:
     import torch
 
@@ -107,7 +118,11 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         if not args.out:
             raise ServesimError("--out: required (the reference steps CSV)")
         device = _device(args)
-        df = measure(args.model or ("tiny-llama" if args.quick else "llama-3-8b"), device, args.quick, _log)
+        tp = _tp_degrees(args.tp or "1")
+        if len(tp) != 1 or (device.startswith("cuda") and tp[0] > torch.cuda.device_count()):
+            raise ServesimError(f"--tp = {args.tp!r}: reference runs one TP degree, at most the "
+                                f"{torch.cuda.device_count() if device.startswith('cuda') else 'any'} visible devices")
+        df = measure(args.model or ("tiny-llama" if args.quick else "llama-3-8b"), device, args.quick, _log, tp[0])
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.out, index=False)
         return {"steps": len(df), "out": args.out}
@@ -141,12 +156,7 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
         models = args.models.split(",") if args.models else [m for m in model_ids() if m != "tiny-llama"]
         if args.quick and not args.models:
             models = ["tiny-llama"]
-        try:
-            tps = [int(t) for t in args.tp.split(",")]
-        except ValueError:
-            tps = []
-        if not tps or min(tps) < 1:
-            raise ServesimError(f"--tp = {args.tp!r}: give comma-separated positive integers, e.g. 1,2,4,8")
+        tps = _tp_degrees(args.tp or "1,2,4,8")
         from hardware.catalog import get_model
 
         dense = [get_model(m).id for m in models if not get_model(m).is_moe]

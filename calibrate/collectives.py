@@ -73,7 +73,7 @@ def _worker(rank: int, world: int, port: int, sizes: tuple[int, ...], path: str)
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -86,5 +86,5 @@ def run_collectives(sizes: tuple[int, ...] = SIZES) -> list[dict[str, Any]]:
         return []
     with tempfile.TemporaryDirectory() as tmp:
         path = str(Path(tmp) / "collectives.json")
-        mp.spawn(_worker, args=(world, _free_port(), sizes, path), nprocs=world, join=True)
+        mp.spawn(_worker, args=(world, free_port(), sizes, path), nprocs=world, join=True)
         return json.loads(Path(path).read_text())

@@ -2,7 +2,8 @@
 `TorchExecutor` a replay uses, over prefill, decode and mixed shapes, eager and with CUDA graphs.
 
 The shapes are deliberately off the microbenchmark grids (odd prompt lengths, batch sizes and contexts),
-so that checking the cost model against them is not circular. Each row: category, execution, TP, the
+so that checking the cost model against them is not circular. With TP > 1 the model is sharded over one
+process per GPU (`backend.parallel`) and rank 0 times. Each row: category, execution, TP, the
 step shape (JSON), median wall seconds (what the cost model predicts: CPU overhead included) and median
 GPU seconds (CUDA events around the forward pass and sampling).
 """
@@ -10,10 +11,18 @@ GPU seconds (CUDA events around the forward pass and sampling).
 from __future__ import annotations
 
 import json
+import sys
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 
 import pandas as pd
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
+from backend.parallel import Shard
+from calibrate.collectives import free_port
 from calibrate.steps import StepRunner, cache_blocks, release_memory
 from hardware.catalog import get_model
 from hardware.operators import StepShape
@@ -39,18 +48,49 @@ def shapes(quick: bool, capacity: int) -> list[tuple[str, StepShape]]:
     return out
 
 
-def measure(model: str, device: str, quick: bool, log: Callable[[str], None] = print) -> pd.DataFrame:
-    """Every reference shape, eager and (decode on CUDA) with CUDA graphs."""
+def measure(model: str, device: str, quick: bool, log: Callable[[str], None] = print, tp: int = 1) -> pd.DataFrame:
+    """Every reference shape, eager and (decode on CUDA) with CUDA graphs; with `tp` > 1, one process per
+    rank (NCCL on CUDA, Gloo on the CPU), timed on rank 0."""
+    if tp == 1:
+        return _measure(model, device, quick, log, Shard())
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank, args=(tp, free_port(), model, device, quick, tmp), nprocs=tp, join=True)
+        return pd.read_csv(Path(tmp) / "steps.csv")
+
+
+def _rank(rank: int, size: int, port: int, model: str, device: str, quick: bool, tmp: str) -> None:
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.set_device(rank)
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=size)
+    try:
+        def log(message: str) -> None:
+            if rank == 0:
+                print(f"servesim calibrate: {message}", file=sys.stderr, flush=True)
+
+        df = _measure(model, f"cuda:{rank}" if cuda else "cpu", quick, log, Shard(rank, size))
+        if rank == 0:
+            df.to_csv(Path(tmp) / "steps.csv", index=False)
+    finally:
+        dist.destroy_process_group()
+
+
+def _measure(model: str, device: str, quick: bool, log: Callable[[str], None], shard: Shard) -> pd.DataFrame:
     spec = get_model(model)
-    blocks = cache_blocks(spec, device, 0.85)
+    blocks = cache_blocks(spec, device, 0.85, shard.size)
+    if shard.size > 1:  # every rank must run the same steps: the smallest cache decides
+        agreed = torch.tensor([blocks], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
+        blocks = int(agreed.item())
     rows = []
     modes = (False, True) if device.startswith("cuda") else (False,)
     for graphs in modes:
-        runner = StepRunner(spec, device, blocks, cuda_graphs=graphs, max_requests=512)
+        runner = StepRunner(spec, device, blocks, cuda_graphs=graphs, max_requests=512, shard=shard)
         cases = [(c, shape) for c, shape in shapes(quick, runner.capacity) if not graphs or c == "decode"]
         timed = runner.time([shape for _, shape in cases], repeats=3 if quick else 5)
         for (category, shape), (wall, gpu, execution) in zip(cases, timed):
-            rows.append({"model": spec.id, "category": category, "execution": execution, "tp": 1,
+            rows.append({"model": spec.id, "category": category, "execution": execution, "tp": shard.size,
                          "shape": json.dumps(shape.to_dict()), "seconds": wall, "gpu_seconds": gpu})
             log(f"{category} {execution} {shape.num_requests} requests: {wall * 1e3:.2f} ms")
         del runner

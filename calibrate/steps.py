@@ -11,8 +11,9 @@ import numpy as np
 import torch
 
 from backend.executor import TorchExecutor, prompt_tokens
+from backend.parallel import Shard
 from hardware.operators import StepShape
-from hardware.specs import ModelSpec
+from hardware.specs import ModelSpec, kv_heads_per_gpu
 from policies.batch import Batch
 from policies.state import Requests
 
@@ -21,11 +22,11 @@ class StepRunner:
     """Runs `StepShape`s (prefill chunks and decodes) on a model with a paged cache of `num_blocks`."""
 
     def __init__(self, spec: ModelSpec, device: str, num_blocks: int, block_size: int = 16,
-                 cuda_graphs: bool = True, max_requests: int = 1024, seed: int = 0) -> None:
+                 cuda_graphs: bool = True, max_requests: int = 1024, seed: int = 0, shard: Shard = Shard()) -> None:
         n = max_requests
         self.requests = Requests(np.zeros(n), np.ones(n, np.int64), np.ones(n, np.int64), np.zeros(n, np.int64))
         self.executor = TorchExecutor(spec, self.requests, num_blocks, block_size, device, seed,
-                                      cuda_graphs=cuda_graphs)
+                                      cuda_graphs=cuda_graphs, shard=shard)
         self.block_size = block_size
         self.capacity = num_blocks * block_size
         self.prompts: dict[int, list[int]] = {}
@@ -72,14 +73,15 @@ class StepRunner:
                 for r in runs]
 
 
-def cache_blocks(spec: ModelSpec, device: str, fraction: float, block_size: int = 16) -> int:
-    """Blocks of KV cache that fit `fraction` of the device memory left free once the weights (bf16) and
-    4 GB of activations are taken; on CPU, 64 MB."""
+def cache_blocks(spec: ModelSpec, device: str, fraction: float, tp: int = 1, block_size: int = 16) -> int:
+    """Blocks of KV cache that fit `fraction` of the device memory left free once this rank's weights
+    (bf16) and 4 GB of activations are taken; on CPU, 64 MB."""
+    kv_share = kv_heads_per_gpu(spec, tp) / spec.num_key_value_heads
     if device.startswith("cuda"):
-        free = torch.cuda.mem_get_info(torch.device(device))[0] - 2.0 * spec.num_params - 4e9
-        per_token = spec.kv_bytes_per_token("bf16") * (1 + 1 / spec.num_hidden_layers)  # + one layer's gather
+        free = torch.cuda.mem_get_info(torch.device(device))[0] - 2.0 * spec.num_params / tp - 4e9
+        per_token = spec.kv_bytes_per_token("bf16") * kv_share * (1 + 1 / spec.num_hidden_layers)  # + gather
     else:
-        free, per_token = 64e6, spec.kv_bytes_per_token("fp32")
+        free, per_token = 64e6, spec.kv_bytes_per_token("fp32") * kv_share
     return max(16, int(fraction * free / (per_token * block_size)))
 
 

@@ -164,3 +164,62 @@ def test_capacity_buckets_bound_the_graph_gather_padding() -> None:
     buckets = np.array([capacity_bucket(int(n)) for n in sizes])
     assert (buckets >= sizes).all() and (buckets[sizes > 256] <= 1.125 * sizes[sizes > 256]).all()
     assert len(set(buckets.tolist())) < 0.1 * len(sizes)  # few captures
+
+
+def _tp_worker(rank: int, size: int, port: int, out: str) -> None:
+    """One tensor-parallel rank on the CPU (Gloo): a mixed step and a decode step over a paged cache."""
+    import torch.distributed as dist
+
+    from backend.parallel import Shard
+    from hardware.specs import kv_heads_per_gpu
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    try:
+        torch.save(_paged_steps(Shard(rank, size), kv_heads_per_gpu(SPEC, size)), f"{out}.{rank}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _paged_steps(shard, kv_heads: int) -> list[torch.Tensor]:
+    model = build_model(SPEC, torch.device("cpu"), torch.float32, seed=7, shard=shard)
+    cache = PagedKVCache(SPEC.num_hidden_layers, 16, 16, kv_heads, SPEC.head_size, torch.float32, torch.device("cpu"))
+    a, b = prompt_tokens(0, 1, 40, SPEC.vocab_size), prompt_tokens(0, 2, 9, SPEC.vocab_size)
+    outs = []
+    for parts, prefills in ((((a, 0, [3, 5, 1]), (b, 0, [7])), 2), (((a[:40] + [5], 40, [3, 5, 1]),), 0)):
+        flat, pos, chunks, rows = [], [], [], []
+        for toks, cached, table in parts:
+            chunks.append(Chunk(len(flat), len(toks) - cached, cached, table))
+            flat += toks[cached:]
+            pos += range(cached, len(toks))
+            rows.append(len(flat) - 1)
+        meta = attention_meta(chunks, 16, torch.device("cpu"), prefills)
+        outs.append(model(torch.tensor(flat), torch.tensor(pos), meta, cache, torch.tensor(rows)))
+    return outs
+
+
+@pytest.mark.parametrize("size", [2, 4])
+def test_tensor_parallel_ranks_compute_the_unsharded_logits(size: int, tmp_path) -> None:
+    """TP 2 shards KV heads, TP 4 replicates them (2 KV heads): every rank's gathered logits equal TP 1's."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from backend.parallel import Shard
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_tp_worker, args=(size, port, str(tmp_path / "logits")), nprocs=size, join=True)
+    want = _paged_steps(Shard(), SPEC.num_key_value_heads)
+    for rank in range(size):
+        got = torch.load(tmp_path / f"logits.{rank}")
+        for g, w in zip(got, want):
+            assert g.shape == w.shape and torch.allclose(g, w, atol=1e-4)
+
+
+def test_tensor_parallel_size_must_divide_the_shapes() -> None:
+    from backend.parallel import Shard
+
+    with pytest.raises(ValueError, match="tensor parallel size 3 must divide num_attention_heads = 8"):
+        build_model(SPEC, torch.device("cpu"), torch.float32, shard=Shard(0, 3))

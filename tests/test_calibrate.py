@@ -297,6 +297,7 @@ def test_quick_calibration_pipeline_on_cpu(tmp_path, capsys) -> None:
     (["calibrate", "--refit", "--out", "x.json"], "--raw = None"),
     (["calibrate", "validate", "missing.csv", "--gpu", "h100"], "measurements: no such file 'missing.csv'"),
     (["calibrate", "validate", "x.csv"], "--gpu: required"),
+    (["calibrate", "reference", "--quick", "--out", "x.csv", "--tp", "1,2"], "--tp = '1,2': reference runs one"),
 ])
 def test_calibrate_cli_errors(argv, needle, capsys) -> None:
     pytest.importorskip("torch")
@@ -318,3 +319,19 @@ def test_bad_raw_and_measurement_files_give_one_line_errors(tmp_path, capsys) ->
     assert main(["calibrate", "validate", str(steps), "--gpu", "h100"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert "not raw calibration measurements" in err[0] and "row 1: shape = '{bad'" in err[1]
+
+
+def test_tensor_parallel_reference_steps_on_cpu(tmp_path, capsys) -> None:
+    """`calibrate reference --tp 2`: one Gloo process per rank, rank 0's timings, TP recorded for pricing."""
+    pytest.importorskip("torch")
+    import pandas as pd
+
+    from sim.cli import main
+
+    out = tmp_path / "tp2.csv"
+    assert main(["calibrate", "reference", "--quick", "--tp", "2", "--out", str(out)]) == 0
+    df = pd.read_csv(out)
+    assert len(df) == 7 and set(df["tp"]) == {2} and (df["seconds"] > 0).all()
+    capsys.readouterr()
+    assert main(["calibrate", "validate", str(out), "--gpu", "h100", "--profile", "datasheet"]) == 0
+    assert json.loads(capsys.readouterr().out)["categories"][0]["tp"] == 2
