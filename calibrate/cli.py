@@ -20,7 +20,7 @@ from typing import Any
 from hardware.catalog import get_gpu, model_ids
 from hardware.errors import ServesimError
 
-# The calibration's default models: every dense catalog model (MoE experts reuse the dense GEMM curves).
+# Catalog GPU ids by a word of the device name torch reports.
 GPU_NAMES = {"H200": "h200-sxm-141gb", "H100": "h100-sxm-80gb", "A100": "a100-sxm-80gb", "L40S": "l40s",
              "B200": "b200", "MI300X": "mi300x"}
 

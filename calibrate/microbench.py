@@ -34,7 +34,7 @@ from calibrate.timing import Timer, variants_for
 from hardware.catalog import get_model
 from hardware.cost import step_operators
 from hardware.deployment import Deployment
-from hardware.operators import Operator, StepShape, StepTotals
+from hardware.operators import Operator, StepShape, StepTotals, gemm_operator
 from hardware.specs import GPUSpec, ModelSpec
 
 GEMM_M = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024, 1536, 2048, 3072,
@@ -111,8 +111,7 @@ class Bench:
                 nx = max(1, min(nw, self.variants(m * k * 2)))
                 xs = [self.randn(m, k) for _ in range(nx)]
                 sec = self.timer.gpu(lambda i: F.linear(xs[i % nx], weights[i % nw]), max(nw, nx))
-                op = Operator("gemm", "gemm", 2.0 * m * k * n, k * n * 2 + (m * k + m * n) * 2)
-                out.append(_record(op, sec, k=k, n=n, m=m))
+                out.append(_record(gemm_operator("gemm", m, k, n, 2, 2), sec, k=k, n=n, m=m))
             self.log(f"gemm k={k} n={n}")
         return out
 
@@ -121,7 +120,7 @@ class Bench:
         m_spec = dep.model
         h, hq, hkv, d = m_spec.hidden_size, dep.heads_per_gpu, dep.kv_heads_per_gpu, m_spec.head_size
         inter, vocab = dep.intermediate_per_gpu, m_spec.vocab_size
-        out = []
+        out, table = [], self.randn(vocab, h)  # the embedding table, shared by every size
         for m in self.s.rows:
             ops = operators_at(dep, _decode_shape(m))
             v = self.variants(m * h * 2 * 2)
@@ -132,7 +131,7 @@ class Bench:
             slots = torch.randperm(max(4 * m, 65536), device=self.device, generator=self.gen)[:m]
             kc, vc = self.randn(max(4 * m, 65536), hkv, d), self.randn(max(4 * m, 65536), hkv, d)
             kn, vn = self.randn(m, hkv, d), self.randn(m, hkv, d)
-            table, tokens = self.randn(vocab, h), self.rand_ints(vocab, m)
+            tokens = self.rand_ints(vocab, m)
             logits = [self.randn(m, vocab) for _ in range(self.variants(m * vocab * 2))]
             cases: dict[str, tuple[Callable[[int], object], int]] = {
                 "add_rmsnorm": (lambda i: F.rms_norm(xs[i] + rs[i], (h,), w, 1e-5), v),

@@ -228,7 +228,7 @@ class CostModel:
         self._peak_c = np.array([peak_flops(dep, op.kind) for op in self._ops])
         self._gemm_peak = gpu.matmul_flops(dep.weight_dtype)
         curves = [self._curves(op) for op in self._ops]
-        self._derived = np.array([derived for *_, derived in curves])
+        self._derived = np.flatnonzero([derived for *_, derived in curves])  # operator indices
         self._tables = TimeTables([c for c, _, _ in curves] + [m for _, m, _ in curves])
         self._table_ids = np.arange(2 * n)
         self._peaks = np.concatenate([self._peak_c, [link.bandwidth if c else gpu.hbm_bandwidth
@@ -278,7 +278,7 @@ class CostModel:
         sides = self._tables.seconds(np.concatenate([flops, np.where(self._comm, payload * self._moved, nbytes)]),
                                      self._table_ids, self._peaks)
         tc, tm = sides[: self._n], sides[self._n:]
-        if self._derived.any():  # measured GEMMs: the compute side's efficiency e(M) applies to the bytes too
+        if self._derived.size:  # measured GEMMs: the compute side's efficiency e(M) applies to the bytes too
             d = self._derived
             tm[d] = tc[d] * (nbytes[d] / dep.gpu.hbm_bandwidth) / np.maximum(flops[d] / self._peak_c[d], 1e-300)
         for i, surface in self._surfaces:

@@ -173,7 +173,7 @@ class Operator:
     dims: tuple[int, int] | None = None
 
 
-def _gemm(name: str, m: float, k: float, n: float, w_bytes: float, a_bytes: float, count: int = 1,
+def gemm_operator(name: str, m: float, k: float, n: float, w_bytes: float, a_bytes: float, count: int = 1,
           weight_reads: float = 1.0, expert: bool = False) -> Operator:
     """Y[m,n] = X[m,k] W[k,n]: reads X and `weight_reads` matrices W (MoE: the experts hit), writes Y."""
     dims = None if expert else (int(k), int(n))  # MoE experts read their weights per expert hit
@@ -202,7 +202,7 @@ def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts:
     qkv = (hq + 2 * hkv) * d
     ops = [
         Operator("add_rmsnorm", "elementwise", 5.0 * rows * h, 4.0 * rows * h * a + h * a, count=2, kernels=2),
-        _gemm("qkv_proj", rows, h, qkv, w, a),
+        gemm_operator("qkv_proj", rows, h, qkv, w, a),
         Operator("rope", "elementwise", 6.0 * rows * (hq + hkv) * d, 2.0 * rows * (hq + hkv) * d * a, kernels=7),
         Operator("kv_write", "kv-write", 0.0, t.tokens * 2 * hkv * d * (a + kvb), kernels=2),
         Operator("attention_prefill", "attention-prefill", 4.0 * t.prefill_pairs * d * hq,
@@ -210,20 +210,20 @@ def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts:
         Operator("attention_decode", "attention-decode", 4.0 * t.decode_pairs * d * hq,
                  2.0 * t.decode_seqs * hq * d * a + t.decode_pairs * 2 * hkv * d * kvb, kernels=4),
     ]
-    ops.append(_gemm("o_proj", rows, hq * d, h, w, a))
+    ops.append(gemm_operator("o_proj", rows, hq * d, h, w, a))
     if dep.tp > 1:
         ops.append(Operator("all_reduce_attn", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp))
     if m.is_moe:
         k, e = m.experts_per_token, m.num_experts
-        ops.append(_gemm("moe_router", rows, h, e, w, a))
+        ops.append(gemm_operator("moe_router", rows, h, e, w, a))
         # Each token runs k experts; only the experts some token is routed to have their weights read.
-        ops.append(_gemm("moe_gate_up", rows * k, h, 2 * inter, w, a, weight_reads=active_experts, expert=True))
+        ops.append(gemm_operator("moe_gate_up", rows * k, h, 2 * inter, w, a, weight_reads=active_experts, expert=True))
         ops.append(Operator("silu_mul", "elementwise", 5.0 * rows * k * inter, 3.0 * rows * k * inter * a))
-        ops.append(_gemm("moe_down", rows * k, inter, h, w, a, weight_reads=active_experts, expert=True))
+        ops.append(gemm_operator("moe_down", rows * k, inter, h, w, a, weight_reads=active_experts, expert=True))
     else:
-        ops.append(_gemm("gate_up_proj", rows, h, 2 * inter, w, a))
+        ops.append(gemm_operator("gate_up_proj", rows, h, 2 * inter, w, a))
         ops.append(Operator("silu_mul", "elementwise", 5.0 * rows * inter, 3.0 * rows * inter * a, kernels=2))
-        ops.append(_gemm("down_proj", rows, inter, h, w, a))
+        ops.append(gemm_operator("down_proj", rows, inter, h, w, a))
     if dep.tp > 1:
         ops.append(Operator("all_reduce_mlp", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp))
     return ops
@@ -245,7 +245,7 @@ def last_stage_operators(dep: Deployment, t: StepTotals) -> list[Operator]:
     n, v = t.logit_tokens, dep.vocab_per_gpu
     ops = [
         Operator("final_norm", "elementwise", 4.0 * n * h, 2.0 * n * h * a + h * a),
-        _gemm("lm_head", n, h, v, w, a),
+        gemm_operator("lm_head", n, h, v, w, a),
     ]
     if dep.tp > 1:
         ops.append(Operator("gather_logits", "all-gather", 0.0, 0.0, comm_bytes=n * m.vocab_size * a, ranks=dep.tp))

@@ -62,6 +62,14 @@ def _increasing(name: str, values: tuple[float, ...]) -> None:
         raise ValueError(f"{name} must be strictly increasing")
 
 
+def _check_curve(name: str, points: tuple[float, ...], efficiency: tuple[float, ...]) -> None:
+    """A curve's points are strictly increasing, one efficiency in (0, 1] each."""
+    if len(points) != len(efficiency):
+        raise ValueError(f"{name} ({len(points)}) and efficiency ({len(efficiency)}) differ in length")
+    _increasing(name, points)
+    _efficiencies(efficiency)
+
+
 class Curve(Spec):
     """Efficiency (0, 1] at increasing sizes (FLOPs or bytes); constant beyond both ends."""
 
@@ -70,10 +78,7 @@ class Curve(Spec):
 
     @model_validator(mode="after")
     def _check(self) -> Curve:
-        if len(self.sizes) != len(self.efficiency):
-            raise ValueError(f"sizes ({len(self.sizes)}) and efficiency ({len(self.efficiency)}) differ in length")
-        _increasing("sizes", self.sizes)
-        _efficiencies(self.efficiency)
+        _check_curve("sizes", self.sizes, self.efficiency)
         return self
 
 
@@ -110,10 +115,7 @@ class GemmCurve(Spec):
 
     @model_validator(mode="after")
     def _check(self) -> GemmCurve:
-        if len(self.m) != len(self.efficiency):
-            raise ValueError(f"m ({len(self.m)}) and efficiency ({len(self.efficiency)}) differ in length")
-        _increasing("m", self.m)
-        _efficiencies(self.efficiency)
+        _check_curve("m", self.m, self.efficiency)
         return self
 
     def at(self, m: np.ndarray) -> np.ndarray:

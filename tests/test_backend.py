@@ -49,31 +49,35 @@ def reference_generate(model, prompt: list[int], n: int) -> list[int]:
     return toks[len(prompt):]
 
 
+def run_step(model, cache, parts, prefills: int) -> torch.Tensor:
+    """One pass over `parts` ((tokens, cached, block table) each, the first `prefills` of them prefill chunks)
+    through the paged cache; each part's last-row logits."""
+    flat, pos, chunks, rows = [], [], [], []
+    for toks, cached, table in parts:
+        chunks.append(Chunk(len(flat), len(toks) - cached, cached, table))
+        flat += toks[cached:]
+        pos += range(cached, len(toks))
+        rows.append(len(flat) - 1)
+    meta = attention_meta(chunks, cache.block_size, torch.device("cpu"), prefills)
+    return model(torch.tensor(flat), torch.tensor(pos), meta, cache, torch.tensor(rows))
+
+
 def test_paged_attention_matches_contiguous_reference() -> None:
     model = build_model(SPEC, torch.device("cpu"), torch.float32, seed=3)
-    bs, cache = 16, PagedKVCache(SPEC.num_hidden_layers, 32, 16, SPEC.num_key_value_heads, SPEC.head_size,
-                                 torch.float32, torch.device("cpu"))
+    cache = PagedKVCache(SPEC.num_hidden_layers, 32, 16, SPEC.num_key_value_heads, SPEC.head_size, torch.float32,
+                         torch.device("cpu"))
     a = prompt_tokens(0, 1, 45, SPEC.vocab_size)
     b = prompt_tokens(0, 2, 20, SPEC.vocab_size)
     table_a, table_b = [7, 2, 11], [5, 9]  # scattered blocks
 
-    def step(parts, prefills):  # parts: (tokens, cached, table); returns each part's last-row logits
-        flat, pos, chunks, rows = [], [], [], []
-        for toks, cached, table in parts:
-            chunks.append(Chunk(len(flat), len(toks) - cached, cached, table))
-            flat += toks[cached:]
-            pos += range(cached, len(toks))
-            rows.append(len(flat) - 1)
-        meta = attention_meta(chunks, bs, torch.device("cpu"), prefills)
-        return model(torch.tensor(flat), torch.tensor(pos), meta, cache, torch.tensor(rows))
-
-    step([(a[:30], 0, table_a)], 1)  # a's first chunk alone
-    out = step([(a, 30, table_a), (b, 0, table_b)], 2)  # a's second chunk (cached prefix, mid-block) with b's prompt
+    run_step(model, cache, [(a[:30], 0, table_a)], 1)  # a's first chunk alone
+    # a's second chunk (cached prefix, mid-block) with b's prompt
+    out = run_step(model, cache, [(a, 30, table_a), (b, 0, table_b)], 2)
     with torch.no_grad():
         assert torch.allclose(out[0], reference_logits(model, a), atol=1e-4)
         assert torch.allclose(out[1], reference_logits(model, b), atol=1e-4)
         a2, b2 = a + [int(out[0].argmax())], b + [int(out[1].argmax())]
-        dec = step([(a2, 45, table_a), (b2, 20, table_b)], 0)  # a batched decode of both
+        dec = run_step(model, cache, [(a2, 45, table_a), (b2, 20, table_b)], 0)  # a batched decode of both
         assert torch.allclose(dec[0], reference_logits(model, a2), atol=1e-4)
         assert torch.allclose(dec[1], reference_logits(model, b2), atol=1e-4)
 
@@ -185,17 +189,8 @@ def _paged_steps(shard, kv_heads: int) -> list[torch.Tensor]:
     model = build_model(SPEC, torch.device("cpu"), torch.float32, seed=7, shard=shard)
     cache = PagedKVCache(SPEC.num_hidden_layers, 16, 16, kv_heads, SPEC.head_size, torch.float32, torch.device("cpu"))
     a, b = prompt_tokens(0, 1, 40, SPEC.vocab_size), prompt_tokens(0, 2, 9, SPEC.vocab_size)
-    outs = []
-    for parts, prefills in ((((a, 0, [3, 5, 1]), (b, 0, [7])), 2), (((a[:40] + [5], 40, [3, 5, 1]),), 0)):
-        flat, pos, chunks, rows = [], [], [], []
-        for toks, cached, table in parts:
-            chunks.append(Chunk(len(flat), len(toks) - cached, cached, table))
-            flat += toks[cached:]
-            pos += range(cached, len(toks))
-            rows.append(len(flat) - 1)
-        meta = attention_meta(chunks, 16, torch.device("cpu"), prefills)
-        outs.append(model(torch.tensor(flat), torch.tensor(pos), meta, cache, torch.tensor(rows)))
-    return outs
+    steps = ((((a, 0, [3, 5, 1]), (b, 0, [7])), 2), (((a[:40] + [5], 40, [3, 5, 1]),), 0))
+    return [run_step(model, cache, parts, prefills) for parts, prefills in steps]
 
 
 @pytest.mark.parametrize("size", [2, 4])
