@@ -25,6 +25,7 @@ from backend.model import (
     build_model,
 )
 from backend.parallel import Shard
+from backend.speculative import DraftRunner, accept, seeded
 from hardware.cost import GRAPH_BATCH_SIZES
 from hardware.specs import ModelSpec, kv_heads_per_gpu
 from policies.batch import Batch
@@ -99,7 +100,8 @@ class TorchExecutor:
 
     def __init__(self, spec: ModelSpec, requests: Requests, num_blocks: int, block_size: int,
                  device: str = "cpu", seed: int = 0, temperature: float = 0.0, checkpoint: str | None = None,
-                 cuda_graphs: bool = True, shard: Shard = Shard()) -> None:
+                 cuda_graphs: bool = True, shard: Shard = Shard(), draft: ModelSpec | None = None,
+                 oracle: bool = False) -> None:
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.spec, self.req, self.seed, self.temperature = spec, requests, seed, temperature
@@ -118,6 +120,11 @@ class TorchExecutor:
         self.tables: dict[int, list[int]] = {}
         self.tokens: dict[int, list[int]] = {}
         self.capture_seconds = 0.0  # time the last step spent capturing a CUDA graph (a server does it at start)
+        # Speculation: a draft model with its own cache (room for every request's KV plus its drafts), and
+        # whether verification forces the simulator's drawn acceptance (oracle) or applies the real rule.
+        self.draft = None if draft is None else DraftRunner(draft, num_blocks + 256, block_size, self.device,
+                                                            self.dtype, seed)
+        self.oracle = oracle
 
     # ---- block tables mirror the engine's block counts --------------------------------------------------
     def sync_tables(self, ids: Sequence[int] = ()) -> None:
@@ -126,6 +133,9 @@ class TorchExecutor:
             keep = int(self.req.blocks[rid])  # freed by the engine (finish, preemption)
             self.free_blocks.extend(reversed(self.tables[rid][keep:]))
             del self.tables[rid][keep:]
+        if self.draft is not None:  # a finished or preempted request's draft cache goes too
+            for rid in [r for r in self.draft.tables if self.req.blocks[r] == 0]:
+                self.draft.release(rid)
         for rid in ids:
             table = self.tables.setdefault(rid, [])
             need = int(self.req.blocks[rid]) - len(table)
@@ -135,10 +145,11 @@ class TorchExecutor:
                 table.extend(self.free_blocks[: -need - 1: -1])
                 del self.free_blocks[-need:]
 
-    def _generator(self, rid: int) -> torch.Generator:
-        """The random stream of request `rid`'s next token: seeded by (seed, request, position)."""
-        seed = int(np.random.SeedSequence([self.seed, rid, len(self.tokens[rid])]).generate_state(1)[0])
-        return torch.Generator(device=self.device).manual_seed(seed)
+    def _generator(self, rid: int, salt: int = 0) -> torch.Generator:
+        """The random stream of request `rid`'s next token: seeded by (seed, request, position[, salt] for a
+        speculative step's draws)."""
+        key = (rid, len(self.tokens[rid])) + ((salt,) if salt else ())
+        return seeded(self.seed, *key, device=self.device)
 
     def tokens_of(self, rid: int) -> list[int]:
         """Prompt and generated token ids of a request so far."""
@@ -150,25 +161,30 @@ class TorchExecutor:
     def run(self, batch: Batch) -> StepOutcome:
         t0 = time.perf_counter()
         self.capture_seconds = 0.0
-        ids = batch.prefill_ids.tolist() + batch.decode_ids.tolist()
-        counts = batch.prefill_tokens.tolist() + [1] * batch.decode_ids.size
-        cached = batch.prefill_computed.tolist() + batch.decode_computed.tolist()
-        self.sync_tables(ids)
+        pre, ver, dec = batch.prefill_ids.tolist(), batch.verify_ids.tolist(), batch.decode_ids.tolist()
+        self.sync_tables(pre + ver + dec)
+        drafts, dists, draft_s = self._draft(batch)
         flat_tokens: list[int] = []
         positions: list[int] = []
         chunks: list[Chunk] = []
         sample_rows: list[int] = []
         sample_ids: list[int] = []
-        for rid, n, done in zip(ids, counts, cached):
+        verify_rows: list[int] = []
+        parts = list(zip(pre, batch.prefill_tokens.tolist(), batch.prefill_computed.tolist(), [None] * len(pre)))
+        parts += [(rid, len(d) + 1, c, d) for rid, c, d in zip(ver, batch.verify_computed.tolist(), drafts)]
+        parts += [(rid, 1, c, None) for rid, c in zip(dec, batch.decode_computed.tolist())]
+        for rid, n, done, draft in parts:
             toks = self.tokens_of(rid)
             chunks.append(Chunk(len(flat_tokens), n, done, self.tables[rid]))
-            flat_tokens += toks[done:done + n]
+            flat_tokens += toks[done:done + n] if draft is None else [toks[done], *draft]
             positions += range(done, done + n)
-            if done + n == len(toks):  # no known token left uncomputed: this row samples the next one
+            if draft is not None:  # a verification: the logits of all its k + 1 rows
+                verify_rows += range(len(flat_tokens) - n, len(flat_tokens))
+            elif done + n == len(toks):  # no known token left uncomputed: this row samples the next one
                 sample_rows.append(len(flat_tokens) - 1)
                 sample_ids.append(rid)
         dev = self.device
-        meta = attention_meta(chunks, self.block_size, dev, batch.prefill_ids.size)
+        meta = attention_meta(chunks, self.block_size, dev, len(pre) + len(ver))
         graph = self._graph(batch, meta)
         if dev.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
@@ -177,13 +193,15 @@ class TorchExecutor:
             logits = graph.run(flat_tokens, positions, meta)
         else:
             logits = self.model(torch.tensor(flat_tokens, device=dev), torch.tensor(positions, device=dev), meta,
-                                self.cache, torch.tensor(sample_rows, dtype=torch.long, device=dev))
+                                self.cache, torch.tensor(sample_rows + verify_rows, dtype=torch.long, device=dev))
+        sampled, verified = logits[:len(sample_rows)], logits[len(sample_rows):]
         if self.temperature > 0:  # each token from its own seeded draw: outputs do not depend on batching
-            probs = torch.softmax(logits / self.temperature, dim=-1)
+            probs = torch.softmax(sampled / self.temperature, dim=-1)
             new = torch.stack([torch.multinomial(p, 1, generator=self._generator(rid))[0]
-                               for p, rid in zip(probs, sample_ids)]) if sample_ids else logits.argmax(dim=-1)
+                               for p, rid in zip(probs, sample_ids)]) if sample_ids else sampled.argmax(dim=-1)
         else:
-            new = logits.argmax(dim=-1)
+            new = sampled.argmax(dim=-1)
+        accepted = self._verify(batch, verified, drafts, dists) if ver else None
         gpu = float("nan")
         if dev.type == "cuda":
             end.record()
@@ -193,13 +211,53 @@ class TorchExecutor:
         for rid, tok in zip(sample_ids, new_ids):
             self.tokens[rid].append(tok)
         return StepOutcome(seconds=time.perf_counter() - t0 - self.capture_seconds,
-                           execution="graph" if graph else "eager",
-                           gpu_seconds=gpu)
+                           execution="graph" if graph else "eager", gpu_seconds=gpu, draft_seconds=draft_s,
+                           accepted=accepted)
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _draft(self, batch: Batch) -> tuple[list[list[int]], list[list[torch.Tensor]], float]:
+        """The draft model's part of a step: catch up on prefill chunks, then propose each verification's
+        drafts; returns the drafts, their distributions (when sampling) and the seconds it took."""
+        if self.draft is None:
+            if batch.verify_ids.size:
+                raise RuntimeError("a batch with verifications needs a draft model (speculation.draft)")
+            return [], [], 0.0
+        self._sync()
+        t0 = time.perf_counter()
+        if batch.prefill_ids.size:
+            self.draft.catch_up(batch.prefill_ids.tolist(), (batch.prefill_computed + batch.prefill_tokens).tolist(),
+                                self.tokens_of)
+        drafts, dists = self.draft.propose(batch.verify_ids.tolist(), batch.verify_drafts.tolist(), self.tokens_of,
+                                           self.temperature, lambda rid, j: self._generator(rid, 1 + j))
+        self._sync()
+        return drafts, dists, time.perf_counter() - t0
+
+    def _verify(self, batch: Batch, logits: torch.Tensor, drafts: list[list[int]],
+                dists: list[list[torch.Tensor]]) -> np.ndarray:
+        """Apply the acceptance rule (or the oracle's counts) to every verification; append its tokens."""
+        accepted = np.zeros(batch.verify_ids.size, dtype=np.int64)
+        row = 0
+        for i, (rid, c) in enumerate(zip(batch.verify_ids.tolist(), batch.verify_computed.tolist())):
+            k = len(drafts[i])
+            forced = int(batch.verify_accepted[i]) if self.oracle else None
+            gen = self._generator(rid, 0) if self.temperature > 0 else None
+            a, new = accept(logits[row:row + k + 1], drafts[i], dists[i], self.temperature, gen, forced)
+            row += k + 1
+            accepted[i] = a
+            room = int(self.req.output[rid] - self.req.generated[rid])
+            self.tokens[rid].extend(new[:room])  # never past the output length
+            assert self.draft is not None
+            self.draft.rollback(rid, c + 1 + min(a, k - 1))  # its cache holds the newest token and drafts 1..k-1
+        return accepted
 
     def _graph(self, batch: Batch, meta: AttentionMeta) -> DecodeGraph | None:
         """The captured graph for a decode-only batch (captured on first use), or None to run eagerly."""
         n = batch.decode_ids.size
-        if not self.use_graphs or batch.prefill_ids.size or not n or n > GRAPH_BATCH_SIZES[-1]:
+        if not self.use_graphs or batch.prefill_ids.size or batch.verify_ids.size or not n or \
+                n > GRAPH_BATCH_SIZES[-1]:
             return None
         rows = next(b for b in GRAPH_BATCH_SIZES if b >= n)
         key = (rows, capacity_bucket(sum(meta.groups[0].k_lens) + rows - n))

@@ -15,10 +15,13 @@ from dataclasses import replace
 from pathlib import Path
 
 from backend.executor import TorchExecutor
+from hardware.catalog import get_model
 from hardware.errors import ServesimError
 from hardware.operators import StepShape
 from policies import make_scheduler
+from policies.acceptance import Acceptance
 from policies.routers import make_router
+from policies.speculation import DraftModel, Speculator
 from policies.state import ReplicaState
 from sim.config import SimConfig
 from sim.engine import Cluster, StepLog, prepare
@@ -45,29 +48,50 @@ class _Replica:
 
 
 def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperature: float = 0.0,
-           checkpoint: str | None = None) -> tuple[Results, TorchExecutor, list[StepShape]]:
-    """Run `config` on a real device; returns its results, the executor (tokens) and every step's shape."""
+           checkpoint: str | None = None, acceptance: str = "oracle"
+           ) -> tuple[Results, TorchExecutor, list[StepShape]]:
+    """Run `config` on a real device; returns its results, the executor (tokens) and every step's shape.
+    With speculation, `acceptance` "oracle" forces the simulator's drawn acceptance counts (random weights
+    never agree) and "model" applies the real lossless rule to the draft's proposals."""
     hw = config.hardware
     if config.cluster.replicas != 1 or hw.tp != 1 or hw.pp != 1:
         raise ServesimError(f"replay runs one replica on one device: cluster.replicas = {config.cluster.replicas}, "
                             f"hardware.tp = {hw.tp}, hardware.pp = {hw.pp}; allowed: 1")
+    if config.disaggregation is not None:
+        raise ServesimError("replay: disaggregation is simulated only; the backend replays one colocated replica "
+                            "(remove the disaggregation section)")
+    spec = config.speculation
+    if spec is not None and not isinstance(spec.draft, DraftModel):
+        raise ServesimError(f"replay: speculation.draft.kind = {spec.draft.kind!r} is simulated only; the backend "
+                            "runs kind 'draft_model'")
+    if spec is not None and isinstance(spec.draft, DraftModel) and spec.draft.kv_window is not None:
+        raise ServesimError("replay: speculation.draft.kv_window is simulated only; the backend's draft attends "
+                            "to the whole context (remove kv_window)")
+    if acceptance not in ("oracle", "model"):
+        raise ServesimError(f"replay: acceptance = {acceptance!r}; allowed: oracle, model")
     if config.kv_cache.prefix_caching:
         raise ServesimError("replay: kv_cache.prefix_caching = true is not implemented in the backend; allowed: false")
     setup = prepare(config)
     requests = setup.requests
-    spec = setup.deployment.model
-    cache_bytes = setup.num_blocks * config.kv_cache.block_size * spec.kv_bytes_per_token(
+    spec_model = setup.deployment.model
+    cache_bytes = setup.num_blocks * config.kv_cache.block_size * spec_model.kv_bytes_per_token(
         "bf16" if device.startswith("cuda") else "fp32")
     if device.startswith("cuda") and hw.cuda_graphs:
-        cache_bytes *= 1 + 1 / spec.num_hidden_layers  # the decode graphs' shared gather buffer: one layer's K/V
+        cache_bytes *= 1 + 1 / spec_model.num_hidden_layers  # the decode graphs' shared gather buffer: one layer's K/V
     if cache_bytes > 0.9 * free_memory(device):
         raise ServesimError(f"replay: the KV cache of {setup.num_blocks} blocks ({cache_bytes / 1e9:.2f} GB) does "
                             f"not fit the free memory of {device} ({free_memory(device) / 1e9:.2f} GB); set "
                             "kv_cache.num_blocks, and the same value for `servesim run`")
     (state,) = setup.replica_states()
+    draft = get_model(spec.draft.model) if spec is not None and isinstance(spec.draft, DraftModel) else None
+    if draft is not None and draft.vocab_size != spec_model.vocab_size:
+        raise ServesimError(f"replay: the draft {draft.id} has vocab_size {draft.vocab_size}, the target "
+                            f"{spec_model.vocab_size}; a draft must share the target's vocabulary")
     executor = TorchExecutor(setup.deployment.model, requests, setup.num_blocks, config.kv_cache.block_size,
-                             device, config.seed, temperature, checkpoint, hw.cuda_graphs)
+                             device, config.seed, temperature, checkpoint, hw.cuda_graphs, draft=draft,
+                             oracle=acceptance == "oracle")
     policy = make_scheduler(config.scheduler)
+    speculator = None if spec is None else Speculator(spec, Acceptance(spec.acceptance, config.seed, requests.n))
     cluster = Cluster([_Replica(state)], make_router(config.cluster.router, config.seed), requests,  # type: ignore[list-item]
                       setup.deployment.context_limit)
     log, shapes = StepLog(), []
@@ -86,6 +110,8 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
         state.now = now
         before = state.preemptions
         batch = policy.schedule(state)
+        if batch is not None and speculator is not None:
+            batch = speculator.plan(state, batch)
         if batch is None:
             if nxt == len(arrivals):
                 break
@@ -99,7 +125,7 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
         outcome = executor.run(batch)
         skipped -= executor.capture_seconds  # the clock stops while a new CUDA graph is captured
         end = clock()
-        result = state.complete_step(batch, end)
+        result = state.complete_step(batch, end, outcome.accepted)
         policy.on_step_end(state, batch, result)
         log.record(state, batch, start, replace(outcome, seconds=end - start), state.preemptions - before)
         shapes.append(batch.shape())

@@ -21,6 +21,11 @@ class Batch:
       request's recompute is a prefill of its prompt plus the tokens it had generated.
     - decode: `decode_ids[j]` runs its one newest token after `decode_computed[j]` tokens of KV.
 
+    - verify (speculative decoding, set by a `Speculator` on top of any policy): `verify_ids[v]` runs its
+      newest token plus `verify_drafts[v]` draft tokens after `verify_computed[v]` tokens of KV, and accepts
+      `verify_accepted[v]` of the drafts (drawn from the acceptance model; a real executor may report its
+      own). `verify_padded` pads every verification to the longest drafts and context of the batch.
+
     `pad_prefill_to` and `pad_rows` model padded request-level batching (Hugging Face generate): every
     prompt padded to the longest, and finished rows still computed until the whole batch ends.
     """
@@ -32,6 +37,11 @@ class Batch:
     decode_computed: np.ndarray = field(default_factory=lambda: _EMPTY)
     pad_prefill_to: int = 0
     pad_rows: int = 0
+    verify_ids: np.ndarray = field(default_factory=lambda: _EMPTY)
+    verify_drafts: np.ndarray = field(default_factory=lambda: _EMPTY)
+    verify_computed: np.ndarray = field(default_factory=lambda: _EMPTY)
+    verify_accepted: np.ndarray = field(default_factory=lambda: _EMPTY)
+    verify_padded: bool = False
 
     @classmethod
     def make(
@@ -52,7 +62,7 @@ class Batch:
 
     @property
     def num_requests(self) -> int:
-        return self.prefill_ids.size + self.decode_ids.size
+        return self.prefill_ids.size + self.decode_ids.size + self.verify_ids.size
 
     @property
     def num_prefill_tokens(self) -> int:
@@ -60,7 +70,7 @@ class Batch:
 
     @property
     def num_tokens(self) -> int:
-        return self.num_prefill_tokens + self.decode_ids.size
+        return self.num_prefill_tokens + self.decode_ids.size + int(self.verify_drafts.sum()) + self.verify_ids.size
 
     def shape(self) -> StepShape:
         """The batch as the cost model sees it, padding included."""
@@ -71,4 +81,9 @@ class Batch:
         if self.pad_rows:
             longest = int(decode.max()) if decode.size else int((self.prefill_computed + chunks).max())
             decode = np.concatenate([decode, np.full(self.pad_rows, longest, dtype=np.int64)])
-        return StepShape(prefill_tokens=chunks, prefill_cached=self.prefill_computed, decode_context=decode)
+        verify, context = self.verify_drafts + 1, self.verify_computed
+        if self.verify_padded and verify.size:
+            verify = np.full(verify.size, int(verify.max()), dtype=np.int64)
+            context = np.full(verify.size, int(context.max()), dtype=np.int64)
+        return StepShape(prefill_tokens=chunks, prefill_cached=self.prefill_computed, decode_context=decode,
+                         verify_tokens=verify, verify_context=context)

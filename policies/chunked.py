@@ -36,7 +36,7 @@ def plan_running(state: ReplicaState, order: np.ndarray, budget: int, cap: int |
     for rid, n in zip(ids.tolist(), tokens.tolist()):
         if r.status[rid] != Status.RUNNING:  # preempted as a victim already
             continue
-        need = int(kv.blocks_for(int(r.computed[rid]) + n)) - int(r.blocks[rid])
+        need = int(kv.blocks_for(int(r.computed[rid]) + n)) - int(kv.blocks[rid])
         while not kv.can_allocate(need, watermark=False):
             done = set(planned) | {rid}
             victim = next((v for v in reversed(state.running) if v not in done), rid)

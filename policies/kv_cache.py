@@ -79,11 +79,14 @@ class PrefixCache:
 
 
 class BlockManager:
-    """Blocks of `block_size` tokens: per-request counts in `requests.blocks`, and the pool's state."""
+    """Blocks of `block_size` tokens: per-request counts in `blocks`, and the pool's state."""
 
     def __init__(self, requests, num_blocks: int, block_size: int, watermark: float = 0.0,
-                 prefix_caching: bool = False) -> None:
+                 prefix_caching: bool = False, blocks: np.ndarray | None = None) -> None:
         self.req = requests
+        # Blocks each request holds here; replicas of one pool share `requests.blocks`, and a disaggregated
+        # decode pool has its own array, since a request holds KV on both sides while it is transferred.
+        self.blocks = requests.blocks if blocks is None else blocks
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.free = num_blocks
@@ -124,39 +127,46 @@ class BlockManager:
 
     def grow_to(self, rid: int, tokens: int) -> int:
         """Give `rid` blocks for `tokens` tokens of KV; returns the blocks added."""
-        need = int(self.blocks_for(tokens)) - int(self.req.blocks[rid])
+        need = int(self.blocks_for(tokens)) - int(self.blocks[rid])
         if need <= 0:
             return 0
         self.take(need)
-        self.req.blocks[rid] += need
+        self.blocks[rid] += need
         return need
 
     def grow_many(self, ids: np.ndarray, tokens: np.ndarray) -> bool:
         """Blocks for `tokens[i]` tokens to each `ids[i]` if they all fit (no watermark); False otherwise."""
-        need = np.maximum(self.blocks_for(tokens) - self.req.blocks[ids], 0)
+        need = np.maximum(self.blocks_for(tokens) - self.blocks[ids], 0)
         total = int(need.sum())
         if total > self.available:
             return False
         self.take(total)
-        self.req.blocks[ids] += need
+        self.blocks[ids] += need
         return True
+
+    def shrink_to(self, ids: np.ndarray, tokens: np.ndarray) -> None:
+        """Free the blocks beyond `tokens[i]` tokens of each `ids[i]` (rejected draft tokens' KV rolled back).
+        Only private tail blocks are freed: a prefix-cached block always lies below `tokens`."""
+        extra = np.maximum(self.blocks[ids] - self.blocks_for(tokens), 0)
+        self.blocks[ids] -= extra
+        self.free += int(extra.sum())
 
     def release(self, rid: int | np.ndarray) -> None:
         """Free every block of one request, or of an array of requests; cached ones stay as evictable."""
         if self.cache is None:
-            blocks = self.req.blocks[rid]
+            blocks = self.blocks[rid]
             self.free += int(blocks.sum()) if isinstance(rid, np.ndarray) else int(blocks)
-            self.req.blocks[rid] = 0
+            self.blocks[rid] = 0
             return
         for r in np.atleast_1d(rid).tolist():
             held = self.held.pop(r, [])
             self.cache.release(reversed(held))  # the tail of a prompt is evicted before its head
-            self.free += int(self.req.blocks[r]) - len(held)
-            self.req.blocks[r] = 0
+            self.free += int(self.blocks[r]) - len(held)
+            self.blocks[r] = 0
 
     def check(self, members: np.ndarray) -> None:
         """Assert the bookkeeping invariants; `members` are the requests routed to this replica."""
-        private = int(self.req.blocks[members].sum()) - sum(len(k) for k in self.held.values())
+        private = int(self.blocks[members].sum()) - sum(len(k) for k in self.held.values())
         shared = 0
         if self.cache is not None:
             refs: dict[int, int] = {}
@@ -191,7 +201,7 @@ class BlockManager:
         keys = self.req.keys_of(rid)[: hit.blocks].tolist()
         self.cache.acquire(keys)
         self.held[rid] = keys
-        self.req.blocks[rid] = hit.blocks
+        self.blocks[rid] = hit.blocks
 
     def register_computed(self, ids: np.ndarray, before: np.ndarray) -> None:
         """Blocks that steps filled (computed went from `before` to now) become cached under their keys."""

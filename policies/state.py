@@ -172,8 +172,11 @@ class ReplicaState:
         self.req.reject(rid, code, reason)
 
     # ---- the outcome of a step (applied by whichever engine drives the clock) ---------------------------
-    def complete_step(self, batch: Batch, end_time: float) -> StepResult:
-        """Advance every request of `batch` by the tokens it ran; emit, finish and free as due."""
+    def complete_step(self, batch: Batch, end_time: float, accepted: np.ndarray | None = None) -> StepResult:
+        """Advance every request of `batch` by the tokens it ran; emit, finish and free as due. A verifying
+        request keeps the KV of its newest token and its accepted drafts (`accepted`, default the batch's
+        drawn counts), emits them plus the target's next token at `end_time`, capped at its output length,
+        and gives back the blocks of its rejected drafts."""
         r = self.req
         if batch.prefill_ids.size:
             r.computed[batch.prefill_ids] += batch.prefill_tokens
@@ -192,7 +195,9 @@ class ReplicaState:
         r.first_token[first] = end_time
         gen += 1
         r.generated[emitted] = gen
-        finished = emitted[gen == r.output[emitted]]
+        if batch.verify_ids.size:
+            emitted = np.concatenate([emitted, self._complete_verify(batch, end_time, accepted)])
+        finished = emitted[r.generated[emitted] == r.output[emitted]]
         if finished.size:
             r.status[finished] = Status.FINISHED
             r.finish[finished] = end_time
@@ -200,3 +205,14 @@ class ReplicaState:
             done = set(finished.tolist())
             self.running = [rid for rid in self.running if rid not in done]
         return StepResult(emitted=emitted, finished=finished)
+
+    def _complete_verify(self, batch: Batch, end_time: float, accepted: np.ndarray | None) -> np.ndarray:
+        r, v = self.req, batch.verify_ids
+        acc = np.minimum(batch.verify_accepted if accepted is None else accepted, batch.verify_drafts)
+        n = np.minimum(acc + 1, r.output[v] - r.generated[v])  # never more tokens than the output length
+        start = np.repeat(r.token_offset[v] + r.generated[v] - np.cumsum(n) + n, n)
+        r.token_time[start + np.arange(int(n.sum()))] = end_time
+        r.computed[v] += n
+        r.generated[v] += n
+        self.kv.shrink_to(v, r.computed[v])
+        return v

@@ -160,7 +160,7 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any] | None:
         raise ServesimError(f"replay needs torch (pip install -e '.[torch]'): {exc}") from None
     config = load_config(args.config, args.set)
     results, _, shapes = replay(config, device=args.device, asap=args.asap, temperature=args.temperature,
-                                checkpoint=args.checkpoint)
+                                checkpoint=args.checkpoint, acceptance=args.acceptance)
     print(format_summary(results.summary))
     if args.out:
         paths = write_outputs(results, args.out)
@@ -176,6 +176,45 @@ def cmd_validate(args: argparse.Namespace) -> dict[str, Any] | None:
     if args.json:
         return report
     print(format_report(report))
+    return None
+
+
+def _int_list(flag: str, text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or min(values) < 1:
+        raise ServesimError(f"{flag} = {text!r}: expected comma-separated positive integers, e.g. 1,2,4")
+    return values
+
+
+def cmd_disagg_search(args: argparse.Namespace) -> dict[str, Any] | None:
+    from policies import SCHEDULERS
+    from sim.config import load_config
+    from sim.disagg_search import best_ratio, search
+
+    overrides = list(args.set)
+    overrides += [f"slo.ttft_s={args.ttft}"] if args.ttft is not None else []
+    overrides += [f"slo.tpot_s={args.tpot}"] if args.tpot is not None else []
+    config = load_config(args.config, overrides)
+    colocated = [c for c in args.colocated.split(",") if c]
+    for name in colocated:
+        if name not in SCHEDULERS:
+            raise ServesimError(f"--colocated: {name!r} is not a scheduler; allowed: {', '.join(SCHEDULERS)}")
+    if args.jobs < 1:
+        raise ServesimError(f"--jobs = {args.jobs}: allowed values are 1 or more")
+    table = search(config, args.gpus, _int_list("--tp", args.tp), colocated, args.attainment, args.link,
+                   args.transfer, args.start, args.tolerance, args.jobs)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        table.to_csv(args.out, index=False)
+    ratio = best_ratio(table)
+    if args.json:
+        return {"configurations": table.to_dict(orient="records"), "disaggregated_over_colocated": ratio}
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if ratio is not None:
+        print(f"best disaggregated / best colocated goodput per GPU: {ratio:.2f}x")
     return None
 
 
@@ -226,6 +265,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--asap", action="store_true", help="skip idle gaps: jump to the next arrival when idle")
     rep.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     rep.add_argument("--checkpoint", help="local safetensors file or folder to load instead of random weights")
+    rep.add_argument("--acceptance", choices=["oracle", "model"], default="oracle",
+                     help="speculation: force the acceptance model's draws (oracle, default: random weights never "
+                          "agree) or apply the real rule to the draft's proposals (model)")
     rep.set_defaults(func=cmd_replay)
 
     val = sub.add_parser("validate", help="compare a simulated run with a replay")
@@ -235,6 +277,24 @@ def build_parser() -> argparse.ArgumentParser:
     val.add_argument("--out", help="where validation.json and step_scatter.png go (default: REAL_DIR)")
     val.add_argument("--json", action="store_true", help="print the report as JSON")
     val.set_defaults(func=cmd_validate)
+
+    ds = sub.add_parser("disagg-search", help="goodput per GPU of prefill/decode placements vs colocated serving")
+    ds.add_argument("config", nargs="?", help="scenario YAML: model, GPU, workload, SLOs (default: the embedded one)")
+    ds.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field")
+    ds.add_argument("--gpus", type=int, required=True, help="GPU budget: placements use at most this many")
+    ds.add_argument("--tp", default="1,2,4,8", help="TP degrees to try for each pool (default 1,2,4,8)")
+    ds.add_argument("--colocated", default="vllm,sarathi", help="schedulers of the colocated baselines ('' for none)")
+    ds.add_argument("--ttft", type=float, help="TTFT target in s (default: the config's slo.ttft_s)")
+    ds.add_argument("--tpot", type=float, help="TPOT target in s (default: the config's slo.tpot_s)")
+    ds.add_argument("--attainment", type=float, default=0.9, help="share of requests within both (default 0.9)")
+    ds.add_argument("--link", help="KV link (default: the config's disaggregation.link, else ib-ndr)")
+    ds.add_argument("--transfer", choices=["after_prefill", "layerwise"], help="KV transfer mode")
+    ds.add_argument("--start", type=float, default=1.0, help="first rate probed, req/s (default 1)")
+    ds.add_argument("--tolerance", type=float, default=0.05, help="relative precision of each goodput (default 0.05)")
+    ds.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
+    ds.add_argument("--out", help="CSV of every configuration")
+    ds.add_argument("--json", action="store_true", help="print the table as JSON")
+    ds.set_defaults(func=cmd_disagg_search)
 
     calibrate_parser(sub)
 

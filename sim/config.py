@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import yaml
 from pydantic import (
@@ -20,6 +20,7 @@ from pydantic import (
 from hardware.errors import ServesimError, describe_validation_error
 from hardware.specs import DType
 from policies import PAGED_SCHEDULERS, SchedulerConfig
+from policies.speculation import SpeculationConfig
 from policies.vllm import VllmParams
 from traces.workload import LognormalLengths, PoissonArrival, Workload
 
@@ -70,6 +71,34 @@ class SloConfig(_Section):
     e2e_s: PositiveFloat | None = None
 
 
+class PoolConfig(_Section):
+    """One pool of a disaggregated cluster: identical instances (replicas), each `hardware.tp x pp` GPUs."""
+
+    instances: PositiveInt = 1
+    hardware: HardwareConfig | None = Field(None, description="GPU, TP/PP, price, profile of each instance "
+                                            "(default: the top-level hardware section)")
+    scheduler: SchedulerConfig | None = Field(None, description="policy of each instance (default: the top-level "
+                                              "scheduler)")
+    num_blocks: PositiveInt | None = Field(None, description="override the KV blocks per instance (default: from "
+                                           "the memory plan)")
+
+
+class DisaggregationConfig(_Section):
+    """Prefill/decode disaggregation (DistServe, OSDI 2024; Splitwise, ISCA 2024): prompts run on the prefill
+    pool, then each request's KV cache moves over `link` to a decode instance that generates the rest."""
+
+    prefill: PoolConfig = PoolConfig()
+    decode: PoolConfig = PoolConfig()
+    mixed: PoolConfig | None = Field(None, description="Splitwise's mixed pool: instances that take new prompts "
+                                     "(served whole) when every prefill instance has a queue, and decodes when no "
+                                     "decode instance has room")
+    link: str = Field("ib-ndr", description="interconnect of each GPU's KV-transfer port (catalog link id): "
+                      "nvlink4 inside a node, ib-ndr / eth-100g / eth-25g across nodes")
+    transfer: Literal["after_prefill", "layerwise"] = Field(
+        "after_prefill", description="after_prefill: the KV moves once the prompt is done; layerwise: each "
+                                     "chunk's KV streams while its step runs (at most as fast as it is produced)")
+
+
 def _default_workloads() -> list[Workload]:
     # Azure LLM conversation trace 2023 statistics: prompt mean 1155 (cv 0.96), output mean 211 (cv 0.77).
     return [Workload(
@@ -93,13 +122,42 @@ class SimConfig(_Section):
     kv_cache: KvCacheConfig = KvCacheConfig()
     workloads: list[Workload] = Field(default_factory=_default_workloads, min_length=1)
     slo: SloConfig = SloConfig(ttft_s=2.0, tpot_s=0.1)
+    disaggregation: DisaggregationConfig | None = Field(
+        None, description="split prefill and decode over two pools (default: colocated replicas)")
+    speculation: SpeculationConfig | None = Field(None, description="speculative decoding on top of the policy")
 
     @model_validator(mode="after")
     def _check(self) -> SimConfig:
         if self.kv_cache.prefix_caching and self.scheduler.name not in PAGED_SCHEDULERS:
             raise ValueError(f"kv_cache.prefix_caching needs a paged scheduler ({', '.join(PAGED_SCHEDULERS)}), "
                              f"not {self.scheduler.name!r}")
+        if self.speculation is not None and self.disaggregation is not None:
+            raise ValueError("speculation with disaggregation is not modelled (the draft's KV would have to move "
+                             "too); remove one of the two sections")
+        for name, pool in self.pools():
+            if name != "colocated" and pool.scheduler.name not in PAGED_SCHEDULERS:
+                raise ValueError(f"disaggregation.{name}.scheduler.name = {pool.scheduler.name!r}: a disaggregated "
+                                 f"pool needs a continuous-batching policy ({', '.join(PAGED_SCHEDULERS)})")
         return self
+
+    def pools(self) -> list[tuple[str, ResolvedPool]]:
+        """(name, pool) of every pool, defaults filled in: one "colocated" pool, or prefill, decode (and mixed)."""
+        top = ResolvedPool(self.cluster.replicas, self.hardware, self.scheduler, self.kv_cache.num_blocks)
+        d = self.disaggregation
+        if d is None:
+            return [("colocated", top)]
+        named = [("prefill", d.prefill), ("decode", d.decode)] + ([("mixed", d.mixed)] if d.mixed else [])
+        return [(name, ResolvedPool(p.instances, p.hardware or self.hardware, p.scheduler or self.scheduler,
+                                    p.num_blocks)) for name, p in named]
+
+
+class ResolvedPool(NamedTuple):
+    """A pool with the top-level defaults applied."""
+
+    instances: int
+    hardware: HardwareConfig
+    scheduler: SchedulerConfig
+    num_blocks: int | None
 
 
 def _set(tree: Any, path: list[str], value: Any, full: str) -> None:
@@ -143,7 +201,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except yaml.YAMLError:
             value = raw
         path = key.split(".")
-        if path == ["scheduler", "name"] or path[-1] == "kind":  # a discriminator: another policy or kind
+        if path[-2:] == ["scheduler", "name"] or path[-1] == "kind":  # a discriminator: another policy or kind
             section = _node(data, path[:-1])
             default = DEFAULT_SCHEDULER if path[-1] == "name" else None
             if isinstance(section, dict) and section.get(path[-1], default) != value:
@@ -187,6 +245,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         _resolve_paths(data, Path(path).parent)
     if isinstance(data.get("scheduler"), dict):
         data["scheduler"].setdefault("name", DEFAULT_SCHEDULER)  # when a section omits its name
+    top_name = data["scheduler"].get("name") if isinstance(data.get("scheduler"), dict) else DEFAULT_SCHEDULER
+    for pool in (data.get("disaggregation") or {}).values() if isinstance(data.get("disaggregation"), dict) else ():
+        if isinstance(pool, dict) and isinstance(pool.get("scheduler"), dict):
+            pool["scheduler"].setdefault("name", top_name)  # a pool's policy defaults to the top-level one
     try:
         return SimConfig.model_validate(data)
     except ValidationError as exc:

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import simpy
@@ -21,19 +22,23 @@ from hardware.deployment import Deployment
 from hardware.errors import ServesimError
 from hardware.profile import resolve_profile
 from policies import make_scheduler
-from policies.base import Scheduler
+from policies.acceptance import Acceptance
+from policies.base import Scheduler, SchedulerParams
 from policies.batch import Batch
 from policies.kv_cache import BlockManager
 from policies.routers import Router, make_router
-from policies.state import ReplicaState, Requests, Status
-from sim.config import SimConfig
+from policies.speculation import SpeculationConfig, Speculator
+from policies.state import ReplicaState, Requests, Status, StepResult
+from sim.config import HardwareConfig, SimConfig
 from sim.executor import CostModelExecutor, Executor, StepOutcome
-from sim.metrics import Results, build_results
+from sim.metrics import PoolInfo, Results, build_results
+from sim.speculation import DraftCost, draft_deployment, draft_memory
 from traces.workload import generate
 
-STEP_COLUMNS = ("replica", "start_s", "duration_s", "prefill_requests", "decode_requests", "prefill_tokens",
+STEP_COLUMNS = ("replica", "pool", "start_s", "duration_s", "prefill_requests", "decode_requests", "prefill_tokens",
                 "decode_tokens", "pad_rows", "kv_blocks_used", "kv_blocks_cached", "waiting", "running",
-                "preemptions", "mfu", "mbu", "execution", "gpu_s")
+                "preemptions", "mfu", "mbu", "execution", "gpu_s", "verify_requests", "draft_tokens",
+                "accepted_tokens", "draft_s")
 
 
 @dataclass
@@ -42,14 +47,21 @@ class StepLog:
 
     rows: list[tuple] = field(default_factory=list)
 
-    def record(self, state: ReplicaState, batch: Batch, start: float, outcome: StepOutcome, preempted: int) -> None:
-        """One step of `state`'s replica that began at `start`; `preempted` requests were preempted in it."""
+    def record(self, state: ReplicaState, batch: Batch, start: float, outcome: StepOutcome, preempted: int,
+               pool: str = "colocated") -> None:
+        """One step of `state`'s replica (of `pool`) that began at `start`; `preempted` requests were
+        preempted in it."""
         kv = state.kv
+        accepted = 0
+        if batch.verify_ids.size:
+            got = batch.verify_accepted if outcome.accepted is None else outcome.accepted
+            accepted = int(np.minimum(got, batch.verify_drafts).sum())
         self.rows.append((
-            state.index, start, outcome.seconds, batch.prefill_ids.size, batch.decode_ids.size,
+            state.index, pool, start, outcome.seconds, batch.prefill_ids.size, batch.decode_ids.size,
             batch.num_prefill_tokens, batch.decode_ids.size, batch.pad_rows, kv.used, kv.evictable,
             len(state.waiting), len(state.running), preempted, outcome.mfu, outcome.mbu, outcome.execution,
-            outcome.gpu_seconds,
+            outcome.gpu_seconds, batch.verify_ids.size, int(batch.verify_drafts.sum()), accepted,
+            outcome.draft_seconds,
         ))
 
     @property
@@ -79,13 +91,23 @@ class Progress:
             sys.stderr.write("\n")
 
 
+class StepHooks(Protocol):
+    """What a cluster may do around each step of a replica (disaggregation moves KV here)."""
+
+    def step_started(self, replica: Replica, batch: Batch, seconds: float) -> None: ...
+
+    def step_ended(self, replica: Replica, batch: Batch, result: StepResult) -> None: ...
+
+
 class Replica:
     """One serving replica: its state, its policy, its executor, driven by the SimPy clock."""
 
     def __init__(self, env: simpy.Environment, state: ReplicaState, policy: Scheduler, executor: Executor,
-                 log: StepLog, progress: Progress) -> None:
+                 log: StepLog, progress: Progress, pool: str = "colocated", hooks: StepHooks | None = None,
+                 speculator: Speculator | None = None) -> None:
         self.env, self.state, self.policy, self.executor = env, state, policy, executor
-        self.log, self.progress = log, progress
+        self.log, self.progress, self.pool, self.hooks = log, progress, pool, hooks
+        self.speculator = speculator
         self.wake: simpy.Event | None = None
         env.process(self.loop())
 
@@ -106,12 +128,18 @@ class Replica:
                 self.wake = env.event()
                 yield self.wake
                 continue
+            if self.speculator is not None:
+                batch = self.speculator.plan(state, batch)
             outcome = executor.run(batch)
             start = env.now
+            if self.hooks is not None:
+                self.hooks.step_started(self, batch, outcome.seconds)
             yield env.timeout(outcome.seconds)
-            result = state.complete_step(batch, env.now)
+            result = state.complete_step(batch, env.now, outcome.accepted)
             policy.on_step_end(state, batch, result)
-            self.log.record(state, batch, start, outcome, state.preemptions - preempted_before)
+            self.log.record(state, batch, start, outcome, state.preemptions - preempted_before, self.pool)
+            if self.hooks is not None:
+                self.hooks.step_ended(self, batch, result)
             steps += 1
             if steps % 1000 == 0:
                 self.progress.update(env.now, state.req)
@@ -135,21 +163,24 @@ class Cluster:
         self.replicas[i].notify()
 
 
-def _arrivals(env: simpy.Environment, cluster: Cluster, ids: list[int], times: list[float]) -> Iterator[simpy.Event]:
+def _arrivals(env: simpy.Environment, arrive: Callable[[int], None], ids: list[int], times: list[float]
+              ) -> Iterator[simpy.Event]:
     for rid, t in zip(ids, times):
         if t > env.now:
             yield env.timeout(t - env.now)
-        cluster.arrive(rid)
+        arrive(rid)
 
 
-def build_deployment(config: SimConfig) -> Deployment:
-    """The replica's deployment; the scheduler's step limits size its activation memory."""
-    hw = config.hardware
+def build_deployment(config: SimConfig, hardware: HardwareConfig | None = None,
+                     scheduler: SchedulerParams | None = None) -> Deployment:
+    """A replica's deployment (default: the top-level hardware and scheduler); the scheduler's step limits
+    size its activation memory."""
+    hw = hardware or config.hardware
     model = get_model(config.model)
     gpu = get_gpu(hw.gpu)
     if hw.gpu_price is not None:
         gpu = gpu.with_price(hw.gpu_price)
-    tokens, seqs = config.scheduler.step_limits(config.max_model_len or model.max_position_embeddings)
+    tokens, seqs = (scheduler or config.scheduler).step_limits(config.max_model_len or model.max_position_embeddings)
     return Deployment.build(model, gpu, tp=hw.tp, pp=hw.pp, link=hw.link, pp_link=hw.pp_link,
                             weight_dtype=hw.weight_dtype, kv_dtype=hw.kv_dtype,
                             gpu_memory_utilization=hw.gpu_memory_utilization, max_model_len=config.max_model_len,
@@ -161,6 +192,58 @@ def cost_model(config: SimConfig, profile: str | None = None) -> CostModel:
     dep = build_deployment(config)
     return CostModel(dep, profile=resolve_profile(profile or config.hardware.profile, dep.gpu.id),
                      cuda_graphs=config.hardware.cuda_graphs)
+
+
+@dataclass
+class Pool(PoolInfo):
+    """A pool's replicas share a deployment, a policy and a KV size; `first` is its first replica's index."""
+
+    hardware: HardwareConfig
+    scheduler: SchedulerParams
+    first: int
+
+    def cost_model(self, deployment: Deployment | None = None) -> CostModel:
+        """The cost model of this pool's deployment (or of a draft on its GPUs), with the pool's profile."""
+        return CostModel(deployment or self.deployment,
+                         profile=resolve_profile(self.hardware.profile, self.deployment.gpu.id),
+                         cuda_graphs=self.hardware.cuda_graphs)
+
+    def executor(self, speculation: SpeculationConfig | None) -> CostModelExecutor:
+        """The cost-model executor of this pool's replicas, pricing the draft when speculating."""
+        draft = None
+        if speculation is not None:
+            dep = draft_deployment(self.deployment, speculation)
+            draft = DraftCost(self.deployment, speculation, self.cost_model(dep) if dep is not None else None)
+        return CostModelExecutor(self.cost_model(), draft)
+
+
+def build_pools(config: SimConfig) -> list[Pool]:
+    """Every pool's deployment (checked to fit) and KV blocks per replica; replicas are numbered across pools."""
+    pools: list[Pool] = []
+    first = 0
+    for name, p in config.pools():
+        where = "" if name == "colocated" else f"disaggregation.{name}: "
+        try:
+            dep = build_deployment(config, p.hardware, p.scheduler)
+            plan = dep.check_fits()
+        except ServesimError as exc:
+            if not where:
+                raise
+            raise ServesimError(f"{where}{exc}") from None
+        block_size = config.kv_cache.block_size
+        capacity = plan.kv_capacity_tokens
+        if config.speculation is not None:  # the draft's weights and KV share the cache
+            weights, per_token = draft_memory(dep, config.speculation)
+            capacity = max(0, int((plan.kv_cache - weights) // (plan.kv_bytes_per_token + per_token)))
+        num_blocks = p.num_blocks or capacity // block_size
+        if num_blocks * block_size < dep.context_limit:  # as vLLM: one request of max_model_len must fit
+            field_name = "kv_cache.num_blocks" if name == "colocated" else f"disaggregation.{name}.num_blocks"
+            raise ServesimError(f"{where}{field_name} = {num_blocks}: {num_blocks * block_size} tokens of KV cannot "
+                                f"hold one request of max_model_len = {dep.context_limit} tokens; raise num_blocks "
+                                "or lower max_model_len")
+        pools.append(Pool(name, p.instances, dep, num_blocks, p.hardware, p.scheduler, first))
+        first += p.instances
+    return pools
 
 
 def make_requests(config: SimConfig) -> tuple[Requests, list[str], int]:
@@ -182,47 +265,52 @@ def make_requests(config: SimConfig) -> tuple[Requests, list[str], int]:
 
 @dataclass
 class Setup:
-    """What a run needs before its clock starts: the deployment, its requests and the KV capacity."""
+    """What a run needs before its clock starts: the pools (one when colocated) and the requests."""
 
     config: SimConfig
-    deployment: Deployment
+    pools: list[Pool]
     requests: Requests
     workload_names: list[str]
     skipped_rows: int
-    num_blocks: int
 
-    def replica_states(self) -> list[ReplicaState]:
-        cfg = self.config
-        watermark = getattr(cfg.scheduler, "watermark", 0.0)
-        return [ReplicaState(i, self.requests, BlockManager(self.requests, self.num_blocks, cfg.kv_cache.block_size,
-                                                            watermark, cfg.kv_cache.prefix_caching),
-                             self.deployment.context_limit) for i in range(cfg.cluster.replicas)]
+    @property
+    def deployment(self) -> Deployment:
+        return self.pools[0].deployment
 
-    def results(self, states: list[ReplicaState], log: StepLog, wall_seconds: float) -> Results:
+    @property
+    def num_blocks(self) -> int:
+        return self.pools[0].num_blocks
+
+    def replica_states(self, pool: Pool | None = None, blocks: np.ndarray | None = None,
+                       prefix_caching: bool | None = None) -> list[ReplicaState]:
+        """Fresh states of a pool's replicas (default: the first pool); `blocks` is the per-request block
+        count array their KV managers share (default: the request table's)."""
+        cfg, pool = self.config, pool or self.pools[0]
+        watermark = getattr(pool.scheduler, "watermark", 0.0)
+        caching = cfg.kv_cache.prefix_caching if prefix_caching is None else prefix_caching
+        return [ReplicaState(pool.first + i, self.requests,
+                             BlockManager(self.requests, pool.num_blocks, cfg.kv_cache.block_size, watermark, caching,
+                                          blocks), pool.deployment.context_limit) for i in range(pool.instances)]
+
+    def results(self, states: list[ReplicaState], log: StepLog, wall_seconds: float,
+                extra: dict | None = None) -> Results:
         """Reject what is left (nothing may disappear) and build the results."""
         r = self.requests
         for rid in np.flatnonzero(r.status < Status.FINISHED).tolist():
             r.reject(int(rid), "stalled", "still queued when the run ran out of events")
         cache_stats = {name: sum(getattr(s, name) for s in states)
                        for name in ("lookup_tokens", "lookup_blocks", "hit_tokens", "hit_blocks")}
-        results = build_results(self.config, self.deployment, self.num_blocks, r, self.workload_names, log.columns,
-                                self.skipped_rows, wall_seconds=wall_seconds, cache_stats=cache_stats)
+        results = build_results(self.config, list(self.pools), r, self.workload_names, log.columns,
+                                self.skipped_rows, wall_seconds=wall_seconds, cache_stats=cache_stats, extra=extra)
         results.free_blocks_at_end = [s.kv.available for s in states]
         return results
 
 
 def prepare(config: SimConfig) -> Setup:
-    """Deployment (checked to fit), requests and KV blocks per replica for a run of `config`."""
-    dep = build_deployment(config)
-    plan = dep.check_fits()
+    """Pools (checked to fit, with their KV blocks per replica) and requests for a run of `config`."""
+    pools = build_pools(config)
     requests, names, skipped = make_requests(config)
-    block_size = config.kv_cache.block_size
-    num_blocks = config.kv_cache.num_blocks or plan.kv_capacity_tokens // block_size
-    if num_blocks * block_size < dep.context_limit:  # as vLLM: one request of max_model_len must fit
-        raise ServesimError(f"kv_cache.num_blocks = {num_blocks}: {num_blocks * block_size} tokens of KV cannot hold "
-                            f"one request of max_model_len = {dep.context_limit} tokens; raise num_blocks or lower "
-                            "max_model_len")
-    return Setup(config, dep, requests, names, skipped, num_blocks)
+    return Setup(config, pools, requests, names, skipped)
 
 
 def simulate(
@@ -233,20 +321,40 @@ def simulate(
     """Run one simulation: a pure function of the config (and the executor), returning its `Results`."""
     wall0 = time.perf_counter()
     setup = prepare(config)
-    dep, requests = setup.deployment, setup.requests
+    requests = setup.requests
     if executor_factory is None:
-        model = cost_model(config)
-        executor_factory = lambda _dep: CostModelExecutor(model)  # noqa: E731
+        executors = {id(p.deployment): p.executor(config.speculation) for p in setup.pools}
+        executor_factory = lambda dep: executors[id(dep)]  # noqa: E731
     env = simpy.Environment()
     log = StepLog()
     bar = Progress(requests.n, progress and sys.stderr.isatty())
-    states = setup.replica_states()
-    replicas = [Replica(env, s, make_scheduler(config.scheduler), executor_factory(dep), log, bar) for s in states]
-    router = make_router(config.cluster.router, config.seed, config.cluster.affinity_slack)
-    cluster = Cluster(replicas, router, requests, dep.context_limit)
+    if config.disaggregation is not None:
+        from sim.disagg import DisaggregatedCluster
+
+        cluster = DisaggregatedCluster(env, setup, log, bar, executor_factory)
+        arrive, states, extra = cluster.arrive, cluster.states, cluster.extra
+    else:
+        (pool,) = setup.pools
+        states = setup.replica_states()
+        spec = config.speculation
+        speculator = None if spec is None else Speculator(spec, Acceptance(spec.acceptance, config.seed, requests.n))
+        replicas = [Replica(env, s, make_scheduler(pool.scheduler), executor_factory(pool.deployment), log, bar,
+                            speculator=speculator) for s in states]
+        router = make_router(config.cluster.router, config.seed, config.cluster.affinity_slack)
+        arrive, extra = Cluster(replicas, router, requests, pool.deployment.context_limit).arrive, None
     for w in range(len(config.workloads)):
         ids = np.flatnonzero(requests.workload == w)
-        env.process(_arrivals(env, cluster, ids.tolist(), requests.arrival[ids].tolist()))
+        env.process(_arrivals(env, arrive, ids.tolist(), requests.arrival[ids].tolist()))
     env.run()
     bar.close()
-    return setup.results(states, log, time.perf_counter() - wall0)
+    results = setup.results(states, log, time.perf_counter() - wall0, extra() if extra else None)
+    if config.speculation is not None and config.speculation.compare_baseline:
+        add_speedups(results.summary, simulate(config.model_copy(update={"speculation": None})).summary)
+    return results
+
+
+def add_speedups(summary: dict, baseline: dict) -> None:
+    """Speculation's speedups over the same run without it, at equal load (ratios baseline / speculative)."""
+    for key in ("tpot_p50_s", "tpot_mean_s", "e2e_p50_s", "duration_s"):
+        ours, theirs = summary.get(key), baseline.get(key)
+        summary[f"spec_speedup_{key.removesuffix('_s')}"] = theirs / ours if ours and theirs else None

@@ -7,10 +7,15 @@ between simulating and replaying on a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
 
 from hardware.cost import CostModel
 from policies.batch import Batch
+
+if TYPE_CHECKING:
+    from sim.speculation import DraftCost
 
 
 @dataclass(frozen=True, slots=True)
@@ -22,6 +27,8 @@ class StepOutcome:
     mbu: float = float("nan")
     execution: str = "eager"
     gpu_seconds: float = float("nan")  # device time alone (CUDA events), where a real executor measures it
+    draft_seconds: float = 0.0  # speculation: the draft's share of `seconds`
+    accepted: np.ndarray | None = None  # speculation: drafts accepted per verifying request, when measured
 
 
 class Executor(Protocol):
@@ -29,14 +36,18 @@ class Executor(Protocol):
 
 
 class CostModelExecutor:
-    """Prices each batch with the roofline `CostModel` (padding of request-level batching included)."""
+    """Prices each batch with the roofline `CostModel` (padding of request-level batching included), plus
+    the speculative draft's time when a `DraftCost` is given."""
 
-    def __init__(self, cost_model: CostModel) -> None:
+    def __init__(self, cost_model: CostModel, draft: DraftCost | None = None) -> None:
         self.cost_model = cost_model
+        self.draft = draft
 
     def run(self, batch: Batch) -> StepOutcome:
         cost = self.cost_model.price(batch.shape())
-        return StepOutcome(seconds=cost.seconds, mfu=cost.mfu, mbu=cost.mbu, execution=cost.execution)
+        draft = self.draft.seconds(batch) if self.draft is not None else 0.0
+        return StepOutcome(seconds=cost.seconds + draft, mfu=cost.mfu, mbu=cost.mbu, execution=cost.execution,
+                           draft_seconds=draft)
 
 
 class FixedCostExecutor:

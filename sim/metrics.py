@@ -6,6 +6,10 @@ Clocks (all in simulated seconds from the start of the run):
 - TTFT = first_token - arrival; E2E = last token - arrival; TPOT = (E2E - TTFT) / (output tokens - 1)
   (requests with one output token have no TPOT); ITL = each gap between consecutive tokens of a request.
 - duration = last finish - first arrival; throughputs count finished requests over it.
+- energy: every GPU of a replica draws its TDP while the replica runs a step and `IDLE_POWER_FRACTION` of
+  it otherwise (a planning assumption, not a measurement); tokens per joule = output tokens / energy.
+- pool utilisation = the share of the duration its replicas spent running steps (mean over replicas);
+  queue = time-weighted mean of waiting requests per replica, sampled at each step.
 - a request meets the SLOs when it finished and its TTFT, TPOT and E2E are within every target given;
   goodput = such requests per second of duration; attainment = their share of all requests (rejected
   ones count as misses).
@@ -25,6 +29,17 @@ from policies.state import Requests, Status
 from sim.config import SimConfig
 
 PERCENTILES = (50, 90, 99)
+IDLE_POWER_FRACTION = 0.2  # an idle H100/H200 draws roughly 70-140 W of its 700 W TDP
+
+
+@dataclass
+class PoolInfo:
+    """A pool of identical replicas: what the summary needs to count its GPUs, cost, energy and KV."""
+
+    name: str
+    instances: int
+    deployment: Deployment
+    num_blocks: int
 
 
 @dataclass
@@ -38,6 +53,7 @@ class Results:
     token_times: np.ndarray
     wall_seconds: float
     free_blocks_at_end: list[int] = field(default_factory=list)  # per replica, blocks no request holds (all)
+    links: pd.DataFrame | None = None  # disaggregation: the KV links' rate over time
 
     def itls(self, request_id: int) -> np.ndarray:
         """Inter-token latencies of one request, in seconds."""
@@ -68,9 +84,11 @@ def _itls(r: Requests, finished: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return gaps[inside & ~np.isnan(gaps)], itl_max
 
 
-def build_results(config: SimConfig, dep: Deployment, num_blocks: int, r: Requests, workload_names: list[str],
+def build_results(config: SimConfig, pools: list[PoolInfo], r: Requests, workload_names: list[str],
                   step_columns: dict[str, list], skipped_rows: int, wall_seconds: float,
-                  cache_stats: dict[str, int] | None = None) -> Results:
+                  cache_stats: dict[str, int] | None = None, extra: dict[str, Any] | None = None) -> Results:
+    """Per-request and per-step tables and the summary; `extra` (from a disaggregated cluster) adds request
+    columns, summary entries and the link timeline."""
     finished = r.status == Status.FINISHED
     ttft = r.first_token - r.arrival
     e2e = r.finish - r.arrival
@@ -105,18 +123,39 @@ def build_results(config: SimConfig, dep: Deployment, num_blocks: int, r: Reques
         "meets_slo": meets,
         "token_offset": r.token_offset,
     })
+    extra = extra or {}
+    for name, values in extra.get("request_columns", {}).items():
+        requests[name] = values
     steps = pd.DataFrame(step_columns)
-    steps["kv_usage"] = steps["kv_blocks_used"] / num_blocks if num_blocks else np.nan
-    summary = _summary(config, dep, num_blocks, r, finished, meets, ttft, tpot, itl, e2e, steps, skipped_rows)
+    blocks = {p.name: p.num_blocks for p in pools}
+    steps["kv_usage"] = steps["kv_blocks_used"] / steps["pool"].map(blocks).astype(float) if len(steps) else np.nan
+    summary = _summary(config, pools, r, finished, meets, ttft, tpot, itl, e2e, steps, skipped_rows)
+    summary.update(extra.get("summary", {}))
     if config.kv_cache.prefix_caching and cache_stats is not None:
         c = cache_stats
         summary["prefix_cache_hit_rate"] = c["hit_tokens"] / c["lookup_tokens"] if c["lookup_tokens"] else 0.0
         summary["prefix_cache_block_hit_rate"] = c["hit_blocks"] / c["lookup_blocks"] if c["lookup_blocks"] else 0.0
         summary["prefill_tokens_saved"] = c["hit_tokens"]
-    return Results(config, requests, steps, summary, r.token_time, wall_seconds)
+    return Results(config, requests, steps, summary, r.token_time, wall_seconds, links=extra.get("links"))
 
 
-def _summary(config: SimConfig, dep: Deployment, num_blocks: int, r: Requests, finished: np.ndarray,
+def _speculation_summary(steps: pd.DataFrame, busy: float, s: dict[str, Any]) -> None:
+    """Acceptance, tokens per verification, how often speculation ran and the draft's share of the time."""
+    drafts, accepted = int(steps["draft_tokens"].sum()), int(steps["accepted_tokens"].sum())
+    verifies = int(steps["verify_requests"].sum())
+    decodes = verifies + int(steps["decode_requests"].sum())
+    spec_steps = steps["verify_requests"] > 0
+    s["spec_draft_tokens"], s["spec_accepted_tokens"] = drafts, accepted
+    s["spec_acceptance_rate"] = accepted / drafts if drafts else None
+    s["spec_tokens_per_verify"] = (accepted + verifies) / verifies if verifies else None
+    s["spec_share_of_decodes"] = verifies / decodes if decodes else None
+    s["spec_steps_share"] = float(spec_steps.mean()) if len(steps) else None
+    s["spec_draft_time_share"] = float(steps["draft_s"].sum()) / busy if busy else None
+    s["spec_verify_time_share"] = (float((steps["duration_s"] - steps["draft_s"])[spec_steps].sum()) / busy
+                                   if busy else None)
+
+
+def _summary(config: SimConfig, pools: list[PoolInfo], r: Requests, finished: np.ndarray,
              meets: np.ndarray, ttft: np.ndarray, tpot: np.ndarray, itl: np.ndarray, e2e: np.ndarray,
              steps: pd.DataFrame, skipped_rows: int) -> dict[str, Any]:
     s: dict[str, Any] = {
@@ -146,11 +185,29 @@ def _summary(config: SimConfig, dep: Deployment, num_blocks: int, r: Requests, f
     s["mean_kv_usage"] = float((steps["kv_usage"] * steps["duration_s"]).sum() / busy) if busy else 0.0
     s["peak_kv_usage"] = float(steps["kv_usage"].max()) if len(steps) else 0.0
     s["preemptions"] = int(r.preemptions.sum())
-    s["replicas"] = config.cluster.replicas
-    s["gpus"] = config.cluster.replicas * dep.num_gpus
-    s["kv_blocks_per_replica"] = num_blocks
-    s["cost_per_hour"] = s["gpus"] * dep.gpu.price_per_hour
+    s["replicas"] = sum(p.instances for p in pools)
+    s["gpus"] = sum(p.instances * p.deployment.num_gpus for p in pools)
+    s["kv_blocks_per_replica"] = pools[0].num_blocks
+    s["cost_per_hour"] = sum(p.instances * p.deployment.num_gpus * p.deployment.gpu.price_per_hour for p in pools)
     out_tokens = float(r.output[finished].sum())
     s["cost_per_million_output_tokens"] = (s["cost_per_hour"] * duration / 3600 / out_tokens * 1e6
                                            if out_tokens else None)
+    energy = 0.0
+    for p in pools:
+        own = steps[steps["pool"] == p.name]
+        gpus, tdp = p.deployment.num_gpus, p.deployment.gpu.tdp_watts
+        busy = float(own["duration_s"].sum())
+        idle = max(p.instances * duration - busy, 0.0)
+        energy += gpus * tdp * (busy + IDLE_POWER_FRACTION * idle)
+        if len(pools) > 1 or p.name != "colocated":
+            s[f"{p.name}_instances"] = p.instances
+            s[f"{p.name}_gpus"] = p.instances * gpus
+            s[f"{p.name}_kv_blocks_per_instance"] = p.num_blocks
+        s[f"{p.name}_utilisation"] = busy / (p.instances * duration) if duration > 0 else None
+        s[f"{p.name}_queue_mean"] = (float((own["waiting"] * own["duration_s"]).sum() / (p.instances * duration))
+                                     if duration > 0 else None)
+    s["energy_j"] = energy
+    s["output_tokens_per_joule"] = out_tokens / energy if energy else None
+    if config.speculation is not None:
+        _speculation_summary(steps, busy, s)
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in s.items()}

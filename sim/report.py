@@ -1,4 +1,5 @@
-"""Writing a run's results: summary.json, requests.csv, steps.csv, token_times.npy, config.yaml and plots."""
+"""Writing a run's results: summary.json, requests.csv, steps.csv, token_times.npy, config.yaml and plots
+(and links.csv, the KV links' rates over time, for a disaggregated run)."""
 
 from __future__ import annotations
 
@@ -27,13 +28,21 @@ SUMMARY_ROWS = (
     ("mean batch / mean KV use", "mean_batch_size", "mean_kv_usage", "{:.1f} / {:.1%}"),
     ("preemptions / steps", "preemptions", "steps", "{:d} / {:d}"),
     ("cost", "cost_per_hour", "cost_per_million_output_tokens", "${:.2f}/h, ${:.3f} per M output tokens"),
+    ("energy", "energy_j", "output_tokens_per_joule", "{:.3g} J, {:.2f} output tokens/J"),
+)
+DISAGG_ROWS = (
+    ("KV transfer p50 / p99", "kv_transfer_p50_s", "kv_transfer_p99_s", "{:.4f} / {:.4f} s"),
+    ("wait for decode room p50 / p99", "decode_wait_p50_s", "decode_wait_p99_s", "{:.4f} / {:.4f} s"),
+    ("KV link use mean / max", "link_utilisation_mean", "link_utilisation_max", "{:.1%} / {:.1%}"),
+    ("prefill / decode pool busy", "prefill_utilisation", "decode_utilisation", "{:.1%} / {:.1%}"),
 )
 
 
 def format_summary(summary: dict[str, Any]) -> str:
     """A short human-readable table of the headline numbers."""
     lines = []
-    for label, a, b, fmt in SUMMARY_ROWS:
+    rows = SUMMARY_ROWS + (DISAGG_ROWS if "kv_transfers" in summary else ())
+    for label, a, b, fmt in rows:
         values = [summary.get(a)] + ([summary.get(b)] if b else [])
         text = fmt.format(*values) if all(v is not None for v in values) else "n/a"
         lines.append(f"{label:30s} {text}")
@@ -74,10 +83,11 @@ def _timeline_plot(results: Results, path: Path, bins: int = 300) -> None:
     series = (("batch size (requests)", batch), ("KV cache in use", steps["kv_usage"].to_numpy(dtype=float)),
               ("waiting requests", steps["waiting"].to_numpy(dtype=float)))
     for ax, (label, values) in zip(axes, series):
-        for replica, idx in steps.groupby("replica").groups.items():
+        for (replica, pool), idx in steps.groupby(["replica", "pool"]).groups.items():
             sel = np.asarray(idx)
+            name = f"replica {replica}" if pool == "colocated" else f"{pool} {replica}"
             ax.plot(centers, _binned(steps["start_s"].to_numpy()[sel], steps["duration_s"].to_numpy()[sel],
-                                     values[sel], edges), lw=0.9, label=f"replica {replica}")
+                                     values[sel], edges), lw=0.9, label=name)
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
     axes[0].set_title(f"time-weighted means over {bins} bins of {end / bins:.2f} s")
@@ -102,4 +112,7 @@ def write_outputs(results: Results, out: str | Path) -> list[Path]:
     paths[4].write_text(yaml.safe_dump(results.config.model_dump(mode="json"), sort_keys=False))
     _cdf_plot(results, paths[5])
     _timeline_plot(results, paths[6])
+    if results.links is not None:
+        paths.append(d / "links.csv")
+        results.links.to_csv(paths[-1], index=False)
     return paths

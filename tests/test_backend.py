@@ -17,6 +17,7 @@ from backend.executor import prompt_tokens  # noqa: E402
 from backend.model import Chunk, PagedKVCache, attention_meta, build_model, rope, rope_tables  # noqa: E402
 from backend.replay import replay  # noqa: E402
 from hardware.catalog import get_model  # noqa: E402
+from hardware.errors import ServesimError  # noqa: E402
 from sim.cli import main  # noqa: E402
 from sim.config import SimConfig  # noqa: E402
 
@@ -218,3 +219,68 @@ def test_tensor_parallel_size_must_divide_the_shapes() -> None:
 
     with pytest.raises(ValueError, match="tensor parallel size 3 must divide num_attention_heads = 8"):
         build_model(SPEC, torch.device("cpu"), torch.float32, shard=Shard(0, 3))
+
+
+# ---- speculative decoding in the backend ----------------------------------------------------------------
+def spec_config(scheduler: dict, blocks: int, draft: str, k: int = 3, alpha: float = 0.7, n: int = 8) -> SimConfig:
+    cfg = tiny_config(scheduler, blocks, n)
+    return cfg.model_copy(update={"speculation": SimConfig.model_validate({"speculation": {
+        "draft": {"kind": "draft_model", "model": draft}, "k": k,
+        "acceptance": {"kind": "iid", "alpha": alpha}}}).speculation})
+
+
+@pytest.fixture
+def other_draft(tmp_path) -> str:
+    """A smaller tiny model with the target's vocabulary (its proposals mostly disagree)."""
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "intermediate_size": 128,
+                                "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                                "vocab_size": SPEC.vocab_size, "max_position_embeddings": 2048}))
+    return str(path)
+
+
+@pytest.mark.parametrize("scheduler,blocks", [({"name": "vllm"}, 128), ({"name": "sarathi", "token_budget": 24}, 128),
+                                              ({"name": "vllm"}, 9)])
+@pytest.mark.parametrize("which", ["same", "other"])
+def test_speculative_replay_gives_the_greedy_tokens(scheduler, blocks, which, other_draft) -> None:
+    draft = "tiny-llama" if which == "same" else other_draft
+    res, executor, _ = replay(spec_config(scheduler, blocks, draft), asap=True, acceptance="model")
+    req = res.requests
+    assert (req["status"] == "finished").all()
+    for row in req.itertuples():  # lossless: exactly the target's greedy continuation, whatever the draft
+        prompt = prompt_tokens(5, row.request_id, row.prompt_tokens, SPEC.vocab_size)
+        got = executor.tokens[row.request_id][row.prompt_tokens:]
+        assert got == reference_generate(executor.model, prompt, row.output_tokens), row.request_id
+    s = res.summary
+    assert s["spec_draft_tokens"] > 0
+    if which == "same":  # the draft is the target (same weights): every draft is accepted
+        assert s["spec_acceptance_rate"] == 1.0
+    else:
+        assert s["spec_acceptance_rate"] < 0.5
+    assert sorted(executor.free_blocks) == list(range(blocks))
+    assert not executor.draft.tables and len(executor.draft.free) == blocks + 256  # the draft's cache is back
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_oracle_forces_the_configured_acceptance(alpha, other_draft) -> None:
+    res, _, _ = replay(spec_config({"name": "vllm"}, 128, other_draft, alpha=alpha), asap=True)
+    steps = res.steps
+    assert steps["draft_tokens"].sum() > 0
+    assert (steps["accepted_tokens"] == (steps["draft_tokens"] if alpha == 1.0 else 0)).all()
+    assert (res.requests["status"] == "finished").all()
+
+
+def test_speculative_sampling_accepts_a_draft_equal_to_the_target() -> None:
+    cfg = spec_config({"name": "vllm_v1"}, 128, "tiny-llama", n=4)
+    a, ex_a, _ = replay(cfg, asap=True, temperature=1.0, acceptance="model")
+    _, ex_b, _ = replay(cfg, asap=True, temperature=1.0, acceptance="model")
+    assert a.summary["spec_acceptance_rate"] == 1.0  # p == q: min(1, p/q) = 1
+    assert ex_a.tokens == ex_b.tokens  # seeded draws
+
+
+def test_replay_rejects_simulated_only_speculation() -> None:
+    cfg = tiny_config({"name": "vllm"}, 128)
+    heads = cfg.model_copy(update={"speculation": SimConfig.model_validate(
+        {"speculation": {"draft": {"kind": "ngram"}}}).speculation})
+    with pytest.raises(ServesimError, match="simulated only"):
+        replay(heads)

@@ -1,0 +1,144 @@
+"""Speculative decoding in the real backend: a draft model with its own paged KV cache, and the standard
+lossless acceptance rule (Leviathan et al., ICML 2023; Chen et al., 2023).
+
+The draft keeps, per request, how many of the request's tokens its cache holds (`done`) and catches up
+on the rest whenever it runs (the prompt's chunks during prefill steps; after a verification, the
+accepted drafts and the target's bonus token). `propose` runs it autoregressively for k_i steps per
+request, greedy or sampled. `accept` applies the rule to the target's logits over the k + 1 verified
+positions: greedy, a draft is accepted while it equals the target's argmax, and the target's own token
+follows, so the output is exactly plain greedy decoding; sampled, draft token d is accepted with
+probability min(1, p(d) / q(d)), a rejection draws from normalise(max(p - q, 0)), and a fully accepted
+draft gets a bonus token from p, so the output distribution is the target's. An oracle mode forces the
+acceptance counts the simulator drew (random weights never agree) while running the same kernels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+
+from backend.model import Chunk, PagedKVCache, attention_meta, build_model
+from hardware.specs import ModelSpec
+
+
+class DraftRunner:
+    """A draft model on the target's device with its own paged cache of `num_blocks` blocks."""
+
+    def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, device: torch.device,
+                 dtype: torch.dtype, seed: int) -> None:
+        self.spec, self.device, self.block_size = spec, device, block_size
+        self.model = build_model(spec, device, dtype, seed)
+        self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks, block_size, spec.num_key_value_heads,
+                                  spec.head_size, dtype, device)
+        self.free = list(range(num_blocks - 1, -1, -1))
+        self.tables: dict[int, list[int]] = {}
+        self.done: dict[int, int] = {}
+
+    def release(self, rid: int) -> None:
+        """Forget a request (finished or preempted): its blocks return to the free list."""
+        self.free.extend(reversed(self.tables.pop(rid, [])))
+        self.done.pop(rid, None)
+
+    def rollback(self, rid: int, valid: int) -> None:
+        """Only the first `valid` tokens of the request's draft cache are still right (rejected drafts)."""
+        if rid in self.done:
+            self.done[rid] = min(self.done[rid], valid)
+
+    def _table(self, rid: int, tokens: int) -> list[int]:
+        table = self.tables.setdefault(rid, [])
+        need = -(-tokens // self.block_size) - len(table)
+        if need > len(self.free):
+            raise RuntimeError(f"draft KV cache full: request {rid} needs {need} more blocks, {len(self.free)} free")
+        for _ in range(max(need, 0)):
+            table.append(self.free.pop())
+        return table
+
+    def _forward(self, feeds: list[tuple[int, list[int]]]) -> torch.Tensor:
+        """Run each (request, tokens after its cached ones) through the draft; last-row logits of each."""
+        flat: list[int] = []
+        positions: list[int] = []
+        chunks: list[Chunk] = []
+        rows: list[int] = []
+        for rid, toks in feeds:
+            done = self.done.get(rid, 0)
+            chunks.append(Chunk(len(flat), len(toks), done, self._table(rid, done + len(toks))))
+            flat += toks
+            positions += range(done, done + len(toks))
+            rows.append(len(flat) - 1)
+            self.done[rid] = done + len(toks)
+        prefills = len(chunks) if any(c.length > 1 for c in chunks) else 0  # one varlen call, or decodes
+        meta = attention_meta(chunks, self.block_size, self.device, prefills)
+        dev = self.device
+        return self.model(torch.tensor(flat, device=dev), torch.tensor(positions, device=dev), meta, self.cache,
+                          torch.tensor(rows, dtype=torch.long, device=dev))
+
+    def catch_up(self, ids: Sequence[int], upto: Sequence[int], tokens_of: Callable[[int], list[int]]) -> None:
+        """Bring each request's draft cache to its first `upto` tokens (prompt chunks during prefill)."""
+        feeds = [(rid, tokens_of(rid)[self.done.get(rid, 0):n]) for rid, n in zip(ids, upto)]
+        feeds = [(rid, toks) for rid, toks in feeds if toks]
+        if feeds:
+            self._forward(feeds)
+
+    def propose(self, ids: Sequence[int], ks: Sequence[int], tokens_of: Callable[[int], list[int]],
+                temperature: float, generator: Callable[[int, int], torch.Generator]
+                ) -> tuple[list[list[int]], list[list[torch.Tensor]]]:
+        """k_i draft tokens per request (and, when sampling, the draft distribution of each)."""
+        drafts: list[list[int]] = [[] for _ in ids]
+        dists: list[list[torch.Tensor]] = [[] for _ in ids]
+        for step in range(max(ks, default=0)):
+            live = [i for i, k in enumerate(ks) if k > step]
+            feeds = [(ids[i], tokens_of(ids[i])[self.done.get(ids[i], 0):] if step == 0 else [drafts[i][-1]])
+                     for i in live]
+            logits = self._forward(feeds)
+            for row, i in enumerate(live):
+                if temperature > 0:
+                    q = torch.softmax(logits[row] / temperature, dim=-1)
+                    tok = int(torch.multinomial(q, 1, generator=generator(ids[i], step))[0])
+                    dists[i].append(q)
+                else:
+                    tok = int(logits[row].argmax())
+                drafts[i].append(tok)
+        return drafts, dists
+
+
+def accept(target_logits: torch.Tensor, drafts: list[int], dists: list[torch.Tensor], temperature: float,
+           generator: torch.Generator | None, forced: int | None = None) -> tuple[int, list[int]]:
+    """(accepted drafts, tokens to append) for one request from the target's logits over its k + 1 rows.
+    `forced`: the oracle's accepted count (the drafts up to it are kept whatever the target says)."""
+    k = len(drafts)
+    if temperature <= 0:
+        best = target_logits.argmax(dim=-1).tolist()
+        if forced is not None:
+            a = min(forced, k)
+        else:
+            a = next((j for j in range(k) if drafts[j] != best[j]), k)
+        return a, drafts[:a] + [best[a]]
+    p = torch.softmax(target_logits / temperature, dim=-1)
+    a = 0
+    while a < k:
+        if forced is not None:
+            if a >= forced:
+                break
+        else:
+            d, q = drafts[a], dists[a]
+            u = float(torch.rand(1, generator=generator)[0])
+            if u * float(q[d]) > float(p[a, d]):
+                break
+        a += 1
+    if a == k:
+        tail = p[k]
+    elif forced is not None:
+        tail = p[a]
+    else:
+        tail = torch.clamp(p[a] - dists[a], min=0.0)
+        tail = tail / tail.sum() if float(tail.sum()) > 0 else p[a]
+    bonus = int(torch.multinomial(tail, 1, generator=generator)[0])
+    return a, drafts[:a] + [bonus]
+
+
+def seeded(seed: int, *key: int, device: torch.device) -> torch.Generator:
+    """A generator seeded by (seed, key...): draws do not depend on batching or step order."""
+    state = int(np.random.SeedSequence([seed, *key]).generate_state(1)[0])
+    return torch.Generator(device=device).manual_seed(state)

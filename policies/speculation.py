@@ -1,0 +1,156 @@
+"""Batched speculative decoding on top of any policy: which running requests speculate, with how many
+draft tokens, this step.
+
+The policy schedules as usual; the `Speculator` then turns its decodes into verifications of the newest
+token plus k_i draft tokens (Leviathan et al., ICML 2023; Chen et al., 2023), gives them the KV blocks the
+drafts need (a request that cannot get them decodes plainly), and draws how many drafts the target accepts
+(`policies/acceptance.py`). Variants (`batching`):
+
+- `padded`: every verification runs the batch's largest k + 1 tokens over the batch's longest context (a
+  padded batch, as in plain batched implementations);
+- `ragged` (BASS, Qian et al., 2024): each request verifies its own k_i + 1 tokens over its own context;
+- `budgeted` (TETRIS, Wu et al., 2025): at most `verify_budget` tokens are verified per step; after each
+  speculating request's own token, the budget goes to the draft tokens most likely to be accepted across
+  the batch (the j-th draft of request i is accepted with probability prod_{l<=j} alpha_il), ragged.
+
+Adaptive k (`adaptive`): with B requests in the step, k_eff = k while B <= `full_batch`, falling linearly to 0
+at `off_batch` (rounded down), unless the speculating requests' mean context is at least `long_context`
+tokens, where decoding is memory-bound on the KV cache and speculation keeps paying (MagicDec, Chen et al.,
+2024). A request never drafts past its output: k_i <= output - generated - 1.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+
+from policies.acceptance import Acceptance, AcceptanceConfig, IidAcceptance
+from policies.batch import Batch
+from policies.state import ReplicaState
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class DraftModel(_Section):
+    """A separate small model (a catalog id or a config.json) run autoregressively for k steps before each
+    verification on the same GPUs and TP as the target, with its own KV cache."""
+
+    kind: Literal["draft_model"] = "draft_model"
+    model: str = Field("llama-3.2-1b", description="catalog model id or a Hugging Face config.json")
+    kv_window: PositiveInt | None = Field(None, description="the draft attends to (and keeps KV of) only the "
+                                          "last this many tokens, as MagicDec's StreamingLLM draft (none: all)")
+
+
+class DraftHeads(_Section):
+    """Medusa/EAGLE-style heads on the target's last hidden state: `layers` decoder layers of the target's
+    width plus the target's LM head. `sequential` (EAGLE) runs them k times, one draft token each;
+    otherwise (Medusa) one pass proposes all k."""
+
+    kind: Literal["draft_heads"] = "draft_heads"
+    layers: PositiveInt = 1
+    sequential: bool = True
+
+
+class PromptLookup(_Section):
+    """Prompt lookup / n-gram drafting: drafts are copied from the context, at no model cost."""
+
+    kind: Literal["ngram"] = "ngram"
+
+
+DraftConfig = Annotated[Union[DraftModel, DraftHeads, PromptLookup], Field(discriminator="kind")]
+
+
+class AdaptiveK(_Section):
+    full_batch: PositiveInt = Field(16, description="full k while the step has at most this many requests")
+    off_batch: PositiveInt = Field(64, description="no speculation from this many requests on")
+    long_context: PositiveInt | None = Field(4096, description="keep full k when the mean context of the "
+                                             "speculating requests is at least this (none: never)")
+
+    @model_validator(mode="after")
+    def _check(self) -> AdaptiveK:
+        if self.off_batch <= self.full_batch:
+            raise ValueError(f"off_batch ({self.off_batch}) must exceed full_batch ({self.full_batch})")
+        return self
+
+
+class SpeculationConfig(_Section):
+    """The `speculation:` section: any policy can enable it."""
+
+    draft: DraftConfig = DraftModel()
+    k: PositiveInt = Field(4, description="draft tokens per request per step")
+    acceptance: AcceptanceConfig = IidAcceptance()
+    batching: Literal["padded", "ragged", "budgeted"] = "ragged"
+    verify_budget: PositiveInt | None = Field(None, description="budgeted: tokens verified per step, each "
+                                              "speculating request's own token included")
+    adaptive: AdaptiveK | None = Field(None, description="shorten or switch off speculation as the batch grows")
+    compare_baseline: bool = Field(False, description="also simulate the run without speculation and report "
+                                   "the speedups (spec_speedup_*)")
+
+    @model_validator(mode="after")
+    def _check(self) -> SpeculationConfig:
+        if self.batching == "budgeted" and self.verify_budget is None:
+            raise ValueError("batching 'budgeted' needs verify_budget (tokens verified per step)")
+        return self
+
+
+class Speculator:
+    """Turns a policy's decodes into verifications (see the module docstring)."""
+
+    def __init__(self, config: SpeculationConfig, acceptance: Acceptance) -> None:
+        self.config = config
+        self.acceptance = acceptance
+
+    def k_now(self, state: ReplicaState, batch: Batch, ids: np.ndarray) -> int:
+        """The step's k under the adaptive rule."""
+        c, a = self.config, self.config.adaptive
+        if a is None:
+            return c.k
+        size = batch.num_requests
+        if a.long_context is not None and ids.size and float(state.req.computed[ids].mean()) >= a.long_context:
+            return c.k
+        if size <= a.full_batch:
+            return c.k
+        if size >= a.off_batch:
+            return 0
+        return int(c.k * (a.off_batch - size) / (a.off_batch - a.full_batch))
+
+    def plan(self, state: ReplicaState, batch: Batch) -> Batch:
+        """The batch with its decodes speculating; KV blocks for the drafts are allocated here."""
+        ids = batch.decode_ids
+        if not ids.size:
+            return batch
+        r, kv = state.req, state.kv
+        k = self.k_now(state, batch, ids)
+        ks = np.clip(r.output[ids] - r.generated[ids] - 1, 0, k)
+        if self.config.batching == "budgeted":
+            ks = self._budget(ids, ks)
+        if not kv.grow_many(ids, r.computed[ids] + 1 + ks):  # drafts need KV: without it, a plain decode
+            for i in range(ids.size):
+                if ks[i] and not kv.grow_many(ids[i:i + 1], r.computed[ids[i:i + 1]] + 1 + ks[i]):
+                    ks[i] = 0
+        spec = ks > 0
+        if not spec.any():
+            return batch
+        v = ids[spec]
+        accepted = self.acceptance.draw(v, ks[spec])
+        return Batch(batch.prefill_ids, batch.prefill_tokens, batch.prefill_computed, ids[~spec],
+                     batch.decode_computed[~spec], batch.pad_prefill_to, batch.pad_rows, v, ks[spec],
+                     r.computed[v], accepted, self.config.batching == "padded")
+
+    def _budget(self, ids: np.ndarray, ks: np.ndarray) -> np.ndarray:
+        """TETRIS: the verify budget left after each request's own token goes to the most probable drafts."""
+        budget = int(self.config.verify_budget or 0) - ids.size
+        kmax = int(ks.max(initial=0))
+        if budget <= 0 or kmax == 0:
+            return np.zeros_like(ks)
+        probs = np.stack([np.cumprod(self.acceptance.position_probs(rid, kmax)) for rid in ids.tolist()])
+        probs[np.arange(kmax)[None, :] >= ks[:, None]] = -1.0  # beyond a request's own limit
+        order = np.argsort(-probs, axis=None, kind="stable")[:budget]
+        chosen = np.zeros(probs.size, dtype=bool)
+        chosen[order] = True
+        chosen &= probs.reshape(-1) >= 0
+        return chosen.reshape(probs.shape).sum(axis=1).astype(np.int64)

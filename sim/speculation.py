@@ -1,0 +1,92 @@
+"""What speculation costs in simulation: the draft's time per step and its memory.
+
+- A draft model (`DraftModel`) runs on the target's GPUs with the target's TP (TP 1 when its heads do not
+  divide): it prefills every prompt chunk the target prefills (it needs its own KV of the context), and
+  before each verification runs max k_i autoregressive decode steps, step j over the requests with
+  k_i > j at context + j (padded batches: every request, max k steps). With `kv_window` it attends to the
+  last `kv_window` tokens only (a sliding window: MagicDec's StreamingLLM draft), and its KV memory is that
+  window for `max_num_seqs` requests.
+- Draft heads (`DraftHeads`) are `layers` decoder layers of the target's shape with its LM head: EAGLE-style
+  (`sequential`) they prefill the chunks and run k steps like a draft model; Medusa-style they run once
+  per verification over k tokens per request (one pass of the heads, priced as a k-token chunk).
+- Prompt lookup costs nothing.
+The draft's weights (heads: their layers only, the LM head is shared) and KV per token come out of the
+target's KV cache, so speculation leaves fewer KV blocks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from hardware.catalog import get_model
+from hardware.cost import CostModel
+from hardware.deployment import Deployment
+from hardware.operators import StepShape
+from hardware.specs import DTYPE_BYTES
+from policies.batch import Batch
+from policies.speculation import DraftHeads, DraftModel, SpeculationConfig
+
+
+def draft_deployment(target: Deployment, config: SpeculationConfig) -> Deployment | None:
+    """The deployment the draft is priced on (None for prompt lookup)."""
+    d = config.draft
+    if isinstance(d, DraftModel):
+        spec = get_model(d.model)
+        if d.kv_window is not None:
+            spec = spec.model_copy(update={"sliding_window": d.kv_window})
+        tp = target.tp if spec.num_attention_heads % target.tp == 0 and (
+            spec.num_key_value_heads >= target.tp and spec.num_key_value_heads % target.tp == 0
+            or target.tp % spec.num_key_value_heads == 0) else 1
+    elif isinstance(d, DraftHeads):
+        spec = target.model.model_copy(update={"num_hidden_layers": d.layers, "id": f"{target.model.id}-heads"})
+        tp = target.tp
+    else:
+        return None
+    return Deployment.build(spec, target.gpu, tp=tp, link=target.tp_link.id, weight_dtype=target.weight_dtype,
+                            kv_dtype=target.kv_dtype, max_num_batched_tokens=target.max_num_batched_tokens,
+                            max_num_seqs=target.max_num_seqs, max_model_len=min(target.context_limit,
+                                                                                spec.max_position_embeddings))
+
+
+def draft_memory(target: Deployment, config: SpeculationConfig) -> tuple[float, float]:
+    """(weight bytes, KV bytes per token) per GPU that the draft takes from the target's KV cache."""
+    dep = draft_deployment(target, config)
+    if dep is None:
+        return 0.0, 0.0
+    if isinstance(config.draft, DraftHeads):
+        weights = config.draft.layers * dep.layer_params_per_gpu() * DTYPE_BYTES[dep.weight_dtype]
+        return weights, config.draft.layers * dep.kv_bytes_per_token_per_layer()
+    window = getattr(config.draft, "kv_window", None)
+    if window is not None:  # a bounded KV per running request, reserved for the largest batch
+        return dep.memory.weights + window * dep.memory.kv_bytes_per_token * target.max_num_seqs, 0.0
+    return dep.memory.weights, dep.memory.kv_bytes_per_token
+
+
+class DraftCost:
+    """Seconds the draft spends in one step of a batch."""
+
+    def __init__(self, target: Deployment, config: SpeculationConfig, cost_model: CostModel | None = None) -> None:
+        self.config = config
+        dep = draft_deployment(target, config)
+        self.model = None if dep is None else (cost_model or CostModel(dep))
+        self.sequential = not isinstance(config.draft, DraftHeads) or config.draft.sequential
+
+    def seconds(self, batch: Batch) -> float:
+        if self.model is None:
+            return 0.0
+        total = 0.0
+        if batch.prefill_ids.size and self.sequential:
+            total += self.model.price(StepShape(prefill_tokens=batch.prefill_tokens,
+                                                prefill_cached=batch.prefill_computed)).seconds
+        if not batch.verify_ids.size:
+            return total
+        ks, context = batch.verify_drafts, batch.verify_computed
+        if batch.verify_padded:
+            ks = np.full(ks.size, int(ks.max()), dtype=np.int64)
+            context = np.full(ks.size, int(context.max()), dtype=np.int64)
+        if not self.sequential:
+            return total + self.model.price(StepShape(verify_tokens=ks, verify_context=np.zeros_like(ks))).seconds
+        for j in range(int(ks.max())):
+            live = ks > j
+            total += self.model.price(StepShape(decode_context=context[live] + j)).seconds
+        return total

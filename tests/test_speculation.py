@@ -1,0 +1,182 @@
+"""Speculative decoding in simulation: acceptance models against Monte Carlo, token and KV accounting,
+verify budgets, costs, adaptive k, conservation and determinism."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hardware.errors import ServesimError
+from policies.acceptance import (
+    Acceptance,
+    BetaAcceptance,
+    IidAcceptance,
+    PositionalAcceptance,
+    TraceAcceptance,
+)
+from sim.config import SimConfig, load_config
+from sim.engine import simulate
+
+
+def config(spec: dict | None, rate: float = 2.0, n: int = 40, prompt=(200, 2000), output=(20, 200),
+           **extra) -> SimConfig:
+    return SimConfig.model_validate({
+        "model": "llama-3-8b", "max_model_len": 4096, "seed": 5, "hardware": {"gpu": "h100"},
+        "workloads": [{"name": "w", "arrival": {"kind": "poisson", "rate": rate}, "num_requests": n,
+                       "lengths": {"kind": "uniform", "prompt": list(prompt), "output": list(output)}}],
+        "speculation": spec, **extra,
+    })
+
+
+def tokens_per_step(res) -> list[np.ndarray]:
+    """For each finished request, how many tokens it received at each distinct emission time."""
+    out = []
+    for row in res.requests.itertuples():
+        times = res.token_times[row.token_offset:row.token_offset + row.output_tokens]
+        out.append(np.unique(times, return_counts=True)[1])
+    return out
+
+
+def check(res, k: int) -> None:
+    req = res.requests
+    assert (req["status"] == "finished").all()
+    for row, counts in zip(req.itertuples(), tokens_per_step(res)):
+        times = res.token_times[row.token_offset:row.token_offset + row.output_tokens]
+        assert not np.isnan(times).any() and (np.diff(times) >= 0).all()  # exactly its output length
+        assert counts.max() <= k + 1  # at most k + 1 tokens per step
+    assert res.free_blocks_at_end == [res.summary["kv_blocks_per_replica"]]
+    assert (res.steps["kv_blocks_used"] <= res.summary["kv_blocks_per_replica"]).all()
+    assert (res.steps["accepted_tokens"] <= res.steps["draft_tokens"]).all()
+
+
+# ---- acceptance models ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("model", [
+    IidAcceptance(alpha=0.0), IidAcceptance(alpha=0.6), IidAcceptance(alpha=1.0),
+    PositionalAcceptance(alphas=[0.9, 0.7, 0.5]), BetaAcceptance(mean=0.6, concentration=4.0),
+])
+@pytest.mark.parametrize("k", [1, 4, 7])
+def test_closed_form_matches_monte_carlo(model, k: int) -> None:
+    n = 40_000
+    acc = Acceptance(model, seed=1, num_requests=n)
+    ids = np.arange(n)
+    draws = acc.draw(ids, np.full(n, k))
+    assert draws.min() >= 0 and draws.max() <= k
+    assert (draws + 1).mean() == pytest.approx(acc.expected_tokens(k), abs=4 * (draws.std() + 1e-9) / np.sqrt(n))
+
+
+def test_iid_closed_form_is_the_geometric_sum() -> None:
+    acc = Acceptance(IidAcceptance(alpha=0.8), seed=0, num_requests=1)
+    assert acc.expected_tokens(4) == pytest.approx((1 - 0.8 ** 5) / 0.2)
+
+
+def test_trace_replays_counts_capped_at_k(tmp_path) -> None:
+    path = tmp_path / "acc.jsonl"
+    path.write_text(json.dumps({"accepted": [3, 0, 5]}) + "\n" + json.dumps({"accepted": [1]}) + "\n")
+    acc = Acceptance(TraceAcceptance(path=str(path)), seed=0, num_requests=3)
+    got = [acc.draw(np.array([0, 1, 2]), np.array([4, 4, 4])).tolist() for _ in range(3)]
+    assert got == [[3, 1, 3], [0, 1, 0], [4, 1, 4]]  # request 2 replays line 0; 5 capped at k = 4
+    assert acc.expected_tokens(4) == pytest.approx(1 + (3 + 0 + 4 + 1) / 4)
+    path.write_text('{"accepted": [1, -2]}\n')
+    with pytest.raises(ServesimError, match=r"acc.jsonl:1: expected"):
+        load_config(None, ["speculation.acceptance.kind=trace", f"speculation.acceptance.path={path}"])
+
+
+# ---- serving with speculation ----------------------------------------------------------------------------
+def spec(**kw) -> dict:
+    return {"draft": {"kind": "draft_model", "model": "llama-3.2-1b"}, "k": 4,
+            "acceptance": {"kind": "iid", "alpha": 0.7}, **kw}
+
+
+@pytest.mark.parametrize("batching", ["padded", "ragged", "budgeted"])
+def test_tokens_and_kv_accounting(batching: str) -> None:
+    res = simulate(config(spec(batching=batching, verify_budget=24), rate=8.0))
+    check(res, 4)
+    assert res.summary["spec_draft_tokens"] > 0 and 0 < res.summary["spec_acceptance_rate"] < 1
+    if batching == "budgeted":
+        steps = res.steps
+        assert (steps["verify_requests"] + steps["draft_tokens"] <= 24).all()  # the verify budget holds
+        assert (steps["draft_tokens"] < 4 * steps["verify_requests"]).any()  # and binds at some steps
+
+
+def test_alpha_one_yields_k_plus_one_and_alpha_zero_costs_time() -> None:
+    base = simulate(config(None)).summary
+    perfect = simulate(config(spec(acceptance={"kind": "iid", "alpha": 1.0})))
+    check(perfect, 4)
+    steps = perfect.steps
+    assert (steps["accepted_tokens"] == steps["draft_tokens"]).all()
+    full = steps[steps["draft_tokens"] == 4 * steps["verify_requests"]]
+    assert len(full) > 0
+    counts = np.concatenate(tokens_per_step(perfect))
+    assert (counts == 5).sum() > 0.5 * counts.size  # most steps give k + 1 = 5 tokens
+    assert perfect.summary["tpot_mean_s"] < base["tpot_mean_s"]
+    none = simulate(config(spec(acceptance={"kind": "iid", "alpha": 0.0}))).summary
+    assert none["spec_accepted_tokens"] == 0
+    assert none["tpot_mean_s"] > base["tpot_mean_s"]  # drafting and verifying for nothing costs time
+
+
+def test_padded_costs_more_than_ragged_with_mixed_contexts() -> None:
+    ragged = simulate(config(spec(batching="ragged"), rate=8.0, prompt=(100, 3500))).summary
+    padded = simulate(config(spec(batching="padded"), rate=8.0, prompt=(100, 3500))).summary
+    assert padded["tpot_mean_s"] > ragged["tpot_mean_s"]
+
+
+def test_adaptive_k_switches_off_in_large_batches_unless_contexts_are_long() -> None:
+    adaptive = {"full_batch": 2, "off_batch": 8, "long_context": None}
+    heavy = simulate(config(spec(adaptive=adaptive), rate=30.0, n=80)).summary
+    light = simulate(config(spec(adaptive=adaptive), rate=0.2, n=10)).summary
+    assert light["spec_share_of_decodes"] > 0.9 > 0.5 > heavy["spec_share_of_decodes"]
+    long_ctx = simulate(config(spec(adaptive={**adaptive, "long_context": 1000}), rate=30.0, n=80,
+                               prompt=(1500, 3000))).summary
+    assert long_ctx["spec_share_of_decodes"] > 0.9
+
+
+def test_speculation_with_chunked_prefill_and_draft_heads() -> None:
+    cfg = config(spec(draft={"kind": "draft_heads", "layers": 1, "sequential": False}), rate=6.0,
+                 scheduler={"name": "sarathi", "token_budget": 512})
+    res = simulate(cfg)
+    check(res, 4)
+    mixed = res.steps[(res.steps["prefill_tokens"] > 0) & (res.steps["verify_requests"] > 0)]
+    assert len(mixed) > 0  # prefill chunks and verifications share steps
+    ngram = simulate(config(spec(draft={"kind": "ngram"}))).summary
+    assert ngram["spec_draft_time_share"] == 0.0
+
+
+def test_draft_takes_kv_memory_and_baseline_speedup_is_reported() -> None:
+    res = simulate(config(spec(compare_baseline=True, acceptance={"kind": "iid", "alpha": 0.9})))
+    base = simulate(config(None))
+    assert res.summary["kv_blocks_per_replica"] < base.summary["kv_blocks_per_replica"]
+    assert res.summary["spec_speedup_tpot_mean"] == pytest.approx(base.summary["tpot_mean_s"]
+                                                                   / res.summary["tpot_mean_s"])
+    assert res.summary["spec_speedup_tpot_mean"] > 1.2
+
+
+def test_deterministic() -> None:
+    cfg = config(spec(acceptance={"kind": "beta", "mean": 0.7, "concentration": 5}, batching="budgeted",
+                      verify_budget=20), rate=6.0)
+    a, b = simulate(cfg), simulate(cfg)
+    assert a.requests.to_csv() == b.requests.to_csv() and a.steps.to_csv() == b.steps.to_csv()
+    assert np.array_equal(a.token_times, b.token_times)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(k=st.integers(1, 6), alpha=st.floats(0, 1), batching=st.sampled_from(["padded", "ragged", "budgeted"]),
+       sched=st.sampled_from(["vllm", "vllm_v1", "sarathi"]), blocks=st.integers(300, 900),
+       rate=st.floats(1, 40), seed=st.integers(0, 50))
+def test_conservation_over_random_runs(k, alpha, batching, sched, blocks, rate, seed) -> None:
+    cfg = config({**spec(k=k, batching=batching, verify_budget=3 * k + 5),
+                  "acceptance": {"kind": "iid", "alpha": alpha}}, rate=rate, n=30, output=(1, 120),
+                 scheduler={"name": sched}, kv_cache={"num_blocks": blocks}, seed=seed)
+    check(simulate(cfg), k)
+
+
+def test_config_errors() -> None:
+    with pytest.raises(ServesimError, match="verify_budget"):
+        load_config(None, ["speculation.batching=budgeted"])
+    with pytest.raises(ServesimError, match="speculation with disaggregation"):
+        load_config(None, ["speculation.k=2", "disaggregation.link=nvlink4"])
+    with pytest.raises(ServesimError, match="alpha"):
+        load_config(None, ["speculation.acceptance.alpha=1.5"])
