@@ -15,18 +15,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from backend.graphs import DecodeGraph, GraphCache
 from backend.model import (
-    AttentionGroup,
     AttentionMeta,
     Chunk,
-    LlamaModel,
     PagedKVCache,
     attention_meta,
     build_model,
 )
 from backend.parallel import Shard
 from backend.speculative import DraftRunner, accept, seeded
-from hardware.cost import GRAPH_BATCH_SIZES
 from hardware.specs import ModelSpec, kv_heads_per_gpu
 from policies.batch import Batch
 from policies.state import Requests
@@ -36,63 +34,6 @@ from sim.executor import StepOutcome
 def prompt_tokens(seed: int, rid: int, length: int, vocab: int) -> list[int]:
     """The prompt of request `rid`: random token ids, the same in every run with this seed."""
     return np.random.default_rng([seed, rid]).integers(0, vocab, length).tolist()
-
-
-def capacity_bucket(n: int) -> int:
-    """n rounded up on a grid of 8 steps per octave (at most 12.5% more), at least 256: the sizes of the
-    K/V gather that decode CUDA graphs are captured for."""
-    if n <= 256:
-        return 256
-    step = 1 << (n.bit_length() - 4)
-    return -(-n // step) * step
-
-
-class DecodeGraph:
-    """A decode step of `batch` rows over at most `capacity` tokens of context in all, as a CUDA graph.
-
-    Inputs live in static buffers; rows past the real batch are padding that write to and read one key
-    from a scratch slot, so their outputs are ignored (vLLM pads decode batches to captured sizes the same
-    way). The K/V gather writes into buffers shared by all graphs, and the logits are copied out to a
-    shared buffer, so a graph keeps little memory of its own."""
-
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, batch: int, capacity: int, scratch: int,
-                 pool: object, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
-        dev = cache.k.device
-        self.batch, self.capacity, self.scratch = batch, capacity, scratch
-        k_buf, v_buf, self.logits = shared
-        # Every tensor the graph reads must outlive it: keep them on the object.
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.slots = torch.full((batch,), scratch, dtype=torch.long, device=dev)
-        self.index = torch.full((capacity,), scratch, dtype=torch.long, device=dev)
-        self.cu_k = torch.arange(batch + 1, dtype=torch.int32, device=dev)
-        self.rows = torch.arange(batch, device=dev)
-        group = AttentionGroup(0, batch, self.index, torch.arange(batch + 1, dtype=torch.int32, device=dev),
-                               self.cu_k, 1, capacity, [], [], k_buf[:capacity], v_buf[:capacity])
-        self.meta = AttentionMeta(self.slots, [group])
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model(self.tokens, self.positions, self.meta, cache, self.rows)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits[:batch].copy_(model(self.tokens, self.positions, self.meta, cache, self.rows))
-
-    def run(self, tokens: list[int], positions: list[int], meta: AttentionMeta) -> torch.Tensor:
-        n, (g,) = len(tokens), meta.groups
-        total = sum(g.k_lens)
-        self.tokens[:n] = torch.tensor(tokens)
-        self.positions[:n] = torch.tensor(positions)
-        self.slots[:n] = meta.slots
-        self.slots[n:] = self.scratch  # padding rows write to the scratch slot, never to a live request's
-        self.index[:total] = g.kv_index
-        self.index[total:] = self.scratch
-        pad = np.arange(total + 1, total + 1 + self.batch - n)  # each padding row reads the scratch slot
-        self.cu_k.copy_(torch.from_numpy(np.concatenate([[0], np.cumsum(g.k_lens), pad]).astype(np.int32)))
-        self.graph.replay()
-        return self.logits[:n]
 
 
 class TorchExecutor:
@@ -109,21 +50,18 @@ class TorchExecutor:
         # One block more than the engine's: the scratch slot that padded CUDA-graph rows write to.
         self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks + 1, block_size,
                                   kv_heads_per_gpu(spec, shard.size), spec.head_size, self.dtype, self.device)
-        self.scratch = num_blocks * block_size
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
-        self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self.graphs = GraphCache(self.model, self.cache, num_blocks, block_size) if self.use_graphs else None
         self.num_blocks = num_blocks
-        self._graph_buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-        self.graph_pool = torch.cuda.graph_pool_handle() if self.use_graphs else None
         self.block_size = block_size
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
         self.tables: dict[int, list[int]] = {}
         self.tokens: dict[int, list[int]] = {}
-        self.capture_seconds = 0.0  # time the last step spent capturing a CUDA graph (a server does it at start)
+        self.capture_seconds = 0.0  # time the last step spent capturing CUDA graphs (a server does it at start)
         # Speculation: a draft model with its own cache (room for every request's KV plus its drafts), and
         # whether verification forces the simulator's drawn acceptance (oracle) or applies the real rule.
         self.draft = None if draft is None else DraftRunner(draft, num_blocks + 256, block_size, self.device,
-                                                            self.dtype, seed)
+                                                            self.dtype, seed, self.use_graphs)
         self.oracle = oracle
 
     # ---- block tables mirror the engine's block counts --------------------------------------------------
@@ -160,7 +98,6 @@ class TorchExecutor:
     # ---- one step ---------------------------------------------------------------------------------------
     def run(self, batch: Batch) -> StepOutcome:
         t0 = time.perf_counter()
-        self.capture_seconds = 0.0
         pre, ver, dec = batch.prefill_ids.tolist(), batch.verify_ids.tolist(), batch.decode_ids.tolist()
         self.sync_tables(pre + ver + dec)
         drafts, dists, draft_s = self._draft(batch)
@@ -210,6 +147,8 @@ class TorchExecutor:
         new_ids = new.tolist()
         for rid, tok in zip(sample_ids, new_ids):
             self.tokens[rid].append(tok)
+        self.capture_seconds = sum(g.take_capture_seconds() for g in (self.graphs, self.draft and self.draft.graphs)
+                                   if g is not None)
         return StepOutcome(seconds=time.perf_counter() - t0 - self.capture_seconds,
                            execution="graph" if graph else "eager", gpu_seconds=gpu, draft_seconds=draft_s,
                            accepted=accepted)
@@ -256,19 +195,6 @@ class TorchExecutor:
     def _graph(self, batch: Batch, meta: AttentionMeta) -> DecodeGraph | None:
         """The captured graph for a decode-only batch (captured on first use), or None to run eagerly."""
         n = batch.decode_ids.size
-        if not self.use_graphs or batch.prefill_ids.size or batch.verify_ids.size or not n or \
-                n > GRAPH_BATCH_SIZES[-1]:
+        if self.graphs is None or batch.prefill_ids.size or batch.verify_ids.size or not n:
             return None
-        rows = next(b for b in GRAPH_BATCH_SIZES if b >= n)
-        key = (rows, capacity_bucket(sum(meta.groups[0].k_lens) + rows - n))
-        if key not in self.graphs:
-            t0 = time.perf_counter()
-            if self._graph_buffers is None:  # sized for the whole cache plus padding rows, shared by all graphs
-                most = capacity_bucket(self.num_blocks * self.block_size + GRAPH_BATCH_SIZES[-1])
-                kv = torch.empty((most, *self.cache.k.shape[2:]), dtype=self.dtype, device=self.device)
-                logits = torch.empty((GRAPH_BATCH_SIZES[-1], self.spec.vocab_size), device=self.device)
-                self._graph_buffers = (kv, torch.empty_like(kv), logits)
-            self.graphs[key] = DecodeGraph(self.model, self.cache, *key, self.scratch, self.graph_pool,
-                                           self._graph_buffers)
-            self.capture_seconds = time.perf_counter() - t0
-        return self.graphs[key]
+        return self.graphs.get(n, meta)

@@ -19,6 +19,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from backend.graphs import GraphCache
 from backend.model import Chunk, PagedKVCache, attention_meta, build_model
 from hardware.specs import ModelSpec
 
@@ -27,11 +28,13 @@ class DraftRunner:
     """A draft model on the target's device with its own paged cache of `num_blocks` blocks."""
 
     def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, seed: int) -> None:
+                 dtype: torch.dtype, seed: int, cuda_graphs: bool = False) -> None:
         self.spec, self.device, self.block_size = spec, device, block_size
         self.model = build_model(spec, device, dtype, seed)
-        self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks, block_size, spec.num_key_value_heads,
+        # One block more than it hands out: the scratch slot of padded CUDA-graph rows.
+        self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks + 1, block_size, spec.num_key_value_heads,
                                   spec.head_size, dtype, device)
+        self.graphs = GraphCache(self.model, self.cache, num_blocks, block_size) if cuda_graphs else None
         self.free = list(range(num_blocks - 1, -1, -1))
         self.tables: dict[int, list[int]] = {}
         self.done: dict[int, int] = {}
@@ -70,6 +73,9 @@ class DraftRunner:
             self.done[rid] = done + len(toks)
         prefills = len(chunks) if any(c.length > 1 for c in chunks) else 0  # one varlen call, or decodes
         meta = attention_meta(chunks, self.block_size, self.device, prefills)
+        graph = self.graphs.get(len(chunks), meta) if self.graphs is not None and not prefills else None
+        if graph is not None:  # the draft's decode steps (all but its first) replay CUDA graphs
+            return graph.run(flat, positions, meta)
         dev = self.device
         return self.model(torch.tensor(flat, device=dev), torch.tensor(positions, device=dev), meta, self.cache,
                           torch.tensor(rows, dtype=torch.long, device=dev))

@@ -81,13 +81,21 @@ class StepShape:
         return self.prefill_tokens.size + self.decode_context.size + self.verify_tokens.size
 
     def to_dict(self) -> dict[str, list[int]]:
-        """Prefill chunks and decodes as plain lists (the line format of a replay's batches.jsonl)."""
-        return {"prefill_tokens": self.prefill_tokens.tolist(), "prefill_cached": self.prefill_cached.tolist(),
-                "decode_context": self.decode_context.tolist()}
+        """Prefill chunks, decodes and verifications as plain lists (the line format of a replay's
+        batches.jsonl; verification keys only when the step has any)."""
+        out = {"prefill_tokens": self.prefill_tokens.tolist(), "prefill_cached": self.prefill_cached.tolist(),
+               "decode_context": self.decode_context.tolist()}
+        if self.verify_tokens.size:
+            out |= {"verify_tokens": self.verify_tokens.tolist(), "verify_context": self.verify_context.tolist()}
+            if self.verify_pairs is not None:
+                out["verify_pairs"] = self.verify_pairs.tolist()
+        return out
 
     @classmethod
     def from_dict(cls, d: dict[str, list[int]]) -> StepShape:
-        return cls.build(prefill=d["prefill_tokens"], prefill_cached=d["prefill_cached"], decode=d["decode_context"])
+        return cls.build(prefill=d["prefill_tokens"], prefill_cached=d["prefill_cached"], decode=d["decode_context"],
+                         verify=d.get("verify_tokens", ()), verify_context=d.get("verify_context"),
+                         verify_pairs=d.get("verify_pairs"))
 
     @property
     def is_decode_only(self) -> bool:

@@ -11,7 +11,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from hardware.cost import CostModel
+from hardware.cost import CostModel, StepCost
+from hardware.operators import StepShape
 from policies.batch import Batch
 
 if TYPE_CHECKING:
@@ -43,9 +44,12 @@ class CostModelExecutor:
         self.cost_model = cost_model
         self.draft = draft
 
+    def price(self, shape: StepShape) -> tuple[StepCost, float]:
+        """The target's cost of a step of this shape and the draft's seconds in it."""
+        return self.cost_model.price(shape), self.draft.seconds(shape) if self.draft is not None else 0.0
+
     def run(self, batch: Batch) -> StepOutcome:
-        cost = self.cost_model.price(batch.shape())
-        draft = self.draft.seconds(batch) if self.draft is not None else 0.0
+        cost, draft = self.price(batch.shape())
         return StepOutcome(seconds=cost.seconds + draft, mfu=cost.mfu, mbu=cost.mbu, execution=cost.execution,
                            draft_seconds=draft)
 

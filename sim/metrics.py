@@ -181,7 +181,8 @@ def _summary(config: SimConfig, pools: list[PoolInfo], r: Requests, finished: np
     s["slo_attainment"] = float(meets.sum() / r.n) if r.n else float("nan")
     s["steps"] = int(len(steps))
     busy = float(steps["duration_s"].sum()) if len(steps) else 0.0
-    s["mean_batch_size"] = float((steps["prefill_requests"] + steps["decode_requests"]).mean()) if len(steps) else 0.0
+    s["mean_batch_size"] = (float((steps["prefill_requests"] + steps["decode_requests"]
+                                   + steps["verify_requests"]).mean()) if len(steps) else 0.0)
     s["mean_kv_usage"] = float((steps["kv_usage"] * steps["duration_s"]).sum() / busy) if busy else 0.0
     s["peak_kv_usage"] = float(steps["kv_usage"].max()) if len(steps) else 0.0
     s["preemptions"] = int(r.preemptions.sum())

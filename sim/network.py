@@ -116,12 +116,18 @@ class Network:
                 f.remaining -= moved
                 for link in f.links:
                     link.moved += moved
-        finished = [f for f in self.flows if f.remaining <= 1e-9 * f.size + 1e-6]
+        finished = [f for f in self.flows if self._done(f)]
         if finished:
             for f in finished:
                 f.done.succeed()
-            self.flows = [f for f in self.flows if f.remaining > 1e-9 * f.size + 1e-6]
+            self.flows = [f for f in self.flows if not self._done(f)]
             self._reallocate()
+
+    @staticmethod
+    def _done(f: Flow) -> bool:
+        """Done when what is left is rounding: a byte fraction, or under a nanosecond at its rate (finer
+        than the clock resolves late in a long run, where waiting for it would never advance time)."""
+        return f.remaining <= max(1e-9 * f.size + 1e-6, f.rate * 1e-9)
 
     def _reallocate(self) -> None:
         for f, rate in zip(self.flows, fair_rates(self.flows)):

@@ -79,7 +79,7 @@ def _timeline_plot(results: Results, path: Path, bins: int = 300) -> None:
     end = float((steps["start_s"] + steps["duration_s"]).max()) if len(steps) else 1.0
     edges = np.linspace(0.0, end, bins + 1)
     centers = (edges[:-1] + edges[1:]) / 2
-    batch = (steps["prefill_requests"] + steps["decode_requests"]).to_numpy(dtype=float)
+    batch = (steps["prefill_requests"] + steps["decode_requests"] + steps["verify_requests"]).to_numpy(dtype=float)
     series = (("batch size (requests)", batch), ("KV cache in use", steps["kv_usage"].to_numpy(dtype=float)),
               ("waiting requests", steps["waiting"].to_numpy(dtype=float)))
     for ax, (label, values) in zip(axes, series):

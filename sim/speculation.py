@@ -23,7 +23,6 @@ from hardware.cost import CostModel
 from hardware.deployment import Deployment
 from hardware.operators import StepShape
 from hardware.specs import DTYPE_BYTES
-from policies.batch import Batch
 from policies.speculation import DraftHeads, DraftModel, SpeculationConfig
 
 
@@ -71,19 +70,17 @@ class DraftCost:
         self.model = None if dep is None else (cost_model or CostModel(dep))
         self.sequential = not isinstance(config.draft, DraftHeads) or config.draft.sequential
 
-    def seconds(self, batch: Batch) -> float:
+    def seconds(self, shape: StepShape) -> float:
+        """The draft's time in a step of this shape (verifications already padded when the batch pads)."""
         if self.model is None:
             return 0.0
         total = 0.0
-        if batch.prefill_ids.size and self.sequential:
-            total += self.model.price(StepShape(prefill_tokens=batch.prefill_tokens,
-                                                prefill_cached=batch.prefill_computed)).seconds
-        if not batch.verify_ids.size:
+        if shape.prefill_tokens.size and self.sequential:
+            total += self.model.price(StepShape(prefill_tokens=shape.prefill_tokens,
+                                                prefill_cached=shape.prefill_cached)).seconds
+        if not shape.verify_tokens.size:
             return total
-        ks, context = batch.verify_drafts, batch.verify_computed
-        if batch.verify_padded:
-            ks = np.full(ks.size, int(ks.max()), dtype=np.int64)
-            context = np.full(ks.size, int(context.max()), dtype=np.int64)
+        ks, context = shape.verify_tokens - 1, shape.verify_context
         if not self.sequential:
             return total + self.model.price(StepShape(verify_tokens=ks, verify_context=np.zeros_like(ks))).seconds
         for j in range(int(ks.max())):

@@ -11,6 +11,7 @@ Two views:
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,7 @@ import pandas as pd  # noqa: E402
 from hardware.errors import ServesimError  # noqa: E402
 from hardware.operators import StepShape  # noqa: E402
 from sim.config import load_config  # noqa: E402
-from sim.engine import cost_model  # noqa: E402
+from sim.engine import build_pools  # noqa: E402
 
 METRICS = [f"{m}_{p}_s" for m in ("ttft", "tpot", "itl", "e2e") for p in ("p50", "p90", "p99")]
 
@@ -42,18 +43,24 @@ def read_shapes(path: Path) -> list[StepShape]:
 
 
 def reprice(real_dir: Path, profile: str | None = None) -> pd.DataFrame:
-    """Measured and predicted duration of every step of a replay, on identical batches."""
-    model = cost_model(load_config(real_dir / "config.yaml"), profile)
+    """Measured and predicted duration of every step of a replay, on identical batches (with the draft's
+    time when the replay speculated)."""
+    config = load_config(real_dir / "config.yaml")
+    (pool,) = build_pools(config)
+    if profile is not None:
+        pool = replace(pool, hardware=pool.hardware.model_copy(update={"profile": profile}))
+    executor = pool.executor(config.speculation)
     steps = pd.read_csv(real_dir / "steps.csv")
     shapes = read_shapes(real_dir / "batches.jsonl")
     if len(shapes) != len(steps):
         raise ServesimError(f"validate: {real_dir} has {len(steps)} steps but {len(shapes)} batch shapes")
-    predicted = [model.price(s) for s in shapes]
+    predicted = [executor.price(s) for s in shapes]
     return pd.DataFrame({
         "measured_s": steps["duration_s"],
-        "predicted_s": [c.seconds for c in predicted],
-        "tokens": [c.tokens for c in predicted],
-        "execution": [c.execution for c in predicted],
+        "predicted_s": [c.seconds + draft for c, draft in predicted],
+        "tokens": [c.tokens for c, _ in predicted],
+        "execution": [c.execution for c, _ in predicted],
+        "draft_predicted_s": [draft for _, draft in predicted],
     })
 
 

@@ -163,7 +163,7 @@ def test_hugging_face_projections_fuse_into_qkv_and_gate_up() -> None:
 
 
 def test_capacity_buckets_bound_the_graph_gather_padding() -> None:
-    from backend.executor import capacity_bucket
+    from backend.graphs import capacity_bucket
 
     sizes = np.unique(np.random.default_rng(0).integers(1, 5_000_000, 3000))
     buckets = np.array([capacity_bucket(int(n)) for n in sizes])

@@ -229,3 +229,25 @@ def test_disagg_search_ranks_placements_and_the_best_meets_its_slos(tmp_path, ca
     assert best["goodput_req_s"] > 0 and best["slo_attainment"] >= 0.9
     assert main(["disagg-search", str(path), "--gpus", "2", "--tp", "x"]) == 2
     assert "--tp = 'x'" in capsys.readouterr().err
+
+
+def test_flows_finish_late_in_a_long_run() -> None:
+    """Late in a run the clock cannot resolve a flow's last fraction of a nanosecond: it must still end
+    (this once spun forever at the same simulated time)."""
+    env = simpy.Environment(initial_time=3.0e5)
+    net = Network(env)
+    link = net.link("a", 3.125e9, 0.0)
+    rng = np.random.default_rng(1)
+    sizes, starts = rng.uniform(1e6, 3e8, 200), rng.uniform(0, 20, 200)
+    done: list[float] = []
+
+    def go(size: float, start: float):
+        yield env.timeout(start)
+        yield net.transfer((link,), size)
+        done.append(env.now)
+
+    for size, start in zip(sizes.tolist(), starts.tolist()):
+        env.process(go(size, start))
+    env.run(until=env.now + 1e4)
+    assert len(done) == 200
+    assert link.moved == pytest.approx(float(sizes.sum()), rel=1e-9)
