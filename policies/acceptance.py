@@ -10,6 +10,12 @@ target's own next token. Models (the `acceptance:` section of `speculation:`):
   given the earlier ones were (positions past m reuse alpha_m): E = 1 + sum_j prod_{i<=j} alpha_i.
 - `beta` (`mean`, `concentration`): each request draws its own alpha ~ Beta(mean * c, (1 - mean) * c) once,
   then is iid: E = sum_{j=0}^{k} E[alpha^j], with the Beta moments E[alpha^j] = prod_{m<j} (a+m)/(a+b+m).
+- `ranked` (`probs`: p_1..p_m, sum <= 1): Sequoia's positional model for token trees: at any node the
+  target's token is the draft's i-th ranked child with probability p_i. A chain uses p_1 at every
+  position (iid with alpha = p_1).
+- `confidence` (`concentration`, `top`): the draft-confidence model of dynamic trees (OPT-Tree, DySpec): at
+  each node the draft's top-`top` child probabilities are a sorted draw of a symmetric Dirichlet over
+  `top` + 1 outcomes, and a calibrated target agrees with a child with its probability. Trees only.
 - `trace` (`path`): replay of measured acceptance, a JSONL file, one line per request:
   `{"accepted": [2, 0, 4, ...]}` (accepted drafts at each of that request's speculative steps). Request i
   replays line i mod (number of lines), its steps in order, wrapping around; a count above the step's k is
@@ -59,8 +65,26 @@ class TraceAcceptance(_Model):
         return self
 
 
-AcceptanceConfig = Annotated[Union[IidAcceptance, PositionalAcceptance, BetaAcceptance, TraceAcceptance],
-                             Field(discriminator="kind")]
+class RankedAcceptance(_Model):
+    kind: Literal["ranked"] = "ranked"
+    probs: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(
+        min_length=1, description="probability that the target's token is the draft's 1st, 2nd, ... choice")
+
+    @model_validator(mode="after")
+    def _check(self) -> RankedAcceptance:
+        if sum(self.probs) > 1.0 + 1e-9:
+            raise ValueError(f"probs sum to {sum(self.probs):.3f}; the choices are exclusive, so at most 1")
+        return self
+
+
+class ConfidenceAcceptance(_Model):
+    kind: Literal["confidence"] = "confidence"
+    concentration: float = Field(0.5, gt=0.0, description="Dirichlet concentration (small: confident drafts)")
+    top: int = Field(4, ge=1, le=64, description="children the draft proposes per node")
+
+
+AcceptanceConfig = Annotated[Union[IidAcceptance, PositionalAcceptance, BetaAcceptance, TraceAcceptance,
+                                   RankedAcceptance, ConfidenceAcceptance], Field(discriminator="kind")]
 
 
 def read_acceptance_trace(path: str | Path) -> list[np.ndarray]:
@@ -116,6 +140,8 @@ class Acceptance:
         if isinstance(c, PositionalAcceptance):
             a = np.asarray(c.alphas)
             return a[np.minimum(np.arange(k), a.size - 1)]
+        if isinstance(c, RankedAcceptance):
+            return np.full(k, c.probs[0])
         if self.alpha is not None:
             return np.full(k, self.alpha[rid])
         return np.full(k, self._trace_rate(k))  # trace: an equivalent iid rate, used to rank drafts
@@ -149,8 +175,9 @@ class Acceptance:
     def expected_tokens(self, k: int) -> float:
         """Closed-form E[accepted drafts + 1] of one step with k drafts (over requests, for `beta`)."""
         c = self.config
-        if isinstance(c, IidAcceptance):
-            return float(k + 1) if c.alpha == 1.0 else (1 - c.alpha ** (k + 1)) / (1 - c.alpha)
+        if isinstance(c, (IidAcceptance, RankedAcceptance)):
+            a = c.alpha if isinstance(c, IidAcceptance) else c.probs[0]
+            return float(k + 1) if a == 1.0 else (1 - a ** (k + 1)) / (1 - a)
         if isinstance(c, PositionalAcceptance):
             return float(1 + np.cumprod(self.position_probs(0, k)).sum())
         if isinstance(c, BetaAcceptance):

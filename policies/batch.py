@@ -22,9 +22,10 @@ class Batch:
     - decode: `decode_ids[j]` runs its one newest token after `decode_computed[j]` tokens of KV.
 
     - verify (speculative decoding, set by a `Speculator` on top of any policy): `verify_ids[v]` runs its
-      newest token plus `verify_drafts[v]` draft tokens after `verify_computed[v]` tokens of KV, and accepts
-      `verify_accepted[v]` of the drafts (drawn from the acceptance model; a real executor may report its
-      own). `verify_padded` pads every verification to the longest drafts and context of the batch.
+      newest token plus `verify_drafts[v]` draft tokens (a chain, or the nodes of a token tree with
+      `verify_pairs[v]` attention pairs and `verify_levels[v]` nodes per depth) after `verify_computed[v]`
+      tokens of KV, and accepts `verify_accepted[v]` of them (drawn from the acceptance model; a real
+      executor may report its own). `verify_padded` pads every verification to the largest of the batch.
 
     `pad_prefill_to` and `pad_rows` model padded request-level batching (Hugging Face generate): every
     prompt padded to the longest, and finished rows still computed until the whole batch ends.
@@ -42,6 +43,8 @@ class Batch:
     verify_computed: np.ndarray = field(default_factory=lambda: _EMPTY)
     verify_accepted: np.ndarray = field(default_factory=lambda: _EMPTY)
     verify_padded: bool = False
+    verify_pairs: np.ndarray | None = None  # token trees: query-key pairs inside each tree (None: chains)
+    verify_levels: np.ndarray | None = None  # token trees: nodes per depth, one row per verification
 
     @classmethod
     def make(
@@ -85,5 +88,8 @@ class Batch:
         if self.verify_padded and verify.size:
             verify = np.full(verify.size, int(verify.max()), dtype=np.int64)
             context = np.full(verify.size, int(context.max()), dtype=np.int64)
+        pairs = self.verify_pairs
+        if pairs is not None and self.verify_padded and pairs.size:
+            pairs = np.full(pairs.size, int(pairs.max()), dtype=np.int64)
         return StepShape(prefill_tokens=chunks, prefill_cached=self.prefill_computed, decode_context=decode,
-                         verify_tokens=verify, verify_context=context)
+                         verify_tokens=verify, verify_context=context, verify_pairs=pairs)

@@ -21,14 +21,25 @@ tokens, where decoding is memory-bound on the KV cache and speculation keeps pay
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Literal, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
-from policies.acceptance import Acceptance, AcceptanceConfig, IidAcceptance
+from policies.acceptance import Acceptance, AcceptanceConfig, ConfidenceAcceptance, IidAcceptance, RankedAcceptance
 from policies.batch import Batch
 from policies.state import ReplicaState
+from policies.trees import (
+    TokenTree,
+    allocate,
+    chain,
+    dirichlet_confidence,
+    greedy_forest,
+    sequoia_table,
+    sequoia_tree,
+    static_tree,
+)
 
 
 class _Section(BaseModel):
@@ -77,6 +88,22 @@ class AdaptiveK(_Section):
         return self
 
 
+class TreeConfig(_Section):
+    """Token-tree speculation (`policies/trees.py`): the draft proposes a tree, verified in one pass."""
+
+    kind: Literal["static", "sequoia", "opt_tree", "dyspec"] = "sequoia"
+    nodes: PositiveInt = Field(16, description="draft tokens per tree (sequoia, opt_tree; dyspec: at most)")
+    depth: PositiveInt = Field(6, description="deepest level")
+    widths: list[PositiveInt] | None = Field(None, description="static: children of every node per level")
+    threshold: float = Field(0.05, gt=0.0, lt=1.0, description="dyspec: expand while path probability >= this")
+
+    @model_validator(mode="after")
+    def _check(self) -> TreeConfig:
+        if self.kind == "static" and not self.widths:
+            raise ValueError("tree kind 'static' needs widths (children per node at each level)")
+        return self
+
+
 class SpeculationConfig(_Section):
     """The `speculation:` section: any policy can enable it."""
 
@@ -87,6 +114,7 @@ class SpeculationConfig(_Section):
     verify_budget: PositiveInt | None = Field(None, description="budgeted: tokens verified per step, each "
                                               "speculating request's own token included")
     adaptive: AdaptiveK | None = Field(None, description="shorten or switch off speculation as the batch grows")
+    tree: TreeConfig | None = Field(None, description="speculate token trees instead of chains of k")
     compare_baseline: bool = Field(False, description="also simulate the run without speculation and report "
                                    "the speedups (spec_speedup_*)")
 
@@ -94,6 +122,15 @@ class SpeculationConfig(_Section):
     def _check(self) -> SpeculationConfig:
         if self.batching == "budgeted" and self.verify_budget is None:
             raise ValueError("batching 'budgeted' needs verify_budget (tokens verified per step)")
+        kind, tree = self.acceptance.kind, self.tree
+        dynamic = tree is not None and tree.kind in ("opt_tree", "dyspec")
+        if dynamic and kind != "confidence":
+            raise ValueError(f"tree kind {tree.kind!r} grows trees from draft confidences: acceptance.kind must be "
+                             f"'confidence', not {kind!r}")
+        if kind == "confidence" and not dynamic:
+            raise ValueError("acceptance kind 'confidence' needs tree.kind 'opt_tree' or 'dyspec'")
+        if tree is not None and not dynamic and kind not in ("ranked", "iid"):
+            raise ValueError(f"tree kind {tree.kind!r} needs acceptance.kind 'ranked' (or 'iid'), not {kind!r}")
         return self
 
 
@@ -123,6 +160,8 @@ class Speculator:
         ids = batch.decode_ids
         if not ids.size:
             return batch
+        if self.config.tree is not None:
+            return self._plan_trees(state, batch)
         r, kv = state.req, state.kv
         k = self.k_now(state, batch, ids)
         ks = np.clip(r.output[ids] - r.generated[ids] - 1, 0, k)
@@ -154,3 +193,70 @@ class Speculator:
         chosen[order] = True
         chosen &= probs.reshape(-1) >= 0
         return chosen.reshape(probs.shape).sum(axis=1).astype(np.int64)
+
+    # ---- token trees ----------------------------------------------------------------------------------
+    def _ranked(self) -> list[float]:
+        a = self.config.acceptance
+        return list(a.probs) if isinstance(a, RankedAcceptance) else [getattr(a, "alpha", 0.0)]
+
+    def _trees(self, state: ReplicaState, ids: np.ndarray, depth_cap: np.ndarray
+               ) -> list[tuple[TokenTree, np.ndarray]]:
+        """Each request's tree (depth within its remaining output) and its nodes' conditional probabilities."""
+        t, c = self.config.tree, self.config
+        assert t is not None
+        budget = c.verify_budget if c.batching == "budgeted" else None
+        if t.kind in ("opt_tree", "dyspec"):
+            a = c.acceptance
+            assert isinstance(a, ConfidenceAcceptance)
+            drafts = [_capped(dirichlet_confidence(self.acceptance.rng, a.concentration, a.top), int(d))
+                      for d in depth_cap]
+            nodes = t.nodes * ids.size if budget is None else max(budget - ids.size, 0)
+            if t.kind == "opt_tree" and budget is None:  # each request its own budget of t.nodes
+                return [greedy_forest([f], t.nodes, t.depth)[0] for f in drafts]
+            threshold = t.threshold if t.kind == "dyspec" else 0.0
+            if t.kind == "dyspec" and budget is None:
+                return [greedy_forest([f], t.nodes, t.depth, threshold)[0] for f in drafts]
+            return greedy_forest(drafts, nodes, t.depth, threshold)
+        p = self._ranked()
+        if t.kind == "static":
+            widths = t.widths or []
+            trees = [static_tree(widths[: int(d)]) for d in depth_cap]
+        elif budget is not None:  # the tree form of TETRIS: the verify budget split to maximise accepted drafts
+            gains = [sequoia_table(p, t.nodes, int(min(t.depth, d)))[int(min(t.depth, d))] for d in depth_cap]
+            sizes = allocate(gains, budget)
+            trees = [sequoia_tree(p, int(n), int(min(t.depth, d))) if n else chain(0)
+                     for n, d in zip(sizes, depth_cap)]
+        else:
+            trees = [sequoia_tree(p, t.nodes, int(min(t.depth, d))) for d in depth_cap]
+        return [(tree, tree.positional_probs(p)) for tree in trees]
+
+    def _plan_trees(self, state: ReplicaState, batch: Batch) -> Batch:
+        r, kv, ids = state.req, state.kv, batch.decode_ids
+        depth_cap = np.clip(r.output[ids] - r.generated[ids] - 1, 0, self.config.tree.depth)  # type: ignore[union-attr]
+        trees = [(tree, p) if d > 0 else (chain(0), np.zeros(0)) for (tree, p), d in
+                 zip(self._trees(state, ids, np.maximum(depth_cap, 1)), depth_cap)]
+        sizes = np.array([t.size for t, _ in trees], dtype=np.int64)
+        if not kv.grow_many(ids, r.computed[ids] + 1 + sizes):  # tree tokens need KV: without it, a plain decode
+            for i in range(ids.size):
+                if sizes[i] and not kv.grow_many(ids[i:i + 1], r.computed[ids[i:i + 1]] + 1 + sizes[i]):
+                    sizes[i] = 0
+        spec = sizes > 0
+        if not spec.any():
+            return batch
+        chosen = [trees[i] for i in np.flatnonzero(spec)]
+        accepted = np.array([t.sample_accepted(p, self.acceptance.rng) for t, p in chosen], dtype=np.int64)
+        depth = max(t.max_depth for t, _ in chosen)
+        levels = np.zeros((len(chosen), depth), dtype=np.int64)
+        for row, (t, _) in enumerate(chosen):
+            w = t.level_widths()
+            levels[row, : w.size] = w
+        v = ids[spec]
+        return Batch(batch.prefill_ids, batch.prefill_tokens, batch.prefill_computed, ids[~spec],
+                     batch.decode_computed[~spec], batch.pad_prefill_to, batch.pad_rows, v, sizes[spec],
+                     r.computed[v], accepted, self.config.batching == "padded",
+                     np.array([t.attention_pairs for t, _ in chosen], dtype=np.int64), levels)
+
+
+def _capped(probs: Callable[[int, int], np.ndarray], depth: int) -> Callable[[int, int], np.ndarray]:
+    """A draft that proposes nothing below `depth` (a request near the end of its output)."""
+    return lambda node, d: probs(node, d) if d < depth else np.zeros(0)

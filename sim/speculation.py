@@ -70,8 +70,10 @@ class DraftCost:
         self.model = None if dep is None else (cost_model or CostModel(dep))
         self.sequential = not isinstance(config.draft, DraftHeads) or config.draft.sequential
 
-    def seconds(self, shape: StepShape) -> float:
-        """The draft's time in a step of this shape (verifications already padded when the batch pads)."""
+    def seconds(self, shape: StepShape, levels: np.ndarray | None = None) -> float:
+        """The draft's time in a step of this shape (verifications already padded when the batch pads).
+        Token trees (`levels`: nodes per depth, one row per verification) take one draft step per level:
+        step j runs the nodes of depth j - 1 (the root first) to propose depth j."""
         if self.model is None:
             return 0.0
         total = 0.0
@@ -83,7 +85,14 @@ class DraftCost:
         ks, context = shape.verify_tokens - 1, shape.verify_context
         if not self.sequential:
             return total + self.model.price(StepShape(verify_tokens=ks, verify_context=np.zeros_like(ks))).seconds
-        for j in range(int(ks.max())):
-            live = ks > j
-            total += self.model.price(StepShape(decode_context=context[live] + j)).seconds
+        if levels is None:  # a chain of k_i: k_i steps of one token
+            levels = (np.arange(int(ks.max()))[None, :] < ks[:, None]).astype(np.int64)
+        for j in range(levels.shape[1]):
+            live = levels[:, j] > 0
+            tokens = np.ones(int(live.sum()), dtype=np.int64) if j == 0 else levels[live, j - 1]
+            ctx = context[live] + j
+            if (tokens == 1).all():
+                total += self.model.price(StepShape(decode_context=ctx)).seconds
+            else:
+                total += self.model.price(StepShape(verify_tokens=tokens, verify_context=ctx)).seconds
         return total
