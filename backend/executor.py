@@ -24,10 +24,11 @@ from backend.model import (
     build_model,
 )
 from backend.parallel import Shard
-from backend.speculative import DraftRunner, accept, seeded
+from backend.speculative import DraftRunner, accept, ancestry, breadth_first, seeded, tree_accept
 from hardware.specs import ModelSpec, kv_heads_per_gpu
 from policies.batch import Batch
 from policies.state import Requests
+from policies.trees import TokenTree
 from sim.executor import StepOutcome
 
 
@@ -107,14 +108,24 @@ class TorchExecutor:
         sample_rows: list[int] = []
         sample_ids: list[int] = []
         verify_rows: list[int] = []
-        parts = list(zip(pre, batch.prefill_tokens.tolist(), batch.prefill_computed.tolist(), [None] * len(pre)))
-        parts += [(rid, len(d) + 1, c, d) for rid, c, d in zip(ver, batch.verify_computed.tolist(), drafts)]
-        parts += [(rid, 1, c, None) for rid, c in zip(dec, batch.decode_computed.tolist())]
-        for rid, n, done, draft in parts:
+        trees = [breadth_first(t) for t in batch.verify_trees] if batch.verify_trees is not None else None
+        parts = list(zip(pre, batch.prefill_tokens.tolist(), batch.prefill_computed.tolist(), [None] * len(pre),
+                         [None] * len(pre)))
+        parts += [(rid, len(d) + 1, c, d, None if trees is None else trees[i])
+                  for i, (rid, c, d) in enumerate(zip(ver, batch.verify_computed.tolist(), drafts))]
+        parts += [(rid, 1, c, None, None) for rid, c in zip(dec, batch.decode_computed.tolist())]
+        for rid, n, done, draft, tree in parts:
             toks = self.tokens_of(rid)
-            chunks.append(Chunk(len(flat_tokens), n, done, self.tables[rid]))
+            mask = None
+            if tree is not None:  # the root sees itself, each node the root, its ancestors and itself
+                mask = np.zeros((n, n), dtype=bool)
+                mask[:, 0] = True
+                mask[1:, 1:] = ancestry(tree)
+                positions += [done, *(done + tree.depth).tolist()]
+            else:
+                positions += range(done, done + n)
+            chunks.append(Chunk(len(flat_tokens), n, done, self.tables[rid], mask))
             flat_tokens += toks[done:done + n] if draft is None else [toks[done], *draft]
-            positions += range(done, done + n)
             if draft is not None:  # a verification: the logits of all its k + 1 rows
                 verify_rows += range(len(flat_tokens) - n, len(flat_tokens))
             elif done + n == len(toks):  # no known token left uncomputed: this row samples the next one
@@ -138,7 +149,10 @@ class TorchExecutor:
                                for p, rid in zip(probs, sample_ids)]) if sample_ids else sampled.argmax(dim=-1)
         else:
             new = sampled.argmax(dim=-1)
-        accepted = self._verify(batch, verified, drafts, dists) if ver else None
+        accepted = None
+        if ver:
+            accepted = (self._verify(batch, verified, drafts, dists) if trees is None
+                        else self._verify_trees(batch, trees, verified, drafts))
         gpu = float("nan")
         if dev.type == "cuda":
             end.record()
@@ -169,8 +183,16 @@ class TorchExecutor:
         if batch.prefill_ids.size:
             self.draft.catch_up(batch.prefill_ids.tolist(), (batch.prefill_computed + batch.prefill_tokens).tolist(),
                                 self.tokens_of)
-        drafts, dists = self.draft.propose(batch.verify_ids.tolist(), batch.verify_drafts.tolist(), self.tokens_of,
-                                           self.temperature, lambda rid, j: self._generator(rid, 1 + j))
+        if batch.verify_trees is not None:
+            if self.temperature > 0:
+                raise RuntimeError("token-tree speculation in the backend is greedy only (temperature 0)")
+            drafts = self.draft.propose_tree(batch.verify_ids.tolist(),
+                                             [breadth_first(t) for t in batch.verify_trees], self.tokens_of)
+            dists: list[list[torch.Tensor]] = [[] for _ in drafts]
+        else:
+            drafts, dists = self.draft.propose(batch.verify_ids.tolist(), batch.verify_drafts.tolist(),
+                                               self.tokens_of, self.temperature,
+                                               lambda rid, j: self._generator(rid, 1 + j))
         self._sync()
         return drafts, dists, time.perf_counter() - t0
 
@@ -190,6 +212,32 @@ class TorchExecutor:
             self.tokens[rid].extend(new[:room])  # never past the output length
             assert self.draft is not None
             self.draft.rollback(rid, c + 1 + min(a, k - 1))  # its cache holds the newest token and drafts 1..k-1
+        return accepted
+
+    def _verify_trees(self, batch: Batch, trees: list[TokenTree], logits: torch.Tensor,
+                      drafts: list[list[int]]) -> np.ndarray:
+        """Greedy tree verification (or the oracle's depth along rank-0 children); the accepted nodes' K/V
+        move from the tree's slots to the positions after the root, where the next steps read them."""
+        accepted = np.zeros(batch.verify_ids.size, dtype=np.int64)
+        row = 0
+        for i, (rid, c) in enumerate(zip(batch.verify_ids.tolist(), batch.verify_computed.tolist())):
+            tree = trees[i]
+            forced = int(batch.verify_accepted[i]) if self.oracle else None
+            path, new = tree_accept(logits[row:row + tree.size + 1], tree, drafts[i], forced)
+            row += tree.size + 1
+            accepted[i] = len(path)
+            table = np.asarray(self.tables[rid])
+            src = np.array([c + 1 + node for node in path], dtype=np.int64)
+            dst = c + 1 + np.arange(len(path))
+            if len(path) and (src != dst).any():
+                bs = self.block_size
+                to_slot = lambda pos: table[pos // bs] * bs + pos % bs  # noqa: E731
+                s_idx = torch.from_numpy(to_slot(src)).to(self.device)
+                d_idx = torch.from_numpy(to_slot(dst)).to(self.device)
+                self.cache.k[:, d_idx] = self.cache.k[:, s_idx]
+                self.cache.v[:, d_idx] = self.cache.v[:, s_idx]
+            room = int(self.req.output[rid] - self.req.generated[rid])
+            self.tokens[rid].extend(new[:room])
         return accepted
 
     def _graph(self, batch: Batch, meta: AttentionMeta) -> DecodeGraph | None:

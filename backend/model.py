@@ -49,12 +49,14 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
 @dataclass
 class Chunk:
     """A request's new tokens in a pass: rows [start, start + length) of the flat batch, after `cached`
-    tokens already in the cache; `table` lists its cache blocks."""
+    tokens already in the cache; `table` lists its cache blocks. `mask` (token trees): which of the last
+    mask.shape[1] keys each row may see (every earlier key is visible); None: causal."""
 
     start: int
     length: int
     cached: int
     table: list[int]
+    mask: np.ndarray | None = None
 
 
 @dataclass
@@ -75,6 +77,7 @@ class AttentionGroup:
     k_lens: list[int]
     k_buf: torch.Tensor | None = None
     v_buf: torch.Tensor | None = None
+    masks: list[np.ndarray | None] | None = None  # token trees: per sequence, see `Chunk.mask`
 
 
 @dataclass
@@ -109,8 +112,9 @@ def attention_group(chunks: list[Chunk], block_size: int, device: torch.device) 
     starts = torch.cumsum(lengths, 0) - lengths
     pos = torch.arange(total, device=device) - starts[seq]
     index = tables[first_block[seq] + pos // block_size] * block_size + pos % block_size
+    masks = [c.mask for c in chunks] if any(c.mask is not None for c in chunks) else None
     return AttentionGroup(chunks[0].start, chunks[-1].start + chunks[-1].length, index, _cumulative(q_lens, device),
-                          _cumulative(k_lens, device), max(q_lens), max(k_lens), q_lens, k_lens)
+                          _cumulative(k_lens, device), max(q_lens), max(k_lens), q_lens, k_lens, masks=masks)
 
 
 def attention_meta(chunks: list[Chunk], block_size: int, device: torch.device, prefills: int) -> AttentionMeta:
@@ -127,8 +131,8 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Atten
                      window: int | None) -> torch.Tensor:
     """Causal attention per sequence, the mask aligned at the end (a chunk's first query sees the cached
     keys before it). CUDA: PyTorch's FlashAttention-2 varlen kernel (grouped-query heads natively);
-    CPU: one `scaled_dot_product_attention` per sequence (the reference)."""
-    if q.is_cuda:
+    CPU, and token-tree masks anywhere: one `scaled_dot_product_attention` per sequence (the reference)."""
+    if q.is_cuda and g.masks is None:
         heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[2]
         if g.max_q == 1 and heads > kv_heads and window is None:
             # Decode: the query heads sharing a KV head become that head's query rows (each sequence then
@@ -142,11 +146,16 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: Atten
         return torch.ops.aten._flash_attention_forward(q, k, v, g.cu_q, g.cu_k, g.max_q, g.max_k, 0.0, True, False,
                                                        window_size_left=left, window_size_right=right)[0]
     out, qs, ks = [], 0, 0
-    for lq, lk in zip(g.q_lens, g.k_lens):
-        q_pos, k_pos = torch.arange(lk - lq, lk)[:, None], torch.arange(lk)[None, :]
+    for i, (lq, lk) in enumerate(zip(g.q_lens, g.k_lens)):
+        q_pos = torch.arange(lk - lq, lk, device=q.device)[:, None]
+        k_pos = torch.arange(lk, device=q.device)[None, :]
         allowed = k_pos <= q_pos
         if window is not None:
             allowed &= k_pos > q_pos - window
+        mask = g.masks[i] if g.masks is not None else None
+        if mask is not None:  # a token tree: the last keys by the tree's ancestry, everything before visible
+            tail = torch.from_numpy(mask).to(q.device)
+            allowed = torch.cat([torch.ones(lq, lk - tail.shape[1], dtype=torch.bool, device=q.device), tail], 1)
         o = F.scaled_dot_product_attention(q[qs:qs + lq].transpose(0, 1), k[ks:ks + lk].transpose(0, 1),
                                            v[ks:ks + lk].transpose(0, 1), attn_mask=allowed, enable_gqa=True)
         out.append(o.transpose(0, 1))

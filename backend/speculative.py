@@ -22,6 +22,7 @@ import torch
 from backend.graphs import GraphCache
 from backend.model import Chunk, PagedKVCache, attention_meta, build_model
 from hardware.specs import ModelSpec
+from policies.trees import TokenTree
 
 
 class DraftRunner:
@@ -60,18 +61,27 @@ class DraftRunner:
 
     def _forward(self, feeds: list[tuple[int, list[int]]]) -> torch.Tensor:
         """Run each (request, tokens after its cached ones) through the draft; last-row logits of each."""
+        parts = []
+        for rid, toks in feeds:
+            done = self.done.get(rid, 0)
+            parts.append((rid, toks, done, list(range(done, done + len(toks))), None))
+            self.done[rid] = done + len(toks)
+        return self._run(parts, last_only=True)
+
+    def _run(self, parts: list[tuple[int, list[int], int, list[int], np.ndarray | None]],
+             last_only: bool) -> torch.Tensor:
+        """One pass over (request, tokens, cached tokens before them, positions, tree mask) parts; the
+        logits of each part's last row, or of every row."""
         flat: list[int] = []
         positions: list[int] = []
         chunks: list[Chunk] = []
         rows: list[int] = []
-        for rid, toks in feeds:
-            done = self.done.get(rid, 0)
-            chunks.append(Chunk(len(flat), len(toks), done, self._table(rid, done + len(toks))))
+        for rid, toks, cached, pos, mask in parts:
+            chunks.append(Chunk(len(flat), len(toks), cached, self._table(rid, cached + len(toks)), mask))
+            rows += [len(flat) + len(toks) - 1] if last_only else list(range(len(flat), len(flat) + len(toks)))
             flat += toks
-            positions += range(done, done + len(toks))
-            rows.append(len(flat) - 1)
-            self.done[rid] = done + len(toks)
-        prefills = len(chunks) if any(c.length > 1 for c in chunks) else 0  # one varlen call, or decodes
+            positions += pos
+        prefills = len(chunks) if any(c.length > 1 or c.mask is not None for c in chunks) else 0
         meta = attention_meta(chunks, self.block_size, self.device, prefills)
         graph = self.graphs.get(len(chunks), meta) if self.graphs is not None and not prefills else None
         if graph is not None:  # the draft's decode steps (all but its first) replay CUDA graphs
@@ -107,6 +117,88 @@ class DraftRunner:
                     tok = int(logits[row].argmax())
                 drafts[i].append(tok)
         return drafts, dists
+
+
+    def propose_tree(self, ids: Sequence[int], trees: Sequence[TokenTree], tokens_of: Callable[[int], list[int]]
+                     ) -> list[list[int]]:
+        """Greedy token trees (nodes in breadth-first order): a node of rank r is the draft's (r+1)-th most
+        likely token after its parent. Level by level, each level's nodes attend to the context and their
+        ancestors (a tree mask over the draft's cache); afterwards only the context stays valid."""
+        tokens: list[list[int]] = [[0] * t.size for t in trees]
+        roots = [len(tokens_of(rid)) - 1 for rid in ids]  # the newest token's position
+        depth = [t.depth for t in trees]
+        logits = self._forward([(rid, tokens_of(rid)[self.done.get(rid, 0):]) for rid in ids])
+        for i, t in enumerate(trees):
+            self._children(tokens[i], t, -1, logits[i])
+        for level in range(1, max((t.max_depth for t in trees), default=0)):
+            parts, owners = [], []
+            for i, (rid, t) in enumerate(zip(ids, trees)):
+                nodes = np.flatnonzero(depth[i] == level)
+                if not nodes.size or not np.isin(nodes, t.parent).any():
+                    continue
+                first, last = int(nodes[0]), int(nodes[-1]) + 1
+                mask = ancestry(t)[first:last, :last]
+                parts.append((rid, [tokens[i][n] for n in range(first, last)], roots[i] + 1 + first,
+                              [roots[i] + level] * (last - first), mask))
+                owners.append((i, first, last))
+            if not parts:
+                break
+            out = self._run(parts, last_only=False)
+            row = 0
+            for i, first, last in owners:
+                for node in range(first, last):
+                    self._children(tokens[i], trees[i], node, out[row])
+                    row += 1
+        for rid, root in zip(ids, roots):
+            self.rollback(rid, root + 1)  # the tree's KV sat past the context: only the context is kept
+        return tokens
+
+    @staticmethod
+    def _children(tokens: list[int], tree: TokenTree, node: int, logits: torch.Tensor) -> None:
+        kids = np.flatnonzero(tree.parent == node)
+        if kids.size:
+            ranked = torch.topk(logits, int(tree.rank[kids].max()) + 1).indices.tolist()
+            for k in kids.tolist():
+                tokens[k] = ranked[int(tree.rank[k])]
+
+
+def breadth_first(tree: TokenTree) -> TokenTree:
+    """The same tree with its nodes ordered by depth (stable), as the backend lays them out."""
+    order = np.lexsort((np.arange(tree.size), tree.depth))
+    where = np.empty(tree.size, dtype=np.int64)
+    where[order] = np.arange(tree.size)
+    parent = np.array([-1 if q < 0 else where[q] for q in tree.parent[order].tolist()], dtype=np.int64)
+    return TokenTree(parent, tree.rank[order].copy())
+
+
+def ancestry(tree: TokenTree) -> np.ndarray:
+    """mask[i, j]: node j is node i or one of its ancestors (nodes in an order with parents first)."""
+    mask = np.eye(tree.size, dtype=bool)
+    for i, q in enumerate(tree.parent.tolist()):
+        if q >= 0:
+            mask[i] |= mask[q]
+    return mask
+
+
+def tree_accept(target_logits: torch.Tensor, tree: TokenTree, tokens: list[int], forced: int | None = None
+                ) -> tuple[list[int], list[int]]:
+    """Greedy verification of a tree (rows: the root, then the nodes): from the root, move to the child whose
+    token is the target's argmax, while one is. Returns the accepted nodes and the tokens to append (theirs
+    and the target's next). `forced` (oracle): follow rank-0 children that many levels instead."""
+    best = target_logits.argmax(dim=-1).tolist()
+    path: list[int] = []
+    node = -1
+    while True:
+        kids = np.flatnonzero(tree.parent == node).tolist()
+        if forced is not None:
+            nxt = next((k for k in kids if tree.rank[k] == 0), None) if len(path) < forced else None
+        else:
+            nxt = next((k for k in kids if tokens[k] == best[node + 1]), None)
+        if nxt is None:
+            break
+        path.append(nxt)
+        node = nxt
+    return path, [tokens[k] for k in path] + [best[node + 1]]
 
 
 def accept(target_logits: torch.Tensor, drafts: list[int], dists: list[torch.Tensor], temperature: float,

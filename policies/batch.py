@@ -45,6 +45,7 @@ class Batch:
     verify_padded: bool = False
     verify_pairs: np.ndarray | None = None  # token trees: query-key pairs inside each tree (None: chains)
     verify_levels: np.ndarray | None = None  # token trees: nodes per depth, one row per verification
+    verify_trees: tuple | None = None  # token trees: each verification's `policies.trees.TokenTree`
 
     @classmethod
     def make(

@@ -254,7 +254,8 @@ class Speculator:
         return Batch(batch.prefill_ids, batch.prefill_tokens, batch.prefill_computed, ids[~spec],
                      batch.decode_computed[~spec], batch.pad_prefill_to, batch.pad_rows, v, sizes[spec],
                      r.computed[v], accepted, self.config.batching == "padded",
-                     np.array([t.attention_pairs for t, _ in chosen], dtype=np.int64), levels)
+                     np.array([t.attention_pairs for t, _ in chosen], dtype=np.int64), levels,
+                     tuple(t for t, _ in chosen))
 
 
 def _capped(probs: Callable[[int, int], np.ndarray], depth: int) -> Callable[[int, int], np.ndarray]:

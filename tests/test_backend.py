@@ -284,3 +284,34 @@ def test_replay_rejects_simulated_only_speculation() -> None:
         {"speculation": {"draft": {"kind": "ngram"}}}).speculation})
     with pytest.raises(ServesimError, match="simulated only"):
         replay(heads)
+
+
+@pytest.mark.parametrize("tree", [{"kind": "sequoia", "nodes": 10, "depth": 4},
+                                  {"kind": "static", "widths": [3, 2]}])
+@pytest.mark.parametrize("which", ["same", "other"])
+def test_token_tree_verification_gives_the_greedy_tokens(tree, which, other_draft) -> None:
+    cfg = tiny_config({"name": "vllm"}, 9 if which == "other" else 128, n=8)  # 9 blocks: preemption too
+    spec = {"draft": {"kind": "draft_model", "model": "tiny-llama" if which == "same" else other_draft},
+            "tree": tree, "acceptance": {"kind": "ranked", "probs": [0.6, 0.2, 0.1]}}
+    cfg = cfg.model_copy(update={"speculation": SimConfig.model_validate({"speculation": spec}).speculation})
+    res, executor, _ = replay(cfg, asap=True, acceptance="model")
+    req = res.requests
+    assert (req["status"] == "finished").all()
+    for row in req.itertuples():  # the tree mask and the K/V moves keep decoding exactly greedy
+        prompt = prompt_tokens(5, row.request_id, row.prompt_tokens, SPEC.vocab_size)
+        got = executor.tokens[row.request_id][row.prompt_tokens:]
+        assert got == reference_generate(executor.model, prompt, row.output_tokens), row.request_id
+    steps = res.steps
+    assert steps["draft_tokens"].sum() > 0
+    if which == "same":  # the rank-0 spine is the target's own greedy path: accepted to its full depth
+        assert res.summary["spec_tokens_per_verify"] > 2.5
+    assert sorted(executor.free_blocks) == list(range(9 if which == "other" else 128))
+
+
+def test_tree_oracle_accepts_the_forced_depth(other_draft) -> None:
+    cfg = tiny_config({"name": "vllm"}, 128, n=6)
+    spec = {"draft": {"kind": "draft_model", "model": other_draft}, "tree": {"kind": "sequoia", "nodes": 8, "depth": 3},
+            "acceptance": {"kind": "ranked", "probs": [0.9, 0.05]}}
+    cfg = cfg.model_copy(update={"speculation": SimConfig.model_validate({"speculation": spec}).speculation})
+    res, _, _ = replay(cfg, asap=True)  # oracle: the drawn depth along rank-0 children
+    assert res.summary["spec_tokens_per_verify"] > 2.0 and (res.requests["status"] == "finished").all()
