@@ -232,9 +232,14 @@ class Speculator:
 
     def _plan_trees(self, state: ReplicaState, batch: Batch) -> Batch:
         r, kv, ids = state.req, state.kv, batch.decode_ids
-        depth_cap = np.clip(r.output[ids] - r.generated[ids] - 1, 0, self.config.tree.depth)  # type: ignore[union-attr]
-        trees = [(tree, p) if d > 0 else (chain(0), np.zeros(0)) for (tree, p), d in
-                 zip(self._trees(state, ids, np.maximum(depth_cap, 1)), depth_cap)]
+        t = self.config.tree
+        assert t is not None
+        deepest = len(t.widths or []) if t.kind == "static" else t.depth
+        depth_cap = np.clip(r.output[ids] - r.generated[ids] - 1, 0, deepest)
+        live = depth_cap > 0  # a request at its last token does not speculate (nor take budget)
+        trees: list[tuple[TokenTree, np.ndarray]] = [(chain(0), np.zeros(0))] * ids.size
+        for i, tree in zip(np.flatnonzero(live).tolist(), self._trees(state, ids[live], depth_cap[live])):
+            trees[i] = tree
         sizes = np.array([t.size for t, _ in trees], dtype=np.int64)
         if not kv.grow_many(ids, r.computed[ids] + 1 + sizes):  # tree tokens need KV: without it, a plain decode
             for i in range(ids.size):

@@ -52,13 +52,15 @@ def slo_predicate(ttft_p99_s: float | None = None, itl_p99_s: float | None = Non
 
 
 def find_capacity(config: SimConfig, meets: Callable[[Summary], bool], start: float = 1.0,
-                  rel_tol: float = 0.03, max_probes: int = 24, workload: int = 0) -> Capacity:
+                  rel_tol: float = 0.03, max_probes: int = 24, workload: int = 0,
+                  run: Callable[[SimConfig], Summary] | None = None) -> Capacity:
     """Highest rate (requests/s) meeting `meets`, to within `rel_tol`; 0 when `start` and its halvings down
-    to `start`/4 all fail."""
+    to `start`/4 all fail. `run` gives a config's summary (default: `simulate`)."""
     result = Capacity(rate=0.0, summary=None)
+    run = run or (lambda c: simulate(c).summary)
 
     def probe(rate: float) -> bool:
-        summary = simulate(with_rate(config, rate, workload)).summary
+        summary = run(with_rate(config, rate, workload))
         ok = bool(meets(summary))
         result.probes.append((rate, ok))
         if ok and rate > result.rate:

@@ -218,6 +218,26 @@ def cmd_disagg_search(args: argparse.Namespace) -> dict[str, Any] | None:
     return None
 
 
+def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
+    from sim.planner import load_spec, plan
+
+    spec = load_spec(args.spec, args.set)
+    if args.workers is not None and args.workers < 1:
+        raise ServesimError(f"--workers = {args.workers}: allowed values are 1 or more")
+    t0 = __import__("time").perf_counter()
+    table = plan(spec, args.out, workers=args.workers, ray=args.ray, ray_address=args.ray_address,
+                 progress=not args.quiet)
+    wall = __import__("time").perf_counter() - t0
+    if args.json:
+        return {"configurations": table.to_dict(orient="records"), "wall_seconds": wall}
+    cols = [c for c in ("label", "pruned", "capacity_req_s", "gpus", "cost_per_hour", "cost_per_million_output_tokens",
+                        f"replicas_at_{spec.rates[0]:g}", f"cost_per_hour_at_{spec.rates[0]:g}") if c in table]
+    print(table[cols].head(args.top).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    print(f"{len(table)} configurations ({int(table['cached'].sum())} from the cache) in {wall:.1f} s; "
+          f"wrote plan.csv, plan.parquet, best.yaml, pareto.png, latency.png to {args.out}", file=sys.stderr)
+    return None
+
+
 def cmd_catalog(args: argparse.Namespace) -> dict[str, Any]:
     kinds = {
         "gpus": (gpu_ids, get_gpu),
@@ -295,6 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--out", help="CSV of every configuration")
     ds.add_argument("--json", action="store_true", help="print the table as JSON")
     ds.set_defaults(func=cmd_disagg_search)
+
+    pl = sub.add_parser("plan", help="the cheapest configuration that meets the SLOs (capacity planning)")
+    pl.add_argument("spec", help="plan spec YAML: base scenario, rates, SLO attainment, search space, objective")
+    pl.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a spec field")
+    pl.add_argument("--out", default="plan_out", help="output folder (also holds the result cache; default plan_out)")
+    pl.add_argument("--workers", type=int, help="local processes (default: all cores)")
+    pl.add_argument("--ray", action="store_true", help="run the configurations on a local Ray instance")
+    pl.add_argument("--ray-address", help="run them on an existing Ray cluster (e.g. ray://head:10001 or auto)")
+    pl.add_argument("--top", type=int, default=10, help="rows of the table to print (default 10)")
+    pl.add_argument("--json", action="store_true", help="print every configuration as JSON")
+    pl.add_argument("--quiet", action="store_true", help="no progress line")
+    pl.set_defaults(func=cmd_plan)
 
     calibrate_parser(sub)
 

@@ -90,8 +90,8 @@ class DisaggregationConfig(_Section):
     prefill: PoolConfig = PoolConfig()
     decode: PoolConfig = PoolConfig()
     mixed: PoolConfig | None = Field(None, description="Splitwise's mixed pool: instances that take new prompts "
-                                     "(served whole) when every prefill instance has a queue, and decodes when no "
-                                     "decode instance has room")
+                                     "(served whole) when the least loaded prefill instance has a queue, and "
+                                     "decodes when no decode instance has room")
     link: str = Field("ib-ndr", description="interconnect of each GPU's KV-transfer port (catalog link id): "
                       "nvlink4 inside a node, ib-ndr / eth-100g / eth-25g across nodes")
     transfer: Literal["after_prefill", "layerwise"] = Field(
@@ -131,6 +131,9 @@ class SimConfig(_Section):
         if self.kv_cache.prefix_caching and self.scheduler.name not in PAGED_SCHEDULERS:
             raise ValueError(f"kv_cache.prefix_caching needs a paged scheduler ({', '.join(PAGED_SCHEDULERS)}), "
                              f"not {self.scheduler.name!r}")
+        if self.speculation is not None and self.scheduler.name not in PAGED_SCHEDULERS:
+            raise ValueError(f"speculation needs a paged continuous-batching scheduler "
+                             f"({', '.join(PAGED_SCHEDULERS)}), not {self.scheduler.name!r}")
         if self.speculation is not None and self.disaggregation is not None:
             raise ValueError("speculation with disaggregation is not modelled (the draft's KV would have to move "
                              "too); remove one of the two sections")
@@ -148,7 +151,7 @@ class SimConfig(_Section):
             return [("colocated", top)]
         named = [("prefill", d.prefill), ("decode", d.decode)] + ([("mixed", d.mixed)] if d.mixed else [])
         return [(name, ResolvedPool(p.instances, p.hardware or self.hardware, p.scheduler or self.scheduler,
-                                    p.num_blocks)) for name, p in named]
+                                    p.num_blocks or self.kv_cache.num_blocks)) for name, p in named]
 
 
 class ResolvedPool(NamedTuple):
@@ -216,12 +219,19 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         if isinstance(holder, dict) and isinstance(holder.get(key), str) and not Path(holder[key]).is_absolute():
             holder[key] = str(base / holder[key])
 
-    hw = data.get("hardware")
-    if isinstance(hw, dict) and str(hw.get("profile", "")).endswith(".json"):  # not a GPU id or "datasheet"
-        fix(hw, "profile")
+    hardware = [data.get("hardware")]
+    disagg = data.get("disaggregation")
+    if isinstance(disagg, dict):
+        hardware += [pool.get("hardware") for pool in disagg.values() if isinstance(pool, dict)]
+    for hw in hardware:
+        if isinstance(hw, dict) and str(hw.get("profile", "")).endswith(".json"):  # not a GPU id or "datasheet"
+            fix(hw, "profile")
     for w in data.get("workloads") or []:
         if isinstance(w, dict):
             fix(w.get("trace"), "path")
+    spec = data.get("speculation")
+    if isinstance(spec, dict):
+        fix(spec.get("acceptance"), "path")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SimConfig:

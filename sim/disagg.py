@@ -18,8 +18,8 @@ K and V, its TP ranks' heads (KV heads replicated across ranks when tp exceeds t
 bytes / step time, so it cannot outrun the layers that produce it); the destination is reserved when the
 prompt's first chunk starts, if one has room (else the request falls back to a transfer after its prefill).
 
-The mixed pool (Splitwise) takes a new prompt when every prefill instance has a queue and a mixed instance
-is less loaded, and serves it whole; it takes a transferred request when no decode instance has room.
+The mixed pool (Splitwise) takes a new prompt when the least loaded prefill instance has a queue and a mixed
+instance is less loaded, and serves it whole; it takes a transferred request when no decode instance has room.
 """
 
 from __future__ import annotations

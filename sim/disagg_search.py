@@ -15,8 +15,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
+from pydantic import ValidationError
 
-from hardware.errors import ServesimError
+from hardware.errors import ServesimError, describe_validation_error
 from sim.capacity import find_capacity
 from sim.config import SimConfig
 from sim.engine import build_pools
@@ -32,6 +33,13 @@ class Candidate:
     gpus: int
 
 
+def _validated(data: dict, what: str) -> SimConfig:
+    try:
+        return SimConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ServesimError(describe_validation_error(exc, f"disagg-search ({what})")) from None
+
+
 def _fits(config: SimConfig) -> bool:
     try:
         build_pools(config)
@@ -43,7 +51,8 @@ def _fits(config: SimConfig) -> bool:
 def candidates(base: SimConfig, gpus: int, tps: Sequence[int], colocated: Sequence[str],
                link: str | None = None, transfer: str | None = None) -> list[Candidate]:
     """Every placement within `gpus` GPUs whose pools fit in memory (TP from `tps`), and every colocated
-    configuration for each scheduler in `colocated` (pools inherit the base config's hardware and scheduler)."""
+    configuration for each scheduler in `colocated`. Every pool takes the base config's top-level hardware
+    (with the placement's TP) and scheduler: per-pool sections of the base config are replaced."""
     if gpus < 1:
         raise ServesimError(f"--gpus = {gpus}: the budget must be at least 1 GPU")
     data = base.model_dump(mode="json")
@@ -61,16 +70,17 @@ def candidates(base: SimConfig, gpus: int, tps: Sequence[int], colocated: Sequen
                 for n_d in range(1, (gpus - n_p * tp_p) // tp_d + 1):
                     pools = {"prefill": {"instances": n_p, "hardware": {**hw, "tp": tp_p}},
                              "decode": {"instances": n_d, "hardware": {**hw, "tp": tp_d}}}
-                    cfg = SimConfig.model_validate({**data, "disaggregation": {**disagg, **pools}})
+                    cfg = _validated({**data, "disaggregation": {**disagg, **pools}}, "disaggregated placement")
                     if _fits(cfg):
                         out.append(Candidate("disaggregated", f"{n_p}P(tp{tp_p}) + {n_d}D(tp{tp_d})", cfg,
                                              n_p * tp_p + n_d * tp_d))
     for name in colocated:
         for tp in tps:
             for replicas in range(1, gpus // tp + 1):
-                cfg = SimConfig.model_validate({
+                cfg = _validated({
                     **data, "disaggregation": None, "hardware": {**hw, "tp": tp}, "scheduler": {"name": name},
-                    "cluster": {**data["cluster"], "replicas": replicas, "router": "least_outstanding"}})
+                    "cluster": {**data["cluster"], "replicas": replicas, "router": "least_outstanding"}},
+                    f"colocated {name}")
                 if _fits(cfg):
                     out.append(Candidate("colocated", f"{name} {replicas}x tp{tp}", cfg, replicas * tp))
     if not out:
@@ -96,6 +106,10 @@ def search(base: SimConfig, gpus: int, tps: Sequence[int] = (1, 2, 4, 8), coloca
     """Goodput of every candidate, best goodput per GPU first (ties: fewer GPUs, then the label)."""
     if not 0 < attainment <= 1:
         raise ServesimError(f"--attainment = {attainment}: allowed values are in (0, 1]")
+    if start <= 0:
+        raise ServesimError(f"--start = {start}: the first rate must be above 0")
+    if not 0 < rel_tol < 1:
+        raise ServesimError(f"--tolerance = {rel_tol}: allowed values are in (0, 1)")
     if base.slo.ttft_s is None and base.slo.tpot_s is None:
         raise ServesimError("slo: give slo.ttft_s and/or slo.tpot_s (or --ttft / --tpot) to search for goodput")
     cands = candidates(base, gpus, tps, colocated, link, transfer)

@@ -197,14 +197,14 @@ def _summary(config: SimConfig, pools: list[PoolInfo], r: Requests, finished: np
     for p in pools:
         own = steps[steps["pool"] == p.name]
         gpus, tdp = p.deployment.num_gpus, p.deployment.gpu.tdp_watts
-        busy = float(own["duration_s"].sum())
-        idle = max(p.instances * duration - busy, 0.0)
-        energy += gpus * tdp * (busy + IDLE_POWER_FRACTION * idle)
+        pool_busy = float(own["duration_s"].sum())
+        idle = max(p.instances * duration - pool_busy, 0.0)
+        energy += gpus * tdp * (pool_busy + IDLE_POWER_FRACTION * idle)
         if len(pools) > 1 or p.name != "colocated":
             s[f"{p.name}_instances"] = p.instances
             s[f"{p.name}_gpus"] = p.instances * gpus
             s[f"{p.name}_kv_blocks_per_instance"] = p.num_blocks
-        s[f"{p.name}_utilisation"] = busy / (p.instances * duration) if duration > 0 else None
+        s[f"{p.name}_utilisation"] = pool_busy / (p.instances * duration) if duration > 0 else None
         s[f"{p.name}_queue_mean"] = (float((own["waiting"] * own["duration_s"]).sum() / (p.instances * duration))
                                      if duration > 0 else None)
     s["energy_j"] = energy

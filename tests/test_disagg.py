@@ -251,3 +251,13 @@ def test_flows_finish_late_in_a_long_run() -> None:
     env.run(until=env.now + 1e4)
     assert len(done) == 200
     assert link.moved == pytest.approx(float(sizes.sum()), rel=1e-9)
+
+
+def test_pools_take_the_top_level_kv_blocks_and_search_errors_are_one_line(capsys) -> None:
+    cfg = load_config(None, ["kv_cache.num_blocks=600", "disaggregation.link=nvlink4"])
+    assert [p.num_blocks for p in build_pools(cfg)] == [600, 600]
+    assert main(["disagg-search", "--gpus", "2", "--tp", "1", "--set", "scheduler.name=orca"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "orca" in err
+    assert main(["disagg-search", "--gpus", "2", "--start", "0"]) == 2
+    assert "--start = 0" in capsys.readouterr().err

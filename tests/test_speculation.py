@@ -180,3 +180,12 @@ def test_config_errors() -> None:
         load_config(None, ["speculation.k=2", "disaggregation.link=nvlink4"])
     with pytest.raises(ServesimError, match="alpha"):
         load_config(None, ["speculation.acceptance.alpha=1.5"])
+
+
+def test_speculation_needs_a_paged_scheduler_and_paths_are_relative_to_the_config(tmp_path) -> None:
+    with pytest.raises(ServesimError, match="speculation needs a paged"):
+        load_config(None, ["speculation.k=2", "scheduler.name=orca"])
+    (tmp_path / "acc.jsonl").write_text('{"accepted": [1, 2]}\n')
+    (tmp_path / "spec.yaml").write_text("speculation:\n  acceptance: {kind: trace, path: acc.jsonl}\n")
+    cfg = load_config(tmp_path / "spec.yaml")
+    assert cfg.speculation.acceptance.path == str(tmp_path / "acc.jsonl")

@@ -1,0 +1,374 @@
+"""Capacity planning (`servesim plan SPEC.yaml`): the cheapest configuration that meets the SLOs.
+
+A spec names a base scenario (model, workload, SLOs), a search space (GPU types with prices, TP, PP,
+replicas, schedulers, colocated or disaggregated, speculation on or off) and an objective. Every
+configuration in the space is first pruned when it cannot fit in memory or cannot meet the TPOT target
+even at batch 1; the rest are sized by binary search on the arrival rate (`sim.capacity.find_capacity`):
+capacity = the highest Poisson rate at which at least `attainment` of the requests meet every SLO. With
+`replicas: auto`, one replica is sized and the replica count for each target rate is ceil(rate / capacity),
+then checked by simulating that many replicas at the target rate. Results are cached under the output
+folder by a hash of each configuration and the search settings, so a re-run or an interrupted search
+resumes without recomputing. Configurations run on a local process pool or on Ray.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+
+from hardware.errors import ServesimError, describe_validation_error
+from hardware.operators import StepShape
+from policies.speculation import SpeculationConfig
+from sim.capacity import find_capacity, with_rate
+from sim.config import DisaggregationConfig, SimConfig, apply_overrides
+from sim.engine import build_pools, simulate
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GpuChoice(_Spec):
+    id: str = Field(description="catalog GPU id or alias")
+    price: float | None = Field(None, ge=0.0, description="USD per GPU-hour (default: the catalog's)")
+
+
+class SearchSpace(_Spec):
+    gpus: list[GpuChoice] = Field(min_length=1)
+    tp: list[PositiveInt] = [1]
+    pp: list[PositiveInt] = [1]
+    replicas: Literal["auto"] | list[PositiveInt] = "auto"
+    schedulers: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "vllm"}], min_length=1)
+    disaggregation: list[DisaggregationConfig | None] = Field(default_factory=lambda: [None], min_length=1)
+    speculation: list[SpeculationConfig | None] = Field(default_factory=lambda: [None], min_length=1)
+    max_gpus: PositiveInt | None = Field(None, description="skip configurations with more GPUs than this")
+
+
+class PlanSpec(_Spec):
+    """A `servesim plan` spec."""
+
+    base: dict[str, Any] = Field(default_factory=dict, description="the scenario: any `servesim run` config")
+    rates: list[PositiveFloat] = Field(min_length=1, description="target arrival rates (requests/s)")
+    attainment: float = Field(0.9, gt=0.0, le=1.0, description="share of requests that must meet every SLO")
+    objective: Literal["cheapest", "goodput_per_dollar"] = "cheapest"
+    search: SearchSpace
+    tolerance: float = Field(0.05, gt=0.0, lt=1.0, description="relative precision of each capacity")
+    start_rate: PositiveFloat = Field(1.0, description="first rate probed by the capacity search")
+
+    @model_validator(mode="after")
+    def _check(self) -> PlanSpec:
+        base = self.base_config()
+        if base.slo.ttft_s is None and base.slo.tpot_s is None and base.slo.e2e_s is None:
+            raise ValueError("base.slo: give at least one of ttft_s, tpot_s, e2e_s")
+        if base.workloads[0].arrival.kind == "trace":
+            raise ValueError("base.workloads.0.arrival.kind = 'trace': planning needs a rate (poisson, gamma, "
+                             "constant); use lengths of kind 'trace' to keep the trace's lengths")
+        return self
+
+    def base_config(self) -> SimConfig:
+        try:
+            return SimConfig.model_validate(self.base)
+        except ValidationError as exc:
+            raise ValueError(describe_validation_error(exc, "base")) from None
+
+
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> PlanSpec:
+    """The spec at `path`, with `key.path=value` overrides; errors are one line naming the field."""
+    p = Path(path)
+    if not p.is_file():
+        raise ServesimError(f"plan: no such file {str(p)!r}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ServesimError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ServesimError(f"{p}: a plan spec must be a mapping, got {type(data).__name__}")
+    data = apply_overrides(data, overrides or [])
+    for w in (data.get("base") or {}).get("workloads") or []:  # trace paths are relative to the spec
+        trace = w.get("trace") if isinstance(w, dict) else None
+        if isinstance(trace, dict) and isinstance(trace.get("path"), str) and not Path(trace["path"]).is_absolute():
+            trace["path"] = str(p.parent / trace["path"])
+    try:
+        return PlanSpec.model_validate(data)
+    except ValidationError as exc:
+        raise ServesimError(describe_validation_error(exc, str(p))) from None
+
+
+# ---- the search space ---------------------------------------------------------------------------------
+def candidates(spec: PlanSpec) -> Iterator[tuple[str, SimConfig]]:
+    """(label, config) of every configuration in the space, in a fixed order."""
+    base = spec.base_config().model_dump(mode="json")
+    s = spec.search
+    replicas = [1] if s.replicas == "auto" else s.replicas
+    for gpu in s.gpus:
+        for tp in s.tp:
+            for pp in s.pp:
+                for sched in s.schedulers:
+                    for disagg in s.disaggregation:
+                        for spec_cfg in s.speculation:
+                            for n in replicas if disagg is None else [1]:
+                                hw = {**base["hardware"], "gpu": gpu.id, "tp": tp, "pp": pp, "gpu_price": gpu.price}
+                                data = {**base, "hardware": hw, "scheduler": sched,
+                                        "cluster": {**base["cluster"], "replicas": n,
+                                                    "router": "least_outstanding"},
+                                        "disaggregation": None if disagg is None else disagg.model_dump(mode="json"),
+                                        "speculation": None if spec_cfg is None else spec_cfg.model_dump(mode="json")}
+                                label = f"{gpu.id} tp{tp}" + (f" pp{pp}" if pp > 1 else "") + f" {sched['name']}"
+                                label += " disagg" if disagg is not None else f" x{n}"
+                                label += " spec" if spec_cfg is not None else ""
+                                try:
+                                    cfg = SimConfig.model_validate(data)
+                                except ValidationError as exc:
+                                    raise ServesimError(describe_validation_error(exc, f"search ({label})")) from None
+                                yield label, cfg
+
+
+def config_hash(config: SimConfig, spec: PlanSpec) -> str:
+    """A stable key of everything a configuration's result depends on."""
+    key = {"config": config.model_dump(mode="json"), "attainment": spec.attainment, "tolerance": spec.tolerance,
+           "start": spec.start_rate, "rates": spec.rates, "auto": spec.search.replicas == "auto", "version": 1}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def prune(config: SimConfig) -> str | None:
+    """Why a configuration cannot work (does not fit; TPOT target missed even at batch 1), or None."""
+    try:
+        pools = build_pools(config)
+    except ServesimError as exc:
+        return f"does not fit: {str(exc)[:160]}"
+    tpot = config.slo.tpot_s
+    if tpot is not None:
+        pool = pools[-1]  # the decode pool when disaggregated
+        step = pool.cost_model().price(StepShape.build(decode=[typical_prompt(config)])).seconds
+        if step > tpot:
+            return f"TPOT {tpot * 1e3:.1f} ms unreachable: one decode step at batch 1 takes {step * 1e3:.1f} ms"
+    return None
+
+
+def typical_prompt(config: SimConfig) -> int:
+    """A representative prompt length of the first workload (its mean where the distribution gives one)."""
+    w = config.workloads[0].lengths
+    if hasattr(w, "prompt_mean"):
+        return max(1, int(w.prompt_mean))
+    prompt = getattr(w, "prompt", None)
+    if isinstance(prompt, int):
+        return prompt
+    if isinstance(prompt, (list, tuple)):
+        return max(1, int(sum(prompt) / len(prompt)))
+    return 1000  # trace lengths: the order of the public traces' means
+
+
+# ---- sizing one configuration ---------------------------------------------------------------------------
+def size(label: str, config: SimConfig, spec: PlanSpec) -> dict[str, Any]:
+    """Capacity and cost of one configuration (a pure function: same inputs, same row)."""
+    why = prune(config)
+    row: dict[str, Any] = {"label": label, "gpu": config.hardware.gpu, "tp": config.hardware.tp,
+                           "pp": config.hardware.pp, "scheduler": config.scheduler.name,
+                           "disaggregated": config.disaggregation is not None,
+                           "speculation": config.speculation is not None, "replicas": config.cluster.replicas,
+                           "pruned": why or ""}
+    if why:
+        return row
+    meets = lambda s: (s["slo_attainment"] or 0.0) >= spec.attainment  # noqa: E731
+    cap = find_capacity(config, meets, start=spec.start_rate, rel_tol=spec.tolerance)
+    s = cap.summary or simulate(with_rate(config, spec.start_rate)).summary
+    row.update({"capacity_req_s": cap.rate, "gpus": s["gpus"], "cost_per_hour": s["cost_per_hour"],
+                "cost_per_million_output_tokens": s["cost_per_million_output_tokens"] if cap.rate else None,
+                "goodput_per_dollar": cap.rate / s["cost_per_hour"] if s["cost_per_hour"] else None,
+                "ttft_p90_s": s["ttft_p90_s"], "tpot_p90_s": s["tpot_p90_s"], "probes": len(cap.probes)})
+    if spec.search.replicas == "auto" and config.disaggregation is None:
+        for rate in spec.rates:  # the replicas each target needs, checked by simulating them at that rate
+            n = max(1, math.ceil(rate / cap.rate)) if cap.rate > 0 else None
+            ok = False
+            if n is not None:
+                scaled = config.model_copy(update={"cluster": config.cluster.model_copy(update={"replicas": n})})
+                check = simulate(with_rate(scaled, rate)).summary
+                if not meets(check) and n * cap.rate < 1.25 * rate:  # scaling was too optimistic: one more
+                    n += 1
+                    scaled = scaled.model_copy(update={"cluster": scaled.cluster.model_copy(update={"replicas": n})})
+                    check = simulate(with_rate(scaled, rate)).summary
+                ok = meets(check)
+            row[f"replicas_at_{rate:g}"] = n
+            row[f"cost_per_hour_at_{rate:g}"] = n * row["cost_per_hour"] if n is not None and ok else None
+    return row
+
+
+def _size_job(job: tuple[str, str, PlanSpec]) -> dict[str, Any]:
+    label, config_json, spec = job
+    return size(label, SimConfig.model_validate_json(config_json), spec)
+
+
+# ---- the whole search -----------------------------------------------------------------------------------
+class Progress:
+    """Configurations done, best so far and an ETA on one stderr line (a terminal only)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.monotonic()
+
+    def update(self, best: str) -> None:
+        self.done += 1
+        if not self.enabled:
+            return
+        elapsed = time.monotonic() - self.t0
+        eta = elapsed / self.done * (self.total - self.done)
+        sys.stderr.write(f"\rplan: {self.done}/{self.total} configurations, best so far: {best[:60]}, "
+                         f"ETA {eta:4.0f} s   ")
+        sys.stderr.flush()
+        if self.done == self.total:
+            sys.stderr.write("\n")
+
+
+def _runner(workers: int, ray: bool, ray_address: str | None) -> Callable[[list[Any]], Iterator[dict[str, Any]]]:
+    """A map over jobs in completion order: Ray tasks, a local process pool, or in-process when workers = 1."""
+    if ray or ray_address:
+        try:
+            import ray as ray_lib
+        except ImportError:
+            raise ServesimError("plan --ray needs Ray (pip install 'servesim[ray]')") from None
+
+        def run_ray(jobs: list[Any]) -> Iterator[dict[str, Any]]:
+            if not ray_lib.is_initialized():
+                if ray_address:
+                    ray_lib.init(address=ray_address, include_dashboard=False, log_to_driver=False)
+                else:
+                    ray_lib.init(num_cpus=workers, include_dashboard=False, log_to_driver=False)
+            remote = ray_lib.remote(_size_job)
+            pending = [remote.remote(j) for j in jobs]
+            while pending:
+                ready, pending = ray_lib.wait(pending, num_returns=1)
+                yield ray_lib.get(ready[0])
+        return run_ray
+
+    def run_pool(jobs: list[Any]) -> Iterator[dict[str, Any]]:
+        if workers <= 1:
+            yield from map(_size_job, jobs)
+            return
+        with ProcessPoolExecutor(max_workers=workers) as pool:
+            yield from pool.map(_size_job, jobs)
+    return run_pool
+
+
+def plan(spec: PlanSpec, out: str | Path, workers: int | None = None, ray: bool = False,
+         ray_address: str | None = None, progress: bool = False) -> pd.DataFrame:
+    """Size every configuration (cached under out/cache), write the table, the best config and plots."""
+    out_dir = Path(out)
+    cache = out_dir / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    todo, rows = [], {}
+    cands = list(candidates(spec))
+    for label, cfg in cands:
+        key = config_hash(cfg, spec)
+        hit = cache / f"{key}.json"
+        if hit.is_file():
+            rows[key] = json.loads(hit.read_text())
+        else:
+            todo.append((key, label, cfg))
+    bar = Progress(len(todo), progress and sys.stderr.isatty())
+    run = _runner(workers or os.cpu_count() or 1, ray, ray_address)
+    by_label = {label: key for key, label, _ in todo}
+    best, best_rate = "", 0.0
+    for row in run([(label, cfg.model_dump_json(), spec) for _, label, cfg in todo]):
+        key = by_label[row["label"]]
+        (cache / f"{key}.json").write_text(json.dumps(row, sort_keys=True))
+        rows[key] = row
+        if (row.get("capacity_req_s") or 0.0) > best_rate:
+            best, best_rate = f"{row['label']} {row['capacity_req_s']:.2f} req/s", row["capacity_req_s"]
+        bar.update(best)
+    table = pd.DataFrame([rows[config_hash(cfg, spec)] for _, cfg in cands])
+    table["cached"] = [config_hash(cfg, spec) not in {k for k, _, _ in todo} for _, cfg in cands]
+    table = rank(table, spec)
+    write_outputs(table, spec, dict(cands), out_dir)
+    return table
+
+
+def rank(table: pd.DataFrame, spec: PlanSpec) -> pd.DataFrame:
+    """Best first: the cheapest that carries the first target rate, or the most goodput per dollar."""
+    t = table.copy()
+    if "cost_per_hour" not in t:  # everything was pruned
+        return t
+    if spec.objective == "goodput_per_dollar":
+        key = t.get("goodput_per_dollar", pd.Series(dtype=float)).fillna(-1.0)
+        t["_key"] = -key
+    else:
+        rate = spec.rates[0]
+        col = f"cost_per_hour_at_{rate:g}"
+        if col in t:
+            cost = t[col]
+        else:
+            cost = t["cost_per_hour"].where(t.get("capacity_req_s", 0) >= rate)
+        t["_key"] = cost.fillna(float("inf"))
+    t = t.sort_values(["_key", "label"], kind="stable").drop(columns="_key")
+    return t.reset_index(drop=True)
+
+
+def best_config(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimConfig]) -> tuple[SimConfig, float] | None:
+    """The winning configuration, with its replicas for the first target rate, ready to run at that rate."""
+    top = table.iloc[0]
+    capacity = top.get("capacity_req_s")
+    if capacity is None or pd.isna(capacity) or capacity <= 0:
+        return None
+    cfg = configs[top["label"]]
+    rate = spec.rates[0]
+    n = top.get(f"replicas_at_{rate:g}")
+    if n is not None and not pd.isna(n) and cfg.disaggregation is None:
+        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"replicas": int(n)})})
+    if spec.objective == "goodput_per_dollar":
+        rate = float(top["capacity_req_s"])
+    return with_rate(cfg, rate), rate
+
+
+def write_outputs(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimConfig], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    table.to_csv(out / "plan.csv", index=False)
+    table.to_parquet(out / "plan.parquet", index=False)
+    best = best_config(table, spec, configs)
+    if best is not None:
+        cfg, rate = best
+        text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+        (out / "best.yaml").write_text(f"# servesim plan: best configuration ({table.iloc[0]['label']}) at "
+                                       f"{rate:g} req/s; run it with `servesim run best.yaml`\n" + text)
+    sized = table[table["pruned"] == ""] if "capacity_req_s" in table else table.iloc[0:0]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if len(sized):
+        ax.scatter(sized["cost_per_hour"], sized["capacity_req_s"], s=14, alpha=0.6, label="configurations")
+        front = sized.sort_values(["cost_per_hour", "capacity_req_s"], ascending=[True, False])
+        front = front[front["capacity_req_s"] >= front["capacity_req_s"].cummax()]
+        ax.step(front["cost_per_hour"], front["capacity_req_s"], where="post", color="C3", label="Pareto front")
+    ax.set_xlabel("cost (USD per hour)")
+    ax.set_ylabel("capacity (req/s meeting the SLOs)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "pareto.png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for label in sized["label"].head(3) if len(sized) else []:
+        cap = float(sized.set_index("label").loc[label, "capacity_req_s"])
+        rates = [cap * f for f in (0.25, 0.5, 0.75, 1.0)] if cap else []
+        sums = [simulate(with_rate(configs[label], r)).summary for r in rates]
+        axes[0].plot(rates, [s["ttft_p90_s"] for s in sums], marker="o", label=label)
+        axes[1].plot(rates, [s["tpot_p90_s"] for s in sums], marker="o", label=label)
+    for ax, name in zip(axes, ("TTFT p90 (s)", "TPOT p90 (s)")):
+        ax.set_xlabel("arrival rate per configuration (req/s)")
+        ax.set_ylabel(name)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "latency.png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
