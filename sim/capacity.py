@@ -55,7 +55,7 @@ def find_capacity(config: SimConfig, meets: Callable[[Summary], bool], start: fl
                   rel_tol: float = 0.03, max_probes: int = 24, workload: int = 0,
                   run: Callable[[SimConfig], Summary] | None = None) -> Capacity:
     """Highest rate (requests/s) meeting `meets`, to within `rel_tol`; 0 when `start` and its halvings down
-    to `start`/4 all fail. `run` gives a config's summary (default: `simulate`)."""
+    to `start`/1000 all fail. `run` gives a config's summary (default: `simulate`)."""
     result = Capacity(rate=0.0, summary=None)
     run = run or (lambda c: simulate(c).summary)
 
@@ -73,7 +73,7 @@ def find_capacity(config: SimConfig, meets: Callable[[Summary], bool], start: fl
     if lo == 0.0:  # even the start failed: shrink instead
         hi_fail = hi
         rate = start / 2
-        while len(result.probes) < max_probes and rate > start / 8 and not probe(rate):
+        while len(result.probes) < max_probes and rate >= start / 1000 and not probe(rate):
             hi_fail, rate = rate, rate / 2
         if result.rate == 0.0:
             return result

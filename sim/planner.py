@@ -281,7 +281,7 @@ def plan(spec: PlanSpec, out: str | Path, workers: int | None = None, ray: bool 
     best, best_rate = "", 0.0
     for row in run([(label, cfg.model_dump_json(), spec) for _, label, cfg in todo]):
         key = by_label[row["label"]]
-        (cache / f"{key}.json").write_text(json.dumps(row, sort_keys=True))
+        (cache / f"{key}.json").write_text(json.dumps(row))  # keys in their order: the same table either way
         rows[key] = row
         if (row.get("capacity_req_s") or 0.0) > best_rate:
             best, best_rate = f"{row['label']} {row['capacity_req_s']:.2f} req/s", row["capacity_req_s"]
@@ -353,7 +353,8 @@ def write_outputs(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimCon
     ax.set_xlabel("cost (USD per hour)")
     ax.set_ylabel("capacity (req/s meeting the SLOs)")
     ax.grid(alpha=0.3)
-    ax.legend()
+    if len(sized):
+        ax.legend()
     fig.tight_layout()
     fig.savefig(out / "pareto.png", dpi=100, metadata={"Software": None})
     plt.close(fig)
@@ -368,7 +369,8 @@ def write_outputs(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimCon
         ax.set_xlabel("arrival rate per configuration (req/s)")
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        if len(sized):
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "latency.png", dpi=100, metadata={"Software": None})
     plt.close(fig)
