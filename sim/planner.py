@@ -126,7 +126,10 @@ def candidates(spec: PlanSpec) -> Iterator[tuple[str, SimConfig]]:
                                         "disaggregation": None if disagg is None else disagg.model_dump(mode="json"),
                                         "speculation": None if spec_cfg is None else spec_cfg.model_dump(mode="json")}
                                 label = f"{gpu.id} tp{tp}" + (f" pp{pp}" if pp > 1 else "") + f" {sched['name']}"
-                                label += " disagg" if disagg is not None else f" x{n}"
+                                if disagg is not None:
+                                    label += " disagg"
+                                elif s.replicas != "auto":
+                                    label += f" x{n}"
                                 label += " spec" if spec_cfg is not None else ""
                                 try:
                                     cfg = SimConfig.model_validate(data)

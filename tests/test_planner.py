@@ -60,7 +60,7 @@ def test_plan_prunes_what_cannot_fit_or_meet_tpot(tmp_path) -> None:
     s = spec(base={**BASE, "model": "llama-3-70b", "slo": {"ttft_s": 1.0, "tpot_s": 0.05}},
              search={"gpus": [{"id": "h100"}], "tp": [1, 2], "schedulers": [{"name": "vllm"}]})
     table = plan(s, tmp_path, workers=1)
-    assert table.set_index("label").loc["h100 tp1 vllm x1", "pruned"].startswith("does not fit")
+    assert table.set_index("label").loc["h100 tp1 vllm", "pruned"].startswith("does not fit")
     tight = spec(base={**BASE, "slo": {"tpot_s": 0.001}})
     assert plan(tight, tmp_path / "t", workers=1)["pruned"].str.contains("unreachable").all()
 

@@ -80,7 +80,7 @@ def test_bad_configs_fail_in_one_line(capsys, argv: list[str], message: str) -> 
     assert err.count("\n") == 1 and err.startswith("servesim: error: ") and message in err, err
 
 
-@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml")))
+@pytest.mark.parametrize("example", sorted(p.name for p in EXAMPLES.glob("*.yaml") if not p.name.startswith("plan_")))
 def test_examples_run_when_shortened(example: str) -> None:
     config = load_config(EXAMPLES / example)
     for w in config.workloads:
@@ -95,6 +95,13 @@ def test_examples_run_when_shortened(example: str) -> None:
 
 def test_examples_exist() -> None:
     assert len(list(EXAMPLES.glob("*.yaml"))) >= 4
+
+
+def test_plan_examples_load() -> None:
+    from sim.planner import candidates, load_spec
+
+    for path in EXAMPLES.glob("plan_*.yaml"):
+        assert len(list(candidates(load_spec(path)))) > 1
 
 
 def test_console_script_runs_the_default_scenario(tmp_path) -> None:
