@@ -36,6 +36,9 @@ from sim.config import DisaggregationConfig, SimConfig, apply_overrides
 from sim.engine import build_pools, simulate
 
 
+MAX_REPLICAS = 128  # replicas: auto never proposes more (nor more GPUs than search.max_gpus)
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -125,6 +128,8 @@ def candidates(spec: PlanSpec) -> Iterator[tuple[str, SimConfig]]:
                                                     "router": "least_outstanding"},
                                         "disaggregation": None if disagg is None else disagg.model_dump(mode="json"),
                                         "speculation": None if spec_cfg is None else spec_cfg.model_dump(mode="json")}
+                                if s.max_gpus is not None and tp * pp * n > s.max_gpus:
+                                    continue
                                 label = f"{gpu.id} tp{tp}" + (f" pp{pp}" if pp > 1 else "") + f" {sched['name']}"
                                 if disagg is not None:
                                     label += " disagg"
@@ -194,6 +199,9 @@ def size(label: str, config: SimConfig, spec: PlanSpec) -> dict[str, Any]:
     if spec.search.replicas == "auto" and config.disaggregation is None:
         for rate in spec.rates:  # the replicas each target needs, checked by simulating them at that rate
             n = max(1, math.ceil(rate / cap.rate)) if cap.rate > 0 else None
+            limit = MAX_REPLICAS if spec.search.max_gpus is None else spec.search.max_gpus // row["gpus"]
+            if n is not None and n > limit:  # cannot carry this rate within the limits
+                n = None
             ok = False
             if n is not None:
                 scaled = config.model_copy(update={"cluster": config.cluster.model_copy(update={"replicas": n})})
