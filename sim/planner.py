@@ -35,7 +35,6 @@ from sim.capacity import find_capacity, with_rate
 from sim.config import DisaggregationConfig, SimConfig, apply_overrides
 from sim.engine import build_pools, simulate
 
-
 MAX_REPLICAS = 128  # replicas: auto never proposes more (nor more GPUs than search.max_gpus)
 
 
