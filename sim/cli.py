@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -224,10 +225,10 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
     spec = load_spec(args.spec, args.set)
     if args.workers is not None and args.workers < 1:
         raise ServesimError(f"--workers = {args.workers}: allowed values are 1 or more")
-    t0 = __import__("time").perf_counter()
+    t0 = time.perf_counter()
     table = plan(spec, args.out, workers=args.workers, ray=args.ray, ray_address=args.ray_address,
                  progress=not args.quiet)
-    wall = __import__("time").perf_counter() - t0
+    wall = time.perf_counter() - t0
     if args.json:
         return {"configurations": table.to_dict(orient="records"), "wall_seconds": wall}
     cols = [c for c in ("label", "pruned", "capacity_req_s", "gpus", "cost_per_hour", "cost_per_million_output_tokens",
