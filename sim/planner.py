@@ -129,7 +129,9 @@ def candidates(spec: PlanSpec) -> Iterator[tuple[str, SimConfig]]:
                                         "speculation": None if spec_cfg is None else spec_cfg.model_dump(mode="json")}
                                 if s.max_gpus is not None and tp * pp * n > s.max_gpus:
                                     continue
+                                params = ",".join(f"{k}={v}" for k, v in sorted(sched.items()) if k != "name")
                                 label = f"{gpu.id} tp{tp}" + (f" pp{pp}" if pp > 1 else "") + f" {sched['name']}"
+                                label += f"({params})" if params else ""
                                 if disagg is not None:
                                     label += " disagg"
                                 elif s.replicas != "auto":
@@ -215,9 +217,9 @@ def size(label: str, config: SimConfig, spec: PlanSpec) -> dict[str, Any]:
     return row
 
 
-def _size_job(job: tuple[str, str, PlanSpec]) -> dict[str, Any]:
-    label, config_json, spec = job
-    return size(label, SimConfig.model_validate_json(config_json), spec)
+def _size_job(job: tuple[str, str, str, PlanSpec]) -> tuple[str, dict[str, Any]]:
+    key, label, config_json, spec = job
+    return key, size(label, SimConfig.model_validate_json(config_json), spec)
 
 
 # ---- the whole search -----------------------------------------------------------------------------------
@@ -240,7 +242,8 @@ class Progress:
             sys.stderr.write("\n")
 
 
-def _runner(workers: int, ray: bool, ray_address: str | None) -> Callable[[list[Any]], Iterator[dict[str, Any]]]:
+def _runner(workers: int, ray: bool, ray_address: str | None
+            ) -> Callable[[list[Any]], Iterator[tuple[str, dict[str, Any]]]]:
     """A map over jobs in completion order: Ray tasks, a local process pool, or in-process when workers = 1."""
     if ray or ray_address:
         try:
@@ -248,7 +251,7 @@ def _runner(workers: int, ray: bool, ray_address: str | None) -> Callable[[list[
         except ImportError:
             raise ServesimError("plan --ray needs Ray (pip install 'servesim[ray]')") from None
 
-        def run_ray(jobs: list[Any]) -> Iterator[dict[str, Any]]:
+        def run_ray(jobs: list[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
             if not ray_lib.is_initialized():
                 if ray_address:
                     ray_lib.init(address=ray_address, include_dashboard=False, log_to_driver=False)
@@ -261,7 +264,7 @@ def _runner(workers: int, ray: bool, ray_address: str | None) -> Callable[[list[
                 yield ray_lib.get(ready[0])
         return run_ray
 
-    def run_pool(jobs: list[Any]) -> Iterator[dict[str, Any]]:
+    def run_pool(jobs: list[Any]) -> Iterator[tuple[str, dict[str, Any]]]:
         if workers <= 1:
             yield from map(_size_job, jobs)
             return
@@ -287,10 +290,8 @@ def plan(spec: PlanSpec, out: str | Path, workers: int | None = None, ray: bool 
             todo.append((key, label, cfg))
     bar = Progress(len(todo), progress and sys.stderr.isatty())
     run = _runner(workers or os.cpu_count() or 1, ray, ray_address)
-    by_label = {label: key for key, label, _ in todo}
     best, best_rate = "", 0.0
-    for row in run([(label, cfg.model_dump_json(), spec) for _, label, cfg in todo]):
-        key = by_label[row["label"]]
+    for key, row in run([(key, label, cfg.model_dump_json(), spec) for key, label, cfg in todo]):
         (cache / f"{key}.json").write_text(json.dumps(row))  # keys in their order: the same table either way
         rows[key] = row
         if (row.get("capacity_req_s") or 0.0) > best_rate:

@@ -85,3 +85,10 @@ def test_spec_errors_are_one_line(tmp_path, capsys) -> None:
     assert main(["plan", str(tmp_path / "nope.yaml")]) == 2
     with pytest.raises(ServesimError, match="base: hardware.tp = 0"):
         load_spec(path, ["base.hardware.tp=0", "rates.0=5"])
+
+
+def test_configurations_that_differ_only_in_parameters_are_kept_apart(tmp_path) -> None:
+    s = spec(search={"gpus": [{"id": "h100"}], "tp": [1],
+                     "schedulers": [{"name": "sarathi", "token_budget": 256}, {"name": "sarathi", "token_budget": 1024}]})
+    table = plan(s, tmp_path, workers=1)
+    assert sorted(table["label"]) == ["h100 tp1 sarathi(token_budget=1024)", "h100 tp1 sarathi(token_budget=256)"]
