@@ -11,6 +11,7 @@ GPU seconds (CUDA events around the forward pass and sampling).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -60,6 +61,9 @@ def measure(model: str, device: str, quick: bool, log: Callable[[str], None] = p
 
 def _rank(rank: int, size: int, port: int, model: str, device: str, quick: bool, tmp: str) -> None:
     cuda = device.startswith("cuda")
+    # Each rank's CPU threads: one on GPUs (kernels run on the device; a pool per rank of all cores
+    # oversubscribes the host and more than doubled eager dispatch in the TP=2 run), a share on the CPU.
+    torch.set_num_threads(1 if cuda else max(1, (os.cpu_count() or 1) // size))
     if cuda:
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
