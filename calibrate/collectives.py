@@ -3,7 +3,9 @@
 One process per GPU (torch.multiprocessing), torch.distributed with the NCCL backend and NVLink multicast
 off (NCCL_NVLS_ENABLE=0). All-reduce and all-gather run over the first 2, 4, 8 ... ranks (the TP degrees
 the GPUs allow), send/recv between ranks 0 and 1 (a pipeline hop). Each size is timed with CUDA events on
-every rank after a warm-up; the slowest rank's median is kept. Payloads follow the cost model: an
+every rank after a warm-up; the slowest rank's median is kept. It also times, in each group, the host's
+dispatch of one eager all-reduce call and of one plain kernel (back to back, wall clock): the eager steps
+of a TP rank pay the first for every collective. Payloads follow the cost model: an
 all-reduce's is the reduced tensor, an all-gather's the gathered output, a send/recv's the tensor sent.
 """
 
@@ -14,6 +16,7 @@ import os
 import socket
 import statistics
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -68,9 +71,37 @@ def _worker(rank: int, world: int, port: int, sizes: tuple[int, ...], path: str)
                 dist.all_reduce(worst, op=dist.ReduceOp.MAX)
                 out.append({"op": kind, "kind": kind, "ranks": n, "comm_bytes": float(size),
                             "seconds": float(worst.item())})
+    for n in ranks:  # host dispatch per eager call, in a TP rank: an all-reduce of 16 KiB and a plain kernel
+        group, member = groups[n], rank < n
+        x = torch.randn(8192, device=dev, dtype=torch.bfloat16)
+        calls = {"all-reduce": lambda: dist.all_reduce(x, group=group), "kernel": lambda: x.add_(0.0)}
+        host = {}
+        for name, fn in calls.items():
+            dist.barrier()
+            if member:
+                host[name] = _dispatch(fn, 200)
+        worst = torch.tensor([host.get("all-reduce", 0.0), host.get("kernel", 0.0)], device=dev)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        out.append({"op": "dispatch", "kind": "collective-dispatch", "ranks": n, "seconds": float(worst[0].item()),
+                    "kernel_seconds": float(worst[1].item())})
     if rank == 0:
         Path(path).write_text(json.dumps(out))
     dist.destroy_process_group()
+
+
+def _dispatch(fn: Any, calls: int) -> float:
+    """Host seconds per eager call of `fn`, back to back (the GPU queue absorbs them), median of 5 runs."""
+    for _ in range(20):
+        fn()
+    torch.cuda.synchronize()
+    runs = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        runs.append((time.perf_counter() - t0) / calls)
+        torch.cuda.synchronize()
+    return statistics.median(runs)
 
 
 def free_port() -> int:
