@@ -162,15 +162,12 @@ class Speculator:
             return batch
         if self.config.tree is not None:
             return self._plan_trees(state, batch)
-        r, kv = state.req, state.kv
+        r = state.req
         k = self.k_now(state, batch, ids)
         ks = np.clip(r.output[ids] - r.generated[ids] - 1, 0, k)
         if self.config.batching == "budgeted":
             ks = self._budget(ids, ks)
-        if not kv.grow_many(ids, r.computed[ids] + 1 + ks):  # drafts need KV: without it, a plain decode
-            for i in range(ids.size):
-                if ks[i] and not kv.grow_many(ids[i:i + 1], r.computed[ids[i:i + 1]] + 1 + ks[i]):
-                    ks[i] = 0
+        _grant_kv(state, ids, ks)
         spec = ks > 0
         if not spec.any():
             return batch
@@ -231,7 +228,7 @@ class Speculator:
         return [(tree, tree.positional_probs(p)) for tree in trees]
 
     def _plan_trees(self, state: ReplicaState, batch: Batch) -> Batch:
-        r, kv, ids = state.req, state.kv, batch.decode_ids
+        r, ids = state.req, batch.decode_ids
         t = self.config.tree
         assert t is not None
         deepest = len(t.widths or []) if t.kind == "static" else t.depth
@@ -241,10 +238,7 @@ class Speculator:
         for i, tree in zip(np.flatnonzero(live).tolist(), self._trees(state, ids[live], depth_cap[live])):
             trees[i] = tree
         sizes = np.array([t.size for t, _ in trees], dtype=np.int64)
-        if not kv.grow_many(ids, r.computed[ids] + 1 + sizes):  # tree tokens need KV: without it, a plain decode
-            for i in range(ids.size):
-                if sizes[i] and not kv.grow_many(ids[i:i + 1], r.computed[ids[i:i + 1]] + 1 + sizes[i]):
-                    sizes[i] = 0
+        _grant_kv(state, ids, sizes)
         spec = sizes > 0
         if not spec.any():
             return batch
@@ -261,6 +255,17 @@ class Speculator:
                      r.computed[v], accepted, self.config.batching == "padded",
                      np.array([t.attention_pairs for t, _ in chosen], dtype=np.int64), levels,
                      tuple(t for t, _ in chosen))
+
+
+def _grant_kv(state: ReplicaState, ids: np.ndarray, drafts: np.ndarray) -> None:
+    """KV blocks for each request's newest token and its `drafts[i]` draft tokens (a chain or a tree's
+    nodes); a request that cannot get them decodes plainly (its `drafts[i]` is set to 0)."""
+    r, kv = state.req, state.kv
+    if kv.grow_many(ids, r.computed[ids] + 1 + drafts):
+        return
+    for i in range(ids.size):
+        if drafts[i] and not kv.grow_many(ids[i:i + 1], r.computed[ids[i:i + 1]] + 1 + drafts[i]):
+            drafts[i] = 0
 
 
 def _capped(probs: Callable[[int, int], np.ndarray], depth: int) -> Callable[[int, int], np.ndarray]:

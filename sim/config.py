@@ -234,22 +234,37 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
         fix(spec.get("acceptance"), "path")
 
 
+def read_mapping(path: str | Path, what: str, shape: str) -> dict[str, Any]:
+    """The YAML mapping in a user's file (`what`: its kind, `shape`: the sentence a non-mapping gets); a
+    missing file, bad YAML or a non-mapping is one line."""
+    p = Path(path)
+    if not p.is_file():
+        raise ServesimError(f"{what}: no such file {str(p)!r}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ServesimError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise ServesimError(f"{p}: {shape}, got {type(data).__name__}")
+    return data
+
+
+def parse_config(data: dict[str, Any], source: str) -> SimConfig:
+    """`data` as a validated config; an invalid field is one line naming it, prefixed by `source`."""
+    try:
+        return SimConfig.model_validate(data)
+    except ValidationError as exc:
+        raise ServesimError(describe_validation_error(exc, source)) from None
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SimConfig:
     """The config at `path` (default: the embedded scenario) with overrides, validated; errors are one line."""
     if path is None:
         data: dict[str, Any] = SimConfig().model_dump(mode="json", exclude_unset=False)
         source = "default scenario"
     else:
-        p = Path(path)
-        if not p.is_file():
-            raise ServesimError(f"config: no such file {str(p)!r}")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ServesimError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
-        if not isinstance(data, dict):
-            raise ServesimError(f"{p}: the config must be a mapping of sections, got {type(data).__name__}")
-        source = str(p)
+        data = read_mapping(path, "config", "the config must be a mapping of sections")
+        source = str(path)
     data = apply_overrides(data, overrides or [])
     if path is not None:
         _resolve_paths(data, Path(path).parent)
@@ -259,8 +274,5 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     for pool in (data.get("disaggregation") or {}).values() if isinstance(data.get("disaggregation"), dict) else ():
         if isinstance(pool, dict) and isinstance(pool.get("scheduler"), dict):
             pool["scheduler"].setdefault("name", top_name)  # a pool's policy defaults to the top-level one
-    try:
-        return SimConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ServesimError(describe_validation_error(exc, source)) from None
+    return parse_config(data, source)
 

@@ -15,11 +15,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
-from pydantic import ValidationError
 
-from hardware.errors import ServesimError, describe_validation_error
+from hardware.errors import ServesimError
 from sim.capacity import find_capacity
-from sim.config import SimConfig
+from sim.config import SimConfig, parse_config
 from sim.engine import build_pools
 
 
@@ -31,13 +30,6 @@ class Candidate:
     label: str
     config: SimConfig
     gpus: int
-
-
-def _validated(data: dict, what: str) -> SimConfig:
-    try:
-        return SimConfig.model_validate(data)
-    except ValidationError as exc:
-        raise ServesimError(describe_validation_error(exc, f"disagg-search ({what})")) from None
 
 
 def _fits(config: SimConfig) -> bool:
@@ -70,17 +62,18 @@ def candidates(base: SimConfig, gpus: int, tps: Sequence[int], colocated: Sequen
                 for n_d in range(1, (gpus - n_p * tp_p) // tp_d + 1):
                     pools = {"prefill": {"instances": n_p, "hardware": {**hw, "tp": tp_p}},
                              "decode": {"instances": n_d, "hardware": {**hw, "tp": tp_d}}}
-                    cfg = _validated({**data, "disaggregation": {**disagg, **pools}}, "disaggregated placement")
+                    cfg = parse_config({**data, "disaggregation": {**disagg, **pools}},
+                                       "disagg-search (disaggregated placement)")
                     if _fits(cfg):
                         out.append(Candidate("disaggregated", f"{n_p}P(tp{tp_p}) + {n_d}D(tp{tp_d})", cfg,
                                              n_p * tp_p + n_d * tp_d))
     for name in colocated:
         for tp in tps:
             for replicas in range(1, gpus // tp + 1):
-                cfg = _validated({
+                cfg = parse_config({
                     **data, "disaggregation": None, "hardware": {**hw, "tp": tp}, "scheduler": {"name": name},
                     "cluster": {**data["cluster"], "replicas": replicas, "router": "least_outstanding"}},
-                    f"colocated {name}")
+                    f"disagg-search (colocated {name})")
                 if _fits(cfg):
                     out.append(Candidate("colocated", f"{name} {replicas}x tp{tp}", cfg, replicas * tp))
     if not out:

@@ -32,7 +32,7 @@ from hardware.errors import ServesimError, describe_validation_error
 from hardware.operators import StepShape
 from policies.speculation import SpeculationConfig
 from sim.capacity import find_capacity, with_rate
-from sim.config import DisaggregationConfig, SimConfig, apply_overrides
+from sim.config import DisaggregationConfig, SimConfig, apply_overrides, parse_config, read_mapping
 from sim.engine import build_pools, simulate
 
 MAX_REPLICAS = 128  # replicas: auto never proposes more (nor more GPUs than search.max_gpus)
@@ -89,14 +89,7 @@ class PlanSpec(_Spec):
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> PlanSpec:
     """The spec at `path`, with `key.path=value` overrides; errors are one line naming the field."""
     p = Path(path)
-    if not p.is_file():
-        raise ServesimError(f"plan: no such file {str(p)!r}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ServesimError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise ServesimError(f"{p}: a plan spec must be a mapping, got {type(data).__name__}")
+    data = read_mapping(p, "plan", "a plan spec must be a mapping")
     data = apply_overrides(data, overrides or [])
     for w in (data.get("base") or {}).get("workloads") or []:  # trace paths are relative to the spec
         trace = w.get("trace") if isinstance(w, dict) else None
@@ -137,11 +130,7 @@ def candidates(spec: PlanSpec) -> Iterator[tuple[str, SimConfig]]:
                                 elif s.replicas != "auto":
                                     label += f" x{n}"
                                 label += " spec" if spec_cfg is not None else ""
-                                try:
-                                    cfg = SimConfig.model_validate(data)
-                                except ValidationError as exc:
-                                    raise ServesimError(describe_validation_error(exc, f"search ({label})")) from None
-                                yield label, cfg
+                                yield label, parse_config(data, f"search ({label})")
 
 
 def config_hash(config: SimConfig, spec: PlanSpec) -> str:

@@ -88,7 +88,7 @@ def test_spec_errors_are_one_line(tmp_path, capsys) -> None:
 
 
 def test_configurations_that_differ_only_in_parameters_are_kept_apart(tmp_path) -> None:
-    s = spec(search={"gpus": [{"id": "h100"}], "tp": [1],
-                     "schedulers": [{"name": "sarathi", "token_budget": 256}, {"name": "sarathi", "token_budget": 1024}]})
+    budgets = [{"name": "sarathi", "token_budget": 256}, {"name": "sarathi", "token_budget": 1024}]
+    s = spec(search={"gpus": [{"id": "h100"}], "tp": [1], "schedulers": budgets})
     table = plan(s, tmp_path, workers=1)
     assert sorted(table["label"]) == ["h100 tp1 sarathi(token_budget=1024)", "h100 tp1 sarathi(token_budget=256)"]
