@@ -1,8 +1,10 @@
 """`servesim calibrate`: microbenchmarks to a profile, whole-model reference steps, and their validation.
 
     servesim calibrate --out PROFILE.json [--quick] [--gpu ID] [--models a,b] [--tp 1,2,4,8]
+    servesim calibrate --refit --raw RAW.json [--steps LATER_RAW.json] --out PROFILE.json
     servesim calibrate reference --out STEPS.csv [--model llama-3-8b] [--quick]
-    servesim calibrate validate STEPS.csv --gpu ID [--profile PROFILE.json|GPU-ID] [--out DIR]
+    servesim calibrate validate STEPS.csv --gpu ID [--profile PROFILE.json|GPU-ID] [--overheads PROFILE.json|GPU-ID]
+        [--statistic fast|median] [--out DIR]
 
 Torch is imported only by the first two (the `torch` extra).
 """
@@ -43,10 +45,17 @@ def add_parser(sub: Any) -> None:
                      help="profile: which microbenchmark suites to run (default: all)")
     cal.add_argument("--raw", help="profile: also write the raw measurements here; with --refit, read them")
     cal.add_argument("--refit", action="store_true", help="profile: fit --raw measurements again, time nothing")
+    cal.add_argument("--steps", help="profile, with --refit: take the whole steps (and NCCL dispatch timings) from "
+                                     "this later raw file (e.g. `--suites fixed` run beside a reference)")
     cal.add_argument("--model", help="reference: catalog model (default llama-3-8b; tiny-llama with --quick)")
     cal.add_argument("--profile", default="calibrated",
                      help="validate: profile JSON, the GPU id of a committed one, or 'calibrated' (default: the "
                           "committed profile of --gpu)")
+    cal.add_argument("--overheads", help="validate: take the host overheads (dispatch, per-step costs) from this "
+                                         "profile instead: the host the steps ran on was calibrated apart")
+    cal.add_argument("--statistic", choices=["fast", "median"],
+                     help="validate: compare with the steps' fast-phase or median wall time (default: fast where "
+                          "recorded)")
     cal.set_defaults(func=run)
 
 
@@ -150,6 +159,9 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ServesimError(f"--raw = {args.raw!r}: not raw calibration measurements ({exc!r}); expected "
                                 "the --raw file of an earlier `servesim calibrate`") from None
+        if args.steps:
+            raw = _with_steps(raw, args.steps)
+            metadata = raw["metadata"]
     else:
         device = _device(args)
         gpu = get_gpu(_gpu_id(args, device))
@@ -183,6 +195,20 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
             "collectives": len(profile.collectives), "overheads": profile.overheads.model_dump()}
 
 
+def _with_steps(raw: dict[str, Any], path: str) -> dict[str, Any]:
+    """`raw` with the whole steps and collective-dispatch records of a later raw file (the host overheads
+    measured in the same session as a reference, over an earlier session's kernel microbenchmarks)."""
+    try:
+        later = json.loads(Path(path).read_text())
+        steps, records = later["steps"], later["records"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
+        raise ServesimError(f"--steps = {path!r}: not raw calibration measurements with steps ({exc!r})") from None
+    dispatch = [r for r in records if r.get("kind") == "collective-dispatch"]
+    kept = [r for r in raw["records"] if not (dispatch and r.get("kind") == "collective-dispatch")]
+    meta = {**raw["metadata"], "steps_command": later.get("metadata", {}).get("command", path)}
+    return {**raw, "steps": steps, "records": kept + dispatch, "metadata": meta}
+
+
 def _validate(args: argparse.Namespace) -> dict[str, Any]:
     from calibrate.validate import compare, format_table, plot, read_measurements, summary
     from hardware.profile import DEFAULT_PROFILE, resolve_profile
@@ -193,8 +219,11 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
         raise ServesimError("--gpu: required (the GPU the steps are priced on)")
     gpu = get_gpu(args.gpu).id
     profile = resolve_profile(args.profile, gpu) or DEFAULT_PROFILE
-    steps, table = compare(read_measurements(args.measurements), gpu, profile)
-    result = {"gpu": gpu, "profile": profile.gpu, **summary(steps, table)}
+    if args.overheads:
+        host = resolve_profile(args.overheads, gpu) or DEFAULT_PROFILE
+        profile = profile.model_copy(update={"overheads": host.overheads})
+    steps, table = compare(read_measurements(args.measurements), gpu, profile, args.statistic)
+    result = {"gpu": gpu, "profile": profile.gpu, "overheads": args.overheads or profile.gpu, **summary(steps, table)}
     print(format_table(result), file=sys.stderr)
     if args.out:
         out = Path(args.out)

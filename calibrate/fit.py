@@ -10,12 +10,13 @@ cost model's own counts (so the cost model reproduces a measured point exactly).
 - attention: per head configuration, a surface over its grid (cells the grid could not hold in memory
   take the nearest measured cell); ragged batches are kept out of the fit and reported as a check;
 - collectives: link efficiency over the bytes each rank moves, per kind and number of ranks;
-- fixed costs: GPU seconds per kernel in a graph; host dispatch per kernel and per-step overheads from
-  whole steps of a model with half and all of its layers (see `_overheads`).
+- fixed costs: GPU seconds per kernel in a graph; host dispatch per kernel and per-step, per-request and
+  per-KV-token overheads from whole steps of a model with half and all of its layers (see `_overheads`).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 from collections import defaultdict
@@ -146,25 +147,69 @@ def _robust_line(x: list[float], y: list[float]) -> tuple[float, float]:
     return max(0.0, float(np.median(np.array(y) - slope * np.array(x)))), slope
 
 
-def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph: float) -> Overheads:
-    """Fixed costs from whole steps of a model run with half and all of its layers (robust fits: a shared
-    host has slow phases).
+def _wall(step: dict[str, Any]) -> float:
+    """A step's wall seconds: its fast-phase statistic where recorded (see `calibrate.steps.StepTiming`)."""
+    return step.get("seconds_fast", step["seconds"])
 
-    Eager steps are host-bound: the median over step shapes of the wall's growth per layer is the host's
-    time per layer, so a kernel is dispatched in that over the kernels per layer; the wall
-    less the layers' dispatch, over the requests, gives the step overhead (intercept, less the kernels
-    outside the layers) and its per-request part (slope). Graph steps: wall less their priced GPU time,
-    over the requests.
+
+def _gpu(step: dict[str, Any]) -> float:
+    """A step's seconds inside its CUDA events (fast phase where recorded); NaN where not measured (CPU)."""
+    gpu = step.get("gpu_seconds_fast", step.get("gpu_seconds"))
+    return float("nan") if gpu is None else float(gpu)
+
+
+def _per_kv_token(steps: list[dict[str, Any]]) -> float:
+    """Host seconds per KV token the step's requests hold: the median, over pairs of steps with the same
+    layers, execution and requests but different contexts, of the growth of their host time (wall less GPU
+    seconds) per token."""
+    groups: dict[tuple[int, str, int], list[tuple[float, float]]] = defaultdict(list)
+    for s in steps:
+        if "kv_tokens" in s and math.isfinite(_gpu(s)):
+            groups[(s["layers"], s["execution"], s["requests"])].append((s["kv_tokens"], _wall(s) - _gpu(s)))
+    slopes = [(h2 - h1) / (k2 - k1) for points in groups.values()
+              for (k1, h1), (k2, h2) in itertools.combinations(sorted(points), 2) if k2 > k1]
+    return max(0.0, float(np.median(slopes))) if slopes else 0.0
+
+
+def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph: float) -> Overheads:
+    """Fixed costs from whole steps of a model run with half and all of its layers (robust fits, on the
+    fast-phase statistic where recorded: a shared host has slow phases).
+
+    Host time per KV token: from steps that differ only in context (`_per_kv_token`); the rest from steps
+    at short contexts (little GPU work). Eager steps are host-bound: inside their CUDA events the host
+    dispatches the forward pass, so a kernel's dispatch is the median over a model's steps of their
+    GPU-window seconds over the kernels the cost model counts (of the two models, the run in the host's
+    faster phase); outside, the wall less the GPU window and the KV
+    tokens' part, over the requests, gives the step overhead (intercept) and its per-request part (slope).
+    Where GPU windows were not measured (CPU), the wall's growth per layer between the two models gives the
+    dispatch per layer instead, and the wall less the layers' dispatch the step overheads. Graph steps:
+    wall less their priced GPU time and the KV tokens' part, over the requests.
     """
     base = DEFAULT_PROFILE.overheads
-    fitted: dict[str, float] = {"launch_graph": launch_graph}
     steps = raw.get("steps", [])
-    eager = [s for s in steps if s["execution"] == "eager"]
-    graph = [s for s in steps if s["execution"] == "graph"]
-    key = lambda s: json.dumps(s["shape"], sort_keys=True)  # noqa: E731
-    by_layers = {(s["layers"], key(s)): s["seconds"] for s in eager}
-    layers = sorted({s["layers"] for s in eager})
-    if len(layers) >= 2:
+    per_kv = _per_kv_token(steps)
+    fitted: dict[str, float] = {"launch_graph": launch_graph, "step_per_kv_token": per_kv}
+    short = [s for s in steps if s.get("kv_tokens", 0) <= 64 * s["requests"]]  # little GPU work: host-bound
+    eager = [s for s in short if s["execution"] == "eager"]
+    graph = [s for s in short if s["execution"] == "graph"]
+
+    def kernels(s: dict[str, Any]) -> float:
+        spec = get_model(s.get("model", "tiny-llama"))
+        k_layer, k_other = layer_kernels(spec, StepShape.from_dict(s["shape"]), gpu)
+        return k_layer * s["layers"] + k_other
+
+    runs: dict[int, list[dict[str, Any]]] = defaultdict(list)  # one run of steps per model (layers)
+    for s in eager:
+        if math.isfinite(_gpu(s)):
+            runs[s["layers"]].append(s)
+    if runs:  # the run in the host's fastest phase: a slow phase (seconds long) can cover a whole run
+        launch, timed = min((float(np.median([_gpu(s) / kernels(s) for s in run])), run) for run in runs.values())
+        step, per_request = _robust_line([s["requests"] for s in timed],
+                                         [_wall(s) - _gpu(s) - per_kv * s.get("kv_tokens", 0) for s in timed])
+        fitted.update(launch_eager=launch, step_eager=step, step_eager_per_request=per_request)
+    elif len(layers := sorted({s["layers"] for s in eager})) >= 2:
+        key = lambda s: json.dumps(s["shape"], sort_keys=True)  # noqa: E731
+        by_layers = {(s["layers"], key(s)): _wall(s) for s in eager}
         lo, hi = layers[0], layers[-1]
         per_layer = float(np.median([(by_layers[(hi, k)] - w) / (hi - lo) for (n, k), w in by_layers.items()
                                      if n == lo and (hi, k) in by_layers]))
@@ -172,7 +217,8 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
                                          gpu)
         launch = max(0.0, per_layer) / k_layer
         step, per_request = _robust_line([s["requests"] for s in eager],
-                                         [s["seconds"] - s["layers"] * per_layer for s in eager])
+                                         [_wall(s) - s["layers"] * per_layer - per_kv * s.get("kv_tokens", 0)
+                                          for s in eager])
         fitted.update(launch_eager=launch, step_eager=max(0.0, step - k_other * launch),
                       step_eager_per_request=per_request)
     if graph:
@@ -181,9 +227,12 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
             spec = get_model(s.get("model", "tiny-llama")).model_copy(update={"num_hidden_layers": s["layers"]})
             priced = CostModel(Deployment.build(spec, gpu), partial, cuda_graphs=True).price(
                 StepShape.from_dict(s["shape"]))
-            residual.append(s["seconds"] - sum(priced.stage_seconds))
+            residual.append(_wall(s) - sum(priced.stage_seconds) - per_kv * s.get("kv_tokens", 0))
         step, per_request = _robust_line([s["requests"] for s in graph], residual)
         fitted.update(step_graph=step, step_graph_per_request=per_request)
+    dispatch = [r["seconds"] - r["kernel_seconds"] for r in raw["records"] if r["kind"] == "collective-dispatch"]
+    if dispatch:  # an eager NCCL call's host cost beyond a plain kernel's, in a TP rank
+        fitted["launch_collective"] = max(0.0, float(np.median(dispatch)))
     return base.model_copy(update={k: float(v) for k, v in fitted.items()})
 
 

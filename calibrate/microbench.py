@@ -29,7 +29,7 @@ from backend.model import (
     rope_tables,
     varlen_attention,
 )
-from calibrate.steps import StepRunner, release_memory
+from calibrate.steps import SERVING_CACHE_FRACTION, StepRunner, cache_blocks, release_memory
 from calibrate.timing import Timer, variants_for
 from hardware.catalog import get_model
 from hardware.cost import step_operators
@@ -234,21 +234,29 @@ class Bench:
 
     def step_overheads(self, model: str, quick: bool) -> list[dict[str, Any]]:
         """Whole executor steps of `model` with half and all of its layers: small decode and prefill steps,
-        host-bound when eager, that the fit turns into per-kernel dispatch and per-step overheads."""
+        host-bound when eager, and decodes of a few batches at longer contexts, that the fit turns into
+        per-kernel dispatch, per-step, per-request and per-KV-token overheads."""
         out = []
         base = get_model(model)
         batches = (1, 8) if quick else (1, 8, 64, 256)
+        long = ((8, 127),) if quick else ((8, 1023), (8, 4095), (64, 1023))  # (batch, context)
+        decodes = [[63] * b for b in batches] + [[c] * b for b, c in long]
+        needed = max(len(d) * math.ceil((d[0] + 1) / 16) for d in decodes) + 64
         for layers in sorted({max(1, base.num_hidden_layers // 2), base.num_hidden_layers}):
             spec = base.model_copy(update={"num_hidden_layers": layers})
+            # a KV cache that fills the memory as a server's does (the host's per-step work depends on it)
+            blocks = max(needed, cache_blocks(spec, str(self.device), SERVING_CACHE_FRACTION))
             for graphs in ((False,) if self.device.type != "cuda" else (False, True)):
-                runner = StepRunner(spec, str(self.device), num_blocks=max(batches) * 8 + 64,
-                                    cuda_graphs=graphs, max_requests=max(batches))
-                shapes = [StepShape.build(decode=[63] * b) for b in batches]
+                runner = StepRunner(spec, str(self.device), num_blocks=blocks, cuda_graphs=graphs,
+                                    max_requests=max(batches))
+                shapes = [StepShape.build(decode=d) for d in decodes]
                 if not graphs:
                     shapes += [StepShape.build(prefill=[32] * b) for b in batches[:2]]
-                for shape, (wall, _, execution) in zip(shapes, runner.time(shapes, repeats=3 if quick else 9)):
-                    out.append({"model": model, "layers": layers, "execution": execution,
-                                "requests": shape.num_requests, "shape": shape.to_dict(), "seconds": wall})
+                for shape, t in zip(shapes, runner.time(shapes, repeats=3 if quick else 15)):
+                    out.append({"model": model, "layers": layers, "execution": t.execution,
+                                "requests": shape.num_requests, "kv_tokens": shape.kv_tokens,
+                                "shape": shape.to_dict(), "seconds": t.seconds, "gpu_seconds": t.gpu_seconds,
+                                "seconds_fast": t.seconds_fast, "gpu_seconds_fast": t.gpu_seconds_fast})
                 del runner
                 release_memory(str(self.device))
         self.log(f"step overheads ({model})")

@@ -4,8 +4,9 @@
 The shapes are deliberately off the microbenchmark grids (odd prompt lengths, batch sizes and contexts),
 so that checking the cost model against them is not circular. With TP > 1 the model is sharded over one
 process per GPU (`backend.parallel`) and rank 0 times. Each row: category, execution, TP, the
-step shape (JSON), median wall seconds (what the cost model predicts: CPU overhead included) and median
-GPU seconds (CUDA events around the forward pass and sampling).
+step shape (JSON), wall seconds (what the cost model predicts: CPU overhead included) and GPU seconds
+(CUDA events around the forward pass and sampling), each as the median and the fast-phase statistic over
+rounds spread in time (`calibrate.steps.StepTiming`).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ import torch.multiprocessing as mp
 
 from backend.parallel import Shard
 from calibrate.collectives import free_port
-from calibrate.steps import StepRunner, cache_blocks, release_memory
+from calibrate.steps import SERVING_CACHE_FRACTION, StepRunner, cache_blocks, release_memory
 from hardware.catalog import get_model
 from hardware.operators import StepShape
 
@@ -32,6 +33,7 @@ PREFILL = (131, 397, 1000, 2900, 6000, 11000, 16000)
 DECODE_BATCH = (1, 3, 13, 37, 90, 200, 256)
 DECODE_CONTEXT = (300, 1100, 3000, 7000, 16000)
 MIXED = ((500, 0, 7, 700), (1500, 2000, 30, 1300), (300, 6000, 60, 500), (2000, 0, 120, 900))
+REPEATS = 15  # rounds over all shapes: about a minute on a GPU, so that slow host phases are sampled
 
 
 def shapes(quick: bool, capacity: int) -> list[tuple[str, StepShape]]:
@@ -82,7 +84,7 @@ def _rank(rank: int, size: int, port: int, model: str, device: str, quick: bool,
 
 def _measure(model: str, device: str, quick: bool, log: Callable[[str], None], shard: Shard) -> pd.DataFrame:
     spec = get_model(model)
-    blocks = cache_blocks(spec, device, 0.85, shard.size)
+    blocks = cache_blocks(spec, device, SERVING_CACHE_FRACTION, shard.size)
     if shard.size > 1:  # every rank must run the same steps: the smallest cache decides
         agreed = torch.tensor([blocks], device=device)
         dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
@@ -92,11 +94,13 @@ def _measure(model: str, device: str, quick: bool, log: Callable[[str], None], s
     for graphs in modes:
         runner = StepRunner(spec, device, blocks, cuda_graphs=graphs, max_requests=512, shard=shard)
         cases = [(c, shape) for c, shape in shapes(quick, runner.capacity) if not graphs or c == "decode"]
-        timed = runner.time([shape for _, shape in cases], repeats=3 if quick else 5)
-        for (category, shape), (wall, gpu, execution) in zip(cases, timed):
-            rows.append({"model": spec.id, "category": category, "execution": execution, "tp": shard.size,
-                         "shape": json.dumps(shape.to_dict()), "seconds": wall, "gpu_seconds": gpu})
-            log(f"{category} {execution} {shape.num_requests} requests: {wall * 1e3:.2f} ms")
+        timed = runner.time([shape for _, shape in cases], repeats=3 if quick else REPEATS)
+        for (category, shape), t in zip(cases, timed):
+            rows.append({"model": spec.id, "category": category, "execution": t.execution, "tp": shard.size,
+                         "shape": json.dumps(shape.to_dict()), "seconds": t.seconds, "gpu_seconds": t.gpu_seconds,
+                         "seconds_fast": t.seconds_fast, "gpu_seconds_fast": t.gpu_seconds_fast})
+            log(f"{category} {t.execution} {shape.num_requests} requests: {t.seconds * 1e3:.2f} ms "
+                f"(fast {t.seconds_fast * 1e3:.2f})")
         del runner
         release_memory(device)
     return pd.DataFrame(rows)

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Calibration on a lent GPU machine (the device tool): profile, whole-model reference steps, validation.
 # Usage (repository root, on the device): OUT=dir [MODELS=a,b] [TPS=1,2,4,8] [SUITES=...] [REF=1] \
-#   bash calibrate/run_device.sh
+#   [REF_TP="1 2"] bash calibrate/run_device.sh
 # The device image has torch; pydantic and simpy come from wheels carried in .device/wheels.
 set -euo pipefail
 PY=${PY:-/opt/torch/.venv/bin/python}
@@ -19,7 +19,12 @@ ARGS=()
 [ -n "${SUITES:-}" ] && ARGS+=(--suites "$SUITES")
 time $PY -m sim calibrate --out "$OUT/$ID.json" --raw "$OUT/${ID}_raw.json" "${ARGS[@]}" > "$OUT/${ID}_summary.json"
 if [ "${REF:-1}" = 1 ]; then
-  time $PY -m sim calibrate reference --out "$OUT/${ID}_llama-3-8b_steps.csv"
-  $PY -m sim calibrate validate "$OUT/${ID}_llama-3-8b_steps.csv" --gpu "$ID" --profile "$OUT/$ID.json" > /dev/null
+  export NCCL_NVLS_ENABLE=0
+  for tp in ${REF_TP:-1}; do
+    steps="$OUT/${ID}_llama-3-8b_steps.csv"
+    [ "$tp" != 1 ] && steps="$OUT/${ID}_llama-3-8b_tp${tp}_steps.csv"
+    time $PY -m sim calibrate reference --tp "$tp" --out "$steps"
+    $PY -m sim calibrate validate "$steps" --gpu "$ID" --profile "$OUT/$ID.json" > /dev/null || true
+  done
 fi
 [ -f "$OUT/gpu_check.txt" ] && tail -4 "$OUT/gpu_check.txt"

@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import math
 import statistics
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -56,8 +57,8 @@ class StepRunner:
         self.requests.blocks[:] = 0
         self.executor.sync_tables()
 
-    def time(self, shapes: list[StepShape], repeats: int = 5) -> list[tuple[float, float, str]]:
-        """Median wall seconds, GPU seconds and execution ("graph" or "eager") of each step.
+    def time(self, shapes: list[StepShape], repeats: int = 5) -> list[StepTiming]:
+        """Wall and GPU seconds of each step over `repeats` runs: medians and fast-phase (10th percentile).
 
         The shapes are run round-robin `repeats` times after a warm-up round (which also captures the CUDA
         graphs), so that slow phases of a shared host spread over all shapes instead of spoiling some."""
@@ -69,8 +70,34 @@ class StepRunner:
                 self.release()
                 if round_:
                     runs[i].append(outcome)
-        return [(statistics.median(o.seconds for o in r), statistics.median(o.gpu_seconds for o in r), r[-1].execution)
-                for r in runs]
+        return [StepTiming.of(r) for r in runs]
+
+
+@dataclass(frozen=True)
+class StepTiming:
+    """Timings of one step shape over repeated runs. The lent hosts' CPUs run in fast and slow phases of
+    seconds (a CPU-only loop slows by 1.7x and more), which host-bound eager steps follow; the 10th
+    percentile over rounds spread in time is the host at its nominal speed, the median the typical run."""
+
+    seconds: float
+    gpu_seconds: float
+    seconds_fast: float
+    gpu_seconds_fast: float
+    execution: str
+
+    @classmethod
+    def of(cls, outcomes: list) -> StepTiming:
+        wall = [o.seconds for o in outcomes]
+        gpu = [o.gpu_seconds for o in outcomes]
+        return cls(statistics.median(wall), statistics.median(gpu), fast(wall), fast(gpu), outcomes[-1].execution)
+
+
+def fast(values: list[float]) -> float:
+    """The fast-phase statistic of repeated timings: their 10th percentile."""
+    return float(np.percentile(values, 10))
+
+
+SERVING_CACHE_FRACTION = 0.85  # of the free memory, for whole-step timings: the host's work per step grows with it
 
 
 def cache_blocks(spec: ModelSpec, device: str, fraction: float, tp: int = 1, block_size: int = 16) -> int:

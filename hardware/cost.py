@@ -3,13 +3,22 @@
     op time   = max(flops / (peak_flops * eff_c), bytes / (hbm_bw * eff_m)) + kernels * launch_graph
     collective= steps * link_latency + moved_bytes / (link_bw * eff_link)   (ring all-reduce: 2(n-1) steps,
                 moving 2(n-1)/n of the payload; all-gather: n-1 steps, (n-1)/n; send/recv: 1 step, all)
-    stage     = sum of its operators (GPU time); eager: at least kernels * launch_eager (host dispatch)
-    step time = sum over pipeline stages + CPU overhead of the step (+ per request in it)
+    stage     = sum of its operators (GPU time); eager: at least kernels * launch_eager (host dispatch, NCCL
+                calls + launch_collective each)
+    step time = sum over pipeline stages + CPU overhead of the step (+ per request, + per KV token held)
 
 Efficiencies come from a calibration profile (`hardware.profile`), falling back to documented defaults;
 a calibrated profile's measured GEMM, named-operator, attention and collective surfaces take precedence
-over its per-kind curves. A profile from another GPU keeps its efficiencies and takes this GPU's peaks:
-a kernel is assumed to reach the same fraction of the roofline at the same shape (the what-if rule).
+over its per-kind curves. A profile from another catalog GPU prices each kernel as on that GPU, t_src,
+against its roofline there, r_src; on this GPU the roofline part moves to this GPU's datasheet peaks and
+the excess stays, scaled by the ratio of SM counts (the what-if rule):
+
+    t = r_this + (t_src - r_src) * sm_src / sm_this     (compute and memory sides alike)
+
+A kernel near its roofline thus speeds up by the datasheet ratio, a latency- or occupancy-bound one (a
+decode attention of few sequences, a GEMM of few rows) hardly at all: measured between the H100 and the
+H200 (bandwidth 1.43x), GEMMs at 80-100% of the H100's bandwidth ran 1.43x faster, at 20-30% 1.04x.
+Host overheads and collectives (links) are taken as they are.
 Decode-only steps run as CUDA graphs when enabled (vLLM's rule: the batch is padded to the next captured
 size, at most 512); any step with a prefill or verification runs eagerly.
 """
@@ -22,6 +31,7 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from hardware.deployment import Deployment
+from hardware.errors import ServesimError
 from hardware.operators import (
     Operator,
     StepShape,
@@ -33,6 +43,7 @@ from hardware.operators import (
     pipeline_operator,
 )
 from hardware.profile import COLLECTIVE_KINDS, DEFAULT_PROFILE, Curve, Profile, TimeTables
+from hardware.specs import GPUSpec
 
 # vLLM's default CUDA-graph capture sizes (1, 2, 4, then multiples of 8 up to 512).
 GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, *range(8, 513, 8))
@@ -161,10 +172,11 @@ def collective_shape(op: Operator) -> tuple[int, float]:
     return 1, 1.0
 
 
-def peak_flops(dep: Deployment, kind: str) -> float:
-    """The datasheet FLOP/s an operator kind is measured against: tensor cores for GEMMs (at the weights'
-    dtype) and attention (at the activations' dtype), fp32 CUDA cores for everything else."""
-    gpu = dep.gpu
+def peak_flops(dep: Deployment, kind: str, gpu: GPUSpec | None = None) -> float:
+    """The datasheet FLOP/s an operator kind is measured against (on `gpu`, by default the deployment's):
+    tensor cores for GEMMs (at the weights' dtype) and attention (at the activations' dtype), fp32 CUDA
+    cores for everything else."""
+    gpu = gpu or dep.gpu
     if kind == "gemm":
         return gpu.matmul_flops(dep.weight_dtype)
     if kind.startswith("attention"):
@@ -225,13 +237,21 @@ class CostModel:
         links = [dep.pp_link if op.kind == "send-recv" else dep.tp_link for op in self._ops]
         steps, self._moved = (np.array(v, dtype=float) for v in zip(*map(collective_shape, self._ops)))
         self._latency = np.where(self._comm, steps * np.array([link.latency for link in links]), 0.0)
-        self._peak_c = np.array([peak_flops(dep, op.kind) for op in self._ops])
+        # The profile's efficiencies are fractions of its own GPU's roofline: evaluate them there, and move
+        # the times to this GPU by the what-if rule in `price` when the profile is another GPU's.
+        self._source = _profile_gpu(self.profile, gpu)
+        src = self._source or gpu
+        self._peak_c = np.array([peak_flops(dep, op.kind, src) for op in self._ops])
+        self._bandwidth = src.hbm_bandwidth
+        if self._source is not None:
+            self._target_c = np.array([peak_flops(dep, op.kind) for op in self._ops])
+            self._excess = self._source.sm_count / gpu.sm_count
         self._gemm_peak = gpu.matmul_flops(dep.weight_dtype)
         curves = [self._curves(op) for op in self._ops]
         self._derived = np.flatnonzero([derived for *_, derived in curves])  # operator indices
         self._tables = TimeTables([c for c, _, _ in curves] + [m for _, m, _ in curves])
         self._table_ids = np.arange(2 * n)
-        self._peaks = np.concatenate([self._peak_c, [link.bandwidth if c else gpu.hbm_bandwidth
+        self._peaks = np.concatenate([self._peak_c, [link.bandwidth if c else self._bandwidth
                                                      for link, c in zip(links, self._comm)]])
         # Attention kernels measured over their shape: (operator index, surface), evaluated per step.
         self._surfaces = [(i, s) for i, op in enumerate(self._ops) if op.kind.startswith("attention")
@@ -280,12 +300,16 @@ class CostModel:
         tc, tm = sides[: self._n], sides[self._n:]
         if self._derived.size:  # measured GEMMs: the compute side's efficiency e(M) applies to the bytes too
             d = self._derived
-            tm[d] = tc[d] * (nbytes[d] / dep.gpu.hbm_bandwidth) / np.maximum(flops[d] / self._peak_c[d], 1e-300)
+            tm[d] = tc[d] * (nbytes[d] / self._bandwidth) / np.maximum(flops[d] / self._peak_c[d], 1e-300)
         for i, surface in self._surfaces:
             xy = _attention_coordinates(surface.kind, t)
             if xy is not None:
                 e = surface.at(*xy)
-                tc[i], tm[i] = flops[i] / (self._peak_c[i] * e), nbytes[i] / (dep.gpu.hbm_bandwidth * e)
+                tc[i], tm[i] = flops[i] / (self._peak_c[i] * e), nbytes[i] / (self._bandwidth * e)
+        if self._source is not None:  # what-if: the roofline part moves to this GPU's peaks, the excess stays
+            dense = ~self._comm
+            tc = np.where(dense, flops / self._target_c + self._excess * (tc - flops / self._peak_c), tc)
+            tm = np.where(dense, nbytes / dep.gpu.hbm_bandwidth + self._excess * (tm - nbytes / self._bandwidth), tm)
         ovh = self.profile.overheads
         launched = present * self._kernels * self._count
         total = (np.maximum(tc, tm) + present * self._latency) * self._count + launched * ovh.launch_graph
@@ -295,12 +319,28 @@ class CostModel:
             overhead = ovh.step_graph + ovh.step_graph_per_request * shape.num_requests
         else:  # the host dispatches kernels while the GPU runs them: a stage takes the longer of the two
             launch = ovh.launch_eager
-            host = np.bincount(self._stage, weights=launched * launch, minlength=dep.pp)
+            calls = launched * launch + (present * self._comm * self._count) * ovh.launch_collective
+            host = np.bincount(self._stage, weights=calls, minlength=dep.pp)
             stage_seconds = np.maximum(stage_seconds, host)
             overhead = ovh.step_eager + ovh.step_eager_per_request * shape.num_requests
+        if ovh.step_per_kv_token:
+            overhead += ovh.step_per_kv_token * shape.kv_tokens
         return StepCost(self, float(stage_seconds.sum()) + overhead, tuple(stage_seconds.tolist()),
                         "graph" if graph else "eager", t.tokens, launch, overhead, self._count @ work,
                         (flops, nbytes, payload, tc, tm, total, present))
+
+
+def _profile_gpu(profile: Profile, gpu: GPUSpec) -> GPUSpec | None:
+    """The catalog GPU a calibrated profile was measured on, when it is not `gpu` (None otherwise, and for
+    profiles of GPUs outside the catalog, whose efficiencies then apply to this GPU's peaks as they are)."""
+    if profile.gpu in ("default", gpu.id):
+        return None
+    from hardware.catalog import get_gpu
+
+    try:
+        return get_gpu(profile.gpu)
+    except ServesimError:
+        return None
 
 
 def _attention_coordinates(kind: str, t: StepTotals) -> tuple[float, float] | None:

@@ -80,6 +80,12 @@ class StepShape:
     def num_requests(self) -> int:
         return self.prefill_tokens.size + self.decode_context.size + self.verify_tokens.size
 
+    @property
+    def kv_tokens(self) -> int:
+        """Tokens that the step's requests hold in the KV cache once it has run (their block tables)."""
+        return int(self.prefill_cached.sum() + self.prefill_tokens.sum() + self.decode_context.sum()
+                   + self.decode_context.size + self.verify_context.sum() + self.verify_tokens.sum())
+
     def to_dict(self) -> dict[str, list[int]]:
         """Prefill chunks, decodes and verifications as plain lists (the line format of a replay's
         batches.jsonl; verification keys only when the step has any)."""

@@ -95,7 +95,9 @@ class KindEfficiency(Spec):
 class Overheads(Spec):
     """Fixed costs in seconds: host dispatch per kernel in eager mode, GPU time per kernel beyond its
     roofline share, and per step on the CPU (scheduling, input preparation, sampling), which may grow by
-    `*_per_request` with the requests in the step."""
+    `*_per_request` with the requests in the step and by `step_per_kv_token` with the tokens their block
+    tables hold (the host builds the attention's key indices from them every step). An eager collective
+    call (NCCL) costs the host `launch_collective` more than a kernel's dispatch."""
 
     launch_eager: float = Field(ge=0.0)
     launch_graph: float = Field(ge=0.0)
@@ -103,6 +105,8 @@ class Overheads(Spec):
     step_graph: float = Field(ge=0.0)
     step_eager_per_request: float = Field(0.0, ge=0.0)
     step_graph_per_request: float = Field(0.0, ge=0.0)
+    step_per_kv_token: float = Field(0.0, ge=0.0)
+    launch_collective: float = Field(0.0, ge=0.0)
 
 
 class GemmCurve(Spec):

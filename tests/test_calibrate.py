@@ -8,6 +8,7 @@ import json
 import math
 
 import numpy as np
+import pandas as pd
 import pytest
 
 from calibrate.fit import fit_profile, layer_kernels
@@ -78,23 +79,30 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
         t = 2 * link.latency + moved / link.bandwidth / true_memory(moved)
         records.append({"op": "all-reduce", "kind": "all-reduce", "ranks": 2, "comm_bytes": float(size),
                         "seconds": t * jitter()})
-    # Whole steps: eager host-bound at 20 us per kernel plus 1 ms + 10 us per request; graphs 0.5 ms + 5 us.
+    records.append({"op": "dispatch", "kind": "collective-dispatch", "ranks": 2, "seconds": 30e-6,
+                    "kernel_seconds": 9e-6})
+    # Whole steps: eager host-bound at 20 us per kernel plus 1 ms + 10 us per request; graphs 0.5 ms + 5 us;
+    # both 0.02 us per KV token held, outside the GPU's window (`gpu_seconds`).
     truth = DEFAULT_PROFILE.overheads.model_copy(update={"launch_eager": 20e-6, "launch_graph": LAUNCH,
                                                          "step_eager": 1e-3, "step_eager_per_request": 10e-6,
-                                                         "step_graph": 5e-4, "step_graph_per_request": 5e-6})
+                                                         "step_graph": 5e-4, "step_graph_per_request": 5e-6,
+                                                         "step_per_kv_token": 2e-8, "launch_collective": 21e-6})
     steps = []
     for layers in (2, 4):
         spec = get_model("tiny-llama").model_copy(update={"num_hidden_layers": layers})
-        for b in (1, 8, 64, 256):
-            shape = StepShape.build(decode=[63] * b)
+        for b, ctx in ((1, 63), (8, 63), (64, 63), (256, 63), (8, 4095), (64, 2047)):
+            shape = StepShape.build(decode=[ctx] * b)
             k_layer, k_other = layer_kernels(spec, shape, GPU)
-            host = (truth.step_eager + truth.step_eager_per_request * b
-                    + truth.launch_eager * (k_layer * layers + k_other))
+            kv = truth.step_per_kv_token * shape.kv_tokens
+            dispatch = truth.launch_eager * (k_layer * layers + k_other)
+            outside = (truth.step_eager + truth.step_eager_per_request * b) * jitter() + kv
             steps.append({"model": "tiny-llama", "layers": layers, "execution": "eager", "requests": b,
-                          "shape": shape.to_dict(), "seconds": host * jitter()})
+                          "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(), "seconds": outside + dispatch,
+                          "gpu_seconds": dispatch})
             overhead = truth.step_graph + truth.step_graph_per_request * b
             steps.append({"model": "tiny-llama", "layers": layers, "execution": "graph", "requests": b,
-                          "shape": shape.to_dict(), "truth_overhead": overhead})
+                          "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(), "truth_overhead": overhead,
+                          "truth_kv": kv})
     return {"records": records, "fixed": {"graph_kernel_seconds": LAUNCH}, "steps": steps, "truth": truth}
 
 
@@ -105,7 +113,8 @@ def _finish_graph_steps(raw: dict, profile: Profile) -> None:
             spec = get_model("tiny-llama").model_copy(update={"num_hidden_layers": s["layers"]})
             priced = CostModel(Deployment.build(spec, GPU), profile, cuda_graphs=True).price(
                 StepShape.from_dict(s["shape"]))
-            s["seconds"] = s.pop("truth_overhead") + sum(priced.stage_seconds)
+            s["gpu_seconds"] = sum(priced.stage_seconds) + s["truth_overhead"] / 2  # half its overhead inside
+            s["seconds"] = s.pop("truth_overhead") + sum(priced.stage_seconds) + s.pop("truth_kv")
 
 
 @pytest.fixture(scope="module")
@@ -116,8 +125,9 @@ def fitted() -> tuple[dict, Profile]:
     rng = np.random.default_rng(2)
     for s, e in zip(noisy["steps"], exact["steps"]):
         if s["execution"] == "graph":
-            s.pop("truth_overhead")
+            s.pop("truth_overhead"), s.pop("truth_kv")
             s["seconds"] = e["seconds"] * float(np.exp(rng.normal(0.0, 0.02)))
+            s["gpu_seconds"] = e["gpu_seconds"]
     return noisy, fit_profile(noisy, GPU, {"source": "synthetic"})
 
 
@@ -175,6 +185,27 @@ def test_fit_recovers_overheads(fitted) -> None:
     assert got.step_eager_per_request == pytest.approx(truth.step_eager_per_request, rel=0.25)
     assert got.step_graph == pytest.approx(truth.step_graph, rel=0.25)
     assert got.step_graph_per_request == pytest.approx(truth.step_graph_per_request, rel=0.25)
+    assert got.step_per_kv_token == pytest.approx(truth.step_per_kv_token, rel=0.25)
+    assert got.launch_collective == pytest.approx(truth.launch_collective)
+
+
+def test_host_overheads_in_priced_steps(fitted) -> None:
+    """The KV tokens held add host time to any step; eager TP steps pay each NCCL call's dispatch."""
+    _, profile = fitted
+    ovh = profile.overheads
+    dep = Deployment.build("tiny-llama", GPU)
+    short, long = StepShape.build(decode=[15] * 4), StepShape.build(decode=[3999] * 4)
+    graph = CostModel(dep, profile, cuda_graphs=True)
+    gap = graph.price(long).overhead_seconds - graph.price(short).overhead_seconds
+    assert gap == pytest.approx(ovh.step_per_kv_token * (long.kv_tokens - short.kv_tokens))
+    tp2 = Deployment.build("tiny-llama", GPU, tp=2)
+    tiny = StepShape.build(prefill=[8])  # host-bound: the stage time is the host's dispatch
+    base = CostModel(tp2, profile.model_copy(update={"overheads": ovh.model_copy(update={"launch_collective": 0.0})}),
+                     cuda_graphs=False).price(tiny)
+    with_nccl = CostModel(tp2, profile, cuda_graphs=False).price(tiny)
+    calls = sum(r.count for r in with_nccl.breakdown if r.kind in ("all-reduce", "all-gather"))
+    assert calls >= 2 * tp2.model.num_hidden_layers
+    assert with_nccl.seconds - base.seconds == pytest.approx(calls * ovh.launch_collective)
 
 
 def test_cost_model_reproduces_a_measured_gemm(fitted) -> None:
@@ -229,19 +260,35 @@ def test_resolve_profile_names() -> None:
         resolve_profile("l40s", "h100-sxm-80gb")
 
 
-def test_borrowed_profile_scales_by_datasheet_peaks() -> None:
-    """What-if rule: another GPU's efficiencies on this GPU's peaks; a memory-bound kernel's time scales by
-    the bandwidth ratio, a compute-bound one's by the FLOP/s ratio."""
+@pytest.mark.parametrize("target", ["h200", "a100"])
+def test_borrowed_profile_moves_the_roofline_part_and_keeps_the_excess(target) -> None:
+    """What-if rule: each kernel's time on the profiled GPU less its roofline there is kept (scaled by the SM
+    counts' ratio); the roofline part moves to this GPU's datasheet peaks."""
     h100 = packaged_profile("h100-sxm-80gb")
     assert h100 is not None and h100.gemm and h100.attention
-    a = CostModel(Deployment.build("llama-3-8b", "h100"), h100)
-    b = CostModel(Deployment.build("llama-3-8b", "h200"), h100)
-    decode = StepShape.build(decode=[1000])  # weights streaming: memory bound
-    ra = {r.name: r for r in a.price(decode).breakdown}
-    rb = {r.name: r for r in b.price(decode).breakdown}
+    src, dst = get_gpu("h100"), get_gpu(target)
+    a = CostModel(Deployment.build("llama-3-8b", src), h100)
+    b = CostModel(Deployment.build("llama-3-8b", dst), h100)
     launch = h100.overheads.launch_graph
-    ratio = get_gpu("h200").hbm_bandwidth / get_gpu("h100").hbm_bandwidth
-    assert (ra["down_proj"].seconds - 32 * launch) / (rb["down_proj"].seconds - 32 * launch) == pytest.approx(ratio)
+    checked = 0
+    for shape in (StepShape.build(decode=[1000] * 4), StepShape.build(prefill=[4000])):
+        ra = {r.name: r for r in a.price(shape).breakdown}
+        for r in b.price(shape).breakdown:
+            if r.kind in ("gemm", "attention-prefill", "attention-decode", "elementwise"):
+                dep = b.dep
+                roof = lambda g, x: max(x.flops / peak_flops(dep, x.kind, g), x.bytes / g.hbm_bandwidth)  # noqa: E731
+                kernels = r.count * next(op.kernels for op in b._ops if op.name == r.name)
+                t_src, t_dst = ra[r.name].seconds - kernels * launch, r.seconds - kernels * launch
+                want = roof(dst, r) + (t_src - roof(src, ra[r.name])) * src.sm_count / dst.sm_count
+                assert t_dst == pytest.approx(want, rel=1e-6), r.name
+                checked += 1
+    assert checked >= 10
+    # a kernel at its roofline speeds up by the datasheet ratio, a latency-bound one by less
+    decode = {r.name: r for r in b.price(StepShape.build(decode=[1000])).breakdown}
+    src_decode = {r.name: r for r in a.price(StepShape.build(decode=[1000])).breakdown}
+    speedup = {n: src_decode[n].seconds / decode[n].seconds for n in ("gate_up_proj", "attention_decode")}
+    if target == "h200":
+        assert 1.0 < speedup["attention_decode"] < speedup["gate_up_proj"] < dst.hbm_bandwidth / src.hbm_bandwidth
 
 
 def test_attention_surface_interpolates_in_log_space() -> None:
@@ -335,3 +382,53 @@ def test_tensor_parallel_reference_steps_on_cpu(tmp_path, capsys) -> None:
     capsys.readouterr()
     assert main(["calibrate", "validate", str(out), "--gpu", "h100", "--profile", "datasheet"]) == 0
     assert json.loads(capsys.readouterr().out)["categories"][0]["tp"] == 2
+
+
+def test_fast_phase_statistic_and_validation_options(tmp_path, capsys) -> None:
+    """Steps are read by their fast phase (10th percentile) where recorded; --overheads swaps the host's
+    overheads; --refit --steps takes a later run's whole steps; bad options fail in one line."""
+    pytest.importorskip("torch")
+    from calibrate.steps import StepTiming
+    from calibrate.validate import compare
+    from sim.cli import main
+    from sim.executor import StepOutcome
+
+    runs = [StepOutcome(seconds=s, execution="eager", gpu_seconds=s - 1e-3) for s in (0.02, 0.03, 0.01, 0.04, 0.05)]
+    t = StepTiming.of(runs)
+    assert t.seconds == 0.03 and t.seconds_fast == pytest.approx(0.014) and t.gpu_seconds_fast == pytest.approx(0.013)
+    shape = json.dumps(StepShape.build(decode=[300] * 4).to_dict())
+    df = pd.DataFrame([{"model": "llama-3-8b", "category": "decode", "execution": "graph", "tp": 1, "shape": shape,
+                        "seconds": 0.012, "gpu_seconds": 0.011, "seconds_fast": 0.010, "gpu_seconds_fast": 0.009}])
+    profile = packaged_profile("h100-sxm-80gb")
+    steps, _ = compare(df, "h100-sxm-80gb", profile)
+    assert steps["measured"].iloc[0] == 0.010
+    steps, _ = compare(df, "h100-sxm-80gb", profile, "median")
+    assert steps["measured"].iloc[0] == 0.012
+    path = tmp_path / "steps.csv"
+    df.to_csv(path, index=False)
+    slow = profile.overheads.model_copy(update={"step_graph": 1.0})
+    host = tmp_path / "host.json"
+    host.write_text(profile.model_copy(update={"overheads": slow}).model_dump_json())
+    capsys.readouterr()
+    assert main(["calibrate", "validate", str(path), "--gpu", "h100"]) == 0
+    base = json.loads(capsys.readouterr().out)
+    assert main(["calibrate", "validate", str(path), "--gpu", "h100", "--overheads", str(host)]) == 0
+    swapped = json.loads(capsys.readouterr().out)
+    assert swapped["categories"][0]["mape"] > base["categories"][0]["mape"] + 1000  # 1 s more per step
+    df.drop(columns=["seconds_fast"]).to_csv(path, index=False)
+    assert main(["calibrate", "validate", str(path), "--gpu", "h100", "--statistic", "fast"]) == 2
+    assert "no seconds_fast column" in capsys.readouterr().err
+    raw = synthetic_raw(noise=0.0)
+    later = {"records": [{"kind": "collective-dispatch", "ranks": 2, "seconds": 40e-6, "kernel_seconds": 10e-6}],
+             "steps": raw.pop("steps")[:4], "metadata": {"command": "later"}}
+    for s in later["steps"]:
+        s.setdefault("seconds", 0.01)
+    first, second = tmp_path / "raw.json", tmp_path / "later.json"
+    first.write_text(json.dumps({**raw, "gpu": "h100-sxm-80gb", "metadata": {}, "truth": None}))
+    second.write_text(json.dumps(later))
+    out = tmp_path / "p.json"
+    assert main(["calibrate", "--refit", "--raw", str(first), "--steps", str(second), "--out", str(out)]) == 0
+    fitted = load_profile(out)
+    assert fitted.overheads.launch_collective == pytest.approx(30e-6)
+    assert fitted.metadata["steps_command"] == "later"
+    assert main(["calibrate", "--refit", "--raw", str(first), "--steps", str(first), "--out", str(out)]) == 2
