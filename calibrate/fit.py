@@ -203,7 +203,9 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
         if math.isfinite(_gpu(s)):
             runs[s["layers"]].append(s)
     if runs:  # the run in the host's fastest phase: a slow phase (seconds long) can cover a whole run
-        launch, timed = min((float(np.median([_gpu(s) / kernels(s) for s in run])), run) for run in runs.values())
+        per_kernel = {n: float(np.median([_gpu(s) / kernels(s) for s in run])) for n, run in runs.items()}
+        fastest = min(per_kernel, key=per_kernel.__getitem__)
+        launch, timed = per_kernel[fastest], runs[fastest]
         step, per_request = _robust_line([s["requests"] for s in timed],
                                          [_wall(s) - _gpu(s) - per_kv * s.get("kv_tokens", 0) for s in timed])
         fitted.update(launch_eager=launch, step_eager=step, step_eager_per_request=per_request)
