@@ -255,8 +255,7 @@ class Bench:
                 for shape, t in zip(shapes, runner.time(shapes, repeats=3 if quick else 15)):
                     out.append({"model": model, "layers": layers, "execution": t.execution,
                                 "requests": shape.num_requests, "kv_tokens": shape.kv_tokens,
-                                "shape": shape.to_dict(), "seconds": t.seconds, "gpu_seconds": t.gpu_seconds,
-                                "seconds_fast": t.seconds_fast, "gpu_seconds_fast": t.gpu_seconds_fast})
+                                "shape": shape.to_dict(), **t.columns()})
                 del runner
                 release_memory(str(self.device))
         self.log(f"step overheads ({model})")

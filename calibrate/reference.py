@@ -97,8 +97,7 @@ def _measure(model: str, device: str, quick: bool, log: Callable[[str], None], s
         timed = runner.time([shape for _, shape in cases], repeats=3 if quick else REPEATS)
         for (category, shape), t in zip(cases, timed):
             rows.append({"model": spec.id, "category": category, "execution": t.execution, "tp": shard.size,
-                         "shape": json.dumps(shape.to_dict()), "seconds": t.seconds, "gpu_seconds": t.gpu_seconds,
-                         "seconds_fast": t.seconds_fast, "gpu_seconds_fast": t.gpu_seconds_fast})
+                         "shape": json.dumps(shape.to_dict()), **t.columns()})
             log(f"{category} {t.execution} {shape.num_requests} requests: {t.seconds * 1e3:.2f} ms "
                 f"(fast {t.seconds_fast * 1e3:.2f})")
         del runner

@@ -91,6 +91,11 @@ class StepTiming:
         gpu = [o.gpu_seconds for o in outcomes]
         return cls(statistics.median(wall), statistics.median(gpu), fast(wall), fast(gpu), outcomes[-1].execution)
 
+    def columns(self) -> dict[str, float]:
+        """The four timings as the columns of a measurement row (reference CSVs, raw step records)."""
+        return {"seconds": self.seconds, "gpu_seconds": self.gpu_seconds, "seconds_fast": self.seconds_fast,
+                "gpu_seconds_fast": self.gpu_seconds_fast}
+
 
 def fast(values: list[float]) -> float:
     """The fast-phase statistic of repeated timings: their 10th percentile."""
