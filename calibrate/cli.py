@@ -1,7 +1,7 @@
 """`servesim calibrate`: microbenchmarks to a profile, whole-model reference steps, and their validation.
 
     servesim calibrate --out PROFILE.json [--quick] [--gpu ID] [--models a,b] [--tp 1,2,4,8]
-    servesim calibrate --refit --raw RAW.json [--steps LATER_RAW.json] --out PROFILE.json
+    servesim calibrate --refit --raw RAW.json [--later LATER_RAW.json ...] --out PROFILE.json
     servesim calibrate reference --out STEPS.csv [--model llama-3-8b] [--quick]
     servesim calibrate validate STEPS.csv --gpu ID [--profile PROFILE.json|GPU-ID] [--overheads PROFILE.json|GPU-ID]
         [--statistic fast|median] [--out DIR]
@@ -45,8 +45,11 @@ def add_parser(sub: Any) -> None:
                      help="profile: which microbenchmark suites to run (default: all)")
     cal.add_argument("--raw", help="profile: also write the raw measurements here; with --refit, read them")
     cal.add_argument("--refit", action="store_true", help="profile: fit --raw measurements again, time nothing")
-    cal.add_argument("--steps", help="profile, with --refit: take the whole steps (and NCCL dispatch timings) from "
-                                     "this later raw file (e.g. `--suites fixed` run beside a reference)")
+    cal.add_argument("--later", "--steps", dest="later", action="append", metavar="LATER_RAW",
+                     help="profile, with --refit: overlay a later session's raw file: its whole steps replace the "
+                          "earlier ones (e.g. `--suites fixed` run beside a reference) and each group of records it "
+                          "measured (an attention head configuration, a GEMM shape, a collective over n ranks, the "
+                          "NCCL dispatch) replaces the same group; repeatable, applied in order")
     cal.add_argument("--model", help="reference: catalog model (default llama-3-8b; tiny-llama with --quick)")
     cal.add_argument("--profile", default="calibrated",
                      help="validate: profile JSON, the GPU id of a committed one, or 'calibrated' (default: the "
@@ -143,7 +146,7 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
 
     from calibrate.collectives import run_collectives
     from calibrate.fit import fit_profile
-    from calibrate.microbench import SUITES, run_all
+    from calibrate.microbench import SUITES, run_all, tp_overhead_steps
 
     if not args.out:
         raise ServesimError("--out: required (the profile JSON to write)")
@@ -159,9 +162,9 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
         except (json.JSONDecodeError, KeyError, TypeError) as exc:
             raise ServesimError(f"--raw = {args.raw!r}: not raw calibration measurements ({exc!r}); expected "
                                 "the --raw file of an earlier `servesim calibrate`") from None
-        if args.steps:
-            raw = _with_steps(raw, args.steps)
-            metadata = raw["metadata"]
+        for later in args.later or ():
+            raw = _overlay(raw, later)
+        metadata = raw["metadata"]
     else:
         device = _device(args)
         gpu = get_gpu(_gpu_id(args, device))
@@ -183,6 +186,10 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
         raw = run_all(torch.device(device), gpu, dense, tps, args.quick, dense[:3], _log, suites)
         if device.startswith("cuda") and "collectives" in suites:
             raw["records"] += run_collectives()
+            if "fixed" in suites:  # the overhead steps again as TP ranks: the host's cost per eager collective
+                gpus = torch.cuda.device_count()
+                raw["steps"] += tp_overhead_steps(dense[0], args.quick, "cuda", [2 ** e for e in range(1, 4)
+                                                                                 if 2 ** e <= gpus])
         raw.update(gpu=gpu.id, metadata=metadata)
         if args.raw:
             Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
@@ -195,18 +202,27 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
             "collectives": len(profile.collectives), "overheads": profile.overheads.model_dump()}
 
 
-def _with_steps(raw: dict[str, Any], path: str) -> dict[str, Any]:
-    """`raw` with the whole steps and collective-dispatch records of a later raw file (the host overheads
-    measured in the same session as a reference, over an earlier session's kernel microbenchmarks)."""
+RECORD_GROUP = ("kind", "op", "heads", "kv_heads", "head_dim", "ranks", "k", "n", "model", "tp")
+
+
+def _overlay(raw: dict[str, Any], path: str) -> dict[str, Any]:
+    """`raw` under a later raw file: the later whole steps (if any) replace the earlier, and every group of
+    records the later file holds (same kind, operator, head configuration, GEMM shape, ranks, model, TP)
+    replaces the earlier records of that group; other records stay (e.g. a later session re-timing one
+    model's attention, or the host overheads measured in the same session as a reference)."""
     try:
         later = json.loads(Path(path).read_text())
-        steps, records = later["steps"], later["records"]
-    except (OSError, json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise ServesimError(f"--steps = {path!r}: not raw calibration measurements with steps ({exc!r})") from None
-    dispatch = [r for r in records if r.get("kind") == "collective-dispatch"]
-    kept = [r for r in raw["records"] if not (dispatch and r.get("kind") == "collective-dispatch")]
-    meta = {**raw["metadata"], "steps_command": later.get("metadata", {}).get("command", path)}
-    return {**raw, "steps": steps, "records": kept + dispatch, "metadata": meta}
+        steps, records = later.get("steps") or raw.get("steps", []), later["records"]
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+        raise ServesimError(f"--later = {path!r}: not raw calibration measurements ({exc!r})") from None
+
+    def group(r: dict[str, Any]) -> tuple:
+        return tuple(r.get(k) for k in RECORD_GROUP)
+
+    replaced = {group(r) for r in records}
+    kept = [r for r in raw["records"] if group(r) not in replaced]
+    overlays = [*raw["metadata"].get("overlays", []), later.get("metadata", {}).get("command", path)]
+    return {**raw, "steps": steps, "records": kept + records, "metadata": {**raw["metadata"], "overlays": overlays}}
 
 
 def _validate(args: argparse.Namespace) -> dict[str, Any]:

@@ -2,8 +2,12 @@
 
 One process per GPU (torch.multiprocessing), torch.distributed with the NCCL backend and NVLink multicast
 off (NCCL_NVLS_ENABLE=0). All-reduce and all-gather run over the first 2, 4, 8 ... ranks (the TP degrees
-the GPUs allow), send/recv between ranks 0 and 1 (a pipeline hop). Each size is timed with CUDA events on
-every rank after a warm-up; the slowest rank's median is kept. It also times, in each group, the host's
+the GPUs allow), send/recv between ranks 0 and 1 (a pipeline hop). All-reduce and all-gather are timed as
+a TP step runs them: back to back inside a CUDA graph replayed between CUDA events (the ranks start
+together and stay in step), per call; a single eager call between events also times the ranks' skew and
+the launch (35 us for any message up to 1 MiB on two H200s, where the graph gives the NCCL kernel's own
+time). Send/recv (a pipeline hop between stages, outside graphs) is timed as single eager calls. The
+slowest rank's median is kept. It also times, in each group, the host's
 dispatch of one eager all-reduce call and of one plain kernel (back to back, wall clock): the eager steps
 of a TP rank pay the first for every collective. Payloads follow the cost model: an
 all-reduce's is the reduced tensor, an all-gather's the gathered output, a send/recv's the tensor sent.
@@ -13,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import statistics
 import tempfile
 import time
@@ -24,8 +27,39 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from calibrate.ranks import free_port
+
 SIZES = tuple(1 << e for e in range(10, 31, 2))  # 1 KiB .. 1 GiB
 KINDS = ("all-reduce", "all-gather", "send-recv")
+
+
+def _time_graph(fn: Any, nbytes: int, replays: int = 5) -> float:
+    """GPU seconds per call of `fn` (a collective), captured back to back in a CUDA graph."""
+    calls = max(1, min(20, (64 << 20) // max(nbytes, 1)))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        dist.barrier()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / calls)
+    del graph
+    return statistics.median(times)
 
 
 def _time(fn: Any, iters: int) -> float:
@@ -67,10 +101,17 @@ def _worker(rank: int, world: int, port: int, sizes: tuple[int, ...], path: str)
                 elif member:
                     x = torch.randn(elems, device=dev, dtype=torch.bfloat16)
                     fn = (lambda: dist.send(x, 1)) if rank == 0 else (lambda: dist.recv(x, 0))  # noqa: E731
-                worst = torch.tensor([_time(fn, 10)], device=dev)
+                timing = "eager" if kind == "send-recv" else "graph"
+                seconds = 0.0
+                if member:
+                    seconds = _time(fn, 10) if timing == "eager" else _time_graph(fn, size)
+                else:  # ranks outside the group join the barriers of the group's timing
+                    for _ in range(10 if timing == "eager" else 5):
+                        dist.barrier()
+                worst = torch.tensor([seconds], device=dev)
                 dist.all_reduce(worst, op=dist.ReduceOp.MAX)
                 out.append({"op": kind, "kind": kind, "ranks": n, "comm_bytes": float(size),
-                            "seconds": float(worst.item())})
+                            "seconds": float(worst.item()), "timing": timing})
     for n in ranks:  # host dispatch per eager call, in a TP rank: an all-reduce of 16 KiB and a plain kernel
         group, member = groups[n], rank < n
         x = torch.randn(8192, device=dev, dtype=torch.bfloat16)
@@ -102,12 +143,6 @@ def _dispatch(fn: Any, calls: int) -> float:
         runs.append((time.perf_counter() - t0) / calls)
         torch.cuda.synchronize()
     return statistics.median(runs)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def run_collectives(sizes: tuple[int, ...] = SIZES) -> list[dict[str, Any]]:

@@ -30,6 +30,7 @@ from hardware.cost import CostModel, collective_shape, peak_flops, step_operator
 from hardware.deployment import Deployment
 from hardware.operators import Operator, StepShape, StepTotals
 from hardware.profile import (
+    COLLECTIVE_KINDS,
     DEFAULT_PROFILE,
     AttentionSurface,
     CollectiveCurve,
@@ -128,14 +129,25 @@ def _collective_curves(records: list[dict[str, Any]], gpu: GPUSpec) -> tuple[Col
                  for (kind, ranks), pts in sorted(groups.items()))
 
 
+def _launched(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, tp: int = 1) -> list[tuple[Operator, int]]:
+    """The operators that launch work in an eager step of `spec` on one GPU of a TP group, with counts."""
+    t = StepTotals.of(shape, spec.sliding_window)
+    ops = step_operators(Deployment.build(spec, gpu, tp=tp), t, float(t.tokens), 0.0)
+    return [(op, c) for op, c in ops if op.flops or op.bytes or op.comm_bytes]
+
+
 def layer_kernels(spec: ModelSpec, shape: StepShape, gpu: GPUSpec) -> tuple[float, float]:
     """Kernels the cost model counts for a step of `spec`: (per decoder layer, outside the layers)."""
-    dep = Deployment.build(spec, gpu)
-    t = StepTotals.of(shape, spec.sliding_window)
-    ops = step_operators(dep, t, float(t.tokens), 0.0)
-    done = [(op, c) for op, c in ops if op.flops or op.bytes or op.comm_bytes]
+    done = _launched(spec, shape, gpu)
     layer = sum(op.kernels * c for op, c in done if c >= spec.num_hidden_layers) / spec.num_hidden_layers
     return layer, sum(op.kernels * c for op, c in done if c < spec.num_hidden_layers)
+
+
+def step_calls(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, tp: int = 1) -> tuple[float, float]:
+    """Host calls of an eager step of `spec` on one rank of TP `tp`: (kernels, of which collectives)."""
+    done = _launched(spec, shape, gpu, tp)
+    return (sum(op.kernels * c for op, c in done),
+            sum(op.kernels * c for op, c in done if op.kind in COLLECTIVE_KINDS))
 
 
 def _robust_line(x: list[float], y: list[float]) -> tuple[float, float]:
@@ -186,26 +198,16 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     wall less their priced GPU time and the KV tokens' part, over the requests.
     """
     base = DEFAULT_PROFILE.overheads
-    steps = raw.get("steps", [])
+    steps = [s for s in raw.get("steps", []) if s.get("tp", 1) == 1]
     per_kv = _per_kv_token(steps)
     fitted: dict[str, float] = {"launch_graph": launch_graph, "step_per_kv_token": per_kv}
     short = [s for s in steps if s.get("kv_tokens", 0) <= 64 * s["requests"]]  # little GPU work: host-bound
     eager = [s for s in short if s["execution"] == "eager"]
     graph = [s for s in short if s["execution"] == "graph"]
 
-    def kernels(s: dict[str, Any]) -> float:
-        spec = get_model(s.get("model", "tiny-llama"))
-        k_layer, k_other = layer_kernels(spec, StepShape.from_dict(s["shape"]), gpu)
-        return k_layer * s["layers"] + k_other
-
-    runs: dict[int, list[dict[str, Any]]] = defaultdict(list)  # one run of steps per model (layers)
-    for s in eager:
-        if math.isfinite(_gpu(s)):
-            runs[s["layers"]].append(s)
-    if runs:  # the run in the host's fastest phase: a slow phase (seconds long) can cover a whole run
-        per_kernel = {n: float(np.median([_gpu(s) / kernels(s) for s in run])) for n, run in runs.items()}
-        fastest = min(per_kernel, key=per_kernel.__getitem__)
-        launch, timed = per_kernel[fastest], runs[fastest]
+    runs = _fastest_run(eager, lambda s: _gpu(s) / _calls(s, gpu)[0])
+    if runs:
+        launch, timed = runs
         step, per_request = _robust_line([s["requests"] for s in timed],
                                          [_wall(s) - _gpu(s) - per_kv * s.get("kv_tokens", 0) for s in timed])
         fitted.update(launch_eager=launch, step_eager=step, step_eager_per_request=per_request)
@@ -232,10 +234,44 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
             residual.append(_wall(s) - sum(priced.stage_seconds) - per_kv * s.get("kv_tokens", 0))
         step, per_request = _robust_line([s["requests"] for s in graph], residual)
         fitted.update(step_graph=step, step_graph_per_request=per_request)
+    launch_eager = fitted.get("launch_eager", base.launch_eager)
+    tp_eager = [s for s in raw.get("steps", []) if s.get("tp", 1) > 1 and s["execution"] == "eager"
+                and s.get("kv_tokens", 0) <= 64 * s["requests"]]
     dispatch = [r["seconds"] - r["kernel_seconds"] for r in raw["records"] if r["kind"] == "collective-dispatch"]
-    if dispatch:  # an eager NCCL call's host cost beyond a plain kernel's, in a TP rank
+    if tp_run := _fastest_run(tp_eager, lambda s: _collective_excess(s, gpu, launch_eager)):
+        fitted["launch_collective"] = max(0.0, tp_run[0])
+    elif dispatch:  # an eager NCCL call's host cost beyond a plain kernel's, in a TP rank
         fitted["launch_collective"] = max(0.0, float(np.median(dispatch)))
     return base.model_copy(update={k: float(v) for k, v in fitted.items()})
+
+
+def _calls(s: dict[str, Any], gpu: GPUSpec) -> tuple[float, float]:
+    """(kernels, collectives) the cost model counts for a recorded whole step."""
+    spec = get_model(s.get("model", "tiny-llama")).model_copy(update={"num_hidden_layers": s["layers"]})
+    return step_calls(spec, StepShape.from_dict(s["shape"]), gpu, s.get("tp", 1))
+
+
+def _collective_excess(s: dict[str, Any], gpu: GPUSpec, launch_eager: float) -> float:
+    """Host seconds per collective of a host-bound eager TP step beyond its calls' plain dispatch: its GPU
+    window less kernels x `launch_eager`, over its collectives (NCCL's own dispatch and the wait for the
+    slower rank at each all-reduce)."""
+    kernels, collectives = _calls(s, gpu)
+    return (_gpu(s) - kernels * launch_eager) / collectives
+
+
+def _fastest_run(steps: list[dict[str, Any]], per_step: Any) -> tuple[float, list[dict[str, Any]]] | None:
+    """(median of `per_step`, the steps) of the run (steps of one model: same layers) whose median is the
+    smallest, among steps with a GPU window: the run in the host's fastest phase (a slow phase, seconds
+    long, can cover a whole run); None without such steps."""
+    runs: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for s in steps:
+        if math.isfinite(_gpu(s)):
+            runs[s["layers"]].append(s)
+    if not runs:
+        return None
+    medians = {n: float(np.median([per_step(s) for s in run])) for n, run in runs.items()}
+    fastest = min(medians, key=medians.__getitem__)
+    return medians[fastest], runs[fastest]
 
 
 def fit_profile(raw: dict[str, Any], gpu: GPUSpec, metadata: dict[str, Any]) -> Profile:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,9 @@ from backend.model import (
     rope_tables,
     varlen_attention,
 )
-from calibrate.steps import SERVING_CACHE_FRACTION, StepRunner, cache_blocks, release_memory
+from backend.parallel import Shard
+from calibrate.ranks import on_ranks
+from calibrate.steps import StepRunner, agreed_blocks, release_memory
 from calibrate.timing import Timer, variants_for
 from hardware.catalog import get_model
 from hardware.cost import step_operators
@@ -47,9 +50,11 @@ DECODE_CTX = (64, 256, 1024, 4096, 16384, 65536)
 MAX_KV_TOKENS = 2 ** 21  # per attention measurement (one layer's K and V, plus their gathered copy)
 POOL_BYTES = 16e9  # the K/V cache pool attention gathers from: large, as a server's (address translation)
 BLOCK = 16  # tokens per cache block, as the engine's default
+WAVES = 8  # wave boundaries measured (beyond 8 waves a partial wave adds at most 1/8)
+TILE_Q = 128  # query rows per FlashAttention-2 forward block
 QUICK = {"gemm_m": (1, 5, 32), "rows": (1, 8, 64), "prefill_q": (4, 32), "prefill_ratio": (1, 4),
          "decode_b": (1, 4), "decode_ctx": (16, 64), "max_kv": 4096,
-         "pool_bytes": 1e6}
+         "pool_bytes": 1e6, "waves": False}
 
 
 @dataclass
@@ -62,10 +67,23 @@ class Settings:
     decode_ctx: tuple[int, ...] = DECODE_CTX
     max_kv: int = MAX_KV_TOKENS
     pool_bytes: float = POOL_BYTES
+    waves: bool = True  # add grid points at the attention kernels' wave boundaries (`wave_points`)
 
     @classmethod
     def quick(cls) -> Settings:
         return cls(**QUICK)
+
+
+def wave_boundaries(ctas_per_item: int, sms: int, waves: int = WAVES) -> list[int]:
+    """The largest item counts whose blocks fill exactly 1..`waves` waves of a kernel launching
+    `ctas_per_item` blocks per item on `sms` SMs (one item more spills into the next wave).
+
+    FlashAttention's varlen kernel launches one block per (sequence, KV head) for a decode (the query heads
+    of a KV head packed as rows) and one per (128-query tile, head) for a prefill, and its time steps up
+    where the blocks spill into another wave (measured on an H200, 8 KV heads: decode attention per
+    sequence 11.4 us at 33 sequences, 13.3 us at 36). Measuring both sides of each step lets the surface
+    hold it, where interpolation between powers of two cannot (15-19% low at 36-37 sequences)."""
+    return sorted({k * sms // ctas_per_item for k in range(1, waves + 1)} - {0})
 
 
 def _decode_shape(rows: int) -> StepShape:
@@ -182,14 +200,21 @@ class Bench:
         tokens = max(max_kv + BLOCK * max(s.decode_b), int(s.pool_bytes / token_bytes))
         pool = (self.randn(tokens, dep.kv_heads_per_gpu, dep.model.head_size),
                 self.randn(tokens, dep.kv_heads_per_gpu, dep.model.head_size))
-        for q in s.prefill_q:
+        prefill_q, decode_b = list(s.prefill_q), list(s.decode_b)
+        if s.waves:  # both sides of each wave boundary (see `wave_boundaries`)
+            sms = self.gpu.sm_count
+            prefill_q = sorted(set(prefill_q) | {q for n in wave_boundaries(dep.heads_per_gpu, sms)
+                                                 for q in (TILE_Q * n, TILE_Q * n + 1) if q <= max(s.prefill_q)})
+            decode_b = sorted(set(decode_b) | {b for n in wave_boundaries(dep.kv_heads_per_gpu, sms)
+                                               for b in (n, n + 1) if b <= max(s.decode_b)})
+        for q in prefill_q:
             for r in s.prefill_ratio:
                 if q * r > max_kv:
                     continue
                 shape = StepShape.build(prefill=[q], prefill_cached=[q * (r - 1)])
                 sec = self._attention(dep, [(q, q * (r - 1))], pool)
                 out.append(_record(operators_at(dep, shape)["attention_prefill"], sec, x=q, y=r, seqs=1, **head))
-        for b in s.decode_b:
+        for b in decode_b:
             for ctx in s.decode_ctx:
                 if b * ctx > max_kv:
                     continue
@@ -233,33 +258,50 @@ class Bench:
         return {"gemm_flops": 2.0 * n ** 3 / gemm, "copy_bandwidth": 2.0 * size * src.element_size() / copy}
 
     def step_overheads(self, model: str, quick: bool) -> list[dict[str, Any]]:
-        """Whole executor steps of `model` with half and all of its layers: small decode and prefill steps,
-        host-bound when eager, and decodes of a few batches at longer contexts, that the fit turns into
-        per-kernel dispatch, per-step, per-request and per-KV-token overheads."""
-        out = []
-        base = get_model(model)
-        batches = (1, 8) if quick else (1, 8, 64, 256)
-        long = ((8, 127),) if quick else ((8, 1023), (8, 4095), (64, 1023))  # (batch, context)
-        decodes = [[63] * b for b in batches] + [[c] * b for b, c in long]
-        needed = max(len(d) * math.ceil((d[0] + 1) / 16) for d in decodes) + 64
-        for layers in sorted({max(1, base.num_hidden_layers // 2), base.num_hidden_layers}):
-            spec = base.model_copy(update={"num_hidden_layers": layers})
-            # a KV cache that fills the memory as a server's does (the host's per-step work depends on it)
-            blocks = max(needed, cache_blocks(spec, str(self.device), SERVING_CACHE_FRACTION))
-            for graphs in ((False,) if self.device.type != "cuda" else (False, True)):
-                runner = StepRunner(spec, str(self.device), num_blocks=blocks, cuda_graphs=graphs,
-                                    max_requests=max(batches))
-                shapes = [StepShape.build(decode=d) for d in decodes]
-                if not graphs:
-                    shapes += [StepShape.build(prefill=[32] * b) for b in batches[:2]]
-                for shape, t in zip(shapes, runner.time(shapes, repeats=3 if quick else 15)):
-                    out.append({"model": model, "layers": layers, "execution": t.execution,
-                                "requests": shape.num_requests, "kv_tokens": shape.kv_tokens,
-                                "shape": shape.to_dict(), **t.columns()})
-                del runner
-                release_memory(str(self.device))
+        out = overhead_steps(model, quick, str(self.device), Shard(), self.log)
         self.log(f"step overheads ({model})")
         return out
+
+
+def overhead_steps(model: str, quick: bool, device: str, shard: Shard,
+                   log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Whole executor steps of `model` with half and all of its layers (one TP rank's, under `shard`):
+    small decode and prefill steps, host-bound when eager, and decodes of a few batches at longer contexts,
+    that the fit turns into per-kernel dispatch, per-step, per-request and per-KV-token overheads (and,
+    under TP, the host's cost per eager collective)."""
+    out = []
+    base = get_model(model)
+    batches = (1, 8) if quick else (1, 8, 64, 256)
+    long = ((8, 127),) if quick else ((8, 1023), (8, 4095), (64, 1023))  # (batch, context)
+    decodes = [[63] * b for b in batches] + [[c] * b for b, c in long]
+    needed = max(len(d) * math.ceil((d[0] + 1) / 16) for d in decodes) + 64
+    for layers in sorted({max(1, base.num_hidden_layers // 2), base.num_hidden_layers}):
+        spec = base.model_copy(update={"num_hidden_layers": layers})
+        # a KV cache that fills the memory as a server's does (the host's per-step work depends on it)
+        blocks = max(needed, agreed_blocks(spec, device, shard))
+        for graphs in ((False,) if not device.startswith("cuda") else (False, True)):
+            runner = StepRunner(spec, device, num_blocks=blocks, cuda_graphs=graphs, max_requests=max(batches),
+                                shard=shard)
+            shapes = [StepShape.build(decode=d) for d in decodes]
+            if not graphs:
+                shapes += [StepShape.build(prefill=[32] * b) for b in batches[:2]]
+            for shape, t in zip(shapes, runner.time(shapes, repeats=3 if quick else 15)):
+                out.append({"model": model, "layers": layers, "tp": shard.size, "execution": t.execution,
+                            "requests": shape.num_requests, "kv_tokens": shape.kv_tokens,
+                            "shape": shape.to_dict(), **t.columns()})
+            del runner
+            release_memory(device)
+            log(f"overhead steps: {layers} layers, {'graphs' if graphs else 'eager'}, TP={shard.size}")
+    return out
+
+
+def tp_overhead_steps(model: str, quick: bool, device: str, tps: Iterable[int]) -> list[dict[str, Any]]:
+    """`overhead_steps` under each TP degree in `tps` that the model's heads allow, one process per rank."""
+    spec, out = get_model(model), []
+    for tp in tps:
+        if tp > 1 and not spec.num_attention_heads % tp and not spec.num_key_value_heads % tp:
+            out += on_ranks(partial(overhead_steps, model, quick), tp, device)
+    return out
 
 
 def deployments(models: Iterable[str], tps: Iterable[int], gpu: GPUSpec) -> list[Deployment]:

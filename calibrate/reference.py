@@ -12,20 +12,15 @@ rounds spread in time (`calibrate.steps.StepTiming`).
 from __future__ import annotations
 
 import json
-import os
-import sys
-import tempfile
 from collections.abc import Callable
-from pathlib import Path
+from functools import partial
+from typing import Any
 
 import pandas as pd
-import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from backend.parallel import Shard
-from calibrate.collectives import free_port
-from calibrate.steps import SERVING_CACHE_FRACTION, StepRunner, cache_blocks, release_memory
+from calibrate.ranks import on_ranks
+from calibrate.steps import StepRunner, agreed_blocks, release_memory
 from hardware.catalog import get_model
 from hardware.operators import StepShape
 
@@ -53,42 +48,14 @@ def shapes(quick: bool, capacity: int) -> list[tuple[str, StepShape]]:
 
 def measure(model: str, device: str, quick: bool, log: Callable[[str], None] = print, tp: int = 1) -> pd.DataFrame:
     """Every reference shape, eager and (decode on CUDA) with CUDA graphs; with `tp` > 1, one process per
-    rank (NCCL on CUDA, Gloo on the CPU), timed on rank 0."""
-    if tp == 1:
-        return _measure(model, device, quick, log, Shard())
-    with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_rank, args=(tp, free_port(), model, device, quick, tmp), nprocs=tp, join=True)
-        return pd.read_csv(Path(tmp) / "steps.csv")
+    rank (`calibrate.ranks`), timed on rank 0."""
+    job = partial(_measure, model, quick)
+    return pd.DataFrame(job(device, Shard(), log) if tp == 1 else on_ranks(job, tp, device))
 
 
-def _rank(rank: int, size: int, port: int, model: str, device: str, quick: bool, tmp: str) -> None:
-    cuda = device.startswith("cuda")
-    # Each rank's CPU threads: one on GPUs (kernels run on the device; a pool per rank of all cores
-    # oversubscribes the host and more than doubled eager dispatch in the TP=2 run), a share on the CPU.
-    torch.set_num_threads(1 if cuda else max(1, (os.cpu_count() or 1) // size))
-    if cuda:
-        torch.cuda.set_device(rank)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=size)
-    try:
-        def log(message: str) -> None:
-            if rank == 0:
-                print(f"servesim calibrate: {message}", file=sys.stderr, flush=True)
-
-        df = _measure(model, f"cuda:{rank}" if cuda else "cpu", quick, log, Shard(rank, size))
-        if rank == 0:
-            df.to_csv(Path(tmp) / "steps.csv", index=False)
-    finally:
-        dist.destroy_process_group()
-
-
-def _measure(model: str, device: str, quick: bool, log: Callable[[str], None], shard: Shard) -> pd.DataFrame:
+def _measure(model: str, quick: bool, device: str, shard: Shard, log: Callable[[str], None]) -> list[dict[str, Any]]:
     spec = get_model(model)
-    blocks = cache_blocks(spec, device, SERVING_CACHE_FRACTION, shard.size)
-    if shard.size > 1:  # every rank must run the same steps: the smallest cache decides
-        agreed = torch.tensor([blocks], device=device)
-        dist.all_reduce(agreed, op=dist.ReduceOp.MIN)
-        blocks = int(agreed.item())
+    blocks = agreed_blocks(spec, device, shard)
     rows = []
     modes = (False, True) if device.startswith("cuda") else (False,)
     for graphs in modes:
@@ -102,4 +69,4 @@ def _measure(model: str, device: str, quick: bool, log: Callable[[str], None], s
                 f"(fast {t.seconds_fast * 1e3:.2f})")
         del runner
         release_memory(device)
-    return pd.DataFrame(rows)
+    return rows

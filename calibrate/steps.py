@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from backend.executor import TorchExecutor, prompt_tokens
 from backend.parallel import Shard
@@ -115,6 +116,17 @@ def cache_blocks(spec: ModelSpec, device: str, fraction: float, tp: int = 1, blo
     else:
         free, per_token = 64e6, spec.kv_bytes_per_token("fp32") * kv_share
     return max(16, int(fraction * free / (per_token * block_size)))
+
+
+def agreed_blocks(spec: ModelSpec, device: str, shard: Shard = Shard()) -> int:
+    """Cache blocks of a serving-sized cache (`SERVING_CACHE_FRACTION`); under TP the smallest over the
+    ranks, so that every rank runs the same steps."""
+    blocks = cache_blocks(spec, device, SERVING_CACHE_FRACTION, shard.size)
+    if shard.size > 1:
+        agreed = torch.tensor([blocks], device=device)
+        dist.all_reduce(agreed, op=dist.ReduceOp.MIN, group=shard.group)
+        blocks = int(agreed.item())
+    return blocks
 
 
 def release_memory(device: str) -> None:

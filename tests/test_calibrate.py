@@ -11,8 +11,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrate.fit import fit_profile, layer_kernels
-from calibrate.microbench import _decode_shape, gemm_shapes, operators_at
+from calibrate.fit import fit_profile, layer_kernels, step_calls
+from calibrate.microbench import _decode_shape, gemm_shapes, operators_at, wave_boundaries
 from hardware.catalog import get_gpu, get_interconnect, get_model
 from hardware.cost import CostModel, peak_flops
 from hardware.deployment import Deployment
@@ -86,7 +86,7 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
     truth = DEFAULT_PROFILE.overheads.model_copy(update={"launch_eager": 20e-6, "launch_graph": LAUNCH,
                                                          "step_eager": 1e-3, "step_eager_per_request": 10e-6,
                                                          "step_graph": 5e-4, "step_graph_per_request": 5e-6,
-                                                         "step_per_kv_token": 2e-8, "launch_collective": 21e-6})
+                                                         "step_per_kv_token": 2e-8, "launch_collective": 45e-6})
     steps = []
     for layers in (2, 4):
         spec = get_model("tiny-llama").model_copy(update={"num_hidden_layers": layers})
@@ -103,6 +103,17 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
             steps.append({"model": "tiny-llama", "layers": layers, "execution": "graph", "requests": b,
                           "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(), "truth_overhead": overhead,
                           "truth_kv": kv})
+    # The same short steps as TP=2 ranks, eager: each collective costs the host `launch_collective` beyond a
+    # kernel's dispatch (more than one NCCL call alone: the `collective-dispatch` record's 21 us).
+    for layers in (2, 4):
+        spec = get_model("tiny-llama").model_copy(update={"num_hidden_layers": layers})
+        for b in (1, 8, 64, 256):
+            shape = StepShape.build(decode=[63] * b)
+            kernels, collectives = step_calls(spec, shape, GPU, tp=2)
+            dispatch = (truth.launch_eager * kernels + truth.launch_collective * collectives) * jitter()
+            steps.append({"model": "tiny-llama", "layers": layers, "tp": 2, "execution": "eager", "requests": b,
+                          "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(), "gpu_seconds": dispatch,
+                          "seconds": dispatch + truth.step_eager})
     return {"records": records, "fixed": {"graph_kernel_seconds": LAUNCH}, "steps": steps, "truth": truth}
 
 
@@ -186,7 +197,33 @@ def test_fit_recovers_overheads(fitted) -> None:
     assert got.step_graph == pytest.approx(truth.step_graph, rel=0.25)
     assert got.step_graph_per_request == pytest.approx(truth.step_graph_per_request, rel=0.25)
     assert got.step_per_kv_token == pytest.approx(truth.step_per_kv_token, rel=0.25)
-    assert got.launch_collective == pytest.approx(truth.launch_collective)
+    assert got.launch_collective == pytest.approx(truth.launch_collective, rel=0.1)  # from the TP steps
+
+
+def test_collective_dispatch_without_tp_steps() -> None:
+    """Without whole TP steps, an eager collective's host cost is one NCCL call's dispatch beyond a plain
+    kernel's (the collectives suite's `collective-dispatch` record: 30 - 9 us)."""
+    raw = synthetic_raw(noise=0.0)
+    raw["steps"] = [s for s in raw["steps"] if s.get("tp", 1) == 1 and s["execution"] == "eager"]
+    assert fit_profile(raw, GPU, {}).overheads.launch_collective == pytest.approx(21e-6)
+
+
+def test_wave_boundaries_and_attention_grid() -> None:
+    """Grid points on both sides of each wave boundary: 8 KV heads on 132 SMs spill at 17, 34, 50 ...
+    sequences; the attention suite measures them beside its powers of two."""
+    assert wave_boundaries(8, 132) == [16, 33, 49, 66, 82, 99, 115, 132]
+    assert wave_boundaries(32, 132, waves=2) == [4, 8] and wave_boundaries(200, 132, waves=1) == []
+    torch = pytest.importorskip("torch")
+    from calibrate.microbench import Bench, Settings
+
+    small = GPU.model_copy(update={"sm_count": 8})  # tiny-llama: 2 KV heads, 8 heads: boundaries every 4 / 1
+    settings = Settings(gemm_m=(1,), rows=(1,), prefill_q=(4, 300), prefill_ratio=(1,), decode_b=(1, 12),
+                        decode_ctx=(16, 32), max_kv=4096, pool_bytes=1e6, waves=True)
+    bench = Bench(torch.device("cpu"), small, settings, lambda m: None)
+    records = bench.attention(Deployment.build("tiny-llama", small))
+    grid = [r for r in records if not r.get("ragged")]
+    assert {r["x"] for r in grid if r["kind"] == "attention-decode"} == {1, 4, 5, 8, 9, 12}
+    assert {r["x"] for r in grid if r["kind"] == "attention-prefill"} == {4, 128, 129, 256, 257, 300}
 
 
 def test_host_overheads_in_priced_steps(fitted) -> None:
@@ -386,7 +423,8 @@ def test_tensor_parallel_reference_steps_on_cpu(tmp_path, capsys) -> None:
 
 def test_fast_phase_statistic_and_validation_options(tmp_path, capsys) -> None:
     """Steps are read by their fast phase (10th percentile) where recorded; --overheads swaps the host's
-    overheads; --refit --steps takes a later run's whole steps; bad options fail in one line."""
+    overheads; --refit --later (--steps) overlays a later run's whole steps and record groups; bad options fail
+    in one line."""
     pytest.importorskip("torch")
     from calibrate.steps import StepTiming
     from calibrate.validate import compare
@@ -419,7 +457,8 @@ def test_fast_phase_statistic_and_validation_options(tmp_path, capsys) -> None:
     assert main(["calibrate", "validate", str(path), "--gpu", "h100", "--statistic", "fast"]) == 2
     assert "no seconds_fast column" in capsys.readouterr().err
     raw = synthetic_raw(noise=0.0)
-    later = {"records": [{"kind": "collective-dispatch", "ranks": 2, "seconds": 40e-6, "kernel_seconds": 10e-6}],
+    later = {"records": [{"op": "dispatch", "kind": "collective-dispatch", "ranks": 2, "seconds": 40e-6,
+                          "kernel_seconds": 10e-6}],
              "steps": raw.pop("steps")[:4], "metadata": {"command": "later"}}
     for s in later["steps"]:
         s.setdefault("seconds", 0.01)
@@ -429,6 +468,36 @@ def test_fast_phase_statistic_and_validation_options(tmp_path, capsys) -> None:
     out = tmp_path / "p.json"
     assert main(["calibrate", "--refit", "--raw", str(first), "--steps", str(second), "--out", str(out)]) == 0
     fitted = load_profile(out)
-    assert fitted.overheads.launch_collective == pytest.approx(30e-6)
-    assert fitted.metadata["steps_command"] == "later"
-    assert main(["calibrate", "--refit", "--raw", str(first), "--steps", str(first), "--out", str(out)]) == 2
+    assert fitted.overheads.launch_collective == pytest.approx(30e-6)  # the later dispatch record replaced 21 us
+    assert fitted.metadata["overlays"] == ["later"]
+    (tmp_path / "bad.json").write_text(json.dumps({"steps": []}))
+    assert main(["calibrate", "--refit", "--raw", str(first), "--later", str(tmp_path / "bad.json"), "--out",
+                 str(out)]) == 2
+    assert "--later = " in capsys.readouterr().err
+
+
+def test_overlay_replaces_only_the_groups_a_later_file_measured(tmp_path) -> None:
+    """A later session re-timing one head configuration's attention replaces that surface's records and
+    keeps the others; its steps replace the earlier steps only when it has some."""
+    from calibrate.cli import _overlay
+
+    def att(heads: int, seconds: float) -> dict:
+        return {"op": "attention_decode", "kind": "attention-decode", "heads": heads, "kv_heads": 8, "head_dim": 128,
+                "x": 1, "y": 64, "seconds": seconds}
+
+    raw = {"records": [att(32, 1.0), att(32, 1.5), att(16, 2.0)], "steps": [{"layers": 1}], "metadata": {}}
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps({"records": [att(32, 3.0)], "metadata": {"command": "servesim calibrate x"}}))
+    merged = _overlay(raw, str(later))
+    assert sorted(r["seconds"] for r in merged["records"]) == [2.0, 3.0]
+    assert merged["steps"] == [{"layers": 1}] and merged["metadata"]["overlays"] == ["servesim calibrate x"]
+
+
+def test_tensor_parallel_overhead_steps_on_cpu() -> None:
+    """The overhead steps run as TP=2 ranks (Gloo on the CPU): rank 0's records, marked with their TP."""
+    pytest.importorskip("torch")
+    from calibrate.microbench import tp_overhead_steps
+
+    steps = tp_overhead_steps("tiny-llama", True, "cpu", [1, 2, 3])
+    assert steps and {s["tp"] for s in steps} == {2} and {s["execution"] for s in steps} == {"eager"}
+    assert {s["layers"] for s in steps} == {2, 4} and all(s["seconds"] > 0 for s in steps)
