@@ -8,7 +8,8 @@ cost model's own counts (so the cost model reproduces a measured point exactly).
 - named operators (`rope`, `add_rmsnorm`, ...): memory efficiency over bytes, pooled over the models and
   TP degrees measured, binned at four points per decade (median), and pooled per kind;
 - attention: per head configuration, a surface over its grid (cells the grid could not hold in memory
-  take the nearest measured cell); ragged batches are kept out of the fit and reported as a check;
+  take the nearest measured cell; kernels counted as the cost model counts them now, not as recorded);
+  ragged batches are kept out of the fit and reported as a check;
 - collectives: link efficiency over the bytes each rank moves, per kind and number of ranks;
 - fixed costs: GPU seconds per kernel in a graph; host dispatch per kernel and per-step, per-request and
   per-KV-token overheads from whole steps of a model with half and all of its layers (see `_overheads`).
@@ -28,7 +29,7 @@ from scipy.stats import theilslopes
 from hardware.catalog import get_interconnect, get_model
 from hardware.cost import CostModel, collective_shape, peak_flops, step_operators
 from hardware.deployment import Deployment
-from hardware.operators import Operator, StepShape, StepTotals
+from hardware.operators import ATTENTION_KERNELS, Operator, StepShape, StepTotals
 from hardware.profile import (
     COLLECTIVE_KINDS,
     DEFAULT_PROFILE,
@@ -96,7 +97,7 @@ def _surfaces(records: list[dict[str, Any]], roof: _Roofline, launch: float) -> 
     for r in records:
         key = (r["kind"], r["heads"], r["kv_heads"], r["head_dim"])
         groups[key][(r["x"], r["y"])] = efficiency(roof(r["kind"], r["flops"], r["bytes"]), r["seconds"],
-                                                   launch * r["kernels"])
+                                                   launch * ATTENTION_KERNELS[r["kind"]])
     out = []
     for (kind, heads, kv_heads, head_dim), cells in sorted(groups.items()):
         xs, ys = sorted({x for x, _ in cells}), sorted({y for _, y in cells})
@@ -195,7 +196,9 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     tokens' part, over the requests, gives the step overhead (intercept) and its per-request part (slope).
     Where GPU windows were not measured (CPU), the wall's growth per layer between the two models gives the
     dispatch per layer instead, and the wall less the layers' dispatch the step overheads. Graph steps:
-    wall less their priced GPU time and the KV tokens' part, over the requests.
+    wall less their priced GPU time and the KV tokens' part, over the requests. Eager collectives: from the
+    host-bound eager steps run as TP ranks (records with `tp` > 1; `_collective_excess`, fastest run), else
+    from the collectives suite's single-call dispatch record.
     """
     base = DEFAULT_PROFILE.overheads
     steps = [s for s in raw.get("steps", []) if s.get("tp", 1) == 1]
@@ -317,6 +320,6 @@ def _ragged_check(r: dict[str, Any], profile: Profile, roof: _Roofline, launch: 
     """Predicted vs measured seconds of a ragged attention batch from the surface at its mean shape."""
     surface = profile.attention_surface(r["kind"], r["heads"], r["kv_heads"], r["head_dim"])
     e = surface.at(r["x"], r["y"]) if surface is not None else 1.0
-    predicted = roof(r["kind"], r["flops"], r["bytes"]) / e + launch * r["kernels"]
+    predicted = roof(r["kind"], r["flops"], r["bytes"]) / e + launch * ATTENTION_KERNELS[r["kind"]]
     return {"kind": r["kind"], "seqs": r["seqs"], "x": r["x"], "y": r["y"], "measured": r["seconds"],
             "predicted": predicted, "error": predicted / r["seconds"] - 1.0 if r["seconds"] else math.nan}

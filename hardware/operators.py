@@ -24,6 +24,11 @@ from hardware.specs import DTYPE_BYTES
 
 IntArray = np.ndarray
 
+# Host-dispatched kernels of an attention call, as the backend runs it (counted with torch.profiler on an
+# H200): a prefill gathers K and V and runs the varlen kernel; a decode also multiplies the query offsets by
+# the group size and copies the query heads into and out of the grouped-query layout (GQA without a window).
+ATTENTION_KERNELS = {"attention-prefill": 3, "attention-decode": 6}
+
 
 def _ints(name: str, values: Sequence[int] | np.ndarray | None, n: int | None = None, minimum: int = 0) -> IntArray:
     arr = np.zeros(n or 0, dtype=np.int64) if values is None else np.asarray(values, dtype=np.int64).reshape(-1)
@@ -220,9 +225,11 @@ def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts:
         Operator("rope", "elementwise", 6.0 * rows * (hq + hkv) * d, 2.0 * rows * (hq + hkv) * d * a, kernels=7),
         Operator("kv_write", "kv-write", 0.0, t.tokens * 2 * hkv * d * (a + kvb), kernels=2),
         Operator("attention_prefill", "attention-prefill", 4.0 * t.prefill_pairs * d * hq,
-                 2.0 * t.prefill_queries * hq * d * a + t.prefill_kv_tokens * 2 * hkv * d * kvb, kernels=4),
+                 2.0 * t.prefill_queries * hq * d * a + t.prefill_kv_tokens * 2 * hkv * d * kvb,
+                 kernels=ATTENTION_KERNELS["attention-prefill"]),
         Operator("attention_decode", "attention-decode", 4.0 * t.decode_pairs * d * hq,
-                 2.0 * t.decode_seqs * hq * d * a + t.decode_pairs * 2 * hkv * d * kvb, kernels=4),
+                 2.0 * t.decode_seqs * hq * d * a + t.decode_pairs * 2 * hkv * d * kvb,
+                 kernels=ATTENTION_KERNELS["attention-decode"]),
     ]
     ops.append(gemm_operator("o_proj", rows, hq * d, h, w, a))
     if dep.tp > 1:

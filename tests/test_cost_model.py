@@ -27,7 +27,7 @@ def test_decode_batch_one_is_weight_bandwidth_bound(gpu: str, ideal_profile: Pro
     real = CostModel(dep).price(StepShape.build(decode=[100]))  # documented defaults
     expected = floor / DEFAULT_PROFILE.efficiency["gemm"].memory + real.launch_seconds + real.overhead_seconds
     assert real.seconds == pytest.approx(expected, rel=0.05)
-    assert real.mbu > 0.6 and real.mfu < 0.01
+    assert real.mbu > 0.55 and real.mfu < 0.01  # the rest: 25 kernel launches per layer, step overhead
 
 
 @pytest.mark.parametrize("model,tp", [("llama-3-8b", 1), ("llama-3-70b", 4), ("mixtral-8x7b", 2)])
