@@ -147,6 +147,7 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
     from calibrate.collectives import run_collectives
     from calibrate.fit import fit_profile
     from calibrate.microbench import SUITES, run_all, tp_overhead_steps
+    from calibrate.ranks import tp_degrees
 
     if not args.out:
         raise ServesimError("--out: required (the profile JSON to write)")
@@ -187,9 +188,7 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
         if device.startswith("cuda") and "collectives" in suites:
             raw["records"] += run_collectives()
             if "fixed" in suites:  # the overhead steps again as TP ranks: the host's cost per eager collective
-                gpus = torch.cuda.device_count()
-                raw["steps"] += tp_overhead_steps(dense[0], args.quick, "cuda", [2 ** e for e in range(1, 4)
-                                                                                 if 2 ** e <= gpus])
+                raw["steps"] += tp_overhead_steps(dense[0], args.quick, "cuda", tp_degrees(torch.cuda.device_count()))
         raw.update(gpu=gpu.id, metadata=metadata)
         if args.raw:
             Path(args.raw).parent.mkdir(parents=True, exist_ok=True)

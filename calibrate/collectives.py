@@ -1,6 +1,6 @@
 """NCCL collectives over all visible GPUs: all-reduce, all-gather and send/recv by payload bytes.
 
-One process per GPU (torch.multiprocessing), torch.distributed with the NCCL backend and NVLink multicast
+One process per GPU (`calibrate.ranks`), torch.distributed with the NCCL backend and NVLink multicast
 off (NCCL_NVLS_ENABLE=0). All-reduce and all-gather run over the first 2, 4, 8 ... ranks (the TP degrees
 the GPUs allow), send/recv between ranks 0 and 1 (a pipeline hop). All-reduce and all-gather are timed as
 a TP step runs them: back to back inside a CUDA graph replayed between CUDA events (the ranks start
@@ -15,19 +15,17 @@ all-reduce's is the reduced tensor, an all-gather's the gathered output, a send/
 
 from __future__ import annotations
 
-import json
-import os
 import statistics
-import tempfile
 import time
-from pathlib import Path
+from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from calibrate.ranks import free_port
+from backend.parallel import Shard
+from calibrate.ranks import on_ranks, tp_degrees
 
 SIZES = tuple(1 << e for e in range(10, 31, 2))  # 1 KiB .. 1 GiB
 KINDS = ("all-reduce", "all-gather", "send-recv")
@@ -77,13 +75,11 @@ def _time(fn: Any, iters: int) -> float:
     return statistics.median(times)
 
 
-def _worker(rank: int, world: int, port: int, sizes: tuple[int, ...], path: str) -> None:
-    os.environ["NCCL_NVLS_ENABLE"] = "0"
-    torch.cuda.set_device(rank)
-    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
-    dev = torch.device("cuda", rank)
+def _job(sizes: tuple[int, ...], device: str, shard: Shard, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """One rank's part of the timings (`calibrate.ranks.on_ranks`); every rank returns the same rows."""
+    rank, dev = shard.rank, torch.device(device)
     out = []
-    ranks = [2 ** e for e in range(1, world.bit_length()) if 2 ** e <= world]  # TP degrees: 2, 4, 8
+    ranks = tp_degrees(shard.size)
     groups = {n: dist.new_group(list(range(n))) for n in ranks}  # every rank creates every group
     for kind in KINDS:
         for n in ranks if kind != "send-recv" else [2]:
@@ -125,9 +121,7 @@ def _worker(rank: int, world: int, port: int, sizes: tuple[int, ...], path: str)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
         out.append({"op": "dispatch", "kind": "collective-dispatch", "ranks": n, "seconds": float(worst[0].item()),
                     "kernel_seconds": float(worst[1].item())})
-    if rank == 0:
-        Path(path).write_text(json.dumps(out))
-    dist.destroy_process_group()
+    return out
 
 
 def _dispatch(fn: Any, calls: int) -> float:
@@ -150,7 +144,4 @@ def run_collectives(sizes: tuple[int, ...] = SIZES) -> list[dict[str, Any]]:
     world = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if world < 2:
         return []
-    with tempfile.TemporaryDirectory() as tmp:
-        path = str(Path(tmp) / "collectives.json")
-        mp.spawn(_worker, args=(world, free_port(), sizes, path), nprocs=world, join=True)
-        return json.loads(Path(path).read_text())
+    return on_ranks(partial(_job, sizes), world, "cuda")

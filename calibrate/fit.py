@@ -21,6 +21,7 @@ import itertools
 import json
 import math
 from collections import defaultdict
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -204,7 +205,7 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     steps = [s for s in raw.get("steps", []) if s.get("tp", 1) == 1]
     per_kv = _per_kv_token(steps)
     fitted: dict[str, float] = {"launch_graph": launch_graph, "step_per_kv_token": per_kv}
-    short = [s for s in steps if s.get("kv_tokens", 0) <= 64 * s["requests"]]  # little GPU work: host-bound
+    short = [s for s in steps if _short(s)]
     eager = [s for s in short if s["execution"] == "eager"]
     graph = [s for s in short if s["execution"] == "graph"]
 
@@ -238,14 +239,18 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
         step, per_request = _robust_line([s["requests"] for s in graph], residual)
         fitted.update(step_graph=step, step_graph_per_request=per_request)
     launch_eager = fitted.get("launch_eager", base.launch_eager)
-    tp_eager = [s for s in raw.get("steps", []) if s.get("tp", 1) > 1 and s["execution"] == "eager"
-                and s.get("kv_tokens", 0) <= 64 * s["requests"]]
+    tp_eager = [s for s in raw.get("steps", []) if s.get("tp", 1) > 1 and s["execution"] == "eager" and _short(s)]
     dispatch = [r["seconds"] - r["kernel_seconds"] for r in raw["records"] if r["kind"] == "collective-dispatch"]
     if tp_run := _fastest_run(tp_eager, lambda s: _collective_excess(s, gpu, launch_eager)):
         fitted["launch_collective"] = max(0.0, tp_run[0])
     elif dispatch:  # an eager NCCL call's host cost beyond a plain kernel's, in a TP rank
         fitted["launch_collective"] = max(0.0, float(np.median(dispatch)))
     return base.model_copy(update={k: float(v) for k, v in fitted.items()})
+
+
+def _short(s: dict[str, Any]) -> bool:
+    """A step at short contexts (at most 64 KV tokens per request): little GPU work, host-bound when eager."""
+    return s.get("kv_tokens", 0) <= 64 * s["requests"]
 
 
 def _calls(s: dict[str, Any], gpu: GPUSpec) -> tuple[float, float]:
@@ -262,7 +267,8 @@ def _collective_excess(s: dict[str, Any], gpu: GPUSpec, launch_eager: float) -> 
     return (_gpu(s) - kernels * launch_eager) / collectives
 
 
-def _fastest_run(steps: list[dict[str, Any]], per_step: Any) -> tuple[float, list[dict[str, Any]]] | None:
+def _fastest_run(steps: list[dict[str, Any]],
+                 per_step: Callable[[dict[str, Any]], float]) -> tuple[float, list[dict[str, Any]]] | None:
     """(median of `per_step`, the steps) of the run (steps of one model: same layers) whose median is the
     smallest, among steps with a GPU window: the run in the host's fastest phase (a slow phase, seconds
     long, can cover a whole run); None without such steps."""

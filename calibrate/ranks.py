@@ -28,6 +28,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tp_degrees(world: int) -> list[int]:
+    """The TP degrees `world` GPUs allow beyond one: 2, 4, 8, ..."""
+    return [2 ** e for e in range(1, world.bit_length()) if 2 ** e <= world]
+
+
 def on_ranks(job: Job, size: int, device: str) -> list[dict[str, Any]]:
     """Rank 0's rows of `job` run by `size` processes (a picklable function: module level or a partial)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -41,7 +46,7 @@ def _rank(rank: int, size: int, port: int, job: Job, device: str, tmp: str) -> N
     # oversubscribes the host and more than doubled eager dispatch in the TP=2 run), a share on the CPU.
     torch.set_num_threads(1 if cuda else max(1, (os.cpu_count() or 1) // size))
     if cuda:
-        os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+        os.environ["NCCL_NVLS_ENABLE"] = "0"  # NVLink multicast off
         torch.cuda.set_device(rank)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=size)
