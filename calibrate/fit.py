@@ -1,4 +1,4 @@
-"""Turn microbenchmark records into an efficiency profile (`hardware.profile.Profile`, version 2).
+"""Turn microbenchmark records into an efficiency profile (`hardware.profile.Profile`, version 3).
 
 Every measured operator gets efficiency = roofline / (seconds - kernels x launch_graph), where the roofline
 is max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) of the GPU's datasheet and the FLOPs and bytes are the
@@ -9,7 +9,8 @@ cost model's own counts (so the cost model reproduces a measured point exactly).
   TP degrees measured, binned at four points per decade (median), and pooled per kind;
 - attention: per head configuration, a surface over its grid (cells the grid could not hold in memory
   take the nearest measured cell; kernels counted as the cost model counts them now, not as recorded);
-  ragged batches are kept out of the fit and reported as a check;
+  ragged batches are kept out of the fit and reported as a check; the K/V gathers before the kernels are
+  named operators of kind `kv-gather` (records timed with the gather, before version 3, are refused);
 - collectives: link efficiency over the bytes each rank moves, per kind and number of ranks;
 - fixed costs: GPU seconds per kernel in a graph; host dispatch per kernel and per-step, per-request and
   per-KV-token overheads from whole steps of a model with half and all of its layers (see `_overheads`).
@@ -30,6 +31,7 @@ from scipy.stats import theilslopes
 from hardware.catalog import get_interconnect, get_model
 from hardware.cost import CostModel, collective_shape, peak_flops, step_operators
 from hardware.deployment import Deployment
+from hardware.errors import ServesimError
 from hardware.operators import ATTENTION_KERNELS, Operator, StepShape, StepTotals
 from hardware.profile import (
     COLLECTIVE_KINDS,
@@ -284,13 +286,16 @@ def _fastest_run(steps: list[dict[str, Any]],
 
 
 def fit_profile(raw: dict[str, Any], gpu: GPUSpec, metadata: dict[str, Any]) -> Profile:
-    """A version-2 profile for `gpu` from `calibrate.microbench.run_all`'s output (plus collectives)."""
+    """A version-3 profile for `gpu` from `calibrate.microbench.run_all`'s output (plus collectives)."""
     roof = _Roofline(gpu)
     launch = float(raw["fixed"]["graph_kernel_seconds"])
     records = raw["records"]
     gemm = [r for r in records if r["kind"] == "gemm"]
-    named = [r for r in records if r["kind"] in ("elementwise", "embedding", "kv-write", "sampling")]
+    named = [r for r in records if r["kind"] in ("elementwise", "embedding", "kv-write", "kv-gather", "sampling")]
     attention = [r for r in records if r["kind"].startswith("attention")]
+    if any(r.get("with_gather", True) for r in attention):
+        raise ServesimError("attention records timed with their K/V gather (before profile version 3) cannot be "
+                            "fit: measure again with --suites attention and overlay them with --later")
     collectives = [r for r in records if r["kind"] in ("all-reduce", "all-gather", "send-recv")]
 
     operators, kinds = {}, dict(DEFAULT_PROFILE.efficiency)

@@ -5,10 +5,10 @@ it (`hardware.operators`, so the fit compares like with like), its kernel count 
 seconds (`calibrate.timing.Timer.gpu`: CUDA graphs between CUDA events, rotating inputs larger than L2,
 random data). Suites: GEMMs over M for the weight shapes of the chosen catalog models under TP 1/2/4/8;
 attention (prefill over chunk x cached prefix, decode over batch x context, and ragged batches of both)
-per head configuration; elementwise, norm, RoPE, embedding, KV-write and sampling kernels by size; the
-fixed costs (host dispatch per kernel, GPU time per kernel in a graph, the executor's per-step overhead);
-and the two ceilings (a large bf16 GEMM, a large device-to-device copy). `--quick` runs every suite with
-tiny shapes (on CPU in CI).
+per head configuration, the kernel and the K/V gather before it timed apart; elementwise, norm, RoPE,
+embedding, KV-write and sampling kernels by size; the fixed costs (host dispatch per kernel, GPU time per
+kernel in a graph, the executor's per-step overhead); and the two ceilings (a large bf16 GEMM, a large
+device-to-device copy). `--quick` runs every suite with tiny shapes (on CPU in CI).
 """
 
 from __future__ import annotations
@@ -167,10 +167,10 @@ class Bench:
 
     # ---- attention ---------------------------------------------------------------------------------------
     def _attention(self, dep: Deployment, chunks: list[tuple[int, int]],
-                   pool: tuple[torch.Tensor, torch.Tensor]) -> float:
-        """GPU seconds of the backend's attention (K/V gather and the varlen kernel) over sequences given as
-        (new tokens, cached tokens), whose 16-token blocks lie at random in a large cache `pool`, rotating
-        over disjoint placements (as a serving cache scatters them)."""
+                   pool: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+        """GPU seconds of the backend's attention over sequences given as (new tokens, cached tokens), whose
+        16-token blocks lie at random in a large cache `pool`, rotating over disjoint placements (as a serving
+        cache scatters them): the varlen kernel alone (on K/V gathered beforehand) and the K/V gather alone."""
         hq, d = dep.heads_per_gpu, dep.model.head_size
         kc, vc = pool
         blocks = [math.ceil((c + p) / BLOCK) for c, p in chunks]
@@ -185,12 +185,24 @@ class Bench:
                 start, row = start + nb, row + c
             groups.append(attention_group(parts, BLOCK, self.device))
         qs = [self.randn(queries, hq, d) for _ in range(v)]
+        gathered = [(kc[g.kv_index], vc[g.kv_index]) for g in groups]
+        kernel = self.timer.gpu(lambda i: varlen_attention(qs[i], *gathered[i], groups[i], None), v)
+        k_buf, v_buf = gathered[0]
 
-        def run(i: int) -> torch.Tensor:
-            g = groups[i]
-            return varlen_attention(qs[i], kc[g.kv_index], vc[g.kv_index], g, None)
+        def gather(i: int) -> None:
+            torch.index_select(kc, 0, groups[i].kv_index, out=k_buf)
+            torch.index_select(vc, 0, groups[i].kv_index, out=v_buf)
 
-        return self.timer.gpu(run, v)
+        return kernel, self.timer.gpu(gather, v)
+
+    def _attention_records(self, dep: Deployment, shape: StepShape, chunks: list[tuple[int, int]],
+                           pool: tuple[torch.Tensor, torch.Tensor], **params: Any) -> list[dict[str, Any]]:
+        """The attention kernel's record and its K/V gather's, for one step shape."""
+        kind = "prefill" if shape.prefill_tokens.size else "decode"
+        ops = operators_at(dep, shape)
+        kernel, gather = self._attention(dep, chunks, pool)
+        return [_record(ops[f"attention_{kind}"], kernel, with_gather=False, **params),
+                _record(ops[f"kv_gather_{kind}"], gather, **params)]
 
     def attention(self, dep: Deployment) -> list[dict[str, Any]]:
         out, s = [], self.s
@@ -212,32 +224,29 @@ class Bench:
                 if q * r > max_kv:
                     continue
                 shape = StepShape.build(prefill=[q], prefill_cached=[q * (r - 1)])
-                sec = self._attention(dep, [(q, q * (r - 1))], pool)
-                out.append(_record(operators_at(dep, shape)["attention_prefill"], sec, x=q, y=r, seqs=1, **head))
+                out += self._attention_records(dep, shape, [(q, q * (r - 1))], pool, x=q, y=r, seqs=1, **head)
         for b in decode_b:
             for ctx in s.decode_ctx:
                 if b * ctx > max_kv:
                     continue
                 shape = StepShape.build(decode=[ctx - 1] * b)
-                sec = self._attention(dep, [(1, ctx - 1)] * b, pool)
-                out.append(_record(operators_at(dep, shape)["attention_decode"], sec, x=b, y=ctx, seqs=b, **head))
+                out += self._attention_records(dep, shape, [(1, ctx - 1)] * b, pool, x=b, y=ctx, seqs=b, **head)
         rng = np.random.default_rng(0)  # ragged batches: checks of the surfaces, not grid points
         for b in s.decode_b[1::3]:
             ctx = np.minimum(np.maximum(rng.lognormal(math.log(s.decode_ctx[-2] / 8), 1.0, b), 2).astype(int),
                              max_kv // b)
             shape = StepShape.build(decode=(ctx - 1).tolist())
-            sec = self._attention(dep, [(1, int(c) - 1) for c in ctx], pool)
-            out.append(_record(operators_at(dep, shape)["attention_decode"], sec, x=b, y=float(ctx.mean()), seqs=b,
-                               ragged=True, **head))
+            out += self._attention_records(dep, shape, [(1, int(c) - 1) for c in ctx], pool, x=b,
+                                           y=float(ctx.mean()), seqs=b, ragged=True, longest=int(ctx.max()), **head)
         for n in (2, 4):
             q = np.maximum(rng.integers(s.prefill_q[0], s.prefill_q[-1] // 2, n), 1)
             p = rng.integers(0, 4 * s.prefill_q[0], n)
             if int((q + p).sum()) > max_kv:
                 continue
             shape = StepShape.build(prefill=q.tolist(), prefill_cached=p.tolist())
-            sec = self._attention(dep, list(zip(q.tolist(), p.tolist())), pool)
-            out.append(_record(operators_at(dep, shape)["attention_prefill"], sec, x=float(q.sum()),
-                               y=float((q + p).sum() / q.sum()), seqs=n, ragged=True, **head))
+            out += self._attention_records(dep, shape, list(zip(q.tolist(), p.tolist())), pool, x=float(q.sum()),
+                                           y=float((q + p).sum() / q.sum()), seqs=n, ragged=True,
+                                           longest=int(q.max()), **head)
         self.log(f"attention {head}")
         return out
 

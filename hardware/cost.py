@@ -19,6 +19,10 @@ A kernel near its roofline thus speeds up by the datasheet ratio, a latency- or 
 decode attention of few sequences, a GEMM of few rows) hardly at all: measured between the H100 and the
 H200 (bandwidth 1.43x), GEMMs at 80-100% of the H100's bandwidth ran 1.43x faster, at 20-30% 1.04x.
 Host overheads and collectives (links) are taken as they are.
+Decode attention is read off its surface at the batch's mean context, and is at least the time of one
+wave's worth of sequences at its longest context: FlashAttention's varlen kernel gives each sequence (and
+KV head) one block, so a ragged batch waits for its longest (measured on H100 and H200 on ragged batches of
+16 lognormal contexts, mean 2,128: the mean alone priced them 68% low, the longest-sequence bound -1..+1%).
 Decode-only steps run as CUDA graphs when enabled (vLLM's rule: the batch is padded to the next captured
 size, at most 512); any step with a prefill or verification runs eagerly.
 """
@@ -42,7 +46,7 @@ from hardware.operators import (
     layer_operators,
     pipeline_operator,
 )
-from hardware.profile import COLLECTIVE_KINDS, DEFAULT_PROFILE, Curve, Profile, TimeTables
+from hardware.profile import COLLECTIVE_KINDS, DEFAULT_PROFILE, AttentionSurface, Curve, Profile, TimeTables
 from hardware.specs import GPUSpec
 
 # vLLM's default CUDA-graph capture sizes (1, 2, 4, then multiples of 8 up to 512).
@@ -147,6 +151,7 @@ class StepCost:
 
 FEATURES = ("rows", "active_experts", "tokens", "logit_tokens", "prefill_pairs", "prefill_queries",
             "prefill_kv_tokens", "decode_seqs", "decode_pairs")
+_DECODE_SEQS, _DECODE_PAIRS = FEATURES.index("decode_seqs"), FEATURES.index("decode_pairs")
 
 
 def _totals(x: np.ndarray) -> StepTotals:
@@ -276,6 +281,17 @@ class CostModel:
         (k, n), m = op.dims, np.asarray(g.m)
         return Curve(sizes=tuple(2.0 * m * k * n), efficiency=g.efficiency), 1.0, True
 
+    def _longest_decode(self, i: int, surface: AttentionSurface, t: StepTotals) -> float:
+        """A ragged decode batch takes at least as long as its longest sequence's blocks: the time of a batch
+        of the sequences one wave holds (one block per sequence and KV head), all at the longest context
+        (a uniform batch at the mean context packs the blocks perfectly, which a ragged one cannot)."""
+        b = min(t.decode_seqs, max(1, self.dep.gpu.sm_count // self.dep.kv_heads_per_gpu))
+        x = np.zeros(len(FEATURES))
+        x[_DECODE_SEQS], x[_DECODE_PAIRS] = b, b * t.decode_longest
+        flops, nbytes, _ = self._base[i] + self._slopes[i] @ x
+        e = surface.at(float(b), float(t.decode_longest))
+        return max(flops / (self._peak_c[i] * e), nbytes / (self._bandwidth * e))
+
     def graph_rows(self, decode_seqs: int) -> int | None:
         """Padded batch size a decode-only step replays as a CUDA graph, or None when it runs eagerly."""
         if not self.cuda_graphs or decode_seqs == 0 or decode_seqs > GRAPH_BATCH_SIZES[-1]:
@@ -306,6 +322,10 @@ class CostModel:
             if xy is not None:
                 e = surface.at(*xy)
                 tc[i], tm[i] = flops[i] / (self._peak_c[i] * e), nbytes[i] / (self._bandwidth * e)
+                if surface.kind == "attention-decode" and t.decode_longest > xy[1]:
+                    stretch = self._longest_decode(i, surface, t) / max(tc[i], tm[i])
+                    if stretch > 1.0:
+                        tc[i], tm[i] = tc[i] * stretch, tm[i] * stretch
         if self._source is not None:  # what-if: the roofline part moves to this GPU's peaks, the excess stays
             dense = ~self._comm
             tc = np.where(dense, flops / self._target_c + self._excess * (tc - flops / self._peak_c), tc)

@@ -8,7 +8,11 @@ counted `layers` times.
 
 Attention counts the query-key pairs actually computed under the causal (or sliding-window, or tree) mask:
 a chunk of c tokens after p cached ones computes c*p + c(c+1)/2 pairs; QK^T and PV cost 2 FLOPs per pair
-per head dimension each. Attention reads each request's K and V once.
+per head dimension each. Attention reads each request's K and V once. Where the deployment gathers the
+K/V of a step out of the paged cache before a contiguous-KV kernel (`Deployment.kv_access = "gather"`, as
+servesim's PyTorch backend does: PyTorch's FlashAttention has no block tables), the gather is its own
+memory-bound operator that reads and writes each K/V token once more; a paged kernel (vLLM's
+FlashAttention or FlashInfer, `"paged"`) reads the cache in place and has no such operator.
 """
 
 from __future__ import annotations
@@ -24,10 +28,11 @@ from hardware.specs import DTYPE_BYTES
 
 IntArray = np.ndarray
 
-# Host-dispatched kernels of an attention call, as the backend runs it (counted with torch.profiler on an
-# H200): a prefill gathers K and V and runs the varlen kernel; a decode also multiplies the query offsets by
-# the group size and copies the query heads into and out of the grouped-query layout (GQA without a window).
-ATTENTION_KERNELS = {"attention-prefill": 3, "attention-decode": 6}
+# Host-dispatched kernels of an attention call beside its K/V gather, as the backend runs it (counted with
+# torch.profiler on an H200): a prefill runs the varlen kernel; a decode also multiplies the query offsets
+# by the group size and copies the query heads into and out of the grouped-query layout (GQA, no window).
+ATTENTION_KERNELS = {"attention-prefill": 1, "attention-decode": 4}
+GATHER_KERNELS = 2  # index_select of K, then of V
 
 
 def _ints(name: str, values: Sequence[int] | np.ndarray | None, n: int | None = None, minimum: int = 0) -> IntArray:
@@ -137,15 +142,18 @@ class StepTotals:
     prefill_kv_tokens: float  # K/V tokens read by the prefill-style attention
     decode_seqs: int
     decode_pairs: float  # = K/V tokens read by decode attention
+    decode_longest: int = 0  # K/V tokens of the longest decode (its attention blocks run longest)
 
     @classmethod
     def of(cls, shape: StepShape, sliding_window: int | None = None) -> StepTotals:
         w = sliding_window
         n_dec = shape.decode_context.size
-        dec_pairs = 0.0
+        dec_pairs, longest = 0.0, 0
         if n_dec:
             dec = shape.decode_context + 1
-            dec_pairs = float((dec if w is None else np.minimum(dec, w)).sum())
+            if w is not None:
+                dec = np.minimum(dec, w)
+            dec_pairs, longest = float(dec.sum()), int(dec.max())
         tokens_c = pairs = kv_read = 0.0
         c, v = shape.prefill_tokens, shape.verify_tokens
         if c.size:
@@ -169,6 +177,7 @@ class StepTotals:
             prefill_kv_tokens=kv_read,
             decode_seqs=n_dec,
             decode_pairs=dec_pairs,
+            decode_longest=longest,
         )
 
 
@@ -224,6 +233,7 @@ def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts:
         gemm_operator("qkv_proj", rows, h, qkv, w, a),
         Operator("rope", "elementwise", 6.0 * rows * (hq + hkv) * d, 2.0 * rows * (hq + hkv) * d * a, kernels=7),
         Operator("kv_write", "kv-write", 0.0, t.tokens * 2 * hkv * d * (a + kvb), kernels=2),
+        *kv_gather_operators(dep, t),
         Operator("attention_prefill", "attention-prefill", 4.0 * t.prefill_pairs * d * hq,
                  2.0 * t.prefill_queries * hq * d * a + t.prefill_kv_tokens * 2 * hkv * d * kvb,
                  kernels=ATTENTION_KERNELS["attention-prefill"]),
@@ -248,6 +258,16 @@ def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts:
     if dep.tp > 1:
         ops.append(Operator("all_reduce_mlp", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp))
     return ops
+
+
+def kv_gather_operators(dep: Deployment, t: StepTotals) -> list[Operator]:
+    """The K/V gathers before each attention kernel (none when the kernel reads the paged cache): every
+    K/V token the kernel reads is read from the cache and written to a contiguous buffer."""
+    if dep.kv_access != "gather":
+        return []
+    token = 2 * dep.kv_heads_per_gpu * dep.model.head_size * DTYPE_BYTES[dep.kv_dtype]  # K and V
+    return [Operator("kv_gather_prefill", "kv-gather", 0.0, 2.0 * t.prefill_kv_tokens * token, kernels=GATHER_KERNELS),
+            Operator("kv_gather_decode", "kv-gather", 0.0, 2.0 * t.decode_pairs * token, kernels=GATHER_KERNELS)]
 
 
 def first_stage_operators(dep: Deployment, rows: float) -> list[Operator]:

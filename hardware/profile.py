@@ -2,13 +2,14 @@
 
 A profile holds, per operator kind, a compute-efficiency curve over the operator's FLOPs and a
 memory-efficiency curve over its bytes (collectives: link efficiency over their payload bytes), plus the
-fixed costs in eager and CUDA-graph execution. Calibrated profiles (version 2, written by `servesim
+fixed costs in eager and CUDA-graph execution. Calibrated profiles (version 3, written by `servesim
 calibrate`) add measured surfaces that take precedence over the per-kind curves:
 
 - `gemm`: for each measured weight shape (K, N), the fraction of the roofline reached at each M (tokens);
 - `operators`: per named operator (`rope`, `add_rmsnorm`, ...), memory efficiency over its bytes;
 - `attention`: per head configuration, efficiency over (query tokens, key tokens per query token) for
-  the prefill kernel and over (sequences, key tokens per sequence) for the decode kernel;
+  the prefill kernel and over (sequences, key tokens per sequence) for the decode kernel (the kernels
+  alone: since version 3 the backend's K/V gather before them is an operator of its own, `kv-gather`);
 - `collectives`: per kind and number of ranks, link efficiency over the payload.
 
 An operator's time is its roofline divided by its efficiency, plus `launch_graph` GPU seconds per kernel;
@@ -42,13 +43,14 @@ OP_KINDS = (
     "elementwise",
     "embedding",
     "kv-write",
+    "kv-gather",
     "sampling",
     "all-reduce",
     "all-gather",
     "send-recv",
 )
 COLLECTIVE_KINDS = frozenset({"all-reduce", "all-gather", "send-recv"})
-PROFILE_VERSION = 2
+PROFILE_VERSION = 3
 _GRID_PER_DECADE = 32
 
 
@@ -189,7 +191,7 @@ class CollectiveCurve(Spec):
 class Profile(Spec):
     """A versioned efficiency profile for one GPU (see module docstring)."""
 
-    version: Literal[1, 2] = PROFILE_VERSION
+    version: Literal[1, 2, 3] = PROFILE_VERSION
     gpu: str
     metadata: dict[str, Any] = {}
     efficiency: dict[str, KindEfficiency]
@@ -204,6 +206,9 @@ class Profile(Spec):
         unknown = set(self.efficiency) - set(OP_KINDS)
         if unknown:
             raise ValueError(f"unknown operator kind(s) {sorted(unknown)}; allowed: {', '.join(OP_KINDS)}")
+        if self.attention and self.version < 3:
+            raise ValueError(f"version {self.version} attention surfaces include the K/V gather, which version 3 "
+                             "prices as its own operator: refit the profile from raw measurements taken since")
         return self
 
     def gemm_curve(self, k: int, n: int) -> GemmCurve | None:
@@ -256,6 +261,7 @@ DEFAULT_PROFILE = Profile(
         "elementwise": KindEfficiency(compute=0.50, memory=0.70),
         "embedding": KindEfficiency(compute=0.50, memory=0.60),
         "kv-write": KindEfficiency(compute=0.50, memory=0.60),
+        "kv-gather": KindEfficiency(compute=0.50, memory=0.60),
         "sampling": KindEfficiency(compute=0.50, memory=0.60),
         "all-reduce": KindEfficiency(memory=0.80),
         "all-gather": KindEfficiency(memory=0.80),

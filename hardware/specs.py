@@ -11,6 +11,10 @@ from hardware.errors import ServesimError, describe_validation_error
 
 DType = Literal["fp32", "bf16", "fp16", "fp8"]
 DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
+# How attention reads the paged KV cache: "gather" copies a step's K/V into contiguous buffers before the
+# kernel (servesim's PyTorch backend: PyTorch's FlashAttention takes no block tables); "paged" reads the
+# blocks in place (vLLM's FlashAttention and FlashInfer kernels).
+KvAccess = Literal["gather", "paged"]
 
 # Hugging Face `model_type`s whose architecture is the Llama family this cost model prices: pre-norm
 # decoder, GQA attention with RoPE, RMSNorm, SwiGLU MLP (dense, or Mixtral-style top-k experts).

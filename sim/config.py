@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from hardware.errors import ServesimError, describe_validation_error
-from hardware.specs import DType
+from hardware.specs import DType, KvAccess
 from policies import PAGED_SCHEDULERS, SchedulerConfig
 from policies.speculation import SpeculationConfig
 from policies.vllm import VllmParams
@@ -44,6 +44,9 @@ class HardwareConfig(_Section):
     profile: str | None = Field(None, description="efficiency profile: a JSON file, the GPU id of a committed "
                                 "profile, or 'calibrated' for the GPU's committed one (default: datasheet defaults)")
     cuda_graphs: bool = True
+    kv_access: KvAccess = Field("gather", description="how attention reads the paged KV cache: 'gather' (copy a "
+                                "step's K/V into contiguous buffers first, as servesim's PyTorch backend does) or "
+                                "'paged' (the kernel reads the blocks in place, as vLLM's FlashAttention does)")
 
 
 class ClusterConfig(_Section):

@@ -42,7 +42,8 @@ def draft_deployment(target: Deployment, config: SpeculationConfig) -> Deploymen
     else:
         return None
     return Deployment.build(spec, target.gpu, tp=tp, link=target.tp_link.id, weight_dtype=target.weight_dtype,
-                            kv_dtype=target.kv_dtype, max_num_batched_tokens=target.max_num_batched_tokens,
+                            kv_dtype=target.kv_dtype, kv_access=target.kv_access,
+                            max_num_batched_tokens=target.max_num_batched_tokens,
                             max_num_seqs=target.max_num_seqs, max_model_len=min(target.context_limit,
                                                                                 spec.max_position_embeddings))
 

@@ -61,7 +61,7 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
                             "kernels": 1, "seconds": (roof / true_gemm(m, k, n) + LAUNCH) * jitter()})
     for m in (1, 16, 256, 4096, 65536):
         for name, op in operators_at(dep, _decode_shape(m)).items():
-            if op.kind in ("elementwise", "embedding", "kv-write", "sampling"):
+            if op.kind in ("elementwise", "embedding", "kv-write", "kv-gather", "sampling") and op.bytes:
                 t = op.bytes / GPU.hbm_bandwidth / true_memory(op.bytes) + op.kernels * LAUNCH
                 records.append({"op": name, "kind": op.kind, "flops": op.flops, "bytes": op.bytes,
                                 "kernels": op.kernels, "seconds": t * jitter(), "rows": m})
@@ -70,8 +70,8 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
             op = operators_at(dep, StepShape.build(decode=[ctx - 1] * b))["attention_decode"]
             roof = max(op.flops / peak_flops(dep, op.kind), op.bytes / GPU.hbm_bandwidth)
             records.append({"op": op.name, "kind": op.kind, "flops": op.flops, "bytes": op.bytes, "kernels": op.kernels,
-                            "x": b, "y": ctx, "heads": dep.heads_per_gpu, "kv_heads": dep.kv_heads_per_gpu,
-                            "head_dim": dep.model.head_size,
+                            "x": b, "y": ctx, "with_gather": False, "heads": dep.heads_per_gpu,
+                            "kv_heads": dep.kv_heads_per_gpu, "head_dim": dep.model.head_size,
                             "seconds": (roof / true_attention(b, ctx) + op.kernels * LAUNCH) * jitter()})
     link = get_interconnect(GPU.intra_node_link)
     for size in (2 ** 12, 2 ** 18, 2 ** 24, 2 ** 28):
@@ -277,6 +277,9 @@ def test_profile_round_trips_through_json(fitted, tmp_path) -> None:
     (json.dumps({"gpu": "x", "efficiency": {"gemm": {"compute": 2.0}},
                  "overheads": DEFAULT_PROFILE.overheads.model_dump()}), "efficiency.gemm.compute"),
     (json.dumps({"version": 9, "gpu": "x", "efficiency": {}, "overheads": {}}), "version"),
+    (json.dumps({"version": 2, "gpu": "x", "efficiency": {}, "overheads": DEFAULT_PROFILE.overheads.model_dump(),
+                 "attention": [{"kind": "attention-decode", "heads": 8, "kv_heads": 2, "head_dim": 32, "x": [1.0],
+                                "y": [64.0], "efficiency": [[0.5]]}]}), "include the K/V gather"),
 ])
 def test_bad_profile_file_gives_one_line_error(tmp_path, content, needle) -> None:
     path = tmp_path / "bad.json"
@@ -360,7 +363,8 @@ def test_quick_calibration_pipeline_on_cpu(tmp_path, capsys) -> None:
     prof, raw, steps = tmp_path / "p.json", tmp_path / "raw.json", tmp_path / "steps.csv"
     assert main(["calibrate", "--quick", "--out", str(prof), "--raw", str(raw)]) == 0
     profile = load_profile(prof)
-    assert profile.version == 2 and profile.gemm and profile.attention and "rope" in profile.operators
+    assert profile.version == 3 and profile.gemm and profile.attention and "rope" in profile.operators
+    assert "kv_gather_decode" in profile.operators and "kv_gather_prefill" in profile.operators
     assert profile.metadata["device"] == "cpu" and profile.metadata["torch"]
     assert main(["calibrate", "--refit", "--raw", str(raw), "--out", str(tmp_path / "again.json")]) == 0
     assert load_profile(tmp_path / "again.json").gemm == profile.gemm
@@ -403,6 +407,22 @@ def test_bad_raw_and_measurement_files_give_one_line_errors(tmp_path, capsys) ->
     assert main(["calibrate", "validate", str(steps), "--gpu", "h100"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert "not raw calibration measurements" in err[0] and "row 1: shape = '{bad'" in err[1]
+
+
+def test_attention_timed_with_its_gather_is_refused_by_the_fit(tmp_path, capsys) -> None:
+    """Raw files from before profile version 3 timed the K/V gather inside attention: the fit says so."""
+    pytest.importorskip("torch")
+    from sim.cli import main
+
+    legacy = synthetic_raw(noise=0.0)
+    for r in legacy["records"]:
+        r.pop("with_gather", None)
+    legacy.pop("truth")
+    raw = tmp_path / "raw.json"
+    raw.write_text(json.dumps({**legacy, "gpu": GPU.id, "metadata": {}}))
+    assert main(["calibrate", "--refit", "--raw", str(raw), "--out", str(tmp_path / "p.json")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "timed with their K/V gather" in err[0] and "--later" in err[0]
 
 
 def test_tensor_parallel_reference_steps_on_cpu(tmp_path, capsys) -> None:

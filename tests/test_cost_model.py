@@ -42,8 +42,9 @@ def test_large_prefill_is_compute_bound(model: str, tp: int, ideal_profile: Prof
 
 
 def test_attention_grows_memory_bound_at_long_context() -> None:
-    """MagicDec's observation: at long context even a batch of decodes is dominated by KV reads."""
-    model = CostModel(Deployment.build("llama-3-8b", "h100", max_model_len=8192))
+    """MagicDec's observation: at long context even a batch of decodes is dominated by KV reads (with a
+    paged kernel, as vLLM's, reading the cache in place)."""
+    model = CostModel(Deployment.build("llama-3-8b", "h100", max_model_len=8192, kv_access="paged"))
     short = model.price(StepShape.build(decode=[512] * 64))
     long = model.price(StepShape.build(decode=[8000] * 64))
     share = {n: sum(r.seconds for r in c.breakdown if r.kind == "attention-decode") / c.seconds
@@ -204,3 +205,40 @@ def test_every_catalog_model_prices_on_every_gpu() -> None:
         for gpu_id in gpu_ids():
             cost = CostModel(Deployment.build(model_id, gpu_id, tp=2 if model_id != "tiny-llama" else 1)).price(shape)
             assert cost.seconds > 0 and 0 < cost.mfu < 1 and 0 < cost.mbu < 1
+
+
+def test_kv_gather_is_its_own_operator_unless_the_kernel_is_paged() -> None:
+    """`kv_access="gather"` (servesim's backend) adds a K/V read and write per token the kernels read, two
+    kernels per attention call; "paged" (vLLM) prices the same step without them."""
+    shape = StepShape.build(prefill=[300], prefill_cached=[2000], decode=[1000] * 16)
+    gather, paged = (CostModel(Deployment.build("llama-3-8b", "h100", kv_access=a), cuda_graphs=False).price(shape)
+                     for a in ("gather", "paged"))
+    ops = {o.name: o for o in gather.breakdown}
+    layers, token = 32, 2 * 8 * 128 * 2
+    assert ops["kv_gather_prefill"].bytes == pytest.approx(layers * 2 * 2300 * token)
+    assert ops["kv_gather_decode"].bytes == pytest.approx(layers * 2 * 16 * 1001 * token)
+    assert gather.kernels - paged.kernels == layers * 4
+    assert not any(o.kind == "kv-gather" for o in paged.breakdown)
+    gpu_only = lambda c: sum(o.seconds for o in c.breakdown)  # noqa: E731
+    assert gpu_only(gather) - gpu_only(paged) == pytest.approx(ops["kv_gather_prefill"].seconds
+                                                               + ops["kv_gather_decode"].seconds)
+    with pytest.raises(ServesimError, match="kv_access"):
+        Deployment.build("llama-3-8b", "h100", kv_access="contiguous")
+
+
+def test_ragged_decode_attention_waits_for_its_longest_sequence() -> None:
+    """A ragged decode batch is priced at least as one wave of sequences at its longest context (one
+    FlashAttention block per sequence and KV head: 16 sequences of Llama-3-8B's 8 KV heads fill an H100)."""
+    from hardware.profile import packaged_profile
+
+    model = CostModel(Deployment.build("llama-3-8b", "h100"), packaged_profile("h100-sxm-80gb"))
+
+    def attention(contexts: list[int]) -> float:
+        op = next(o for o in model.price(StepShape.build(decode=contexts)).breakdown if o.name == "attention_decode")
+        return op.seconds
+
+    ragged, mean, longest = [7999] + [799] * 15, [1249] * 16, [7999] * 16
+    assert attention(ragged) == pytest.approx(max(attention(mean), attention(longest)), rel=1e-9)
+    assert attention(ragged) > 1.5 * attention(mean)
+    many = [999] * 255 + [1255]  # many waves: the mean holds (the longest adds one block's worth at most)
+    assert attention(many) == pytest.approx(attention([1000] * 256), rel=0.01)
