@@ -20,6 +20,7 @@ import numpy as np
 from hardware.catalog import get_gpu
 from hardware.cost import CostModel
 from hardware.deployment import Deployment
+from hardware.errors import ServesimError
 from hardware.operators import StepShape
 from hardware.profile import packaged_profile
 
@@ -34,7 +35,7 @@ def models_by_heads(gpu: str) -> dict[tuple[int, int], CostModel]:
         for tp in (1, 2, 4, 8):
             try:
                 dep = Deployment.build(mid, gpu, tp=tp)
-            except Exception:  # TP does not divide the heads
+            except ServesimError:  # TP does not divide the heads
                 continue
             out.setdefault((dep.heads_per_gpu, dep.kv_heads_per_gpu), CostModel(dep, profile))
     return out

@@ -22,7 +22,8 @@ Host overheads and collectives (links) are taken as they are.
 Decode attention is read off its surface at the batch's mean context, and is at least the time of one
 wave's worth of sequences at its longest context: FlashAttention's varlen kernel gives each sequence (and
 KV head) one block, so a ragged batch waits for its longest (measured on H100 and H200 on ragged batches of
-16 lognormal contexts, mean 2,128: the mean alone priced them 68% low, the longest-sequence bound -1..+1%).
+16 lognormal contexts, mean 2,128: the mean alone priced them 68% low, the longest-sequence bound +1%,
+medians; `bench/ragged_attention.py`).
 Decode-only steps run as CUDA graphs when enabled (vLLM's rule: the batch is padded to the next captured
 size, at most 512); any step with a prefill or verification runs eagerly.
 """
@@ -285,7 +286,8 @@ class CostModel:
         """A ragged decode batch takes at least as long as its longest sequence's blocks: the time of a batch
         of the sequences one wave holds (one block per sequence and KV head), all at the longest context
         (a uniform batch at the mean context packs the blocks perfectly, which a ragged one cannot)."""
-        b = min(t.decode_seqs, max(1, self.dep.gpu.sm_count // self.dep.kv_heads_per_gpu))
+        sms = (self._source or self.dep.gpu).sm_count  # the surface's GPU
+        b = min(t.decode_seqs, max(1, sms // self.dep.kv_heads_per_gpu))
         x = np.zeros(len(FEATURES))
         x[_DECODE_SEQS], x[_DECODE_PAIRS] = b, b * t.decode_longest
         flops, nbytes, _ = self._base[i] + self._slopes[i] @ x
