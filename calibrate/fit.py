@@ -47,6 +47,7 @@ from hardware.profile import (
 from hardware.specs import GPUSpec, ModelSpec
 
 MIN_EFFICIENCY = 1e-6
+NAMED_KINDS = ("elementwise", "embedding", "kv-write", "kv-gather", "sampling")  # memory curves per operator
 
 
 def efficiency(roofline: float, seconds: float, fixed: float) -> float:
@@ -291,7 +292,7 @@ def fit_profile(raw: dict[str, Any], gpu: GPUSpec, metadata: dict[str, Any]) -> 
     launch = float(raw["fixed"]["graph_kernel_seconds"])
     records = raw["records"]
     gemm = [r for r in records if r["kind"] == "gemm"]
-    named = [r for r in records if r["kind"] in ("elementwise", "embedding", "kv-write", "kv-gather", "sampling")]
+    named = [r for r in records if r["kind"] in NAMED_KINDS]
     attention = [r for r in records if r["kind"].startswith("attention")]
     if any(r.get("with_gather", True) for r in attention):
         raise ServesimError("attention records timed with their K/V gather (before profile version 3) cannot be "

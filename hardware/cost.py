@@ -291,8 +291,11 @@ class CostModel:
         x = np.zeros(len(FEATURES))
         x[_DECODE_SEQS], x[_DECODE_PAIRS] = b, b * t.decode_longest
         flops, nbytes, _ = self._base[i] + self._slopes[i] @ x
-        e = surface.at(float(b), float(t.decode_longest))
-        return max(flops / (self._peak_c[i] * e), nbytes / (self._bandwidth * e))
+        return max(self._on_surface(i, flops, nbytes, surface.at(float(b), float(t.decode_longest))))
+
+    def _on_surface(self, i: int, flops: float, nbytes: float, e: float) -> tuple[float, float]:
+        """Compute and memory seconds of operator i at efficiency e of the profile's GPU's roofline."""
+        return flops / (self._peak_c[i] * e), nbytes / (self._bandwidth * e)
 
     def graph_rows(self, decode_seqs: int) -> int | None:
         """Padded batch size a decode-only step replays as a CUDA graph, or None when it runs eagerly."""
@@ -322,8 +325,7 @@ class CostModel:
         for i, surface in self._surfaces:
             xy = _attention_coordinates(surface.kind, t)
             if xy is not None:
-                e = surface.at(*xy)
-                tc[i], tm[i] = flops[i] / (self._peak_c[i] * e), nbytes[i] / (self._bandwidth * e)
+                tc[i], tm[i] = self._on_surface(i, flops[i], nbytes[i], surface.at(*xy))
                 if surface.kind == "attention-decode" and t.decode_longest > xy[1]:
                     stretch = self._longest_decode(i, surface, t) / max(tc[i], tm[i])
                     if stretch > 1.0:

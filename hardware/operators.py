@@ -265,7 +265,7 @@ def kv_gather_operators(dep: Deployment, t: StepTotals) -> list[Operator]:
     K/V token the kernel reads is read from the cache and written to a contiguous buffer."""
     if dep.kv_access != "gather":
         return []
-    token = 2 * dep.kv_heads_per_gpu * dep.model.head_size * DTYPE_BYTES[dep.kv_dtype]  # K and V
+    token = dep.kv_bytes_per_token_per_layer()
     return [Operator("kv_gather_prefill", "kv-gather", 0.0, 2.0 * t.prefill_kv_tokens * token, kernels=GATHER_KERNELS),
             Operator("kv_gather_decode", "kv-gather", 0.0, 2.0 * t.decode_pairs * token, kernels=GATHER_KERNELS)]
 

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrate.fit import fit_profile, layer_kernels, step_calls
+from calibrate.fit import NAMED_KINDS, fit_profile, layer_kernels, step_calls
 from calibrate.microbench import _decode_shape, gemm_shapes, operators_at, wave_boundaries
 from hardware.catalog import get_gpu, get_interconnect, get_model
 from hardware.cost import CostModel, peak_flops
@@ -61,7 +61,7 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
                             "kernels": 1, "seconds": (roof / true_gemm(m, k, n) + LAUNCH) * jitter()})
     for m in (1, 16, 256, 4096, 65536):
         for name, op in operators_at(dep, _decode_shape(m)).items():
-            if op.kind in ("elementwise", "embedding", "kv-write", "kv-gather", "sampling") and op.bytes:
+            if op.kind in NAMED_KINDS and op.bytes:
                 t = op.bytes / GPU.hbm_bandwidth / true_memory(op.bytes) + op.kernels * LAUNCH
                 records.append({"op": name, "kind": op.kind, "flops": op.flops, "bytes": op.bytes,
                                 "kernels": op.kernels, "seconds": t * jitter(), "rows": m})
