@@ -22,6 +22,7 @@ from backend.model import (
     PagedKVCache,
     attention_meta,
     build_model,
+    cache_slots,
 )
 from backend.parallel import Shard
 from backend.speculative import DraftRunner, accept, ancestry, breadth_first, seeded, tree_accept
@@ -53,7 +54,6 @@ class TorchExecutor:
                                   kv_heads_per_gpu(spec, shard.size), spec.head_size, self.dtype, self.device)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = GraphCache(self.model, self.cache, num_blocks, block_size) if self.use_graphs else None
-        self.num_blocks = num_blocks
         self.block_size = block_size
         self.free_blocks = list(range(num_blocks - 1, -1, -1))
         self.tables: dict[int, list[int]] = {}
@@ -101,14 +101,14 @@ class TorchExecutor:
         t0 = time.perf_counter()
         pre, ver, dec = batch.prefill_ids.tolist(), batch.verify_ids.tolist(), batch.decode_ids.tolist()
         self.sync_tables(pre + ver + dec)
-        drafts, dists, draft_s = self._draft(batch)
+        trees = [breadth_first(t) for t in batch.verify_trees] if batch.verify_trees is not None else None
+        drafts, dists, draft_s = self._draft(batch, trees)
         flat_tokens: list[int] = []
         positions: list[int] = []
         chunks: list[Chunk] = []
         sample_rows: list[int] = []
         sample_ids: list[int] = []
         verify_rows: list[int] = []
-        trees = [breadth_first(t) for t in batch.verify_trees] if batch.verify_trees is not None else None
         parts = list(zip(pre, batch.prefill_tokens.tolist(), batch.prefill_computed.tolist(), [None] * len(pre),
                          [None] * len(pre)))
         parts += [(rid, len(d) + 1, c, d, None if trees is None else trees[i])
@@ -171,9 +171,11 @@ class TorchExecutor:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def _draft(self, batch: Batch) -> tuple[list[list[int]], list[list[torch.Tensor]], float]:
+    def _draft(self, batch: Batch, trees: list[TokenTree] | None) -> tuple[list[list[int]], list[list[torch.Tensor]],
+                                                                          float]:
         """The draft model's part of a step: catch up on prefill chunks, then propose each verification's
-        drafts; returns the drafts, their distributions (when sampling) and the seconds it took."""
+        drafts (`trees`: the batch's token trees in breadth-first order); returns the drafts, their
+        distributions (when sampling) and the seconds it took."""
         if self.draft is None:
             if batch.verify_ids.size:
                 raise RuntimeError("a batch with verifications needs a draft model (speculation.draft)")
@@ -183,11 +185,10 @@ class TorchExecutor:
         if batch.prefill_ids.size:
             self.draft.catch_up(batch.prefill_ids.tolist(), (batch.prefill_computed + batch.prefill_tokens).tolist(),
                                 self.tokens_of)
-        if batch.verify_trees is not None:
+        if trees is not None:
             if self.temperature > 0:
                 raise RuntimeError("token-tree speculation in the backend is greedy only (temperature 0)")
-            drafts = self.draft.propose_tree(batch.verify_ids.tolist(),
-                                             [breadth_first(t) for t in batch.verify_trees], self.tokens_of)
+            drafts = self.draft.propose_tree(batch.verify_ids.tolist(), trees, self.tokens_of)
             dists: list[list[torch.Tensor]] = [[] for _ in drafts]
         else:
             drafts, dists = self.draft.propose(batch.verify_ids.tolist(), batch.verify_drafts.tolist(),
@@ -226,14 +227,11 @@ class TorchExecutor:
             path, new = tree_accept(logits[row:row + tree.size + 1], tree, drafts[i], forced)
             row += tree.size + 1
             accepted[i] = len(path)
-            table = np.asarray(self.tables[rid])
             src = np.array([c + 1 + node for node in path], dtype=np.int64)
             dst = c + 1 + np.arange(len(path))
             if len(path) and (src != dst).any():
-                bs = self.block_size
-                to_slot = lambda pos: table[pos // bs] * bs + pos % bs  # noqa: E731
-                s_idx = torch.from_numpy(to_slot(src)).to(self.device)
-                d_idx = torch.from_numpy(to_slot(dst)).to(self.device)
+                s_idx = torch.from_numpy(cache_slots(self.tables[rid], src, self.block_size)).to(self.device)
+                d_idx = torch.from_numpy(cache_slots(self.tables[rid], dst, self.block_size)).to(self.device)
                 self.cache.k[:, d_idx] = self.cache.k[:, s_idx]
                 self.cache.v[:, d_idx] = self.cache.v[:, s_idx]
             room = int(self.req.output[rid] - self.req.generated[rid])

@@ -89,7 +89,8 @@ class AttentionMeta:
     groups: list[AttentionGroup]
 
 
-def _slots(table: list[int], positions: np.ndarray, block_size: int) -> np.ndarray:
+def cache_slots(table: list[int], positions: np.ndarray, block_size: int) -> np.ndarray:
+    """Cache slots (block x block size + offset) of a request's token `positions` under its block `table`."""
     return np.asarray(table, dtype=np.int64)[positions // block_size] * block_size + positions % block_size
 
 
@@ -121,7 +122,7 @@ def attention_meta(chunks: list[Chunk], block_size: int, device: torch.device, p
     """Slots and attention groups of a pass over `chunks` (token order: chunk after chunk), the first
     `prefills` of them prefill chunks attending in one call, the rest decodes in another (as the cost
     model prices them: one prefill-attention and one decode-attention kernel)."""
-    new_slots = np.concatenate([_slots(c.table, np.arange(c.cached, c.cached + c.length), block_size)
+    new_slots = np.concatenate([cache_slots(c.table, np.arange(c.cached, c.cached + c.length), block_size)
                                 for c in chunks])
     groups = [attention_group(part, block_size, device) for part in (chunks[:prefills], chunks[prefills:]) if part]
     return AttentionMeta(torch.from_numpy(new_slots).to(device), groups)

@@ -31,7 +31,10 @@ SIZES = tuple(1 << e for e in range(10, 31, 2))  # 1 KiB .. 1 GiB
 KINDS = ("all-reduce", "all-gather", "send-recv")
 
 
-def _time_graph(fn: Any, nbytes: int, replays: int = 5) -> float:
+EAGER_CALLS, GRAPH_REPLAYS = 10, 5  # timed calls of an eager collective; replays of a captured one
+
+
+def _time_graph(fn: Any, nbytes: int, replays: int = GRAPH_REPLAYS) -> float:
     """GPU seconds per call of `fn` (a collective), captured back to back in a CUDA graph."""
     calls = max(1, min(20, (64 << 20) // max(nbytes, 1)))
     side = torch.cuda.Stream()
@@ -100,9 +103,9 @@ def _job(sizes: tuple[int, ...], device: str, shard: Shard, log: Callable[[str],
                 timing = "eager" if kind == "send-recv" else "graph"
                 seconds = 0.0
                 if member:
-                    seconds = _time(fn, 10) if timing == "eager" else _time_graph(fn, size)
+                    seconds = _time(fn, EAGER_CALLS) if timing == "eager" else _time_graph(fn, size)
                 else:  # ranks outside the group join the barriers of the group's timing
-                    for _ in range(10 if timing == "eager" else 5):
+                    for _ in range(EAGER_CALLS if timing == "eager" else GRAPH_REPLAYS):
                         dist.barrier()
                 worst = torch.tensor([seconds], device=dev)
                 dist.all_reduce(worst, op=dist.ReduceOp.MAX)

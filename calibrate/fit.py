@@ -235,7 +235,7 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     if graph:
         residual = []
         for s in graph:
-            spec = get_model(s.get("model", "tiny-llama")).model_copy(update={"num_hidden_layers": s["layers"]})
+            spec = _step_spec(s)
             priced = CostModel(Deployment.build(spec, gpu), partial, cuda_graphs=True).price(
                 StepShape.from_dict(s["shape"]))
             residual.append(_wall(s) - sum(priced.stage_seconds) - per_kv * s.get("kv_tokens", 0))
@@ -251,6 +251,11 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     return base.model_copy(update={k: float(v) for k, v in fitted.items()})
 
 
+def _step_spec(s: dict[str, Any]) -> ModelSpec:
+    """The model an overhead step ran: its catalog model with the step's number of layers."""
+    return get_model(s.get("model", "tiny-llama")).model_copy(update={"num_hidden_layers": s["layers"]})
+
+
 def _short(s: dict[str, Any]) -> bool:
     """A step at short contexts (at most 64 KV tokens per request): little GPU work, host-bound when eager."""
     return s.get("kv_tokens", 0) <= 64 * s["requests"]
@@ -258,7 +263,7 @@ def _short(s: dict[str, Any]) -> bool:
 
 def _calls(s: dict[str, Any], gpu: GPUSpec) -> tuple[float, float]:
     """(kernels, collectives) the cost model counts for a recorded whole step."""
-    spec = get_model(s.get("model", "tiny-llama")).model_copy(update={"num_hidden_layers": s["layers"]})
+    spec = _step_spec(s)
     return step_calls(spec, StepShape.from_dict(s["shape"]), gpu, s.get("tp", 1))
 
 

@@ -283,7 +283,7 @@ def overhead_steps(model: str, quick: bool, device: str, shard: Shard,
     batches = (1, 8) if quick else (1, 8, 64, 256)
     long = ((8, 127),) if quick else ((8, 1023), (8, 4095), (64, 1023))  # (batch, context)
     decodes = [[63] * b for b in batches] + [[c] * b for b, c in long]
-    needed = max(len(d) * math.ceil((d[0] + 1) / 16) for d in decodes) + 64
+    needed = max(len(d) * math.ceil((d[0] + 1) / BLOCK) for d in decodes) + 64
     for layers in sorted({max(1, base.num_hidden_layers // 2), base.num_hidden_layers}):
         spec = base.model_copy(update={"num_hidden_layers": layers})
         # a KV cache that fills the memory as a server's does (the host's per-step work depends on it)

@@ -270,8 +270,8 @@ def plan(spec: PlanSpec, out: str | Path, workers: int | None = None, ray: bool 
     cache.mkdir(parents=True, exist_ok=True)
     todo, rows = [], {}
     cands = list(candidates(spec))
-    for label, cfg in cands:
-        key = config_hash(cfg, spec)
+    keys = [config_hash(cfg, spec) for _, cfg in cands]
+    for (label, cfg), key in zip(cands, keys):
         hit = cache / f"{key}.json"
         if hit.is_file():
             rows[key] = json.loads(hit.read_text())
@@ -286,8 +286,9 @@ def plan(spec: PlanSpec, out: str | Path, workers: int | None = None, ray: bool 
         if (row.get("capacity_req_s") or 0.0) > best_rate:
             best, best_rate = f"{row['label']} {row['capacity_req_s']:.2f} req/s", row["capacity_req_s"]
         bar.update(best)
-    table = pd.DataFrame([rows[config_hash(cfg, spec)] for _, cfg in cands])
-    table["cached"] = [config_hash(cfg, spec) not in {k for k, _, _ in todo} for _, cfg in cands]
+    table = pd.DataFrame([rows[key] for key in keys])
+    computed = {key for key, _, _ in todo}
+    table["cached"] = [key not in computed for key in keys]
     table = rank(table, spec)
     write_outputs(table, spec, dict(cands), out_dir)
     return table
