@@ -2,7 +2,7 @@
 
     servesim calibrate --out PROFILE.json [--quick] [--gpu ID] [--models a,b] [--tp 1,2,4,8]
     servesim calibrate --refit --raw RAW.json [--later LATER_RAW.json ...] --out PROFILE.json
-    servesim calibrate reference --out STEPS.csv [--model llama-3-8b] [--quick]
+    servesim calibrate reference --out STEPS.csv [--model llama-3-8b] [--quick] [--tp N] [--raw OVERHEADS_RAW.json]
     servesim calibrate validate STEPS.csv --gpu ID [--profile PROFILE.json|GPU-ID] [--overheads PROFILE.json|GPU-ID]
         [--statistic fast|median] [--out DIR]
 
@@ -43,19 +43,23 @@ def add_parser(sub: Any) -> None:
                                    "degree to run (one process per GPU; default 1)")
     cal.add_argument("--suites", default="gemm,elementwise,attention,fixed,collectives",
                      help="profile: which microbenchmark suites to run (default: all)")
-    cal.add_argument("--raw", help="profile: also write the raw measurements here; with --refit, read them")
+    cal.add_argument("--raw", help="profile: also write the raw measurements here; with --refit, read them; "
+                                   "reference: also run the overhead fit's whole steps in the same rounds and write "
+                                   "them, with the fixed costs, here (a file for --refit --later)")
     cal.add_argument("--refit", action="store_true", help="profile: fit --raw measurements again, time nothing")
     cal.add_argument("--later", "--steps", dest="later", action="append", metavar="LATER_RAW",
                      help="profile, with --refit: overlay a later session's raw file: its whole steps replace the "
-                          "earlier ones (e.g. `--suites fixed` run beside a reference) and each group of records it "
-                          "measured (an attention head configuration, a GEMM shape, a collective over n ranks, the "
-                          "NCCL dispatch) replaces the same group; repeatable, applied in order")
+                          "earlier ones of the same TP degrees (e.g. `reference --raw`), its fixed costs the earlier "
+                          "ones, and each group of records it measured (an attention head configuration, a GEMM "
+                          "shape, a collective over n ranks, the NCCL dispatch) replaces the same group; "
+                          "repeatable, applied in order")
     cal.add_argument("--model", help="reference: catalog model (default llama-3-8b; tiny-llama with --quick)")
     cal.add_argument("--profile", default="calibrated",
                      help="validate: profile JSON, the GPU id of a committed one, or 'calibrated' (default: the "
                           "committed profile of --gpu)")
-    cal.add_argument("--overheads", help="validate: take the host overheads (dispatch, per-step costs) from this "
-                                         "profile instead: the host the steps ran on was calibrated apart")
+    cal.add_argument("--overheads", help="validate: take the host overheads (dispatch, per-step costs; not the "
+                                         "GPU's own per-kernel costs) from this profile instead: the host the steps "
+                                         "ran on was calibrated apart")
     cal.add_argument("--statistic", choices=["fast", "median"],
                      help="validate: compare with the steps' fast-phase or median wall time (default: fast where "
                           "recorded)")
@@ -134,10 +138,21 @@ def run(args: argparse.Namespace) -> dict[str, Any] | None:
         if len(tp) != 1 or (device.startswith("cuda") and tp[0] > torch.cuda.device_count()):
             raise ServesimError(f"--tp = {args.tp!r}: reference runs one TP degree, at most the "
                                 f"{torch.cuda.device_count() if device.startswith('cuda') else 'any'} visible devices")
-        df = measure(args.model or ("tiny-llama" if args.quick else "llama-3-8b"), device, args.quick, _log, tp[0])
+        model = args.model or ("tiny-llama" if args.quick else "llama-3-8b")
+        raw: dict[str, Any] = {}
+        if args.raw:  # the fixed costs first, on a device that holds nothing yet
+            from calibrate.microbench import run_all
+
+            gpu = get_gpu(_gpu_id(args, device))
+            raw = run_all(torch.device(device), gpu, [model], tp, args.quick, [model], _log, suites=())
+            raw.update(gpu=gpu.id, metadata=_metadata(device, sys.argv[1:]))
+        df, steps = measure(model, device, args.quick, _log, tp[0], overheads=bool(args.raw))
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         df.to_csv(args.out, index=False)
-        return {"steps": len(df), "out": args.out}
+        if args.raw:
+            Path(args.raw).parent.mkdir(parents=True, exist_ok=True)
+            Path(args.raw).write_text(json.dumps({**raw, "steps": steps}))
+        return {"steps": len(df), "out": args.out, "overhead_steps": len(steps)}
     return _profile(args)
 
 
@@ -205,13 +220,15 @@ RECORD_GROUP = ("kind", "op", "heads", "kv_heads", "head_dim", "ranks", "k", "n"
 
 
 def _overlay(raw: dict[str, Any], path: str) -> dict[str, Any]:
-    """`raw` under a later raw file: the later whole steps (if any) replace the earlier, and every group of
-    records the later file holds (same kind, operator, head configuration, GEMM shape, ranks, model, TP)
-    replaces the earlier records of that group; other records stay (e.g. a later session re-timing one
-    model's attention, or the host overheads measured in the same session as a reference)."""
+    """`raw` under a later raw file: the later whole steps replace the earlier steps of the TP degrees they
+    cover, the later fixed costs the earlier ones, and every group of records the later file holds (same
+    kind, operator, head configuration, GEMM shape, ranks, model, TP) replaces the earlier records of that
+    group; the rest stays (e.g. a later session re-timing one model's attention, or the host overheads
+    measured in the same rounds as a reference)."""
     try:
         later = json.loads(Path(path).read_text())
-        steps, records = later.get("steps") or raw.get("steps", []), later["records"]
+        steps, records, fixed = later.get("steps") or [], later["records"], later.get("fixed", {})
+        tps = {s.get("tp", 1) for s in steps}
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
         raise ServesimError(f"--later = {path!r}: not raw calibration measurements ({exc!r})") from None
 
@@ -220,8 +237,10 @@ def _overlay(raw: dict[str, Any], path: str) -> dict[str, Any]:
 
     replaced = {group(r) for r in records}
     kept = [r for r in raw["records"] if group(r) not in replaced]
+    steps = [s for s in raw.get("steps", []) if s.get("tp", 1) not in tps] + steps
     overlays = [*raw["metadata"].get("overlays", []), later.get("metadata", {}).get("command", path)]
-    return {**raw, "steps": steps, "records": kept + records, "metadata": {**raw["metadata"], "overlays": overlays}}
+    return {**raw, "steps": steps, "records": kept + records, "fixed": {**raw.get("fixed", {}), **fixed},
+            "metadata": {**raw["metadata"], "overlays": overlays}}
 
 
 def _validate(args: argparse.Namespace) -> dict[str, Any]:
@@ -236,7 +255,7 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
     profile = resolve_profile(args.profile, gpu) or DEFAULT_PROFILE
     if args.overheads:
         host = resolve_profile(args.overheads, gpu) or DEFAULT_PROFILE
-        profile = profile.model_copy(update={"overheads": host.overheads})
+        profile = profile.model_copy(update={"overheads": profile.overheads.with_host_of(host.overheads)})
     steps, table = compare(read_measurements(args.measurements), gpu, profile, args.statistic)
     result = {"gpu": gpu, "profile": profile.gpu, "overheads": args.overheads or profile.gpu, **summary(steps, table)}
     print(format_table(result), file=sys.stderr)

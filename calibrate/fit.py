@@ -12,8 +12,9 @@ cost model's own counts (so the cost model reproduces a measured point exactly).
   ragged batches are kept out of the fit and reported as a check; the K/V gathers before the kernels are
   named operators of kind `kv-gather` (records timed with the gather, before version 3, are refused);
 - collectives: link efficiency over the bytes each rank moves, per kind and number of ranks;
-- fixed costs: GPU seconds per kernel in a graph; host dispatch per kernel and per-step, per-request and
-  per-KV-token overheads from whole steps of a model with half and all of its layers (see `_overheads`).
+- fixed costs: GPU seconds per kernel in a graph and what a kernel queued on a stream (eager) takes more;
+  host dispatch per kernel and per-step, per-request, per-KV-token and mixed-step overheads from whole
+  steps of a model with half and all of its layers, or of the reference's rounds (see `_overheads`).
 """
 
 from __future__ import annotations
@@ -197,7 +198,8 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     dispatches the forward pass, so a kernel's dispatch is the median over a model's steps of their
     GPU-window seconds over the kernels the cost model counts (of the two models, the run in the host's
     faster phase); outside, the wall less the GPU window and the KV
-    tokens' part, over the requests, gives the step overhead (intercept) and its per-request part (slope).
+    tokens' part, over the requests, gives the step overhead (intercept) and its per-request part (slope),
+    and what steps with both prefill chunks and decodes spend beyond that line, `step_mixed`.
     Where GPU windows were not measured (CPU), the wall's growth per layer between the two models gives the
     dispatch per layer instead, and the wall less the layers' dispatch the step overheads. Graph steps:
     wall less their priced GPU time and the KV tokens' part, over the requests. Eager collectives: from the
@@ -215,9 +217,12 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     runs = _fastest_run(eager, lambda s: _gpu(s) / _calls(s, gpu)[0])
     if runs:
         launch, timed = runs
-        step, per_request = _robust_line([s["requests"] for s in timed],
-                                         [_wall(s) - _gpu(s) - per_kv * s.get("kv_tokens", 0) for s in timed])
+        outside = {id(s): _wall(s) - _gpu(s) - per_kv * s.get("kv_tokens", 0) for s in timed}
+        single = [s for s in timed if not _mixed(s)]
+        step, per_request = _robust_line([s["requests"] for s in single], [outside[id(s)] for s in single])
         fitted.update(launch_eager=launch, step_eager=step, step_eager_per_request=per_request)
+        if mixed := [outside[id(s)] - step - per_request * s["requests"] for s in timed if _mixed(s)]:
+            fitted["step_mixed"] = max(0.0, float(np.median(mixed)))
     elif len(layers := sorted({s["layers"] for s in eager})) >= 2:
         key = lambda s: json.dumps(s["shape"], sort_keys=True)  # noqa: E731
         by_layers = {(s["layers"], key(s)): _wall(s) for s in eager}
@@ -259,6 +264,11 @@ def _step_spec(s: dict[str, Any]) -> ModelSpec:
 def _short(s: dict[str, Any]) -> bool:
     """A step at short contexts (at most 64 KV tokens per request): little GPU work, host-bound when eager."""
     return s.get("kv_tokens", 0) <= 64 * s["requests"]
+
+
+def _mixed(s: dict[str, Any]) -> bool:
+    """A step with prefill chunks and decodes: two attention calls in the backend."""
+    return bool(s["shape"]["prefill_tokens"]) and bool(s["shape"]["decode_context"])
 
 
 def _calls(s: dict[str, Any], gpu: GPUSpec) -> tuple[float, float]:
@@ -324,9 +334,11 @@ def fit_profile(raw: dict[str, Any], gpu: GPUSpec, metadata: dict[str, Any]) -> 
     profile = Profile(gpu=gpu.id, metadata=metadata, efficiency=kinds, overheads=DEFAULT_PROFILE.overheads,
                       gemm=_gemm_curves(gemm, roof, launch), operators=operators, attention=surfaces,
                       collectives=_collective_curves(collectives, gpu))
-    measured = profile.overheads.model_copy(update={"launch_graph": launch})  # graph steps are priced with it
+    # eager steps' kernels start later, queued on a stream (raw files before the fifth session lack it: 0)
+    stream = {"stream_gap": raw["fixed"].get("stream_gap_seconds", 0.0)}
+    measured = profile.overheads.model_copy(update={"launch_graph": launch, **stream})  # graph steps: launch
     profile = profile.model_copy(update={"overheads": measured})
-    profile = profile.model_copy(update={"overheads": _overheads(raw, profile, gpu, launch)})
+    profile = profile.model_copy(update={"overheads": _overheads(raw, profile, gpu, launch).model_copy(update=stream)})
     checks = [_ragged_check(r, profile, roof, launch) for r in attention if r.get("ragged")]
     meta = {**metadata, "ceilings": raw.get("ceilings", {}), "fixed": raw["fixed"],
             "ragged_attention_checks": checks}

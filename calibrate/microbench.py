@@ -7,8 +7,8 @@ random data). Suites: GEMMs over M for the weight shapes of the chosen catalog m
 attention (prefill over chunk x cached prefix, decode over batch x context, and ragged batches of both)
 per head configuration, the kernel and the K/V gather before it timed apart; elementwise, norm, RoPE,
 embedding, KV-write and sampling kernels by size; the fixed costs (host dispatch per kernel, GPU time per
-kernel in a graph, the executor's per-step overhead); and the two ceilings (a large bf16 GEMM, a large
-device-to-device copy). `--quick` runs every suite with tiny shapes (on CPU in CI).
+kernel in a graph and its excess queued on a stream, the executor's whole steps); and the two ceilings (a
+large bf16 GEMM, a large device-to-device copy). `--quick` runs every suite with tiny shapes (on CPU in CI).
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from backend.model import (
 )
 from backend.parallel import Shard
 from calibrate.ranks import on_ranks
-from calibrate.steps import StepRunner, agreed_blocks, release_memory
+from calibrate.steps import StepRunner, StepTiming, agreed_blocks, release_memory
 from calibrate.timing import Timer, variants_for
 from hardware.catalog import get_model
 from hardware.cost import step_operators
@@ -252,10 +252,16 @@ class Bench:
 
     # ---- fixed costs and ceilings ------------------------------------------------------------------------
     def fixed_costs(self) -> dict[str, float]:
-        x = self.randn(16)
+        """GPU seconds of a tiny kernel in a graph; the GPU seconds a 16-us kernel takes more when queued
+        eagerly on a stream than in a graph (measured on an H100: 1.2-1.6 us, against the 1.0-1.9 us per
+        kernel that whole eager decode steps took more than the same steps replayed as graphs); the host's
+        dispatch of a tiny kernel."""
+        cuda = self.device.type == "cuda"
+        x, big = self.randn(16), self.randn(1 << 24 if cuda else 1 << 12)  # big: 32 MiB of bf16, ~16 us
         tiny = self.timer.gpu(lambda i: x.add_(1.0), 1)
-        dispatch = self.timer.host(lambda: x.add_(1.0), 2000 if self.device.type == "cuda" else 50)
-        return {"graph_kernel_seconds": tiny, "dispatch_seconds": dispatch}
+        dispatch = self.timer.host(lambda: x.add_(1.0), 2000 if cuda else 50)
+        gap = self.timer.queued(lambda: big.add_(1.0), 200 if cuda else 20) - self.timer.gpu(lambda i: big.add_(1.0))
+        return {"graph_kernel_seconds": tiny, "stream_gap_seconds": max(0.0, gap), "dispatch_seconds": dispatch}
 
     def ceilings(self, quick: bool) -> dict[str, float]:
         n = 256 if quick else 8192
@@ -272,32 +278,42 @@ class Bench:
         return out
 
 
-def overhead_steps(model: str, quick: bool, device: str, shard: Shard,
-                   log: Callable[[str], None]) -> list[dict[str, Any]]:
-    """Whole executor steps of `model` with half and all of its layers (one TP rank's, under `shard`):
-    small decode and prefill steps, host-bound when eager, and decodes of a few batches at longer contexts,
-    that the fit turns into per-kernel dispatch, per-step, per-request and per-KV-token overheads (and,
-    under TP, the host's cost per eager collective)."""
-    out = []
-    base = get_model(model)
+def overhead_shapes(quick: bool, graphs: bool) -> list[StepShape]:
+    """The whole steps the overhead fit reads: small decode steps (and, eager, prefill and mixed steps) at
+    short contexts, host-bound when eager, and decodes of a few batches at longer contexts."""
     batches = (1, 8) if quick else (1, 8, 64, 256)
     long = ((8, 127),) if quick else ((8, 1023), (8, 4095), (64, 1023))  # (batch, context)
-    decodes = [[63] * b for b in batches] + [[c] * b for b, c in long]
-    needed = max(len(d) * math.ceil((d[0] + 1) / BLOCK) for d in decodes) + 64
+    shapes = [StepShape.build(decode=[63] * b) for b in batches] + [StepShape.build(decode=[c] * b) for b, c in long]
+    if not graphs:
+        shapes += [StepShape.build(prefill=[32] * b) for b in batches[:2]]
+        shapes += [StepShape.build(prefill=[32], decode=[63] * b) for b in batches[:2]]
+    return shapes
+
+
+def overhead_record(model: str, layers: int, tp: int, shape: StepShape, timing: StepTiming) -> dict[str, Any]:
+    """One whole step as the overhead fit reads it (`calibrate.fit._overheads`)."""
+    return {"model": model, "layers": layers, "tp": tp, "execution": timing.execution,
+            "requests": shape.num_requests, "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(),
+            **timing.columns()}
+
+
+def overhead_steps(model: str, quick: bool, device: str, shard: Shard,
+                   log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Whole executor steps (`overhead_shapes`) of `model` with half and all of its layers (one TP rank's,
+    under `shard`), that the fit turns into per-kernel dispatch, per-step, per-request and per-KV-token
+    overheads (and, under TP, the host's cost per eager collective)."""
+    out = []
+    base = get_model(model)
+    needed = max(s.kv_tokens // BLOCK + 2 * s.num_requests for s in overhead_shapes(quick, False)) + 64
     for layers in sorted({max(1, base.num_hidden_layers // 2), base.num_hidden_layers}):
         spec = base.model_copy(update={"num_hidden_layers": layers})
         # a KV cache that fills the memory as a server's does (the host's per-step work depends on it)
         blocks = max(needed, agreed_blocks(spec, device, shard))
         for graphs in ((False,) if not device.startswith("cuda") else (False, True)):
-            runner = StepRunner(spec, device, num_blocks=blocks, cuda_graphs=graphs, max_requests=max(batches),
-                                shard=shard)
-            shapes = [StepShape.build(decode=d) for d in decodes]
-            if not graphs:
-                shapes += [StepShape.build(prefill=[32] * b) for b in batches[:2]]
+            runner = StepRunner(spec, device, num_blocks=blocks, cuda_graphs=graphs, max_requests=256, shard=shard)
+            shapes = overhead_shapes(quick, graphs)
             for shape, t in zip(shapes, runner.time(shapes, repeats=3 if quick else 15)):
-                out.append({"model": model, "layers": layers, "tp": shard.size, "execution": t.execution,
-                            "requests": shape.num_requests, "kv_tokens": shape.kv_tokens,
-                            "shape": shape.to_dict(), **t.columns()})
+                out.append(overhead_record(model, layers, shard.size, shape, t))
             del runner
             release_memory(device)
             log(f"overhead steps: {layers} layers, {'graphs' if graphs else 'eager'}, TP={shard.size}")

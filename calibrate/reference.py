@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from backend.parallel import Shard
+from calibrate.microbench import overhead_record, overhead_shapes
 from calibrate.ranks import on_ranks
 from calibrate.steps import StepRunner, agreed_blocks, release_memory
 from hardware.catalog import get_model
@@ -46,14 +47,20 @@ def shapes(quick: bool, capacity: int) -> list[tuple[str, StepShape]]:
     return out
 
 
-def measure(model: str, device: str, quick: bool, log: Callable[[str], None] = print, tp: int = 1) -> pd.DataFrame:
+def measure(model: str, device: str, quick: bool, log: Callable[[str], None] = print, tp: int = 1,
+            overheads: bool = False) -> tuple[pd.DataFrame, list[dict[str, Any]]]:
     """Every reference shape, eager and (decode on CUDA) with CUDA graphs; with `tp` > 1, one process per
-    rank (`calibrate.ranks`), timed on rank 0."""
-    job = partial(_measure, model, quick)
-    return pd.DataFrame(job(device, Shard(), log) if tp == 1 else on_ranks(job, tp, device))
+    rank (`calibrate.ranks`), timed on rank 0. With `overheads`, the overhead fit's whole steps
+    (`calibrate.microbench.overhead_shapes`) run in the same rounds and come back as raw step records
+    (the lent hosts' speed drifts over minutes: steps timed in the same rounds share it)."""
+    job = partial(_measure, model, quick, overheads)
+    rows = job(device, Shard(), log) if tp == 1 else on_ranks(job, tp, device)
+    steps = [r for r in rows if "layers" in r]
+    return pd.DataFrame([r for r in rows if "layers" not in r]), steps
 
 
-def _measure(model: str, quick: bool, device: str, shard: Shard, log: Callable[[str], None]) -> list[dict[str, Any]]:
+def _measure(model: str, quick: bool, overheads: bool, device: str, shard: Shard,
+             log: Callable[[str], None]) -> list[dict[str, Any]]:
     spec = get_model(model)
     blocks = agreed_blocks(spec, device, shard)
     rows = []
@@ -61,12 +68,15 @@ def _measure(model: str, quick: bool, device: str, shard: Shard, log: Callable[[
     for graphs in modes:
         runner = StepRunner(spec, device, blocks, cuda_graphs=graphs, max_requests=512, shard=shard)
         cases = [(c, shape) for c, shape in shapes(quick, runner.capacity) if not graphs or c == "decode"]
-        timed = runner.time([shape for _, shape in cases], repeats=3 if quick else REPEATS)
+        extra = overhead_shapes(quick, graphs) if overheads else []
+        timed = runner.time([shape for _, shape in cases] + extra, repeats=3 if quick else REPEATS)
         for (category, shape), t in zip(cases, timed):
             rows.append({"model": spec.id, "category": category, "execution": t.execution, "tp": shard.size,
                          "shape": json.dumps(shape.to_dict()), **t.columns()})
             log(f"{category} {t.execution} {shape.num_requests} requests: {t.seconds * 1e3:.2f} ms "
                 f"(fast {t.seconds_fast * 1e3:.2f})")
+        rows += [overhead_record(spec.id, spec.num_hidden_layers, shard.size, shape, t)
+                 for shape, t in zip(extra, timed[len(cases):])]
         del runner
         release_memory(device)
     return rows

@@ -86,6 +86,27 @@ class Timer:
             self.sync()
         return statistics.median(times)
 
+    def queued(self, fn: Callable[[], object], calls: int) -> float:
+        """Median GPU seconds per call of `fn()` issued eagerly to a busy stream: a sleep kernel lets the host
+        get `calls` calls ahead, which then run back to back as the device takes them from the stream (each
+        kernel's start on a stream, later than in a graph replay, included). CPU: host seconds per call."""
+        if not self.cuda:
+            return self.host(fn, calls)
+        lead = 3.0 * self.host(fn, calls) * calls  # seconds the host needs to issue the calls, with margin
+        cycles = 1 << 20
+        per_cycle = self._events(lambda: torch.cuda._sleep(cycles)) / cycles
+        times = []
+        for _ in range(self.repeats):
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda._sleep(int(lead / per_cycle))
+            start.record()
+            for _ in range(calls):
+                fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3 / calls)
+        return statistics.median(times)
+
     def sync(self) -> None:
         if self.cuda:
             torch.cuda.synchronize(self.device)

@@ -1,11 +1,14 @@
 """Roofline cost of one forward step: sum over operators of max(compute, memory) time plus launches.
 
-    op time   = max(flops / (peak_flops * eff_c), bytes / (hbm_bw * eff_m)) + kernels * launch_graph
+    op time   = max(flops / (peak_flops * eff_c), bytes / (hbm_bw * eff_m)) + kernels * launch
+                (launch: launch_graph in a CUDA graph; eager, launch_graph + stream_gap: a stream starts
+                queued kernels later than a graph replay)
     collective= steps * link_latency + moved_bytes / (link_bw * eff_link)   (ring all-reduce: 2(n-1) steps,
                 moving 2(n-1)/n of the payload; all-gather: n-1 steps, (n-1)/n; send/recv: 1 step, all)
     stage     = sum of its operators (GPU time); eager: at least kernels * launch_eager (host dispatch, NCCL
                 calls + launch_collective each)
-    step time = sum over pipeline stages + CPU overhead of the step (+ per request, + per KV token held)
+    step time = sum over pipeline stages + CPU overhead of the step (+ per request, + per KV token held,
+                + step_mixed for an eager step with both prefill-style attention and decodes)
 
 Efficiencies come from a calibration profile (`hardware.profile`), falling back to documented defaults;
 a calibrated profile's measured GEMM, named-operator, attention and collective surfaces take precedence
@@ -337,6 +340,8 @@ class CostModel:
         ovh = self.profile.overheads
         launched = present * self._kernels * self._count
         total = (np.maximum(tc, tm) + present * self._latency) * self._count + launched * ovh.launch_graph
+        if not graph:  # kernels queued on a stream start later than in a graph replay
+            total = total + launched * ovh.stream_gap
         stage_seconds = np.bincount(self._stage, weights=total, minlength=dep.pp)
         if graph:
             launch = ovh.launch_graph
@@ -347,6 +352,8 @@ class CostModel:
             host = np.bincount(self._stage, weights=calls, minlength=dep.pp)
             stage_seconds = np.maximum(stage_seconds, host)
             overhead = ovh.step_eager + ovh.step_eager_per_request * shape.num_requests
+            if t.prefill_seqs and t.decode_seqs:
+                overhead += ovh.step_mixed
         if ovh.step_per_kv_token:
             overhead += ovh.step_per_kv_token * shape.kv_tokens
         return StepCost(self, float(stage_seconds.sum()) + overhead, tuple(stage_seconds.tolist()),

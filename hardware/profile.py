@@ -12,7 +12,8 @@ calibrate`) add measured surfaces that take precedence over the per-kind curves:
   alone: since version 3 the backend's K/V gather before them is an operator of its own, `kv-gather`);
 - `collectives`: per kind and number of ranks, link efficiency over the payload.
 
-An operator's time is its roofline divided by its efficiency, plus `launch_graph` GPU seconds per kernel;
+An operator's time is its roofline divided by its efficiency, plus `launch_graph` GPU seconds per kernel
+in a CUDA graph (`stream_gap` more in an eager step: a stream starts queued kernels later than a replay);
 an eager step is bounded below by the host's dispatch of its kernels (`launch_eager` each). Without a
 profile `DEFAULT_PROFILE` applies. A GPU with no profile of its own may borrow another GPU's: the same
 efficiencies applied to its own datasheet peaks (see `CostModel`).
@@ -99,7 +100,10 @@ class Overheads(Spec):
     roofline share, and per step on the CPU (scheduling, input preparation, sampling), which may grow by
     `*_per_request` with the requests in the step and by `step_per_kv_token` with the tokens their block
     tables hold (the host builds the attention's key indices from them every step). An eager collective
-    call (NCCL) costs the host `launch_collective` more than a kernel's dispatch."""
+    call (NCCL) costs the host `launch_collective` more than a kernel's dispatch. In an eager step each
+    kernel takes `stream_gap` more GPU time than in a graph replay: a stream starts queued kernels later.
+    A step with both prefill-style attention and decodes costs the host `step_mixed` more (servesim's
+    backend prepares two attention calls, each with its own key indices copied to the device)."""
 
     launch_eager: float = Field(ge=0.0)
     launch_graph: float = Field(ge=0.0)
@@ -109,6 +113,13 @@ class Overheads(Spec):
     step_graph_per_request: float = Field(0.0, ge=0.0)
     step_per_kv_token: float = Field(0.0, ge=0.0)
     launch_collective: float = Field(0.0, ge=0.0)
+    stream_gap: float = Field(0.0, ge=0.0)
+    step_mixed: float = Field(0.0, ge=0.0)
+
+    def with_host_of(self, other: Overheads) -> Overheads:
+        """`other`'s host costs (dispatch, per-step) with this GPU's own (`launch_graph`, `stream_gap`): the
+        same GPU on another host."""
+        return other.model_copy(update={"launch_graph": self.launch_graph, "stream_gap": self.stream_gap})
 
 
 class GemmCurve(Spec):

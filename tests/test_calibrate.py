@@ -14,7 +14,7 @@ import pytest
 from calibrate.fit import NAMED_KINDS, fit_profile, layer_kernels, step_calls
 from calibrate.microbench import _decode_shape, gemm_shapes, operators_at, wave_boundaries
 from hardware.catalog import get_gpu, get_interconnect, get_model
-from hardware.cost import CostModel, peak_flops
+from hardware.cost import CostModel, StepCost, peak_flops
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
 from hardware.operators import StepShape
@@ -86,7 +86,8 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
     truth = DEFAULT_PROFILE.overheads.model_copy(update={"launch_eager": 20e-6, "launch_graph": LAUNCH,
                                                          "step_eager": 1e-3, "step_eager_per_request": 10e-6,
                                                          "step_graph": 5e-4, "step_graph_per_request": 5e-6,
-                                                         "step_per_kv_token": 2e-8, "launch_collective": 45e-6})
+                                                         "step_per_kv_token": 2e-8, "launch_collective": 45e-6,
+                                                         "stream_gap": 1.5e-6, "step_mixed": 3e-4})
     steps = []
     for layers in (2, 4):
         spec = get_model("tiny-llama").model_copy(update={"num_hidden_layers": layers})
@@ -103,6 +104,13 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
             steps.append({"model": "tiny-llama", "layers": layers, "execution": "graph", "requests": b,
                           "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(), "truth_overhead": overhead,
                           "truth_kv": kv})
+        for b in (1, 8):  # a prefill chunk beside decodes: two attention calls, `step_mixed` more host time
+            shape = StepShape.build(prefill=[32], decode=[63] * b)
+            dispatch = truth.launch_eager * step_calls(spec, shape, GPU)[0]
+            outside = truth.step_eager + truth.step_eager_per_request * (b + 1) + truth.step_mixed
+            steps.append({"model": "tiny-llama", "layers": layers, "execution": "eager", "requests": b + 1,
+                          "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(), "gpu_seconds": dispatch,
+                          "seconds": outside * jitter() + truth.step_per_kv_token * shape.kv_tokens + dispatch})
     # The same short steps as TP=2 ranks, eager: each collective costs the host `launch_collective` beyond a
     # kernel's dispatch (more than one NCCL call alone: the `collective-dispatch` record's 21 us).
     for layers in (2, 4):
@@ -114,7 +122,8 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
             steps.append({"model": "tiny-llama", "layers": layers, "tp": 2, "execution": "eager", "requests": b,
                           "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(), "gpu_seconds": dispatch,
                           "seconds": dispatch + truth.step_eager})
-    return {"records": records, "fixed": {"graph_kernel_seconds": LAUNCH}, "steps": steps, "truth": truth}
+    return {"records": records, "fixed": {"graph_kernel_seconds": LAUNCH, "stream_gap_seconds": truth.stream_gap},
+            "steps": steps, "truth": truth}
 
 
 def _finish_graph_steps(raw: dict, profile: Profile) -> None:
@@ -198,6 +207,34 @@ def test_fit_recovers_overheads(fitted) -> None:
     assert got.step_graph_per_request == pytest.approx(truth.step_graph_per_request, rel=0.25)
     assert got.step_per_kv_token == pytest.approx(truth.step_per_kv_token, rel=0.25)
     assert got.launch_collective == pytest.approx(truth.launch_collective, rel=0.1)  # from the TP steps
+    assert got.stream_gap == truth.stream_gap
+    assert got.step_mixed == pytest.approx(truth.step_mixed, rel=0.25)
+
+
+def test_eager_steps_pay_the_stream_gap_and_mixed_steps_their_second_attention_call(fitted) -> None:
+    """Eager: each kernel's GPU time grows by `stream_gap` (graph replays do not), and a step with a prefill
+    chunk beside decodes costs the host `step_mixed` more; another host's overheads keep this GPU's own."""
+    _, profile = fitted
+    ovh = profile.overheads
+    bare = profile.model_copy(update={"overheads": ovh.model_copy(update={"stream_gap": 0.0, "step_mixed": 0.0})})
+    dep = Deployment.build("tiny-llama", GPU)
+    decode, mixed = StepShape.build(decode=[4000] * 64), StepShape.build(prefill=[32], decode=[63] * 8)
+
+    def gpu_time(p: Profile, shape: StepShape, graphs: bool) -> tuple[float, StepCost]:
+        cost = CostModel(dep, p, cuda_graphs=graphs).price(shape)
+        return sum(r.seconds for r in cost.breakdown), cost
+
+    (with_gap, cost), (without, _) = gpu_time(profile, decode, False), gpu_time(bare, decode, False)
+    assert with_gap - without == pytest.approx(cost.kernels * ovh.stream_gap)
+    assert gpu_time(profile, decode, True)[0] == pytest.approx(gpu_time(bare, decode, True)[0])
+    extra = gpu_time(profile, mixed, False)[1].overhead_seconds - gpu_time(bare, mixed, False)[1].overhead_seconds
+    assert extra == pytest.approx(ovh.step_mixed)
+    alone = StepShape.build(prefill=[32])
+    assert gpu_time(profile, alone, False)[1].overhead_seconds == gpu_time(bare, alone, False)[1].overhead_seconds
+    other_host = DEFAULT_PROFILE.overheads
+    moved = ovh.with_host_of(other_host)
+    assert moved.launch_eager == other_host.launch_eager and moved.step_eager == other_host.step_eager
+    assert (moved.launch_graph, moved.stream_gap) == (ovh.launch_graph, ovh.stream_gap)
 
 
 def test_collective_dispatch_without_tp_steps() -> None:
@@ -257,7 +294,8 @@ def test_cost_model_reproduces_a_measured_gemm(fitted) -> None:
     op = operators_at(dep, StepShape.build(prefill=[m]))["down_proj"]
     measured = next(r["seconds"] for r in raw["records"]
                     if r["kind"] == "gemm" and (r["k"], r["n"]) == op.dims and r["m"] == m)
-    assert row.seconds / row.count == pytest.approx(measured, rel=0.02)
+    # measured in a graph; an eager step starts the kernel `stream_gap` later
+    assert row.seconds / row.count == pytest.approx(measured + profile.overheads.stream_gap, rel=0.02)
 
 
 def test_profile_round_trips_through_json(fitted, tmp_path) -> None:
@@ -309,11 +347,12 @@ def test_borrowed_profile_moves_the_roofline_part_and_keeps_the_excess(target) -
     src, dst = get_gpu("h100"), get_gpu(target)
     a = CostModel(Deployment.build("llama-3-8b", src), h100)
     b = CostModel(Deployment.build("llama-3-8b", dst), h100)
-    launch = h100.overheads.launch_graph
     checked = 0
     for shape in (StepShape.build(decode=[1000] * 4), StepShape.build(prefill=[4000])):
         ra = {r.name: r for r in a.price(shape).breakdown}
-        for r in b.price(shape).breakdown:
+        priced = b.price(shape)  # per kernel a graph's start-up, and an eager step's stream gap
+        launch = h100.overheads.launch_graph + (h100.overheads.stream_gap if priced.execution == "eager" else 0.0)
+        for r in priced.breakdown:
             if r.kind in ("gemm", "attention-prefill", "attention-decode", "elementwise"):
                 dep = b.dep
                 roof = lambda g, x: max(x.flops / peak_flops(dep, x.kind, g), x.bytes / g.hbm_bandwidth)  # noqa: E731
@@ -368,7 +407,13 @@ def test_quick_calibration_pipeline_on_cpu(tmp_path, capsys) -> None:
     assert profile.metadata["device"] == "cpu" and profile.metadata["torch"]
     assert main(["calibrate", "--refit", "--raw", str(raw), "--out", str(tmp_path / "again.json")]) == 0
     assert load_profile(tmp_path / "again.json").gemm == profile.gemm
-    assert main(["calibrate", "reference", "--quick", "--out", str(steps)]) == 0
+    ref_raw = tmp_path / "ref_raw.json"
+    assert main(["calibrate", "reference", "--quick", "--out", str(steps), "--raw", str(ref_raw)]) == 0
+    capsys.readouterr()
+    overheads = json.loads(ref_raw.read_text())  # the overhead fit's steps, timed in the reference's rounds
+    assert {"graph_kernel_seconds", "stream_gap_seconds"} <= overheads["fixed"].keys()
+    assert len(overheads["steps"]) == 7 and {s["layers"] for s in overheads["steps"]} == {4}
+    assert main(["calibrate", "--refit", "--raw", str(raw), "--later", str(ref_raw), "--out", str(prof)]) == 0
     capsys.readouterr()
     assert main(["calibrate", "validate", str(steps), "--gpu", "h100", "--profile", str(prof),
                  "--out", str(tmp_path / "val")]) == 0
@@ -511,6 +556,21 @@ def test_overlay_replaces_only_the_groups_a_later_file_measured(tmp_path) -> Non
     merged = _overlay(raw, str(later))
     assert sorted(r["seconds"] for r in merged["records"]) == [2.0, 3.0]
     assert merged["steps"] == [{"layers": 1}] and merged["metadata"]["overlays"] == ["servesim calibrate x"]
+
+
+def test_overlay_replaces_steps_of_the_tp_degrees_and_fixed_costs_a_later_file_measured(tmp_path) -> None:
+    """A reference session's overhead steps (`reference --raw`) replace the earlier steps of their TP degree
+    only, and its fixed costs the earlier ones of the same name."""
+    from calibrate.cli import _overlay
+
+    raw = {"records": [], "fixed": {"graph_kernel_seconds": 1e-6, "dispatch_seconds": 5e-6},
+           "steps": [{"layers": 16, "tp": 1}, {"layers": 32, "tp": 1}, {"layers": 32, "tp": 2}], "metadata": {}}
+    later = tmp_path / "later.json"
+    later.write_text(json.dumps({"records": [], "fixed": {"graph_kernel_seconds": 2e-6, "stream_gap_seconds": 1e-6},
+                                 "steps": [{"layers": 32, "tp": 1, "new": True}], "metadata": {}}))
+    merged = _overlay(raw, str(later))
+    assert merged["steps"] == [{"layers": 32, "tp": 2}, {"layers": 32, "tp": 1, "new": True}]
+    assert merged["fixed"] == {"graph_kernel_seconds": 2e-6, "dispatch_seconds": 5e-6, "stream_gap_seconds": 1e-6}
 
 
 def test_tensor_parallel_overhead_steps_on_cpu() -> None:
