@@ -209,7 +209,9 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     base = DEFAULT_PROFILE.overheads
     steps = [s for s in raw.get("steps", []) if s.get("tp", 1) == 1]
     per_kv = _per_kv_token(steps)
-    fitted: dict[str, float] = {"launch_graph": launch_graph, "step_per_kv_token": per_kv}
+    # an eager step's kernels start later, queued on a stream (raw files before the fifth session lack it: 0)
+    fitted: dict[str, float] = {"launch_graph": launch_graph, "step_per_kv_token": per_kv,
+                                "stream_gap": raw["fixed"].get("stream_gap_seconds", 0.0)}
     short = [s for s in steps if _short(s)]
     eager = [s for s in short if s["execution"] == "eager"]
     graph = [s for s in short if s["execution"] == "graph"]
@@ -217,11 +219,14 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     runs = _fastest_run(eager, lambda s: _gpu(s) / _calls(s, gpu)[0])
     if runs:
         launch, timed = runs
-        outside = {id(s): _wall(s) - _gpu(s) - per_kv * s.get("kv_tokens", 0) for s in timed}
+
+        def outside(s: dict[str, Any]) -> float:  # host seconds outside the GPU window, less the KV tokens' part
+            return _wall(s) - _gpu(s) - per_kv * s.get("kv_tokens", 0)
+
         single = [s for s in timed if not _mixed(s)]
-        step, per_request = _robust_line([s["requests"] for s in single], [outside[id(s)] for s in single])
+        step, per_request = _robust_line([s["requests"] for s in single], [outside(s) for s in single])
         fitted.update(launch_eager=launch, step_eager=step, step_eager_per_request=per_request)
-        if mixed := [outside[id(s)] - step - per_request * s["requests"] for s in timed if _mixed(s)]:
+        if mixed := [outside(s) - step - per_request * s["requests"] for s in timed if _mixed(s)]:
             fitted["step_mixed"] = max(0.0, float(np.median(mixed)))
     elif len(layers := sorted({s["layers"] for s in eager})) >= 2:
         key = lambda s: json.dumps(s["shape"], sort_keys=True)  # noqa: E731
@@ -334,11 +339,9 @@ def fit_profile(raw: dict[str, Any], gpu: GPUSpec, metadata: dict[str, Any]) -> 
     profile = Profile(gpu=gpu.id, metadata=metadata, efficiency=kinds, overheads=DEFAULT_PROFILE.overheads,
                       gemm=_gemm_curves(gemm, roof, launch), operators=operators, attention=surfaces,
                       collectives=_collective_curves(collectives, gpu))
-    # eager steps' kernels start later, queued on a stream (raw files before the fifth session lack it: 0)
-    stream = {"stream_gap": raw["fixed"].get("stream_gap_seconds", 0.0)}
-    measured = profile.overheads.model_copy(update={"launch_graph": launch, **stream})  # graph steps: launch
+    measured = profile.overheads.model_copy(update={"launch_graph": launch})  # graph steps are priced with it
     profile = profile.model_copy(update={"overheads": measured})
-    profile = profile.model_copy(update={"overheads": _overheads(raw, profile, gpu, launch).model_copy(update=stream)})
+    profile = profile.model_copy(update={"overheads": _overheads(raw, profile, gpu, launch)})
     checks = [_ragged_check(r, profile, roof, launch) for r in attention if r.get("ragged")]
     meta = {**metadata, "ceilings": raw.get("ceilings", {}), "fixed": raw["fixed"],
             "ragged_attention_checks": checks}

@@ -97,14 +97,8 @@ class Timer:
         per_cycle = self._events(lambda: torch.cuda._sleep(cycles)) / cycles
         times = []
         for _ in range(self.repeats):
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             torch.cuda._sleep(int(lead / per_cycle))
-            start.record()
-            for _ in range(calls):
-                fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3 / calls)
+            times.append(self._events(lambda: [fn() for _ in range(calls)]) / calls)
         return statistics.median(times)
 
     def sync(self) -> None:
