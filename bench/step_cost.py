@@ -49,9 +49,14 @@ def main() -> None:
             per = [r / args.number * 1e6 for r in runs]
             medians.append(statistics.median(per))
             print(f"{dname:30s} {sname:26s} {statistics.median(per):16.1f} {min(per):8.1f}")
+    model, gpu, tp, pp = next(iter(DEPLOYMENTS.values()))  # batch size alone: both decodes eager
+    eager = CostModel(Deployment.build(model, gpu, tp=tp, pp=pp, max_model_len=8192),
+                      resolve_profile(args.profile, gpu), cuda_graphs=False)
+    one, many = (statistics.median(timeit.repeat(lambda: eager.price(SHAPES[s]), repeat=args.repeat,
+                                                 number=args.number)) for s in ("decode x1", "decode x4096"))
     print(f"overall median: {statistics.median(medians):.1f} us/step "
           f"({1e6 / statistics.median(medians):,.0f} steps/s); "
-          f"decode x4096 / decode x1 ratio (8B): {medians[3] / medians[0]:.2f}")
+          f"decode x4096 / decode x1 ratio (8B, both eager): {many / one:.2f}")
 
 
 if __name__ == "__main__":

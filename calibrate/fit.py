@@ -4,13 +4,15 @@ Every measured operator gets efficiency = roofline / (seconds - kernels x launch
 is max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) of the GPU's datasheet and the FLOPs and bytes are the
 cost model's own counts (so the cost model reproduces a measured point exactly). Then:
 
-- GEMMs: one curve over M per weight shape (K, N), plus a pooled per-kind curve for unmeasured GEMMs;
+- GEMMs: one curve over M per weight shape (K, N), without isolated spikes (`spikes`, listed in the
+  metadata), plus a pooled per-kind curve for unmeasured GEMMs;
 - named operators (`rope`, `add_rmsnorm`, ...): memory efficiency over bytes, pooled over the models and
   TP degrees measured, binned at four points per decade (median), and pooled per kind;
 - attention: per head configuration, a surface over its grid (cells the grid could not hold in memory
   take the nearest measured cell; kernels counted as the cost model counts them now, not as recorded);
   ragged batches are kept out of the fit and reported as a check; the K/V gathers before the kernels are
-  named operators of kind `kv-gather` (records timed with the gather, before version 3, are refused);
+  named operators of kind `kv-gather` (records timed with the gather, before version 3, are refused), with a
+  curve per head configuration (`kv_gather`: the rows' size sets their efficiency);
 - collectives: link efficiency over the bytes each rank moves, per kind and number of ranks;
 - fixed costs: GPU seconds per kernel in a graph and what a kernel queued on a stream (eager) takes more;
   host dispatch per kernel and per-step, per-request, per-KV-token and mixed-step overheads from whole
@@ -27,6 +29,7 @@ from collections.abc import Callable
 from typing import Any
 
 import numpy as np
+from scipy.optimize import brentq
 from scipy.stats import theilslopes
 
 from hardware.catalog import get_interconnect, get_model
@@ -40,6 +43,7 @@ from hardware.profile import (
     AttentionSurface,
     CollectiveCurve,
     Curve,
+    GatherCurve,
     GemmCurve,
     KindEfficiency,
     Overheads,
@@ -81,16 +85,33 @@ class _Roofline:
         return max(flops / peak_flops(self.dep, kind), nbytes / self.gpu.hbm_bandwidth)
 
 
-def _gemm_curves(records: list[dict[str, Any]], roof: _Roofline, launch: float) -> tuple[GemmCurve, ...]:
-    by_shape: dict[tuple[int, int], list[tuple[float, float]]] = defaultdict(list)
+SPIKE = 1.25  # a GEMM this much slower than both its neighbours on the M grid: cuBLAS's pick for that M alone
+
+
+def spikes(points: list[tuple[float, float]]) -> set[float]:
+    """The M values, of (M, seconds) points of one GEMM shape, that took more than `SPIKE` times as long as
+    both the next smaller and the next larger M: isolated kernel choices (an H200 ran Llama-3-8B's 4,096 x
+    28,672 projection in 287 us at M = 448, 151 us at 385 and 162 us at 512, and 156 us at 500 and 507).
+    Interpolating through such a point would price its neighbours as slow (by 19% at M = 397, 15% at 500)."""
+    ordered = sorted(points)
+    return {m for (_, before), (m, seconds), (_, after) in zip(ordered, ordered[1:], ordered[2:])
+            if seconds > SPIKE * max(before, after)}
+
+
+def _gemm_curves(records: list[dict[str, Any]], roof: _Roofline,
+                 launch: float) -> tuple[tuple[GemmCurve, ...], list[dict[str, float]]]:
+    """One curve over M per weight shape, without its spikes (`spikes`), and the spikes dropped."""
+    by_shape: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
-        by_shape[(r["k"], r["n"])].append((r["m"], efficiency(roof("gemm", r["flops"], r["bytes"]), r["seconds"],
-                                                              launch * r["kernels"])))
-    curves = []
-    for (k, n), points in sorted(by_shape.items()):
-        points.sort()
+        by_shape[(r["k"], r["n"])].append(r)
+    curves, dropped = [], []
+    for (k, n), rs in sorted(by_shape.items()):
+        drop = spikes([(r["m"], r["seconds"]) for r in rs])
+        dropped += [{"k": k, "n": n, "m": r["m"], "seconds": r["seconds"]} for r in rs if r["m"] in drop]
+        points = sorted((r["m"], efficiency(roof("gemm", r["flops"], r["bytes"]), r["seconds"], launch * r["kernels"]))
+                        for r in rs if r["m"] not in drop)
         curves.append(GemmCurve(k=k, n=n, m=tuple(float(m) for m, _ in points), efficiency=tuple(e for _, e in points)))
-    return tuple(curves)
+    return tuple(curves), dropped
 
 
 def _memory_efficiency(r: dict[str, Any], gpu: GPUSpec, launch: float) -> float:
@@ -121,6 +142,17 @@ def _surfaces(records: list[dict[str, Any]], roof: _Roofline, launch: float) -> 
         out.append(AttentionSurface(kind=kind, heads=heads, kv_heads=kv_heads, head_dim=head_dim, x=tuple(xs),
                                     y=tuple(ys), efficiency=tuple(grid)))
     return tuple(out)
+
+
+def _gather_curves(records: list[dict[str, Any]], gpu: GPUSpec, launch: float) -> tuple[GatherCurve, ...]:
+    """The K/V gathers' memory efficiency over bytes per head configuration (prefill and decode gathers
+    pooled: the same copy of cache rows)."""
+    groups: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        groups[(r["kv_heads"], r["head_dim"])].append(r)
+    return tuple(GatherCurve(kv_heads=kv_heads, head_dim=head_dim, curve=binned_curve(
+        np.array([r["bytes"] for r in rs]), np.array([_memory_efficiency(r, gpu, launch) for r in rs])))
+        for (kv_heads, head_dim), rs in sorted(groups.items()))
 
 
 def _collective_curves(records: list[dict[str, Any]], gpu: GPUSpec) -> tuple[CollectiveCurve, ...]:
@@ -177,12 +209,12 @@ def _gpu(step: dict[str, Any]) -> float:
 
 
 def _per_kv_token(steps: list[dict[str, Any]]) -> float:
-    """Host seconds per KV token the step's requests hold: the median, over pairs of steps with the same
-    layers, execution and requests but different contexts, of the growth of their host time (wall less GPU
-    seconds) per token."""
+    """Host seconds per KV token the step's requests hold: the median, over pairs of decode steps with the
+    same layers, execution and requests but different contexts, of the growth of their host time (wall less
+    GPU seconds) per token."""
     groups: dict[tuple[int, str, int], list[tuple[float, float]]] = defaultdict(list)
     for s in steps:
-        if "kv_tokens" in s and math.isfinite(_gpu(s)):
+        if "kv_tokens" in s and math.isfinite(_gpu(s)) and not s["shape"]["prefill_tokens"]:
             groups[(s["layers"], s["execution"], s["requests"])].append((s["kv_tokens"], _wall(s) - _gpu(s)))
     slopes = [(h2 - h1) / (k2 - k1) for points in groups.values()
               for (k1, h1), (k2, h2) in itertools.combinations(sorted(points), 2) if k2 > k1]
@@ -195,9 +227,10 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
 
     Host time per KV token: from steps that differ only in context (`_per_kv_token`); the rest from steps
     at short contexts (little GPU work). Eager steps are host-bound: inside their CUDA events the host
-    dispatches the forward pass, so a kernel's dispatch is the median over a model's steps of their
-    GPU-window seconds over the kernels the cost model counts (of the two models, the run in the host's
-    faster phase); outside, the wall less the GPU window and the KV
+    dispatches the forward pass, so a kernel's dispatch is the median over a model's steps of the host's
+    seconds per kernel under which the cost model's pipelined eager window (`dispatch_per_kernel`) equals
+    their GPU window (of the two models, the run in the host's faster phase); outside, the wall less the
+    GPU window and the KV
     tokens' part, over the requests, gives the step overhead (intercept) and its per-request part (slope),
     and what steps with both prefill chunks and decodes spend beyond that line, `step_mixed`.
     Where GPU windows were not measured (CPU), the wall's growth per layer between the two models gives the
@@ -216,7 +249,14 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     eager = [s for s in short if s["execution"] == "eager"]
     graph = [s for s in short if s["execution"] == "graph"]
 
-    runs = _fastest_run(eager, lambda s: _gpu(s) / _calls(s, gpu)[0])
+    models: dict[int, CostModel] = {}
+
+    def per_kernel(s: dict[str, Any]) -> float:  # the host's seconds per kernel that explain the GPU window
+        if s["layers"] not in models:
+            models[s["layers"]] = CostModel(Deployment.build(_step_spec(s), gpu), partial, cuda_graphs=False)
+        return dispatch_per_kernel(models[s["layers"]], StepShape.from_dict(s["shape"]), _gpu(s))
+
+    runs = _fastest_run(eager, per_kernel)
     if runs:
         launch, timed = runs
 
@@ -276,17 +316,21 @@ def _mixed(s: dict[str, Any]) -> bool:
     return bool(s["shape"]["prefill_tokens"]) and bool(s["shape"]["decode_context"])
 
 
-def _calls(s: dict[str, Any], gpu: GPUSpec) -> tuple[float, float]:
-    """(kernels, collectives) the cost model counts for a recorded whole step."""
-    spec = _step_spec(s)
-    return step_calls(spec, StepShape.from_dict(s["shape"]), gpu, s.get("tp", 1))
+def dispatch_per_kernel(model: CostModel, shape: StepShape, window: float) -> float:
+    """The host's seconds per kernel (`launch_eager`) under which `model` prices an eager step's GPU window
+    at `window` (`CostModel.eager_window` grows with it: inverted by bisection, scipy); 0 where the GPU alone
+    takes longer."""
+    if model.eager_window(shape, 0.0) >= window:
+        return 0.0
+    top = window / model.price(shape).kernels  # the dispatch alone then takes the window
+    return float(brentq(lambda launch: model.eager_window(shape, launch) - window, 0.0, top, xtol=1e-10))
 
 
 def _collective_excess(s: dict[str, Any], gpu: GPUSpec, launch_eager: float) -> float:
     """Host seconds per collective of a host-bound eager TP step beyond its calls' plain dispatch: its GPU
     window less kernels x `launch_eager`, over its collectives (NCCL's own dispatch and the wait for the
     slower rank at each all-reduce)."""
-    kernels, collectives = _calls(s, gpu)
+    kernels, collectives = step_calls(_step_spec(s), StepShape.from_dict(s["shape"]), gpu, s.get("tp", 1))
     return (_gpu(s) - kernels * launch_eager) / collectives
 
 
@@ -336,15 +380,20 @@ def fit_profile(raw: dict[str, Any], gpu: GPUSpec, metadata: dict[str, Any]) -> 
                                        memory=binned_curve(np.array([r["bytes"] for r in gemm]), eff))
     grid = [r for r in attention if not r.get("ragged")]
     surfaces = _surfaces(grid, roof, launch)
+    gemm_curves, gemm_spikes = _gemm_curves(gemm, roof, launch)
     profile = Profile(gpu=gpu.id, metadata=metadata, efficiency=kinds, overheads=DEFAULT_PROFILE.overheads,
-                      gemm=_gemm_curves(gemm, roof, launch), operators=operators, attention=surfaces,
-                      collectives=_collective_curves(collectives, gpu))
-    measured = profile.overheads.model_copy(update={"launch_graph": launch})  # graph steps are priced with it
+                      gemm=gemm_curves, operators=operators, attention=surfaces,
+                      collectives=_collective_curves(collectives, gpu),
+                      kv_gather=_gather_curves([r for r in named if r["kind"] == "kv-gather" and "kv_heads" in r
+                                                and not r.get("ragged")], gpu, launch))
+    # whole steps are priced with the measured per-kernel costs (graph steps' residuals, the eager dispatch)
+    measured = profile.overheads.model_copy(update={"launch_graph": launch,
+                                                    "stream_gap": raw["fixed"].get("stream_gap_seconds", 0.0)})
     profile = profile.model_copy(update={"overheads": measured})
     profile = profile.model_copy(update={"overheads": _overheads(raw, profile, gpu, launch)})
     checks = [_ragged_check(r, profile, roof, launch) for r in attention if r.get("ragged")]
     meta = {**metadata, "ceilings": raw.get("ceilings", {}), "fixed": raw["fixed"],
-            "ragged_attention_checks": checks}
+            "ragged_attention_checks": checks, "gemm_spikes": gemm_spikes}
     return profile.model_copy(update={"metadata": meta})
 
 

@@ -5,8 +5,9 @@
                 queued kernels later than a graph replay)
     collective= steps * link_latency + moved_bytes / (link_bw * eff_link)   (ring all-reduce: 2(n-1) steps,
                 moving 2(n-1)/n of the payload; all-gather: n-1 steps, (n-1)/n; send/recv: 1 step, all)
-    stage     = sum of its operators (GPU time); eager: at least kernels * launch_eager (host dispatch, NCCL
-                calls + launch_collective each)
+    stage     = sum of its operators (GPU time); eager: the host issues the kernels in order (launch_eager
+                each, NCCL calls launch_collective more) and each starts once issued and once the one before
+                it is done (`pipelined_seconds`: between the longer and the sum of host and GPU time)
     step time = sum over pipeline stages + CPU overhead of the step (+ per request, + per KV token held,
                 + step_mixed for an eager step with both prefill-style attention and decodes)
 
@@ -116,6 +117,12 @@ class StepCost:
         return float((self._tm + self._m._latency)[comm] @ self._m._count[comm])
 
     @property
+    def kernel_seconds(self) -> float:
+        """GPU seconds of the step's kernels summed over its pipeline stages, before an eager step's host bound
+        (launch and stream gap included)."""
+        return float(self._total.sum())
+
+    @property
     def kernels(self) -> int:
         return int((self._present * self._m._kernels) @ self._m._count)
 
@@ -206,6 +213,45 @@ def step_operators(dep: Deployment, t: StepTotals, rows: float, active_experts: 
     return out
 
 
+def dispatch_segments(dep: Deployment) -> list[tuple[np.ndarray, np.ndarray, np.ndarray, int]]:
+    """Per pipeline stage, the indices into `step_operators`' list of the operators an eager step issues
+    before its decoder layers (embedding, or the receive from the previous stage), in each layer (in the
+    order the backend issues them), and after them (final norm, LM head, sampling), and the stage's layers.
+    Mirrors the order in which `step_operators` lists them."""
+    zero = StepTotals(0, 0, 0, 0, 0.0, 0.0, 0, 0.0)
+    n_layer = len(layer_operators(dep, zero, 0.0, 0.0))
+    out, start = [], 0
+    for s, n_layers in enumerate(dep.layers_per_stage):
+        n_first = len(first_stage_operators(dep, 0.0)) if s == 0 else 1
+        n_last = len(last_stage_operators(dep, zero)) if s == dep.pp - 1 else 0
+        layer = np.arange(start, start + n_layer)
+        first = np.arange(layer[-1] + 1, layer[-1] + 1 + n_first)
+        last = np.arange(first[-1] + 1, first[-1] + 1 + n_last)
+        out.append((first, layer, last, n_layers))
+        start += n_layer + n_first + n_last
+    return out
+
+
+def pipelined_seconds(h: np.ndarray, g: np.ndarray, k: np.ndarray, a: int, b: int, layers: int) -> float:
+    """GPU window of an eager stage: the host issues each kernel in turn and the GPU runs it once issued and
+    once the kernel before it is done, E_j = max(E_(j-1), H_j) + d_j, so E = sum(d) + max_j (H_j - D_(j-1)).
+
+    h, g and k hold the host seconds, GPU seconds and kernels of the operators issued before the decoder
+    layers ([:a]), in one layer ([a:b]) and after them ([b:]); an operator's kernels share its host and GPU
+    time evenly (its lead is largest at its first or its last kernel). The layers repeat, so the maximum is
+    found from one layer: the host's lead over the GPU grows, or shrinks, by a layer's host less GPU
+    seconds per layer."""
+    ch, cg = np.cumsum(h), np.cumsum(g)
+    kk = np.maximum(k, 1.0)
+    lead = ch - cg + np.maximum(g - h * (kk - 1.0) / kk, g / kk)  # host through j less GPU before j, at j's ends
+    hp, gp = ch[a - 1], cg[a - 1]
+    hl, gl = ch[b - 1] - hp, cg[b - 1] - gp
+    best = max(lead[:a].max(), lead[a:b].max() + max(0.0, (layers - 1) * (hl - gl)))
+    if b < len(h):
+        best = max(best, lead[b:].max() + (layers - 1) * (hl - gl))
+    return float(gp + layers * gl + cg[-1] - cg[b - 1] + best)
+
+
 class CostModel:
     """Prices `StepShape`s for one `Deployment` under an efficiency profile.
 
@@ -243,6 +289,11 @@ class CostModel:
         self._kernels = np.array([op.kernels for op in self._ops], dtype=float)
         self._stage = np.array([op.stage for op in self._ops])
         self._comm = np.array([op.kind in COLLECTIVE_KINDS for op in self._ops])
+        # per stage: its operators in issue order (before the layers, one layer, after), per-layer scaling
+        self._segments = [(np.concatenate([first, layer, last]), len(first), len(first) + len(layer), n,
+                           np.concatenate([np.ones(len(first)), np.full(len(layer), 1.0 / max(n, 1)),
+                                           np.ones(len(last))]))
+                          for first, layer, last, n in dispatch_segments(dep)]
         links = [dep.pp_link if op.kind == "send-recv" else dep.tp_link for op in self._ops]
         steps, self._moved = (np.array(v, dtype=float) for v in zip(*map(collective_shape, self._ops)))
         self._latency = np.where(self._comm, steps * np.array([link.latency for link in links]), 0.0)
@@ -258,7 +309,8 @@ class CostModel:
         self._gemm_peak = gpu.matmul_flops(dep.weight_dtype)
         curves = [self._curves(op) for op in self._ops]
         self._derived = np.flatnonzero([derived for *_, derived in curves])  # operator indices
-        self._tables = TimeTables([c for c, _, _ in curves] + [m for _, m, _ in curves])
+        self._tables = TimeTables([c for c, _, _ in curves] + [m for _, m, _ in curves],
+                                  [derived for *_, derived in curves] + [False] * n)
         self._table_ids = np.arange(2 * n)
         self._peaks = np.concatenate([self._peak_c, [link.bandwidth if c else self._bandwidth
                                                      for link, c in zip(links, self._comm)]])
@@ -270,13 +322,16 @@ class CostModel:
 
     def _curves(self, op: Operator) -> tuple[Curve | float, Curve | float, bool]:
         """Compute and memory efficiency curves of one operator: a measured surface of the profile where it
-        has one (GEMM weight shape, named operator, collective), else its kind's curves. The flag marks a
-        measured GEMM, whose memory side `price` derives from its compute side: the efficiency is a
-        function of M, and bytes barely change with M at small M, so a table over bytes could not hold it."""
+        has one (GEMM weight shape, collective, K/V gather of this head configuration, named operator), else
+        its kind's curves. The flag marks a measured GEMM, whose memory side `price` derives from its compute
+        side: the efficiency is a function of M, and bytes barely change with M at small M, so a table over
+        bytes could not hold it."""
         prof = self.profile
         kind = prof.efficiency[op.kind]
         if op.kind in COLLECTIVE_KINDS:
             return kind.compute, prof.collective_curve(op.kind, op.ranks) or kind.memory, False
+        if op.kind == "kv-gather" and (g := prof.gather_curve(self.dep.kv_heads_per_gpu, self.dep.model.head_size)):
+            return kind.compute, g, False
         if op.name in prof.operators:
             return kind.compute, prof.operators[op.name], False
         g = prof.gemm_curve(*op.dims) if op.dims is not None and prof.gemm else None
@@ -305,6 +360,24 @@ class CostModel:
         if not self.cuda_graphs or decode_seqs == 0 or decode_seqs > GRAPH_BATCH_SIZES[-1]:
             return None
         return GRAPH_BATCH_SIZES[bisect.bisect_left(GRAPH_BATCH_SIZES, decode_seqs)]
+
+    def _pipelined(self, total: np.ndarray, present: np.ndarray, launch: float) -> np.ndarray:
+        """GPU window of each pipeline stage of an eager step whose operators take `total` GPU seconds (all
+        instances), issued by a host that spends `launch` per kernel (and `launch_collective` more per
+        collective call)."""
+        instances = present * self._count
+        kernels = instances * self._kernels
+        host = kernels * launch + instances * self._comm * self.profile.overheads.launch_collective
+        return np.array([pipelined_seconds(host[i] * scale, total[i] * scale, kernels[i] * scale, a, b, n)
+                         for i, a, b, n, scale in self._segments])
+
+    def eager_window(self, shape: StepShape, launch: float) -> float:
+        """GPU window of `shape` run eagerly, its host issuing a kernel every `launch` seconds (the fit of
+        `launch_eager` inverts this)."""
+        cost = self.price(shape)
+        if cost.execution != "eager":
+            raise ValueError("eager_window: the step runs as a CUDA graph")
+        return float(self._pipelined(cost._total, cost._present, launch).sum())
 
     def price(self, shape: StepShape) -> StepCost:
         """Cost of one step running `shape`."""
@@ -346,11 +419,9 @@ class CostModel:
         if graph:
             launch = ovh.launch_graph
             overhead = ovh.step_graph + ovh.step_graph_per_request * shape.num_requests
-        else:  # the host dispatches kernels while the GPU runs them: a stage takes the longer of the two
+        else:  # the host issues the kernels while the GPU runs them (`pipelined_seconds`)
             launch = ovh.launch_eager
-            calls = launched * launch + (present * self._comm * self._count) * ovh.launch_collective
-            host = np.bincount(self._stage, weights=calls, minlength=dep.pp)
-            stage_seconds = np.maximum(stage_seconds, host)
+            stage_seconds = self._pipelined(total, present, launch)
             overhead = ovh.step_eager + ovh.step_eager_per_request * shape.num_requests
             if t.prefill_seqs and t.decode_seqs:
                 overhead += ovh.step_mixed

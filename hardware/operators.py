@@ -215,7 +215,7 @@ def expected_active_experts(num_experts: int, top_k: int, tokens: int) -> float:
 
 
 def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts: float = 0.0) -> list[Operator]:
-    """Operators of one decoder layer on one GPU.
+    """Operators of one decoder layer on one GPU, in the order the backend issues them.
 
     `rows` is the tokens through the dense layers (padded to a captured CUDA-graph batch when one is
     replayed); `active_experts` the MoE experts some token is routed to. Every FLOP and byte count is an
@@ -233,14 +233,16 @@ def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts:
         gemm_operator("qkv_proj", rows, h, qkv, w, a),
         Operator("rope", "elementwise", 6.0 * rows * (hq + hkv) * d, 2.0 * rows * (hq + hkv) * d * a, kernels=7),
         Operator("kv_write", "kv-write", 0.0, t.tokens * 2 * hkv * d * (a + kvb), kernels=2),
-        *kv_gather_operators(dep, t),
-        Operator("attention_prefill", "attention-prefill", 4.0 * t.prefill_pairs * d * hq,
-                 2.0 * t.prefill_queries * hq * d * a + t.prefill_kv_tokens * 2 * hkv * d * kvb,
-                 kernels=ATTENTION_KERNELS["attention-prefill"]),
-        Operator("attention_decode", "attention-decode", 4.0 * t.decode_pairs * d * hq,
-                 2.0 * t.decode_seqs * hq * d * a + t.decode_pairs * 2 * hkv * d * kvb,
-                 kernels=ATTENTION_KERNELS["attention-decode"]),
     ]
+    gather = {op.name: [op] for op in kv_gather_operators(dep, t)}  # before its attention call (none: paged)
+    ops += [*gather.get("kv_gather_prefill", []),
+            Operator("attention_prefill", "attention-prefill", 4.0 * t.prefill_pairs * d * hq,
+                     2.0 * t.prefill_queries * hq * d * a + t.prefill_kv_tokens * 2 * hkv * d * kvb,
+                     kernels=ATTENTION_KERNELS["attention-prefill"]),
+            *gather.get("kv_gather_decode", []),
+            Operator("attention_decode", "attention-decode", 4.0 * t.decode_pairs * d * hq,
+                     2.0 * t.decode_seqs * hq * d * a + t.decode_pairs * 2 * hkv * d * kvb,
+                     kernels=ATTENTION_KERNELS["attention-decode"])]
     ops.append(gemm_operator("o_proj", rows, hq * d, h, w, a))
     if dep.tp > 1:
         ops.append(Operator("all_reduce_attn", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp))

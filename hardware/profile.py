@@ -10,16 +10,21 @@ calibrate`) add measured surfaces that take precedence over the per-kind curves:
 - `attention`: per head configuration, efficiency over (query tokens, key tokens per query token) for
   the prefill kernel and over (sequences, key tokens per sequence) for the decode kernel (the kernels
   alone: since version 3 the backend's K/V gather before them is an operator of its own, `kv-gather`);
-- `collectives`: per kind and number of ranks, link efficiency over the payload.
+- `collectives`: per kind and number of ranks, link efficiency over the payload;
+- `kv_gather`: per head configuration, the K/V gathers' memory efficiency over their bytes.
 
 An operator's time is its roofline divided by its efficiency, plus `launch_graph` GPU seconds per kernel
 in a CUDA graph (`stream_gap` more in an eager step: a stream starts queued kernels later than a replay);
-an eager step is bounded below by the host's dispatch of its kernels (`launch_eager` each). Without a
+in an eager step the host issues the kernels in turn (`launch_eager` each) and a kernel starts once issued
+and once the kernel before it is done (`hardware.cost.pipelined_seconds`). Without a
 profile `DEFAULT_PROFILE` applies. A GPU with no profile of its own may borrow another GPU's: the same
 efficiencies applied to its own datasheet peaks (see `CostModel`).
 
 Curves are interpolated linearly in log-log space over (size, time-per-size) and tabulated once on a
-fine grid so a lookup is O(1). Each curve is made monotone on load: more work never takes less time.
+fine grid so a lookup is O(1). Each curve is made monotone on load (more work never takes less time),
+except a measured GEMM's curve over M, which is interpolated as measured: cuBLAS picks its kernel per shape,
+and a GEMM of more rows can run faster than one of fewer (on an H200, Llama-3-8B's 4,096 x 6,144 projection
+took 33.5 us at M = 320 and 27.5 us at M = 384); the fit drops the isolated spikes (`calibrate.fit`).
 """
 
 from __future__ import annotations
@@ -53,6 +58,7 @@ OP_KINDS = (
 COLLECTIVE_KINDS = frozenset({"all-reduce", "all-gather", "send-recv"})
 PROFILE_VERSION = 3
 _GRID_PER_DECADE = 32
+_MEASURED_PER_DECADE = 4096  # measured GEMM curves: M and M + 1 in different cells up to M = 1,779
 
 
 def _efficiencies(values: tuple[float, ...]) -> None:
@@ -173,7 +179,8 @@ class AttentionSurface(Spec):
         i, fx = _bracket(lx, math.log(x))
         j, fy = _bracket(ly, math.log(y))
         i1, j1 = min(i + 1, len(lx) - 1), min(j + 1, len(ly) - 1)
-        return (1 - fx) * ((1 - fy) * e[i][j] + fy * e[i][j1]) + fx * ((1 - fy) * e[i1][j] + fy * e[i1][j1])
+        return math.exp((1 - fx) * ((1 - fy) * math.log(e[i][j]) + fy * math.log(e[i][j1]))
+                        + fx * ((1 - fy) * math.log(e[i1][j]) + fy * math.log(e[i1][j1])))
 
 
 @lru_cache(maxsize=256)
@@ -199,6 +206,16 @@ class CollectiveCurve(Spec):
     curve: Curve
 
 
+class GatherCurve(Spec):
+    """Memory efficiency over bytes of the K/V gathers (`kv-gather`: prefill and decode run the same copy of
+    cache rows) for one head configuration per GPU: the rows' size sets it (on an H200, 100 MB of rows of
+    one KV head of 128 dims moved at 18% of the bandwidth, of eight at 72%)."""
+
+    kv_heads: PositiveInt
+    head_dim: PositiveInt
+    curve: Curve
+
+
 class Profile(Spec):
     """A versioned efficiency profile for one GPU (see module docstring)."""
 
@@ -211,6 +228,7 @@ class Profile(Spec):
     operators: dict[str, Curve] = {}
     attention: tuple[AttentionSurface, ...] = ()
     collectives: tuple[CollectiveCurve, ...] = ()
+    kv_gather: tuple[GatherCurve, ...] = ()
 
     @model_validator(mode="after")
     def _check_kinds(self) -> Profile:
@@ -249,6 +267,14 @@ class Profile(Spec):
         return min(same, key=lambda s: (s.heads * kv_heads != s.kv_heads * heads, abs(math.log(s.heads / heads)),
                                         abs(math.log(s.kv_heads / kv_heads))))
 
+    def gather_curve(self, kv_heads: int, head_dim: int) -> Curve | None:
+        """The K/V gathers' curve measured for this head configuration, else the one whose rows are nearest in
+        size, else None."""
+        if not self.kv_gather:
+            return None
+        return min(self.kv_gather, key=lambda g: (abs(math.log(g.kv_heads * g.head_dim / (kv_heads * head_dim))),
+                                                   g.head_dim != head_dim)).curve
+
     def collective_curve(self, kind: str, ranks: int) -> Curve | None:
         return next((c.curve for c in self.collectives if c.kind == kind and c.ranks == ranks), None)
 
@@ -282,8 +308,9 @@ DEFAULT_PROFILE = Profile(
 )
 
 
-def log_time_curve(curve: Curve | float) -> np.ndarray:
-    """Grid of (log10 size, log10 size/efficiency) points, one every 1/32 decade, monotone in both.
+def log_time_curve(curve: Curve | float, measured: bool = False) -> np.ndarray:
+    """Grid of (log10 size, log10 size/efficiency) points, one every 1/32 decade, monotone in both; a
+    `measured` GEMM curve on a finer grid (1/4096 decade) and as measured (see the module docstring).
 
     Linear interpolation between the points, and slope 1 beyond the ends (constant efficiency), give
     log10(time x peak) at any size. Flat curves need just two points.
@@ -295,17 +322,18 @@ def log_time_curve(curve: Curve | float) -> np.ndarray:
         u = np.array([0.0, 1.0])
         return np.stack([u, u - math.log10(e)], axis=1)
     u = np.log10(np.asarray(curve.sizes, dtype=float))
-    n = max(2, int(math.ceil((u[-1] - u[0]) * _GRID_PER_DECADE)) + 1)
+    n = max(2, int(math.ceil((u[-1] - u[0]) * (_MEASURED_PER_DECADE if measured else _GRID_PER_DECADE))) + 1)
     grid = np.linspace(u[0], u[-1], n)
     log_t = np.interp(grid, u, u - np.log10(np.asarray(curve.efficiency, dtype=float)))
-    return np.stack([grid, np.maximum.accumulate(log_t)], axis=1)  # more work never takes less time
+    return np.stack([grid, log_t if measured else np.maximum.accumulate(log_t)], axis=1)
 
 
 class TimeTables:
-    """Many `log_time_curve`s packed into flat arrays, evaluated for many operators at once (O(1) each)."""
+    """Many `log_time_curve`s packed into flat arrays, evaluated for many operators at once (O(1) each);
+    `measured[i]` marks curve i as a measured GEMM's."""
 
-    def __init__(self, curves: list[Curve | float]) -> None:
-        grids = [log_time_curve(c) for c in curves]
+    def __init__(self, curves: list[Curve | float], measured: list[bool] | None = None) -> None:
+        grids = [log_time_curve(c, m) for c, m in zip(curves, measured or [False] * len(curves))]
         sizes = np.array([g.shape[0] for g in grids])
         self._t = np.concatenate([g[:, 1] for g in grids])
         self._offset = np.concatenate([[0], np.cumsum(sizes)[:-1]])

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrate.fit import NAMED_KINDS, fit_profile, layer_kernels, step_calls
+from calibrate.fit import NAMED_KINDS, fit_profile, layer_kernels, spikes, step_calls
 from calibrate.microbench import _decode_shape, gemm_shapes, operators_at, wave_boundaries
 from hardware.catalog import get_gpu, get_interconnect, get_model
 from hardware.cost import CostModel, StepCost, peak_flops
@@ -374,8 +374,16 @@ def test_attention_surface_interpolates_in_log_space() -> None:
     s = AttentionSurface(kind="attention-decode", heads=4, kv_heads=1, head_dim=64, x=(1, 100), y=(10, 1000),
                          efficiency=((0.1, 0.2), (0.3, 0.4)))
     assert s.at(1, 10) == pytest.approx(0.1) and s.at(100, 1000) == pytest.approx(0.4)
-    assert s.at(10, 100) == pytest.approx(0.25)  # the geometric middle is the mean of the corners
+    # the geometric middle is the geometric mean of the corners
+    assert s.at(10, 100) == pytest.approx((0.1 * 0.2 * 0.3 * 0.4) ** 0.25)
     assert s.at(1e6, 1e-3) == pytest.approx(0.3)  # clamped to the grid
+    # Within one wave of blocks the kernel's time is flat while its work grows: efficiency in proportion to
+    # the sequences. Interpolating log efficiency prices every point between two such grid points exactly
+    # (linear interpolation of the efficiency priced 300 queries between 256 and 512 5% fast).
+    wave = AttentionSurface(kind="attention-prefill", heads=32, kv_heads=8, head_dim=128, x=(256, 512), y=(1, 64),
+                            efficiency=((0.2, 0.3), (0.4, 0.6)))
+    for x in (300, 384, 450):
+        assert wave.at(x, 1) == pytest.approx(0.2 * x / 256) and wave.at(x, 64) == pytest.approx(0.3 * x / 256)
     with pytest.raises(ValueError, match="efficiency must be 2 rows of 2 values"):
         AttentionSurface(kind="attention-decode", heads=4, kv_heads=1, head_dim=64, x=(1, 100), y=(10, 1000),
                          efficiency=((0.1, 0.2),))
@@ -581,3 +589,59 @@ def test_tensor_parallel_overhead_steps_on_cpu() -> None:
     steps = tp_overhead_steps("tiny-llama", True, "cpu", [1, 2, 3])
     assert steps and {s["tp"] for s in steps} == {2} and {s["execution"] for s in steps} == {"eager"}
     assert {s["layers"] for s in steps} == {2, 4} and all(s["seconds"] > 0 for s in steps)
+
+
+def _gemm_records(k: int, n: int, times: dict[int, float]) -> list[dict]:
+    return [{"op": "gemm", "kind": "gemm", "k": k, "n": n, "m": m, "kernels": 1, "seconds": t,
+             "flops": 2.0 * m * k * n, "bytes": k * n * 2 + (m * k + m * n) * 2} for m, t in times.items()]
+
+
+def test_gemm_spikes_are_dropped_and_the_rest_priced_as_measured() -> None:
+    """cuBLAS picks a kernel per shape: a GEMM of more rows can run faster (M = 320 here, as Llama-3-8B's
+    QKV projection on an H200), which the curve keeps; an isolated spike (M = 448, 1.8x both neighbours, as
+    its gate/up projection there) is dropped, so that it does not slow the M around it."""
+    times = {1: 17e-6, 64: 17e-6, 256: 21e-6, 320: 33e-6, 384: 27e-6, 385: 29e-6, 448: 287e-6, 512: 36e-6,
+             513: 38e-6, 1024: 69e-6, 4096: 270e-6}
+    assert spikes(list(times.items())) == {448}
+    assert spikes([(1, 1.0), (2, 5.0)]) == set()  # the ends have one neighbour: never a spike
+    raw = {"records": _gemm_records(4096, 6144, times), "fixed": {"graph_kernel_seconds": LAUNCH}}
+    profile = fit_profile(raw, GPU, {})
+    (curve,) = profile.gemm
+    assert 448 not in curve.m and len(curve.m) == len(times) - 1
+    assert profile.metadata["gemm_spikes"] == [{"k": 4096, "n": 6144, "m": 448, "seconds": 287e-6}]
+    model = CostModel(Deployment.build("llama-3-8b", GPU), profile, cuda_graphs=False)  # QKV: 4,096 x 6,144
+
+    def qkv(m: int) -> float:
+        row = next(r for r in model.price(StepShape.build(prefill=[m])).breakdown if r.name == "qkv_proj")
+        return row.seconds / row.count
+
+    for m in (320, 384, 385, 512, 513):  # as measured, M and M + 1 apart
+        assert qkv(m) == pytest.approx(times[m], rel=0.01), m
+    assert qkv(448) == pytest.approx(np.exp(np.interp(np.log(448), np.log([385, 512]), np.log([29e-6, 36e-6]))),
+                                     rel=0.01)
+
+
+def test_kv_gather_curves_per_head_configuration() -> None:
+    """Gathering cache rows of one KV head (256 bytes per token and tensor) runs at a fraction of the
+    bandwidth that rows of eight reach: each head configuration gets its own curve, and one without a
+    measurement takes the curve of the nearest row size."""
+    records = []
+    for kv_heads, eff in ((8, 0.7), (1, 0.2)):
+        dep = Deployment.build("llama-3-70b" if kv_heads == 1 else "llama-3-8b", GPU, tp=8 if kv_heads == 1 else 1)
+        assert dep.kv_heads_per_gpu == kv_heads
+        for ctx in (256, 1024, 4096, 16384):
+            for b in (1, 8, 64):
+                op = operators_at(dep, StepShape.build(decode=[ctx - 1] * b))["kv_gather_decode"]
+                records.append({"op": op.name, "kind": op.kind, "flops": 0.0, "bytes": op.bytes, "kernels": 2,
+                                "seconds": op.bytes / GPU.hbm_bandwidth / eff + 2 * LAUNCH, "x": b, "y": ctx,
+                                "heads": dep.heads_per_gpu, "kv_heads": kv_heads, "head_dim": 128})
+    profile = fit_profile({"records": records, "fixed": {"graph_kernel_seconds": LAUNCH}}, GPU, {})
+    assert {(g.kv_heads, g.head_dim) for g in profile.kv_gather} == {(1, 128), (8, 128)}
+    for g in profile.kv_gather:
+        assert np.allclose(g.curve.efficiency, 0.2 if g.kv_heads == 1 else 0.7, rtol=1e-6)
+    shape = StepShape.build(decode=[4095] * 64)
+    # Llama-3-8B at TP=4 has 2 KV heads per GPU: unmeasured, nearest to 1
+    for model, tp, eff in (("llama-3-8b", 1, 0.7), ("llama-3-70b", 8, 0.2), ("llama-3-8b", 4, 0.2)):
+        dep = Deployment.build(model, GPU, tp=tp)
+        row = next(r for r in CostModel(dep, profile).price(shape).breakdown if r.name == "kv_gather_decode")
+        assert row.seconds == pytest.approx(row.bytes / GPU.hbm_bandwidth / eff + 2 * row.count * LAUNCH, rel=1e-3)

@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Refit the committed profiles from the raw measurements and validate them against the reference steps (all
+# commands of calibrate/measurements/README.md, in order). Run from the repository root; CPU only, ~2 minutes.
+set -euo pipefail
+cd calibrate/measurements
+R=raw
+H100=(--raw $R/h100-sxm-80gb_raw.json --later $R/h100-sxm-80gb_attention_raw.json
+      --later $R/h100-sxm-80gb_attention2_raw.json --later $R/h100-sxm-80gb_steps_raw.json)
+# the H200's kernels: first session, attention (fourth), GEMMs of the six models and Llama-3-8B's attention (seventh)
+H200=(--raw $R/h200-sxm-141gb_raw.json --later $R/h200-sxm-141gb_attention_raw.json
+      --later $R/h200-sxm-141gb_gemm_raw.json --later $R/h200-sxm-141gb_attention_llama3_raw.json)
+servesim calibrate --refit "${H100[@]}" --later $R/h100-sxm-80gb_reference_raw.json \
+  --out ../profiles/h100-sxm-80gb.json > /dev/null
+servesim calibrate --refit "${H200[@]}" --later $R/h200-sxm-141gb_x2host_steps_raw.json \
+  --later $R/h200-sxm-141gb_steps_raw.json --later $R/h200-sxm-141gb_reference_raw.json \
+  --out ../profiles/h200-sxm-141gb.json > /dev/null
+servesim calibrate --refit "${H200[@]}" --later $R/h200-sxm-141gb_x2host_steps_raw.json \
+  --out h200-sxm-141gb_x2host_profile.json > /dev/null
+v() { echo "== $*" >&2; servesim calibrate validate "$@" > /dev/null; }
+v h100-sxm-80gb_llama-3-8b_steps.csv --gpu h100 --out validation_h100
+v h200-sxm-141gb_llama-3-8b_steps.csv --gpu h200 --out validation_h200
+v h200-sxm-141gb_llama-3-8b_steps.csv --gpu h200 --profile h100 --out validation_h200_from_h100_profile
+v h200-sxm-141gb_llama-3-8b_tp2_steps.csv --gpu h200 --overheads h200-sxm-141gb_x2host_profile.json \
+  --out validation_h200_tp2
+v h200-sxm-141gb_x2host_llama-3-8b_steps.csv --gpu h200 --overheads h200-sxm-141gb_x2host_profile.json \
+  --out validation_h200_x2host
+# the same H200 profile against references of three other lent H200s, each with its own host's overheads (and
+# kernels where that machine timed Llama-3-8B's; calibrate/measurements/README.md)
+O=h200_other_machines
+tmp=$(mktemp -d)
+for m in a c d; do
+  kernels=$O/${m}_kernels_raw.json; [ $m = a ] && kernels=$O/a_gemm_raw.json
+  servesim calibrate --refit "${H200[@]}" --later $kernels --later $O/${m}_reference_raw.json \
+    --out $tmp/$m.json > /dev/null
+  v $O/${m}_steps.csv --gpu h200 --profile $tmp/$m.json --out $O/validation_$m
+done
