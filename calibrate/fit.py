@@ -118,6 +118,12 @@ def _memory_efficiency(r: dict[str, Any], gpu: GPUSpec, launch: float) -> float:
     return efficiency(r["bytes"] / gpu.hbm_bandwidth, r["seconds"], launch * r["kernels"])
 
 
+def _memory_curve(records: list[dict[str, Any]], gpu: GPUSpec, launch: float) -> Curve:
+    """Memory efficiency over bytes of memory-bound records, binned (`binned_curve`)."""
+    return binned_curve(np.array([r["bytes"] for r in records]),
+                        np.array([_memory_efficiency(r, gpu, launch) for r in records]))
+
+
 def _surfaces(records: list[dict[str, Any]], roof: _Roofline, launch: float) -> tuple[AttentionSurface, ...]:
     groups: dict[tuple[str, int, int, int], dict[tuple[float, float], float]] = defaultdict(dict)
     for r in records:
@@ -150,9 +156,8 @@ def _gather_curves(records: list[dict[str, Any]], gpu: GPUSpec, launch: float) -
     groups: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         groups[(r["kv_heads"], r["head_dim"])].append(r)
-    return tuple(GatherCurve(kv_heads=kv_heads, head_dim=head_dim, curve=binned_curve(
-        np.array([r["bytes"] for r in rs]), np.array([_memory_efficiency(r, gpu, launch) for r in rs])))
-        for (kv_heads, head_dim), rs in sorted(groups.items()))
+    return tuple(GatherCurve(kv_heads=kv_heads, head_dim=head_dim, curve=_memory_curve(rs, gpu, launch))
+                 for (kv_heads, head_dim), rs in sorted(groups.items()))
 
 
 def _collective_curves(records: list[dict[str, Any]], gpu: GPUSpec) -> tuple[CollectiveCurve, ...]:
@@ -320,10 +325,11 @@ def dispatch_per_kernel(model: CostModel, shape: StepShape, window: float) -> fl
     """The host's seconds per kernel (`launch_eager`) under which `model` prices an eager step's GPU window
     at `window` (`CostModel.eager_window` grows with it: inverted by bisection, scipy); 0 where the GPU alone
     takes longer."""
-    if model.eager_window(shape, 0.0) >= window:
+    cost = model.price(shape)  # once: only the host's dispatch varies below
+    if model.eager_window(cost, 0.0) >= window:
         return 0.0
-    top = window / model.price(shape).kernels  # the dispatch alone then takes the window
-    return float(brentq(lambda launch: model.eager_window(shape, launch) - window, 0.0, top, xtol=1e-10))
+    top = window / cost.kernels  # the dispatch alone then takes the window
+    return float(brentq(lambda launch: model.eager_window(cost, launch) - window, 0.0, top, xtol=1e-10))
 
 
 def _collective_excess(s: dict[str, Any], gpu: GPUSpec, launch_eager: float) -> float:
@@ -368,12 +374,10 @@ def fit_profile(raw: dict[str, Any], gpu: GPUSpec, metadata: dict[str, Any]) -> 
     for r in named:
         by_name[r["op"]].append(r)
     for name, rs in sorted(by_name.items()):
-        operators[name] = binned_curve(np.array([r["bytes"] for r in rs]),
-                                       np.array([_memory_efficiency(r, gpu, launch) for r in rs]))
+        operators[name] = _memory_curve(rs, gpu, launch)
     for kind in {r["kind"] for r in named}:
         rs = [r for r in named if r["kind"] == kind]
-        kinds[kind] = KindEfficiency(compute=kinds[kind].compute, memory=binned_curve(
-            np.array([r["bytes"] for r in rs]), np.array([_memory_efficiency(r, gpu, launch) for r in rs])))
+        kinds[kind] = KindEfficiency(compute=kinds[kind].compute, memory=_memory_curve(rs, gpu, launch))
     if gemm:
         eff = np.array([efficiency(roof("gemm", r["flops"], r["bytes"]), r["seconds"], launch) for r in gemm])
         kinds["gemm"] = KindEfficiency(compute=binned_curve(np.array([r["flops"] for r in gemm]), eff),

@@ -371,10 +371,9 @@ class CostModel:
         return np.array([pipelined_seconds(host[i] * scale, total[i] * scale, kernels[i] * scale, a, b, n)
                          for i, a, b, n, scale in self._segments])
 
-    def eager_window(self, shape: StepShape, launch: float) -> float:
-        """GPU window of `shape` run eagerly, its host issuing a kernel every `launch` seconds (the fit of
-        `launch_eager` inverts this)."""
-        cost = self.price(shape)
+    def eager_window(self, cost: StepCost, launch: float) -> float:
+        """GPU window of an eager step priced by this model (`cost`), its host issuing a kernel every `launch`
+        seconds (the fit of `launch_eager` inverts this)."""
         if cost.execution != "eager":
             raise ValueError("eager_window: the step runs as a CUDA graph")
         return float(self._pipelined(cost._total, cost._present, launch).sum())
@@ -415,9 +414,9 @@ class CostModel:
         total = (np.maximum(tc, tm) + present * self._latency) * self._count + launched * ovh.launch_graph
         if not graph:  # kernels queued on a stream start later than in a graph replay
             total = total + launched * ovh.stream_gap
-        stage_seconds = np.bincount(self._stage, weights=total, minlength=dep.pp)
         if graph:
             launch = ovh.launch_graph
+            stage_seconds = np.bincount(self._stage, weights=total, minlength=dep.pp)
             overhead = ovh.step_graph + ovh.step_graph_per_request * shape.num_requests
         else:  # the host issues the kernels while the GPU runs them (`pipelined_seconds`)
             launch = ovh.launch_eager

@@ -90,7 +90,7 @@ def test_slower_host_makes_a_balanced_step_wait_more_than_the_longer_of_the_two(
     shape = StepShape.build(prefill=[700], decode=[600] * 40)
     cost = model.price(shape)
     launch = cost.kernel_seconds / cost.kernels  # host and GPU take the same time
-    assert model.eager_window(shape, launch) > 1.02 * cost.kernel_seconds
+    assert model.eager_window(cost, launch) > 1.02 * cost.kernel_seconds
 
 
 @pytest.mark.parametrize("shape", [StepShape.build(decode=[63]), StepShape.build(prefill=[32], decode=[63] * 8),
@@ -98,6 +98,7 @@ def test_slower_host_makes_a_balanced_step_wait_more_than_the_longer_of_the_two(
 def test_the_fit_inverts_the_window_for_the_dispatch_per_kernel(shape: StepShape) -> None:
     dep = Deployment.build("llama-3-8b", "h100")
     model = CostModel(dep, DEFAULT_PROFILE, cuda_graphs=False)
-    window = model.eager_window(shape, 20e-6)
+    cost = model.price(shape)
+    window = model.eager_window(cost, 20e-6)
     assert dispatch_per_kernel(model, shape, window) == pytest.approx(20e-6, rel=1e-6)
-    assert dispatch_per_kernel(model, shape, 0.5 * model.eager_window(shape, 0.0)) == 0.0  # the GPU alone is slower
+    assert dispatch_per_kernel(model, shape, 0.5 * model.eager_window(cost, 0.0)) == 0.0  # the GPU alone is slower
