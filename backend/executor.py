@@ -1,9 +1,10 @@
 """`TorchExecutor`: runs the policies' `Batch`es through the PyTorch model on a real device.
 
 It keeps each request's token ids (its prompt, drawn from a seeded generator, then what it sampled) and
-its block table: physical blocks are taken from a free list as the engine's `BlockManager` grows a
-request's block count, and returned when the engine frees them (finish or preemption), so the paged cache
-holds exactly what the simulator's bookkeeping says. Steps are timed with a device synchronisation on
+its block table (`backend.block_table`): physical blocks are taken from a free list as the engine's
+`BlockManager` grows a request's block count, and returned when the engine frees them (finish or
+preemption), so the paged cache holds exactly what the simulator's bookkeeping says. Decode-only steps
+replay CUDA graphs (`backend.graphs`); other steps run eagerly. Steps are timed with a device synchronisation on
 each side (CUDA events measure the GPU part separately).
 """
 
@@ -11,21 +12,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from backend.graphs import DecodeGraph, GraphCache
-from backend.model import (
-    AttentionMeta,
-    Chunk,
-    PagedKVCache,
-    attention_meta,
-    build_model,
-    cache_slots,
-)
+from backend.attention import AttentionMeta, Chunk, attention_meta, cache_slots
+from backend.block_table import BlockTables
+from backend.graphs import GraphCache
+from backend.model import PagedKVCache, build_model
 from backend.parallel import Shard
 from backend.speculative import DraftRunner, accept, ancestry, breadth_first, seeded, tree_accept
+from hardware.cost import GRAPH_BATCH_SIZES
 from hardware.specs import ModelSpec, kv_heads_per_gpu
 from policies.batch import Batch
 from policies.state import Requests
@@ -55,8 +53,7 @@ class TorchExecutor:
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = GraphCache(self.model, self.cache, num_blocks, block_size) if self.use_graphs else None
         self.block_size = block_size
-        self.free_blocks = list(range(num_blocks - 1, -1, -1))
-        self.tables: dict[int, list[int]] = {}
+        self.blocks = BlockTables(num_blocks)
         self.tokens: dict[int, list[int]] = {}
         self.capture_seconds = 0.0  # time the last step spent capturing CUDA graphs (a server does it at start)
         # Speculation: a draft model with its own cache (room for every request's KV plus its drafts), and
@@ -68,21 +65,14 @@ class TorchExecutor:
     # ---- block tables mirror the engine's block counts --------------------------------------------------
     def sync_tables(self, ids: Sequence[int] = ()) -> None:
         """Return the blocks the engine freed to the free list, then give `ids` the blocks it added."""
-        for rid in [r for r, table in self.tables.items() if self.req.blocks[r] < len(table)]:
-            keep = int(self.req.blocks[rid])  # freed by the engine (finish, preemption)
-            self.free_blocks.extend(reversed(self.tables[rid][keep:]))
-            del self.tables[rid][keep:]
+        for rid in [r for r in self.blocks.ids() if self.req.blocks[r] < self.blocks.held(r)]:
+            self.blocks.resize(rid, int(self.req.blocks[rid]))  # freed by the engine (finish, preemption)
         if self.draft is not None:  # a finished or preempted request's draft cache goes too
-            for rid in [r for r in self.draft.tables if self.req.blocks[r] == 0]:
+            for rid in [r for r in self.draft.blocks.ids() if self.req.blocks[r] == 0]:
                 self.draft.release(rid)
         for rid in ids:
-            table = self.tables.setdefault(rid, [])
-            need = int(self.req.blocks[rid]) - len(table)
-            if need > len(self.free_blocks):
-                raise RuntimeError(f"request {rid} needs {need} more KV blocks; {len(self.free_blocks)} are free")
-            if need > 0:  # the free list's last `need` blocks, in the order pop() would give them
-                table.extend(self.free_blocks[: -need - 1: -1])
-                del self.free_blocks[-need:]
+            if self.req.blocks[rid] > self.blocks.held(rid):
+                self.blocks.resize(rid, int(self.req.blocks[rid]))
 
     def _generator(self, rid: int, salt: int = 0) -> torch.Generator:
         """The random stream of request `rid`'s next token: seeded by (seed, request, position[, salt] for a
@@ -103,46 +93,18 @@ class TorchExecutor:
         self.sync_tables(pre + ver + dec)
         trees = [breadth_first(t) for t in batch.verify_trees] if batch.verify_trees is not None else None
         drafts, dists, draft_s = self._draft(batch, trees)
-        flat_tokens: list[int] = []
-        positions: list[int] = []
-        chunks: list[Chunk] = []
-        sample_rows: list[int] = []
-        sample_ids: list[int] = []
-        verify_rows: list[int] = []
-        parts = list(zip(pre, batch.prefill_tokens.tolist(), batch.prefill_computed.tolist(), [None] * len(pre),
-                         [None] * len(pre)))
-        parts += [(rid, len(d) + 1, c, d, None if trees is None else trees[i])
-                  for i, (rid, c, d) in enumerate(zip(ver, batch.verify_computed.tolist(), drafts))]
-        parts += [(rid, 1, c, None, None) for rid, c in zip(dec, batch.decode_computed.tolist())]
-        for rid, n, done, draft, tree in parts:
-            toks = self.tokens_of(rid)
-            mask = None
-            if tree is not None:  # the root sees itself, each node the root, its ancestors and itself
-                mask = np.zeros((n, n), dtype=bool)
-                mask[:, 0] = True
-                mask[1:, 1:] = ancestry(tree)
-                positions += [done, *(done + tree.depth).tolist()]
-            else:
-                positions += range(done, done + n)
-            chunks.append(Chunk(len(flat_tokens), n, done, self.tables[rid], mask))
-            flat_tokens += toks[done:done + n] if draft is None else [toks[done], *draft]
-            if draft is not None:  # a verification: the logits of all its k + 1 rows
-                verify_rows += range(len(flat_tokens) - n, len(flat_tokens))
-            elif done + n == len(toks):  # no known token left uncomputed: this row samples the next one
-                sample_rows.append(len(flat_tokens) - 1)
-                sample_ids.append(rid)
+        graph = self.graphs is not None and not pre and not ver and 0 < len(dec) <= GRAPH_BATCH_SIZES[-1]
         dev = self.device
-        meta = attention_meta(chunks, self.block_size, dev, len(pre) + len(ver))
-        graph = self._graph(batch, meta)
         if dev.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-        if graph is not None:
-            logits = graph.run(flat_tokens, positions, meta)
+        if graph:
+            sample_ids, logits = dec, self._decode_graph(dec, batch.decode_computed, start)
         else:
-            logits = self.model(torch.tensor(flat_tokens, device=dev), torch.tensor(positions, device=dev), meta,
-                                self.cache, torch.tensor(sample_rows + verify_rows, dtype=torch.long, device=dev))
-        sampled, verified = logits[:len(sample_rows)], logits[len(sample_rows):]
+            inputs = self.pass_inputs(batch, drafts, trees)
+            if dev.type == "cuda":
+                start.record()
+            sample_ids, logits = inputs.sample_ids, self.forward(inputs)
+        sampled, verified = logits[:len(sample_ids)], logits[len(sample_ids):]
         if self.temperature > 0:  # each token from its own seeded draw: outputs do not depend on batching
             probs = torch.softmax(sampled / self.temperature, dim=-1)
             new = torch.stack([torch.multinomial(p, 1, generator=self._generator(rid))[0]
@@ -230,17 +192,72 @@ class TorchExecutor:
             src = np.array([c + 1 + node for node in path], dtype=np.int64)
             dst = c + 1 + np.arange(len(path))
             if len(path) and (src != dst).any():
-                s_idx = torch.from_numpy(cache_slots(self.tables[rid], src, self.block_size)).to(self.device)
-                d_idx = torch.from_numpy(cache_slots(self.tables[rid], dst, self.block_size)).to(self.device)
+                s_idx = torch.from_numpy(cache_slots(self.blocks.table(rid), src, self.block_size)).to(self.device)
+                d_idx = torch.from_numpy(cache_slots(self.blocks.table(rid), dst, self.block_size)).to(self.device)
                 self.cache.k[:, d_idx] = self.cache.k[:, s_idx]
                 self.cache.v[:, d_idx] = self.cache.v[:, s_idx]
             room = int(self.req.output[rid] - self.req.generated[rid])
             self.tokens[rid].extend(new[:room])
         return accepted
 
-    def _graph(self, batch: Batch, meta: AttentionMeta) -> DecodeGraph | None:
-        """The captured graph for a decode-only batch (captured on first use), or None to run eagerly."""
-        n = batch.decode_ids.size
-        if self.graphs is None or batch.prefill_ids.size or batch.verify_ids.size or not n:
-            return None
-        return self.graphs.get(n, meta)
+    def _decode_graph(self, dec: list[int], done: np.ndarray, start: torch.cuda.Event) -> torch.Tensor:
+        """Logits of a decode-only step through its CUDA graph (captured on first use)."""
+        assert self.graphs is not None
+        tokens = np.fromiter((self.tokens_of(rid)[c] for rid, c in zip(dec, done.tolist())), np.int64, len(dec))
+        logits = self.graphs.decode(self.blocks, dec, tokens, done, start)
+        assert logits is not None
+        return logits
+
+    def pass_inputs(self, batch: Batch, drafts: list[list[int]], trees: list[TokenTree] | None) -> PassInputs:
+        """The device inputs of one eager pass: prefill chunks, verifications (their k + 1 rows, or token trees),
+        then decodes; which requests sample a token, and the flat rows whose logits come back."""
+        pre, ver, dec = batch.prefill_ids.tolist(), batch.verify_ids.tolist(), batch.decode_ids.tolist()
+        flat_tokens: list[int] = []
+        positions: list[int] = []
+        chunks: list[Chunk] = []
+        sample_rows: list[int] = []
+        sample_ids: list[int] = []
+        verify_rows: list[int] = []
+        parts = list(zip(pre, batch.prefill_tokens.tolist(), batch.prefill_computed.tolist(), [None] * len(pre),
+                         [None] * len(pre)))
+        parts += [(rid, len(d) + 1, c, d, None if trees is None else trees[i])
+                  for i, (rid, c, d) in enumerate(zip(ver, batch.verify_computed.tolist(), drafts))]
+        parts += [(rid, 1, c, None, None) for rid, c in zip(dec, batch.decode_computed.tolist())]
+        for rid, n, done, draft, tree in parts:
+            toks = self.tokens_of(rid)
+            mask = None
+            if tree is not None:  # the root sees itself, each node the root, its ancestors and itself
+                mask = np.zeros((n, n), dtype=bool)
+                mask[:, 0] = True
+                mask[1:, 1:] = ancestry(tree)
+                positions += [done, *(done + tree.depth).tolist()]
+            else:
+                positions += range(done, done + n)
+            chunks.append(Chunk(len(flat_tokens), n, done, self.blocks.table(rid), mask, self.blocks.row[rid]))
+            flat_tokens += toks[done:done + n] if draft is None else [toks[done], *draft]
+            if draft is not None:  # a verification: the logits of all its k + 1 rows
+                verify_rows += range(len(flat_tokens) - n, len(flat_tokens))
+            elif done + n == len(toks):  # no known token left uncomputed: this row samples the next one
+                sample_rows.append(len(flat_tokens) - 1)
+                sample_ids.append(rid)
+        dev = self.device
+        meta = attention_meta(chunks, self.block_size, dev, len(pre) + len(ver), self.cache.k.shape[2],
+                              self.blocks.array)
+        return PassInputs(torch.tensor(flat_tokens, device=dev), torch.tensor(positions, device=dev), meta,
+                          torch.tensor(sample_rows + verify_rows, dtype=torch.long, device=dev), sample_ids)
+
+    def forward(self, inputs: PassInputs) -> torch.Tensor:
+        """The model's logits over one eager pass's logit rows."""
+        return self.model(inputs.tokens, inputs.positions, inputs.meta, self.cache, inputs.logit_rows)
+
+
+@dataclass
+class PassInputs:
+    """One eager pass on the device: token ids and positions (flat), attention metadata, the rows whose logits
+    come back (sampling rows first, then verification rows) and the requests that sample."""
+
+    tokens: torch.Tensor
+    positions: torch.Tensor
+    meta: AttentionMeta
+    logit_rows: torch.Tensor
+    sample_ids: list[int]

@@ -1,8 +1,8 @@
-"""CUDA graphs of decode steps: one per (padded batch rows, K/V capacity bucket), captured on first use.
+"""CUDA graphs of decode steps: one per (padded batch rows, block-table width), captured on first use.
 
 vLLM pads decode batches to captured sizes the same way. A `GraphCache` belongs to one model and one paged
-cache (the target's, or a speculative draft's); the cache has one block more than the engine's, whose
-first slot is the scratch slot padding rows write to.
+cache (the target's, or a speculative draft's); the cache has one block more than the engine's, the
+scratch block that padding rows write to and read from.
 """
 
 from __future__ import annotations
@@ -12,63 +12,73 @@ import time
 import numpy as np
 import torch
 
-from backend.model import AttentionGroup, AttentionMeta, LlamaModel, PagedKVCache
+from backend import kernels
+from backend.attention import AttentionMeta, PagedGroup, sm_count
+from backend.block_table import BlockTables
+from backend.model import LlamaModel, PagedKVCache
 from hardware.cost import GRAPH_BATCH_SIZES
 
 
-def capacity_bucket(n: int) -> int:
-    """n rounded up on a grid of 8 steps per octave (at most 12.5% more), at least 256: the sizes of the
-    K/V gather that decode CUDA graphs are captured for."""
-    if n <= 256:
-        return 256
-    step = 1 << (n.bit_length() - 4)
-    return -(-n // step) * step
+def table_bucket(blocks: int) -> int:
+    """Block-table width of the decode graphs: the longest table rounded up to a power of two, at least 16."""
+    return max(16, 1 << max(0, blocks - 1).bit_length())
 
 
 class DecodeGraph:
-    """A decode step of `batch` rows over at most `capacity` tokens of context in all, as a CUDA graph.
+    """A decode step of `rows` sequences of at most `width` blocks each, as a CUDA graph.
 
-    Inputs live in static buffers; rows past the real batch are padding that write to and read one key
-    from a scratch slot, so their outputs are ignored (vLLM pads decode batches to captured sizes the same
-    way). The K/V gather writes into buffers shared by all graphs, and the logits are copied out to a
-    shared buffer, so a graph keeps little memory of its own."""
+    Its integer inputs (tokens, positions, new-K/V slots as int64; context lengths and block tables as
+    int32) live in one device buffer, filled from one pinned host buffer by one copy per step. Rows past
+    the real batch are padding: they write to and read one key of the scratch block, and their outputs are
+    ignored. The flash-decoding split is fixed per graph (from `width`); each sequence's keys are split as
+    its own length allows."""
 
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, batch: int, capacity: int, scratch: int,
-                 pool: object, shared: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, rows: int, width: int, scratch_block: int,
+                 pool: object, logits: torch.Tensor, partials: tuple[torch.Tensor, torch.Tensor]) -> None:
         dev = cache.k.device
-        self.batch, self.capacity, self.scratch = batch, capacity, scratch
-        k_buf, v_buf, self.logits = shared
-        # Every tensor the graph reads must outlive it: keep them on the object.
-        self.tokens = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.positions = torch.zeros(batch, dtype=torch.long, device=dev)
-        self.slots = torch.full((batch,), scratch, dtype=torch.long, device=dev)
-        self.index = torch.full((capacity,), scratch, dtype=torch.long, device=dev)
-        self.cu_k = torch.arange(batch + 1, dtype=torch.int32, device=dev)
-        self.rows = torch.arange(batch, device=dev)
-        group = AttentionGroup(0, batch, self.index, torch.arange(batch + 1, dtype=torch.int32, device=dev),
-                               self.cu_k, 1, capacity, [], [], k_buf[:capacity], v_buf[:capacity])
-        self.meta = AttentionMeta(self.slots, [group])
+        self.rows, self.width, self.scratch_block = rows, width, scratch_block
+        self.scratch_slot = scratch_block * cache.block_size
+        n64 = 3 * rows + (rows + rows * width + 1) // 2
+        self.ints = torch.zeros(n64, dtype=torch.int64, device=dev)
+        self.host = torch.zeros(n64, dtype=torch.int64).pin_memory()
+        self.views = self._views(self.host.numpy())
+        tokens, positions, slots, lens, tables = self._views(self.ints)
+        self.views[2][:] = self.scratch_slot  # until the first run: padding everywhere
+        self.views[3][:] = 1
+        self.views[4][:, 0] = scratch_block
+        self.ints.copy_(self.host)
+        kv_heads = cache.k.shape[2]
+        splits = kernels.decode_splits(rows, kv_heads, width * cache.block_size, sm_count(dev))
+        group = PagedGroup(0, rows, True, tables, lens, lens, lens, 1, splits, [], [], [], scratch=partials)
+        self.meta = AttentionMeta(slots, [group])
+        self.logits = logits
+        row_ids = torch.arange(rows, device=dev)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                model(self.tokens, self.positions, self.meta, cache, self.rows)
+                model(tokens, positions, self.meta, cache, row_ids)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits[:batch].copy_(model(self.tokens, self.positions, self.meta, cache, self.rows))
+            self.logits[:rows].copy_(model(tokens, positions, self.meta, cache, row_ids))
 
-    def run(self, tokens: list[int], positions: list[int], meta: AttentionMeta) -> torch.Tensor:
-        n, (g,) = len(tokens), meta.groups
-        total = sum(g.k_lens)
-        self.tokens[:n] = torch.tensor(tokens)
-        self.positions[:n] = torch.tensor(positions)
-        self.slots[:n] = meta.slots
-        self.slots[n:] = self.scratch  # padding rows write to the scratch slot, never to a live request's
-        self.index[:total] = g.kv_index
-        self.index[total:] = self.scratch
-        pad = np.arange(total + 1, total + 1 + self.batch - n)  # each padding row reads the scratch slot
-        self.cu_k.copy_(torch.from_numpy(np.concatenate([[0], np.cumsum(g.k_lens), pad]).astype(np.int32)))
+    def _views(self, buf: np.ndarray | torch.Tensor) -> tuple:
+        r = self.rows
+        small = buf[3 * r:].view(np.int32 if isinstance(buf, np.ndarray) else torch.int32)
+        return buf[:r], buf[r:2 * r], buf[2 * r:3 * r], small[:r], small[r:r + r * self.width].reshape(r, self.width)
+
+    def run(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, tables: np.ndarray
+            ) -> torch.Tensor:
+        """Logits of `len(tokens)` decodes: each at `positions` (its cached tokens), writing its new K/V at
+        `slots`, its blocks the rows of `tables`."""
+        n, w = len(tokens), tables.shape[1]
+        tok, pos, slot, lens, table = self.views
+        tok[:n], pos[:n], slot[:n], lens[:n] = tokens, positions, slots, positions + 1
+        slot[n:], lens[n:] = self.scratch_slot, 1  # padding rows: the scratch block only
+        table[:n, :w] = tables
+        table[n:, 0] = self.scratch_block
+        self.ints.copy_(self.host, non_blocking=True)
         self.graph.replay()
         return self.logits[:n]
 
@@ -79,9 +89,9 @@ class GraphCache:
     def __init__(self, model: LlamaModel, cache: PagedKVCache, num_blocks: int, block_size: int) -> None:
         self.model, self.cache = model, cache
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.scratch = num_blocks * block_size
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
-        self.buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self.logits: torch.Tensor | None = None
+        self.partials: tuple[torch.Tensor, torch.Tensor] | None = None
         self.pool = torch.cuda.graph_pool_handle()
         self.capture_seconds = 0.0
 
@@ -90,19 +100,39 @@ class GraphCache:
         seconds, self.capture_seconds = self.capture_seconds, 0.0
         return seconds
 
-    def get(self, n: int, meta: AttentionMeta) -> DecodeGraph | None:
-        """The graph for a decode of `n` rows with this attention metadata, or None when n is too large."""
+    def decode(self, blocks: BlockTables, ids: list[int], tokens: np.ndarray, done: np.ndarray,
+               start: torch.cuda.Event | None = None) -> torch.Tensor | None:
+        """Logits of a decode step of requests `ids` (each with `done` tokens cached and its next token in
+        `tokens`) through its graph, or None when the batch is too large; `start` is recorded just before
+        the replay."""
+        bs = self.block_size
+        graph = self.get(len(ids), int(done.max()) // bs + 1)
+        if graph is None:
+            return None
+        rows = blocks.array[blocks.rows(ids)]
+        slots = rows[np.arange(len(ids)), done // bs].astype(np.int64) * bs + done % bs
+        if start is not None:
+            start.record()
+        return graph.run(tokens, done, slots, rows[:, :graph.width])
+
+    def get(self, n: int, longest_table: int) -> DecodeGraph | None:
+        """The graph for a decode of `n` sequences whose longest block table has `longest_table` blocks, or
+        None when n is too large."""
         if n > GRAPH_BATCH_SIZES[-1]:
             return None
-        rows = next(b for b in GRAPH_BATCH_SIZES if b >= n)
-        key = (rows, capacity_bucket(sum(meta.groups[0].k_lens) + rows - n))
+        key = (next(b for b in GRAPH_BATCH_SIZES if b >= n), table_bucket(longest_table))
         if key not in self.graphs:
             t0 = time.perf_counter()
-            if self.buffers is None:  # sized for the whole cache plus padding rows, shared by all graphs
-                most = capacity_bucket(self.num_blocks * self.block_size + GRAPH_BATCH_SIZES[-1])
-                kv = torch.empty((most, *self.cache.k.shape[2:]), dtype=self.cache.k.dtype, device=self.cache.k.device)
-                logits = torch.empty((GRAPH_BATCH_SIZES[-1], self.model.spec.vocab_size), device=self.cache.k.device)
-                self.buffers = (kv, torch.empty_like(kv), logits)
-            self.graphs[key] = DecodeGraph(self.model, self.cache, *key, self.scratch, self.pool, self.buffers)
+            dev = self.cache.k.device
+            if self.logits is None:  # shared by all graphs: logits out, flash-decoding's partial results
+                heads, d = self.model.layers[0].self_attn.heads, self.cache.k.shape[3]
+                kv_heads, sms = self.cache.k.shape[2], sm_count(dev)
+                most = max(b * kernels.decode_splits(b, kv_heads, 1 << 30, sms) for b in GRAPH_BATCH_SIZES)
+                self.logits = torch.empty((GRAPH_BATCH_SIZES[-1], self.model.spec.vocab_size), device=dev)
+                self.partials = (torch.empty(most * heads * d, dtype=torch.float32, device=dev),
+                                 torch.empty(most * heads, dtype=torch.float32, device=dev))
+            assert self.partials is not None
+            self.graphs[key] = DecodeGraph(self.model, self.cache, *key, self.num_blocks, self.pool, self.logits,
+                                           self.partials)
             self.capture_seconds += time.perf_counter() - t0
         return self.graphs[key]

@@ -8,15 +8,13 @@ and to each other (Vaswani et al. 2017; Touvron et al., Llama 2, 2023).
 
 from __future__ import annotations
 
-import itertools
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backend.attention import AttentionMeta, attend
 from backend.parallel import Shard, shard_model
 from hardware.specs import ModelSpec
 
@@ -46,124 +44,6 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
-@dataclass
-class Chunk:
-    """A request's new tokens in a pass: rows [start, start + length) of the flat batch, after `cached`
-    tokens already in the cache; `table` lists its cache blocks. `mask` (token trees): which of the last
-    mask.shape[1] keys each row may see (every earlier key is visible); None: causal."""
-
-    start: int
-    length: int
-    cached: int
-    table: list[int]
-    mask: np.ndarray | None = None
-
-
-@dataclass
-class AttentionGroup:
-    """Consecutive rows [start, end) of the flat batch that attend in one variable-length call: sequence i
-    has queries cu_q[i]:cu_q[i+1] and keys cu_k[i]:cu_k[i+1] of the K/V gathered at `kv_index` (cache
-    slots). `q_lens`/`k_lens` are host copies for the CPU kernel; `k_buf`/`v_buf` optional static gather
-    outputs (CUDA graphs)."""
-
-    start: int
-    end: int
-    kv_index: torch.Tensor
-    cu_q: torch.Tensor
-    cu_k: torch.Tensor
-    max_q: int
-    max_k: int
-    q_lens: list[int]
-    k_lens: list[int]
-    k_buf: torch.Tensor | None = None
-    v_buf: torch.Tensor | None = None
-    masks: list[np.ndarray | None] | None = None  # token trees: per sequence, see `Chunk.mask`
-
-
-@dataclass
-class AttentionMeta:
-    """Where one pass writes new K/V (`slots`) and how its rows attend (`groups`: prefill chunks, then
-    decodes), built once per step, not per layer."""
-
-    slots: torch.Tensor
-    groups: list[AttentionGroup]
-
-
-def cache_slots(table: list[int], positions: np.ndarray, block_size: int) -> np.ndarray:
-    """Cache slots (block x block size + offset) of a request's token `positions` under its block `table`."""
-    return np.asarray(table, dtype=np.int64)[positions // block_size] * block_size + positions % block_size
-
-
-def _cumulative(lengths: list[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(np.concatenate([[0], np.cumsum(lengths)]), dtype=torch.int32, device=device)
-
-
-def attention_group(chunks: list[Chunk], block_size: int, device: torch.device) -> AttentionGroup:
-    """One varlen call over `chunks` (consecutive rows): each chunk's queries see its whole cache so far.
-
-    The slots of every key are computed on the device from the block tables (a few vector operations),
-    so the host's work grows with the blocks of the step, not with its tokens."""
-    q_lens = [c.length for c in chunks]
-    k_lens = [c.cached + c.length for c in chunks]
-    tables = torch.tensor(list(itertools.chain.from_iterable(c.table for c in chunks)), dtype=torch.long,
-                          device=device)
-    first_block = torch.tensor(np.cumsum([0] + [len(c.table) for c in chunks[:-1]]), device=device)
-    lengths, total = torch.tensor(k_lens, device=device), sum(k_lens)
-    seq = torch.repeat_interleave(torch.arange(len(chunks), device=device), lengths, output_size=total)
-    starts = torch.cumsum(lengths, 0) - lengths
-    pos = torch.arange(total, device=device) - starts[seq]
-    index = tables[first_block[seq] + pos // block_size] * block_size + pos % block_size
-    masks = [c.mask for c in chunks] if any(c.mask is not None for c in chunks) else None
-    return AttentionGroup(chunks[0].start, chunks[-1].start + chunks[-1].length, index, _cumulative(q_lens, device),
-                          _cumulative(k_lens, device), max(q_lens), max(k_lens), q_lens, k_lens, masks=masks)
-
-
-def attention_meta(chunks: list[Chunk], block_size: int, device: torch.device, prefills: int) -> AttentionMeta:
-    """Slots and attention groups of a pass over `chunks` (token order: chunk after chunk), the first
-    `prefills` of them prefill chunks attending in one call, the rest decodes in another (as the cost
-    model prices them: one prefill-attention and one decode-attention kernel)."""
-    new_slots = np.concatenate([cache_slots(c.table, np.arange(c.cached, c.cached + c.length), block_size)
-                                for c in chunks])
-    groups = [attention_group(part, block_size, device) for part in (chunks[:prefills], chunks[prefills:]) if part]
-    return AttentionMeta(torch.from_numpy(new_slots).to(device), groups)
-
-
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, g: AttentionGroup,
-                     window: int | None) -> torch.Tensor:
-    """Causal attention per sequence, the mask aligned at the end (a chunk's first query sees the cached
-    keys before it). CUDA: PyTorch's FlashAttention-2 varlen kernel (grouped-query heads natively);
-    CPU, and token-tree masks anywhere: one `scaled_dot_product_attention` per sequence (the reference)."""
-    if q.is_cuda and g.masks is None:
-        heads, kv_heads, d = q.shape[1], k.shape[1], q.shape[2]
-        if g.max_q == 1 and heads > kv_heads and window is None:
-            # Decode: the query heads sharing a KV head become that head's query rows (each sequence then
-            # has `group` queries that all see every key), so one kernel tile serves the whole group.
-            group, rows = heads // kv_heads, q.shape[0]
-            qg = q.view(rows, kv_heads, group, d).transpose(1, 2).reshape(rows * group, kv_heads, d)
-            out = torch.ops.aten._flash_attention_forward(qg, k, v, g.cu_q * group, g.cu_k, group, g.max_k, 0.0,
-                                                          False, False)[0]
-            return out.view(rows, group, kv_heads, d).transpose(1, 2).reshape(rows, heads, d)
-        left, right = (None, None) if window is None else (window - 1, 0)
-        return torch.ops.aten._flash_attention_forward(q, k, v, g.cu_q, g.cu_k, g.max_q, g.max_k, 0.0, True, False,
-                                                       window_size_left=left, window_size_right=right)[0]
-    out, qs, ks = [], 0, 0
-    for i, (lq, lk) in enumerate(zip(g.q_lens, g.k_lens)):
-        q_pos = torch.arange(lk - lq, lk, device=q.device)[:, None]
-        k_pos = torch.arange(lk, device=q.device)[None, :]
-        allowed = k_pos <= q_pos
-        if window is not None:
-            allowed &= k_pos > q_pos - window
-        mask = g.masks[i] if g.masks is not None else None
-        if mask is not None:  # a token tree: the last keys by the tree's ancestry, everything before visible
-            tail = torch.from_numpy(mask).to(q.device)
-            allowed = torch.cat([torch.ones(lq, lk - tail.shape[1], dtype=torch.bool, device=q.device), tail], 1)
-        o = F.scaled_dot_product_attention(q[qs:qs + lq].transpose(0, 1), k[ks:ks + lk].transpose(0, 1),
-                                           v[ks:ks + lk].transpose(0, 1), attn_mask=allowed, enable_gqa=True)
-        out.append(o.transpose(0, 1))
-        qs, ks = qs + lq, ks + lk
-    return torch.cat(out)
-
-
 class PagedKVCache:
     """K and V of every layer in `num_blocks` blocks of `block_size` slots (slot = block * size + offset)."""
 
@@ -176,7 +56,8 @@ class PagedKVCache:
 
 
 class Attention(nn.Module):
-    """Fused QKV projection, RoPE on queries and keys together, paged K/V write, varlen attention."""
+    """Fused QKV projection, RoPE on queries and keys together, paged K/V write, attention over the paged
+    cache in place (`backend.attention`)."""
 
     def __init__(self, spec: ModelSpec, layer: int) -> None:
         super().__init__()
@@ -196,11 +77,7 @@ class Attention(nn.Module):
         kc, vc = cache.k[self.layer], cache.v[self.layer]
         kc.index_copy_(0, meta.slots, k)
         vc.index_copy_(0, meta.slots, v)
-        parts = []
-        for g in meta.groups:
-            kg = torch.index_select(kc, 0, g.kv_index, out=g.k_buf) if g.k_buf is not None else kc[g.kv_index]
-            vg = torch.index_select(vc, 0, g.kv_index, out=g.v_buf) if g.v_buf is not None else vc[g.kv_index]
-            parts.append(varlen_attention(q[g.start:g.end], kg, vg, g, self.window))
+        parts = [attend(q[g.start:g.end], kc, vc, g, cache.block_size, self.window) for g in meta.groups]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self.shard.all_reduce(self.o_proj(out.reshape(t, h * self.head_dim)))
 

@@ -76,8 +76,6 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
     spec_model = setup.deployment.model
     cache_bytes = setup.num_blocks * config.kv_cache.block_size * spec_model.kv_bytes_per_token(
         "bf16" if device.startswith("cuda") else "fp32")
-    if device.startswith("cuda") and hw.cuda_graphs:
-        cache_bytes *= 1 + 1 / spec_model.num_hidden_layers  # the decode graphs' shared gather buffer: one layer's K/V
     if cache_bytes > 0.9 * free_memory(device):
         raise ServesimError(f"replay: the KV cache of {setup.num_blocks} blocks ({cache_bytes / 1e9:.2f} GB) does "
                             f"not fit the free memory of {device} ({free_memory(device) / 1e9:.2f} GB); set "

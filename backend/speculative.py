@@ -19,8 +19,10 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
+from backend.attention import Chunk, attention_meta
+from backend.block_table import BlockTables
 from backend.graphs import GraphCache
-from backend.model import Chunk, PagedKVCache, attention_meta, build_model
+from backend.model import PagedKVCache, build_model
 from hardware.specs import ModelSpec
 from policies.trees import TokenTree
 
@@ -36,13 +38,12 @@ class DraftRunner:
         self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks + 1, block_size, spec.num_key_value_heads,
                                   spec.head_size, dtype, device)
         self.graphs = GraphCache(self.model, self.cache, num_blocks, block_size) if cuda_graphs else None
-        self.free = list(range(num_blocks - 1, -1, -1))
-        self.tables: dict[int, list[int]] = {}
+        self.blocks = BlockTables(num_blocks)
         self.done: dict[int, int] = {}
 
     def release(self, rid: int) -> None:
         """Forget a request (finished or preempted): its blocks return to the free list."""
-        self.free.extend(reversed(self.tables.pop(rid, [])))
+        self.blocks.resize(rid, 0)
         self.done.pop(rid, None)
 
     def rollback(self, rid: int, valid: int) -> None:
@@ -50,14 +51,14 @@ class DraftRunner:
         if rid in self.done:
             self.done[rid] = min(self.done[rid], valid)
 
-    def _table(self, rid: int, tokens: int) -> list[int]:
-        table = self.tables.setdefault(rid, [])
-        need = -(-tokens // self.block_size) - len(table)
-        if need > len(self.free):
-            raise RuntimeError(f"draft KV cache full: request {rid} needs {need} more blocks, {len(self.free)} free")
-        for _ in range(max(need, 0)):
-            table.append(self.free.pop())
-        return table
+    def _table(self, rid: int, tokens: int) -> np.ndarray:
+        need = -(-tokens // self.block_size)
+        if need > self.blocks.held(rid):
+            if need - self.blocks.held(rid) > len(self.blocks.free):
+                raise RuntimeError(f"draft KV cache full: request {rid} needs {need - self.blocks.held(rid)} more "
+                                   f"blocks, {len(self.blocks.free)} free")
+            self.blocks.resize(rid, need)
+        return self.blocks.table(rid)
 
     def _forward(self, feeds: list[tuple[int, list[int]]]) -> torch.Tensor:
         """Run each (request, tokens after its cached ones) through the draft; last-row logits of each."""
@@ -77,16 +78,20 @@ class DraftRunner:
         chunks: list[Chunk] = []
         rows: list[int] = []
         for rid, toks, cached, pos, mask in parts:
-            chunks.append(Chunk(len(flat), len(toks), cached, self._table(rid, cached + len(toks)), mask))
+            table = self._table(rid, cached + len(toks))
+            chunks.append(Chunk(len(flat), len(toks), cached, table, mask, self.blocks.row[rid]))
             rows += [len(flat) + len(toks) - 1] if last_only else list(range(len(flat), len(flat) + len(toks)))
             flat += toks
             positions += pos
         prefills = len(chunks) if any(c.length > 1 or c.mask is not None for c in chunks) else 0
-        meta = attention_meta(chunks, self.block_size, self.device, prefills)
-        graph = self.graphs.get(len(chunks), meta) if self.graphs is not None and not prefills else None
-        if graph is not None:  # the draft's decode steps (all but its first) replay CUDA graphs
-            return graph.run(flat, positions, meta)
+        if self.graphs is not None and not prefills:  # the draft's decode steps (all but its first) replay graphs
+            ids = [rid for rid, *_ in parts]
+            logits = self.graphs.decode(self.blocks, ids, np.asarray(flat, np.int64),
+                                        np.asarray(positions, np.int64))
+            if logits is not None:
+                return logits
         dev = self.device
+        meta = attention_meta(chunks, self.block_size, dev, prefills, self.cache.k.shape[2], self.blocks.array)
         return self.model(torch.tensor(flat, device=dev), torch.tensor(positions, device=dev), meta, self.cache,
                           torch.tensor(rows, dtype=torch.long, device=dev))
 

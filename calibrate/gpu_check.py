@@ -1,6 +1,7 @@
 """GPU-only checks of the backend (CI has no GPU; `run_device.sh` runs this first on every device call):
-the FlashAttention varlen path against the float32 per-sequence SDPA reference, with and without a sliding
-window, and eager vs CUDA-graph decode giving the same greedy tokens.
+the paged attention kernels (prefill chunks after cached prefixes, token trees, decodes at several
+flash-decoding splits, with and without a sliding window) against the float32 per-sequence reference,
+and eager vs CUDA-graph decode giving the same greedy tokens.
 
 Run: python calibrate/gpu_check.py (exit status 1 when a check fails)
 """
@@ -9,33 +10,51 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import torch
 
-from backend.model import Chunk, attention_group, varlen_attention
+from backend.attention import Chunk, attend, paged_group, reference_attention
 from calibrate.steps import StepRunner
 from hardware.catalog import get_model
 from hardware.operators import StepShape
 
+BLOCK = 16
 
-def attention_error(window: int | None) -> float:
-    """Largest absolute difference between the CUDA varlen kernel (bf16) and the CPU reference (fp32) on
-    prefill chunks with cached prefixes and decodes of several lengths, keys scattered over a cache."""
-    dev, gen = torch.device("cuda"), torch.Generator(device="cuda").manual_seed(0)
-    heads, kv_heads, dim = 32, 8, 128
-    chunks = [Chunk(0, 37, 100, []), Chunk(37, 1, 500, []), Chunk(38, 1, 17, []), Chunk(39, 200, 0, [])]
-    perm = torch.randperm(4096).tolist()
-    start = 0
-    for c in chunks:  # block size 1: a table lists slots
-        c.table = perm[start:start + c.cached + c.length]
-        start += c.cached + c.length
-    group = attention_group(chunks, 1, dev)
-    q = torch.randn(sum(c.length for c in chunks), heads, dim, device=dev, dtype=torch.bfloat16, generator=gen)
-    kc = torch.randn(4096, kv_heads, dim, device=dev, dtype=torch.bfloat16, generator=gen)
-    vc = torch.randn(4096, kv_heads, dim, device=dev, dtype=torch.bfloat16, generator=gen)
-    k, v = kc[group.kv_index], vc[group.kv_index]
-    out = varlen_attention(q, k, v, group, window)
-    ref = varlen_attention(q.float().cpu(), k.float().cpu(), v.float().cpu(), group, window)
-    return float((out.float().cpu() - ref).abs().max())
+
+def _tree_mask(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random token tree's mask over its n rows (row 0 the root; parents before children)."""
+    mask = np.eye(n, dtype=bool)
+    mask[:, 0] = True
+    for i in range(2, n):
+        mask[i] |= mask[int(rng.integers(1, i))]
+    return mask
+
+
+def attention_errors(window: int | None) -> dict[str, float]:
+    """Largest absolute difference between the CUDA kernels (bf16) and the CPU reference (fp32), per case."""
+    dev, gen, rng = torch.device("cuda"), torch.Generator(device="cuda").manual_seed(0), np.random.default_rng(0)
+    heads, kv_heads, dim, slots = 32, 8, 128, 1 << 16
+    kc = torch.randn(slots, kv_heads, dim, device=dev, dtype=torch.bfloat16, generator=gen)
+    vc = torch.randn(slots, kv_heads, dim, device=dev, dtype=torch.bfloat16, generator=gen)
+    perm = rng.permutation(slots // BLOCK).tolist()
+    cases = {"prefill": ([(37, 100, None), (1, 500, None), (200, 0, None), (129, 3000, None)], False, (1,)),
+             "tree": ([(6, 300, _tree_mask(6, rng)), (300, 17, None), (9, 70, _tree_mask(9, rng))], False, (1,)),
+             "decode": ([(1, int(c), None) for c in rng.integers(1, 9000, 37)], True, (1, 4, 16))}
+    errors = {}
+    for name, (parts, decode, splits) in cases.items():
+        chunks, row, at = [], 0, 0
+        for n, cached, mask in parts:
+            blocks = -(-(n + cached) // BLOCK)
+            chunks.append(Chunk(row, n, cached, perm[at:at + blocks], mask))
+            row, at = row + n, at + blocks
+        group = paged_group(chunks, BLOCK, dev, decode, kv_heads)
+        q = torch.randn(row, heads, dim, device=dev, dtype=torch.bfloat16, generator=gen)
+        ref = reference_attention(q.float().cpu(), kc.float().cpu(), vc.float().cpu(), group, BLOCK, window)
+        for s in splits:
+            group.splits, group.scratch = s, None
+            out = attend(q, kc, vc, group, BLOCK, window)
+            errors[f"{name} (splits {s})" if decode else name] = float((out.float().cpu() - ref).abs().max())
+    return errors
 
 
 def graph_tokens_match() -> bool:
@@ -53,9 +72,9 @@ def graph_tokens_match() -> bool:
 def main() -> int:
     ok = True
     for window in (None, 64):
-        err = attention_error(window)
-        print(f"varlen attention, window {window}: max abs error vs fp32 reference {err:.4f}")
-        ok &= err < 0.05
+        for case, err in attention_errors(window).items():
+            print(f"paged attention, {case}, window {window}: max abs error vs fp32 reference {err:.4f}")
+            ok &= err < 0.05
     ok &= graph_tokens_match()
     print("GPU CHECKS OK" if ok else "GPU CHECKS FAILED")
     return 0 if ok else 1

@@ -23,13 +23,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from backend.model import (
-    Chunk,
-    attention_group,
-    rope,
-    rope_tables,
-    varlen_attention,
-)
+from backend.attention import Chunk, attend, cache_slots, paged_group
+from backend.model import rope, rope_tables
 from backend.parallel import Shard
 from calibrate.ranks import on_ranks
 from calibrate.steps import StepRunner, StepTiming, agreed_blocks, release_memory
@@ -176,34 +171,36 @@ class Bench:
         return out
 
     # ---- attention ---------------------------------------------------------------------------------------
-    def _attention(self, dep: Deployment, chunks: list[tuple[int, int]],
-                   pool: tuple[torch.Tensor, torch.Tensor]) -> tuple[float, float]:
+    def _attention(self, dep: Deployment, chunks: list[tuple[int, int]], pool: tuple[torch.Tensor, torch.Tensor],
+                   decode: bool) -> tuple[float, float]:
         """GPU seconds of the backend's attention over sequences given as (new tokens, cached tokens), whose
         16-token blocks lie at random in a large cache `pool`, rotating over disjoint placements (as a serving
-        cache scatters them): the varlen kernel alone (on K/V gathered beforehand) and the K/V gather alone."""
+        cache scatters them): the paged kernel reading the blocks in place, and a K/V gather of the same keys
+        alone (the copy an engine with a contiguous-KV kernel makes first; `kv_access: gather`)."""
         hq, d = dep.heads_per_gpu, dep.model.head_size
         kc, vc = pool
         blocks = [math.ceil((c + p) / BLOCK) for c, p in chunks]
         v = min(self.variants(sum(c + p for c, p in chunks) * kc.shape[1] * d * 2 * 2),
                 kc.shape[0] // BLOCK // sum(blocks))
         perm = torch.randperm(kc.shape[0] // BLOCK, generator=torch.Generator().manual_seed(1)).tolist()
-        groups, queries, start = [], sum(c for c, _ in chunks), 0
+        groups, indexes, queries, start = [], [], sum(c for c, _ in chunks), 0
         for _ in range(v):
             parts, row = [], 0
             for (c, p), nb in zip(chunks, blocks):
                 parts.append(Chunk(row, c, p, perm[start:start + nb]))
                 start, row = start + nb, row + c
-            groups.append(attention_group(parts, BLOCK, self.device))
+            groups.append(paged_group(parts, BLOCK, self.device, decode, kc.shape[1]))
+            slots = [cache_slots(c.table, np.arange(c.cached + c.length), BLOCK) for c in parts]
+            indexes.append(torch.from_numpy(np.concatenate(slots)).to(self.device))
         # the queries as the backend passes them: the heads of its RoPE output, rows strided by the K heads
         # after them (on an H200, within 1% of contiguous queries)
         qs = [self.randn(queries, hq + kc.shape[1], d)[:, :hq] for _ in range(v)]
-        gathered = [(kc[g.kv_index], vc[g.kv_index]) for g in groups]
-        kernel = self.timer.gpu(lambda i: varlen_attention(qs[i], *gathered[i], groups[i], None), v)
-        k_buf, v_buf = gathered[0]
+        kernel = self.timer.gpu(lambda i: attend(qs[i], kc, vc, groups[i], BLOCK, None), v)
+        k_buf, v_buf = kc[indexes[0]], vc[indexes[0]]
 
         def gather(i: int) -> None:
-            torch.index_select(kc, 0, groups[i].kv_index, out=k_buf)
-            torch.index_select(vc, 0, groups[i].kv_index, out=v_buf)
+            torch.index_select(kc, 0, indexes[i], out=k_buf)
+            torch.index_select(vc, 0, indexes[i], out=v_buf)
 
         return kernel, self.timer.gpu(gather, v)
 
@@ -212,7 +209,7 @@ class Bench:
         """The attention kernel's record and its K/V gather's, for one step shape."""
         kind = "prefill" if shape.prefill_tokens.size else "decode"
         ops = operators_at(dep, shape)
-        kernel, gather = self._attention(dep, chunks, pool)
+        kernel, gather = self._attention(dep, chunks, pool, kind == "decode")
         return [_record(ops[f"attention_{kind}"], kernel, with_gather=False, **params),
                 _record(ops[f"kv_gather_{kind}"], gather, **params)]
 

@@ -112,7 +112,7 @@ def cache_blocks(spec: ModelSpec, device: str, fraction: float, tp: int = 1, blo
     kv_share = kv_heads_per_gpu(spec, tp) / spec.num_key_value_heads
     if device.startswith("cuda"):
         free = torch.cuda.mem_get_info(torch.device(device))[0] - 2.0 * spec.num_params / tp - 4e9
-        per_token = spec.kv_bytes_per_token("bf16") * kv_share * (1 + 1 / spec.num_hidden_layers)  # + gather
+        per_token = spec.kv_bytes_per_token("bf16") * kv_share
     else:
         free, per_token = 64e6, spec.kv_bytes_per_token("fp32") * kv_share
     return max(16, int(fraction * free / (per_token * block_size)))

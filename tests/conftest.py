@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
-from hardware.profile import OP_KINDS, KindEfficiency, Overheads, Profile
+try:  # CPU only: Triton's kernels run in its interpreter (read when Triton is imported)
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+except ImportError:
+    pass
+
+from hardware.profile import OP_KINDS, KindEfficiency, Overheads, Profile  # noqa: E402
 
 
 @pytest.fixture

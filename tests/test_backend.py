@@ -13,8 +13,9 @@ torch.set_num_threads(1)  # tiny shapes: threads only add contention
 
 import torch.nn.functional as F  # noqa: E402
 
+from backend.attention import Chunk, attention_meta  # noqa: E402
 from backend.executor import prompt_tokens  # noqa: E402
-from backend.model import Chunk, PagedKVCache, attention_meta, build_model, rope, rope_tables  # noqa: E402
+from backend.model import PagedKVCache, build_model, rope, rope_tables  # noqa: E402
 from backend.replay import replay  # noqa: E402
 from hardware.catalog import get_model  # noqa: E402
 from hardware.errors import ServesimError  # noqa: E402
@@ -59,7 +60,7 @@ def run_step(model, cache, parts, prefills: int) -> torch.Tensor:
         flat += toks[cached:]
         pos += range(cached, len(toks))
         rows.append(len(flat) - 1)
-    meta = attention_meta(chunks, cache.block_size, torch.device("cpu"), prefills)
+    meta = attention_meta(chunks, cache.block_size, torch.device("cpu"), prefills, SPEC.num_key_value_heads)
     return model(torch.tensor(flat), torch.tensor(pos), meta, cache, torch.tensor(rows))
 
 
@@ -112,7 +113,7 @@ def test_continuous_batching_gives_the_tokens_of_running_alone(scheduler: dict, 
         prompt = prompt_tokens(5, row.request_id, row.prompt_tokens, SPEC.vocab_size)
         got = executor.tokens[row.request_id][row.prompt_tokens:]
         assert got == reference_generate(model, prompt, row.output_tokens), row.request_id
-    assert sorted(executor.free_blocks) == list(range(blocks))  # every block came back
+    assert sorted(executor.blocks.free) == list(range(blocks))  # every block came back
 
 
 def test_replay_and_validate_cli(tmp_path, capsys) -> None:
@@ -162,13 +163,13 @@ def test_hugging_face_projections_fuse_into_qkv_and_gate_up() -> None:
     assert all(torch.equal(fused[n], t) for n, t in model.state_dict().items())
 
 
-def test_capacity_buckets_bound_the_graph_gather_padding() -> None:
-    from backend.graphs import capacity_bucket
+def test_table_buckets_bound_the_decode_graphs() -> None:
+    from backend.graphs import table_bucket
 
-    sizes = np.unique(np.random.default_rng(0).integers(1, 5_000_000, 3000))
-    buckets = np.array([capacity_bucket(int(n)) for n in sizes])
-    assert (buckets >= sizes).all() and (buckets[sizes > 256] <= 1.125 * sizes[sizes > 256]).all()
-    assert len(set(buckets.tolist())) < 0.1 * len(sizes)  # few captures
+    blocks = np.arange(1, 100_000)
+    buckets = np.array([table_bucket(int(n)) for n in blocks])
+    assert (buckets >= blocks).all() and (buckets[blocks > 16] < 2 * blocks[blocks > 16]).all()
+    assert len(set(buckets.tolist())) <= 14  # few captures per batch size
 
 
 def _tp_worker(rank: int, size: int, port: int, out: str) -> None:
@@ -257,8 +258,8 @@ def test_speculative_replay_gives_the_greedy_tokens(scheduler, blocks, which, ot
         assert s["spec_acceptance_rate"] == 1.0
     else:
         assert s["spec_acceptance_rate"] < 0.5
-    assert sorted(executor.free_blocks) == list(range(blocks))
-    assert not executor.draft.tables and len(executor.draft.free) == blocks + 256  # the draft's cache is back
+    assert sorted(executor.blocks.free) == list(range(blocks))
+    assert not executor.draft.blocks.ids() and len(executor.draft.blocks.free) == blocks + 256  # the draft's cache
 
 
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
@@ -305,7 +306,7 @@ def test_token_tree_verification_gives_the_greedy_tokens(tree, which, other_draf
     assert steps["draft_tokens"].sum() > 0
     if which == "same":  # the rank-0 spine is the target's own greedy path: accepted to its full depth
         assert res.summary["spec_tokens_per_verify"] > 2.5
-    assert sorted(executor.free_blocks) == list(range(9 if which == "other" else 128))
+    assert sorted(executor.blocks.free) == list(range(9 if which == "other" else 128))
 
 
 def test_tree_oracle_accepts_the_forced_depth(other_draft) -> None:

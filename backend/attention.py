@@ -1,0 +1,200 @@
+"""Attention metadata of one pass and the call that attends over the paged KV cache in place.
+
+A pass's rows are prefill chunks (and speculative verifications), then decodes. Each part attends in one
+kernel call (`PagedGroup`): the prefill kernel over query tiles, flash-decoding for the decodes
+(`backend.kernels`; vLLM reads its paged cache the same way, with no copy of the K/V before attention).
+On CPU the same groups run through `reference_attention`, one `scaled_dot_product_attention` per sequence
+over the keys its block table names; the tests check the kernels against it (Triton's interpreter).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from backend import kernels
+
+
+@dataclass
+class Chunk:
+    """A request's new tokens in a pass: rows [start, start + length) of the flat batch, after `cached`
+    tokens already in the cache; `table` lists its cache blocks (`row`: its row of the executor's
+    `BlockTables`, if any). `mask` (token trees): which of the last mask.shape[1] keys each row may see (every
+    earlier key is visible); None: causal."""
+
+    start: int
+    length: int
+    cached: int
+    table: list[int] | np.ndarray
+    mask: np.ndarray | None = None
+    row: int = -1
+
+
+@dataclass
+class PagedGroup:
+    """Consecutive rows [start, end) of the flat batch that attend in one kernel call. Sequence i has the
+    query rows q_start[i]:q_start[i+1] (relative to `start`) and the first lens[i] keys of block table row i.
+    Decode groups (one query each) split every sequence's keys `splits` ways; prefill groups run `tiles`
+    of `block_m` queries. Host copies (`q_lens`, `k_lens`, `host_tables`, `host_masks`) serve the CPU
+    reference; `scratch` holds preallocated partial results (CUDA graphs)."""
+
+    start: int
+    end: int
+    decode: bool
+    tables: torch.Tensor
+    lens: torch.Tensor
+    q_start: torch.Tensor
+    tiles: torch.Tensor
+    block_m: int
+    splits: int
+    q_lens: list[int]
+    k_lens: list[int]
+    host_tables: list[list[int] | np.ndarray]
+    masks: torch.Tensor | None = None
+    mask_off: torch.Tensor | None = None
+    host_masks: list[np.ndarray | None] | None = None
+    scratch: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+@dataclass
+class AttentionMeta:
+    """Where one pass writes new K/V (`slots`) and how its rows attend (`groups`: prefill chunks, then
+    decodes), built once per step, not per layer."""
+
+    slots: torch.Tensor
+    groups: list[PagedGroup]
+
+
+def cache_slots(table: list[int], positions: np.ndarray, block_size: int) -> np.ndarray:
+    """Cache slots (block x block size + offset) of a request's token `positions` under its block `table`."""
+    return np.asarray(table, dtype=np.int64)[positions // block_size] * block_size + positions % block_size
+
+
+_SMS: dict[torch.device, int] = {}
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of a CUDA device (8 elsewhere: the interpreter's grids stay small)."""
+    if device.type != "cuda":
+        return 8
+    if device not in _SMS:
+        _SMS[device] = torch.cuda.get_device_properties(device).multi_processor_count
+    return _SMS[device]
+
+
+def table_array(chunks: list[Chunk], width: int, source: np.ndarray | None) -> np.ndarray:
+    """The chunks' block tables as one (sequences, width) int32 array: rows of `source` (the executor's
+    persistent block table) where the chunks name them, else their lists, padded with zeros."""
+    if source is not None and width <= source.shape[1] and all(c.row >= 0 for c in chunks):
+        return source[[c.row for c in chunks], :width]
+    out = np.zeros((len(chunks), width), dtype=np.int32)
+    for i, c in enumerate(chunks):
+        out[i, :len(c.table)] = c.table
+    return out
+
+
+def paged_group(chunks: list[Chunk], block_size: int, device: torch.device, decode: bool, kv_heads: int,
+                source: np.ndarray | None = None) -> PagedGroup:
+    """One kernel call's metadata over consecutive `chunks`; the integers travel in one host-to-device copy."""
+    q_lens = [c.length for c in chunks]
+    k_lens = [c.cached + c.length for c in chunks]
+    tables = [c.table for c in chunks]
+    width = max(1, max(len(t) for t in tables))
+    block_m = 1 if decode else kernels.prefill_block_m(max(q_lens))
+    tiles = [] if decode else kernels.prefill_tiles(q_lens, block_m)
+    host_masks = [c.mask for c in chunks] if any(c.mask is not None for c in chunks) else None
+    mask_off: list[int] = []
+    if host_masks is not None:
+        sizes = [0 if m is None else m.size for m in host_masks]
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        mask_off = [-1 if m is None else int(o) for m, o in zip(host_masks, starts)]
+    n = len(chunks)
+    packed = np.concatenate([np.asarray(k_lens, np.int32), np.cumsum([0, *q_lens], dtype=np.int32),
+                             np.asarray(mask_off, np.int32), np.asarray(tiles, np.int32),
+                             table_array(chunks, width, source).ravel()])
+    dev = torch.from_numpy(packed).to(device)
+    lens, q_start = dev[:n], dev[n:2 * n + 1]
+    at = 2 * n + 1
+    off = dev[at:at + len(mask_off)] if host_masks is not None else None
+    at += len(mask_off)
+    tiles_t = dev[at:at + len(tiles)]
+    table_t = dev[at + len(tiles):].view(n, width)
+    masks = None
+    if host_masks is not None:
+        flat = [m.astype(np.uint8).ravel() for m in host_masks if m is not None]
+        masks = torch.from_numpy(np.concatenate(flat)).to(device)
+    splits = kernels.decode_splits(n, kv_heads, max(k_lens), sm_count(device)) if decode else 1
+    return PagedGroup(chunks[0].start, chunks[-1].start + chunks[-1].length, decode, table_t, lens, q_start, tiles_t,
+                      block_m, splits, q_lens, k_lens, tables, masks, off, host_masks)
+
+
+def attention_meta(chunks: list[Chunk], block_size: int, device: torch.device, prefills: int,
+                   kv_heads: int, source: np.ndarray | None = None) -> AttentionMeta:
+    """Slots and attention groups of a pass over `chunks` (token order: chunk after chunk), the first
+    `prefills` of them prefill chunks (or verifications) attending in one call, the rest decodes in another
+    (as the cost model prices them: one prefill-attention and one decode-attention kernel)."""
+    new_slots = np.concatenate([cache_slots(c.table, np.arange(c.cached, c.cached + c.length), block_size)
+                                for c in chunks])
+    groups = [paged_group(part, block_size, device, decode, kv_heads, source)
+              for part, decode in ((chunks[:prefills], False), (chunks[prefills:], True)) if part]
+    return AttentionMeta(torch.from_numpy(new_slots).to(device), groups)
+
+
+_KERNELS_ON_CPU = False
+
+
+@contextlib.contextmanager
+def kernels_on_cpu() -> Iterator[None]:
+    """Run the Triton kernels on CPU tensors too (under TRITON_INTERPRET=1, set before Triton is imported)."""
+    global _KERNELS_ON_CPU
+    previous, _KERNELS_ON_CPU = _KERNELS_ON_CPU, True
+    try:
+        yield
+    finally:
+        _KERNELS_ON_CPU = previous
+
+
+def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PagedGroup, block_size: int,
+           window: int | None) -> torch.Tensor:
+    """Attention of the group's query rows `q` (rows, heads, d) over one layer's paged cache (slots, kv heads,
+    d): the Triton kernels on CUDA, the per-sequence reference on CPU."""
+    if not (q.is_cuda or _KERNELS_ON_CPU):
+        return reference_attention(q, k_cache, v_cache, g, block_size, window)
+    if g.decode:
+        if g.scratch is None and g.splits > 1:  # partial results, shared by the layers of the pass
+            size = q.shape[0] * q.shape[1] * g.splits
+            g.scratch = (torch.empty(size * q.shape[2], dtype=torch.float32, device=q.device),
+                         torch.empty(size, dtype=torch.float32, device=q.device))
+        return kernels.paged_decode(q, k_cache, v_cache, g.tables, g.lens, block_size, g.splits, window, g.scratch)
+    return kernels.paged_prefill(q, k_cache, v_cache, g.tables, g.q_start, g.lens, g.tiles, g.block_m, block_size,
+                                 window, g.masks, g.mask_off)
+
+
+def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PagedGroup,
+                        block_size: int, window: int | None) -> torch.Tensor:
+    """Causal attention per sequence, the mask aligned at the end (a chunk's first query sees the cached keys
+    before it), with the sliding window and token-tree masks: each sequence's keys read through its block
+    table, then one `scaled_dot_product_attention` (grouped-query heads natively)."""
+    out, qs = [], 0
+    for i, (lq, lk, table) in enumerate(zip(g.q_lens, g.k_lens, g.host_tables)):
+        index = torch.from_numpy(cache_slots(table, np.arange(lk), block_size)).to(q.device)
+        q_pos = torch.arange(lk - lq, lk, device=q.device)[:, None]
+        k_pos = torch.arange(lk, device=q.device)[None, :]
+        allowed = k_pos <= q_pos
+        if window is not None:
+            allowed &= k_pos > q_pos - window
+        mask = g.host_masks[i] if g.host_masks is not None else None
+        if mask is not None:  # a token tree: the last keys by the tree's ancestry, everything before visible
+            tail = torch.from_numpy(mask).to(q.device)
+            allowed = torch.cat([torch.ones(lq, lk - tail.shape[1], dtype=torch.bool, device=q.device), tail], 1)
+        o = F.scaled_dot_product_attention(q[qs:qs + lq].transpose(0, 1), k_cache[index].transpose(0, 1),
+                                           v_cache[index].transpose(0, 1), attn_mask=allowed, enable_gqa=True)
+        out.append(o.transpose(0, 1))
+        qs += lq
+    return torch.cat(out)
+

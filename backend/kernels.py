@@ -1,0 +1,262 @@
+"""Triton kernels of attention over the paged KV cache, read in place through block tables (no gather).
+
+- `paged_prefill`: FlashAttention-2's forward (Dao, 2023) over query tiles of variable-length chunks, each
+  after its cached prefix: the causal mask aligned at the end, an optional sliding window and token-tree
+  masks (a chunk's new keys visible by ancestry). Keys are fetched page by page as vLLM's PagedAttention
+  lays them out (Kwon et al., SOSP 2023).
+- `paged_decode`: flash-decoding (Dao et al., 2023): one query per sequence, the query heads of a KV head
+  packed as the rows of one tile (grouped-query attention reads each K/V once), the KV length split across
+  programs so that a few long sequences still fill the GPU, then a reduction of the partial softmaxes.
+
+Both run on CUDA, and on CPU under Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use to
+check them against the reference in `backend.attention`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the simulator and the CPU backend need no Triton
+    triton = None
+
+LOG2E = 1.4426950408889634
+
+
+def available() -> bool:
+    return triton is not None
+
+
+def _pow2(n: int, least: int = 16) -> int:
+    return max(least, 1 << max(0, n - 1).bit_length())
+
+
+if triton is not None:
+
+    @triton.jit
+    def _prefill_kernel(Q, K, V, O, tables, q_start, lens, tiles, masks, mask_off,
+                        stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_tb,
+                        scale, window,
+                        GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
+                        HAS_TREE: tl.constexpr):
+        tile, head = tl.program_id(0), tl.program_id(1)
+        kvh = head // GROUP
+        seq = tl.load(tiles + 2 * tile)
+        i0 = tl.load(tiles + 2 * tile + 1)
+        first = tl.load(q_start + seq)
+        q_len = tl.load(q_start + seq + 1) - first
+        length = tl.load(lens + seq)
+        cached = length - q_len
+        offs_m = i0 + tl.arange(0, BLOCK_M)
+        offs_d = tl.arange(0, D_PAD)
+        rows_ok = offs_m < q_len
+        d_ok = offs_d < D
+        q = tl.load(Q + (first + offs_m)[:, None].to(tl.int64) * stride_qt + head * stride_qh + offs_d[None, :],
+                    mask=rows_ok[:, None] & d_ok[None, :], other=0.0)
+        pos_q = cached + offs_m
+        table = tables + seq.to(tl.int64) * stride_tb
+        hi = tl.minimum(length, cached + i0 + BLOCK_M)
+        lo = 0
+        if HAS_WINDOW:
+            lo = tl.maximum(0, cached + i0 - window + 1)
+        # keys every row of the tile sees: before the first row's position (before the chunk, with a tree)
+        if HAS_WINDOW:
+            visible = lo
+        elif HAS_TREE:
+            visible = cached
+        else:
+            visible = cached + i0 + 1
+        unmasked_end = lo + tl.maximum(visible - lo, 0) // BLOCK_N * BLOCK_N
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, D_PAD], tl.float32)
+        for start in range(lo, unmasked_end, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            slot = tl.load(table + offs_n // PAGE).to(tl.int64) * PAGE + offs_n % PAGE
+            kv = slot[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
+            k = tl.load(K + kv, mask=d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + kv, mask=d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        if HAS_TREE:
+            moff = tl.load(mask_off + seq)
+        for start in range(unmasked_end, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi
+            slot = tl.load(table + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64) * PAGE + offs_n % PAGE
+            kv = slot[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
+            k = tl.load(K + kv, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            ok = n_ok[None, :] & (offs_n[None, :] <= pos_q[:, None])
+            if HAS_WINDOW:
+                ok = ok & (offs_n[None, :] > pos_q[:, None] - window)
+            if HAS_TREE:
+                new = offs_n - cached
+                in_tree = rows_ok[:, None] & ((new >= 0) & n_ok & (new * 0 + moff >= 0))[None, :]
+                seen = tl.load(masks + moff + offs_m[:, None] * q_len + new[None, :], mask=in_tree, other=1)
+                ok = ok & (seen != 0)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + kv, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        tl.store(O + (first + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :],
+                 out.to(O.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
+
+    @triton.jit
+    def _decode_kernel(Q, K, V, O, LSE, tables, lens,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_os, stride_tb,
+                       scale, window,
+                       GROUP: tl.constexpr, GROUP_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr,
+                       PAGE: tl.constexpr, BLOCK_N: tl.constexpr, SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr):
+        seq, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        length = tl.load(lens + seq)
+        per = tl.cdiv(tl.cdiv(length, SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * per
+        hi = tl.minimum(length, lo + per)
+        if HAS_WINDOW:
+            lo = tl.maximum(lo, length - window)
+        offs_g = tl.arange(0, GROUP_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        heads = kvh * GROUP + offs_g
+        g_ok = offs_g < GROUP
+        d_ok = offs_d < D
+        q = tl.load(Q + seq.to(tl.int64) * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=g_ok[:, None] & d_ok[None, :], other=0.0)
+        table = tables + seq.to(tl.int64) * stride_tb
+        m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l_i = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, D_PAD], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi
+            slot = tl.load(table + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64) * PAGE + offs_n % PAGE
+            kv = slot[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
+            k = tl.load(K + kv, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            s = tl.where(n_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + kv, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_ptr = O + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        if SPLITS > 1:  # log2 of each row's softmax mass, for the reduction (-inf: an empty split)
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+            tl.store(LSE + (seq * tl.num_programs(1) * GROUP + heads) * SPLITS + split, lse, mask=g_ok)
+
+    @triton.jit
+    def _reduce_kernel(P, LSE, O, stride_pt, stride_ph, stride_ps, stride_ot, stride_oh,
+                       SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
+        seq, head = tl.program_id(0), tl.program_id(1)
+        offs_s = tl.arange(0, SPLITS_PAD)
+        offs_d = tl.arange(0, D_PAD)
+        s_ok = offs_s < SPLITS
+        lse = tl.load(LSE + (seq * tl.num_programs(1) + head) * SPLITS + offs_s, mask=s_ok, other=float("-inf"))
+        w = tl.exp2(lse - tl.max(lse, 0))
+        part = tl.load(P + seq.to(tl.int64) * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps
+                       + offs_d[None, :], mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
+        out = tl.sum(part.to(tl.float32) * w[:, None], 0) / tl.sum(w, 0)
+        tl.store(O + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty),
+                 mask=offs_d < D)
+
+
+def prefill_block_m(max_q: int) -> int:
+    """Query rows per tile: 16 for verifications of a few tokens, 64 for short chunks, else 128."""
+    return 16 if max_q <= 16 else 64 if max_q <= 64 else 128
+
+
+def prefill_tiles(q_lens: list[int], block_m: int) -> list[int]:
+    """(sequence, first query row) of every query tile, flattened: the prefill kernel's first grid axis."""
+    out: list[int] = []
+    for s, n in enumerate(q_lens):
+        for i in range(0, n, block_m):
+            out += (s, i)
+    return out
+
+
+def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                  q_start: torch.Tensor, lens: torch.Tensor, tiles: torch.Tensor, block_m: int, page: int,
+                  window: int | None, masks: torch.Tensor | None = None, mask_off: torch.Tensor | None = None,
+                  out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """Attention of queries `q` (rows, heads, d) over the paged cache (slots, kv heads, d): sequence i has
+    rows q_start[i]:q_start[i+1], the last of its lens[i] keys; `tiles` from `prefill_tiles`; `masks`
+    (uint8, flat) and `mask_off` (per sequence, -1 for none) give token trees' visibility among new keys."""
+    rows, heads, d = q.shape
+    kv_heads = k_cache.shape[1]
+    out = torch.empty((rows, heads, d), dtype=q.dtype, device=q.device) if out is None else out
+    tree = masks is not None
+    if not tree:
+        masks = mask_off = lens  # unused
+    n_tiles = tiles.numel() // 2
+    cfg = {"BLOCK_N": 64, "num_warps": 8 if block_m == 128 and q.is_cuda else 4, "num_stages": 2, **(config or {})}
+    _prefill_kernel[(n_tiles, heads)](
+        q, k_cache, v_cache, out, tables, q_start, lens, tiles, masks, mask_off,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
+        tables.stride(0), d ** -0.5 * LOG2E, window or 0,
+        GROUP=heads // kv_heads, D=d, D_PAD=_pow2(d), PAGE=page, BLOCK_M=block_m, HAS_WINDOW=window is not None,
+        HAS_TREE=tree, **cfg)
+    return out
+
+
+def decode_splits(sequences: int, kv_heads: int, longest: int, sms: int, min_tokens: int = 256,
+                  most: int = 64) -> int:
+    """KV splits per sequence for flash-decoding: enough programs for about four per SM, each with at least
+    `min_tokens` keys of the longest sequence; a power of two."""
+    want = math.ceil(4 * sms / max(1, sequences * kv_heads))
+    room = max(1, longest // min_tokens)
+    n = max(1, min(want, room, most))
+    return 1 << (n.bit_length() - 1)
+
+
+def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                 lens: torch.Tensor, page: int, splits: int, window: int | None,
+                 scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """One query per sequence (rows, heads, d) over its lens[i] cached keys; `splits` programs per (sequence,
+    KV head) along the keys; `scratch` (partial outputs, log-sums) may be preallocated (CUDA graphs)."""
+    rows, heads, d = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    out = torch.empty((rows, heads, d), dtype=q.dtype, device=q.device) if out is None else out
+    if splits > 1:
+        if scratch is None:
+            part = torch.empty((rows, heads, splits, d), dtype=torch.float32, device=q.device)
+            lse = torch.empty((rows, heads, splits), dtype=torch.float32, device=q.device)
+        else:
+            part = scratch[0][: rows * heads * splits * d].view(rows, heads, splits, d)
+            lse = scratch[1][: rows * heads * splits].view(rows, heads, splits)
+        target, lse_arg, stride_os = part, lse, part.stride(2)
+    else:
+        target, lse_arg, stride_os = out, out, 0
+    cfg = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, **(config or {})}
+    _decode_kernel[(rows, kv_heads, splits)](
+        q, k_cache, v_cache, target, lse_arg, tables, lens,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), target.stride(0), target.stride(1),
+        stride_os, tables.stride(0), d ** -0.5 * LOG2E, window or 0,
+        GROUP=group, GROUP_PAD=_pow2(group), D=d, D_PAD=_pow2(d), PAGE=page, SPLITS=splits,
+        HAS_WINDOW=window is not None, **cfg)
+    if splits > 1:
+        _reduce_kernel[(rows, heads)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), out.stride(0),
+                                      out.stride(1), SPLITS=splits, SPLITS_PAD=_pow2(splits, 2), D=d,
+                                      D_PAD=_pow2(d))
+    return out

@@ -1,0 +1,132 @@
+"""The Triton kernels that read the paged KV cache in place (`backend.kernels`), run on CPU in Triton's
+interpreter, against the per-sequence reference: prefill chunks after cached prefixes (mid-block too),
+token trees, sliding windows, decodes at every flash-decoding split; and whole passes of the tiny model
+through the executor (chunked prefill, preemption, speculative trees) giving the reference's tokens."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+torch.set_num_threads(1)
+
+from backend import kernels  # noqa: E402
+from backend.attention import Chunk, attend, kernels_on_cpu, paged_group, reference_attention  # noqa: E402
+
+BLOCK = 16
+
+
+def tree_mask(n: int, rng: np.random.Generator) -> np.ndarray:
+    """A random token tree over n rows (row 0 the root, parents before children): row i sees its ancestors."""
+    mask = np.eye(n, dtype=bool)
+    mask[:, 0] = True
+    for i in range(2, n):
+        mask[i] |= mask[int(rng.integers(1, i))]
+    return mask
+
+
+def run_both(parts: list[tuple[int, int, np.ndarray | None]], decode: bool, window: int | None, seed: int,
+             heads: int = 8, kv_heads: int = 2, dim: int = 32, splits: int | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The kernels' output and the reference's over `parts` ((new tokens, cached tokens, tree mask) each),
+    every sequence's blocks scattered over a cache."""
+    rng = np.random.default_rng(seed)
+    blocks = [-(-(n + c) // BLOCK) for n, c, _ in parts]
+    perm = rng.permutation(sum(blocks) + 8).tolist()
+    gen = torch.Generator().manual_seed(seed)
+    kc = torch.randn((sum(blocks) + 8) * BLOCK, kv_heads, dim, generator=gen)
+    vc = torch.randn((sum(blocks) + 8) * BLOCK, kv_heads, dim, generator=gen)
+    chunks, row, at = [], 0, 0
+    for (n, cached, mask), nb in zip(parts, blocks):
+        chunks.append(Chunk(row, n, cached, perm[at:at + nb], mask))
+        row, at = row + n, at + nb
+    group = paged_group(chunks, BLOCK, torch.device("cpu"), decode, kv_heads)
+    if splits is not None:
+        group.splits = splits
+    # the queries as the model passes them: a slice of the RoPE output, rows strided past the K heads
+    q = torch.randn(row, heads + kv_heads, dim, generator=gen)[:, :heads]
+    ref = reference_attention(q, kc, vc, group, BLOCK, window)
+    with kernels_on_cpu():
+        out = attend(q, kc, vc, group, BLOCK, window)
+    return out, ref
+
+
+@pytest.mark.parametrize("window", [None, 24])
+def test_prefill_kernel_matches_reference(window: int | None) -> None:
+    # a fresh prompt, a chunk after a cached prefix ending mid-block, one token after a long prefix, and a
+    # chunk longer than a query tile
+    parts = [(30, 0, None), (17, 45, None), (1, 70, None), (150, 3, None)]
+    out, ref = run_both(parts, False, window, seed=1)
+    assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
+
+
+def test_prefill_kernel_matches_reference_on_token_trees() -> None:
+    rng = np.random.default_rng(2)
+    parts = [(5, 40, tree_mask(5, rng)), (17, 45, None), (9, 7, tree_mask(9, rng)), (1, 16, tree_mask(1, rng))]
+    out, ref = run_both(parts, False, None, seed=2)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("splits", [1, 2, 8])
+@pytest.mark.parametrize("window", [None, 40])
+def test_decode_kernel_matches_reference_at_every_split(splits: int, window: int | None) -> None:
+    # contexts of one token, a block exactly, one past, and several spanning splits unevenly
+    parts = [(1, c, None) for c in (0, 15, 16, 99, 300, 33)]
+    out, ref = run_both(parts, True, window, seed=3, splits=splits)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (6, 2, 24), (8, 1, 64)])
+def test_kernels_handle_head_layouts(heads: int, kv_heads: int, dim: int) -> None:
+    # multi-head (no grouping), a group of 3 and a head size that is not a power of two, multi-query
+    for decode, parts in ((False, [(20, 9, None), (3, 0, None)]), (True, [(1, 50, None), (1, 5, None)])):
+        out, ref = run_both(parts, decode, None, seed=4, heads=heads, kv_heads=kv_heads, dim=dim, splits=2)
+        assert torch.allclose(out, ref, atol=1e-5)
+
+
+def test_decode_splits_fill_the_gpu_without_tiny_splits() -> None:
+    assert kernels.decode_splits(1, 8, 8192, 132) == 32  # 1 x 8 KV heads x 32 splits: four programs per SM
+    assert kernels.decode_splits(256, 8, 8192, 132) == 1  # enough sequences already
+    assert kernels.decode_splits(1, 8, 300, 132) == 1  # too short to split
+    for b in (1, 3, 17, 64):
+        for ctx in (100, 1000, 10_000, 100_000):
+            s = kernels.decode_splits(b, 8, ctx, 132)
+            assert s & (s - 1) == 0 and (s == 1 or ctx // s >= 256)
+
+
+def _replay_tokens(config, **kw) -> tuple[dict[int, list[int]], object]:
+    from backend.replay import replay
+
+    res, executor, _ = replay(config, asap=True, **kw)
+    assert (res.requests["status"] == "finished").all()
+    return executor.tokens, res
+
+
+@pytest.mark.parametrize("scheduler,blocks", [({"name": "sarathi", "token_budget": 24}, 9),  # chunks, preemption
+                                              ({"name": "vllm"}, 128)])
+def test_replay_through_the_kernels_gives_the_reference_tokens(scheduler: dict, blocks: int) -> None:
+    from tests.test_backend import tiny_config
+
+    cfg = tiny_config(scheduler, blocks, n=5)
+    with kernels_on_cpu():
+        got, res = _replay_tokens(cfg)
+    want, _ = _replay_tokens(cfg)
+    assert got == want
+    if blocks == 9:
+        assert res.summary["preemptions"] > 0
+
+
+def test_token_tree_replay_through_the_kernels_gives_the_reference_tokens() -> None:
+    from sim.config import SimConfig
+    from tests.test_backend import tiny_config
+
+    cfg = tiny_config({"name": "vllm"}, 128, n=3)
+    spec = {"draft": {"kind": "draft_model", "model": "tiny-llama"}, "tree": {"kind": "static", "widths": [3, 2]},
+            "acceptance": {"kind": "ranked", "probs": [0.6, 0.2, 0.1]}}
+    cfg = cfg.model_copy(update={"speculation": SimConfig.model_validate({"speculation": spec}).speculation})
+    with kernels_on_cpu():
+        got, res = _replay_tokens(cfg, acceptance="model")
+    want, _ = _replay_tokens(cfg, acceptance="model")
+    assert got == want and res.summary["spec_tokens_per_verify"] > 2.0
