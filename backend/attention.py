@@ -9,8 +9,6 @@ over the keys its block table names; the tests check the kernels against it (Tri
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -145,25 +143,11 @@ def attention_meta(chunks: list[Chunk], block_size: int, device: torch.device, p
     return AttentionMeta(torch.from_numpy(new_slots).to(device), groups)
 
 
-_KERNELS_ON_CPU = False
-
-
-@contextlib.contextmanager
-def kernels_on_cpu() -> Iterator[None]:
-    """Run the Triton kernels on CPU tensors too (under TRITON_INTERPRET=1, set before Triton is imported)."""
-    global _KERNELS_ON_CPU
-    previous, _KERNELS_ON_CPU = _KERNELS_ON_CPU, True
-    try:
-        yield
-    finally:
-        _KERNELS_ON_CPU = previous
-
-
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PagedGroup, block_size: int,
            window: int | None) -> torch.Tensor:
     """Attention of the group's query rows `q` (rows, heads, d) over one layer's paged cache (slots, kv heads,
     d): the Triton kernels on CUDA, the per-sequence reference on CPU."""
-    if not (q.is_cuda or _KERNELS_ON_CPU):
+    if not kernels.use_kernels(q):
         return reference_attention(q, k_cache, v_cache, g, block_size, window)
     if g.decode:
         if g.scratch is None and g.splits > 1:  # partial results, shared by the layers of the pass

@@ -14,7 +14,9 @@ check them against the reference in `backend.attention`.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 
 import torch
 
@@ -29,6 +31,25 @@ LOG2E = 1.4426950408889634
 
 def available() -> bool:
     return triton is not None
+
+
+_ON_CPU = False
+
+
+@contextlib.contextmanager
+def kernels_on_cpu() -> Iterator[None]:
+    """Run the Triton kernels on CPU tensors too (under TRITON_INTERPRET=1, set before Triton is imported)."""
+    global _ON_CPU
+    previous, _ON_CPU = _ON_CPU, True
+    try:
+        yield
+    finally:
+        _ON_CPU = previous
+
+
+def use_kernels(x: torch.Tensor) -> bool:
+    """Whether work on `x` runs the Triton kernels (CUDA, or CPU inside `kernels_on_cpu`) or plain PyTorch."""
+    return x.is_cuda or _ON_CPU
 
 
 def _pow2(n: int, least: int = 16) -> int:

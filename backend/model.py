@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backend.attention import AttentionMeta, attend
+from backend.fused import add_rmsnorm, rope, rope_and_cache, silu_mul  # noqa: F401 (rope: re-exported)
 from backend.parallel import Shard, shard_model
 from hardware.specs import ModelSpec
 
@@ -35,13 +36,6 @@ def rope_tables(positions: torch.Tensor, d: int, theta: float, dtype: torch.dtyp
     inv = 1.0 / (theta ** (torch.arange(0, d, 2, device=positions.device, dtype=torch.float32) / d))
     ang = positions.float()[:, None] * inv[None, :]
     return ang.cos()[:, None, :].to(dtype), ang.sin()[:, None, :].to(dtype)
-
-
-def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotary position embedding, half-split layout as in Hugging Face Llama. x: (T, heads, d)."""
-    d = x.shape[-1]
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
 
 
 class PagedKVCache:
@@ -72,11 +66,8 @@ class Attention(nn.Module):
                 cache: PagedKVCache) -> torch.Tensor:
         t, h, kvh = x.shape[0], self.heads, self.kv_heads
         qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
-        qk = rope(qkv[:, : h + kvh], *rot)
-        q, k, v = qk[:, :h], qk[:, h:], qkv[:, h + kvh:]
         kc, vc = cache.k[self.layer], cache.v[self.layer]
-        kc.index_copy_(0, meta.slots, k)
-        vc.index_copy_(0, meta.slots, v)
+        q = rope_and_cache(qkv, *rot, meta.slots, kc, vc, h, kvh)
         parts = [attend(q[g.start:g.end], kc, vc, g, cache.block_size, self.window) for g in meta.groups]
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self.shard.all_reduce(self.o_proj(out.reshape(t, h * self.head_dim)))
@@ -92,8 +83,7 @@ class MLP(nn.Module):
         self.shard = Shard()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.shard.all_reduce(self.down_proj(F.silu(gate) * up))
+        return self.shard.all_reduce(self.down_proj(silu_mul(self.gate_up_proj(x))))
 
 
 class DecoderLayer(nn.Module):
@@ -104,10 +94,16 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size)
         self.mlp = MLP(spec)
 
-    def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], meta: AttentionMeta,
-                cache: PagedKVCache) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), rot, meta, cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rot: tuple[torch.Tensor, torch.Tensor],
+                meta: AttentionMeta, cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
+        """This layer's output and the residual stream before it is added (each add fused with the norm
+        after it)."""
+        norm = self.input_layernorm
+        h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
+        x = self.self_attn(h, rot, meta, cache)
+        norm = self.post_attention_layernorm
+        h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
+        return self.mlp(h), residual
 
 
 class LlamaModel(nn.Module):
@@ -141,9 +137,11 @@ class LlamaModel(nn.Module):
         """Logits (float32, the whole vocabulary) of the flat rows `logit_rows` after running all tokens."""
         x = self.embed(tokens)
         rot = rope_tables(positions, self.spec.head_size, self.spec.rope_theta, x.dtype)
+        residual = None
         for layer in self.layers:
-            x = layer(x, rot, meta, cache)
-        return self.shard.all_gather_last(self.lm_head(self.norm(x[logit_rows]))).float()
+            x, residual = layer(x, residual, rot, meta, cache)
+        h, _ = add_rmsnorm(x[logit_rows], residual[logit_rows], self.norm.weight, self.norm.eps)
+        return self.shard.all_gather_last(self.lm_head(h)).float()
 
 
 def fuse_hf_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

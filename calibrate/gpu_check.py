@@ -57,6 +57,35 @@ def attention_errors(window: int | None) -> dict[str, float]:
     return errors
 
 
+def fused_errors() -> dict[str, float]:
+    """Largest absolute difference between the fused elementwise kernels (bf16) and PyTorch's ops (fp32),
+    relative to the largest reference value."""
+    from backend import fused
+    from backend.kernels import kernels_on_cpu
+    from backend.model import rope_tables
+
+    dev, gen = torch.device("cuda"), torch.Generator(device="cuda").manual_seed(1)
+    t, h, kvh, d, hidden = 300, 32, 8, 128, 4096
+    rnd = lambda *s: torch.randn(*s, device=dev, dtype=torch.bfloat16, generator=gen)  # noqa: E731
+    x, r, w, qkv, gu = rnd(t, hidden), rnd(t, hidden), rnd(hidden), rnd(t, h + 2 * kvh, d), rnd(t, 2 * 14336)
+    rot = rope_tables(torch.randint(0, 8000, (t,), device=dev, generator=gen), d, 500000.0, torch.bfloat16)
+    slots = torch.randperm(4096, device=dev, generator=gen)[:t]
+    caches = [torch.zeros(4096, kvh, d, device=dev, dtype=torch.bfloat16) for _ in range(2)]
+    with kernels_on_cpu():  # the references: PyTorch's ops in fp32 on the CPU
+        norm_ref = fused.add_rmsnorm(x.float().cpu(), r.float().cpu(), w.float().cpu(), 1e-5)[0]
+    norm = fused.add_rmsnorm(x, r.clone(), w, 1e-5)[0]
+    q = fused.rope_and_cache(qkv, *rot, slots, *caches, h, kvh)
+    cpu = [c.float().cpu() for c in (qkv, *rot)]
+    qk_ref = fused.rope(cpu[0][:, :h + kvh], cpu[1], cpu[2])
+    silu = fused.silu_mul(gu)
+    g, u = gu.float().chunk(2, dim=-1)
+    rel = lambda a, b: float((a.float().cpu() - b.float().cpu()).abs().max() / b.abs().max())  # noqa: E731
+    return {"add_rmsnorm": rel(norm, norm_ref), "rope queries": rel(q, qk_ref[:, :h]),
+            "rope keys in cache": rel(caches[0][slots], qk_ref[:, h:]),
+            "values in cache": rel(caches[1][slots], qkv[:, h + kvh:]),
+            "silu_mul": rel(silu, torch.nn.functional.silu(g) * u)}
+
+
 def graph_tokens_match() -> bool:
     """The same decode batch run eagerly and as a CUDA graph samples the same greedy tokens."""
     tokens = {}
@@ -75,6 +104,9 @@ def main() -> int:
         for case, err in attention_errors(window).items():
             print(f"paged attention, {case}, window {window}: max abs error vs fp32 reference {err:.4f}")
             ok &= err < 0.05
+    for case, err in fused_errors().items():
+        print(f"fused {case}: max abs error vs fp32 reference, relative to its largest value: {err:.4f}")
+        ok &= err < 0.02
     ok &= graph_tokens_match()
     print("GPU CHECKS OK" if ok else "GPU CHECKS FAILED")
     return 0 if ok else 1

@@ -13,7 +13,8 @@ pytest.importorskip("triton")
 torch.set_num_threads(1)
 
 from backend import kernels  # noqa: E402
-from backend.attention import Chunk, attend, kernels_on_cpu, paged_group, reference_attention  # noqa: E402
+from backend.attention import Chunk, attend, paged_group, reference_attention  # noqa: E402
+from backend.kernels import kernels_on_cpu  # noqa: E402
 
 BLOCK = 16
 
@@ -130,3 +131,35 @@ def test_token_tree_replay_through_the_kernels_gives_the_reference_tokens() -> N
         got, res = _replay_tokens(cfg, acceptance="model")
     want, _ = _replay_tokens(cfg, acceptance="model")
     assert got == want and res.summary["spec_tokens_per_verify"] > 2.0
+
+
+def test_fused_elementwise_kernels_match_pytorch() -> None:
+    from backend import fused
+    from backend.model import rope_tables
+
+    gen = torch.Generator().manual_seed(7)
+    t, h, kvh, d, hidden = 13, 6, 2, 24, 80
+    x, res, w = (torch.randn(t, hidden, generator=gen), torch.randn(t, hidden, generator=gen),
+                 torch.randn(hidden, generator=gen))
+    want = fused.add_rmsnorm(x, res.clone(), w, 1e-5)
+    with kernels_on_cpu():
+        got = fused.add_rmsnorm(x, res.clone(), w, 1e-5)
+        alone = fused.add_rmsnorm(x, None, w, 1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(got, want))
+    assert torch.allclose(alone[0], torch.nn.functional.rms_norm(x, (hidden,), w, 1e-5), atol=1e-5)
+
+    qkv = torch.randn(t, h + 2 * kvh, d, generator=gen)
+    rot = rope_tables(torch.randint(0, 500, (t,), generator=gen), d, 10000.0, torch.float32)
+    slots = torch.randperm(64, generator=gen)[:t]
+    caches = [torch.zeros(64, kvh, d) for _ in range(4)]
+    q_want = fused.rope_and_cache(qkv, *rot, slots, caches[0], caches[1], h, kvh)
+    with kernels_on_cpu():
+        q_got = fused.rope_and_cache(qkv, *rot, slots, caches[2], caches[3], h, kvh)
+    assert torch.allclose(q_got, q_want, atol=1e-5)
+    assert torch.allclose(caches[2], caches[0], atol=1e-5) and torch.equal(caches[3], caches[1])
+    assert caches[0][slots].abs().sum() > 0  # the keys were written
+
+    gate_up = torch.randn(t, 2 * 700, generator=gen)  # not a multiple of the kernel's block
+    with kernels_on_cpu():
+        got = fused.silu_mul(gate_up)
+    assert torch.allclose(got, fused.silu_mul(gate_up), atol=1e-5)
