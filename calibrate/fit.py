@@ -129,7 +129,7 @@ def _surfaces(records: list[dict[str, Any]], roof: _Roofline, launch: float) -> 
     for r in records:
         key = (r["kind"], r["heads"], r["kv_heads"], r["head_dim"])
         groups[key][(r["x"], r["y"])] = efficiency(roof(r["kind"], r["flops"], r["bytes"]), r["seconds"],
-                                                   launch * ATTENTION_KERNELS[r["kind"]])
+                                                   launch * _attention_kernels(r))
     out = []
     for (kind, heads, kv_heads, head_dim), cells in sorted(groups.items()):
         xs, ys = sorted({x for x, _ in cells}), sorted({y for _, y in cells})
@@ -172,23 +172,35 @@ def _collective_curves(records: list[dict[str, Any]], gpu: GPUSpec) -> tuple[Col
                  for (kind, ranks), pts in sorted(groups.items()))
 
 
-def _launched(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, tp: int = 1) -> list[tuple[Operator, int]]:
+def access(r: dict[str, Any]) -> str:
+    """How the backend that timed a record read the KV cache: records from before its paged kernels carry
+    no `kv_access` and describe the K/V gather."""
+    return r.get("kv_access", "gather")
+
+
+def _attention_kernels(r: dict[str, Any]) -> int:
+    return ATTENTION_KERNELS[access(r)][r["kind"]]
+
+
+def _launched(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, tp: int = 1,
+              kv_access: str = "paged") -> list[tuple[Operator, int]]:
     """The operators that launch work in an eager step of `spec` on one GPU of a TP group, with counts."""
     t = StepTotals.of(shape, spec.sliding_window)
-    ops = step_operators(Deployment.build(spec, gpu, tp=tp), t, float(t.tokens), 0.0)
+    ops = step_operators(Deployment.build(spec, gpu, tp=tp, kv_access=kv_access), t, float(t.tokens), 0.0)
     return [(op, c) for op, c in ops if op.flops or op.bytes or op.comm_bytes]
 
 
-def layer_kernels(spec: ModelSpec, shape: StepShape, gpu: GPUSpec) -> tuple[float, float]:
+def layer_kernels(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, kv_access: str = "paged") -> tuple[float, float]:
     """Kernels the cost model counts for a step of `spec`: (per decoder layer, outside the layers)."""
-    done = _launched(spec, shape, gpu)
+    done = _launched(spec, shape, gpu, kv_access=kv_access)
     layer = sum(op.kernels * c for op, c in done if c >= spec.num_hidden_layers) / spec.num_hidden_layers
     return layer, sum(op.kernels * c for op, c in done if c < spec.num_hidden_layers)
 
 
-def step_calls(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, tp: int = 1) -> tuple[float, float]:
+def step_calls(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, tp: int = 1,
+               kv_access: str = "paged") -> tuple[float, float]:
     """Host calls of an eager step of `spec` on one rank of TP `tp`: (kernels, of which collectives)."""
-    done = _launched(spec, shape, gpu, tp)
+    done = _launched(spec, shape, gpu, tp, kv_access)
     return (sum(op.kernels * c for op, c in done),
             sum(op.kernels * c for op, c in done if op.kind in COLLECTIVE_KINDS))
 
@@ -258,7 +270,8 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
 
     def per_kernel(s: dict[str, Any]) -> float:  # the host's seconds per kernel that explain the GPU window
         if s["layers"] not in models:
-            models[s["layers"]] = CostModel(Deployment.build(_step_spec(s), gpu), partial, cuda_graphs=False)
+            models[s["layers"]] = CostModel(Deployment.build(_step_spec(s), gpu, kv_access=access(s)), partial,
+                                            cuda_graphs=False)
         return dispatch_per_kernel(models[s["layers"]], StepShape.from_dict(s["shape"]), _gpu(s))
 
     runs = _fastest_run(eager, per_kernel)
@@ -280,7 +293,7 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
         per_layer = float(np.median([(by_layers[(hi, k)] - w) / (hi - lo) for (n, k), w in by_layers.items()
                                      if n == lo and (hi, k) in by_layers]))
         k_layer, k_other = layer_kernels(get_model(eager[0].get("model", "tiny-llama")), StepShape.build(decode=[63]),
-                                         gpu)
+                                         gpu, access(eager[0]))
         launch = max(0.0, per_layer) / k_layer
         step, per_request = _robust_line([s["requests"] for s in eager],
                                          [_wall(s) - s["layers"] * per_layer - per_kv * s.get("kv_tokens", 0)
@@ -291,7 +304,7 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
         residual = []
         for s in graph:
             spec = _step_spec(s)
-            priced = CostModel(Deployment.build(spec, gpu), partial, cuda_graphs=True).price(
+            priced = CostModel(Deployment.build(spec, gpu, kv_access=access(s)), partial, cuda_graphs=True).price(
                 StepShape.from_dict(s["shape"]))
             residual.append(_wall(s) - sum(priced.stage_seconds) - per_kv * s.get("kv_tokens", 0))
         step, per_request = _robust_line([s["requests"] for s in graph], residual)
@@ -336,7 +349,7 @@ def _collective_excess(s: dict[str, Any], gpu: GPUSpec, launch_eager: float) -> 
     """Host seconds per collective of a host-bound eager TP step beyond its calls' plain dispatch: its GPU
     window less kernels x `launch_eager`, over its collectives (NCCL's own dispatch and the wait for the
     slower rank at each all-reduce)."""
-    kernels, collectives = step_calls(_step_spec(s), StepShape.from_dict(s["shape"]), gpu, s.get("tp", 1))
+    kernels, collectives = step_calls(_step_spec(s), StepShape.from_dict(s["shape"]), gpu, s.get("tp", 1), access(s))
     return (_gpu(s) - kernels * launch_eager) / collectives
 
 
@@ -405,6 +418,6 @@ def _ragged_check(r: dict[str, Any], profile: Profile, roof: _Roofline, launch: 
     """Predicted vs measured seconds of a ragged attention batch from the surface at its mean shape."""
     surface = profile.attention_surface(r["kind"], r["heads"], r["kv_heads"], r["head_dim"])
     e = surface.at(r["x"], r["y"]) if surface is not None else 1.0
-    predicted = roof(r["kind"], r["flops"], r["bytes"]) / e + launch * ATTENTION_KERNELS[r["kind"]]
+    predicted = roof(r["kind"], r["flops"], r["bytes"]) / e + launch * _attention_kernels(r)
     return {"kind": r["kind"], "seqs": r["seqs"], "x": r["x"], "y": r["y"], "measured": r["seconds"],
             "predicted": predicted, "error": predicted / r["seconds"] - 1.0 if r["seconds"] else math.nan}

@@ -208,10 +208,11 @@ class Bench:
                            pool: tuple[torch.Tensor, torch.Tensor], **params: Any) -> list[dict[str, Any]]:
         """The attention kernel's record and its K/V gather's, for one step shape."""
         kind = "prefill" if shape.prefill_tokens.size else "decode"
-        ops = operators_at(dep, shape)
+        paged = operators_at(dep.model_copy(update={"kv_access": "paged"}), shape)
+        gathered = operators_at(dep.model_copy(update={"kv_access": "gather"}), shape)
         kernel, gather = self._attention(dep, chunks, pool, kind == "decode")
-        return [_record(ops[f"attention_{kind}"], kernel, with_gather=False, **params),
-                _record(ops[f"kv_gather_{kind}"], gather, **params)]
+        return [_record(paged[f"attention_{kind}"], kernel, with_gather=False, kv_access="paged", **params),
+                _record(gathered[f"kv_gather_{kind}"], gather, **params)]
 
     def attention(self, dep: Deployment) -> list[dict[str, Any]]:
         out, s = [], self.s
@@ -301,7 +302,7 @@ def overhead_shapes(quick: bool, graphs: bool) -> list[StepShape]:
 
 def overhead_record(model: str, layers: int, tp: int, shape: StepShape, timing: StepTiming) -> dict[str, Any]:
     """One whole step as the overhead fit reads it (`calibrate.fit._overheads`)."""
-    return {"model": model, "layers": layers, "tp": tp, "execution": timing.execution,
+    return {"model": model, "layers": layers, "tp": tp, "execution": timing.execution, "kv_access": "paged",
             "requests": shape.num_requests, "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(),
             **timing.columns()}
 

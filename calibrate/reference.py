@@ -72,7 +72,7 @@ def _measure(model: str, quick: bool, overheads: bool, device: str, shard: Shard
         timed = runner.time([shape for _, shape in cases] + extra, repeats=3 if quick else REPEATS)
         for (category, shape), t in zip(cases, timed):
             rows.append({"model": spec.id, "category": category, "execution": t.execution, "tp": shard.size,
-                         "shape": json.dumps(shape.to_dict()), **t.columns()})
+                         "kv_access": "paged", "shape": json.dumps(shape.to_dict()), **t.columns()})
             log(f"{category} {t.execution} {shape.num_requests} requests: {t.seconds * 1e3:.2f} ms "
                 f"(fast {t.seconds_fast * 1e3:.2f})")
         rows += [overhead_record(spec.id, spec.num_hidden_layers, shard.size, shape, t)

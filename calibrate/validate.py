@@ -46,12 +46,15 @@ def read_measurements(path: str | Path) -> pd.DataFrame:
 def predict(df: pd.DataFrame, gpu: str, profile: Profile) -> np.ndarray:
     """Predicted seconds of every measured step on `gpu` under `profile`."""
     gpu_spec = get_gpu(gpu)
-    models: dict[tuple[str, int, bool], CostModel] = {}
+    models: dict[tuple[str, int, bool, str], CostModel] = {}
     out = []
     for row in df.itertuples():
-        key = (row.model, int(row.tp), row.execution == "graph")
+        # references from before the backend's paged kernels carry no kv_access: they timed the K/V gather
+        access = getattr(row, "kv_access", "gather")
+        key = (row.model, int(row.tp), row.execution == "graph", access)
         if key not in models:
-            models[key] = CostModel(Deployment.build(row.model, gpu_spec, tp=int(row.tp)), profile, cuda_graphs=key[2])
+            dep = Deployment.build(row.model, gpu_spec, tp=int(row.tp), kv_access=access)
+            models[key] = CostModel(dep, profile, cuda_graphs=key[2])
         out.append(models[key].price(StepShape.from_dict(json.loads(row.shape))).seconds)
     return np.array(out)
 

@@ -55,7 +55,7 @@ class Deployment(Spec):
     max_num_seqs: PositiveInt = 256
     max_model_len: PositiveInt | None = None
     runtime_reserve_bytes: float = Field(1.0e9, ge=0.0)
-    kv_access: KvAccess = "gather"
+    kv_access: KvAccess = "paged"
 
     @model_validator(mode="after")
     def _check(self) -> Deployment:

@@ -8,11 +8,11 @@ counted `layers` times.
 
 Attention counts the query-key pairs actually computed under the causal (or sliding-window, or tree) mask:
 a chunk of c tokens after p cached ones computes c*p + c(c+1)/2 pairs; QK^T and PV cost 2 FLOPs per pair
-per head dimension each. Attention reads each request's K and V once. Where the deployment gathers the
-K/V of a step out of the paged cache before a contiguous-KV kernel (`Deployment.kv_access = "gather"`, as
-servesim's PyTorch backend does: PyTorch's FlashAttention has no block tables), the gather is its own
-memory-bound operator that reads and writes each K/V token once more; a paged kernel (vLLM's
-FlashAttention or FlashInfer, `"paged"`) reads the cache in place and has no such operator.
+per head dimension each. Attention reads each request's K and V once. A paged kernel (the default,
+`Deployment.kv_access = "paged"`: vLLM's FlashAttention or FlashInfer, servesim's backend) reads the cache
+in place. Where an engine gathers the K/V of a step out of the paged cache before a contiguous-KV kernel
+(`"gather"`, as servesim's backend did before its paged kernels), the gather is its own memory-bound
+operator that reads and writes each K/V token once more.
 """
 
 from __future__ import annotations
@@ -28,10 +28,13 @@ from hardware.specs import DTYPE_BYTES
 
 IntArray = np.ndarray
 
-# Host-dispatched kernels of an attention call beside its K/V gather, as the backend runs it (counted with
-# torch.profiler on an H200): a prefill runs the varlen kernel; a decode also multiplies the query offsets
-# by the group size and copies the query heads into and out of the grouped-query layout (GQA, no window).
-ATTENTION_KERNELS = {"attention-prefill": 1, "attention-decode": 4}
+# Host-dispatched kernels of an attention call, by how it reads the paged cache. `paged` (the backend's
+# Triton kernels, as vLLM's): a prefill runs one kernel; a decode runs flash-decoding and the reduction of its
+# splits. `gather` (the backend before its paged kernels, counted with torch.profiler on an H200): a prefill
+# runs FlashAttention-2's varlen kernel; a decode also multiplies the query offsets by the group size and
+# copies the query heads into and out of the grouped-query layout (GQA, no window), beside its K/V gather.
+ATTENTION_KERNELS = {"paged": {"attention-prefill": 1, "attention-decode": 2},
+                     "gather": {"attention-prefill": 1, "attention-decode": 4}}
 GATHER_KERNELS = 2  # index_select of K, then of V
 
 
@@ -238,11 +241,11 @@ def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts:
     ops += [*gather.get("kv_gather_prefill", []),
             Operator("attention_prefill", "attention-prefill", 4.0 * t.prefill_pairs * d * hq,
                      2.0 * t.prefill_queries * hq * d * a + t.prefill_kv_tokens * 2 * hkv * d * kvb,
-                     kernels=ATTENTION_KERNELS["attention-prefill"]),
+                     kernels=ATTENTION_KERNELS[dep.kv_access]["attention-prefill"]),
             *gather.get("kv_gather_decode", []),
             Operator("attention_decode", "attention-decode", 4.0 * t.decode_pairs * d * hq,
                      2.0 * t.decode_seqs * hq * d * a + t.decode_pairs * 2 * hkv * d * kvb,
-                     kernels=ATTENTION_KERNELS["attention-decode"])]
+                     kernels=ATTENTION_KERNELS[dep.kv_access]["attention-decode"])]
     ops.append(gemm_operator("o_proj", rows, hq * d, h, w, a))
     if dep.tp > 1:
         ops.append(Operator("all_reduce_attn", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp))

@@ -30,8 +30,8 @@ def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--pp-link", help="interconnect between pipeline stages (default: --link)")
     g.add_argument("--weight-dtype", default="bf16", help="bf16, fp16, fp8 or fp32 (default bf16)")
     g.add_argument("--kv-dtype", default="bf16", help="bf16, fp16, fp8 or fp32 (default bf16)")
-    g.add_argument("--kv-access", default="gather", help="how attention reads the paged KV cache: gather (into "
-                   "contiguous buffers, as servesim's PyTorch backend) or paged (in place, as vLLM) (default gather)")
+    g.add_argument("--kv-access", default="paged", help="how attention reads the paged KV cache: paged (in place, "
+                   "as vLLM and servesim's backend) or gather (into contiguous buffers first) (default paged)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of HBM usable (default 0.9)")
     g.add_argument("--max-model-len", type=int, help="longest request in tokens (default: the model's maximum)")
     g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step (default 8192)")

@@ -44,9 +44,9 @@ class HardwareConfig(_Section):
     profile: str | None = Field(None, description="efficiency profile: a JSON file, the GPU id of a committed "
                                 "profile, or 'calibrated' for the GPU's committed one (default: datasheet defaults)")
     cuda_graphs: bool = True
-    kv_access: KvAccess = Field("gather", description="how attention reads the paged KV cache: 'gather' (copy a "
-                                "step's K/V into contiguous buffers first, as servesim's PyTorch backend does) or "
-                                "'paged' (the kernel reads the blocks in place, as vLLM's FlashAttention does)")
+    kv_access: KvAccess = Field("paged", description="how attention reads the paged KV cache: 'paged' (the kernel "
+                                "reads the blocks in place, as vLLM's FlashAttention and servesim's backend do) or "
+                                "'gather' (an engine that copies a step's K/V into contiguous buffers first)")
 
 
 class ClusterConfig(_Section):

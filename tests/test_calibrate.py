@@ -70,7 +70,7 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
             op = operators_at(dep, StepShape.build(decode=[ctx - 1] * b))["attention_decode"]
             roof = max(op.flops / peak_flops(dep, op.kind), op.bytes / GPU.hbm_bandwidth)
             records.append({"op": op.name, "kind": op.kind, "flops": op.flops, "bytes": op.bytes, "kernels": op.kernels,
-                            "x": b, "y": ctx, "with_gather": False, "heads": dep.heads_per_gpu,
+                            "x": b, "y": ctx, "with_gather": False, "kv_access": "paged", "heads": dep.heads_per_gpu,
                             "kv_heads": dep.kv_heads_per_gpu, "head_dim": dep.model.head_size,
                             "seconds": (roof / true_attention(b, ctx) + op.kernels * LAUNCH) * jitter()})
     link = get_interconnect(GPU.intra_node_link)
@@ -122,6 +122,8 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
             steps.append({"model": "tiny-llama", "layers": layers, "tp": 2, "execution": "eager", "requests": b,
                           "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(), "gpu_seconds": dispatch,
                           "seconds": dispatch + truth.step_eager})
+    for s in steps:  # the synthetic device is the backend with its paged kernels
+        s["kv_access"] = "paged"
     return {"records": records, "fixed": {"graph_kernel_seconds": LAUNCH, "stream_gap_seconds": truth.stream_gap},
             "steps": steps, "truth": truth}
 
@@ -627,7 +629,8 @@ def test_kv_gather_curves_per_head_configuration() -> None:
     measurement takes the curve of the nearest row size."""
     records = []
     for kv_heads, eff in ((8, 0.7), (1, 0.2)):
-        dep = Deployment.build("llama-3-70b" if kv_heads == 1 else "llama-3-8b", GPU, tp=8 if kv_heads == 1 else 1)
+        dep = Deployment.build("llama-3-70b" if kv_heads == 1 else "llama-3-8b", GPU, tp=8 if kv_heads == 1 else 1,
+                               kv_access="gather")
         assert dep.kv_heads_per_gpu == kv_heads
         for ctx in (256, 1024, 4096, 16384):
             for b in (1, 8, 64):
@@ -642,6 +645,6 @@ def test_kv_gather_curves_per_head_configuration() -> None:
     shape = StepShape.build(decode=[4095] * 64)
     # Llama-3-8B at TP=4 has 2 KV heads per GPU: unmeasured, nearest to 1
     for model, tp, eff in (("llama-3-8b", 1, 0.7), ("llama-3-70b", 8, 0.2), ("llama-3-8b", 4, 0.2)):
-        dep = Deployment.build(model, GPU, tp=tp)
+        dep = Deployment.build(model, GPU, tp=tp, kv_access="gather")
         row = next(r for r in CostModel(dep, profile).price(shape).breakdown if r.name == "kv_gather_decode")
         assert row.seconds == pytest.approx(row.bytes / GPU.hbm_bandwidth / eff + 2 * row.count * LAUNCH, rel=1e-3)

@@ -208,8 +208,9 @@ def test_every_catalog_model_prices_on_every_gpu() -> None:
 
 
 def test_kv_gather_is_its_own_operator_unless_the_kernel_is_paged() -> None:
-    """`kv_access="gather"` (servesim's backend) adds a K/V read and write per token the kernels read, two
-    kernels per attention call; "paged" (vLLM) prices the same step without them."""
+    """`kv_access="gather"` (an engine copying the K/V before a contiguous kernel, as servesim's backend did)
+    adds a K/V read and write per token the kernels read, two kernels per attention call, and its decode runs
+    four kernels where the paged one runs two; "paged" (vLLM, the backend now) prices the step without them."""
     shape = StepShape.build(prefill=[300], prefill_cached=[2000], decode=[1000] * 16)
     gather, paged = (CostModel(Deployment.build("llama-3-8b", "h100", kv_access=a), cuda_graphs=False).price(shape)
                      for a in ("gather", "paged"))
@@ -217,11 +218,14 @@ def test_kv_gather_is_its_own_operator_unless_the_kernel_is_paged() -> None:
     layers, token = 32, 2 * 8 * 128 * 2
     assert ops["kv_gather_prefill"].bytes == pytest.approx(layers * 2 * 2300 * token)
     assert ops["kv_gather_decode"].bytes == pytest.approx(layers * 2 * 16 * 1001 * token)
-    assert gather.kernels - paged.kernels == layers * 4
+    assert gather.kernels - paged.kernels == layers * (2 * 2 + (4 - 2))
     assert not any(o.kind == "kv-gather" for o in paged.breakdown)
     gpu_only = lambda c: sum(o.seconds for o in c.breakdown)  # noqa: E731
+    paged_ops = {o.name: o for o in paged.breakdown}
+    decode_kernels = ops["attention_decode"].seconds - paged_ops["attention_decode"].seconds
+    assert decode_kernels > 0
     assert gpu_only(gather) - gpu_only(paged) == pytest.approx(ops["kv_gather_prefill"].seconds
-                                                               + ops["kv_gather_decode"].seconds)
+                                                               + ops["kv_gather_decode"].seconds + decode_kernels)
     with pytest.raises(ServesimError, match="kv_access"):
         Deployment.build("llama-3-8b", "h100", kv_access="contiguous")
 

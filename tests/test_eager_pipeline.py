@@ -44,8 +44,9 @@ def test_closed_form_equals_the_recurrence(seed: int, before: int, layer: int, a
 
 
 def test_segments_cover_every_operator_in_issue_order() -> None:
-    for model, tp, pp in (("llama-3-8b", 1, 1), ("llama-3-8b", 2, 2), ("mixtral-8x7b", 2, 1), ("llama-3-70b", 4, 4)):
-        dep = Deployment.build(model, "h100", tp=tp, pp=pp)
+    for model, tp, pp, access in (("llama-3-8b", 1, 1, "gather"), ("llama-3-8b", 2, 2, "paged"),
+                                  ("mixtral-8x7b", 2, 1, "gather"), ("llama-3-70b", 4, 4, "paged")):
+        dep = Deployment.build(model, "h100", tp=tp, pp=pp, kv_access=access)
         t = StepTotals.of(StepShape.build(prefill=[64], decode=[100, 200]))
         ops = step_operators(dep, t, float(t.tokens), 0.0)
         segments = dispatch_segments(dep)
@@ -55,7 +56,11 @@ def test_segments_cover_every_operator_in_issue_order() -> None:
         assert ops[first[0]][0].name == "embedding" and n == dep.layers_per_stage[0]
         assert all(ops[i][1] == n * ops[i][0].count for i in layer)  # layer operators, counted per layer
         names = [ops[i][0].name for i in layer]
-        assert names.index("kv_gather_prefill") < names.index("attention_prefill") < names.index("kv_gather_decode")
+        if access == "gather":
+            assert names.index("kv_gather_prefill") < names.index("attention_prefill") < names.index("kv_gather_decode")
+        else:
+            assert names.index("attention_prefill") < names.index("attention_decode")
+            assert "kv_gather_decode" not in names
         assert [ops[i][0].name for i in segments[-1][2]][-1] == "sampling"
 
 
