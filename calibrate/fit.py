@@ -25,7 +25,7 @@ import itertools
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -172,35 +172,41 @@ def _collective_curves(records: list[dict[str, Any]], gpu: GPUSpec) -> tuple[Col
                  for (kind, ranks), pts in sorted(groups.items()))
 
 
-def access(r: dict[str, Any]) -> str:
-    """How the backend that timed a record read the KV cache: records from before its paged kernels carry
-    no `kv_access` and describe the K/V gather."""
-    return r.get("kv_access", "gather")
+Engine = dict[str, str]  # the Deployment fields that say which kernels the backend launched
+PAGED_ENGINE: Engine = {"kv_access": "paged", "elementwise": "fused"}  # the backend now
+LEGACY_ENGINE: Engine = {"kv_access": "gather", "elementwise": "unfused"}  # the backend before its Triton kernels
+
+
+def engine(r: Mapping[str, Any]) -> Engine:
+    """Which kernels the backend that timed a record (or a reference step) launched: records from before
+    its paged and fused kernels carry neither field and describe the K/V gather and PyTorch's separate ops."""
+    return {k: str(r[k]) if isinstance(r.get(k), str) else v for k, v in LEGACY_ENGINE.items()}
 
 
 def _attention_kernels(r: dict[str, Any]) -> int:
-    return ATTENTION_KERNELS[access(r)][r["kind"]]
+    return ATTENTION_KERNELS[engine(r)["kv_access"]][r["kind"]]
 
 
 def _launched(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, tp: int = 1,
-              kv_access: str = "paged") -> list[tuple[Operator, int]]:
+              kernels: Engine = PAGED_ENGINE) -> list[tuple[Operator, int]]:
     """The operators that launch work in an eager step of `spec` on one GPU of a TP group, with counts."""
     t = StepTotals.of(shape, spec.sliding_window)
-    ops = step_operators(Deployment.build(spec, gpu, tp=tp, kv_access=kv_access), t, float(t.tokens), 0.0)
+    ops = step_operators(Deployment.build(spec, gpu, tp=tp, **kernels), t, float(t.tokens), 0.0)
     return [(op, c) for op, c in ops if op.flops or op.bytes or op.comm_bytes]
 
 
-def layer_kernels(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, kv_access: str = "paged") -> tuple[float, float]:
+def layer_kernels(spec: ModelSpec, shape: StepShape, gpu: GPUSpec,
+                  kernels: Engine = PAGED_ENGINE) -> tuple[float, float]:
     """Kernels the cost model counts for a step of `spec`: (per decoder layer, outside the layers)."""
-    done = _launched(spec, shape, gpu, kv_access=kv_access)
+    done = _launched(spec, shape, gpu, kernels=kernels)
     layer = sum(op.kernels * c for op, c in done if c >= spec.num_hidden_layers) / spec.num_hidden_layers
     return layer, sum(op.kernels * c for op, c in done if c < spec.num_hidden_layers)
 
 
 def step_calls(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, tp: int = 1,
-               kv_access: str = "paged") -> tuple[float, float]:
+               kernels: Engine = PAGED_ENGINE) -> tuple[float, float]:
     """Host calls of an eager step of `spec` on one rank of TP `tp`: (kernels, of which collectives)."""
-    done = _launched(spec, shape, gpu, tp, kv_access)
+    done = _launched(spec, shape, gpu, tp, kernels)
     return (sum(op.kernels * c for op, c in done),
             sum(op.kernels * c for op, c in done if op.kind in COLLECTIVE_KINDS))
 
@@ -270,7 +276,7 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
 
     def per_kernel(s: dict[str, Any]) -> float:  # the host's seconds per kernel that explain the GPU window
         if s["layers"] not in models:
-            models[s["layers"]] = CostModel(Deployment.build(_step_spec(s), gpu, kv_access=access(s)), partial,
+            models[s["layers"]] = CostModel(Deployment.build(_step_spec(s), gpu, **engine(s)), partial,
                                             cuda_graphs=False)
         return dispatch_per_kernel(models[s["layers"]], StepShape.from_dict(s["shape"]), _gpu(s))
 
@@ -293,7 +299,7 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
         per_layer = float(np.median([(by_layers[(hi, k)] - w) / (hi - lo) for (n, k), w in by_layers.items()
                                      if n == lo and (hi, k) in by_layers]))
         k_layer, k_other = layer_kernels(get_model(eager[0].get("model", "tiny-llama")), StepShape.build(decode=[63]),
-                                         gpu, access(eager[0]))
+                                         gpu, engine(eager[0]))
         launch = max(0.0, per_layer) / k_layer
         step, per_request = _robust_line([s["requests"] for s in eager],
                                          [_wall(s) - s["layers"] * per_layer - per_kv * s.get("kv_tokens", 0)
@@ -304,7 +310,7 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
         residual = []
         for s in graph:
             spec = _step_spec(s)
-            priced = CostModel(Deployment.build(spec, gpu, kv_access=access(s)), partial, cuda_graphs=True).price(
+            priced = CostModel(Deployment.build(spec, gpu, **engine(s)), partial, cuda_graphs=True).price(
                 StepShape.from_dict(s["shape"]))
             residual.append(_wall(s) - sum(priced.stage_seconds) - per_kv * s.get("kv_tokens", 0))
         step, per_request = _robust_line([s["requests"] for s in graph], residual)
@@ -349,7 +355,7 @@ def _collective_excess(s: dict[str, Any], gpu: GPUSpec, launch_eager: float) -> 
     """Host seconds per collective of a host-bound eager TP step beyond its calls' plain dispatch: its GPU
     window less kernels x `launch_eager`, over its collectives (NCCL's own dispatch and the wait for the
     slower rank at each all-reduce)."""
-    kernels, collectives = step_calls(_step_spec(s), StepShape.from_dict(s["shape"]), gpu, s.get("tp", 1), access(s))
+    kernels, collectives = step_calls(_step_spec(s), StepShape.from_dict(s["shape"]), gpu, s.get("tp", 1), engine(s))
     return (_gpu(s) - kernels * launch_eager) / collectives
 
 

@@ -24,8 +24,10 @@ import torch
 import torch.nn.functional as F
 
 from backend.attention import Chunk, attend, cache_slots, paged_group
+from backend.fused import add_rmsnorm, rope_and_cache, silu_mul
 from backend.model import rope, rope_tables
 from backend.parallel import Shard
+from calibrate.fit import PAGED_ENGINE
 from calibrate.ranks import on_ranks
 from calibrate.steps import StepRunner, StepTiming, agreed_blocks, release_memory
 from calibrate.timing import Timer, variants_for
@@ -157,16 +159,23 @@ class Bench:
             tokens = self.rand_ints(vocab, m)
             logits = [self.randn(m, vocab) for _ in range(self.variants(m * vocab * 2))]
             cases: dict[str, tuple[Callable[[int], object], int]] = {
-                "add_rmsnorm": (lambda i: F.rms_norm(xs[i] + rs[i], (h,), w, 1e-5), v),
                 "final_norm": (lambda i: F.rms_norm(xs[i], (h,), w, 1e-5), v),
-                "rope": (lambda i: rope(qkv[i][:, : hq + hkv], cos, sin), len(qkv)),
-                "silu_mul": (lambda i: (lambda g, u: F.silu(g) * u)(*gu[i].chunk(2, dim=-1)), len(gu)),
-                "kv_write": (lambda i: (kc.index_copy_(0, slots, kn), vc.index_copy_(0, slots, vn)), 1),
                 "embedding": (lambda i: F.embedding(tokens, table), 1),
                 "sampling": (lambda i: logits[i].float().argmax(dim=-1), len(logits)),
             }
+            if dep.elementwise == "fused":  # the backend's kernels (`backend.fused`)
+                cases |= {"add_rmsnorm": (lambda i: add_rmsnorm(xs[i], rs[i], w, 1e-5), v),
+                          "rope_kv_write": (lambda i: rope_and_cache(qkv[i], cos, sin, slots, kc, vc, hq, hkv),
+                                            len(qkv)),
+                          "silu_mul": (lambda i: silu_mul(gu[i]), len(gu))}
+            else:  # PyTorch's separate ops
+                cases |= {"add_rmsnorm": (lambda i: F.rms_norm(xs[i] + rs[i], (h,), w, 1e-5), v),
+                          "rope": (lambda i: rope(qkv[i][:, : hq + hkv], cos, sin), len(qkv)),
+                          "silu_mul": (lambda i: (lambda g, u: F.silu(g) * u)(*gu[i].chunk(2, dim=-1)), len(gu)),
+                          "kv_write": (lambda i: (kc.index_copy_(0, slots, kn), vc.index_copy_(0, slots, vn)), 1)}
             for name, (fn, nv) in cases.items():
-                out.append(_record(ops[name], self.timer.gpu(fn, nv), model=m_spec.id, tp=dep.tp, rows=m))
+                out.append(_record(ops[name], self.timer.gpu(fn, nv), model=m_spec.id, tp=dep.tp, rows=m,
+                                   elementwise=dep.elementwise))
         self.log(f"elementwise {m_spec.id} tp={dep.tp}")
         return out
 
@@ -302,7 +311,7 @@ def overhead_shapes(quick: bool, graphs: bool) -> list[StepShape]:
 
 def overhead_record(model: str, layers: int, tp: int, shape: StepShape, timing: StepTiming) -> dict[str, Any]:
     """One whole step as the overhead fit reads it (`calibrate.fit._overheads`)."""
-    return {"model": model, "layers": layers, "tp": tp, "execution": timing.execution, "kv_access": "paged",
+    return {"model": model, "layers": layers, "tp": tp, "execution": timing.execution, **PAGED_ENGINE,
             "requests": shape.num_requests, "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(),
             **timing.columns()}
 

@@ -19,6 +19,7 @@ from typing import Any
 import pandas as pd
 
 from backend.parallel import Shard
+from calibrate.fit import PAGED_ENGINE
 from calibrate.microbench import overhead_record, overhead_shapes
 from calibrate.ranks import on_ranks
 from calibrate.steps import StepRunner, agreed_blocks, release_memory
@@ -72,7 +73,7 @@ def _measure(model: str, quick: bool, overheads: bool, device: str, shard: Shard
         timed = runner.time([shape for _, shape in cases] + extra, repeats=3 if quick else REPEATS)
         for (category, shape), t in zip(cases, timed):
             rows.append({"model": spec.id, "category": category, "execution": t.execution, "tp": shard.size,
-                         "kv_access": "paged", "shape": json.dumps(shape.to_dict()), **t.columns()})
+                         **PAGED_ENGINE, "shape": json.dumps(shape.to_dict()), **t.columns()})
             log(f"{category} {t.execution} {shape.num_requests} requests: {t.seconds * 1e3:.2f} ms "
                 f"(fast {t.seconds_fast * 1e3:.2f})")
         rows += [overhead_record(spec.id, spec.num_hidden_layers, shard.size, shape, t)

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from calibrate.fit import engine
 from hardware.catalog import get_gpu
 from hardware.cost import CostModel
 from hardware.deployment import Deployment
@@ -46,14 +47,13 @@ def read_measurements(path: str | Path) -> pd.DataFrame:
 def predict(df: pd.DataFrame, gpu: str, profile: Profile) -> np.ndarray:
     """Predicted seconds of every measured step on `gpu` under `profile`."""
     gpu_spec = get_gpu(gpu)
-    models: dict[tuple[str, int, bool, str], CostModel] = {}
+    models: dict[tuple[Any, ...], CostModel] = {}
     out = []
     for row in df.itertuples():
-        # references from before the backend's paged kernels carry no kv_access: they timed the K/V gather
-        access = getattr(row, "kv_access", "gather")
-        key = (row.model, int(row.tp), row.execution == "graph", access)
+        kernels = engine(row._asdict())  # references from before the paged and fused kernels name neither
+        key = (row.model, int(row.tp), row.execution == "graph", *kernels.values())
         if key not in models:
-            dep = Deployment.build(row.model, gpu_spec, tp=int(row.tp), kv_access=access)
+            dep = Deployment.build(row.model, gpu_spec, tp=int(row.tp), **kernels)
             models[key] = CostModel(dep, profile, cuda_graphs=key[2])
         out.append(models[key].price(StepShape.from_dict(json.loads(row.shape))).seconds)
     return np.array(out)

@@ -10,7 +10,17 @@ from pydantic import Field, PositiveInt, ValidationError, model_validator
 
 from hardware.catalog import get_gpu, get_interconnect, get_model
 from hardware.errors import DoesNotFitError, ServesimError, describe_validation_error
-from hardware.specs import DTYPE_BYTES, DType, GPUSpec, InterconnectSpec, KvAccess, ModelSpec, Spec, kv_heads_per_gpu
+from hardware.specs import (
+    DTYPE_BYTES,
+    DType,
+    Elementwise,
+    GPUSpec,
+    InterconnectSpec,
+    KvAccess,
+    ModelSpec,
+    Spec,
+    kv_heads_per_gpu,
+)
 
 GB = 1e9
 
@@ -56,6 +66,7 @@ class Deployment(Spec):
     max_model_len: PositiveInt | None = None
     runtime_reserve_bytes: float = Field(1.0e9, ge=0.0)
     kv_access: KvAccess = "paged"
+    elementwise: Elementwise = "fused"
 
     @model_validator(mode="after")
     def _check(self) -> Deployment:

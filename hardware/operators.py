@@ -13,6 +13,10 @@ per head dimension each. Attention reads each request's K and V once. A paged ke
 in place. Where an engine gathers the K/V of a step out of the paged cache before a contiguous-KV kernel
 (`"gather"`, as servesim's backend did before its paged kernels), the gather is its own memory-bound
 operator that reads and writes each K/V token once more.
+
+Elementwise work is fused by default (`Deployment.elementwise = "fused"`: vLLM's custom ops, servesim's
+backend): one kernel per residual add + RMSNorm, one for RoPE with the K/V cache write, one for SiLU-mul.
+`"unfused"` counts the kernels PyTorch's separate ops launch (servesim's backend before its fused kernels).
 """
 
 from __future__ import annotations
@@ -231,12 +235,19 @@ def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts:
     kvb = DTYPE_BYTES[dep.kv_dtype]
     hq, hkv, inter = dep.heads_per_gpu, dep.kv_heads_per_gpu, dep.intermediate_per_gpu
     qkv = (hq + 2 * hkv) * d
+    fused = dep.elementwise == "fused"
     ops = [
-        Operator("add_rmsnorm", "elementwise", 5.0 * rows * h, 4.0 * rows * h * a + h * a, count=2, kernels=2),
+        Operator("add_rmsnorm", "elementwise", 5.0 * rows * h, 4.0 * rows * h * a + h * a, count=2,
+                 kernels=1 if fused else 2),
         gemm_operator("qkv_proj", rows, h, qkv, w, a),
-        Operator("rope", "elementwise", 6.0 * rows * (hq + hkv) * d, 2.0 * rows * (hq + hkv) * d * a, kernels=7),
-        Operator("kv_write", "kv-write", 0.0, t.tokens * 2 * hkv * d * (a + kvb), kernels=2),
     ]
+    if fused:  # one kernel: read q, k, v; write the rotated q, and the rotated k and v into the cache
+        ops.append(Operator("rope_kv_write", "elementwise", 6.0 * rows * (hq + hkv) * d,
+                            rows * (2 * hq + hkv) * d * a + t.tokens * hkv * d * (a + 2 * kvb)))
+    else:
+        ops += [Operator("rope", "elementwise", 6.0 * rows * (hq + hkv) * d, 2.0 * rows * (hq + hkv) * d * a,
+                         kernels=7),
+                Operator("kv_write", "kv-write", 0.0, t.tokens * 2 * hkv * d * (a + kvb), kernels=2)]
     gather = {op.name: [op] for op in kv_gather_operators(dep, t)}  # before its attention call (none: paged)
     ops += [*gather.get("kv_gather_prefill", []),
             Operator("attention_prefill", "attention-prefill", 4.0 * t.prefill_pairs * d * hq,
@@ -258,7 +269,8 @@ def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts:
         ops.append(gemm_operator("moe_down", rows * k, inter, h, w, a, weight_reads=active_experts, expert=True))
     else:
         ops.append(gemm_operator("gate_up_proj", rows, h, 2 * inter, w, a))
-        ops.append(Operator("silu_mul", "elementwise", 5.0 * rows * inter, 3.0 * rows * inter * a, kernels=2))
+        ops.append(Operator("silu_mul", "elementwise", 5.0 * rows * inter, 3.0 * rows * inter * a,
+                            kernels=1 if fused else 2))
         ops.append(gemm_operator("down_proj", rows, inter, h, w, a))
     if dep.tp > 1:
         ops.append(Operator("all_reduce_mlp", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp))

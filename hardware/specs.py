@@ -15,6 +15,7 @@ DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1
 # kernel (servesim's PyTorch backend: PyTorch's FlashAttention takes no block tables); "paged" reads the
 # blocks in place (vLLM's FlashAttention and FlashInfer kernels).
 KvAccess = Literal["gather", "paged"]
+Elementwise = Literal["fused", "unfused"]
 
 # Hugging Face `model_type`s whose architecture is the Llama family this cost model prices: pre-norm
 # decoder, GQA attention with RoPE, RMSNorm, SwiGLU MLP (dense, or Mixtral-style top-k experts).

@@ -32,6 +32,8 @@ def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-dtype", default="bf16", help="bf16, fp16, fp8 or fp32 (default bf16)")
     g.add_argument("--kv-access", default="paged", help="how attention reads the paged KV cache: paged (in place, "
                    "as vLLM and servesim's backend) or gather (into contiguous buffers first) (default paged)")
+    g.add_argument("--elementwise", default="fused", help="fused (one kernel each for add + RMSNorm, RoPE with the "
+                   "K/V write, SiLU-mul, as vLLM and servesim's backend) or unfused (PyTorch ops) (default fused)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of HBM usable (default 0.9)")
     g.add_argument("--max-model-len", type=int, help="longest request in tokens (default: the model's maximum)")
     g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step (default 8192)")
@@ -55,6 +57,7 @@ def _deployment(args: argparse.Namespace) -> Deployment:
         weight_dtype=args.weight_dtype,
         kv_dtype=args.kv_dtype,
         kv_access=args.kv_access,
+        elementwise=args.elementwise,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,

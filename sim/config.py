@@ -18,7 +18,7 @@ from pydantic import (
 )
 
 from hardware.errors import ServesimError, describe_validation_error
-from hardware.specs import DType, KvAccess
+from hardware.specs import DType, Elementwise, KvAccess
 from policies import PAGED_SCHEDULERS, SchedulerConfig
 from policies.speculation import SpeculationConfig
 from policies.vllm import VllmParams
@@ -47,6 +47,9 @@ class HardwareConfig(_Section):
     kv_access: KvAccess = Field("paged", description="how attention reads the paged KV cache: 'paged' (the kernel "
                                 "reads the blocks in place, as vLLM's FlashAttention and servesim's backend do) or "
                                 "'gather' (an engine that copies a step's K/V into contiguous buffers first)")
+    elementwise: Elementwise = Field("fused", description="'fused': one kernel each for residual add + RMSNorm, "
+                                     "RoPE with the K/V cache write, and SiLU-mul (vLLM's custom ops, servesim's "
+                                     "backend); 'unfused': PyTorch's separate ops")
 
 
 class ClusterConfig(_Section):

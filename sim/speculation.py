@@ -43,6 +43,7 @@ def draft_deployment(target: Deployment, config: SpeculationConfig) -> Deploymen
         return None
     return Deployment.build(spec, target.gpu, tp=tp, link=target.tp_link.id, weight_dtype=target.weight_dtype,
                             kv_dtype=target.kv_dtype, kv_access=target.kv_access,
+                            elementwise=target.elementwise,
                             max_num_batched_tokens=target.max_num_batched_tokens,
                             max_num_seqs=target.max_num_seqs, max_model_len=min(target.context_limit,
                                                                                 spec.max_position_embeddings))

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrate.fit import NAMED_KINDS, fit_profile, layer_kernels, spikes, step_calls
+from calibrate.fit import NAMED_KINDS, PAGED_ENGINE, fit_profile, layer_kernels, spikes, step_calls
 from calibrate.microbench import _decode_shape, gemm_shapes, operators_at, wave_boundaries
 from hardware.catalog import get_gpu, get_interconnect, get_model
 from hardware.cost import CostModel, StepCost, peak_flops
@@ -122,8 +122,8 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
             steps.append({"model": "tiny-llama", "layers": layers, "tp": 2, "execution": "eager", "requests": b,
                           "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(), "gpu_seconds": dispatch,
                           "seconds": dispatch + truth.step_eager})
-    for s in steps:  # the synthetic device is the backend with its paged kernels
-        s["kv_access"] = "paged"
+    for s in steps:  # the synthetic device is the backend with its paged and fused kernels
+        s.update(PAGED_ENGINE)
     return {"records": records, "fixed": {"graph_kernel_seconds": LAUNCH, "stream_gap_seconds": truth.stream_gap},
             "steps": steps, "truth": truth}
 
@@ -412,7 +412,7 @@ def test_quick_calibration_pipeline_on_cpu(tmp_path, capsys) -> None:
     prof, raw, steps = tmp_path / "p.json", tmp_path / "raw.json", tmp_path / "steps.csv"
     assert main(["calibrate", "--quick", "--out", str(prof), "--raw", str(raw)]) == 0
     profile = load_profile(prof)
-    assert profile.version == 3 and profile.gemm and profile.attention and "rope" in profile.operators
+    assert profile.version == 3 and profile.gemm and profile.attention and "rope_kv_write" in profile.operators
     assert "kv_gather_decode" in profile.operators and "kv_gather_prefill" in profile.operators
     assert profile.metadata["device"] == "cpu" and profile.metadata["torch"]
     assert main(["calibrate", "--refit", "--raw", str(raw), "--out", str(tmp_path / "again.json")]) == 0

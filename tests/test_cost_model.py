@@ -246,3 +246,22 @@ def test_ragged_decode_attention_waits_for_its_longest_sequence() -> None:
     assert attention(ragged) > 1.5 * attention(mean)
     many = [999] * 255 + [1255]  # many waves: the mean holds (the longest adds one block's worth at most)
     assert attention(many) == pytest.approx(attention([1000] * 256), rel=0.01)
+
+
+def test_fused_elementwise_launches_one_kernel_per_fused_op() -> None:
+    """`elementwise="fused"` (the default: vLLM's custom ops, the backend's Triton kernels) runs residual add +
+    RMSNorm, RoPE with the K/V cache write, and SiLU-mul as one kernel each; "unfused" counts PyTorch's ops
+    (add and norm: 2 per call; RoPE: 7; the K and V cache copies: 2; SiLU then mul: 2)."""
+    shape = StepShape.build(prefill=[300], decode=[1000] * 16)
+    fused, unfused = (CostModel(Deployment.build("llama-3-8b", "h100", elementwise=e), cuda_graphs=False).price(shape)
+                      for e in ("fused", "unfused"))
+    assert unfused.kernels - fused.kernels == 32 * (2 * (2 - 1) + (7 + 2 - 1) + (2 - 1))
+    names = {o.name for o in fused.breakdown}
+    assert "rope_kv_write" in names and not {"rope", "kv_write"} & names
+    ops = {o.name: o for o in fused.breakdown}
+    rows, a, d = 316, 2, 128
+    # read q, k, v; write q; write k and v to the cache (bf16)
+    assert ops["rope_kv_write"].bytes == pytest.approx(32 * (rows * (2 * 32 + 8) * d * a + rows * 8 * d * 3 * a))
+    assert fused.seconds < unfused.seconds
+    with pytest.raises(ServesimError, match="elementwise"):
+        Deployment.build("llama-3-8b", "h100", elementwise="compiled")

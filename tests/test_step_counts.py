@@ -76,6 +76,11 @@ def test_decode_bytes_are_weights_plus_kv(tp: int) -> None:
     kv_read = L * batch * (context + 1) * KV_PER_TOKEN_LAYER
     q_and_o = L * 2 * batch * NH * D * 2
     assert kinds["attention-decode"] == pytest.approx(kv_read + q_and_o, rel=1e-12)
+    # RoPE with the K/V cache write, one kernel: q, k, v read, q written, K and V written to the cache (bf16)
+    rope_kv = sum(r.bytes * tp for r in cost.breakdown if r.name == "rope_kv_write")
+    assert rope_kv == pytest.approx(L * batch * ((2 * NH + NKV) * D * 2 + NKV * D * (2 + 2 * 2)), rel=1e-12)
+    unfused = CostModel(Deployment.build("llama-3-8b", "h100", tp=tp, elementwise="unfused"), cuda_graphs=False)
+    kinds = by_kind(unfused.price(StepShape.build(decode=[context] * batch)), tp, "bytes")
     assert kinds["kv-write"] == pytest.approx(L * batch * 2 * NKV * D * (2 + 2), rel=1e-12)
 
 
