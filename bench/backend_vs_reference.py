@@ -43,6 +43,7 @@ BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 CONTEXTS = (512, 1024, 2048, 4096, 8192, 16384)
 QUICK = {"batches": (1, 3), "contexts": (40, 100), "prefill": 64, "mixed": (32, 3), "kernel_ctx": (64, 256)}
 REPEATS = 10
+PARTS = ("decode", "prefill", "mixed", "kernels")
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -138,7 +139,13 @@ def main() -> None:
     ap.add_argument("--gpu", default=None, help="catalog GPU id (default: from the device name)")
     ap.add_argument("--quick", action="store_true", help="tiny shapes (CPU smoke run)")
     ap.add_argument("--out", help="write every figure as JSON here")
+    ap.add_argument("--parts", default=",".join(PARTS), help=f"which parts to run (default all: {','.join(PARTS)})")
+    ap.add_argument("--batches", help="decode grid batches, comma-separated (default: the full grid)")
+    ap.add_argument("--contexts", help="decode grid contexts, comma-separated (default: the full grid)")
     args = ap.parse_args()
+    parts = set(args.parts.split(","))
+    if parts - set(PARTS):
+        ap.error(f"--parts: unknown {sorted(parts - set(PARTS))}; allowed: {', '.join(PARTS)}")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
     log = lambda m: print(m, flush=True)  # noqa: E731
     spec = get_model(args.model or ("tiny-llama" if args.quick else "llama-3-8b"))
@@ -153,6 +160,9 @@ def main() -> None:
         gpu = get_gpu("h100")
     q = QUICK if args.quick else {"batches": BATCHES, "contexts": CONTEXTS, "prefill": 8192, "mixed": (2048, 16),
                                   "kernel_ctx": (1024, 4096, 16384)}
+    for key in ("batches", "contexts"):
+        if getattr(args, key):
+            q = {**q, key: tuple(int(v) for v in getattr(args, key).split(","))}
     t0 = time.perf_counter()
     bench = Bench(device, gpu, Settings.quick() if args.quick else Settings(), log)
     ceilings = bench.ceilings(args.quick)
@@ -169,26 +179,32 @@ def main() -> None:
     out: dict = {"model": spec.id, "gpu": gpu.id, "device": torch.cuda.get_device_name(device)
                  if device.type == "cuda" else "cpu", "torch": torch.__version__, "ceilings": ceilings,
                  "cache_tokens": runner.capacity}
-    out["decode"] = decode_grid(runner, q["batches"], q["contexts"], log)
-    one = min((r for r in out["decode"] if r["batch"] == 1), key=lambda r: r["context"])
-    floor = (weight_bytes(model) + one["context"] * kv_token) / ceilings["copy_bandwidth"]
-    out["batch1"] = {"context": one["context"], "backend_wall_s": one["backend_wall_s"],
-                     "backend_gpu_s": one["backend_gpu_s"], "floor_s": floor,
-                     "wall_over_floor": one["backend_wall_s"] / floor}
-    (pre,) = runner.time([StepShape.build(prefill=[q["prefill"]])], repeats=3)
-    runner.release()
-    dep = Deployment.build(spec, gpu)
-    flops = CostModel(dep).price(StepShape.build(prefill=[q["prefill"]])).flops
-    ref_pre = prefill_seconds(model, q["prefill"]) if device.type == "cuda" else float("nan")
-    out["prefill"] = {"tokens": q["prefill"], "backend_wall_s": pre.seconds, "backend_gpu_s": pre.gpu_seconds,
-                      "reference_s": ref_pre, "flops": flops, "mfu": flops / pre.seconds / ceilings["gemm_flops"],
-                      "reference_mfu": flops / ref_pre / ceilings["gemm_flops"]}
-    out["mixed"] = mixed_step(runner, *q["mixed"])
+    if "decode" in parts:
+        out["decode"] = decode_grid(runner, q["batches"], q["contexts"], log)
+        one = min((r for r in out["decode"] if r["batch"] == min(q["batches"])), key=lambda r: r["context"])
+        floor = (weight_bytes(model) + one["batch"] * one["context"] * kv_token) / ceilings["copy_bandwidth"]
+        out["batch1"] = {"batch": one["batch"], "context": one["context"], "backend_wall_s": one["backend_wall_s"],
+                         "backend_gpu_s": one["backend_gpu_s"], "floor_s": floor,
+                         "wall_over_floor": one["backend_wall_s"] / floor}
+    if "prefill" in parts:
+        (pre,) = runner.time([StepShape.build(prefill=[q["prefill"]])], repeats=3)
+        runner.release()
+        dep = Deployment.build(spec, gpu)
+        flops = CostModel(dep).price(StepShape.build(prefill=[q["prefill"]])).flops
+        ref_pre = prefill_seconds(model, q["prefill"]) if device.type == "cuda" else float("nan")
+        out["prefill"] = {"tokens": q["prefill"], "backend_wall_s": pre.seconds, "backend_gpu_s": pre.gpu_seconds,
+                          "reference_s": ref_pre, "flops": flops, "mfu": flops / pre.seconds / ceilings["gemm_flops"],
+                          "reference_mfu": flops / ref_pre / ceilings["gemm_flops"]}
+        log(f"prefill {q['prefill']}: {pre.seconds * 1e3:.2f} ms wall, reference {ref_pre * 1e3:.2f} ms")
+    if "mixed" in parts:
+        out["mixed"] = mixed_step(runner, *q["mixed"])
+        log(f"mixed: {out['mixed']}")
     del runner, model
     release_memory(str(device))
-    a = Deployment.build(spec, gpu)
-    out["kernels"] = kernel_rates(device, a.heads_per_gpu, a.kv_heads_per_gpu, spec.head_size, q["kernel_ctx"],
-                                  ceilings["copy_bandwidth"], q["prefill"], log)
+    if "kernels" in parts:
+        a = Deployment.build(spec, gpu)
+        out["kernels"] = kernel_rates(device, a.heads_per_gpu, a.kv_heads_per_gpu, spec.head_size, q["kernel_ctx"],
+                                      ceilings["copy_bandwidth"], q["prefill"], log)
     out["seconds"] = time.perf_counter() - t0
     if args.out:
         Path(args.out).write_text(json.dumps(out, indent=1))
@@ -200,25 +216,30 @@ def report(out: dict) -> None:
     print(f"\n{out['model']} on {out['device']} (torch {out['torch']})")
     print(f"{'batch':>6} {'context':>8} {'backend GPU ms':>15} {'wall ms':>9} {'reference ms':>13} {'GPU/ref':>8} "
           f"{'wall/ref':>9}")
-    for r in out["decode"]:
+    for r in out.get("decode", []):
         print(f"{r['batch']:>6} {r['context']:>8} {r['backend_gpu_s'] * 1e3:>15.3f} {r['backend_wall_s'] * 1e3:>9.3f} "
               f"{r['reference_s'] * 1e3:>13.3f} {r['gpu_ratio']:>8.3f} {r['wall_ratio']:>9.3f}")
-    ratios = [r["wall_ratio"] for r in out["decode"] if math.isfinite(r["wall_ratio"])]
+    ratios = [r["wall_ratio"] for r in out.get("decode", []) if math.isfinite(r["wall_ratio"])]
     if ratios:
         print(f"decode graph steps, wall over reference: median {statistics.median(ratios):.3f}, worst "
               f"{max(ratios):.3f}; cells within 10%: {sum(x <= 1.10 for x in ratios)}/{len(ratios)} (target: all)")
-    b1 = out["batch1"]
-    print(f"batch 1, context {b1['context']}: {b1['backend_wall_s'] * 1e3:.3f} ms wall, floor "
-          f"{b1['floor_s'] * 1e3:.3f} ms: {b1['wall_over_floor']:.3f}x (target <= 1.25)")
-    p = out["prefill"]
-    print(f"prefill {p['tokens']}: {p['backend_wall_s'] * 1e3:.2f} ms, {p['mfu']:.1%} of the measured matmul peak "
-          f"(target >= 60%); reference {p['reference_s'] * 1e3:.2f} ms ({p['reference_mfu']:.1%})")
-    m = out["mixed"]
-    print(f"mixed {m['prefill_tokens']} + {m['decodes']} decodes: eager {m['eager_wall_s'] * 1e3:.2f} ms wall, graph "
-          f"{m['graph_s'] * 1e3:.2f} ms: {m['ratio']:.3f}x (target <= 1.15)")
-    k = out["kernels"]["prefill"]
-    print(f"prefill attention kernel: paged {k['paged_tflops']:.0f} TFLOP/s, SDPA contiguous {k['sdpa_tflops']:.0f}")
-    for r in out["kernels"]["decode"]:
+    b1 = out.get("batch1")
+    if b1:
+        print(f"batch {b1['batch']}, context {b1['context']}: {b1['backend_wall_s'] * 1e3:.3f} ms wall, floor "
+              f"{b1['floor_s'] * 1e3:.3f} ms: {b1['wall_over_floor']:.3f}x (target <= 1.25)")
+    p = out.get("prefill")
+    if p:
+        print(f"prefill {p['tokens']}: {p['backend_wall_s'] * 1e3:.2f} ms, {p['mfu']:.1%} of the measured matmul peak "
+              f"(target >= 60%); reference {p['reference_s'] * 1e3:.2f} ms ({p['reference_mfu']:.1%})")
+    m = out.get("mixed")
+    if m:
+        print(f"mixed {m['prefill_tokens']} + {m['decodes']} decodes: eager {m['eager_wall_s'] * 1e3:.2f} ms wall, "
+              f"graph {m['graph_s'] * 1e3:.2f} ms: {m['ratio']:.3f}x (target <= 1.15)")
+    if "kernels" in out:
+        k = out["kernels"]["prefill"]
+        print(f"prefill attention kernel: paged {k['paged_tflops']:.0f} TFLOP/s, SDPA contiguous "
+              f"{k['sdpa_tflops']:.0f}")
+    for r in out.get("kernels", {}).get("decode", []):
         s = r["auto_splits"]
         print(f"decode attention b={r['batch']} ctx={r['context']}: {s} splits, "
               f"{r[f'splits_{s}_bw_share']:.0%} of copy bandwidth (best split: "

@@ -254,8 +254,7 @@ def _validate(args: argparse.Namespace) -> dict[str, Any]:
     gpu = get_gpu(args.gpu).id
     profile = resolve_profile(args.profile, gpu) or DEFAULT_PROFILE
     if args.overheads:
-        host = resolve_profile(args.overheads, gpu) or DEFAULT_PROFILE
-        profile = profile.model_copy(update={"overheads": profile.overheads.with_host_of(host.overheads)})
+        profile = profile.with_engine_of(resolve_profile(args.overheads, gpu, field="--overheads") or DEFAULT_PROFILE)
     steps, table = compare(read_measurements(args.measurements), gpu, profile, args.statistic)
     result = {"gpu": gpu, "profile": profile.gpu, "overheads": args.overheads or profile.gpu, **summary(steps, table)}
     print(format_table(result), file=sys.stderr)

@@ -417,7 +417,10 @@ def fit_profile(raw: dict[str, Any], gpu: GPUSpec, metadata: dict[str, Any]) -> 
     checks = [_ragged_check(r, profile, roof, launch) for r in attention if r.get("ragged")]
     meta = {**metadata, "ceilings": raw.get("ceilings", {}), "fixed": raw["fixed"],
             "ragged_attention_checks": checks, "gemm_spikes": gemm_spikes}
-    return profile.model_copy(update={"metadata": meta})
+    engines = sorted({tuple(engine(s).values()) for s in raw.get("steps", [])})
+    name = ("servesim backend (" + "; ".join(f"kv_access {a}, elementwise {e}" for a, e in engines) + ")"
+            if engines else DEFAULT_PROFILE.engine_name)
+    return profile.model_copy(update={"metadata": meta, "engine_name": name})
 
 
 def _ragged_check(r: dict[str, Any], profile: Profile, roof: _Roofline, launch: float) -> dict[str, float]:

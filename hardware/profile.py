@@ -2,8 +2,10 @@
 
 A profile holds, per operator kind, a compute-efficiency curve over the operator's FLOPs and a
 memory-efficiency curve over its bytes (collectives: link efficiency over their payload bytes), plus the
-fixed costs in eager and CUDA-graph execution. Calibrated profiles (version 3, written by `servesim
-calibrate`) add measured surfaces that take precedence over the per-kind curves:
+fixed costs in eager and CUDA-graph execution, split on file into the GPU's (`kernel_gaps`) and the serving
+engine's host costs (`engine`), so one GPU can be priced under another engine's (`resolve_profile`).
+Calibrated profiles (version 4, written by `servesim calibrate`) add measured surfaces that take precedence
+over the per-kind curves:
 
 - `gemm`: for each measured weight shape (K, N), the fraction of the roofline reached at each M (tokens);
 - `operators`: per named operator (`rope`, `add_rmsnorm`, ...), memory efficiency over its bytes;
@@ -37,7 +39,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import numpy as np
-from pydantic import Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import Field, PositiveFloat, PositiveInt, ValidationError, model_serializer, model_validator
 
 from hardware.errors import ServesimError, describe_validation_error
 from hardware.specs import Spec
@@ -56,7 +58,7 @@ OP_KINDS = (
     "send-recv",
 )
 COLLECTIVE_KINDS = frozenset({"all-reduce", "all-gather", "send-recv"})
-PROFILE_VERSION = 3
+PROFILE_VERSION = 4
 _GRID_PER_DECADE = 32
 _MEASURED_PER_DECADE = 4096  # measured GEMM curves: M and M + 1 in different cells up to M = 1,779
 
@@ -124,8 +126,11 @@ class Overheads(Spec):
 
     def with_host_of(self, other: Overheads) -> Overheads:
         """`other`'s host costs (dispatch, per-step) with this GPU's own (`launch_graph`, `stream_gap`): the
-        same GPU on another host."""
-        return other.model_copy(update={"launch_graph": self.launch_graph, "stream_gap": self.stream_gap})
+        same GPU on another host, or under another engine."""
+        return other.model_copy(update={name: getattr(self, name) for name in GPU_OVERHEADS})
+
+
+GPU_OVERHEADS = ("launch_graph", "stream_gap")  # the GPU's: kernel gaps in a graph replay and on a stream
 
 
 class GemmCurve(Spec):
@@ -217,11 +222,14 @@ class GatherCurve(Spec):
 
 
 class Profile(Spec):
-    """A versioned efficiency profile for one GPU (see module docstring)."""
+    """A versioned efficiency profile for one GPU (see module docstring). In memory the fixed costs are one
+    `Overheads`; on file (version 4) they are two sections: `kernel_gaps` (the GPU's) and `engine` (the
+    serving engine's host costs, with its `name`), so one GPU can be priced under another engine's."""
 
-    version: Literal[1, 2, 3] = PROFILE_VERSION
+    version: Literal[1, 2, 3, 4] = PROFILE_VERSION
     gpu: str
     metadata: dict[str, Any] = {}
+    engine_name: str = "servesim documented defaults"
     efficiency: dict[str, KindEfficiency]
     overheads: Overheads
     gemm: tuple[GemmCurve, ...] = ()
@@ -229,6 +237,30 @@ class Profile(Spec):
     attention: tuple[AttentionSurface, ...] = ()
     collectives: tuple[CollectiveCurve, ...] = ()
     kv_gather: tuple[GatherCurve, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections(cls, data: Any) -> Any:
+        """Version 4 files: `kernel_gaps` and `engine` make up the overheads (earlier versions: `overheads`)."""
+        if isinstance(data, dict) and "engine" in data and "overheads" not in data:
+            data = dict(data)
+            engine = dict(data.pop("engine") or {})
+            data["engine_name"] = engine.pop("name", "unnamed")
+            data["overheads"] = {**(data.pop("kernel_gaps", None) or {}), **engine}
+        return data
+
+    @model_serializer(mode="wrap")
+    def _write_sections(self, handler: Any) -> dict[str, Any]:
+        data = handler(self)
+        overheads = data.pop("overheads")
+        data["kernel_gaps"] = {k: overheads.pop(k) for k in GPU_OVERHEADS}
+        data["engine"] = {"name": data.pop("engine_name"), **overheads}
+        return data
+
+    def with_engine_of(self, other: Profile) -> Profile:
+        """This GPU's kernels under `other`'s engine (its host costs; see `Overheads.with_host_of`)."""
+        return self.model_copy(update={"overheads": self.overheads.with_host_of(other.overheads),
+                                       "engine_name": other.engine_name})
 
     @model_validator(mode="after")
     def _check_kinds(self) -> Profile:
@@ -360,11 +392,11 @@ class TimeTables:
         return np.where(positive, np.power(10.0, log_t) / peak, 0.0)
 
 
-def load_profile(path: str | Path) -> Profile:
+def load_profile(path: str | Path, field: str = "profile") -> Profile:
     """Read a profile JSON file; kinds it lacks fall back to the defaults."""
     p = Path(path)
     if not p.is_file():
-        raise ServesimError(f"profile: no such file {str(p)!r}")
+        raise ServesimError(f"{field}: no such file {str(p)!r}")
     try:
         data = json.loads(p.read_text())
     except json.JSONDecodeError as exc:
@@ -384,24 +416,29 @@ def packaged_profile(gpu_id: str) -> Profile | None:
     return load_profile(path) if path.is_file() else None
 
 
-def resolve_profile(value: str | None, gpu_id: str) -> Profile | None:
+def resolve_profile(value: str | None, gpu_id: str, engine: str | None = None,
+                    field: str = "profile") -> Profile | None:
     """A profile named by a user: None or "datasheet" give None (the documented defaults); "calibrated" the
     committed profile of `gpu_id` (an error if it has none); a path to a JSON file; or the id or alias of
-    a catalog GPU with a committed profile (price one GPU with another's profile: the what-if rule)."""
+    a catalog GPU with a committed profile (price one GPU with another's profile: the what-if rule).
+    `engine`, named the same way, replaces the profile's engine section (host costs) with that profile's."""
+    if engine is not None:
+        own = resolve_profile(value, gpu_id) or DEFAULT_PROFILE
+        return own.with_engine_of(resolve_profile(engine, gpu_id, field="engine") or DEFAULT_PROFILE)
     if value is None or value == "datasheet":
         return None
     if value == "calibrated":
         value = gpu_id
     if Path(value).suffix == ".json" or Path(value).exists():
-        return load_profile(value)
+        return load_profile(value, field)
     from hardware.catalog import get_gpu
 
     try:
         gid = get_gpu(value).id
     except ServesimError:
-        raise ServesimError(f"profile: {value!r} is neither a profile JSON file nor a catalog GPU id") from None
+        raise ServesimError(f"{field}: {value!r} is neither a profile JSON file nor a catalog GPU id") from None
     found = packaged_profile(gid)
     if found is None:
         shipped = sorted(p.stem for p in PROFILES_DIR.glob("*.json"))
-        raise ServesimError(f"profile: no committed profile for GPU {gid!r}; committed: {', '.join(shipped) or 'none'}")
+        raise ServesimError(f"{field}: no committed profile for GPU {gid!r}; committed: {', '.join(shipped) or 'none'}")
     return found

@@ -41,6 +41,8 @@ def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--gpu-price", type=float, help="override the GPU's hourly price in USD")
     g.add_argument("--profile", help="efficiency profile: a JSON file, the GPU id of a committed profile, or "
                    "'calibrated' for the GPU's committed one (default: the datasheet defaults)")
+    g.add_argument("--engine", help="the serving engine's host costs, named as --profile is (e.g. 'datasheet'), over "
+                   "the profile's GPU kernels (default: the profile's own engine section)")
 
 
 def _deployment(args: argparse.Namespace) -> Deployment:
@@ -92,7 +94,7 @@ def _shape(args: argparse.Namespace) -> StepShape:
 def cmd_estimate(args: argparse.Namespace) -> dict[str, Any]:
     dep = _deployment(args)
     plan = dep.check_fits()
-    profile = resolve_profile(args.profile, dep.gpu.id)
+    profile = resolve_profile(args.profile, dep.gpu.id, args.engine)
     model = CostModel(dep, profile=profile, cuda_graphs=args.graphs)
     shape = _shape(args)
     cost = model.price(shape)
@@ -108,6 +110,7 @@ def cmd_estimate(args: argparse.Namespace) -> dict[str, Any]:
         "tp": dep.tp,
         "pp": dep.pp,
         "profile": model.profile.gpu,
+        "engine": model.profile.engine_name,
         "execution": cost.execution,
         "seconds": cost.seconds,
         "tokens": cost.tokens,

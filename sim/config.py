@@ -43,6 +43,9 @@ class HardwareConfig(_Section):
     gpu_price: float | None = Field(None, ge=0.0, description="override the catalog's USD per GPU-hour")
     profile: str | None = Field(None, description="efficiency profile: a JSON file, the GPU id of a committed "
                                 "profile, or 'calibrated' for the GPU's committed one (default: datasheet defaults)")
+    engine: str | None = Field(None, description="the serving engine's host costs, named as `profile` is: take "
+                               "that profile's engine section (e.g. 'datasheet': the documented defaults) over "
+                               "this profile's GPU kernels (default: the profile's own)")
     cuda_graphs: bool = True
     kv_access: KvAccess = Field("paged", description="how attention reads the paged KV cache: 'paged' (the kernel "
                                 "reads the blocks in place, as vLLM's FlashAttention and servesim's backend do) or "

@@ -191,7 +191,8 @@ def build_deployment(config: SimConfig, hardware: HardwareConfig | None = None,
 def cost_model(config: SimConfig, profile: str | None = None) -> CostModel:
     """The cost model of a config's deployment, with `profile` (default: the config's) applied."""
     dep = build_deployment(config)
-    return CostModel(dep, profile=resolve_profile(profile or config.hardware.profile, dep.gpu.id),
+    return CostModel(dep, profile=resolve_profile(profile or config.hardware.profile, dep.gpu.id,
+                                                  config.hardware.engine),
                      cuda_graphs=config.hardware.cuda_graphs)
 
 
@@ -206,7 +207,8 @@ class Pool(PoolInfo):
     def cost_model(self, deployment: Deployment | None = None) -> CostModel:
         """The cost model of this pool's deployment (or of a draft on its GPUs), with the pool's profile."""
         return CostModel(deployment or self.deployment,
-                         profile=resolve_profile(self.hardware.profile, self.deployment.gpu.id),
+                         profile=resolve_profile(self.hardware.profile, self.deployment.gpu.id,
+                                                 self.hardware.engine),
                          cuda_graphs=self.hardware.cuda_graphs)
 
     def executor(self, speculation: SpeculationConfig | None) -> CostModelExecutor:

@@ -340,6 +340,41 @@ def test_resolve_profile_names() -> None:
         resolve_profile("l40s", "h100-sxm-80gb")
 
 
+def test_profile_files_keep_the_gpu_and_the_engine_in_their_own_sections(tmp_path) -> None:
+    """Version 4 files split the fixed costs: `kernel_gaps` (the GPU's) and `engine` (the host's, named); they
+    read back to the same profile, and version 3 files with one `overheads` section still load."""
+    h100 = packaged_profile("h100-sxm-80gb")
+    data = json.loads(h100.model_dump_json())
+    assert "overheads" not in data and set(data["kernel_gaps"]) == {"launch_graph", "stream_gap"}
+    assert data["engine"]["name"] == h100.engine_name and "step_graph" in data["engine"]
+    assert "launch_graph" not in data["engine"] and Profile.model_validate(data) == h100
+    old = {k: v for k, v in data.items() if k not in ("kernel_gaps", "engine", "engine_name")}
+    old |= {"version": 3, "overheads": h100.overheads.model_dump()}
+    path = tmp_path / "v3.json"
+    path.write_text(json.dumps(old))
+    assert load_profile(path).overheads == h100.overheads
+
+
+def test_a_gpu_priced_under_another_engine() -> None:
+    """`engine` swaps the host's costs and keeps the GPU's kernels and kernel gaps: the H100's calibrated
+    kernels under the documented defaults' engine price every operator the same, and the step's overhead as
+    the defaults do."""
+    mixed = resolve_profile("calibrated", "h100-sxm-80gb", engine="datasheet")
+    h100 = packaged_profile("h100-sxm-80gb")
+    assert mixed.engine_name == DEFAULT_PROFILE.engine_name and mixed.gemm == h100.gemm
+    assert mixed.overheads.launch_graph == h100.overheads.launch_graph
+    assert mixed.overheads.step_graph == DEFAULT_PROFILE.overheads.step_graph != h100.overheads.step_graph
+    dep = Deployment.build("llama-3-8b", "h100")
+    shape = StepShape.build(decode=[2048] * 64)
+    a, b = (CostModel(dep, p).price(shape) for p in (h100, mixed))
+    assert [o.seconds for o in a.breakdown] == [o.seconds for o in b.breakdown]
+    assert b.overhead_seconds == pytest.approx(DEFAULT_PROFILE.overheads.step_graph
+                                               + DEFAULT_PROFILE.overheads.step_graph_per_request * 64)
+    assert resolve_profile(None, "h100-sxm-80gb", engine="h100").overheads.step_graph == h100.overheads.step_graph
+    with pytest.raises(ServesimError, match="^engine: 'no-such-thing' is neither"):
+        resolve_profile("calibrated", "h100-sxm-80gb", engine="no-such-thing")
+
+
 @pytest.mark.parametrize("target", ["h200", "a100"])
 def test_borrowed_profile_moves_the_roofline_part_and_keeps_the_excess(target) -> None:
     """What-if rule: each kernel's time on the profiled GPU less its roofline there is kept (scaled by the SM
@@ -412,7 +447,7 @@ def test_quick_calibration_pipeline_on_cpu(tmp_path, capsys) -> None:
     prof, raw, steps = tmp_path / "p.json", tmp_path / "raw.json", tmp_path / "steps.csv"
     assert main(["calibrate", "--quick", "--out", str(prof), "--raw", str(raw)]) == 0
     profile = load_profile(prof)
-    assert profile.version == 3 and profile.gemm and profile.attention and "rope_kv_write" in profile.operators
+    assert profile.version == 4 and profile.gemm and profile.attention and "rope_kv_write" in profile.operators
     assert "kv_gather_decode" in profile.operators and "kv_gather_prefill" in profile.operators
     assert profile.metadata["device"] == "cpu" and profile.metadata["torch"]
     assert main(["calibrate", "--refit", "--raw", str(raw), "--out", str(tmp_path / "again.json")]) == 0
