@@ -170,12 +170,12 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         q_pos = torch.arange(lk - lq, lk, device=q.device)[:, None]
         k_pos = torch.arange(lk, device=q.device)[None, :]
         allowed = k_pos <= q_pos
-        if window is not None:
-            allowed &= k_pos > q_pos - window
         mask = g.host_masks[i] if g.host_masks is not None else None
         if mask is not None:  # a token tree: the last keys by the tree's ancestry, everything before visible
             tail = torch.from_numpy(mask).to(q.device)
             allowed = torch.cat([torch.ones(lq, lk - tail.shape[1], dtype=torch.bool, device=q.device), tail], 1)
+        if window is not None:  # by row: a tree node's window is counted from its row, as the kernel does
+            allowed &= k_pos > q_pos - window
         o = F.scaled_dot_product_attention(q[qs:qs + lq].transpose(0, 1), k_cache[index].transpose(0, 1),
                                            v_cache[index].transpose(0, 1), attn_mask=allowed, enable_gqa=True)
         out.append(o.transpose(0, 1))

@@ -52,16 +52,16 @@ class DecodeGraph:
         group = PagedGroup(0, rows, True, tables, lens, lens, lens, 1, splits, [], [], [], scratch=partials)
         self.meta = AttentionMeta(slots, [group])
         self.logits = logits
-        row_ids = torch.arange(rows, device=dev)
+        self.row_ids = torch.arange(rows, device=dev)  # kept: the graph reads it at every replay
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                model(tokens, positions, self.meta, cache, row_ids)
+                model(tokens, positions, self.meta, cache, self.row_ids)
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.logits[:rows].copy_(model(tokens, positions, self.meta, cache, row_ids))
+            self.logits[:rows].copy_(model(tokens, positions, self.meta, cache, self.row_ids))
 
     def _views(self, buf: np.ndarray | torch.Tensor) -> tuple:
         r = self.rows

@@ -17,8 +17,8 @@ CUDA_LAUNCH_BLOCKING=1 timeout 150 $PY calibrate/gpu_check.py 2>&1 | tail -40 | 
 # a small decode grid with synchronous launches first: a failing kernel shows in its traceback
 CUDA_LAUNCH_BLOCKING=1 timeout 120 $B --parts decode --batches 1,8 --contexts 512,4096 --out "$OUT/small.json" 2>&1 \
   | grep -v IndexKernel | tail -40 | tee "$OUT/small.txt"
-timeout "${OTHER_S:-200}" $B --parts prefill,mixed,kernels --out "$OUT/other.json" 2>&1 | grep -v IndexKernel \
-  | tail -40 | tee "$OUT/other.txt"
+[ "${OTHER:-1}" = 1 ] && timeout "${OTHER_S:-200}" $B --parts prefill,mixed,kernels --out "$OUT/other.json" 2>&1 \
+  | grep -v IndexKernel | tail -40 | tee "$OUT/other.txt"
 timeout "${DECODE_S:-220}" $B --parts decode --out "$OUT/decode.json" 2>&1 | grep -v IndexKernel | tail -60 \
   | tee "$OUT/decode.txt"
 if [ "${CONFIGS:-0}" = 1 ]; then

@@ -9,17 +9,28 @@ H100=(--raw $R/h100-sxm-80gb_raw.json --later $R/h100-sxm-80gb_attention_raw.jso
 # the H200's kernels: first session, attention (fourth), GEMMs of the six models and Llama-3-8B's attention (seventh)
 H200=(--raw $R/h200-sxm-141gb_raw.json --later $R/h200-sxm-141gb_attention_raw.json
       --later $R/h200-sxm-141gb_gemm_raw.json --later $R/h200-sxm-141gb_attention_llama3_raw.json)
+# the H100 under the backend before its paged and fused kernels (the committed replays ran it)
 servesim calibrate --refit "${H100[@]}" --later $R/h100-sxm-80gb_reference_raw.json \
-  --out ../profiles/h100-sxm-80gb.json > /dev/null
+  --out h100-sxm-80gb_gather_profile.json > /dev/null
+# the H100 under the backend with paged attention and fused elementwise kernels: the first session's GEMMs
+# (cuBLAS, unchanged) under the eighth session's elementwise kernels, attention, fixed costs and reference
+tmp=$(mktemp -d)
+python3 -c "import json, sys; d = json.load(open(sys.argv[1])); d['steps'] = []
+d['records'] = [r for r in d['records'] if r['kind'] == 'gemm']; json.dump(d, open(sys.argv[2], 'w'))" \
+  $R/h100-sxm-80gb_raw.json $tmp/h100_gemm_raw.json
+servesim calibrate --refit --raw $tmp/h100_gemm_raw.json --later $R/h100-sxm-80gb_paged_raw.json \
+  --later $R/h100-sxm-80gb_paged_reference_raw.json --out ../profiles/h100-sxm-80gb.json > /dev/null
 servesim calibrate --refit "${H200[@]}" --later $R/h200-sxm-141gb_x2host_steps_raw.json \
   --later $R/h200-sxm-141gb_steps_raw.json --later $R/h200-sxm-141gb_reference_raw.json \
   --out ../profiles/h200-sxm-141gb.json > /dev/null
 servesim calibrate --refit "${H200[@]}" --later $R/h200-sxm-141gb_x2host_steps_raw.json \
   --out h200-sxm-141gb_x2host_profile.json > /dev/null
 v() { echo "== $*" >&2; servesim calibrate validate "$@" > /dev/null; }
-v h100-sxm-80gb_llama-3-8b_steps.csv --gpu h100 --out validation_h100
+v h100-sxm-80gb_llama-3-8b_steps.csv --gpu h100 --profile h100-sxm-80gb_gather_profile.json --out validation_h100
+v h100-sxm-80gb_paged_llama-3-8b_steps.csv --gpu h100 --out validation_h100_paged
 v h200-sxm-141gb_llama-3-8b_steps.csv --gpu h200 --out validation_h200
-v h200-sxm-141gb_llama-3-8b_steps.csv --gpu h200 --profile h100 --out validation_h200_from_h100_profile
+v h200-sxm-141gb_llama-3-8b_steps.csv --gpu h200 --profile h100-sxm-80gb_gather_profile.json \
+  --out validation_h200_from_h100_profile
 v h200-sxm-141gb_llama-3-8b_tp2_steps.csv --gpu h200 --overheads h200-sxm-141gb_x2host_profile.json \
   --out validation_h200_tp2
 v h200-sxm-141gb_x2host_llama-3-8b_steps.csv --gpu h200 --overheads h200-sxm-141gb_x2host_profile.json \
@@ -27,7 +38,6 @@ v h200-sxm-141gb_x2host_llama-3-8b_steps.csv --gpu h200 --overheads h200-sxm-141
 # the same H200 profile against references of three other lent H200s, each with its own host's overheads (and
 # kernels where that machine timed Llama-3-8B's; calibrate/measurements/README.md)
 O=h200_other_machines
-tmp=$(mktemp -d)
 for m in a c d; do
   kernels=$O/${m}_kernels_raw.json; [ $m = a ] && kernels=$O/a_gemm_raw.json
   servesim calibrate --refit "${H200[@]}" --later $kernels --later $O/${m}_reference_raw.json \

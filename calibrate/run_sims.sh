@@ -8,7 +8,7 @@ for sched in vllm sarathi; do
     set -- $load
     servesim run "$M/h100_llama3_8b_azure.yaml" --quiet --out "$M/sim_${sched}_$1" \
       --set scheduler.name=$sched --set workloads.0.arrival.rate=$2 --set workloads.0.num_requests=$3 > /dev/null
-    servesim validate "$M/sim_${sched}_$1" "$M/real_${sched}_$1" --profile calibrated --out "$M/validation_${sched}_$1" \
+    servesim validate "$M/sim_${sched}_$1" "$M/real_${sched}_$1" --profile $M/h100-sxm-80gb_gather_profile.json --out "$M/validation_${sched}_$1" \
       | tee "$M/validation_${sched}_$1.txt"
   done
 done

@@ -63,10 +63,12 @@ def test_prefill_kernel_matches_reference(window: int | None) -> None:
     assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
 
 
-def test_prefill_kernel_matches_reference_on_token_trees() -> None:
+@pytest.mark.parametrize("window", [None, 20])
+def test_prefill_kernel_matches_reference_on_token_trees(window: int | None) -> None:
+    """Trees, also under a sliding window (counted from each node's row, in the kernel and the reference)."""
     rng = np.random.default_rng(2)
     parts = [(5, 40, tree_mask(5, rng)), (17, 45, None), (9, 7, tree_mask(9, rng)), (1, 16, tree_mask(1, rng))]
-    out, ref = run_both(parts, False, None, seed=2)
+    out, ref = run_both(parts, False, window, seed=2)
     assert torch.allclose(out, ref, atol=1e-5)
 
 
