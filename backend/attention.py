@@ -182,3 +182,25 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
         qs += lq
     return torch.cat(out)
 
+
+
+def warm_up(heads: int, kv_heads: int, head_dim: int, window: int | None, block_size: int, dtype: torch.dtype,
+            device: torch.device) -> None:
+    """Launch every attention variant a serving pass can take once (prefill tiles of each height, with and
+    without a token tree; decode at every flash-decoding split), so that Triton compiles them before the
+    first request instead of in it, as engines warm up at start."""
+    if not kernels.use_kernels(torch.empty(0, device=device)):
+        return
+    longest = 128 + 2 * block_size
+    blocks = list(range(-(-longest // block_size)))
+    kc = torch.zeros(len(blocks) * block_size, kv_heads, head_dim, dtype=dtype, device=device)
+    vc = torch.zeros_like(kc)
+    for n in (16, 64, 128):  # the tile heights of `kernels.prefill_block_m`
+        for mask in (None, np.tril(np.ones((n, n), dtype=bool))):
+            group = paged_group([Chunk(0, n, block_size, blocks, mask)], block_size, device, False, kv_heads)
+            attend(torch.zeros(n, heads, head_dim, dtype=dtype, device=device), kc, vc, group, block_size, window)
+    q = torch.zeros(1, heads, head_dim, dtype=dtype, device=device)
+    for splits in (1 << i for i in range(7)):  # every power of two `kernels.decode_splits` gives
+        group = paged_group([Chunk(0, 1, longest - 1, blocks)], block_size, device, True, kv_heads)
+        group.splits = splits
+        attend(q, kc, vc, group, block_size, window)

@@ -20,7 +20,7 @@ import torch
 from backend.attention import AttentionMeta, Chunk, attention_meta, cache_slots
 from backend.block_table import BlockTables
 from backend.graphs import GraphCache
-from backend.model import PagedKVCache, build_model
+from backend.model import PagedKVCache, build_model, warm_up_kernels
 from backend.parallel import Shard
 from backend.speculative import DraftRunner, accept, ancestry, breadth_first, seeded, tree_accept
 from hardware.cost import GRAPH_BATCH_SIZES
@@ -50,6 +50,7 @@ class TorchExecutor:
         # One block more than the engine's: the scratch slot that padded CUDA-graph rows write to.
         self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks + 1, block_size,
                                   kv_heads_per_gpu(spec, shard.size), spec.head_size, self.dtype, self.device)
+        warm_up_kernels(spec, shard.size, self.cache.k.shape[2], block_size, self.dtype, self.device)
         self.use_graphs = cuda_graphs and self.device.type == "cuda"
         self.graphs = GraphCache(self.model, self.cache, num_blocks, block_size) if self.use_graphs else None
         self.block_size = block_size

@@ -126,3 +126,18 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     d = x.shape[-1]
     x1, x2 = x[..., : d // 2], x[..., d // 2:]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+def warm_up(hidden: int, intermediate: int, heads: int, kv_heads: int, head_dim: int, dtype: torch.dtype,
+            device: torch.device) -> None:
+    """Launch each fused kernel once at the model's sizes (Triton compiles on the first launch)."""
+    if not kernels.use_kernels(torch.empty(0, device=device)):
+        return
+    x, w = torch.zeros(2, hidden, dtype=dtype, device=device), torch.ones(hidden, dtype=dtype, device=device)
+    add_rmsnorm(x, None, w, 1e-5)
+    add_rmsnorm(x, x.clone(), w, 1e-5)
+    silu_mul(torch.zeros(2, 2 * intermediate, dtype=dtype, device=device))
+    cos = torch.ones(2, 1, head_dim // 2, dtype=dtype, device=device)
+    cache = torch.zeros(2, kv_heads, head_dim, dtype=dtype, device=device)
+    rope_and_cache(torch.zeros(2, heads + 2 * kv_heads, head_dim, dtype=dtype, device=device), cos, cos * 0,
+                   torch.arange(2, device=device), cache, cache.clone(), heads, kv_heads)

@@ -58,7 +58,7 @@ def _pow2(n: int, least: int = 16) -> int:
 
 if triton is not None:
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_tb"])  # block-table width varies per pass: one compile for all
     def _prefill_kernel(Q, K, V, O, tables, q_start, lens, tiles, masks, mask_off,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_tb,
                         scale, window,
@@ -139,7 +139,7 @@ if triton is not None:
         tl.store(O + (first + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["stride_os", "stride_tb"])
     def _decode_kernel(Q, K, V, O, LSE, tables, lens,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_os, stride_tb,
                        scale, window,

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from backend import attention, fused
 from backend.attention import AttentionMeta, attend
 from backend.fused import add_rmsnorm, rope, rope_and_cache, silu_mul  # noqa: F401 (rope: re-exported)
 from backend.parallel import Shard, shard_model
@@ -160,6 +161,14 @@ def fuse_hf_projections(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     for name, pieces in parts.items():
         out[name] = torch.cat([pieces[i] for i in sorted(pieces)])
     return out
+
+
+def warm_up_kernels(spec: ModelSpec, tp: int, kv_heads: int, block_size: int, dtype: torch.dtype,
+                    device: torch.device) -> None:
+    """Compile the Triton kernels of this model's passes before serving (no-op where they do not run)."""
+    heads = spec.num_attention_heads // tp
+    attention.warm_up(heads, kv_heads, spec.head_size, spec.sliding_window, block_size, dtype, device)
+    fused.warm_up(spec.hidden_size, spec.intermediate_size // tp, heads, kv_heads, spec.head_size, dtype, device)
 
 
 def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int = 0,

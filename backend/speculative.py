@@ -22,7 +22,7 @@ import torch
 from backend.attention import Chunk, attention_meta
 from backend.block_table import BlockTables
 from backend.graphs import GraphCache
-from backend.model import PagedKVCache, build_model
+from backend.model import PagedKVCache, build_model, warm_up_kernels
 from hardware.specs import ModelSpec
 from policies.trees import TokenTree
 
@@ -37,6 +37,7 @@ class DraftRunner:
         # One block more than it hands out: the scratch slot of padded CUDA-graph rows.
         self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks + 1, block_size, spec.num_key_value_heads,
                                   spec.head_size, dtype, device)
+        warm_up_kernels(spec, 1, spec.num_key_value_heads, block_size, dtype, device)
         self.graphs = GraphCache(self.model, self.cache, num_blocks, block_size) if cuda_graphs else None
         self.blocks = BlockTables(num_blocks)
         self.done: dict[int, int] = {}

@@ -1,22 +1,26 @@
 #!/usr/bin/env bash
 # Replays on the GPU for validation (issue 5). Run from the repository root on the device machine:
-#   OUT=<dir> TRACE=<azure_llm_2023_conv.csv> [SCHEDS="vllm sarathi"] bash calibrate/run_replays.sh
+#   OUT=<dir> TRACE=<azure_llm_2023_conv.csv> [SCHEDS="vllm sarathi"] [LOADS="light heavy"] [CONFIG=...]
+#   [PREFIX=paged_] bash calibrate/run_replays.sh
 # Needs torch and CUDA there; pydantic and simpy come from wheels in .device/wheels when not installed.
 set -euo pipefail
 OUT=${OUT:-out}
 TRACE=${TRACE:-../shared/traces/azure_llm_2023_conv.csv}
-python3 -c "import pydantic, simpy" 2>/dev/null || python3 -m pip install -q --no-index --find-links .device/wheels pydantic simpy
+PY=${PY:-python3}
+$PY -c "import pydantic, simpy" 2>/dev/null || $PY -m pip install -q --no-index --find-links .device/wheels pydantic simpy
 export PYTHONPATH=$PWD PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-CONFIG=calibrate/measurements/h100_llama3_8b_azure.yaml
+CONFIG=${CONFIG:-calibrate/measurements/h100_llama3_8b_azure.yaml}
+PREFIX=${PREFIX:-}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
-python3 -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
+$PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 for sched in ${SCHEDS:-vllm sarathi}; do
   for load in "light 1.0 100" "heavy 5.0 150"; do
     set -- $load
-    timeout 150 python3 -m sim replay "$CONFIG" --device cuda --asap --out "$OUT/real_${sched}_$1" \
+    case " ${LOADS:-light heavy} " in *" $1 "*) ;; *) continue ;; esac
+    timeout 150 $PY -m sim replay "$CONFIG" --device cuda --asap --out "$OUT/${PREFIX}real_${sched}_$1" \
       --set scheduler.name=$sched --set workloads.0.arrival.rate=$2 --set workloads.0.num_requests=$3 \
       --set "workloads.0.trace.path=$TRACE" | tail -12 || echo "replay $sched $1 did not finish"
   done
 done
 # The device tool brings back at most 8 files: pack the small ones of every run into one archive.
-tar -czf "$OUT/replays.tar.gz" -C "$OUT" --exclude=token_times.npy --exclude='*.png' $(cd "$OUT" && ls -d real_*)
+tar -czf "$OUT/replays.tar.gz" -C "$OUT" --exclude=token_times.npy --exclude='*.png' $(cd "$OUT" && ls -d "${PREFIX}"real_*)

@@ -1,14 +1,22 @@
 #!/usr/bin/env bash
-# The simulator's side of the validation (issue 5): the same four scenarios as run_replays.sh, then
-# `servesim validate` against the replays in calibrate/measurements/. Run from the repository root.
+# The simulator's side of the validation (issue 5): the same scenarios as run_replays.sh, then `servesim
+# validate` against the replays in calibrate/measurements/: the backend before its paged and fused kernels
+# (real_*, priced with the H100 profile fitted to it) and, where replayed, the backend now (paged_real_*,
+# issue 21, priced with the committed H100 profile). Run from the repository root.
 set -euo pipefail
 M=calibrate/measurements
+sim() {  # prefix config profile scheduler load rate requests
+  servesim run "$M/$2" --quiet --out "$M/${1}sim_${4}_$5" \
+    --set scheduler.name=$4 --set workloads.0.arrival.rate=$6 --set workloads.0.num_requests=$7 > /dev/null
+  servesim validate "$M/${1}sim_${4}_$5" "$M/${1}real_${4}_$5" --profile "$3" --out "$M/${1}validation_${4}_$5" \
+    | tee "$M/${1}validation_${4}_$5.txt"
+}
 for sched in vllm sarathi; do
   for load in "light 1.0 100" "heavy 5.0 150"; do
     set -- $load
-    servesim run "$M/h100_llama3_8b_azure.yaml" --quiet --out "$M/sim_${sched}_$1" \
-      --set scheduler.name=$sched --set workloads.0.arrival.rate=$2 --set workloads.0.num_requests=$3 > /dev/null
-    servesim validate "$M/sim_${sched}_$1" "$M/real_${sched}_$1" --profile $M/h100-sxm-80gb_gather_profile.json --out "$M/validation_${sched}_$1" \
-      | tee "$M/validation_${sched}_$1.txt"
+    sim "" h100_llama3_8b_azure.yaml "$M/h100-sxm-80gb_gather_profile.json" $sched "$@"
+    if [ -d "$M/paged_real_${sched}_$1" ]; then
+      sim paged_ h100_llama3_8b_azure_paged.yaml calibrated $sched "$@"
+    fi
   done
 done

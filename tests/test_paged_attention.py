@@ -165,3 +165,28 @@ def test_fused_elementwise_kernels_match_pytorch() -> None:
     with kernels_on_cpu():
         got = fused.silu_mul(gate_up)
     assert torch.allclose(got, fused.silu_mul(gate_up), atol=1e-5)
+
+
+def test_warm_up_launches_every_variant_a_pass_can_take(monkeypatch) -> None:
+    """Before serving, every prefill tile height (with and without a token tree) and every flash-decoding split
+    runs once, and each fused kernel, so that Triton compiles them before the first request."""
+    from backend import fused, kernels
+    from backend.model import warm_up_kernels
+    from hardware.catalog import get_model
+
+    seen: set = set()
+    monkeypatch.setattr(kernels, "paged_prefill", lambda *a, **k: seen.add(("prefill", a[7], a[10] is not None))
+                        or a[0])
+    monkeypatch.setattr(kernels, "paged_decode", lambda *a, **k: seen.add(("decode", a[6])) or a[0])
+    for name in ("add_rmsnorm", "rope_and_cache", "silu_mul"):
+        real = getattr(fused, name)
+        monkeypatch.setattr(fused, name, lambda *a, _n=name, _f=real, **k: seen.add(_n) or _f(*a, **k))
+    spec = get_model("tiny-llama")
+    warm_up_kernels(spec, 1, spec.num_key_value_heads, 16, torch.float32, torch.device("cpu"))
+    assert not seen  # on CPU, outside the interpreter, the kernels do not run: nothing to compile
+    with kernels_on_cpu():
+        warm_up_kernels(spec, 1, spec.num_key_value_heads, 16, torch.float32, torch.device("cpu"))
+    prefill = {(m, tree) for kind, *rest in seen if kind == "prefill" for m, tree in [rest]}
+    assert prefill == {(m, t) for m in (16, 64, 128) for t in (False, True)}
+    assert {s for kind, *rest in seen if kind == "decode" for s in rest} == {1, 2, 4, 8, 16, 32, 64}
+    assert {"add_rmsnorm", "rope_and_cache", "silu_mul"} <= seen
