@@ -183,7 +183,6 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
     return torch.cat(out)
 
 
-
 def warm_up(heads: int, kv_heads: int, head_dim: int, window: int | None, block_size: int, dtype: torch.dtype,
             device: torch.device) -> None:
     """Launch every attention variant a serving pass can take once (prefill tiles of each height, with and
