@@ -2,7 +2,7 @@
 
 Run from the repository root:
 
-    python bench/readme_figures.py                      # every figure, in order (about 10-15 min on 2 cores)
+    python bench/readme_figures.py                      # every figure, in order (about 4 min on 2 cores)
     python bench/readme_figures.py --list               # names, README sections, the commands they run
     python bench/readme_figures.py --only disaggregated-example speculative-example --json out.json
 
@@ -14,7 +14,7 @@ Figures (README section: the sentence each regenerates):
 
 - default-workload-rate-sweep (Simulating a serving scenario): "Measured on the default workload (... `servesim
   run --set workloads.0.arrival.rate=R --set workloads.0.num_requests=4000 --json` ...): throughput ... req/s at
-  R = 8 / 10 / 11 / 12 / 14, TTFT p99 ... s: capacity is about ... req/s" (the embedded default scenario).
+  R = 16 / 18 / 20 / 22 / 26, TTFT p99 ... s: capacity is about ... req/s" (the embedded default scenario).
 - default-workload-capacity-scan (same section; not quoted, helps to re-pick R): the same runs at R = 12-30.
 - disaggregated-example (Prefill/decode disaggregation): "Measured with `servesim run examples/disaggregated.yaml`
   ...: TTFT p50/p99 ..., TPOT p50/p99 ..., KV transfer p50/p99 ..., link use ...% mean, $... per M output

@@ -180,7 +180,7 @@ LEGACY_ENGINE: Engine = {"kv_access": "gather", "elementwise": "unfused"}  # the
 def engine(r: Mapping[str, Any]) -> Engine:
     """Which kernels the backend that timed a record (or a reference step) launched: records from before
     its paged and fused kernels carry neither field and describe the K/V gather and PyTorch's separate ops."""
-    return {k: str(r[k]) if isinstance(r.get(k), str) else v for k, v in LEGACY_ENGINE.items()}
+    return {k: r[k] if isinstance(r.get(k), str) else v for k, v in LEGACY_ENGINE.items()}
 
 
 def _attention_kernels(r: dict[str, Any]) -> int:
@@ -272,13 +272,13 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     eager = [s for s in short if s["execution"] == "eager"]
     graph = [s for s in short if s["execution"] == "graph"]
 
-    models: dict[int, CostModel] = {}
+    models: dict[tuple[Any, ...], CostModel] = {}
 
     def per_kernel(s: dict[str, Any]) -> float:  # the host's seconds per kernel that explain the GPU window
-        if s["layers"] not in models:
-            models[s["layers"]] = CostModel(Deployment.build(_step_spec(s), gpu, **engine(s)), partial,
-                                            cuda_graphs=False)
-        return dispatch_per_kernel(models[s["layers"]], StepShape.from_dict(s["shape"]), _gpu(s))
+        key = (s["layers"], *engine(s).values())
+        if key not in models:
+            models[key] = CostModel(Deployment.build(_step_spec(s), gpu, **engine(s)), partial, cuda_graphs=False)
+        return dispatch_per_kernel(models[key], StepShape.from_dict(s["shape"]), _gpu(s))
 
     runs = _fastest_run(eager, per_kernel)
     if runs:
