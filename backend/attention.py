@@ -62,10 +62,13 @@ class PagedGroup:
 @dataclass
 class AttentionMeta:
     """Where one pass writes new K/V (`slots`) and how its rows attend (`groups`: prefill chunks, then
-    decodes), built once per step, not per layer."""
+    decodes), built once per step, not per layer. `overlay` (a mixed CUDA graph, `backend.graphs`): every
+    group spans all rows and writes one output in turn, rows a group does not own left as they are or
+    overwritten by the next (its decode group first: rows with no keys; then the prefill tiles)."""
 
     slots: torch.Tensor
     groups: list[PagedGroup]
+    overlay: bool = False
 
 
 def cache_slots(table: list[int], positions: np.ndarray, block_size: int) -> np.ndarray:
@@ -144,19 +147,22 @@ def attention_meta(chunks: list[Chunk], block_size: int, device: torch.device, p
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PagedGroup, block_size: int,
-           window: int | None) -> torch.Tensor:
+           window: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the group's query rows `q` (rows, heads, d) over one layer's paged cache (slots, kv heads,
-    d): the Triton kernels on CUDA, the per-sequence reference on CPU."""
+    d), into `out` if given: the Triton kernels on CUDA, the per-sequence reference on CPU."""
     if not kernels.use_kernels(q):
+        if out is not None:
+            raise ValueError("attend: an overlaid output needs the kernels (CUDA, or kernels_on_cpu)")
         return reference_attention(q, k_cache, v_cache, g, block_size, window)
     if g.decode:
         if g.scratch is None and g.splits > 1:  # partial results, shared by the layers of the pass
             size = q.shape[0] * q.shape[1] * g.splits
             g.scratch = (torch.empty(size * q.shape[2], dtype=torch.float32, device=q.device),
                          torch.empty(size, dtype=torch.float32, device=q.device))
-        return kernels.paged_decode(q, k_cache, v_cache, g.tables, g.lens, block_size, g.splits, window, g.scratch)
+        return kernels.paged_decode(q, k_cache, v_cache, g.tables, g.lens, block_size, g.splits, window, g.scratch,
+                                    out)
     return kernels.paged_prefill(q, k_cache, v_cache, g.tables, g.q_start, g.lens, g.tiles, g.block_m, block_size,
-                                 window, g.masks, g.mask_off)
+                                 window, g.masks, g.mask_off, out)
 
 
 def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PagedGroup,

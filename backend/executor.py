@@ -3,8 +3,9 @@
 It keeps each request's token ids (its prompt, drawn from a seeded generator, then what it sampled) and
 its block table (`backend.block_table`): physical blocks are taken from a free list as the engine's
 `BlockManager` grows a request's block count, and returned when the engine frees them (finish or
-preemption), so the paged cache holds exactly what the simulator's bookkeeping says. Decode-only steps
-replay CUDA graphs (`backend.graphs`); other steps run eagerly. Steps are timed with a device synchronisation on
+preemption), so the paged cache holds exactly what the simulator's bookkeeping says. Decode-only steps, and
+steps of up to 512 tokens with prefill chunks (no verifications), replay CUDA graphs (`backend.graphs`); other
+steps run eagerly. Steps are timed with a device synchronisation on
 each side (CUDA events measure the GPU part separately).
 """
 
@@ -23,7 +24,7 @@ from backend.graphs import GraphCache
 from backend.model import PagedKVCache, build_model, warm_up_kernels
 from backend.parallel import Shard
 from backend.speculative import DraftRunner, accept, ancestry, breadth_first, seeded, tree_accept
-from hardware.cost import GRAPH_BATCH_SIZES
+from hardware.cost import graph_mode, graph_rows
 from hardware.specs import ModelSpec, kv_heads_per_gpu
 from policies.batch import Batch
 from policies.state import Requests
@@ -41,7 +42,7 @@ class TorchExecutor:
 
     def __init__(self, spec: ModelSpec, requests: Requests, num_blocks: int, block_size: int,
                  device: str = "cpu", seed: int = 0, temperature: float = 0.0, checkpoint: str | None = None,
-                 cuda_graphs: bool = True, shard: Shard = Shard(), draft: ModelSpec | None = None,
+                 cuda_graphs: bool | str = True, shard: Shard = Shard(), draft: ModelSpec | None = None,
                  oracle: bool = False) -> None:
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
@@ -51,7 +52,8 @@ class TorchExecutor:
         self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks + 1, block_size,
                                   kv_heads_per_gpu(spec, shard.size), spec.head_size, self.dtype, self.device)
         warm_up_kernels(spec, shard.size, self.cache.k.shape[2], block_size, self.dtype, self.device)
-        self.use_graphs = cuda_graphs and self.device.type == "cuda"
+        self.graph_mode = graph_mode(cuda_graphs) if self.device.type == "cuda" else "none"
+        self.use_graphs = self.graph_mode != "none"
         self.graphs = GraphCache(self.model, self.cache, num_blocks, block_size) if self.use_graphs else None
         self.block_size = block_size
         self.blocks = BlockTables(num_blocks)
@@ -94,12 +96,16 @@ class TorchExecutor:
         self.sync_tables(pre + ver + dec)
         trees = [breadth_first(t) for t in batch.verify_trees] if batch.verify_trees is not None else None
         drafts, dists, draft_s = self._draft(batch, trees)
-        graph = self.graphs is not None and not pre and not ver and 0 < len(dec) <= GRAPH_BATCH_SIZES[-1]
+        graphed = self.graphs is not None and graph_rows(self.graph_mode, batch.num_tokens, len(pre),
+                                                         len(ver)) is not None
+        graph, mixed = graphed and not pre, graphed and bool(pre)
         dev = self.device
         if dev.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if graph:
             sample_ids, logits = dec, self._decode_graph(dec, batch.decode_computed, start)
+        elif mixed:
+            sample_ids, logits = self._mixed_graph(batch, start)
         else:
             inputs = self.pass_inputs(batch, drafts, trees)
             if dev.type == "cuda":
@@ -127,7 +133,7 @@ class TorchExecutor:
         self.capture_seconds = sum(g.take_capture_seconds() for g in (self.graphs, self.draft and self.draft.graphs)
                                    if g is not None)
         return StepOutcome(seconds=time.perf_counter() - t0 - self.capture_seconds,
-                           execution="graph" if graph else "eager", gpu_seconds=gpu, draft_seconds=draft_s,
+                           execution="graph" if graph or mixed else "eager", gpu_seconds=gpu, draft_seconds=draft_s,
                            accepted=accepted)
 
     def _sync(self) -> None:
@@ -208,6 +214,27 @@ class TorchExecutor:
         logits = self.graphs.decode(self.blocks, dec, tokens, done, start)
         assert logits is not None
         return logits
+
+    def _mixed_graph(self, batch: Batch, start: torch.cuda.Event) -> tuple[list[int], torch.Tensor]:
+        """Requests that sample and their logits, for a step with prefill chunks run as a mixed CUDA graph
+        (`backend.graphs.MixedLayout`: decodes on the first rows, then the chunks)."""
+        assert self.graphs is not None
+        dec, done = batch.decode_ids.tolist(), batch.decode_computed
+        dec_tokens = np.fromiter((self.tokens_of(rid)[c] for rid, c in zip(dec, done.tolist())), np.int64, len(dec))
+        chunks: list[tuple[int, list[int], int]] = []
+        sample_rows, sample_ids, row = [], [], len(dec)
+        for rid, n, c in zip(batch.prefill_ids.tolist(), batch.prefill_tokens.tolist(),
+                             batch.prefill_computed.tolist()):
+            toks = self.tokens_of(rid)
+            chunks.append((rid, toks[c:c + n], c))
+            row += n
+            if c + n == len(toks):  # no known token left uncomputed: this row samples the next one
+                sample_rows.append(row - 1)
+                sample_ids.append(rid)
+        logits = self.graphs.mixed(self.blocks, dec, dec_tokens, done, chunks, sample_rows + list(range(len(dec))),
+                                   start)
+        assert logits is not None
+        return sample_ids + dec, logits
 
     def pass_inputs(self, batch: Batch, drafts: list[list[int]], trees: list[TokenTree] | None) -> PassInputs:
         """The device inputs of one eager pass: prefill chunks, verifications (their k + 1 rows, or token trees),

@@ -193,10 +193,12 @@ if triton is not None:
         offs_d = tl.arange(0, D_PAD)
         s_ok = offs_s < SPLITS
         lse = tl.load(LSE + (seq * tl.num_programs(1) + head) * SPLITS + offs_s, mask=s_ok, other=float("-inf"))
-        w = tl.exp2(lse - tl.max(lse, 0))
+        top = tl.max(lse, 0)
+        w = tl.exp2(lse - tl.where(top == float("-inf"), 0.0, top))  # all splits empty (no keys): zeros
         part = tl.load(P + seq.to(tl.int64) * stride_pt + head * stride_ph + offs_s[:, None] * stride_ps
                        + offs_d[None, :], mask=s_ok[:, None] & (offs_d[None, :] < D), other=0.0)
-        out = tl.sum(part.to(tl.float32) * w[:, None], 0) / tl.sum(w, 0)
+        total = tl.sum(w, 0)
+        out = tl.sum(part.to(tl.float32) * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
         tl.store(O + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty),
                  mask=offs_d < D)
 

@@ -69,8 +69,13 @@ class Attention(nn.Module):
         qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
         kc, vc = cache.k[self.layer], cache.v[self.layer]
         q = rope_and_cache(qkv, *rot, meta.slots, kc, vc, h, kvh)
-        parts = [attend(q[g.start:g.end], kc, vc, g, cache.block_size, self.window) for g in meta.groups]
-        out = parts[0] if len(parts) == 1 else torch.cat(parts)
+        if meta.overlay:  # a mixed CUDA graph: the groups write one output in turn
+            out = torch.empty_like(q)
+            for g in meta.groups:
+                attend(q, kc, vc, g, cache.block_size, self.window, out)
+        else:
+            parts = [attend(q[g.start:g.end], kc, vc, g, cache.block_size, self.window) for g in meta.groups]
+            out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return self.shard.all_reduce(self.o_proj(out.reshape(t, h * self.head_dim)))
 
 
@@ -136,12 +141,24 @@ class LlamaModel(nn.Module):
     def forward(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, cache: PagedKVCache,
                 logit_rows: torch.Tensor) -> torch.Tensor:
         """Logits (float32, the whole vocabulary) of the flat rows `logit_rows` after running all tokens."""
+        return self.logits(*self.hidden(tokens, positions, meta, cache), logit_rows)
+
+    @torch.no_grad()
+    def hidden(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, cache: PagedKVCache
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The last layer's output and the residual stream before it, every row."""
         x = self.embed(tokens)
         rot = rope_tables(positions, self.spec.head_size, self.spec.rope_theta, x.dtype)
         residual = None
         for layer in self.layers:
             x, residual = layer(x, residual, rot, meta, cache)
-        h, _ = add_rmsnorm(x[logit_rows], residual[logit_rows], self.norm.weight, self.norm.eps)
+        assert residual is not None
+        return x, residual
+
+    @torch.no_grad()
+    def logits(self, x: torch.Tensor, residual: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Logits (float32, the whole vocabulary) of `rows` from `hidden`'s output."""
+        h, _ = add_rmsnorm(x[rows], residual[rows], self.norm.weight, self.norm.eps)
         return self.shard.all_gather_last(self.lm_head(h)).float()
 
 

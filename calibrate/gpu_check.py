@@ -1,7 +1,7 @@
 """GPU-only checks of the backend (CI has no GPU; `run_device.sh` runs this first on every device call):
 the paged attention kernels (prefill chunks after cached prefixes, token trees, decodes at several
 flash-decoding splits, with and without a sliding window) against the float32 per-sequence reference,
-and eager vs CUDA-graph decode giving the same greedy tokens.
+and eager vs CUDA-graph steps (decode, and mixed prefill + decode) giving the same greedy tokens.
 
 Run: python calibrate/gpu_check.py (exit status 1 when a check fails)
 """
@@ -87,15 +87,23 @@ def fused_errors() -> dict[str, float]:
 
 
 def graph_tokens_match() -> bool:
-    """The same decode batch run eagerly and as a CUDA graph samples the same greedy tokens."""
-    tokens = {}
-    for graphs in (False, True):
-        runner = StepRunner(get_model("tiny-llama"), "cuda", 4096, cuda_graphs=graphs, max_requests=64)
-        outcome = runner.executor.run(runner.batch(StepShape.build(decode=[30, 200, 7, 1000, 64])))
-        tokens[graphs] = [runner.executor.tokens[i][-1] for i in range(5)]
-        print(f"{outcome.execution}: tokens {tokens[graphs]}")
-        runner.release()
-    return tokens[False] == tokens[True]
+    """The same steps run eagerly and as CUDA graphs sample the same greedy tokens: a decode step, and mixed
+    steps (prefill chunks after cached prefixes with decodes; chunks alone) under the mixed graphs."""
+    shapes = [StepShape.build(decode=[30, 200, 7, 1000, 64]),
+              StepShape.build(prefill=[37, 100], prefill_cached=[0, 300], decode=[30, 200, 7, 1000, 64]),
+              StepShape.build(prefill=[5, 1, 300], prefill_cached=[17, 600, 0])]
+    ok = True
+    for shape in shapes:
+        tokens, runs = {}, []
+        for graphs in (False, True):
+            runner = StepRunner(get_model("tiny-llama"), "cuda", 4096, cuda_graphs=graphs, max_requests=64)
+            outcome = runner.executor.run(runner.batch(shape))
+            tokens[graphs] = [runner.executor.tokens[i][-1] for i in range(shape.num_requests)]
+            runs.append(outcome.execution)
+            runner.release()
+        print(f"{shape.to_dict()}: {runs[0]} {tokens[False]}, {runs[1]} {tokens[True]}")
+        ok &= tokens[False] == tokens[True] and runs == ["eager", "graph"]
+    return ok
 
 
 def main() -> int:

@@ -298,14 +298,14 @@ class Bench:
 
 
 def overhead_shapes(quick: bool, graphs: bool) -> list[StepShape]:
-    """The whole steps the overhead fit reads: small decode steps (and, eager, prefill and mixed steps) at
-    short contexts, host-bound when eager, and decodes of a few batches at longer contexts."""
+    """The whole steps the overhead fit reads: small decode, prefill and mixed steps at short contexts
+    (host-bound when eager), and decodes of a few batches at longer contexts. `graphs` is kept for the
+    callers that time both executions of the same shapes."""
     batches = (1, 8) if quick else (1, 8, 64, 256)
     long = ((8, 127),) if quick else ((8, 1023), (8, 4095), (64, 1023))  # (batch, context)
     shapes = [StepShape.build(decode=[63] * b) for b in batches] + [StepShape.build(decode=[c] * b) for b, c in long]
-    if not graphs:
-        shapes += [StepShape.build(prefill=[32] * b) for b in batches[:2]]
-        shapes += [StepShape.build(prefill=[32], decode=[63] * b) for b in batches[:2]]
+    shapes += [StepShape.build(prefill=[32] * b) for b in batches[:2]]
+    shapes += [StepShape.build(prefill=[32], decode=[63] * b) for b in batches[:2]]
     return shapes
 
 

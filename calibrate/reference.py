@@ -1,5 +1,6 @@
 """Whole-model reference steps: the backend's model (random weights) timed step by step through the same
-`TorchExecutor` a replay uses, over prefill, decode and mixed shapes, eager and with CUDA graphs.
+`TorchExecutor` a replay uses, over prefill, decode and mixed shapes, eager and with CUDA graphs (decodes, and
+steps of up to 512 tokens with prefill chunks).
 
 The shapes are deliberately off the microbenchmark grids (odd prompt lengths, batch sizes and contexts),
 so that checking the cost model against them is not circular. With TP > 1 the model is sharded over one
@@ -24,12 +25,15 @@ from calibrate.microbench import overhead_record, overhead_shapes
 from calibrate.ranks import on_ranks
 from calibrate.steps import StepRunner, agreed_blocks, release_memory
 from hardware.catalog import get_model
+from hardware.cost import graph_rows
 from hardware.operators import StepShape
 
 PREFILL = (131, 397, 1000, 2900, 6000, 11000, 16000)
 DECODE_BATCH = (1, 3, 13, 37, 90, 200, 256)
 DECODE_CONTEXT = (300, 1100, 3000, 7000, 16000)
-MIXED = ((500, 0, 7, 700), (1500, 2000, 30, 1300), (300, 6000, 60, 500), (2000, 0, 120, 900))
+# (chunk, cached before it, decodes, their context); those of at most 512 tokens also run as mixed CUDA graphs
+MIXED = ((500, 0, 7, 700), (1500, 2000, 30, 1300), (300, 6000, 60, 500), (2000, 0, 120, 900),
+         (61, 0, 9, 450), (230, 1100, 19, 1700), (449, 2600, 47, 830), (90, 0, 170, 610))
 REPEATS = 15  # rounds over all shapes: about a minute on a GPU, so that slow host phases are sampled
 
 
@@ -68,7 +72,8 @@ def _measure(model: str, quick: bool, overheads: bool, device: str, shard: Shard
     modes = (False, True) if device.startswith("cuda") else (False,)
     for graphs in modes:
         runner = StepRunner(spec, device, blocks, cuda_graphs=graphs, max_requests=512, shard=shard)
-        cases = [(c, shape) for c, shape in shapes(quick, runner.capacity) if not graphs or c == "decode"]
+        cases = [(c, shape) for c, shape in shapes(quick, runner.capacity) if not graphs or c == "decode"
+                 or graph_rows("mixed", shape.num_tokens, shape.prefill_tokens.size) is not None]
         extra = overhead_shapes(quick, graphs) if overheads else []
         timed = runner.time([shape for _, shape in cases] + extra, repeats=3 if quick else REPEATS)
         for (category, shape), t in zip(cases, timed):

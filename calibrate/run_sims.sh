@@ -6,7 +6,10 @@
 set -euo pipefail
 M=calibrate/measurements
 sim() {  # prefix config profile scheduler load rate requests
-  servesim run "$M/$2" --quiet --out "$M/${1}sim_${4}_$5" \
+  # the CUDA-graph mode the replay ran (replays before mixed-step graphs ran every step with a prefill eagerly)
+  graphs=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['hardware']['cuda_graphs'])" \
+    "$M/${1}real_${4}_$5/config.yaml")
+  servesim run "$M/$2" --quiet --out "$M/${1}sim_${4}_$5" --set hardware.cuda_graphs=$graphs \
     --set scheduler.name=$4 --set workloads.0.arrival.rate=$6 --set workloads.0.num_requests=$7 > /dev/null
   servesim validate "$M/${1}sim_${4}_$5" "$M/${1}real_${4}_$5" --profile "$3" --out "$M/${1}validation_${4}_$5" \
     | tee "$M/${1}validation_${4}_$5.txt"

@@ -28,8 +28,9 @@ wave's worth of sequences at its longest context: FlashAttention's varlen kernel
 KV head) one block, so a ragged batch waits for its longest (measured on H100 and H200 on ragged batches of
 16 lognormal contexts, mean 2,128: the mean alone priced them 68% low, the longest-sequence bound +1%,
 medians; `bench/ragged_attention.py`).
-Decode-only steps run as CUDA graphs when enabled (vLLM's rule: the batch is padded to the next captured
-size, at most 512); any step with a prefill or verification runs eagerly.
+CUDA graphs (`graph_rows`, mode `cuda_graphs`): by default ('mixed') every step of at most 512 tokens without
+verifications runs as a graph padded to the next captured size (vLLM V1: full graphs for decodes, piecewise
+for mixed batches); 'decode' graphs decode-only steps alone (vLLM V0); 'none' runs every step eagerly.
 """
 
 from __future__ import annotations
@@ -56,6 +57,30 @@ from hardware.specs import GPUSpec
 
 # vLLM's default CUDA-graph capture sizes (1, 2, 4, then multiples of 8 up to 512).
 GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, *range(8, 513, 8))
+GRAPH_MODES = ("mixed", "decode", "none")
+MIXED_GRAPH_PREFILLS = 32  # prefill chunks a mixed step's graph holds (servesim's backend; more run eagerly)
+
+
+def graph_rows(mode: str, tokens: int, prefills: int, verifies: int = 0) -> int | None:
+    """Padded rows of the CUDA graph a step of `tokens` new tokens replays, or None when it runs eagerly.
+    `mode` 'decode' and 'mixed': decode-only steps of at most 512 sequences, padded to the next capture size
+    (vLLM's rule); 'mixed' also steps of at most 512 tokens with prefill chunks (at most
+    `MIXED_GRAPH_PREFILLS`) and no verifications, padded the same way (vLLM V1's default, FULL_AND_PIECEWISE);
+    'none': every step eager (vLLM's enforce_eager)."""
+    if mode == "none" or tokens == 0 or tokens > GRAPH_BATCH_SIZES[-1] or verifies:
+        return None
+    if prefills and (mode != "mixed" or prefills > MIXED_GRAPH_PREFILLS):
+        return None
+    return GRAPH_BATCH_SIZES[bisect.bisect_left(GRAPH_BATCH_SIZES, tokens)]
+
+
+def graph_mode(value: bool | str) -> str:
+    """A CUDA-graph mode from a config value: true is 'mixed' (the default), false 'none'."""
+    if isinstance(value, bool):
+        return "mixed" if value else "none"
+    if value not in GRAPH_MODES:
+        raise ServesimError(f"cuda_graphs = {value!r}: allowed: {', '.join(GRAPH_MODES)}, true, false")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,10 +286,10 @@ class CostModel:
     numpy operations whatever the model, the batch size or the number of pipeline stages.
     """
 
-    def __init__(self, deployment: Deployment, profile: Profile | None = None, cuda_graphs: bool = True) -> None:
+    def __init__(self, deployment: Deployment, profile: Profile | None = None, cuda_graphs: bool | str = True) -> None:
         self.dep = deployment
         self.profile = (profile or DEFAULT_PROFILE).merged_over(DEFAULT_PROFILE)
-        self.cuda_graphs = cuda_graphs
+        self.cuda_graphs = graph_mode(cuda_graphs)
         self._compile()
 
     def _operators(self, x: np.ndarray) -> list[tuple[Operator, int]]:
@@ -355,11 +380,6 @@ class CostModel:
         """Compute and memory seconds of operator i at efficiency e of the profile's GPU's roofline."""
         return flops / (self._peak_c[i] * e), nbytes / (self._bandwidth * e)
 
-    def graph_rows(self, decode_seqs: int) -> int | None:
-        """Padded batch size a decode-only step replays as a CUDA graph, or None when it runs eagerly."""
-        if not self.cuda_graphs or decode_seqs == 0 or decode_seqs > GRAPH_BATCH_SIZES[-1]:
-            return None
-        return GRAPH_BATCH_SIZES[bisect.bisect_left(GRAPH_BATCH_SIZES, decode_seqs)]
 
     def _pipelined(self, total: np.ndarray, present: np.ndarray, launch: float) -> np.ndarray:
         """GPU window of each pipeline stage of an eager step whose operators take `total` GPU seconds (all
@@ -382,7 +402,7 @@ class CostModel:
         """Cost of one step running `shape`."""
         dep = self.dep
         t = StepTotals.of(shape, dep.model.sliding_window)
-        graph = self.graph_rows(t.decode_seqs) if shape.is_decode_only else None
+        graph = graph_rows(self.cuda_graphs, t.tokens, shape.prefill_tokens.size, shape.verify_tokens.size)
         rows = graph or t.tokens
         m = dep.model
         experts = expected_active_experts(m.num_experts, m.experts_per_token, rows) if m.is_moe else 0.0

@@ -98,6 +98,11 @@ class StepShape:
         return self.prefill_tokens.size + self.decode_context.size + self.verify_tokens.size
 
     @property
+    def num_tokens(self) -> int:
+        """New tokens through the model: prefill chunks, decodes and verified tokens."""
+        return int(self.prefill_tokens.sum() + self.decode_context.size + self.verify_tokens.sum())
+
+    @property
     def kv_tokens(self) -> int:
         """Tokens that the step's requests hold in the KV cache once it has run (their block tables)."""
         return int(self.prefill_cached.sum() + self.prefill_tokens.sum() + self.decode_context.sum()

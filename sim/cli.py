@@ -13,7 +13,7 @@ from typing import Any
 
 from calibrate.cli import add_parser as calibrate_parser
 from hardware.catalog import get_gpu, get_interconnect, get_model, gpu_ids, interconnect_ids, model_ids
-from hardware.cost import CostModel
+from hardware.cost import GRAPH_MODES, CostModel
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
 from hardware.operators import StepShape
@@ -272,9 +272,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify-tokens", type=int, default=5, metavar="K", help="tokens each verifies (default 5)")
     b.add_argument("--context", type=int, metavar="L", help="tokens of KV per decoding/verifying request")
     x = est.add_argument_group("execution")
-    x.add_argument("--graphs", dest="graphs", action="store_true", default=True,
-                   help="CUDA graphs for decode-only steps (default)")
-    x.add_argument("--eager", dest="graphs", action="store_false", help="run every step eagerly")
+    x.add_argument("--graphs", dest="graphs", choices=GRAPH_MODES, default="mixed",
+                   help="CUDA graphs: 'mixed' (default) every step of at most 512 tokens without verifications, "
+                        "'decode' decode-only steps alone, 'none' eager")
+    x.add_argument("--eager", dest="graphs", action="store_const", const="none", help="run every step eagerly "
+                   "(--graphs none)")
     x.add_argument("--breakdown", action="store_true", help="add the per-operator table")
     est.set_defaults(func=cmd_estimate)
 

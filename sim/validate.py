@@ -60,6 +60,7 @@ def reprice(real_dir: Path, profile: str | None = None) -> pd.DataFrame:
         "predicted_s": [c.seconds + draft for c, draft in predicted],
         "tokens": [c.tokens for c, _ in predicted],
         "execution": [c.execution for c, _ in predicted],
+        "measured_execution": steps["execution"] if "execution" in steps.columns else None,
         "draft_predicted_s": [draft for _, draft in predicted],
     })
 
@@ -84,6 +85,13 @@ def validate(sim_dir: str | Path, real_dir: str | Path, profile: str | None = No
         report["step_median_ape"] = float(ape.median())
         measured = steps["measured_s"].sum()
         report["step_bias"] = float((steps["predicted_s"].sum() - measured) / measured)
+        for execution in ("graph", "eager"):  # per execution, as the cost model runs each step
+            part = ape[steps["execution"] == execution]
+            report[f"step_mape_{execution}"] = float(part.mean()) if len(part) else None
+            report[f"steps_{execution}"] = int(len(part))
+        # steps the cost model runs otherwise than the replay did (a disagreement on which steps are graphed)
+        report["execution_mismatches"] = int((steps["measured_execution"].notna()
+                                              & (steps["measured_execution"] != steps["execution"])).sum())
         fig, ax = plt.subplots(figsize=(5, 5))
         ax.scatter(steps["measured_s"] * 1e3, steps["predicted_s"] * 1e3, s=4, alpha=0.5)
         top = float(max(steps["measured_s"].max(), steps["predicted_s"].max()) * 1e3)
@@ -108,4 +116,9 @@ def format_report(report: dict[str, Any]) -> str:
     if "step_mape" in report:
         lines.append(f"steps re-priced on identical batches: {report['steps']}, MAPE {report['step_mape']:.1%}, "
                      f"median APE {report['step_median_ape']:.1%}, total-time bias {report['step_bias']:+.1%}")
+        parts = [f"{e} {report[f'steps_{e}']} steps MAPE {report[f'step_mape_{e}']:.1%}"
+                 for e in ("graph", "eager") if report.get(f"step_mape_{e}") is not None]
+        if parts:
+            lines.append("  by execution: " + ", ".join(parts)
+                         + f"; run otherwise than the replay: {report['execution_mismatches']}")
     return "\n".join(lines)

@@ -127,6 +127,9 @@ def test_replay_and_validate_cli(tmp_path, capsys) -> None:
     steps = (tmp_path / "real" / "steps.csv").read_text().count("\n") - 1
     assert report["steps"] == steps > 0 and report["step_mape"] >= 0
     assert report["ttft_p50_s_real"] > 0 and "ttft_p99_s_error" in report
+    # on CPU the replay runs every step eagerly; the config's cost model graphs steps of up to 512 tokens
+    assert report["steps_graph"] + report["steps_eager"] == steps and report["steps_graph"] > 0
+    assert report["execution_mismatches"] == report["steps_graph"]
     assert (tmp_path / "real" / "step_scatter.png").is_file() and (tmp_path / "real" / "batches.jsonl").is_file()
     assert main(["replay", "--set", "cluster.replicas=2"]) == 2
 

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hardware.cost import GRAPH_BATCH_SIZES, CostModel
+from hardware.cost import GRAPH_BATCH_SIZES, CostModel, graph_rows
 from hardware.deployment import Deployment
 from hardware.errors import DoesNotFitError, ServesimError
 from hardware.operators import StepShape
@@ -97,8 +97,9 @@ def test_more_work_never_costs_less(profile: str, graphs: bool, pf, dec, which: 
 
 def test_cuda_graphs_pad_decode_and_only_apply_to_decode_only_steps() -> None:
     dep = Deployment.build("llama-3-8b", "h100")
-    graphs, eager = CostModel(dep), CostModel(dep, cuda_graphs=False)
-    assert graphs.graph_rows(9) == 16 and graphs.graph_rows(1) == 1 and graphs.graph_rows(513) is None
+    graphs, eager = CostModel(dep, cuda_graphs="decode"), CostModel(dep, cuda_graphs=False)
+    assert graph_rows("decode", 9, 0) == 16 and graph_rows("decode", 1, 0) == 1
+    assert graph_rows("decode", 513, 0) is None and graph_rows("none", 8, 0) is None
     assert GRAPH_BATCH_SIZES[-1] == 512
     dec = StepShape.build(decode=[1000] * 9)
     g, e = graphs.price(dec), eager.price(dec)
@@ -108,6 +109,25 @@ def test_cuda_graphs_pad_decode_and_only_apply_to_decode_only_steps() -> None:
     assert qkv["graph"] == pytest.approx(qkv["eager"] * 16 / 9)  # padded to the captured batch of 16
     mixed = graphs.price(StepShape.build(prefill=[10], decode=[1000] * 9))
     assert mixed.execution == "eager"
+
+
+def test_mixed_cuda_graphs_take_steps_of_up_to_512_tokens_by_default() -> None:
+    """vLLM V1's default: steps with prefill chunks run as graphs too, padded by token count; verifications,
+    steps over 512 tokens and steps of more chunks than a graph holds run eagerly."""
+    dep = Deployment.build("llama-3-8b", "h100")
+    default, decode_only = CostModel(dep), CostModel(dep, cuda_graphs="decode")
+    assert default.cuda_graphs == "mixed" and CostModel(dep, cuda_graphs=True).cuda_graphs == "mixed"
+    step = StepShape.build(prefill=[200], prefill_cached=[1000], decode=[700] * 9)  # 209 tokens
+    g, e = default.price(step), decode_only.price(step)
+    assert (g.execution, e.execution) == ("graph", "eager") and g.seconds < e.seconds
+    qkv = {c.execution: next(r for r in c.breakdown if r.name == "qkv_proj").flops for c in (g, e)}
+    assert qkv["graph"] == pytest.approx(qkv["eager"] * 216 / 209)  # padded to the captured size of 216
+    assert default.price(StepShape.build(prefill=[500], decode=[700] * 13)).execution == "eager"  # 513 tokens
+    assert default.price(StepShape.build(prefill=[4] * 33)).execution == "eager"
+    assert default.price(StepShape.build(prefill=[4] * 32)).execution == "graph"
+    assert default.price(StepShape.build(verify=[4], verify_context=[100])).execution == "eager"
+    with pytest.raises(ServesimError, match="cuda_graphs = 'piecewise'"):
+        CostModel(dep, cuda_graphs="piecewise")
 
 
 class OneTable:

@@ -190,3 +190,72 @@ def test_warm_up_launches_every_variant_a_pass_can_take(monkeypatch) -> None:
     assert prefill == {(m, t) for m in (16, 64, 128) for t in (False, True)}
     assert {s for kind, *rest in seen if kind == "decode" for s in rest} == {1, 2, 4, 8, 16, 32, 64}
     assert {"add_rmsnorm", "rope_and_cache", "silu_mul"} <= seen
+
+
+@pytest.mark.parametrize("splits", [1, 4])
+def test_mixed_graph_layout_gives_the_eager_pass_logits_and_cache(splits: int) -> None:
+    """A mixed CUDA graph's padded inputs (`MixedLayout`: decodes first, chunks, padding rows; attention
+    overlaid over every row) run eagerly through the kernels: the same logits and K/V as the plain pass."""
+    from backend.attention import attention_meta
+    from backend.graphs import MixedLayout
+    from backend.model import PagedKVCache, build_model
+    from hardware.catalog import get_model
+    from hardware.cost import graph_rows
+
+    spec = get_model("tiny-llama")
+    cpu = torch.device("cpu")
+    model = build_model(spec, cpu, torch.float32, seed=4)
+    kvh = spec.num_key_value_heads
+    rng = np.random.default_rng(4)
+    # prefill chunks (new tokens, cached) and decodes (cached), each request's blocks scattered
+    chunk_parts, dec_parts = [(9, 0), (13, 21), (1, 40)], [20, 37]
+    need = [-(-(n + c) // BLOCK) for n, c in chunk_parts] + [-(-(c + 1) // BLOCK) for c in dec_parts]
+    num_blocks = sum(need) + 4
+    perm = rng.permutation(num_blocks).tolist()
+    tables, at = [], 0
+    for nb in need:
+        tables.append(np.asarray(perm[at:at + nb], dtype=np.int32))
+        at += nb
+    caches = []
+    for _ in range(2):  # one extra block: the scratch block padding rows write to
+        cache = PagedKVCache(spec.num_hidden_layers, num_blocks + 1, BLOCK, kvh, spec.head_size, torch.float32, cpu)
+        caches.append(cache)
+    gen = torch.Generator().manual_seed(4)
+    for name in ("k", "v"):  # the cached prefixes' K/V
+        prior = torch.randn(getattr(caches[0], name).shape, generator=gen)
+        for cache in caches:
+            getattr(cache, name).copy_(prior)
+    ids = [rng.integers(0, spec.vocab_size, n).tolist() for n, _ in chunk_parts]
+    dec_tokens = rng.integers(0, spec.vocab_size, len(dec_parts))
+
+    # the plain pass: chunks, then decodes; logits of every chunk's last row and every decode
+    chunks, row, flat, pos = [], 0, [], []
+    for (n, c), t, toks in zip(chunk_parts, tables, ids):
+        chunks.append(Chunk(row, n, c, t))
+        row, flat, pos = row + n, flat + toks, pos + list(range(c, c + n))
+    for c, t, tok in zip(dec_parts, tables[len(chunk_parts):], dec_tokens):
+        chunks.append(Chunk(row, 1, c, t))
+        row, flat, pos = row + 1, flat + [int(tok)], pos + [c]
+    last = np.cumsum([n for n, _ in chunk_parts]) - 1
+    want_rows = torch.tensor([*last, *range(last[-1] + 1, row)])
+    with kernels_on_cpu():
+        meta = attention_meta(chunks, BLOCK, cpu, len(chunk_parts), kvh)
+        want = model(torch.tensor(flat), torch.tensor(pos), meta, caches[0], want_rows)
+
+        rows = graph_rows("mixed", row, len(chunk_parts))
+        assert rows == 32  # 25 tokens padded: 7 padding rows
+        layout = MixedLayout(rows, 16, 4, BLOCK, num_blocks * BLOCK, kvh, cpu)
+        layout.meta.groups[0].splits = splits
+        dec_table = np.zeros((len(dec_parts), 16), dtype=np.int32)
+        for i, t in enumerate(tables[len(chunk_parts):]):
+            dec_table[i, :len(t)] = t
+        layout.fill(dec_tokens, np.asarray(dec_parts), dec_table,
+                    [(toks, c, t) for toks, (_, c), t in zip(ids, chunk_parts, tables)], BLOCK)
+        x, residual = model.hidden(layout.tokens, layout.positions, layout.meta, caches[1])
+        d = len(dec_parts)
+        got = model.logits(x, residual, torch.tensor([*(d + last), *range(d)]))
+    assert torch.isfinite(x).all()  # padding rows see no keys and stay finite
+    assert torch.allclose(got, want, atol=1e-4)
+    real = slice(0, num_blocks * BLOCK)  # every request's K/V equal; padding wrote only the scratch block
+    assert torch.allclose(caches[1].k[:, real], caches[0].k[:, real], atol=1e-5)
+    assert torch.allclose(caches[1].v[:, real], caches[0].v[:, real], atol=1e-5)

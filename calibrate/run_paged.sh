@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Recalibration and replays against the backend (paged attention, fused elementwise kernels, decode and
+# mixed-step CUDA graphs), in one device call on one GPU (carrying .device/: wheels and the trace):
+#   OUT=dir [STAGES="check kernels reference replays"] [LOADS="light heavy"] [SCHEDS="vllm sarathi"]
+#   bash calibrate/run_paged.sh
+# check: calibrate/gpu_check.py; kernels: Llama-3-8B's elementwise kernels, attention surfaces and whole-step
+# fixed costs; reference: the reference steps, with the overhead fit's steps in the same rounds; replays:
+# calibrate/run_replays.sh on the paged H100 config. The GPU's profile id comes from nvidia-smi.
+set -uo pipefail
+PY=${PY:-/opt/torch/.venv/bin/python}
+[ -x "$PY" ] || PY=python3
+$PY -m pip install -q --no-index --find-links .device/wheels pydantic simpy >/dev/null 2>&1 || true
+export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
+OUT=${OUT:?set OUT}
+STAGES=" ${STAGES:-check kernels reference} "
+case "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" in
+  *H200*) ID=h200-sxm-141gb ;;
+  *) ID=h100-sxm-80gb ;;
+esac
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+if [[ $STAGES == *" check "* ]]; then
+  timeout 150 $PY calibrate/gpu_check.py 2>&1 | tail -40 | tee "$OUT/gpu_check.txt"
+fi
+if [[ $STAGES == *" kernels "* ]]; then
+  time timeout "${KERNELS_S:-330}" $PY -m sim calibrate --out "$OUT/${ID}_paged.json" --raw "$OUT/${ID}_paged_raw.json" \
+    --models llama-3-8b --suites elementwise,attention,fixed 2>&1 | tail -30 | tee "$OUT/kernels.txt"
+fi
+if [[ $STAGES == *" reference "* ]]; then
+  time timeout "${REF_S:-220}" $PY -m sim calibrate reference --out "$OUT/${ID}_paged_llama-3-8b_steps.csv" \
+    --raw "$OUT/${ID}_paged_reference_raw.json" 2>&1 | tail -10 | tee "$OUT/reference.txt"
+fi
+if [[ $STAGES == *" replays "* ]]; then
+  mkdir -p "$OUT/work"  # the device tool brings back a few files: only the replays' archive leaves
+  OUT=$OUT/work PY=$PY TRACE=.device/azure_llm_2023_conv.csv CONFIG=calibrate/measurements/h100_llama3_8b_azure_paged.yaml \
+    PREFIX=paged_ bash calibrate/run_replays.sh 2>&1 | tail -60 | tee "$OUT/replays.txt"
+  mv "$OUT/work/replays.tar.gz" "$OUT/" && rm -rf "$OUT/work"
+fi
