@@ -113,6 +113,8 @@ class MixedLayout:
                             scratch=partials)
         prefill = PagedGroup(0, rows, False, pre_tables, pre_lens, q_start, tiles, self.block_m, 1, [], [], [])
         self.meta = AttentionMeta(slots, [decode, prefill], overlay=True)
+        # until the first step: padding everywhere (the warm-up before capture writes only the scratch block)
+        self.fill(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, width), np.int32), [], block_size)
 
     def _views(self, buf: np.ndarray | torch.Tensor) -> tuple:
         r, w = self.rows, self.width
@@ -154,11 +156,16 @@ class MixedLayout:
 
 
 class MixedGraph:
-    """A step of prefill chunks and decodes (`MixedLayout`) as a CUDA graph of the model's layers; the
-    logits of the rows that sample run after it, eagerly (as vLLM computes them outside its graphs)."""
+    """A step of prefill chunks and decodes (`MixedLayout`) as a CUDA graph of the model's layers, writing the
+    last layer's output and residual into `hidden` (buffers of 512 rows that every mixed graph shares, so
+    that a graph keeps none of its activations); the logits of the rows that sample run after it, eagerly
+    (as vLLM computes them outside its graphs)."""
 
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, layout: MixedLayout, pool: object) -> None:
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, layout: MixedLayout, pool: object,
+                 hidden: tuple[torch.Tensor, torch.Tensor]) -> None:
         self.layout = layout
+        rows = layout.rows
+        self.x, self.residual = hidden[0][:rows], hidden[1][:rows]
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -167,7 +174,9 @@ class MixedGraph:
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
-            self.x, self.residual = model.hidden(layout.tokens, layout.positions, layout.meta, cache)
+            x, residual = model.hidden(layout.tokens, layout.positions, layout.meta, cache)
+            self.x.copy_(x)
+            self.residual.copy_(residual)
 
 
 class GraphCache:
@@ -180,6 +189,7 @@ class GraphCache:
         self.mixed_graphs: dict[tuple[int, int], MixedGraph] = {}
         self.logits: torch.Tensor | None = None
         self.partials: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.hidden: tuple[torch.Tensor, torch.Tensor] | None = None  # mixed graphs' outputs
         self.pool = torch.cuda.graph_pool_handle()
         self.capture_seconds = 0.0
 
@@ -220,15 +230,18 @@ class GraphCache:
             t0 = time.perf_counter()
             layout = MixedLayout(*key, MIXED_GRAPH_PREFILLS, bs, self.num_blocks * bs, self.cache.k.shape[2],
                                  self.cache.k.device, self._shared()[1])
-            self.mixed_graphs[key] = MixedGraph(self.model, self.cache, layout, self.pool)
+            if self.hidden is None:
+                size = (GRAPH_BATCH_SIZES[-1], self.model.spec.hidden_size)
+                self.hidden = (self.cache.k.new_empty(size), self.cache.k.new_empty(size))
+            self.mixed_graphs[key] = MixedGraph(self.model, self.cache, layout, self.pool, self.hidden)
             self.capture_seconds += time.perf_counter() - t0
         graph = self.mixed_graphs[key]
         table = blocks.array[blocks.rows(dec_ids)][:, :graph.layout.width]
+        if start is not None:  # as for decode graphs: the step's copy to the device included
+            start.record()
         graph.layout.fill(dec_tokens, dec_done, table, [(ids, done, blocks.table(rid)) for rid, ids, done in chunks],
                           bs)
         picked = torch.tensor(sample_rows, dtype=torch.long).to(self.cache.k.device, non_blocking=True)
-        if start is not None:
-            start.record()
         graph.graph.replay()
         return self.model.logits(graph.x, graph.residual, picked)
 
