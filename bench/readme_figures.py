@@ -21,8 +21,8 @@ Figures (README section: the sentence each regenerates):
   tokens, ... output tokens/J. Over 25 Gb/s Ethernet (`--set disaggregation.link=eth-25g`) ...; with `--set
   disaggregation.transfer=layerwise` as well ..." (the last run sets both overrides).
 - disagg-search-example (Prefill/decode disaggregation, placement search): "`servesim disagg-search
-  examples/disaggregated.yaml --gpus 2 --tp 1,2 --jobs 2 --start 4 --ttft 0.25 --tpot 0.025 --set
-  workloads.0.num_requests=600` (... s wall ...) ranks ... first at ... req/s per GPU and 1P+1D at ... (...x)".
+  examples/disaggregated.yaml --gpus 2 --tp 1,2 --workers 2 --start 4 --ttft 0.25 --tpot 0.025` (... s wall ...)
+  ranks ... first at ... req/s per GPU and 1P+1D at ... (...x)".
 - speculative-example (Speculative decoding): "Measured with `servesim run examples/speculative_decoding.yaml
   --json` ...: acceptance rate ..., ... tokens per verification ..., draft ...% of the time, TPOT p50 ...x faster".
 - plan-example (Capacity planning): "Measured: `servesim plan examples/plan_llama3_8b.yaml --workers 2` (12
@@ -109,7 +109,11 @@ def _rate_sweep(rates: list[float]) -> Values:
     for r in rates:
         s = _summary(None, [f"workloads.0.arrival.rate={r}", "workloads.0.num_requests=4000"])
         runs[str(r)] = {k: s[k] for k in ("throughput_req_s", "ttft_p99_s", "tpot_p99_s", "requests_rejected",
-                                          "preemptions")}
+                                          "preemptions", "stability", "steady_throughput_req_s",
+                                          "steady_backlog_growth_req_s")}
+    default = _summary(None, [])
+    runs["default"] = {k: default[k] for k in ("requests_total", "stability", "steady_offered_req_s",
+                                               "steady_throughput_req_s", "steady_backlog_growth_req_s")}
     return {"rates": rates, "runs": runs}
 
 
@@ -118,7 +122,13 @@ def _rate_sweep_text(v: Values) -> list[str]:
     return [f"throughput {_slash([x['throughput_req_s'] for x in runs], lambda t: f'{t:.1f}')} req/s "
             f"at R = {_slash(v['rates'], str)}, TTFT p99 {_slash([x['ttft_p99_s'] for x in runs], _s)} s",
             f"(TPOT p99 {_slash([x['tpot_p99_s'] * 1e3 for x in runs], lambda t: f'{t:.0f}')} ms, "
-            f"preemptions {_slash([x['preemptions'] for x in runs], str)})"]
+            f"preemptions {_slash([x['preemptions'] for x in runs], str)})",
+            f"steady state: {_slash([x['stability'] for x in runs], str)}, sustained "
+            f"{_slash([x['steady_throughput_req_s'] for x in runs], lambda t: f'{t:.1f}')} req/s, backlog "
+            f"{_slash([x['steady_backlog_growth_req_s'] for x in runs], lambda t: f'{t:+.2f}')} req/s",
+            "the default run ({requests_total} requests): {stability}, offered {steady_offered_req_s:.1f}, "
+            "sustained {steady_throughput_req_s:.1f}, backlog {steady_backlog_growth_req_s:+.3f} req/s"
+            .format(**v["runs"]["default"])]
 
 
 # --- Prefill/decode disaggregation ------------------------------------------------------------------------------
@@ -152,20 +162,21 @@ def _disaggregated_text(v: Values) -> list[str]:
             f"TPOT p99 {c['tpot_p99_s'] * 1e3:.1f} ms (TTFT p50/p99 {c['ttft_p50_s']:.3f}/{c['ttft_p99_s']:.3f} s)"]
 
 
-SEARCH_ARGV = ["disagg-search", str(ROOT / DISAGG), "--gpus", "2", "--tp", "1,2", "--jobs", "2", "--start", "4",
-               "--ttft", "0.25", "--tpot", "0.025", "--set", "workloads.0.num_requests=600", "--json"]
+SEARCH_ARGV = ["disagg-search", str(ROOT / DISAGG), "--gpus", "2", "--tp", "1,2", "--workers", "2", "--start", "4",
+               "--ttft", "0.25", "--tpot", "0.025", "--json"]
 
 
 def _disagg_search() -> Values:
     t0 = time.perf_counter()
     out = _cli(SEARCH_ARGV)
-    rows = [{k: r[k] for k in ("kind", "placement", "gpus", "goodput_req_s", "goodput_per_gpu")}
-            for r in out["configurations"]]
+    rows = [{k: r[k] for k in ("kind", "placement", "gpus", "goodput_req_s", "goodput_max_req_s", "goodput_per_gpu",
+                               "probe_horizon_s")} for r in out["configurations"]]
     return {"wall_s": time.perf_counter() - t0, "ranking": rows, "ratio": out["disaggregated_over_colocated"]}
 
 
 def _disagg_search_text(v: Values) -> list[str]:
-    ranked = [f"{r['placement']} {r['goodput_per_gpu']:.1f}" for r in v["ranking"]]
+    ranked = [f"{r['placement']} {r['goodput_per_gpu']:.1f} (max over seeds {r['goodput_max_req_s'] / r['gpus']:.1f}, "
+              f"{r['probe_horizon_s']:.0f} s probes)" for r in v["ranking"]]
     ratio = v["ratio"]
     return [f"{v['wall_s']:.0f} s wall; ranking (req/s per GPU): " + ", ".join(ranked),
             "best disaggregated / best colocated: " + ("n/a" if ratio is None else f"{ratio:.2f}x")]
@@ -195,7 +206,8 @@ def _plan() -> Values:
     with tempfile.TemporaryDirectory() as out:
         first = _cli([*PLAN_ARGV, "--out", out])
         again = _cli([*PLAN_ARGV, "--out", out])
-    keep = ("label", "pruned", "capacity_req_s", "gpus", "cost_per_hour", "replicas_at_30", "cost_per_hour_at_30")
+    keep = ("label", "pruned", "capacity_req_s", "capacity_max_req_s", "gpus", "cost_per_hour", "replicas_at_30",
+            "cost_per_hour_at_30", "probe_horizon_s", "verified", "verified_horizon_s", "verified_attainment")
     rows = [{k: r.get(k) for k in keep} for r in first["configurations"]]
     return {"wall_s": first["wall_seconds"], "rerun_wall_s": again["wall_seconds"], "configurations": rows,
             "rerun_cached": sum(bool(r["cached"]) for r in again["configurations"])}
@@ -209,7 +221,10 @@ def _plan_text(v: Values) -> list[str]:
             return f"{r['label']}: pruned ({r['pruned']})"
         cost = r["cost_per_hour_at_30"]
         carry = "cannot carry 30 req/s" if cost is None else f"{r['replicas_at_30']} replicas, ${cost:.1f}/h at 30"
-        return f"{r['label']}: capacity {r['capacity_req_s']:.1f} req/s, {carry}"
+        check = "" if not r["verified"] else (f", verified {r['verified']} over {r['verified_horizon_s']:.0f} s "
+                                              f"(attainment {r['verified_attainment']:.1%})")
+        return (f"{r['label']}: capacity {r['capacity_req_s']:.1f} req/s (to {r['capacity_max_req_s']:.1f} over seeds; "
+                f"{r['probe_horizon_s']:.0f} s probes), {carry}{check}")
 
     return [f"{len(rows)} configurations in {v['wall_s']:.0f} s wall; re-run {v['rerun_wall_s']:.1f} s "
             f"({v['rerun_cached']} from the cache)", *(line(r) for r in rows)]

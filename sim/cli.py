@@ -18,6 +18,7 @@ from hardware.deployment import Deployment
 from hardware.errors import ServesimError
 from hardware.operators import StepShape
 from hardware.profile import resolve_profile
+from sim.capacity import Horizon
 
 
 def _add_deployment_args(p: argparse.ArgumentParser) -> None:
@@ -199,6 +200,11 @@ def _int_list(flag: str, text: str) -> list[int]:
     return values
 
 
+def _check_workers(workers: int | None) -> None:
+    if workers is not None and workers < 1:
+        raise ServesimError(f"--workers = {workers}: allowed values are 1 or more")
+
+
 def cmd_disagg_search(args: argparse.Namespace) -> dict[str, Any] | None:
     from policies import SCHEDULERS
     from sim.config import load_config
@@ -212,10 +218,11 @@ def cmd_disagg_search(args: argparse.Namespace) -> dict[str, Any] | None:
     for name in colocated:
         if name not in SCHEDULERS:
             raise ServesimError(f"--colocated: {name!r} is not a scheduler; allowed: {', '.join(SCHEDULERS)}")
-    if args.jobs < 1:
-        raise ServesimError(f"--jobs = {args.jobs}: allowed values are 1 or more")
+    _check_workers(args.workers)
+    horizon = Horizon(args.horizon, args.min_requests)
     table = search(config, args.gpus, _int_list("--tp", args.tp), colocated, args.attainment, args.link,
-                   args.transfer, args.start, args.tolerance, args.jobs)
+                   args.transfer, args.start, args.tolerance, args.workers, horizon, args.seeds,
+                   progress=not args.json)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         table.to_csv(args.out, index=False)
@@ -232,16 +239,16 @@ def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
     from sim.planner import load_spec, plan
 
     spec = load_spec(args.spec, args.set)
-    if args.workers is not None and args.workers < 1:
-        raise ServesimError(f"--workers = {args.workers}: allowed values are 1 or more")
+    _check_workers(args.workers)
     t0 = time.perf_counter()
     table = plan(spec, args.out, workers=args.workers, ray=args.ray, ray_address=args.ray_address,
                  progress=not args.quiet)
     wall = time.perf_counter() - t0
     if args.json:
         return {"configurations": table.to_dict(orient="records"), "wall_seconds": wall}
-    cols = [c for c in ("label", "pruned", "capacity_req_s", "gpus", "cost_per_hour", "cost_per_million_output_tokens",
-                        f"replicas_at_{spec.rates[0]:g}", f"cost_per_hour_at_{spec.rates[0]:g}") if c in table]
+    cols = [c for c in ("label", "pruned", "capacity_req_s", "capacity_max_req_s", "gpus", "cost_per_hour",
+                        "cost_per_million_output_tokens", f"replicas_at_{spec.rates[0]:g}",
+                        f"cost_per_hour_at_{spec.rates[0]:g}", "verified") if c in table]
     print(table[cols].head(args.top).to_string(index=False, float_format=lambda v: f"{v:.4g}"))
     print(f"{len(table)} configurations ({int(table['cached'].sum())} from the cache) in {wall:.1f} s; "
           f"wrote plan.csv, plan.parquet, best.yaml, pareto.png, latency.png to {args.out}", file=sys.stderr)
@@ -323,7 +330,15 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--transfer", choices=["after_prefill", "layerwise"], help="KV transfer mode")
     ds.add_argument("--start", type=float, default=1.0, help="first rate probed, req/s (default 1)")
     ds.add_argument("--tolerance", type=float, default=0.05, help="relative precision of each goodput (default 0.05)")
-    ds.add_argument("--jobs", type=int, default=1, help="parallel processes (default 1)")
+    ds.add_argument("--workers", "--jobs", dest="workers", type=int,
+                    help="local processes (default: all cores; --jobs is the old name)")
+    ds.add_argument("--horizon", type=float, default=Horizon.min_duration_s, metavar="S",
+                    help="simulated seconds of arrivals per probe, at least (default 60; grown until the steady "
+                         "window lasts 3x the p90 service time)")
+    ds.add_argument("--min-requests", type=int, default=Horizon.min_requests, metavar="N",
+                    help="requests per probe, at least (default 1000)")
+    ds.add_argument("--seeds", type=int, default=3, help="seeds near each goodput boundary; the goodput is "
+                    "their lowest (default 3)")
     ds.add_argument("--out", help="CSV of every configuration")
     ds.add_argument("--json", action="store_true", help="print the table as JSON")
     ds.set_defaults(func=cmd_disagg_search)

@@ -3,12 +3,17 @@
 For a workload, SLOs (TTFT and TPOT targets with an attainment target, e.g. 90% of requests within both)
 and a GPU budget, every placement (prefill TP x instances, decode TP x instances) and every colocated
 configuration (TP x replicas, per scheduler) that fits the budget gets its goodput: the highest Poisson
-rate whose SLO attainment meets the target (`sim.capacity.find_capacity`). Placements are ranked by goodput
-per GPU. Configurations run in parallel processes (`jobs`); each is a pure function of its config.
+rate whose steady-state SLO attainment meets the target in a stable run (`sim.capacity.find_capacity`: probes
+sized by simulated time, `Horizon`; the lowest over `seeds` seeds near the boundary, the range kept).
+Placements are ranked by goodput per GPU. Configurations run in parallel processes (`workers`); each is a
+pure function of its config.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -17,7 +22,7 @@ from typing import Any
 import pandas as pd
 
 from hardware.errors import ServesimError
-from sim.capacity import find_capacity
+from sim.capacity import Horizon, SearchProgress, attainment_predicate, find_capacity
 from sim.config import SimConfig, parse_config
 from sim.engine import build_pools
 
@@ -82,36 +87,49 @@ def candidates(base: SimConfig, gpus: int, tps: Sequence[int], colocated: Sequen
     return out
 
 
-def _size(job: tuple[Candidate, float, float, float]) -> dict[str, Any]:
-    cand, attainment, start, rel_tol = job
-    cap = find_capacity(cand.config, lambda s: s["slo_attainment"] >= attainment, start=start, rel_tol=rel_tol)
+def _size(job: tuple[Candidate, float, float, float, Horizon, int]) -> dict[str, Any]:
+    cand, attainment, start, rel_tol, horizon, seeds = job
+    cap = find_capacity(cand.config, attainment_predicate(attainment), start=start, rel_tol=rel_tol,
+                        horizon=horizon, seeds=seeds)
     s = cap.summary or {}
+    low, median, high = cap.range
     return {"kind": cand.kind, "placement": cand.label, "gpus": cand.gpus, "goodput_req_s": cap.rate,
-            "goodput_per_gpu": cap.rate / cand.gpus, "slo_attainment": s.get("slo_attainment"),
-            "ttft_p90_s": s.get("ttft_p90_s"), "tpot_p90_s": s.get("tpot_p90_s"),
+            "goodput_median_req_s": median, "goodput_max_req_s": high, "goodput_per_gpu": cap.rate / cand.gpus,
+            "slo_attainment": s.get("steady_slo_attainment"), "ttft_p90_s": s.get("steady_ttft_p90_s"),
+            "tpot_p90_s": s.get("steady_tpot_p90_s"),
             "cost_per_million_output_tokens": s.get("cost_per_million_output_tokens"),
-            "probes": len(cap.probes)}
+            "probes": len(cap.probes), "probe_horizon_s": cap.duration_s}
 
 
 def search(base: SimConfig, gpus: int, tps: Sequence[int] = (1, 2, 4, 8), colocated: Sequence[str] = ("vllm",
            "sarathi"), attainment: float = 0.9, link: str | None = None, transfer: str | None = None,
-           start: float = 1.0, rel_tol: float = 0.05, jobs: int = 1) -> pd.DataFrame:
-    """Goodput of every candidate, best goodput per GPU first (ties: fewer GPUs, then the label)."""
+           start: float = 1.0, rel_tol: float = 0.05, workers: int | None = None, horizon: Horizon = Horizon(),
+           seeds: int = 3, progress: bool = False) -> pd.DataFrame:
+    """Goodput of every candidate, best goodput per GPU first (ties: fewer GPUs, then the label);
+    `workers` processes (default: all cores), a progress line on a terminal when `progress`."""
     if not 0 < attainment <= 1:
         raise ServesimError(f"--attainment = {attainment}: allowed values are in (0, 1]")
     if start <= 0:
         raise ServesimError(f"--start = {start}: the first rate must be above 0")
     if not 0 < rel_tol < 1:
         raise ServesimError(f"--tolerance = {rel_tol}: allowed values are in (0, 1)")
+    if seeds < 1:
+        raise ServesimError(f"--seeds = {seeds}: allowed values are 1 or more")
     if base.slo.ttft_s is None and base.slo.tpot_s is None:
         raise ServesimError("slo: give slo.ttft_s and/or slo.tpot_s (or --ttft / --tpot) to search for goodput")
     cands = candidates(base, gpus, tps, colocated, link, transfer)
-    work = [(c, attainment, start, rel_tol) for c in cands]
-    if jobs > 1:
-        with ProcessPoolExecutor(max_workers=jobs) as pool:
-            rows = list(pool.map(_size, work))
-    else:
-        rows = [_size(w) for w in work]
+    work = [(c, attainment, start, rel_tol, horizon, seeds) for c in cands]
+    workers = workers or os.cpu_count() or 1
+    bar = SearchProgress("disagg-search", len(work), progress and sys.stderr.isatty())
+    rows, best = [], ""
+    with contextlib.ExitStack() as stack:
+        results = (stack.enter_context(ProcessPoolExecutor(max_workers=workers)).map(_size, work) if workers > 1
+                   else map(_size, work))
+        for row in results:
+            rows.append(row)
+            if not best or row["goodput_per_gpu"] > best[1]:
+                best = (f"{row['placement']} {row['goodput_per_gpu']:.2f} req/s per GPU", row["goodput_per_gpu"])
+            bar.update(best[0])
     table = pd.DataFrame(rows).sort_values(["goodput_per_gpu", "gpus", "placement"], ascending=[False, True, True])
     return table.reset_index(drop=True)
 

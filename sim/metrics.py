@@ -6,6 +6,8 @@ Clocks (all in simulated seconds from the start of the run):
 - TTFT = first_token - arrival; E2E = last token - arrival; TPOT = (E2E - TTFT) / (output tokens - 1)
   (requests with one output token have no TPOT); ITL = each gap between consecutive tokens of a request.
 - duration = last finish - first arrival; throughputs count finished requests over it.
+- steady state (`sim.steady`): the same latencies, attainment and throughput over the window between the
+  warm-up and the last arrival (`steady_*`), and a verdict (`stability`: stable, overloaded or too_short).
 - energy: every GPU of a replica draws its TDP while the replica runs a step and `IDLE_POWER_FRACTION` of
   it otherwise (a planning assumption, not a measurement); tokens per joule = output tokens / energy.
 - pool utilisation = the share of the duration its replicas spent running steps (mean over replicas);
@@ -27,6 +29,7 @@ import pandas as pd
 from hardware.deployment import Deployment
 from policies.state import Requests, Status
 from sim.config import SimConfig
+from sim.steady import steady_state
 
 PERCENTILES = (50, 90, 99)
 IDLE_POWER_FRACTION = 0.2  # an idle H100/H200 draws roughly 70-140 W of its 700 W TDP
@@ -167,7 +170,7 @@ def _summary(config: SimConfig, pools: list[PoolInfo], r: Requests, finished: np
         s[f"rejected_{code}"] = sum(1 for c in r.reject_code.values() if c == code)
     s["trace_rows_skipped"] = skipped_rows
     end = float(np.nanmax(r.finish)) if finished.any() else float(r.arrival.max(initial=0.0))
-    duration = end - float(r.arrival.min(initial=0.0))
+    duration = end - float(r.arrival.min()) if r.n else 0.0
     s["duration_s"] = duration
     per_s = (lambda x: x / duration) if duration > 0 else (lambda x: float("nan"))
     s["throughput_req_s"] = per_s(float(finished.sum()))
@@ -211,4 +214,5 @@ def _summary(config: SimConfig, pools: list[PoolInfo], r: Requests, finished: np
     s["output_tokens_per_joule"] = out_tokens / energy if energy else None
     if config.speculation is not None:
         _speculation_summary(steps, busy, s)
+    s.update(steady_state(r, finished, meets, ttft, tpot, e2e))
     return {k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in s.items()}

@@ -4,11 +4,14 @@ A spec names a base scenario (model, workload, SLOs), a search space (GPU types 
 replicas, schedulers, colocated or disaggregated, speculation on or off) and an objective. Every
 configuration in the space is first pruned when it cannot fit in memory or cannot meet the TPOT target
 even at batch 1; the rest are sized by binary search on the arrival rate (`sim.capacity.find_capacity`):
-capacity = the highest Poisson rate at which at least `attainment` of the requests meet every SLO. With
-`replicas: auto`, one replica is sized and the replica count for each target rate is ceil(rate / capacity),
-then checked by simulating that many replicas at the target rate. Results are cached under the output
-folder by a hash of each configuration and the search settings, so a re-run or an interrupted search
-resumes without recomputing. Configurations run on a local process pool or on Ray.
+capacity = the highest Poisson rate at which the run is stable in steady state and at least `attainment` of
+its steady window's requests meet every SLO, probes sized by simulated time (`horizon_s`, `min_requests`),
+the lowest over `seeds` seeds near the boundary. With `replicas: auto`, one replica is sized and the replica
+count for each target rate is ceil(rate / capacity), then checked by simulating that many replicas at the
+target rate. The best configurations are then verified over `verify_factor` times their probes' horizon
+(`verify`); one that fails is ranked last. Results are cached under the output folder by a hash of each
+configuration and the search settings, so a re-run or an interrupted search resumes without recomputing.
+Configurations run on a local process pool or on Ray.
 """
 
 from __future__ import annotations
@@ -18,7 +21,6 @@ import json
 import math
 import os
 import sys
-import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -26,12 +28,30 @@ from typing import Any, Literal
 
 import pandas as pd
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveFloat,
+    PositiveInt,
+    ValidationError,
+    model_validator,
+)
 
 from hardware.errors import ServesimError, describe_validation_error
 from hardware.operators import StepShape
 from policies.speculation import SpeculationConfig
-from sim.capacity import find_capacity, with_rate
+from sim.capacity import (
+    Horizon,
+    SearchProgress,
+    attainment_predicate,
+    find_capacity,
+    run_sized,
+    stable,
+    with_duration,
+    with_rate,
+)
 from sim.config import DisaggregationConfig, SimConfig, apply_overrides, parse_config, read_mapping
 from sim.engine import build_pools, simulate
 
@@ -68,6 +88,14 @@ class PlanSpec(_Spec):
     search: SearchSpace
     tolerance: float = Field(0.05, gt=0.0, lt=1.0, description="relative precision of each capacity")
     start_rate: PositiveFloat = Field(1.0, description="first rate probed by the capacity search")
+    horizon_s: PositiveFloat = Field(60.0, description="simulated seconds of arrivals per probe, at least (grown "
+                                     "until the steady window lasts 3 times the p90 service time)")
+    min_requests: PositiveInt = Field(1000, description="requests per probe, at least")
+    seeds: PositiveInt = Field(3, description="seeds near each capacity boundary; the capacity is their lowest")
+    verify_factor: float = Field(10.0, ge=1.0, description="the best configurations are re-simulated over this "
+                                 "many times their probes' horizon, at every target rate")
+    verify_top: NonNegativeInt = Field(3, description="configurations that must pass that check (0: none "
+                                       "checked), the first ranked first")
 
     @model_validator(mode="after")
     def _check(self) -> PlanSpec:
@@ -136,7 +164,8 @@ def candidates(spec: PlanSpec) -> Iterator[tuple[str, SimConfig]]:
 def config_hash(config: SimConfig, spec: PlanSpec) -> str:
     """A stable key of everything a configuration's result depends on."""
     key = {"config": config.model_dump(mode="json"), "attainment": spec.attainment, "tolerance": spec.tolerance,
-           "start": spec.start_rate, "rates": spec.rates, "auto": spec.search.replicas == "auto", "version": 1}
+           "start": spec.start_rate, "rates": spec.rates, "auto": spec.search.replicas == "auto",
+           "horizon": [spec.horizon_s, spec.min_requests, spec.seeds], "version": 2}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
@@ -179,13 +208,18 @@ def size(label: str, config: SimConfig, spec: PlanSpec) -> dict[str, Any]:
                            "pruned": why or ""}
     if why:
         return row
-    meets = lambda s: (s["slo_attainment"] or 0.0) >= spec.attainment  # noqa: E731
-    cap = find_capacity(config, meets, start=spec.start_rate, rel_tol=spec.tolerance)
+    meets = attainment_predicate(spec.attainment)
+    horizon = Horizon(spec.horizon_s, spec.min_requests)
+    cap = find_capacity(config, meets, start=spec.start_rate, rel_tol=spec.tolerance, horizon=horizon,
+                        seeds=spec.seeds)
     s = cap.summary or simulate(with_rate(config, spec.start_rate)).summary
-    row.update({"capacity_req_s": cap.rate, "gpus": s["gpus"], "cost_per_hour": s["cost_per_hour"],
+    low, median, high = cap.range
+    row.update({"capacity_req_s": cap.rate, "capacity_median_req_s": median, "capacity_max_req_s": high,
+                "gpus": s["gpus"], "cost_per_hour": s["cost_per_hour"],
                 "cost_per_million_output_tokens": s["cost_per_million_output_tokens"] if cap.rate else None,
                 "goodput_per_dollar": cap.rate / s["cost_per_hour"] if s["cost_per_hour"] else None,
-                "ttft_p90_s": s["ttft_p90_s"], "tpot_p90_s": s["tpot_p90_s"], "probes": len(cap.probes)})
+                "ttft_p90_s": s.get("steady_ttft_p90_s"), "tpot_p90_s": s.get("steady_tpot_p90_s"),
+                "probes": len(cap.probes), "probe_horizon_s": cap.duration_s})
     if spec.search.replicas == "auto" and config.disaggregation is None:
         for rate in spec.rates:  # the replicas each target needs, checked by simulating them at that rate
             n = max(1, math.ceil(rate / cap.rate)) if cap.rate > 0 else None
@@ -194,16 +228,20 @@ def size(label: str, config: SimConfig, spec: PlanSpec) -> dict[str, Any]:
                 n = None
             ok = False
             if n is not None:
-                scaled = config.model_copy(update={"cluster": config.cluster.model_copy(update={"replicas": n})})
-                check = simulate(with_rate(scaled, rate)).summary
-                if not meets(check) and n * cap.rate < 1.25 * rate:  # scaling was too optimistic: one more
+                check = lambda k: run_sized(with_rate(replicas(config, k), rate), cap.duration_s,  # noqa: E731
+                                            horizon, lambda c: simulate(c).summary)[0]
+                summary = check(n)
+                if not (stable(summary) and meets(summary)) and n * cap.rate < 1.25 * rate:  # one more
                     n += 1
-                    scaled = scaled.model_copy(update={"cluster": scaled.cluster.model_copy(update={"replicas": n})})
-                    check = simulate(with_rate(scaled, rate)).summary
-                ok = meets(check)
+                    summary = check(n)
+                ok = stable(summary) and meets(summary)
             row[f"replicas_at_{rate:g}"] = n
             row[f"cost_per_hour_at_{rate:g}"] = n * row["cost_per_hour"] if n is not None and ok else None
     return row
+
+
+def replicas(config: SimConfig, n: int) -> SimConfig:
+    return config.model_copy(update={"cluster": config.cluster.model_copy(update={"replicas": n})})
 
 
 def _size_job(job: tuple[str, str, str, PlanSpec]) -> tuple[str, dict[str, Any]]:
@@ -212,25 +250,6 @@ def _size_job(job: tuple[str, str, str, PlanSpec]) -> tuple[str, dict[str, Any]]
 
 
 # ---- the whole search -----------------------------------------------------------------------------------
-class Progress:
-    """Configurations done, best so far and an ETA on one stderr line (a terminal only)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.done, self.enabled, self.t0 = total, 0, enabled, time.monotonic()
-
-    def update(self, best: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        elapsed = time.monotonic() - self.t0
-        eta = elapsed / self.done * (self.total - self.done)
-        sys.stderr.write(f"\rplan: {self.done}/{self.total} configurations, best so far: {best[:60]}, "
-                         f"ETA {eta:4.0f} s   ")
-        sys.stderr.flush()
-        if self.done == self.total:
-            sys.stderr.write("\n")
-
-
 def _runner(workers: int, ray: bool, ray_address: str | None
             ) -> Callable[[list[Any]], Iterator[tuple[str, dict[str, Any]]]]:
     """A map over jobs in completion order: Ray tasks, a local process pool, or in-process when workers = 1."""
@@ -277,7 +296,7 @@ def plan(spec: PlanSpec, out: str | Path, workers: int | None = None, ray: bool 
             rows[key] = json.loads(hit.read_text())
         else:
             todo.append((key, label, cfg))
-    bar = Progress(len(todo), progress and sys.stderr.isatty())
+    bar = SearchProgress("plan", len(todo), progress and sys.stderr.isatty())
     run = _runner(workers or os.cpu_count() or 1, ray, ray_address)
     best, best_rate = "", 0.0
     for key, row in run([(key, label, cfg.model_dump_json(), spec) for key, label, cfg in todo]):
@@ -289,9 +308,49 @@ def plan(spec: PlanSpec, out: str | Path, workers: int | None = None, ray: bool 
     table = pd.DataFrame([rows[key] for key in keys])
     computed = {key for key, _, _ in todo}
     table["cached"] = [key not in computed for key in keys]
-    table = rank(table, spec)
+    table = rank(verify(rank(table, spec), spec, dict(cands), cache), spec)
     write_outputs(table, spec, dict(cands), out_dir)
     return table
+
+
+def verify(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimConfig], cache: Path) -> pd.DataFrame:
+    """Re-simulate configurations in rank order, at every target rate with the replicas found for it (the
+    capacity itself for goodput per dollar) over `verify_factor` times their probes' horizon, until
+    `verify_top` of them pass: `verified` is 'yes' (stable and meeting the SLOs at every rate), 'no', or ''
+    (not checked). Results are cached like the sizing."""
+    t = table.copy()
+    t["verified"], t["verified_horizon_s"], t["verified_attainment"] = "", float("nan"), float("nan")
+    if "capacity_req_s" not in t:
+        return t
+    meets, horizon = attainment_predicate(spec.attainment), Horizon(spec.horizon_s, spec.min_requests)
+    passed = 0
+    for i in t.index:
+        if passed >= spec.verify_top:
+            break
+        targets = deployments(t.loc[i], spec, configs[t.loc[i, "label"]])
+        if not targets:
+            continue
+        duration = spec.verify_factor * float(t.loc[i, "probe_horizon_s"])
+        ok, worst = True, 1.0
+        ran = duration
+        for cfg, rate in targets:
+            key = hashlib.sha256(json.dumps({"verify": cfg.model_dump(mode="json"), "duration": duration,
+                                             "horizon": [spec.horizon_s, spec.min_requests],
+                                             "attainment": spec.attainment}, sort_keys=True).encode()).hexdigest()[:20]
+            hit = cache / f"verify-{key}.json"
+            if hit.is_file():
+                s = json.loads(hit.read_text())
+            else:
+                full, used = run_sized(cfg, duration, horizon, lambda c: simulate(c).summary)
+                s = {k: full.get(k) for k in ("stability", "steady_slo_attainment", "slo_attainment",
+                                              "requests_total")} | {"duration_s": used}
+                hit.write_text(json.dumps(s))
+            ok &= stable(s) and meets(s)
+            worst = min(worst, s.get("steady_slo_attainment") or 0.0)
+            ran = max(ran, s["duration_s"])
+        t.loc[i, ["verified", "verified_horizon_s", "verified_attainment"]] = ["yes" if ok else "no", ran, worst]
+        passed += ok
+    return t
 
 
 def rank(table: pd.DataFrame, spec: PlanSpec) -> pd.DataFrame:
@@ -310,24 +369,36 @@ def rank(table: pd.DataFrame, spec: PlanSpec) -> pd.DataFrame:
         else:
             cost = t["cost_per_hour"].where(t.get("capacity_req_s", 0) >= rate)
         t["_key"] = cost.fillna(float("inf"))
-    t = t.sort_values(["_key", "label"], kind="stable").drop(columns="_key")
+    t["_failed"] = t["verified"].eq("no") if "verified" in t else False  # failed the long re-simulation: last
+    t = t.sort_values(["_failed", "_key", "label"], kind="stable").drop(columns=["_key", "_failed"])
     return t.reset_index(drop=True)
 
 
-def best_config(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimConfig]) -> tuple[SimConfig, float] | None:
-    """The winning configuration, with its replicas for the first target rate, ready to run at that rate."""
-    top = table.iloc[0]
-    capacity = top.get("capacity_req_s")
+def deployments(row: pd.Series, spec: PlanSpec, config: SimConfig) -> list[tuple[SimConfig, float]]:
+    """The configuration of a table row ready to run at each target rate it carries (with the replicas
+    found for that rate), or at its capacity for the goodput-per-dollar objective; [] when it carries none."""
+    capacity = row.get("capacity_req_s")
     if capacity is None or pd.isna(capacity) or capacity <= 0:
-        return None
-    cfg = configs[top["label"]]
-    rate = spec.rates[0]
-    n = top.get(f"replicas_at_{rate:g}")
-    if n is not None and not pd.isna(n) and cfg.disaggregation is None:
-        cfg = cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"replicas": int(n)})})
+        return []
     if spec.objective == "goodput_per_dollar":
-        rate = float(top["capacity_req_s"])
-    return with_rate(cfg, rate), rate
+        return [(with_rate(config, float(capacity)), float(capacity))]
+    out = []
+    for rate in spec.rates:
+        n = row.get(f"replicas_at_{rate:g}")
+        if config.disaggregation is None and spec.search.replicas == "auto":
+            if n is None or pd.isna(n) or pd.isna(row.get(f"cost_per_hour_at_{rate:g}")):
+                continue
+            out.append((with_rate(replicas(config, int(n)), rate), rate))
+        elif capacity >= rate:
+            out.append((with_rate(config, rate), rate))
+    return out
+
+
+def best_config(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimConfig]
+                ) -> tuple[SimConfig, float] | None:
+    """The winning configuration, with its replicas for the first target rate, ready to run at that rate."""
+    targets = deployments(table.iloc[0], spec, configs[table.iloc[0]["label"]])
+    return targets[0] if targets else None
 
 
 def write_outputs(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimConfig], out: Path) -> None:
@@ -341,9 +412,17 @@ def write_outputs(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimCon
     best = best_config(table, spec, configs)
     if best is not None:
         cfg, rate = best
+        top = table.iloc[0]
+        if top.get("verified") == "yes":  # the run the check made: `servesim run best.yaml` repeats it
+            cfg = with_duration(cfg, float(top["verified_horizon_s"]), Horizon(spec.horizon_s, spec.min_requests))
+            check = (f"# verified: stable and at least {spec.attainment:.0%} of requests within the SLOs at every "
+                     f"target rate over {top['verified_horizon_s']:g} s of arrivals (lowest attainment "
+                     f"{top['verified_attainment']:.1%}); probes ran {top['probe_horizon_s']:g} s\n")
+        else:
+            check = f"# NOT verified over a longer horizon (verified: {top.get('verified') or 'not checked'})\n"
         text = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-        (out / "best.yaml").write_text(f"# servesim plan: best configuration ({table.iloc[0]['label']}) at "
-                                       f"{rate:g} req/s; run it with `servesim run best.yaml`\n" + text)
+        (out / "best.yaml").write_text(f"# servesim plan: best configuration ({top['label']}) at {rate:g} req/s; "
+                                       "run it with `servesim run best.yaml`\n" + check + text)
     sized = table[table["pruned"] == ""] if "capacity_req_s" in table else table.iloc[0:0]
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if len(sized):

@@ -46,7 +46,31 @@ def format_summary(summary: dict[str, Any]) -> str:
         values = [summary.get(a)] + ([summary.get(b)] if b else [])
         text = fmt.format(*values) if all(v is not None for v in values) else "n/a"
         lines.append(f"{label:30s} {text}")
+    lines += _steady_lines(summary)
     return "\n".join(lines)
+
+
+def _steady_lines(summary: dict[str, Any]) -> list[str]:
+    """The steady-state window's headline numbers, its verdict, and a warning when it is not stable."""
+    verdict = summary.get("stability")
+    if verdict is None:
+        return []
+    get = summary.get
+    lines = []
+    if get("steady_offered_req_s") is not None:
+        lines.append(f"{'steady state (after warm-up)':30s} {verdict}: {get('steady_offered_req_s'):.2f} req/s "
+                     f"offered, {get('steady_throughput_req_s'):.2f} sustained, backlog "
+                     f"{get('steady_backlog_growth_req_s'):+.3f} req/s over {get('steady_window_s'):.0f} s")
+    rows = (("  TTFT p50 / p99", "steady_ttft_p50_s", "steady_ttft_p99_s", "{:.3f} / {:.3f} s"),
+            ("  TPOT p50 / p99", "steady_tpot_p50_s", "steady_tpot_p99_s", "{:.4f} / {:.4f} s"),
+            ("  SLO attainment", "steady_slo_attainment", None, "{:.1%}"))
+    for label, a, b, fmt in rows:
+        values = [get(a)] + ([get(b)] if b else [])
+        if all(v is not None for v in values):
+            lines.append(f"{label:30s} {fmt.format(*values)}")
+    if verdict != "stable":
+        lines.append(f"WARNING: {verdict.replace('_', ' ')}: {get('stability_reason')}")
+    return lines
 
 
 def _cdf_plot(results: Results, path: Path) -> None:

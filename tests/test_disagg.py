@@ -213,7 +213,8 @@ def test_disagg_search_ranks_placements_and_the_best_meets_its_slos(tmp_path, ca
     path.write_text(config(n=80).model_copy(update={"disaggregation": None}).model_dump_json())
     out = tmp_path / "search.csv"
     assert main(["disagg-search", str(path), "--gpus", "3", "--tp", "1", "--colocated", "vllm", "--ttft", "0.5",
-                 "--tpot", "0.03", "--tolerance", "0.2", "--start", "4", "--out", str(out), "--json"]) == 0
+                 "--tpot", "0.03", "--tolerance", "0.2", "--start", "4", "--out", str(out), "--json",
+                 "--horizon", "20", "--min-requests", "300", "--seeds", "1", "--workers", "1"]) == 0
     import json
 
     import pandas as pd

@@ -22,7 +22,8 @@ BASE = {
 
 
 def spec(**extra) -> PlanSpec:
-    data = {"base": BASE, "rates": [12], "attainment": 0.9, "tolerance": 0.2, "start_rate": 4,
+    data = {"base": BASE, "rates": [12], "attainment": 0.9, "tolerance": 0.2, "start_rate": 4, "horizon_s": 30,
+            "min_requests": 300, "seeds": 2,
             "search": {"gpus": [{"id": "h100"}, {"id": "l40s", "price": 0.8}], "tp": [1],
                        "schedulers": [{"name": "vllm"}]}}
     data.update(extra)
@@ -49,7 +50,13 @@ def test_plan_finds_the_cheapest_configuration_and_caches_it(tmp_path, monkeypat
     assert pd.read_parquet(tmp_path / "plan.parquet")["label"].tolist() == table["label"].tolist()
     cfg = load_config(tmp_path / "best.yaml")  # ready to run: the winning config at the target rate
     assert cfg.workloads[0].arrival.rate == 12 and cfg.cluster.replicas == best["replicas_at_12"]
-    assert simulate(cfg).summary["slo_attainment"] >= 0.9  # and it meets the SLOs when re-simulated
+    # verified: re-simulated over 10x its probes' horizon at the target rate, it is stable and meets the SLOs
+    assert best["verified"] == "yes" and best["verified_horizon_s"] == 10 * best["probe_horizon_s"]
+    assert "# verified: stable" in (tmp_path / "best.yaml").read_text()
+    assert cfg.workloads[0].num_requests >= 12 * best["verified_horizon_s"]
+    check = simulate(cfg).summary
+    assert check["stability"] == "stable" and check["steady_slo_attainment"] >= 0.9
+    assert best["capacity_req_s"] <= best["capacity_median_req_s"] <= best["capacity_max_req_s"]
     monkeypatch.setattr("sim.planner.size", lambda *a: pytest.fail("a cached configuration was sized again"))
     again = plan(s, tmp_path, workers=1)
     assert again["cached"].all()
@@ -92,3 +99,28 @@ def test_configurations_that_differ_only_in_parameters_are_kept_apart(tmp_path) 
     s = spec(search={"gpus": [{"id": "h100"}], "tp": [1], "schedulers": budgets})
     table = plan(s, tmp_path, workers=1)
     assert sorted(table["label"]) == ["h100 tp1 sarathi(token_budget=1024)", "h100 tp1 sarathi(token_budget=256)"]
+
+
+def test_a_configuration_failing_its_long_check_is_ranked_after_those_that_pass(tmp_path, monkeypatch) -> None:
+    s = spec(rates=[3])  # both GPUs carry it; the L40S is cheaper
+    first = plan(s, tmp_path / "a", workers=1)
+    loser = first.iloc[0]
+    assert loser["gpu"] == "l40s" and loser["verified"] == "yes" and first.iloc[1]["verified"] == "yes"
+    (tmp_path / "b" / "cache").mkdir(parents=True)
+    for f in (tmp_path / "a" / "cache").glob("*.json"):  # the sizing, not the checks
+        if not f.name.startswith("verify-"):
+            (tmp_path / "b" / "cache" / f.name).write_bytes(f.read_bytes())
+    real = simulate
+
+    def long_runs_of_the_winner_overload(cfg: SimConfig):
+        res = real(cfg)
+        if cfg.hardware.gpu == loser["gpu"] and cfg.workloads[0].num_requests > 500:  # the 10x check only
+            res.summary["stability"] = "overloaded"
+        return res
+
+    monkeypatch.setattr("sim.planner.simulate", long_runs_of_the_winner_overload)
+    table = plan(s, tmp_path / "b", workers=1)
+    assert table["cached"].all()
+    assert table.iloc[-1]["label"] == loser["label"] and table.iloc[-1]["verified"] == "no"
+    assert table.iloc[0]["verified"] == "yes" and table.iloc[0]["label"] != loser["label"]
+    assert table.iloc[0]["label"] in (tmp_path / "b" / "best.yaml").read_text().splitlines()[0]
