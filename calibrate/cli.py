@@ -21,6 +21,7 @@ from typing import Any
 
 from hardware.catalog import get_gpu, model_ids
 from hardware.errors import ServesimError
+from hardware.files import read_json
 
 # Catalog GPU ids by a word of the device name torch reports.
 GPU_NAMES = {"H200": "h200-sxm-141gb", "H100": "h100-sxm-80gb", "A100": "a100-sxm-80gb", "L40S": "l40s",
@@ -170,7 +171,7 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
         if not args.raw or not Path(args.raw).is_file():
             raise ServesimError(f"--raw = {args.raw!r}: --refit needs the raw measurements file")
         try:
-            raw = json.loads(Path(args.raw).read_text())
+            raw = read_json(args.raw, "--raw")
             gpu, metadata = get_gpu(args.gpu or raw["gpu"]), raw["metadata"]
             missing = {"records", "fixed"} - raw.keys()
             if missing:
@@ -226,7 +227,7 @@ def _overlay(raw: dict[str, Any], path: str) -> dict[str, Any]:
     group; the rest stays (e.g. a later session re-timing one model's attention, or the host overheads
     measured in the same rounds as a reference)."""
     try:
-        later = json.loads(Path(path).read_text())
+        later = read_json(path, "--later")
         steps, records, fixed = later.get("steps") or [], later["records"], later.get("fixed", {})
         tps = {s.get("tp", 1) for s in steps}
     except (OSError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:

@@ -22,6 +22,7 @@ from hardware.catalog import get_gpu
 from hardware.cost import CostModel
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
+from hardware.files import read_table
 from hardware.operators import StepShape
 from hardware.profile import DEFAULT_PROFILE, Profile
 
@@ -30,16 +31,17 @@ COLUMNS = ("model", "category", "execution", "tp", "shape", "seconds")
 
 def read_measurements(path: str | Path) -> pd.DataFrame:
     p = Path(path)
-    if not p.is_file():
-        raise ServesimError(f"measurements: no such file {str(p)!r}")
-    df = pd.read_csv(p)
+    df = read_table(p, what="measurements")
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ServesimError(f"{p}: missing column(s) {missing}; expected {', '.join(COLUMNS)}")
+    if df.empty:
+        raise ServesimError(f"{p}: no measured steps (a header only)")
+    df = read_table(p, tuple(c for c in ("tp", "seconds", "seconds_fast") if c in df.columns), "measurements")
     for i, cell in enumerate(df["shape"]):
         try:
             StepShape.from_dict(json.loads(cell))
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
+        except (ValueError, KeyError, TypeError) as exc:
             raise ServesimError(f"{p}: row {i + 1}: shape = {cell!r} is not a step shape ({exc!r})") from None
     return df
 

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from functools import cache
 from importlib import resources
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
 from pydantic import ValidationError
 
 from hardware.errors import ServesimError, UnknownIdError, describe_validation_error
+from hardware.files import parse_yaml, read_json, read_yaml
 from hardware.specs import GPUSpec, InterconnectSpec, ModelSpec, Spec
 
 S = TypeVar("S", bound=Spec)
 
 
 def _read_yaml(text: str, source: str) -> Any:
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        raise ServesimError(f"{source}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    return parse_yaml(text, source)
 
 
 def _build(cls: type[S], entry_id: str, fields: Any, source: str) -> S:
@@ -81,13 +77,7 @@ def _lookup(cls: type[S], filename: str, what: str, key: str) -> S:
 
 
 def _user_file(path: Path) -> Any:
-    text = path.read_text()
-    if path.suffix == ".json":
-        try:
-            return json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ServesimError(f"{path}: not valid JSON: {exc}") from None
-    return _read_yaml(text, str(path))
+    return read_json(path, "file") if path.suffix == ".json" else read_yaml(path, "file")
 
 
 def get_gpu(key: str) -> GPUSpec:

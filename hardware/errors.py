@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import ValidationError
+import difflib
+import types
+import typing
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
 
 
 class ServesimError(ValueError):
@@ -20,10 +25,60 @@ class DoesNotFitError(ServesimError):
     """Weights + activations + the minimum KV reserve exceed the usable GPU memory."""
 
 
-def describe_validation_error(exc: ValidationError, source: str) -> str:
-    """One line naming the field, the value and what is allowed, from pydantic's first error."""
+def _fields_at(model: Any, loc: tuple[Any, ...]) -> list[str] | None:
+    """The field names of the (nested) model that `loc` (a pydantic error location, without its last part)
+    points into, following optional, list and dict fields and tagged unions; None where it cannot tell."""
+    node: Any = model
+    for part in loc:
+        while True:  # unwrap Optional / Annotated / list[...] / dict[..., ...] down to a model or a union
+            origin = typing.get_origin(node)
+            if origin is typing.Annotated:
+                node = typing.get_args(node)[0]
+            elif origin in (typing.Union, types.UnionType):
+                members = [a for a in typing.get_args(node) if a is not type(None)]
+                if len(members) == 1:
+                    node = members[0]
+                    continue
+                tagged = [m for m in members if isinstance(m, type) and issubclass(m, BaseModel)
+                          and any(f.default == part for f in m.model_fields.values())]
+                if not tagged:
+                    return None
+                node = tagged[0]
+                break
+            else:
+                break
+        if isinstance(node, type) and issubclass(node, BaseModel):
+            if part in node.model_fields:
+                node = node.model_fields[part].annotation
+            elif not any(f.default == part for f in node.model_fields.values()):  # not a union's tag in the loc
+                return None
+        elif typing.get_origin(node) in (list, tuple) and isinstance(part, int):
+            node = typing.get_args(node)[0]
+        elif typing.get_origin(node) is dict:
+            node = typing.get_args(node)[1]
+        else:
+            return None
+    while typing.get_origin(node) in (typing.Union, types.UnionType, typing.Annotated):
+        members = [a for a in typing.get_args(node) if a is not type(None)]
+        if len(members) != 1 and typing.get_origin(node) is not typing.Annotated:
+            return None
+        node = members[0]
+    if isinstance(node, type) and issubclass(node, BaseModel):
+        return list(node.model_fields)
+    return None
+
+
+def describe_validation_error(exc: ValidationError, source: str, model: Any = None) -> str:
+    """One line naming the field, the value and what is allowed, from pydantic's first error; an unknown key
+    of `model` (the validated class) gets the allowed keys and the closest one ("did you mean")."""
     err = exc.errors()[0]
     msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden" and model is not None:
+        allowed = _fields_at(model, tuple(err["loc"][:-1]))
+        if allowed:
+            close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
+            guess = f" (did you mean {close[0]!r}?)" if close else ""
+            msg = f"unknown key{guess}; allowed: {', '.join(allowed)}"
     extra = f" ({len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     if not err["loc"]:  # a check across fields: its message names them
         return f"{source}: {msg}{extra}"

@@ -32,7 +32,6 @@ took 33.5 us at M = 320 and 27.5 us at M = 384); the fit drops the isolated spik
 from __future__ import annotations
 
 import bisect
-import json
 import math
 from functools import lru_cache
 from pathlib import Path
@@ -42,6 +41,7 @@ import numpy as np
 from pydantic import Field, PositiveFloat, PositiveInt, ValidationError, model_serializer, model_validator
 
 from hardware.errors import ServesimError, describe_validation_error
+from hardware.files import read_json
 from hardware.specs import Spec
 
 OP_KINDS = (
@@ -395,16 +395,11 @@ class TimeTables:
 def load_profile(path: str | Path, field: str = "profile") -> Profile:
     """Read a profile JSON file; kinds it lacks fall back to the defaults."""
     p = Path(path)
-    if not p.is_file():
-        raise ServesimError(f"{field}: no such file {str(p)!r}")
-    try:
-        data = json.loads(p.read_text())
-    except json.JSONDecodeError as exc:
-        raise ServesimError(f"{p}: not valid JSON: {exc}") from None
+    data = read_json(p, field)
     try:
         return Profile.model_validate(data).merged_over(DEFAULT_PROFILE)
     except ValidationError as exc:
-        raise ServesimError(describe_validation_error(exc, str(p))) from None
+        raise ServesimError(describe_validation_error(exc, str(p), Profile)) from None
 
 
 PROFILES_DIR = Path(__file__).resolve().parent.parent / "calibrate" / "profiles"  # shipped with the package

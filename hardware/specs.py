@@ -25,7 +25,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
 class Spec(BaseModel):
     """Base of every spec: immutable, and unknown fields are an error (typos do not pass silently)."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class GPUSpec(Spec):

@@ -32,10 +32,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hardware.errors import ServesimError
+from hardware.files import read_text
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class IidAcceptance(_Model):
@@ -90,10 +91,8 @@ AcceptanceConfig = Annotated[Union[IidAcceptance, PositionalAcceptance, BetaAcce
 def read_acceptance_trace(path: str | Path) -> list[np.ndarray]:
     """Per-request accepted counts of an acceptance trace; errors name the file and the line."""
     p = Path(path)
-    if not p.is_file():
-        raise ServesimError(f"speculation.acceptance.path: no such file {str(p)!r}")
     rows: list[np.ndarray] = []
-    for number, line in enumerate(p.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_text(p, "speculation.acceptance.path").splitlines(), start=1):
         if not line.strip():
             continue
         try:

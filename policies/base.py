@@ -13,7 +13,7 @@ from policies.state import ReplicaState, StepResult
 class SchedulerParams(BaseModel):
     """Parameters of one policy; each policy subclasses this with a `name` literal and documented fields."""
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     def step_limits(self, max_model_len: int) -> tuple[int, int]:
         """(tokens, requests) one step can hold at most: sizes the activation memory of the deployment."""

@@ -43,7 +43,7 @@ from policies.trees import (
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class DraftModel(_Section):
@@ -92,15 +92,19 @@ class TreeConfig(_Section):
     """Token-tree speculation (`policies/trees.py`): the draft proposes a tree, verified in one pass."""
 
     kind: Literal["static", "sequoia", "opt_tree", "dyspec"] = "sequoia"
-    nodes: PositiveInt = Field(16, description="draft tokens per tree (sequoia, opt_tree; dyspec: at most)")
+    nodes: PositiveInt = Field(16, le=4096, description="draft tokens per tree (sequoia, opt_tree; dyspec: at most)")
     depth: PositiveInt = Field(6, description="deepest level")
-    widths: list[PositiveInt] | None = Field(None, description="static: children of every node per level")
+    widths: list[Annotated[int, Field(ge=1, le=64)]] | None = Field(
+        None, max_length=32, description="static: children of every node per level (a tree of at most 4096 nodes)")
     threshold: float = Field(0.05, gt=0.0, lt=1.0, description="dyspec: expand while path probability >= this")
 
     @model_validator(mode="after")
     def _check(self) -> TreeConfig:
         if self.kind == "static" and not self.widths:
             raise ValueError("tree kind 'static' needs widths (children per node at each level)")
+        if self.widths and int(np.cumprod(self.widths, dtype=float).sum()) > 4096:
+            raise ValueError(f"widths = {self.widths}: a static tree of "
+                             f"{int(np.cumprod(self.widths, dtype=float).sum())} nodes; at most 4096")
         return self
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -16,6 +18,7 @@ from hardware.catalog import get_gpu, get_interconnect, get_model, gpu_ids, inte
 from hardware.cost import GRAPH_MODES, CostModel
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
+from hardware.files import check_out_dir
 from hardware.operators import StepShape
 from hardware.profile import resolve_profile
 from sim.capacity import Horizon
@@ -144,6 +147,7 @@ def cmd_estimate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_run(args: argparse.Namespace) -> dict[str, Any] | None:
+    check_out_dir(args.out)
     from sim.config import load_config
     from sim.engine import simulate
     from sim.report import format_summary, write_outputs
@@ -162,6 +166,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_replay(args: argparse.Namespace) -> dict[str, Any] | None:
+    check_out_dir(args.out)
     from sim.config import load_config
     from sim.report import format_summary, write_outputs
 
@@ -236,6 +241,7 @@ def cmd_disagg_search(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
+    check_out_dir(args.out)
     from sim.planner import load_spec, plan
 
     spec = load_spec(args.spec, args.set)
@@ -267,6 +273,7 @@ def cmd_catalog(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="servesim", description="Discrete-event simulator for LLM serving.")
+    parser.add_argument("--version", action="version", version=f"servesim {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     est = sub.add_parser("estimate", help="cost of one forward step, as JSON on stdout")
@@ -367,14 +374,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         result = args.func(args)
+        if result is not None:
+            json.dump(result, sys.stdout, indent=2)
+            sys.stdout.write("\n")
+            sys.stdout.flush()
     except ServesimError as exc:
         print(f"servesim: error: {exc}", file=sys.stderr)
         return 2
-    if result is None:
-        return 0
-    json.dump(result, sys.stdout, indent=2)
-    sys.stdout.write("\n")
+    except BrokenPipeError:  # `servesim run --json | head`: the reader left; say nothing more
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+    except OSError as exc:  # an output or input path the system refuses (a file where a folder goes, ...)
+        where = f" {exc.filename!r}" if exc.filename else ""
+        print(f"servesim: error: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
     return 0
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("servesim")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown (not installed)"
 
 
 if __name__ == "__main__":

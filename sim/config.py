@@ -18,6 +18,7 @@ from pydantic import (
 )
 
 from hardware.errors import ServesimError, describe_validation_error
+from hardware.files import read_yaml
 from hardware.specs import DType, Elementwise, KvAccess
 from policies import PAGED_SCHEDULERS, SchedulerConfig
 from policies.speculation import SpeculationConfig
@@ -28,7 +29,7 @@ DEFAULT_SCHEDULER = VllmParams().name
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class HardwareConfig(_Section):
@@ -59,7 +60,7 @@ class HardwareConfig(_Section):
 
 
 class ClusterConfig(_Section):
-    replicas: PositiveInt = 1
+    replicas: PositiveInt = Field(1, le=4096)
     router: Literal["round_robin", "least_outstanding", "least_kv", "power_of_two", "prefix_affinity"] = \
         "round_robin"
     affinity_slack: NonNegativeInt = Field(
@@ -86,7 +87,7 @@ class SloConfig(_Section):
 class PoolConfig(_Section):
     """One pool of a disaggregated cluster: identical instances (replicas), each `hardware.tp x pp` GPUs."""
 
-    instances: PositiveInt = 1
+    instances: PositiveInt = Field(1, le=4096)
     hardware: HardwareConfig | None = Field(None, description="GPU, TP/PP, price, profile of each instance "
                                             "(default: the top-level hardware section)")
     scheduler: SchedulerConfig | None = Field(None, description="policy of each instance (default: the top-level "
@@ -216,6 +217,9 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         except yaml.YAMLError:
             value = raw
         path = key.split(".")
+        if not all(path):
+            raise ServesimError(f"--set {item!r}: {key!r} has an empty part; expected key.path=value "
+                                "(e.g. workloads.0.arrival.rate=10)")
         if path[-2:] == ["scheduler", "name"] or path[-1] == "kind":  # a discriminator: another policy or kind
             section = _node(data, path[:-1])
             default = DEFAULT_SCHEDULER if path[-1] == "name" else None
@@ -238,7 +242,8 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     for hw in hardware:
         if isinstance(hw, dict) and str(hw.get("profile", "")).endswith(".json"):  # not a GPU id or "datasheet"
             fix(hw, "profile")
-    for w in data.get("workloads") or []:
+    workloads = data.get("workloads")
+    for w in workloads if isinstance(workloads, list) else []:  # other shapes: the schema refuses them
         if isinstance(w, dict):
             fix(w.get("trace"), "path")
     spec = data.get("speculation")
@@ -250,12 +255,7 @@ def read_mapping(path: str | Path, what: str, shape: str) -> dict[str, Any]:
     """The YAML mapping in a user's file (`what`: its kind, `shape`: the sentence a non-mapping gets); a
     missing file, bad YAML or a non-mapping is one line."""
     p = Path(path)
-    if not p.is_file():
-        raise ServesimError(f"{what}: no such file {str(p)!r}")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ServesimError(f"{p}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    data = read_yaml(p, what) or {}
     if not isinstance(data, dict):
         raise ServesimError(f"{p}: {shape}, got {type(data).__name__}")
     return data
@@ -266,7 +266,7 @@ def parse_config(data: dict[str, Any], source: str) -> SimConfig:
     try:
         return SimConfig.model_validate(data)
     except ValidationError as exc:
-        raise ServesimError(describe_validation_error(exc, source)) from None
+        raise ServesimError(describe_validation_error(exc, source, SimConfig)) from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> SimConfig:

@@ -7,6 +7,7 @@ an event that the next arrival routed to it triggers (no polling).
 
 from __future__ import annotations
 
+import math
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -41,11 +42,26 @@ STEP_COLUMNS = ("replica", "pool", "start_s", "duration_s", "prefill_requests", 
                 "accepted_tokens", "draft_s")
 
 
+# The steps table's dtypes: compact integers (a million-request run logs about five million steps)
+STEP_DTYPES = {"replica": np.int32, "pool": object, "start_s": np.float64, "duration_s": np.float64,
+               "prefill_requests": np.int32, "decode_requests": np.int32, "prefill_tokens": np.int64,
+               "decode_tokens": np.int32, "pad_rows": np.int64, "kv_blocks_used": np.int64,
+               "kv_blocks_cached": np.int64, "waiting": np.int32, "running": np.int32, "preemptions": np.int32,
+               "mfu": np.float64, "mbu": np.float64, "execution": object, "gpu_s": np.float64,
+               "verify_requests": np.int32, "draft_tokens": np.int64, "accepted_tokens": np.int64,
+               "draft_s": np.float64}
+WATCHDOG_STEPS = 100_000  # steps in a row of one replica without a token that stop a run as a livelock
+MAX_RECORDED_TOKENS = 500_000_000  # output tokens of a run (8 bytes of emission time each)
+LOG_CHUNK = 1 << 16  # rows kept as tuples before they are packed into typed arrays
+
+
 @dataclass
 class StepLog:
-    """Per-step records, one tuple per step in `STEP_COLUMNS` order (a DataFrame at the end)."""
+    """Per-step records in `STEP_COLUMNS` order: the latest as tuples, packed every `LOG_CHUNK` rows into
+    typed arrays (`STEP_DTYPES`), so that the log of a long run stays compact."""
 
     rows: list[tuple] = field(default_factory=list)
+    chunks: list[dict[str, np.ndarray]] = field(default_factory=list)
 
     def record(self, state: ReplicaState, batch: Batch, start: float, outcome: StepOutcome, preempted: int,
                pool: str = "colocated") -> None:
@@ -63,11 +79,23 @@ class StepLog:
             outcome.gpu_seconds, batch.verify_ids.size, int(batch.verify_drafts.sum()), accepted,
             outcome.draft_seconds,
         ))
+        if len(self.rows) >= LOG_CHUNK:
+            self._pack()
 
-    @property
-    def columns(self) -> dict[str, list]:
-        return {name: list(values) for name, values in zip(STEP_COLUMNS, zip(*self.rows))} if self.rows else \
-            {name: [] for name in STEP_COLUMNS}
+    def _pack(self) -> None:
+        if self.rows:
+            self.chunks.append({name: np.array(values, dtype=STEP_DTYPES[name])
+                                for name, values in zip(STEP_COLUMNS, zip(*self.rows))})
+            self.rows.clear()
+
+    def drain(self) -> dict[str, np.ndarray]:
+        """Every step, one typed array per column; the log is left empty (each chunk's arrays are freed as
+        they are joined, so the caller owns the only copy)."""
+        self._pack()
+        out = {name: np.concatenate([c.pop(name) for c in self.chunks]) if self.chunks
+               else np.zeros(0, dtype=STEP_DTYPES[name]) for name in STEP_COLUMNS}
+        self.chunks = []
+        return out
 
 
 class Progress:
@@ -119,7 +147,7 @@ class Replica:
 
     def loop(self) -> Iterator[simpy.Event]:
         env, state, policy, executor = self.env, self.state, self.policy, self.executor
-        steps = 0
+        steps = stalled = 0
         while True:
             state.now = env.now
             preempted_before = state.preemptions
@@ -131,11 +159,17 @@ class Replica:
             if self.speculator is not None:
                 batch = self.speculator.plan(state, batch)
             outcome = executor.run(batch)
+            if not 0.0 <= outcome.seconds < math.inf:  # NaN included
+                raise ServesimError(f"replica {state.index}: a step of {batch.num_tokens} tokens was priced at "
+                                    f"{outcome.seconds!r} s, not a finite time; check the profile's values")
             start = env.now
             if self.hooks is not None:
                 self.hooks.step_started(self, batch, outcome.seconds)
             yield env.timeout(outcome.seconds)
             result = state.complete_step(batch, env.now, outcome.accepted)
+            stalled = 0 if result.emitted.size or result.finished.size else stalled + 1
+            if stalled >= WATCHDOG_STEPS:
+                self._stuck(stalled)
             policy.on_step_end(state, batch, result)
             self.log.record(state, batch, start, outcome, state.preemptions - preempted_before, self.pool)
             if self.hooks is not None:
@@ -143,6 +177,19 @@ class Replica:
             steps += 1
             if steps % 1000 == 0:
                 self.progress.update(env.now, state.req)
+
+
+    def _stuck(self, stalled: int) -> None:
+        """Stop a run that goes nowhere (`WATCHDOG_STEPS` steps in a row without a token), naming the stuck
+        requests and where their KV stands."""
+        state, req = self.state, self.state.req
+        running = [f"{r} ({int(req.computed[r])} of {int(req.prompt[r] + req.generated[r])} tokens computed, "
+                   f"{int(req.blocks[r])} blocks)" for r in list(state.running)[:3]]
+        raise ServesimError(
+            f"{self.pool} replica {state.index}: {stalled} steps in a row without a token at t = {self.env.now:.6g} s "
+            f"(a livelock): running {len(state.running)} ({', '.join(running) or 'none'}), waiting "
+            f"{len(state.waiting)}, KV blocks used {state.kv.used} of {state.kv.num_blocks}; the scheduler keeps "
+            "choosing steps that never complete a token (a cache too small for its limits?)")
 
 
 class Cluster:
@@ -259,6 +306,10 @@ def make_requests(config: SimConfig) -> tuple[Requests, list[str], int]:
     order = np.lexsort((workload, arrival))  # by time, then workload index: deterministic ties
     prompt = np.concatenate([p.prompt for p in parts])[order]
     output = np.concatenate([p.output for p in parts])[order]
+    if (total := int(output.sum())) > MAX_RECORDED_TOKENS:
+        raise ServesimError(f"workloads: {output.size} requests ask for {total:.3g} output tokens in all; a run "
+                            f"records every token's time, at most {MAX_RECORDED_TOKENS:.0e} (4 GB): fewer requests "
+                            "or shorter outputs")
     requests = Requests(arrival[order], prompt, output, workload[order])
     if config.kv_cache.prefix_caching:
         keys = [k for i, p in enumerate(parts) for k in p.block_keys(config.kv_cache.block_size, i)]
@@ -303,7 +354,7 @@ class Setup:
             r.reject(int(rid), "stalled", "still queued when the run ran out of events")
         cache_stats = {name: sum(getattr(s, name) for s in states)
                        for name in ("lookup_tokens", "lookup_blocks", "hit_tokens", "hit_blocks")}
-        results = build_results(self.config, list(self.pools), r, self.workload_names, log.columns,
+        results = build_results(self.config, list(self.pools), r, self.workload_names, log.drain(),
                                 self.skipped_rows, wall_seconds=wall_seconds, cache_stats=cache_stats, extra=extra)
         results.free_blocks_at_end = [s.kv.available for s in states]
         return results

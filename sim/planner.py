@@ -59,7 +59,7 @@ MAX_REPLICAS = 128  # replicas: auto never proposes more (nor more GPUs than sea
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class GpuChoice(_Spec):
@@ -111,7 +111,7 @@ class PlanSpec(_Spec):
         try:
             return SimConfig.model_validate(self.base)
         except ValidationError as exc:
-            raise ValueError(describe_validation_error(exc, "base")) from None
+            raise ValueError(describe_validation_error(exc, "base", SimConfig)) from None
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> PlanSpec:
@@ -119,14 +119,16 @@ def load_spec(path: str | Path, overrides: list[str] | None = None) -> PlanSpec:
     p = Path(path)
     data = read_mapping(p, "plan", "a plan spec must be a mapping")
     data = apply_overrides(data, overrides or [])
-    for w in (data.get("base") or {}).get("workloads") or []:  # trace paths are relative to the spec
+    base = data.get("base")
+    workloads = base.get("workloads") if isinstance(base, dict) else None
+    for w in workloads if isinstance(workloads, list) else []:  # trace paths are relative to the spec
         trace = w.get("trace") if isinstance(w, dict) else None
         if isinstance(trace, dict) and isinstance(trace.get("path"), str) and not Path(trace["path"]).is_absolute():
             trace["path"] = str(p.parent / trace["path"])
     try:
         return PlanSpec.model_validate(data)
     except ValidationError as exc:
-        raise ServesimError(describe_validation_error(exc, str(p))) from None
+        raise ServesimError(describe_validation_error(exc, str(p), PlanSpec)) from None
 
 
 # ---- the search space ---------------------------------------------------------------------------------
@@ -427,6 +429,10 @@ def write_outputs(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimCon
     fig, ax = plt.subplots(figsize=(7, 4.5))
     if len(sized):
         ax.scatter(sized["cost_per_hour"], sized["capacity_req_s"], s=14, alpha=0.6, label="configurations")
+        if "capacity_max_req_s" in sized:  # the range over seeds: the capacity is its lowest
+            spread = (sized["capacity_max_req_s"] - sized["capacity_req_s"]).clip(lower=0)
+            ax.errorbar(sized["cost_per_hour"], sized["capacity_req_s"], yerr=[spread * 0, spread], fmt="none",
+                        ecolor="C0", alpha=0.4, label="range over seeds")
         front = sized.sort_values(["cost_per_hour", "capacity_req_s"], ascending=[True, False])
         front = front[front["capacity_req_s"] >= front["capacity_req_s"].cummax()]
         ax.step(front["cost_per_hour"], front["capacity_req_s"], where="post", color="C3", label="Pareto front")

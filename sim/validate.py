@@ -22,6 +22,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from hardware.errors import ServesimError  # noqa: E402
+from hardware.files import read_json, read_table, read_text  # noqa: E402
 from hardware.operators import StepShape  # noqa: E402
 from sim.config import load_config  # noqa: E402
 from sim.engine import build_pools  # noqa: E402
@@ -33,13 +34,21 @@ def _read_summary(d: Path) -> dict[str, Any]:
     path = d / "summary.json"
     if not path.is_file():
         raise ServesimError(f"validate: {d} has no summary.json (give the --out folder of a run or replay)")
-    return json.loads(path.read_text())
+    summary = read_json(path, "validate")
+    if not isinstance(summary, dict):
+        raise ServesimError(f"{path}: a run's summary must be a JSON object, got {type(summary).__name__}")
+    return summary
 
 
 def read_shapes(path: Path) -> list[StepShape]:
     """Batch shapes written by `servesim replay`, one JSON line per step."""
-    with path.open() as f:
-        return [StepShape.from_dict(json.loads(line)) for line in f]
+    out = []
+    for number, line in enumerate(read_text(path, "validate").splitlines(), start=1):
+        try:
+            out.append(StepShape.from_dict(json.loads(line)))
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ServesimError(f"{path}:{number}: not a batch shape ({exc!r})") from None
+    return out
 
 
 def reprice(real_dir: Path, profile: str | None = None) -> pd.DataFrame:
@@ -50,7 +59,7 @@ def reprice(real_dir: Path, profile: str | None = None) -> pd.DataFrame:
     if profile is not None:
         pool = replace(pool, hardware=pool.hardware.model_copy(update={"profile": profile}))
     executor = pool.executor(config.speculation)
-    steps = pd.read_csv(real_dir / "steps.csv")
+    steps = read_table(real_dir / "steps.csv", ("duration_s",))
     shapes = read_shapes(real_dir / "batches.jsonl")
     if len(shapes) != len(steps):
         raise ServesimError(f"validate: {real_dir} has {len(steps)} steps but {len(shapes)} batch shapes")

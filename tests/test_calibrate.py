@@ -501,7 +501,7 @@ def test_bad_raw_and_measurement_files_give_one_line_errors(tmp_path, capsys) ->
     assert main(["calibrate", "--refit", "--raw", str(raw), "--out", str(tmp_path / "p.json")]) == 2
     assert main(["calibrate", "validate", str(steps), "--gpu", "h100"]) == 2
     err = capsys.readouterr().err.splitlines()
-    assert "not raw calibration measurements" in err[0] and "row 1: shape = '{bad'" in err[1]
+    assert "raw.json:1:2: not valid JSON" in err[0] and "row 1: shape = '{bad'" in err[1]
 
 
 def test_attention_timed_with_its_gather_is_refused_by_the_fit(tmp_path, capsys) -> None:

@@ -206,3 +206,20 @@ def test_itl_counts_only_finished_requests() -> None:
     itl, itl_max = _itls(r, finished)
     assert sorted(itl.tolist()) == [0.5, 1.0, 2.0]
     assert itl_max[0] == 1.0 and itl_max[2] == 2.0
+
+
+def test_itls_in_blocks_give_every_gap_and_exact_largest_gaps(monkeypatch) -> None:
+    """Gaps are differenced in blocks of requests (no copy of the token times): any block size gives the same
+    gaps, and each request's largest gap is exact (float64), equal to its own tokens' largest difference."""
+    from sim import metrics
+
+    res = simulate(config(workloads=[{"arrival": {"kind": "poisson", "rate": 20.0}, "num_requests": 300,
+                                      "lengths": {"kind": "uniform", "prompt": [50, 900], "output": [1, 120]}}]))
+    r = res.requests
+    want = [res.itls(i).max() if len(res.itls(i)) else np.nan for i in range(len(r))]
+    assert np.allclose(r["itl_max_s"].to_numpy(), want, equal_nan=True, rtol=0, atol=0)
+    all_gaps = np.sort(np.concatenate([res.itls(i) for i in range(len(r))]))
+    assert res.summary["itl_p99_s"] == pytest.approx(np.percentile(all_gaps, 99), rel=1e-6)
+    monkeypatch.setattr(metrics, "ITL_CHUNK", 7)  # blocks of a request or two
+    small = simulate(res.config)
+    assert small.summary == res.summary and small.requests.equals(res.requests)

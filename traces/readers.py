@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TextIO
 
 import numpy as np
 
@@ -69,6 +69,18 @@ def _open(path: str | Path) -> Path:
     return p
 
 
+def _text(p: Path) -> TextIO:
+    """The trace as text: UTF-8 (a byte-order mark dropped); bytes that are not UTF-8 kept as surrogates, so
+    that their row is a bad row (`_utf8`) rather than the whole file unreadable."""
+    return p.open(newline="", encoding="utf-8-sig", errors="surrogateescape")
+
+
+def _utf8(text: str) -> str:
+    if any("\udc80" <= ch <= "\udcff" for ch in text):
+        raise ValueError("not UTF-8 text")
+    return text
+
+
 def read_azure(path: str | Path, on_bad_row: BadRow = "error") -> TraceData:
     """Azure LLM inference trace 2023 (`TIMESTAMP,ContextTokens,GeneratedTokens`; Patel et al., Splitwise)."""
     p = _open(path)
@@ -76,14 +88,18 @@ def read_azure(path: str | Path, on_bad_row: BadRow = "error") -> TraceData:
     prompt: list[int] = []
     output: list[int] = []
     skipped = 0
-    with p.open(newline="") as f:
+    with _text(p) as f:
         reader = csv.reader(f)
         header = next(reader, None)
         expected = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
         if header is None or [h.strip() for h in header] != expected:
             raise ServesimError(f"{p}:1: header must be {','.join(expected)}, got {header}")
-        for line, row in enumerate(reader, start=2):
+        for row in reader:
+            line = reader.line_num
+            if not any(cell.strip() for cell in row):  # blank lines (a trailing newline or two)
+                continue
             try:
+                _utf8(",".join(row))
                 if len(row) != 3:
                     raise ValueError(f"expected 3 fields, got {len(row)}")
                 t = datetime.fromisoformat(row[0].strip()).replace(tzinfo=timezone.utc).timestamp()
@@ -107,12 +123,12 @@ def read_mooncake(path: str | Path, on_bad_row: BadRow = "error") -> TraceData:
     output: list[int] = []
     hashes: list[tuple[int, ...]] = []
     skipped = 0
-    with p.open() as f:
+    with _text(p) as f:
         for line, text in enumerate(f, start=1):
             if not text.strip():
                 continue
             try:
-                row = json.loads(text)
+                row = json.loads(_utf8(text))
                 if not isinstance(row, dict):
                     raise ValueError("not a JSON object")
                 t = float(row["timestamp"]) / 1000.0

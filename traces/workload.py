@@ -25,7 +25,7 @@ MAX_REQUESTS = 50_000_000  # a generated workload larger than this is surely a t
 
 
 class _Spec(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class PoissonArrival(_Spec):
