@@ -39,6 +39,7 @@ from pydantic import (
     model_validator,
 )
 
+from hardware.catalog import get_gpu
 from hardware.errors import ServesimError, describe_validation_error
 from hardware.operators import StepShape
 from policies.speculation import SpeculationConfig
@@ -102,6 +103,11 @@ class PlanSpec(_Spec):
         base = self.base_config()
         if base.slo.ttft_s is None and base.slo.tpot_s is None and base.slo.e2e_s is None:
             raise ValueError("base.slo: give at least one of ttft_s, tpot_s, e2e_s")
+        for i, gpu in enumerate(self.search.gpus):  # an unknown id is the user's typo, not a pruned configuration
+            try:
+                get_gpu(gpu.id)
+            except ServesimError as exc:
+                raise ValueError(f"search.gpus.{i}.id: {exc}") from None
         if base.workloads[0].arrival.kind == "trace":
             raise ValueError("base.workloads.0.arrival.kind = 'trace': planning needs a rate (poisson, gamma, "
                              "constant); use lengths of kind 'trace' to keep the trace's lengths")

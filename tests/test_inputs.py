@@ -168,3 +168,28 @@ def test_fuzzed_overrides_end_in_a_result_or_one_line(sets, capsys) -> None:
         summary = json.loads(out)
         assert summary["requests_finished"] + summary["requests_rejected"] == summary["requests_total"]
         assert all(not isinstance(v, float) or v == v for v in summary.values())  # no NaN
+
+
+def test_a_rewritten_trace_is_read_again(tmp_path) -> None:
+    import os
+
+    from sim.config import SimConfig
+    from sim.engine import simulate
+
+    trace = tmp_path / "t.csv"
+    rows = "TIMESTAMP,ContextTokens,GeneratedTokens\n" + "".join(
+        f"2023-11-16 18:15:{s:02d}.0,100,{out}\n" for s, out in ((1, 5), (2, 5), (3, 5)))
+    trace.write_text(rows)
+    cfg = SimConfig.model_validate({"workloads": [{"arrival": {"kind": "trace"}, "lengths": {"kind": "trace"},
+                                                   "trace": {"path": str(trace)}}]})
+    assert simulate(cfg).summary["throughput_output_tok_s"] > 0
+    first = int(simulate(cfg).requests["output_tokens"].sum())
+    trace.write_text(rows.replace(",5\n", ",7\n"))
+    os.utime(trace, ns=(1, 10**18))  # a different modification time even on coarse clocks
+    assert first == 15 and int(simulate(cfg).requests["output_tokens"].sum()) == 21
+
+
+def test_plan_with_an_unknown_gpu_is_refused(tmp_path, capsys) -> None:
+    assert main(["plan", "examples/plan_llama3_8b.yaml", "--set", "search.gpus.0.id=h1000", "--out",
+                 str(tmp_path)]) == 2
+    one_line_error(capsys, "search.gpus.0.id: unknown GPU 'h1000'")

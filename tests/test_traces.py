@@ -122,7 +122,7 @@ def test_trace_replay_scales_time_and_keeps_pairs(tmp_path) -> None:
     ({"num_requests": None}, "give num_requests or duration_s"),
     ({"duration_s": 5.0}, "not both"),
     ({"lengths": {"kind": "uniform", "prompt": [5, 1], "output": [1, 2]}}, "min <= max"),
-    ({"arrival": {"kind": "poisson", "rate": -1}}, "greater than 0"),
+    ({"arrival": {"kind": "poisson", "rate": -1}}, "greater than or equal to 0.000001"),
 ])
 def test_bad_workloads_are_rejected(fields: dict, message: str) -> None:
     with pytest.raises(ValueError, match=re.escape(message)):
@@ -150,6 +150,6 @@ def test_absurd_workload_fields_fail_validation(fields: dict, message: str) -> N
 
 
 def test_absurd_request_counts_are_refused() -> None:
-    w = workload(arrival={"kind": "poisson", "rate": 1e300}, num_requests=None, duration_s=10.0)
+    w = workload(arrival={"kind": "poisson", "rate": 1e7}, num_requests=None, duration_s=10.0)
     with pytest.raises(ServesimError, match="allowed: at most 50,000,000"):
         generate(w, np.random.default_rng(0))

@@ -12,10 +12,11 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from hardware.errors import ServesimError
 from traces.readers import MAX_TOKENS, BadRow, TraceData, read_trace
@@ -28,25 +29,29 @@ class _Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
+# Rates and times within which simulated clocks keep microsecond resolution in float64 (2^53 us ~ 285 years)
+Rate = Annotated[float, Field(ge=1e-6, le=1e7, description="requests per second")]
+
+
 class PoissonArrival(_Spec):
     kind: Literal["poisson"] = "poisson"
-    rate: PositiveFloat = Field(description="requests per second")
+    rate: Rate
 
 
 class GammaArrival(_Spec):
     kind: Literal["gamma"] = "gamma"
-    rate: PositiveFloat = Field(description="requests per second")
+    rate: Rate
     cv: float = Field(ge=1e-3, le=1e3, description="coefficient of variation of the gaps (1 = Poisson)")
 
 
 class ConstantArrival(_Spec):
     kind: Literal["constant"] = "constant"
-    rate: PositiveFloat
+    rate: Rate
 
 
 class TraceArrival(_Spec):
     kind: Literal["trace"] = "trace"
-    rate_scale: PositiveFloat = Field(1.0, description="load multiplier: timestamps are divided by it")
+    rate_scale: float = Field(1.0, ge=1e-6, le=1e6, description="load multiplier: timestamps are divided by it")
 
 
 Arrival = Annotated[Union[PoissonArrival, GammaArrival, ConstantArrival, TraceArrival], Field(discriminator="kind")]
@@ -112,8 +117,8 @@ class Workload(_Spec):
     lengths: Lengths
     trace: TraceSource | None = None
     num_requests: int | None = Field(None, ge=1, le=MAX_REQUESTS)
-    duration_s: PositiveFloat | None = None
-    start_s: float = Field(0.0, ge=0.0, description="time of the stream's start")
+    duration_s: float | None = Field(None, gt=0.0, le=1e9)
+    start_s: float = Field(0.0, ge=0.0, le=1e9, description="time of the stream's start (at most 1e9 s)")
     shared_prefix: SharedPrefix | None = None
 
     @model_validator(mode="after")
@@ -167,8 +172,19 @@ class GeneratedRequests:
         return keys
 
 
-@lru_cache(maxsize=8)
 def _load(source: TraceSource) -> TraceData:
+    """The trace, read once per version of its file: the cache is keyed by the file's size and modification
+    time as well as its path, so a rewritten file is read again."""
+    try:
+        stat = Path(source.path).stat()
+        version = (stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        version = None  # the reader says what is wrong with the path
+    return _read(source, version)
+
+
+@lru_cache(maxsize=8)
+def _read(source: TraceSource, version: tuple[int, int] | None) -> TraceData:
     return read_trace(source.path, source.format, source.on_bad_row)
 
 
