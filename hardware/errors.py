@@ -27,7 +27,15 @@ class DoesNotFitError(ServesimError):
 
 def _fields_at(model: Any, loc: tuple[Any, ...]) -> list[str] | None:
     """The field names of the (nested) model that `loc` (a pydantic error location, without its last part)
-    points into, following optional, list and dict fields and tagged unions; None where it cannot tell."""
+    points into, following optional, list and dict fields and tagged unions; None where it cannot tell (it
+    never raises: a message without the allowed keys is better than a traceback)."""
+    try:
+        return _walk(model, loc)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _walk(model: Any, loc: tuple[Any, ...]) -> list[str] | None:
     node: Any = model
     for part in loc:
         while True:  # unwrap Optional / Annotated / list[...] / dict[..., ...] down to a model or a union

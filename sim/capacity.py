@@ -38,7 +38,13 @@ class Horizon:
 
     min_duration_s: float = 60.0
     min_requests: int = 1000
-    max_requests: int = 500_000
+    max_requests: int = 200_000
+
+    def __post_init__(self) -> None:
+        if not 0 < self.min_duration_s < math.inf:
+            raise ServesimError(f"horizon = {self.min_duration_s}: simulated seconds must be finite and above 0")
+        if self.min_requests < 1:
+            raise ServesimError(f"min_requests = {self.min_requests}: allowed values are 1 or more")
 
     def requests(self, rate: float, duration_s: float) -> int:
         return int(min(self.max_requests, max(self.min_requests, math.ceil(rate * duration_s))))
@@ -94,9 +100,9 @@ def run_sized(config: SimConfig, duration_s: float, horizon: Horizon = Horizon()
     does not grow (a short window whose backlog grows fails anyway); and the duration it ran."""
     run = run or (lambda c: simulate(c).summary)
     rate = config.workloads[workload].arrival.rate
-    for _ in range(4):
+    for attempt in range(4):
         summary = run(with_duration(config, duration_s, horizon, workload))
-        if summary.get("stability") != "too_short" or summary.get("steady_backlog_growing") or \
+        if attempt == 3 or summary.get("stability") != "too_short" or summary.get("steady_backlog_growing") or \
                 horizon.requests(rate, 2 * duration_s) >= horizon.max_requests:
             break
         duration_s *= 2
@@ -197,12 +203,13 @@ def _search(probe: Callable[[float], bool], start: float, rel_tol: float, max_pr
 def _bracket(probe: Callable[[float], bool], near: float, rel_tol: float, max_probes: int) -> None:
     """Bisection between a rate that meets and one that fails, found around `near` (widened by 1.5x steps)."""
     probe, used = _counted(probe)
-    lo, hi = near * (1 - 2 * rel_tol), near * (1 + 2 * rel_tol)
+    lo, hi = near / (1 + 2 * rel_tol), near * (1 + 2 * rel_tol)
+    failed_hi = False  # whether `hi` is a rate already seen to fail
     while not probe(lo):
         if used() >= max_probes or lo < near / 1000:
             return
-        hi, lo = lo, lo / 1.5
-    while used() < max_probes and probe(hi):
+        hi, lo, failed_hi = lo, lo / 1.5, True
+    while not failed_hi and used() < max_probes and probe(hi):
         lo, hi = hi, hi * 1.5
     _bisect(probe, used, lo, hi, rel_tol, max_probes)
 

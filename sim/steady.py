@@ -107,7 +107,7 @@ def steady_state(r: Requests, finished: np.ndarray, meets: np.ndarray, ttft: np.
     growing = bool(offered) and growth > GROWTH_SHARE * offered and n >= MIN_WINDOW_REQUESTS  # (fewer: noise)
     grows = (f"the backlog grows {growth:.3g} req/s ({growth / offered:.0%} of the {offered:.3g} req/s offered; "
              f"sustained {out['steady_throughput_req_s']:.3g} req/s)") if growing else ""
-    if n < MIN_WINDOW_REQUESTS or length < SERVICE_TIMES * typical:
+    if n < MIN_WINDOW_REQUESTS or length <= 0 or not ok.any() or length < SERVICE_TIMES * typical:
         verdict = "too_short"
         reason = (f"the steady window holds {n} requests over {length:.3g} s (needs {MIN_WINDOW_REQUESTS} requests "
                   f"and {SERVICE_TIMES:g}x the p90 service time, {typical:.3g} s): run longer"
