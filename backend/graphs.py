@@ -11,6 +11,7 @@ that padding rows write to and read from.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,6 +21,21 @@ from backend.attention import AttentionMeta, PagedGroup, sm_count
 from backend.block_table import BlockTables
 from backend.model import LlamaModel, PagedKVCache
 from hardware.cost import GRAPH_BATCH_SIZES, MIXED_GRAPH_PREFILLS, graph_rows
+
+
+def capture(step: Callable[[], object], pool: object) -> torch.cuda.CUDAGraph:
+    """`step` as a CUDA graph in memory `pool`, after two runs on a side stream (PyTorch's warm-up rule:
+    lazy initialisation and kernel selection happen outside the capture)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, pool=pool):
+        step()
+    return graph
 
 
 def table_bucket(blocks: int) -> int:
@@ -56,15 +72,8 @@ class DecodeGraph:
         self.meta = AttentionMeta(slots, [group])
         self.logits = logits
         self.row_ids = torch.arange(rows, device=dev)  # kept: the graph reads it at every replay
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model(tokens, positions, self.meta, cache, self.row_ids)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.logits[:rows].copy_(model(tokens, positions, self.meta, cache, self.row_ids))
+        self.graph = capture(lambda: self.logits[:rows].copy_(model(tokens, positions, self.meta, cache,
+                                                                    self.row_ids)), pool)
 
     def _views(self, buf: np.ndarray | torch.Tensor) -> tuple:
         r = self.rows
@@ -166,17 +175,12 @@ class MixedGraph:
         self.layout = layout
         rows = layout.rows
         self.x, self.residual = hidden[0][:rows], hidden[1][:rows]
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):
-                model.hidden(layout.tokens, layout.positions, layout.meta, cache)
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
+        def step() -> None:
             x, residual = model.hidden(layout.tokens, layout.positions, layout.meta, cache)
             self.x.copy_(x)
             self.residual.copy_(residual)
+
+        self.graph = capture(step, pool)
 
 
 class GraphCache:

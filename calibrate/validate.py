@@ -22,7 +22,7 @@ from hardware.catalog import get_gpu
 from hardware.cost import CostModel
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
-from hardware.files import read_table
+from hardware.files import numeric_columns, read_table
 from hardware.operators import StepShape
 from hardware.profile import DEFAULT_PROFILE, Profile
 
@@ -37,7 +37,7 @@ def read_measurements(path: str | Path) -> pd.DataFrame:
         raise ServesimError(f"{p}: missing column(s) {missing}; expected {', '.join(COLUMNS)}")
     if df.empty:
         raise ServesimError(f"{p}: no measured steps (a header only)")
-    df = read_table(p, tuple(c for c in ("tp", "seconds", "seconds_fast") if c in df.columns), "measurements")
+    df = numeric_columns(df, p, tuple(c for c in ("tp", "seconds", "seconds_fast") if c in df.columns))
     for i, cell in enumerate(df["shape"]):
         try:
             StepShape.from_dict(json.loads(cell))

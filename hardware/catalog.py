@@ -16,10 +16,6 @@ from hardware.specs import GPUSpec, InterconnectSpec, ModelSpec, Spec
 S = TypeVar("S", bound=Spec)
 
 
-def _read_yaml(text: str, source: str) -> Any:
-    return parse_yaml(text, source)
-
-
 def _build(cls: type[S], entry_id: str, fields: Any, source: str) -> S:
     if not isinstance(fields, dict):
         raise ServesimError(f"{source}: entry {entry_id!r} must be a mapping of fields, got {fields!r}")
@@ -37,7 +33,7 @@ def _build(cls: type[S], entry_id: str, fields: Any, source: str) -> S:
 def _load(cls: type[S], filename: str) -> dict[str, S]:
     """Every entry of one shipped catalog file, keyed by id and by each alias."""
     text = resources.files("hardware").joinpath("catalog").joinpath(filename).read_text()
-    entries = _read_yaml(text, filename) or {}
+    entries = parse_yaml(text, filename) or {}
     table: dict[str, S] = {}
     for entry_id, fields in entries.items():
         spec = _build(cls, entry_id, {k: v for k, v in fields.items()}, filename)

@@ -66,6 +66,13 @@ def read_table(path: str | Path, numeric: tuple[str, ...] = (), what: str = "tab
         raise ServesimError(f"{path}: empty CSV (no header)") from None
     except pd.errors.ParserError as exc:
         raise ServesimError(f"{path}: not valid CSV: {str(exc).strip().splitlines()[-1]}") from None
+    return numeric_columns(df, path, numeric)
+
+
+def numeric_columns(df: Any, path: str | Path, numeric: tuple[str, ...]) -> Any:
+    """`df` (read from `path`) with its `numeric` columns present and a finite number in every row."""
+    import pandas as pd
+
     missing = [c for c in numeric if c not in df.columns]
     if missing:
         raise ServesimError(f"{path}: missing column(s) {missing}")

@@ -93,12 +93,17 @@ def with_duration(config: SimConfig, duration_s: float, horizon: Horizon = Horiz
     return config.model_copy(update={"workloads": workloads})
 
 
+def summary_of(config: SimConfig) -> Summary:
+    """A run's summary: the probes' default `run`."""
+    return simulate(config).summary
+
+
 def run_sized(config: SimConfig, duration_s: float, horizon: Horizon = Horizon(),
               run: Callable[[SimConfig], Summary] | None = None, workload: int = 0) -> tuple[Summary, float]:
     """The summary of `config` run for `duration_s` of arrivals (`with_duration`), the duration doubled (three
     times at most, within `horizon.max_requests`) while its steady window is too short to tell and its backlog
     does not grow (a short window whose backlog grows fails anyway); and the duration it ran."""
-    run = run or (lambda c: simulate(c).summary)
+    run = run or summary_of
     rate = config.workloads[workload].arrival.rate
     for attempt in range(4):
         summary = run(with_duration(config, duration_s, horizon, workload))
@@ -142,7 +147,7 @@ def find_capacity(config: SimConfig, meets: Callable[[Summary], bool], start: fl
     `horizon` sizes each probe (None: the config's own request counts); `seeds` > 1 repeats the search near
     the boundary under seeds config.seed + 1, ... and reports the lowest (module docstring)."""
     result = Capacity(rate=0.0, summary=None)
-    run = run or (lambda c: simulate(c).summary)
+    run = run or summary_of
     duration = horizon.min_duration_s if horizon is not None else 0.0
 
     def prober(cfg: SimConfig, best: dict[str, Any]) -> Callable[[float], bool]:

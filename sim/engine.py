@@ -178,7 +178,6 @@ class Replica:
             if steps % 1000 == 0:
                 self.progress.update(env.now, state.req)
 
-
     def _stuck(self, stalled: int) -> None:
         """Stop a run that goes nowhere (`WATCHDOG_STEPS` steps in a row without a token), naming the stuck
         requests and where their KV stands."""

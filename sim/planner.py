@@ -113,6 +113,10 @@ class PlanSpec(_Spec):
                              "constant); use lengths of kind 'trace' to keep the trace's lengths")
         return self
 
+    def horizon(self) -> Horizon:
+        """How long each capacity probe runs."""
+        return Horizon(self.horizon_s, self.min_requests)
+
     def base_config(self) -> SimConfig:
         try:
             return SimConfig.model_validate(self.base)
@@ -217,7 +221,7 @@ def size(label: str, config: SimConfig, spec: PlanSpec) -> dict[str, Any]:
     if why:
         return row
     meets = attainment_predicate(spec.attainment)
-    horizon = Horizon(spec.horizon_s, spec.min_requests)
+    horizon = spec.horizon()
     cap = find_capacity(config, meets, start=spec.start_rate, rel_tol=spec.tolerance, horizon=horizon,
                         seeds=spec.seeds)
     s = cap.summary or simulate(with_rate(config, spec.start_rate)).summary
@@ -237,7 +241,7 @@ def size(label: str, config: SimConfig, spec: PlanSpec) -> dict[str, Any]:
             ok = False
             if n is not None:
                 check = lambda k: run_sized(with_rate(replicas(config, k), rate), cap.duration_s,  # noqa: E731
-                                            horizon, lambda c: simulate(c).summary)[0]
+                                            horizon, _summary)[0]
                 summary = check(n)
                 if not (stable(summary) and meets(summary)) and n * cap.rate < 1.25 * rate:  # one more
                     n += 1
@@ -246,6 +250,11 @@ def size(label: str, config: SimConfig, spec: PlanSpec) -> dict[str, Any]:
             row[f"replicas_at_{rate:g}"] = n
             row[f"cost_per_hour_at_{rate:g}"] = n * row["cost_per_hour"] if n is not None and ok else None
     return row
+
+
+def _summary(config: SimConfig) -> dict[str, Any]:
+    """A run's summary (through this module's `simulate`, which tests replace)."""
+    return simulate(config).summary
 
 
 def replicas(config: SimConfig, n: int) -> SimConfig:
@@ -330,7 +339,7 @@ def verify(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimConfig], c
     t["verified"], t["verified_horizon_s"], t["verified_attainment"] = "", float("nan"), float("nan")
     if "capacity_req_s" not in t:
         return t
-    meets, horizon = attainment_predicate(spec.attainment), Horizon(spec.horizon_s, spec.min_requests)
+    meets, horizon = attainment_predicate(spec.attainment), spec.horizon()
     passed = checked = 0
     for i in t.index:
         if passed >= spec.verify_top or checked >= 3 * spec.verify_top:  # bounded when most fail
@@ -350,7 +359,7 @@ def verify(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimConfig], c
                 s = json.loads(hit.read_text())
             else:
                 try:
-                    full, used = run_sized(cfg, duration, horizon, lambda c: simulate(c).summary)
+                    full, used = run_sized(cfg, duration, horizon, _summary)
                 except ServesimError as exc:  # e.g. more tokens than a run records: this check cannot pass
                     full, used = {"stability": f"not run: {exc}"}, duration
                 s = {k: full.get(k) for k in ("stability", "steady_slo_attainment", "slo_attainment",
@@ -425,7 +434,7 @@ def write_outputs(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimCon
         cfg, rate = best
         top = table.iloc[0]
         if top.get("verified") == "yes":  # the run the check made: `servesim run best.yaml` repeats it
-            cfg = with_duration(cfg, float(top["verified_horizon_s"]), Horizon(spec.horizon_s, spec.min_requests))
+            cfg = with_duration(cfg, float(top["verified_horizon_s"]), spec.horizon())
             check = (f"# verified: stable and at least {spec.attainment:.0%} of requests within the SLOs at every "
                      f"target rate over {top['verified_horizon_s']:g} s of arrivals (lowest attainment "
                      f"{top['verified_attainment']:.1%}); probes ran {top['probe_horizon_s']:g} s\n")
