@@ -115,22 +115,24 @@ def paged_group(chunks: list[Chunk], block_size: int, device: torch.device, deco
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         mask_off = [-1 if m is None else int(o) for m, o in zip(host_masks, starts)]
     n = len(chunks)
-    packed = np.concatenate([np.asarray(k_lens, np.int32), np.cumsum([0, *q_lens], dtype=np.int32),
-                             np.asarray(mask_off, np.int32), np.asarray(tiles, np.int32),
-                             table_array(chunks, width, source).ravel()])
+    parts = [np.asarray(k_lens, np.int32), np.cumsum([0, *q_lens], dtype=np.int32), np.asarray(mask_off, np.int32),
+             np.asarray(tiles, np.int32), table_array(chunks, width, source).ravel()]
+    # Each part starts on a 16-byte boundary: Triton compiles a kernel per pointer alignment, so parts at
+    # offsets that depend on the chunk count would compile new variants in the middle of serving.
+    offsets = np.concatenate([[0], np.cumsum([-(-p.size // 4) * 4 for p in parts])])
+    packed = np.zeros(int(offsets[-1]), np.int32)
+    for part, at in zip(parts, offsets):
+        packed[at:at + part.size] = part
     dev = torch.from_numpy(packed).to(device)
-    lens, q_start = dev[:n], dev[n:2 * n + 1]
-    at = 2 * n + 1
-    off = dev[at:at + len(mask_off)] if host_masks is not None else None
-    at += len(mask_off)
-    tiles_t = dev[at:at + len(tiles)]
-    table_t = dev[at + len(tiles):].view(n, width)
+    lens_t, q_start, off_t, tiles_t, table_flat = (dev[at:at + p.size] for p, at in zip(parts, offsets))
+    off = off_t if host_masks is not None else None
+    table_t = table_flat.view(n, width)
     masks = None
     if host_masks is not None:
         flat = [m.astype(np.uint8).ravel() for m in host_masks if m is not None]
         masks = torch.from_numpy(np.concatenate(flat)).to(device)
     splits = kernels.decode_splits(n, kv_heads, max(k_lens), sm_count(device)) if decode else 1
-    return PagedGroup(chunks[0].start, chunks[-1].start + chunks[-1].length, decode, table_t, lens, q_start, tiles_t,
+    return PagedGroup(chunks[0].start, chunks[-1].start + chunks[-1].length, decode, table_t, lens_t, q_start, tiles_t,
                       block_m, splits, q_lens, k_lens, tables, masks, off, host_masks)
 
 

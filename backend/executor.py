@@ -89,6 +89,25 @@ class TorchExecutor:
             self.tokens[rid] = prompt_tokens(self.seed, rid, int(self.req.prompt[rid]), self.spec.vocab_size)
         return self.tokens[rid]
 
+    def warm_up(self, max_tokens: int) -> None:
+        """Eager passes of the shapes serving meets (one prefill of each size class up to `max_tokens`, and a
+        mixed pass of several chunks and decodes) over the scratch block, before serving, as engines do at
+        start: the GEMM libraries' kernel choices and lazy module loads, Triton's specialisations and the
+        allocator's growth then happen here instead of in the first requests' steps."""
+        bs = self.block_size
+        scratch = self.cache.k.shape[1] // bs - 1
+        sizes = sorted({n for n in (1, 16, 17, 64, 65, 129, 385, 2048, max_tokens) if n <= max_tokens})
+        mixed = [(min(100, max_tokens), 0), (7, 40)] + [(1, 300)] * 5  # (new tokens, cached): 2 chunks, 5 decodes
+        for chunks, prefills in [([(n, 0)], 1) for n in sizes] + [(mixed, 2)]:
+            starts = np.cumsum([0] + [n for n, _ in chunks])
+            flat = [Chunk(int(at), n, done, [scratch] * -(-(done + n) // bs)) for (n, done), at in zip(chunks, starts)]
+            meta = attention_meta(flat, bs, self.device, prefills, self.cache.k.shape[2])
+            positions = np.concatenate([np.arange(done, done + n) for n, done in chunks])
+            rows = torch.tensor(starts[1:] - 1, dtype=torch.long, device=self.device)
+            self.model(torch.zeros(int(starts[-1]), dtype=torch.long, device=self.device),
+                       torch.from_numpy(positions).to(self.device), meta, self.cache, rows)
+        self._sync()
+
     # ---- one step ---------------------------------------------------------------------------------------
     def run(self, batch: Batch) -> StepOutcome:
         t0 = time.perf_counter()

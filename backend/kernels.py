@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from collections.abc import Iterator
 
 import torch
@@ -50,6 +51,54 @@ def kernels_on_cpu() -> Iterator[None]:
 def use_kernels(x: torch.Tensor) -> bool:
     """Whether work on `x` runs the Triton kernels (CUDA, or CPU inside `kernels_on_cpu`) or plain PyTorch."""
     return x.is_cuda or _ON_CPU
+
+
+_CAPTURING = False
+
+
+@contextlib.contextmanager
+def capturing() -> Iterator[None]:
+    """Work whose time the replay's clock leaves out (CUDA-graph capture): `CompileWatch` does not count its
+    compilations as serving's."""
+    global _CAPTURING
+    previous, _CAPTURING = _CAPTURING, True
+    try:
+        yield
+    finally:
+        _CAPTURING = previous
+
+
+class CompileWatch:
+    """Triton compilations while entered (Triton's `jit_cache_hook` before each, `jit_post_compile_hook` after),
+    outside `capturing()`: an engine compiles its kernels before serving, so the replay reports any that
+    happen in its steps' time (`kernels`: their names; `seconds`: their time)."""
+
+    def __init__(self) -> None:
+        self.kernels: list[str] = []
+        self.seconds = 0.0
+        self._began = 0.0
+        self._saved: tuple[object, object] | None = None
+
+    def _before(self, **_: object) -> None:
+        self._began = time.perf_counter()
+
+    def _after(self, *, repr: str, **_: object) -> None:  # noqa: A002 (Triton's keyword)
+        if not _CAPTURING:
+            self.seconds += time.perf_counter() - self._began
+            self.kernels.append(repr.split("[", 1)[0])
+
+    def __enter__(self) -> CompileWatch:
+        knobs = getattr(triton, "knobs", None) if triton is not None else None
+        if knobs is not None:
+            rt = knobs.runtime
+            self._saved = (rt.jit_cache_hook, rt.jit_post_compile_hook)
+            rt.jit_cache_hook, rt.jit_post_compile_hook = self._before, self._after
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self._saved is not None:
+            triton.knobs.runtime.jit_cache_hook, triton.knobs.runtime.jit_post_compile_hook = self._saved
+            self._saved = None
 
 
 def _pow2(n: int, least: int = 16) -> int:

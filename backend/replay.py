@@ -15,6 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from backend.executor import TorchExecutor
+from backend.kernels import CompileWatch
 from hardware.catalog import get_model
 from hardware.errors import ServesimError
 from hardware.operators import StepShape
@@ -88,6 +89,7 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
     executor = TorchExecutor(setup.deployment.model, requests, setup.num_blocks, config.kv_cache.block_size,
                              device, config.seed, temperature, checkpoint, hw.cuda_graphs, draft=draft,
                              oracle=acceptance == "oracle")
+    executor.warm_up(config.scheduler.step_limits(config.max_model_len or spec_model.max_position_embeddings)[0])
     policy = make_scheduler(config.scheduler)
     speculator = None if spec is None else Speculator(spec, Acceptance(spec.acceptance, config.seed, requests.n))
     cluster = Cluster([_Replica(state)], make_router(config.cluster.router, config.seed), requests,  # type: ignore[list-item]
@@ -100,35 +102,39 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
     def clock() -> float:
         return time.perf_counter() - wall0 + skipped
 
-    while True:
-        now = clock()
-        while nxt < len(arrivals) and arrivals[nxt] <= now:
-            cluster.arrive(nxt)
-            nxt += 1
-        state.now = now
-        before = state.preemptions
-        batch = policy.schedule(state)
-        if batch is not None and speculator is not None:
-            batch = speculator.plan(state, batch)
-        if batch is None:
-            if nxt == len(arrivals):
-                break
-            wait = arrivals[nxt] - clock()
-            if asap:
-                skipped += max(wait, 0.0)
-            elif wait > 0:
-                time.sleep(wait)
-            continue
-        start = clock()
-        outcome = executor.run(batch)
-        skipped -= executor.capture_seconds  # the clock stops while a new CUDA graph is captured
-        end = clock()
-        result = state.complete_step(batch, end, outcome.accepted)
-        policy.on_step_end(state, batch, result)
-        log.record(state, batch, start, replace(outcome, seconds=end - start), state.preemptions - before)
-        shapes.append(batch.shape())
+    with CompileWatch() as compiles:  # kernels compiled in steps' time (none after the warm-up, we expect)
+        while True:
+            now = clock()
+            while nxt < len(arrivals) and arrivals[nxt] <= now:
+                cluster.arrive(nxt)
+                nxt += 1
+            state.now = now
+            before = state.preemptions
+            batch = policy.schedule(state)
+            if batch is not None and speculator is not None:
+                batch = speculator.plan(state, batch)
+            if batch is None:
+                if nxt == len(arrivals):
+                    break
+                wait = arrivals[nxt] - clock()
+                if asap:
+                    skipped += max(wait, 0.0)
+                elif wait > 0:
+                    time.sleep(wait)
+                continue
+            start = clock()
+            outcome = executor.run(batch)
+            skipped -= executor.capture_seconds  # the clock stops while a new CUDA graph is captured
+            end = clock()
+            result = state.complete_step(batch, end, outcome.accepted)
+            policy.on_step_end(state, batch, result)
+            log.record(state, batch, start, replace(outcome, seconds=end - start), state.preemptions - before)
+            shapes.append(batch.shape())
     executor.sync_tables()  # the last steps' finished requests give their blocks back
-    return setup.results([state], log, time.perf_counter() - wall0), executor, shapes
+    results = setup.results([state], log, time.perf_counter() - wall0)
+    results.summary["replay_kernel_compiles"] = len(compiles.kernels)
+    results.summary["replay_kernel_compile_s"] = compiles.seconds
+    return results, executor, shapes
 
 
 def write_shapes(shapes: list[StepShape], path: str | Path) -> None:

@@ -5,7 +5,7 @@
 #   bash calibrate/run_paged.sh
 # check: calibrate/gpu_check.py; kernels: Llama-3-8B's elementwise kernels, attention surfaces and whole-step
 # fixed costs; reference: the reference steps, with the overhead fit's steps in the same rounds; replays:
-# calibrate/run_replays.sh on the paged H100 config. The GPU's profile id comes from nvidia-smi.
+# calibrate/run_replays.sh on the paged config of that GPU (H100 or H200). The GPU comes from nvidia-smi.
 set -uo pipefail
 PY=${PY:-/opt/torch/.venv/bin/python}
 [ -x "$PY" ] || PY=python3
@@ -14,8 +14,8 @@ export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
 OUT=${OUT:?set OUT}
 STAGES=" ${STAGES:-check kernels reference} "
 case "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" in
-  *H200*) ID=h200-sxm-141gb ;;
-  *) ID=h100-sxm-80gb ;;
+  *H200*) ID=h200-sxm-141gb GPU=h200 PREFIX=paged_h200_ ;;
+  *) ID=h100-sxm-80gb GPU=h100 PREFIX=paged_ ;;
 esac
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 if [[ $STAGES == *" check "* ]]; then
@@ -31,7 +31,7 @@ if [[ $STAGES == *" reference "* ]]; then
 fi
 if [[ $STAGES == *" replays "* ]]; then
   mkdir -p "$OUT/work"  # the device tool brings back a few files: only the replays' archive leaves
-  OUT=$OUT/work PY=$PY TRACE=.device/azure_llm_2023_conv.csv CONFIG=calibrate/measurements/h100_llama3_8b_azure_paged.yaml \
-    PREFIX=paged_ bash calibrate/run_replays.sh 2>&1 | tail -60 | tee "$OUT/replays.txt"
+  OUT=$OUT/work PY=$PY TRACE=.device/azure_llm_2023_conv.csv CONFIG=calibrate/measurements/${GPU}_llama3_8b_azure_paged.yaml \
+    PREFIX=$PREFIX bash calibrate/run_replays.sh 2>&1 | tail -60 | tee "$OUT/replays.txt"
   mv "$OUT/work/replays.tar.gz" "$OUT/" && rm -rf "$OUT/work"
 fi

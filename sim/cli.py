@@ -178,6 +178,8 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any] | None:
     results, _, shapes = replay(config, device=args.device, asap=args.asap, temperature=args.temperature,
                                 checkpoint=args.checkpoint, acceptance=args.acceptance)
     print(format_summary(results.summary))
+    print(f"Triton kernels compiled in serving steps' time: {results.summary['replay_kernel_compiles']} "
+          f"({results.summary['replay_kernel_compile_s']:.2f} s; graph captures excluded)")
     if args.out:
         paths = write_outputs(results, args.out)
         write_shapes(shapes, Path(args.out) / "batches.jsonl")

@@ -11,10 +11,12 @@ The rule (README, "Steady state"):
 - offered rate = arrivals in the window over its length; sustained throughput = requests (and output tokens)
   completed in it over its length.
 - backlog growth: the least-squares slope of the requests in the system (arrived, not finished) over the
-  window, sampled at 256 instants; queue growth: the same for the waiting ones (arrived, not yet scheduled).
+  window, sampled at 256 instants, with its standard error (the residuals' lag-1 autocorrelation shrinking
+  the sample count); queue growth: the same for the waiting ones (arrived, not yet scheduled).
 - verdict: 'too_short' when the window holds fewer than 200 requests or lasts less than 3 times the p90
   service time (first scheduled to finish) of its requests (the reason says when its backlog grows too);
-  else 'overloaded' when the backlog grows faster than 2% of the offered rate; else 'stable'.
+  else 'overloaded' when the backlog grows faster than 2% of the offered rate and by more than 3 standard
+  errors; else 'stable'.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import numpy as np
 from policies.state import Requests
 
 GROWTH_SHARE = 0.02  # backlog growth, as a share of the offered rate, beyond which a run is overloaded
+GROWTH_ERRORS = 3.0  # ... and beyond this many standard errors of the growth (noise of a stable queue)
 MIN_WINDOW_REQUESTS = 200
 SERVICE_TIMES = 3.0  # the window must last this many p90 service times
 SAMPLES = 256
@@ -48,8 +51,21 @@ def mser5(values: np.ndarray) -> int:
     return 5 * int(np.argmin(stat[kept - 1]))
 
 
-def _slope(times: np.ndarray, counts: np.ndarray) -> float:
-    return float(np.polyfit(times, counts, 1)[0]) if times.size > 1 and np.ptp(times) > 0 else 0.0
+def _slope(times: np.ndarray, counts: np.ndarray) -> tuple[float, float]:
+    """Least-squares slope of `counts` over `times` and its standard error. Counts sampled on a fine grid are
+    strongly autocorrelated, so the error counts n (1 - r) / (1 + r) independent samples, r the residuals'
+    lag-1 autocorrelation (the AR(1) effective sample size)."""
+    if times.size < 4 or np.ptp(times) <= 0:
+        return 0.0, float("inf")
+    slope, icpt = np.polyfit(times, counts, 1)
+    resid = counts - (slope * times + icpt)
+    spread = float(np.sum((times - times.mean()) ** 2))
+    if not resid.any():
+        return float(slope), 0.0
+    r = float(np.clip(np.corrcoef(resid[:-1], resid[1:])[0, 1], 0.0, 0.99)) if np.ptp(resid) > 0 else 0.0
+    n_eff = max(3.0, times.size * (1 - r) / (1 + r))
+    variance = float(np.sum(resid ** 2)) / (times.size - 2)
+    return float(slope), float(np.sqrt(variance / spread * times.size / n_eff))
 
 
 def _count_at(events: np.ndarray, grid: np.ndarray) -> np.ndarray:
@@ -90,8 +106,9 @@ def steady_state(r: Requests, finished: np.ndarray, meets: np.ndarray, ttft: np.
     scheduled = np.sort(np.where(np.isnan(r.first_scheduled), r.arrival, r.first_scheduled))
     grid = np.linspace(start, last, SAMPLES)
     arrived = _count_at(arrivals, grid)
-    out["steady_backlog_growth_req_s"] = _slope(grid, arrived - _count_at(leave, grid))
-    out["steady_queue_growth_req_s"] = _slope(grid, arrived - _count_at(scheduled, grid))
+    growth, error = _slope(grid, arrived - _count_at(leave, grid))
+    out["steady_backlog_growth_req_s"], out["steady_backlog_growth_se_req_s"] = growth, error
+    out["steady_queue_growth_req_s"] = _slope(grid, arrived - _count_at(scheduled, grid))[0]
     ok = inside & finished
     for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
         v = values[ok]
@@ -103,10 +120,10 @@ def steady_state(r: Requests, finished: np.ndarray, meets: np.ndarray, ttft: np.
     service = (r.finish - r.first_scheduled)[ok]
     typical = float(np.percentile(service, 90)) if service.size else 0.0
     offered = out["steady_offered_req_s"] or 0.0
-    growth = out["steady_backlog_growth_req_s"]
-    growing = bool(offered) and growth > GROWTH_SHARE * offered and n >= MIN_WINDOW_REQUESTS  # (fewer: noise)
-    grows = (f"the backlog grows {growth:.3g} req/s ({growth / offered:.0%} of the {offered:.3g} req/s offered; "
-             f"sustained {out['steady_throughput_req_s']:.3g} req/s)") if growing else ""
+    growing = (bool(offered) and growth > GROWTH_SHARE * offered and growth > GROWTH_ERRORS * error
+               and n >= MIN_WINDOW_REQUESTS)  # (fewer: noise)
+    grows = (f"the backlog grows {growth:.3g} ± {error:.2g} req/s ({growth / offered:.0%} of the {offered:.3g} "
+             f"req/s offered; sustained {out['steady_throughput_req_s']:.3g} req/s)") if growing else ""
     if n < MIN_WINDOW_REQUESTS or length <= 0 or not ok.any() or length < SERVICE_TIMES * typical:
         verdict = "too_short"
         reason = (f"the steady window holds {n} requests over {length:.3g} s (needs {MIN_WINDOW_REQUESTS} requests "
@@ -117,7 +134,7 @@ def steady_state(r: Requests, finished: np.ndarray, meets: np.ndarray, ttft: np.
         reason = f"{grows}: latencies grow with the run"
     else:
         verdict = "stable"
-        reason = (f"backlog growth {growth:.3g} req/s, within {GROWTH_SHARE:.0%} of the {offered:.3g} req/s "
-                  f"offered, over {n} requests and {length:.3g} s")
+        reason = (f"backlog growth {growth:.3g} ± {error:.2g} req/s, within {GROWTH_SHARE:.0%} of the {offered:.3g} "
+                  f"req/s offered or {GROWTH_ERRORS:g} standard errors, over {n} requests and {length:.3g} s")
     out["stability"], out["stability_reason"], out["steady_backlog_growing"] = verdict, reason, growing
     return out
