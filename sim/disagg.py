@@ -16,7 +16,9 @@ K and V, its TP ranks' heads (KV heads replicated across ranks when tp exceeds t
 
 `transfer: layerwise` streams each prefill chunk's KV while its step runs (a flow capped at the chunk's
 bytes / step time, so it cannot outrun the layers that produce it); the destination is reserved when the
-prompt's first chunk starts, if one has room (else the request falls back to a transfer after its prefill).
+prompt's first chunk starts, if one has room and no hand-off waits (else the request falls back to a transfer
+after its prefill). A finished prefill waiting for decode room takes the destination of streams still
+prefilling (newest first) where that makes room; they fall back too, their streamed bytes sent again.
 
 The mixed pool (Splitwise) takes a new prompt when the least loaded prefill instance has a queue and a mixed
 instance is less loaded, and serves it whole; it takes a transferred request when no decode instance has room.
@@ -93,6 +95,9 @@ class DisaggregatedCluster:
         self.kv_ready = np.full(n, np.nan)
         self.incoming: dict[int, int] = {i: 0 for i in self.by_index}
         self.pending: deque[int] = deque()  # handed off, waiting for a decode instance with room
+        self.streaming: list[int] = []  # layer-wise: destination reserved, prefill not done (oldest first)
+        self.fell_back = np.zeros(n, dtype=bool)  # layer-wise: gave its destination back to a hand-off
+        self.abandoned = np.zeros(n)  # bytes it had streamed then (sent again after its prefill)
 
     @staticmethod
     def _room(pool: Pool) -> int:
@@ -134,10 +139,12 @@ class DisaggregatedCluster:
         r = self.req
         for rid, tokens, before in zip(batch.prefill_ids.tolist(), batch.prefill_tokens.tolist(),
                                        batch.prefill_computed.tolist()):
-            if self.dest[rid] < 0 and self.streamed[rid] == 0 and r.output[rid] > 1 and not self.pending:
+            if (self.dest[rid] < 0 and self.streamed[rid] == 0 and r.output[rid] > 1 and not self.pending
+                    and not self.fell_back[rid]):
                 target = self._choose_decode(rid)
                 if target is not None:
                     self._reserve(rid, target)
+                    self.streaming.append(rid)
             if self.dest[rid] >= 0:
                 self.source[rid] = replica.state.index
                 upto = min(before + tokens, int(r.prompt[rid]))
@@ -155,6 +162,8 @@ class DisaggregatedCluster:
                 replica.state.running = [rid for rid in replica.state.running if rid not in gone]
                 for rid in handed.tolist():
                     self.prefill_end[rid] = now
+                    if rid in self.streaming:
+                        self.streaming.remove(rid)
                     self.source[rid] = replica.state.index
                     if self.dest[rid] < 0:
                         self.pending.append(rid)
@@ -183,11 +192,34 @@ class DisaggregatedCluster:
         self.incoming[i] += 1
         target.state.kv.grow_to(rid, int(self.req.prompt[rid]))
 
+    def _yield_streams(self, rid: int) -> bool:
+        """Make room for hand-off `rid` on a decode instance by giving back the destinations of layer-wise
+        streams whose prefill is not done (newest first), where that makes enough room; each falls back to a
+        transfer after its prefill. A finished prefill comes first: it frees the prefill instance's KV once
+        moved, while a stream's prefill may wait for exactly that KV (holding both would livelock)."""
+        need = -(-(int(self.req.prompt[rid]) + 1) // self.config.kv_cache.block_size)
+        for rep in self.pools["decode"]:
+            i, kv = rep.state.index, rep.state.kv
+            mine = [s for s in reversed(self.streaming) if self.dest[s] == i]
+            if not mine or not kv.can_allocate(need - sum(int(kv.blocks[s]) for s in mine)):
+                continue
+            for s in mine:
+                kv.release(s)
+                self.incoming[i] -= 1
+                self.dest[s], self.streamed[s], self.reserved[s], self.fell_back[s] = -1, 0, np.nan, True
+                self.abandoned[s] = self.kv_bytes[s]
+                self.streaming.remove(s)
+                if self._choose_decode(rid) is not None:
+                    return True
+        return False
+
     def _dispatch(self) -> None:
         """Move waiting hand-offs, first come first served, while a decode instance has room."""
         while self.pending:
             rid = self.pending[0]
             target = self._choose_decode(rid)
+            if target is None and self.layerwise and self._yield_streams(rid):
+                target = self._choose_decode(rid)
             if target is None:
                 return
             self.pending.popleft()
@@ -208,7 +240,7 @@ class DisaggregatedCluster:
     def _carry(self, rid: int, links: tuple[Link, Link], nbytes: float, cap: float) -> Iterator[simpy.Event]:
         yield self.network.transfer(links, nbytes, cap)
         self.flows[rid] -= 1
-        if self.flows[rid] == 0 and not np.isnan(self.prefill_end[rid]):
+        if self.flows[rid] == 0 and not np.isnan(self.prefill_end[rid]) and self.dest[rid] >= 0:
             self._deliver(rid)
 
     def _deliver(self, rid: int) -> None:
@@ -229,13 +261,14 @@ class DisaggregatedCluster:
         wait = np.where(moved, np.maximum(self.reserved - self.prefill_end, 0.0), np.nan)
         transfer = np.where(moved, self.kv_ready - np.fmax(self.prefill_end, self.reserved), np.nan)
         columns = {"decode_replica": self.dest, "kv_bytes": self.kv_bytes, "kv_ready_s": self.kv_ready,
-                   "decode_wait_s": wait, "kv_transfer_s": transfer}
+                   "decode_wait_s": wait, "kv_transfer_s": transfer, "kv_bytes_abandoned": self.abandoned}
         finished = r.status == Status.FINISHED
         end = float(np.nanmax(r.finish)) if finished.any() else float(r.arrival.max(initial=0.0))
         duration = end - float(r.arrival.min(initial=0.0))
         summary: dict[str, Any] = {"kv_link": self.config.disaggregation.link,  # type: ignore[union-attr]
                                    "kv_transfer_mode": self.config.disaggregation.transfer,  # type: ignore[union-attr]
-                                   "kv_transfers": int(moved.sum()), "kv_bytes_total": float(self.kv_bytes.sum())}
+                                   "kv_transfers": int(moved.sum()), "kv_bytes_total": float(self.kv_bytes.sum()),
+                                   "kv_streams_given_back": int(self.fell_back.sum())}
         for name, values in (("kv_transfer", transfer[moved]), ("decode_wait", wait[moved])):
             summary[f"{name}_mean_s"] = float(values.mean()) if values.size else None
             for p in PERCENTILES:

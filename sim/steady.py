@@ -16,7 +16,8 @@ The rule (README, "Steady state"):
 - verdict: 'too_short' when the window holds fewer than 200 requests or lasts less than 3 times the p90
   service time (first scheduled to finish) of its requests (the reason says when its backlog grows too);
   else 'overloaded' when the backlog grows faster than 2% of the offered rate and by more than 3 standard
-  errors; else 'stable'.
+  errors; 'too_short' too when it grows that fast within 3 standard errors (noise cannot be ruled out);
+  else 'stable'.
 """
 
 from __future__ import annotations
@@ -120,10 +121,10 @@ def steady_state(r: Requests, finished: np.ndarray, meets: np.ndarray, ttft: np.
     service = (r.finish - r.first_scheduled)[ok]
     typical = float(np.percentile(service, 90)) if service.size else 0.0
     offered = out["steady_offered_req_s"] or 0.0
-    growing = (bool(offered) and growth > GROWTH_SHARE * offered and growth > GROWTH_ERRORS * error
-               and n >= MIN_WINDOW_REQUESTS)  # (fewer: noise)
+    fast = bool(offered) and growth > GROWTH_SHARE * offered
+    growing = fast and growth > GROWTH_ERRORS * error and n >= MIN_WINDOW_REQUESTS  # (else: maybe noise)
     grows = (f"the backlog grows {growth:.3g} ± {error:.2g} req/s ({growth / offered:.0%} of the {offered:.3g} "
-             f"req/s offered; sustained {out['steady_throughput_req_s']:.3g} req/s)") if growing else ""
+             f"req/s offered; sustained {out['steady_throughput_req_s']:.3g} req/s)") if fast else ""
     if n < MIN_WINDOW_REQUESTS or length <= 0 or not ok.any() or length < SERVICE_TIMES * typical:
         verdict = "too_short"
         reason = (f"the steady window holds {n} requests over {length:.3g} s (needs {MIN_WINDOW_REQUESTS} requests "
@@ -132,9 +133,13 @@ def steady_state(r: Requests, finished: np.ndarray, meets: np.ndarray, ttft: np.
     elif growing:
         verdict = "overloaded"
         reason = f"{grows}: latencies grow with the run"
+    elif fast:
+        verdict = "too_short"
+        reason = (f"{grows}, within {GROWTH_ERRORS:g} standard errors of no growth: run longer to tell stable "
+                  "from overloaded")
     else:
         verdict = "stable"
         reason = (f"backlog growth {growth:.3g} ± {error:.2g} req/s, within {GROWTH_SHARE:.0%} of the {offered:.3g} "
-                  f"req/s offered or {GROWTH_ERRORS:g} standard errors, over {n} requests and {length:.3g} s")
+                  f"req/s offered, over {n} requests and {length:.3g} s")
     out["stability"], out["stability_reason"], out["steady_backlog_growing"] = verdict, reason, growing
     return out

@@ -44,8 +44,10 @@ def check(cfg: SimConfig, res) -> None:
     pools = {p.name: p for p in build_pools(cfg)}
     wire = {p.first + i: wire_bytes_per_token(p.deployment) for p in pools.values() for i in range(p.instances)}
     expected = sum(row.prompt_tokens * wire[row.decode_replica] for row in moved.itertuples())
+    expected += float(req["kv_bytes_abandoned"].sum())  # layer-wise streams given back, sent again
     assert res.summary["kv_bytes_total"] == pytest.approx(expected, rel=1e-12)
-    assert (moved["kv_bytes"] == moved["prompt_tokens"] * moved["decode_replica"].map(wire)).all()
+    useful = moved["kv_bytes"] - moved["kv_bytes_abandoned"]
+    assert (useful == moved["prompt_tokens"] * moved["decode_replica"].map(wire)).all()
     links = res.links
     assert (links["rate_bytes_s"] <= links["bandwidth_bytes_s"] * (1 + 1e-9)).all()  # never over bandwidth
     carried = 0.0  # bytes into the decode side = integral of the ingress links' rates over time
@@ -191,6 +193,21 @@ def test_conservation_over_random_clusters(p, d, m, pblocks, dblocks, rate, tran
                            "decode": {"instances": d, "num_blocks": dblocks},
                            "mixed": {"instances": 1, "num_blocks": dblocks} if m else None}})
     check(cfg, simulate(cfg))
+
+
+def test_layerwise_streams_give_way_to_finished_prefills_instead_of_livelocking() -> None:
+    """Tiny KV on both sides: a long prompt's stream reserves most of the decode instance, while finished
+    prefills fill the prefill instance waiting for decode room, and the long prompt's prefill waits for that
+    room (this ran 200,000+ steps without a token before streams gave their destinations back)."""
+    cfg = load_config("examples/disaggregated.yaml", [
+        "disaggregation.transfer=layerwise", "max_model_len=1600", "workloads.0.num_requests=60",
+        "disaggregation.prefill.scheduler={name: vllm_v1, long_prefill_token_threshold: 16}",
+        "disaggregation.prefill.num_blocks=100", "disaggregation.decode.num_blocks=100", "workloads.0.arrival.rate=5",
+        "workloads.0.lengths={kind: lognormal, prompt_mean: 600, prompt_cv: 0.9, output_mean: 50, output_cv: 0.7, "
+        "max_prompt: 1500, max_output: 200}"])
+    res = simulate(cfg)
+    check(cfg, res)
+    assert res.summary["kv_streams_given_back"] > 0 and res.summary["requests_finished"] == 58
 
 
 def test_config_errors_are_one_line(capsys) -> None:

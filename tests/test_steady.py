@@ -67,3 +67,32 @@ def test_the_printed_summary_warns_of_an_overloaded_run(capsys) -> None:
     out = capsys.readouterr().out
     assert "steady state (after warm-up)   overloaded" in out
     assert "WARNING: overloaded: the backlog grows" in out
+
+
+def test_growth_within_its_noise_is_too_short_to_tell_not_overloaded() -> None:
+    """Short stable runs of the default scenario whose backlog drifts up by chance: the drift beats 2% of the
+    offered rate in some seeds (the share rule alone would call them overloaded) but not 3 standard errors."""
+    from sim.config import load_config
+
+    summaries = [simulate(load_config(None, ["workloads.0.arrival.rate=15", "workloads.0.num_requests=500",
+                                             f"seed={seed}"])).summary for seed in range(8)]
+    drifting = [s for s in summaries if s["steady_backlog_growth_req_s"] > 0.02 * s["steady_offered_req_s"]]
+    assert drifting  # the case the rule is for happens
+    for s in summaries:
+        assert s["stability"] != "overloaded", s["stability_reason"]
+    for s in drifting:
+        assert s["stability"] == "too_short" and "standard errors" in s["stability_reason"]
+        assert s["steady_backlog_growth_req_s"] <= 3 * s["steady_backlog_growth_se_req_s"]
+
+
+def test_the_growth_standard_error_widens_with_autocorrelation() -> None:
+    from sim.steady import _slope
+
+    rng = np.random.default_rng(1)
+    t = np.linspace(0.0, 100.0, 256)
+    white = 2.0 * t + rng.normal(0.0, 1.0, t.size)
+    slope, se = _slope(t, white)
+    naive = 1.0 / np.sqrt(np.sum((t - t.mean()) ** 2))  # OLS error of the slope under unit white noise
+    assert slope == pytest.approx(2.0, abs=4 * naive) and se == pytest.approx(naive, rel=0.3)
+    walk = np.cumsum(rng.normal(0.0, 1.0, t.size))  # a random walk: no trend, strongly correlated residuals
+    assert _slope(t, walk)[1] > 5 * _slope(t, rng.normal(0.0, 1.0, t.size))[1]
