@@ -76,10 +76,35 @@ def _walk(model: Any, loc: tuple[Any, ...]) -> list[str] | None:
     return None
 
 
+MAX_ERRORS_SHOWN = 20
+
+
 def describe_validation_error(exc: ValidationError, source: str, model: Any = None) -> str:
-    """One line naming the field, the value and what is allowed, from pydantic's first error; an unknown key
-    of `model` (the validated class) gets the allowed keys and the closest one ("did you mean")."""
-    err = exc.errors()[0]
+    """One line per pydantic error (at most `MAX_ERRORS_SHOWN`), each naming the field, the value and what is
+    allowed; an unknown key of `model` (the validated class) gets the allowed keys and the closest one ("did
+    you mean")."""
+    fields: dict[tuple[Any, ...], list[Any]] = {}  # a union's members fail one by one: one field, one line
+    for err in exc.errors():
+        loc = tuple(err["loc"])
+        while loc and _is_union_member(loc[-1]):
+            loc = loc[:-1]
+        fields.setdefault(loc, []).append({**err, "loc": loc})
+    lines = []
+    for errs in list(fields.values())[:MAX_ERRORS_SHOWN]:
+        line = _describe(errs[0], source, model)
+        lines.append("; or ".join([line] + [e["msg"].removeprefix("Value error, ") for e in errs[1:]]))
+    if len(fields) > MAX_ERRORS_SHOWN:
+        lines.append(f"{source}: ... and {len(fields) - MAX_ERRORS_SHOWN} more errors")
+    return "\n".join(lines)
+
+
+def _is_union_member(part: Any) -> bool:
+    """Whether a pydantic error location part names a union member's type ('bool', "literal['a','b']")
+    rather than a field."""
+    return isinstance(part, str) and ("[" in part or part in ("bool", "int", "float", "str", "none"))
+
+
+def _describe(err: Any, source: str, model: Any) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     if err["type"] == "extra_forbidden" and model is not None:
         allowed = _fields_at(model, tuple(err["loc"][:-1]))
@@ -87,13 +112,12 @@ def describe_validation_error(exc: ValidationError, source: str, model: Any = No
             close = difflib.get_close_matches(str(err["loc"][-1]), allowed, n=1)
             guess = f" (did you mean {close[0]!r}?)" if close else ""
             msg = f"unknown key{guess}; allowed: {', '.join(allowed)}"
-    extra = f" ({len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
     if not err["loc"]:  # a check across fields: its message names them
-        return f"{source}: {msg}{extra}"
+        return f"{source}: {msg}"
     field = ".".join(str(p) for p in err["loc"])
     if err["type"] == "union_tag_invalid":  # a section's kind/name is unknown: show just that field
         ctx = err["ctx"]
         key = ctx["discriminator"].strip("'")
         return f"{source}: {field}.{key} = {ctx['tag']!r}: allowed: {ctx['expected_tags']}"
     shown = "missing" if err["type"] == "missing" else repr(err.get("input"))
-    return f"{source}: {field} = {shown}: {msg}{extra}"
+    return f"{source}: {field} = {shown}: {msg}"

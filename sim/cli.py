@@ -381,7 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             sys.stdout.write("\n")
             sys.stdout.flush()
     except ServesimError as exc:
-        print(f"servesim: error: {exc}", file=sys.stderr)
+        for line in str(exc).splitlines() or [""]:  # several errors (a config's fields): one line each
+            print(f"servesim: error: {line}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `servesim run --json | head`: the reader left; say nothing more
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

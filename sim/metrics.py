@@ -20,6 +20,7 @@ Clocks (all in simulated seconds from the start of the run):
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,30 +66,25 @@ class Results:
         return np.diff(self.token_times[start:start + int(row["output_tokens"])])
 
 
-def _stats(prefix: str, values: np.ndarray, out: dict[str, Any], scratch: bool = False) -> None:
-    """Mean and percentiles of the finite `values`; `scratch`: they are finite already and may be reordered
-    (no copy is made)."""
-    if not scratch:
-        values = values[~np.isnan(values)]
+def _stats(prefix: str, values: np.ndarray, out: dict[str, Any]) -> None:
+    """Mean and percentiles of the finite `values`."""
+    values = values[~np.isnan(values)]
     out[f"{prefix}_mean_s"] = float(values.mean(dtype=np.float64)) if values.size else None
-    pcts = (np.percentile(values, PERCENTILES, overwrite_input=scratch) if values.size
+    pcts = (np.percentile(values, PERCENTILES) if values.size
             else [None] * len(PERCENTILES))
     for p, v in zip(PERCENTILES, pcts):
         out[f"{prefix}_p{p}_s"] = None if v is None else float(v)
 
 
 ITL_CHUNK = 1 << 20  # tokens differenced per pass
+ITL_BINS = np.concatenate([[0.0], np.geomspace(1e-9, 1e9, 1 << 16)])  # gap histogram edges (relative 6e-4)
 
 
-def _itls(r: Requests, finished: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """All inter-token gaps of finished requests (float32, relative error below 1e-7: for statistics) and
-    each request's largest gap (exact; NaN when none), without copying the token times: requests are taken
-    in blocks of about `ITL_CHUNK` tokens, each block's gaps differenced in float64, its requests' largest
-    gaps taken, and its finite gaps appended to one float32 array."""
+def _gap_blocks(r: Requests, finished: np.ndarray, itl_max: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """The inter-token gaps of finished requests (float64), block by block of about `ITL_CHUNK` tokens, with
+    no copy of the token times; fills `itl_max` (each request's largest gap) when given."""
     times, out, off = r.token_time, r.output, r.token_offset
-    gaps = np.empty(max(times.size - 1, 0), dtype=np.float32)
-    itl_max = np.full(r.n, np.nan)
-    keep, i = 0, 0
+    i = 0
     while i < r.n:
         j = max(i + 1, int(np.searchsorted(off, off[i] + ITL_CHUNK, side="left")))
         a, b = int(off[i]), int(off[j - 1] + out[j - 1])
@@ -97,12 +93,47 @@ def _itls(r: Requests, finished: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         for k in np.flatnonzero(~finished[i:j] & (out[i:j] > 1)) + i:  # unfinished requests (rejected: few)
             g[off[k] - a:off[k] - a + out[k] - 1] = np.nan
         multi = np.flatnonzero(out[i:j] > 1) + i
-        if multi.size:
+        if itl_max is not None and multi.size:
             itl_max[multi] = np.fmax.reduceat(g, off[multi] - a)
-        g = g[~np.isnan(g)]
-        gaps[keep:keep + g.size] = g
-        keep, i = keep + g.size, j
-    return gaps[:keep], itl_max
+        yield g[~np.isnan(g)]
+        i = j
+
+
+def _itls(r: Requests, finished: np.ndarray, out: dict[str, Any]) -> np.ndarray:
+    """ITL mean and percentiles into `out` (as `_stats` names them) and each request's largest gap (NaN when
+    none), exact and in bounded memory: a first pass over the gaps (`_gap_blocks`) counts them into a fine
+    histogram, a second keeps only the gaps in the bins that hold the order statistics the percentiles need
+    (numpy's linear interpolation between the two around each rank)."""
+    itl_max = np.full(r.n, np.nan)
+    counts = np.zeros(ITL_BINS.size, dtype=np.int64)
+    for g in _gap_blocks(r, finished, itl_max):
+        counts += np.bincount(np.searchsorted(ITL_BINS, g, side="right") - 1, minlength=ITL_BINS.size)
+    n = int(counts.sum())
+    spans = finished & (r.output > 1)  # the gaps of a request add up to its last token's time minus its first's
+    first = r.token_offset[spans]
+    total = float(np.sum(r.token_time[first + r.output[spans] - 1] - r.token_time[first]))
+    out["itl_mean_s"] = total / n if n else None
+    if not n:
+        out.update({f"itl_p{p}_s": None for p in PERCENTILES})
+        return itl_max
+    positions = [(n - 1) * p / 100 for p in PERCENTILES]
+    ranks = sorted({int(np.floor(h)) for h in positions} | {int(np.ceil(h)) for h in positions})
+    below = np.cumsum(counts) - counts  # gaps in the bins before each bin
+    bins = {int(np.searchsorted(below + counts, k, side="right")) for k in ranks}
+    kept: dict[int, list[np.ndarray]] = {b: [] for b in bins}
+    for g in _gap_blocks(r, finished):
+        where = np.searchsorted(ITL_BINS, g, side="right") - 1
+        for b in bins:
+            kept[b].append(g[where == b])
+    value = {}
+    for k in ranks:
+        b = int(np.searchsorted(below + counts, k, side="right"))
+        values = np.sort(np.concatenate(kept[b]))
+        value[k] = float(values[k - below[b]])
+    for p, h in zip(PERCENTILES, positions):
+        lo, hi = value[int(np.floor(h))], value[int(np.ceil(h))]
+        out[f"itl_p{p}_s"] = lo + (hi - lo) * (h - np.floor(h))
+    return itl_max
 
 
 def build_results(config: SimConfig, pools: list[PoolInfo], r: Requests, workload_names: list[str],
@@ -115,7 +146,8 @@ def build_results(config: SimConfig, pools: list[PoolInfo], r: Requests, workloa
     e2e = r.finish - r.arrival
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(r.output > 1, (e2e - ttft) / (r.output - 1), np.nan)
-    itl, itl_max = _itls(r, finished)
+    itl: dict[str, Any] = {}
+    itl_max = _itls(r, finished, itl)
     slo = config.slo
     meets = finished.copy()
     for target, values in ((slo.ttft_s, ttft), (slo.tpot_s, tpot), (slo.e2e_s, e2e)):
@@ -178,7 +210,7 @@ def _speculation_summary(steps: pd.DataFrame, busy: float, s: dict[str, Any]) ->
 
 
 def _summary(config: SimConfig, pools: list[PoolInfo], r: Requests, finished: np.ndarray,
-             meets: np.ndarray, ttft: np.ndarray, tpot: np.ndarray, itl: np.ndarray, e2e: np.ndarray,
+             meets: np.ndarray, ttft: np.ndarray, tpot: np.ndarray, itl: dict[str, Any], e2e: np.ndarray,
              steps: pd.DataFrame, skipped_rows: int) -> dict[str, Any]:
     s: dict[str, Any] = {
         "requests_total": int(r.n),
@@ -198,7 +230,7 @@ def _summary(config: SimConfig, pools: list[PoolInfo], r: Requests, finished: np
     for name, values in (("ttft", ttft[finished]), ("tpot", tpot[finished]), ("e2e", e2e[finished]),
                          ("queue", (r.first_scheduled - r.arrival)[finished])):
         _stats(name, values, s)
-    _stats("itl", itl, s, scratch=True)
+    s.update(itl)
     s["slo_ttft_s"], s["slo_tpot_s"], s["slo_e2e_s"] = config.slo.ttft_s, config.slo.tpot_s, config.slo.e2e_s
     s["goodput_req_s"] = per_s(float(meets.sum()))
     s["slo_attainment"] = float(meets.sum() / r.n) if r.n else float("nan")

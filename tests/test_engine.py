@@ -203,9 +203,11 @@ def test_itl_counts_only_finished_requests() -> None:
     r = Requests(np.zeros(3), np.ones(3, np.int64), np.array([3, 2, 2]), np.zeros(3, np.int64))
     r.token_time[:] = [1.0, 1.5, 2.5, 3.0, 3.1, 4.0, 6.0]  # request 1 emitted tokens, then was rejected
     finished = np.array([True, False, True])
-    itl, itl_max = _itls(r, finished)
-    assert sorted(itl.tolist()) == [0.5, 1.0, 2.0]
-    assert itl_max[0] == 1.0 and itl_max[2] == 2.0
+    out: dict = {}
+    itl_max = _itls(r, finished, out)
+    assert out["itl_mean_s"] == pytest.approx(3.5 / 3) and out["itl_p50_s"] == 1.0  # gaps 0.5, 1.0, 2.0
+    assert out["itl_p90_s"] == pytest.approx(np.percentile([0.5, 1.0, 2.0], 90), rel=1e-12)
+    assert itl_max[0] == 1.0 and itl_max[2] == 2.0 and np.isnan(itl_max[1])
 
 
 def test_itls_in_blocks_give_every_gap_and_exact_largest_gaps(monkeypatch) -> None:
@@ -218,8 +220,10 @@ def test_itls_in_blocks_give_every_gap_and_exact_largest_gaps(monkeypatch) -> No
     r = res.requests
     want = [res.itls(i).max() if len(res.itls(i)) else np.nan for i in range(len(r))]
     assert np.allclose(r["itl_max_s"].to_numpy(), want, equal_nan=True, rtol=0, atol=0)
-    all_gaps = np.sort(np.concatenate([res.itls(i) for i in range(len(r))]))
-    assert res.summary["itl_p99_s"] == pytest.approx(np.percentile(all_gaps, 99), rel=1e-6)
+    all_gaps = np.concatenate([res.itls(i) for i in range(len(r))])
+    for p in (50, 90, 99):  # exact: numpy's percentile over every gap, held at once
+        assert res.summary[f"itl_p{p}_s"] == pytest.approx(np.percentile(all_gaps, p), rel=1e-12)
+    assert res.summary["itl_mean_s"] == pytest.approx(all_gaps.mean(), rel=1e-12)
     monkeypatch.setattr(metrics, "ITL_CHUNK", 7)  # blocks of a request or two
     small = simulate(res.config)
     assert small.summary == res.summary and small.requests.equals(res.requests)

@@ -155,15 +155,16 @@ VALUES = st.one_of(st.integers(-5, 10**12), st.floats(allow_nan=True, allow_infi
 @given(sets=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=3))
 def test_fuzzed_overrides_end_in_a_result_or_one_line(sets, capsys) -> None:
     """Random overrides of the schema's fields: a run that finishes with finite numbers (every request
-    finished or rejected), or exit 2 with one line; never a traceback."""
+    finished or rejected), or exit 2 with one line per wrong field; never a traceback."""
     argv = ["run", "--set", "workloads.0.num_requests=15", "--json"]
     for key, value in sets:
         argv += ["--set", f"{key}={value}"]
     code = main(argv)
     out, err = capsys.readouterr()
     assert code in (0, 2)
-    if code == 2:
-        assert err.count("\n") == 1 and err.startswith("servesim: error: ")
+    if code == 2:  # one line per wrong field
+        lines = err.splitlines()
+        assert 1 <= len(lines) <= len(sets) and all(line.startswith("servesim: error: ") for line in lines), err
     else:
         summary = json.loads(out)
         assert summary["requests_finished"] + summary["requests_rejected"] == summary["requests_total"]
@@ -193,3 +194,12 @@ def test_plan_with_an_unknown_gpu_is_refused(tmp_path, capsys) -> None:
     assert main(["plan", "examples/plan_llama3_8b.yaml", "--set", "search.gpus.0.id=h1000", "--out",
                  str(tmp_path)]) == 2
     one_line_error(capsys, "search.gpus.0.id: unknown GPU 'h1000'")
+
+
+def test_several_config_errors_are_listed_one_line_each(capsys) -> None:
+    assert main(["run", "--set", "seed=-1", "--set", "workloads.0.num_requests=0", "--set",
+                 "scheduler.max_num_seqs=x"]) == 2
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and all(line.startswith("servesim: error: default scenario: ") for line in lines)
+    for needle in ("seed = -1", "workloads.0.num_requests = 0", "max_num_seqs = 'x'"):
+        assert sum(needle in line for line in lines) == 1, (needle, lines)
