@@ -203,3 +203,61 @@ def test_several_config_errors_are_listed_one_line_each(capsys) -> None:
     assert len(lines) == 3 and all(line.startswith("servesim: error: default scenario: ") for line in lines)
     for needle in ("seed = -1", "workloads.0.num_requests = 0", "max_num_seqs = 'x'"):
         assert sum(needle in line for line in lines) == 1, (needle, lines)
+
+
+AZURE_ROW = st.one_of(
+    st.tuples(st.sampled_from(["2023-11-16 18:15:46.68", "2023-11-16 18:15:47", "x", "", "2023-13-45 99:99:99"]),
+              st.one_of(st.integers(-3, 10**10), st.just("")), st.one_of(st.integers(-3, 10**10), st.just("7.5")))
+    .map(lambda t: ",".join(str(v) for v in t)),
+    st.text(alphabet=st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=30),
+    st.binary(max_size=12).map(lambda b: b.decode("latin-1")))
+MOONCAKE_ROW = st.one_of(
+    st.fixed_dictionaries({"timestamp": st.one_of(st.integers(-5, 10**6), st.floats(), st.just("t")),
+                           "input_length": st.one_of(st.integers(-3, 10**10), st.just(None)),
+                           "output_length": st.one_of(st.integers(-3, 10**10), st.just([1]))},
+                          optional={"hash_ids": st.lists(st.integers(-2, 50), max_size=4)}).map(json.dumps),
+    st.text(max_size=30))
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(fmt=st.sampled_from(["azure", "mooncake"]), data=st.data(), skip=st.booleans())
+def test_fuzzed_traces_end_in_a_result_or_one_line_each(fmt, data, skip, tmp_path, capsys) -> None:
+    """Random trace files (good rows, bad values, junk text and bytes) under either bad-row rule: a run whose
+    requests are all accounted for, or exit 2 with one line per error; never a traceback."""
+    rows = data.draw(st.lists(AZURE_ROW if fmt == "azure" else MOONCAKE_ROW, max_size=8))
+    good = "2023-11-16 18:15:46.68,300,20" if fmt == "azure" else json.dumps(
+        {"timestamp": 0, "input_length": 300, "output_length": 20})
+    rows.insert(data.draw(st.integers(0, len(rows))), good)
+    path = tmp_path / ("t.csv" if fmt == "azure" else "t.jsonl")
+    header = "TIMESTAMP,ContextTokens,GeneratedTokens\n" if fmt == "azure" else ""
+    path.write_text(header + "\n".join(r.replace("\n", " ").replace("\r", " ") for r in rows) + "\n",
+                    encoding="latin-1" if fmt == "azure" else "utf-8", errors="replace")
+    code = main(["run", "--json", "--set", "workloads.0.lengths={kind: trace}", "--set",
+                 f"workloads.0.trace={{path: '{path}', on_bad_row: {'skip' if skip else 'error'}}}",
+                 "--set", "workloads.0.num_requests=5"])
+    out, err = capsys.readouterr()
+    assert code in (0, 2), err
+    if code == 2:
+        assert err and all(line.startswith("servesim: error: ") for line in err.splitlines()), err
+    else:
+        summary = json.loads(out)
+        assert summary["requests_finished"] + summary["requests_rejected"] == summary["requests_total"] == 5
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(parts=st.lists(st.sampled_from(["a", "b", "file.txt", "..", ".", "c d", "é"]), min_size=1, max_size=4),
+       make_file=st.booleans())
+def test_fuzzed_output_paths_end_in_outputs_or_one_line(parts, make_file, tmp_path, capsys) -> None:
+    """`--out` anywhere under a folder holding a file and a folder: written, or one line; never a traceback."""
+    (tmp_path / "a").mkdir(exist_ok=True)
+    (tmp_path / "file.txt").write_text("x")
+    if make_file:
+        (tmp_path / "a" / "b").write_text("x") if not (tmp_path / "a" / "b").is_dir() else None
+    out_dir = tmp_path.joinpath(*parts)
+    code = main(["run", "--quiet", "--out", str(out_dir), "--set", "workloads.0.num_requests=3"])
+    err = capsys.readouterr().err
+    assert code in (0, 2), err
+    if code == 0:
+        assert (out_dir / "summary.json").is_file()
+    else:
+        assert len(err.splitlines()) == 1 and err.startswith("servesim: error: "), err
