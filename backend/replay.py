@@ -68,6 +68,10 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
     if spec is not None and isinstance(spec.draft, DraftModel) and spec.draft.kv_window is not None:
         raise ServesimError("replay: speculation.draft.kv_window is simulated only; the backend's draft attends "
                             "to the whole context (remove kv_window)")
+    for i, w in enumerate(config.workloads):
+        if w.arrival.kind == "closed_loop":
+            raise ServesimError(f"replay: workloads.{i}.arrival.kind = 'closed_loop' is simulated only; the backend "
+                                "replays arrivals known in advance (poisson, gamma, constant, burst, trace)")
     if acceptance not in ("oracle", "model"):
         raise ServesimError(f"replay: acceptance = {acceptance!r}; allowed: oracle, model")
     if config.kv_cache.prefix_caching:

@@ -16,6 +16,8 @@ Figures (README section: the sentence each regenerates):
   run --set workloads.0.arrival.rate=R --set workloads.0.num_requests=4000 --json` ...): throughput ... req/s at
   R = 16 / 18 / 20 / 22 / 26, TTFT p99 ... s: capacity is about ... req/s" (the embedded default scenario).
 - default-workload-capacity-scan (same section; not quoted, helps to re-pick R): the same runs at R = 12-30.
+- closed-loop-clients (Workloads): "`servesim run --set 'workloads.0.arrival={kind: closed_loop, concurrency:
+  C}'`, C = 1 / 16 / 64 / 256: ... req/s, TTFT p50 ..." and the `rate: inf` run.
 - disaggregated-example (Prefill/decode disaggregation): "Measured with `servesim run examples/disaggregated.yaml`
   ...: TTFT p50/p99 ..., TPOT p50/p99 ..., KV transfer p50/p99 ..., link use ...% mean, $... per M output
   tokens, ... output tokens/J. Over 25 Gb/s Ethernet (`--set disaggregation.link=eth-25g`) ...; with `--set
@@ -129,6 +131,31 @@ def _rate_sweep_text(v: Values) -> list[str]:
             "the default run ({requests_total} requests): {stability}, offered {steady_offered_req_s:.1f}, "
             "sustained {steady_throughput_req_s:.1f}, backlog {steady_backlog_growth_req_s:+.3f} req/s"
             .format(**v["runs"]["default"])]
+
+
+CLIENTS = [1, 16, 64, 256]
+
+
+def _closed_loop() -> Values:
+    runs = {}
+    for c in CLIENTS:
+        s = _summary(None, [f"workloads.0.arrival={{kind: closed_loop, concurrency: {c}}}",
+                            f"workloads.0.num_requests={200 if c == 1 else 3000}"])
+        runs[str(c)] = {k: s[k] for k in ("throughput_req_s", "ttft_p50_s", "tpot_p50_s", "e2e_p50_s")}
+    s = _summary(None, ["workloads.0.arrival.rate=inf", "workloads.0.num_requests=3000"])
+    runs["inf"] = {k: s[k] for k in ("throughput_req_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "duration_s")}
+    return {"clients": CLIENTS, "runs": runs}
+
+
+def _closed_loop_text(v: Values) -> list[str]:
+    runs = [v["runs"][str(c)] for c in v["clients"]]
+    return [f"{_slash(v['clients'], str)} clients: {_slash([x['throughput_req_s'] for x in runs], lambda t: f'{t:.2f}')}"
+            f" req/s, TTFT p50 {_slash([x['ttft_p50_s'] * 1e3 for x in runs], lambda t: f'{t:.0f}')} ms, TPOT p50 "
+            f"{_slash([x['tpot_p50_s'] * 1e3 for x in runs], lambda t: f'{t:.1f}')} ms, E2E p50 "
+            f"{_slash([x['e2e_p50_s'] for x in runs], lambda t: f'{t:.2f}')} s",
+            "rate inf (3,000 at once): {throughput_req_s:.1f} req/s over {duration_s:.0f} s, TTFT p50 / p99 "
+            "{ttft_p50_s:.0f} / {ttft_p99_s:.0f} s, TPOT p50 {tpot_p50_ms:.1f} ms".format(
+                **v["runs"]["inf"], tpot_p50_ms=v["runs"]["inf"]["tpot_p50_s"] * 1e3)]
 
 
 # --- Prefill/decode disaggregation ------------------------------------------------------------------------------
@@ -268,6 +295,10 @@ FIGURES = [
            f"R in {SWEEP_RATES}", lambda: _rate_sweep(SWEEP_RATES), _rate_sweep_text),
     Figure("default-workload-capacity-scan", "Simulating a serving scenario (not quoted: to re-pick R)",
            f"the same, R in {SCAN_RATES}", lambda: _rate_sweep(SCAN_RATES), _rate_sweep_text),
+    Figure("closed-loop-clients", "Simulating a serving scenario (workloads)",
+           "servesim run --set 'workloads.0.arrival={kind: closed_loop, concurrency: C}' --set "
+           "workloads.0.num_requests=3000 (200 for C = 1), C in " + str(CLIENTS) + "; and arrival.rate=inf",
+           _closed_loop, _closed_loop_text),
     Figure("disaggregated-example", "Prefill/decode disaggregation",
            f"servesim run {DISAGG} [--set {ETH} [--set {LAYERWISE}]]", _disaggregated, _disaggregated_text),
     Figure("disagg-search-example", "Prefill/decode disaggregation (placement search)",

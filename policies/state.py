@@ -14,6 +14,7 @@ request loses its KV (`computed = 0`) and recomputes its prompt and the tokens i
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -60,6 +61,7 @@ class Requests:
         self.keys = np.zeros(0, dtype=np.int64)
         self.key_offset = np.zeros(n, dtype=np.int64)
         self.num_keys = np.zeros(n, dtype=np.int64)
+        self.on_done: Callable[[int], None] | None = None  # told of each request that finishes or is rejected
 
     def set_keys(self, per_request: list[np.ndarray]) -> None:
         """Identities of each request's full KV blocks (prompt first), for prefix caching."""
@@ -75,6 +77,8 @@ class Requests:
         self.status[rid] = Status.REJECTED
         self.reject_code[rid] = code
         self.reject_reason[rid] = reason
+        if self.on_done is not None:
+            self.on_done(rid)
 
 
 @dataclass
@@ -202,6 +206,9 @@ class ReplicaState:
             r.status[finished] = Status.FINISHED
             r.finish[finished] = end_time
             self.kv.release(finished)
+            if r.on_done is not None:
+                for rid in finished.tolist():
+                    r.on_done(rid)
             done = set(finished.tolist())
             self.running = [rid for rid in self.running if rid not in done]
         return StepResult(emitted=emitted, finished=finished)

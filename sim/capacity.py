@@ -27,6 +27,7 @@ import numpy as np
 from hardware.errors import ServesimError
 from sim.config import SimConfig
 from sim.engine import simulate
+from traces.workload import RATED_KINDS
 
 Summary = dict[str, Any]
 
@@ -71,8 +72,9 @@ class Capacity:
 def with_rate(config: SimConfig, rate: float, workload: int = 0) -> SimConfig:
     """The config with workload `workload`'s arrival rate set (it must be Poisson, gamma or constant)."""
     w = config.workloads[workload]
-    if w.arrival.kind == "trace":
-        raise ServesimError(f"workloads.{workload}.arrival.kind = 'trace': a capacity search needs a rate")
+    if w.arrival.kind not in RATED_KINDS:
+        raise ServesimError(f"workloads.{workload}.arrival.kind = {w.arrival.kind!r}: a capacity search needs a "
+                            f"rate ({', '.join(RATED_KINDS)})")
     arrival = w.arrival.model_copy(update={"rate": rate})
     workloads = list(config.workloads)
     workloads[workload] = w.model_copy(update={"arrival": arrival})
@@ -85,9 +87,9 @@ def with_duration(config: SimConfig, duration_s: float, horizon: Horizon = Horiz
     searched workload at least `horizon.min_requests`)."""
     workloads = list(config.workloads)
     for i, w in enumerate(workloads):
-        rate = getattr(w.arrival, "rate", None)
-        if w.arrival.kind == "trace" or rate is None:
+        if w.arrival.kind not in RATED_KINDS:
             continue
+        rate = w.arrival.rate  # type: ignore[union-attr]
         n = horizon.requests(rate, duration_s) if i == workload else max(1, math.ceil(rate * duration_s))
         workloads[i] = w.model_copy(update={"num_requests": n})
     return config.model_copy(update={"workloads": workloads})

@@ -30,6 +30,7 @@ from policies.kv_cache import BlockManager
 from policies.routers import Router, make_router
 from policies.speculation import SpeculationConfig, Speculator
 from policies.state import ReplicaState, Requests, Status, StepResult
+from sim.clients import ClosedLoop
 from sim.config import HardwareConfig, SimConfig
 from sim.executor import CostModelExecutor, Executor, StepOutcome
 from sim.metrics import PoolInfo, Results, build_results
@@ -395,10 +396,17 @@ def simulate(
                             speculator=speculator) for s in states]
         router = make_router(config.cluster.router, config.seed, config.cluster.affinity_slack)
         arrive, extra = Cluster(replicas, router, requests, pool.deployment.context_limit).arrive, None
-    for w in range(len(config.workloads)):
+    clients = None
+    for w, workload in enumerate(config.workloads):
         ids = np.flatnonzero(requests.workload == w)
-        env.process(_arrivals(env, arrive, ids.tolist(), requests.arrival[ids].tolist()))
+        if workload.arrival.kind == "closed_loop":
+            clients = clients or ClosedLoop(env, requests, arrive)
+            clients.start(ids.tolist(), workload.arrival, workload.start_s, np.random.default_rng([config.seed, w]))
+        else:
+            env.process(_arrivals(env, arrive, ids.tolist(), requests.arrival[ids].tolist()))
     env.run()
+    unsent = np.isnan(requests.arrival)  # closed-loop requests never sent (their clients' requests stalled)
+    requests.arrival[unsent] = env.now
     bar.close()
     results = setup.results(states, log, time.perf_counter() - wall0, extra() if extra else None)
     if config.speculation is not None and config.speculation.compare_baseline:

@@ -55,6 +55,7 @@ from sim.capacity import (
 )
 from sim.config import DisaggregationConfig, SimConfig, apply_overrides, parse_config, read_mapping
 from sim.engine import build_pools, simulate
+from traces.workload import RATED_KINDS
 
 MAX_REPLICAS = 128  # replicas: auto never proposes more (nor more GPUs than search.max_gpus)
 
@@ -108,9 +109,9 @@ class PlanSpec(_Spec):
                 get_gpu(gpu.id)
             except ServesimError as exc:
                 raise ValueError(f"search.gpus.{i}.id: {exc}") from None
-        if base.workloads[0].arrival.kind == "trace":
-            raise ValueError("base.workloads.0.arrival.kind = 'trace': planning needs a rate (poisson, gamma, "
-                             "constant); use lengths of kind 'trace' to keep the trace's lengths")
+        if base.workloads[0].arrival.kind not in RATED_KINDS:
+            raise ValueError(f"base.workloads.0.arrival.kind = {base.workloads[0].arrival.kind!r}: planning needs a "
+                             "rate (poisson, gamma, constant); use lengths of kind 'trace' to keep a trace's lengths")
         return self
 
     def horizon(self) -> Horizon:

@@ -1,10 +1,12 @@
 """Workloads: an arrival process plus a length distribution, or a real trace replayed (time-scaled).
 
 Arrivals: `poisson` (exponential gaps), `gamma` (gaps with a coefficient of variation: cv > 1 is burstier
-than Poisson), `constant`, and `trace` (the trace's timestamps divided by `rate_scale`: 2.0 replays it at
-twice the load). Lengths: `fixed`, `uniform` (inclusive ranges), `lognormal` (mean and coefficient of
-variation of prompt and output tokens) and `trace` (the trace's own pairs: in order when the arrivals
-replay the trace, else drawn with replacement, keeping each prompt with its output).
+than Poisson), `constant`, `trace` (the trace's timestamps divided by `rate_scale`: 2.0 replays it at
+twice the load), `burst` (all at the start; `rate: inf`) and `closed_loop` (N clients, each sending its
+next request after its previous response and a think time; `sim/clients.py` releases them). Lengths:
+`fixed`, `uniform` (inclusive ranges), `lognormal` (mean and coefficient of variation of prompt and output
+tokens) and `trace` (the trace's own pairs: in order when the arrivals replay the trace, else drawn with
+replacement, keeping each prompt with its output).
 """
 
 from __future__ import annotations
@@ -54,7 +56,28 @@ class TraceArrival(_Spec):
     rate_scale: float = Field(1.0, ge=1e-6, le=1e6, description="load multiplier: timestamps are divided by it")
 
 
-Arrival = Annotated[Union[PoissonArrival, GammaArrival, ConstantArrival, TraceArrival], Field(discriminator="kind")]
+class BurstArrival(_Spec):
+    """Every request at the stream's start (vLLM bench's `--request-rate inf`): `rate: inf` on a poisson,
+    gamma or constant arrival means this."""
+
+    kind: Literal["burst"] = "burst"
+
+
+class ClosedLoopArrival(_Spec):
+    """`concurrency` clients, each sending its next request once its previous one has finished (or was
+    rejected) and a think time has passed (vLLM bench's `--max-concurrency`, GuideLLM's concurrent profile).
+    The stream sends `num_requests` in all; every client's first request goes at the stream's start."""
+
+    kind: Literal["closed_loop"] = "closed_loop"
+    concurrency: int = Field(ge=1, le=1_000_000, description="clients, each with one request in flight at most")
+    think_time_s: float = Field(0.0, ge=0.0, le=1e6, description="pause between a response and the next request")
+    think: Literal["fixed", "exponential"] = Field("fixed", description="the pause: always think_time_s, or "
+                                                                        "exponential with that mean")
+
+
+Arrival = Annotated[Union[PoissonArrival, GammaArrival, ConstantArrival, TraceArrival, BurstArrival,
+                          ClosedLoopArrival], Field(discriminator="kind")]
+RATED_KINDS = ("poisson", "gamma", "constant")  # the arrival kinds with a rate (capacity searches vary it)
 
 
 class FixedLengths(_Spec):
@@ -121,6 +144,16 @@ class Workload(_Spec):
     start_s: float = Field(0.0, ge=0.0, le=1e9, description="time of the stream's start (at most 1e9 s)")
     shared_prefix: SharedPrefix | None = None
 
+    @model_validator(mode="before")
+    @classmethod
+    def _infinite_rate(cls, data: object) -> object:
+        """`rate: inf` (vLLM bench's request rate inf): every request at once, the `burst` arrival."""
+        arrival = data.get("arrival") if isinstance(data, dict) else None
+        if isinstance(arrival, dict) and arrival.get("kind", "poisson") in RATED_KINDS and \
+                str(arrival.get("rate")).lower() in ("inf", ".inf", "infinity"):
+            data = {**data, "arrival": {"kind": "burst"}}
+        return data
+
     @model_validator(mode="after")
     def _check(self) -> Workload:
         uses_trace = self.arrival.kind == "trace" or self.lengths.kind == "trace"
@@ -130,6 +163,8 @@ class Workload(_Spec):
             raise ValueError("give num_requests or duration_s, not both")
         if self.arrival.kind != "trace" and self.num_requests is None and self.duration_s is None:
             raise ValueError("give num_requests or duration_s for a generated arrival process")
+        if self.arrival.kind in ("burst", "closed_loop") and self.num_requests is None:
+            raise ValueError(f"arrival.kind = {self.arrival.kind!r}: give num_requests (duration_s needs a rate)")
         return self
 
 
@@ -204,6 +239,11 @@ def _arrivals(w: Workload, rng: np.random.Generator, trace: TraceData | None) ->
         if w.duration_s is not None:
             times = times[times < w.duration_s]
         return times[: w.num_requests] if w.num_requests else times
+    if w.arrival.kind == "burst":
+        return np.zeros(w.num_requests or 0)
+    if w.arrival.kind == "closed_loop":  # the first request of each client at the start; the rest when sent
+        n = w.num_requests or 0
+        return np.where(np.arange(n) < w.arrival.concurrency, 0.0, np.nan)
     if w.num_requests is not None:
         return np.cumsum(_gaps(w.arrival, w.num_requests, rng))
     assert w.duration_s is not None
