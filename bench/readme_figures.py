@@ -18,6 +18,7 @@ Figures (README section: the sentence each regenerates):
 - default-workload-capacity-scan (same section; not quoted, helps to re-pick R): the same runs at R = 12-30.
 - closed-loop-clients (Workloads): "`servesim run --set 'workloads.0.arrival={kind: closed_loop, concurrency:
   C}'`, C = 1 / 16 / 64 / 256: ... req/s, TTFT p50 ..." and the `rate: inf` run.
+- sweep-default (Rate sweeps): the rows of `servesim sweep --rates 4 --workers 2` on the default scenario.
 - disaggregated-example (Prefill/decode disaggregation): "Measured with `servesim run examples/disaggregated.yaml`
   ...: TTFT p50/p99 ..., TPOT p50/p99 ..., KV transfer p50/p99 ..., link use ...% mean, $... per M output
   tokens, ... output tokens/J. Over 25 Gb/s Ethernet (`--set disaggregation.link=eth-25g`) ...; with `--set
@@ -156,6 +157,20 @@ def _closed_loop_text(v: Values) -> list[str]:
             "rate inf (3,000 at once): {throughput_req_s:.1f} req/s over {duration_s:.0f} s, TTFT p50 / p99 "
             "{ttft_p50_s:.0f} / {ttft_p99_s:.0f} s, TPOT p50 {tpot_p50_ms:.1f} ms".format(
                 **v["runs"]["inf"], tpot_p50_ms=v["runs"]["inf"]["tpot_p50_s"] * 1e3)]
+
+
+SWEEP_ARGV = ["sweep", "--rates", "4", "--workers", "2", "--json"]
+
+
+def _sweep() -> Values:
+    return _cli(SWEEP_ARGV)
+
+
+def _sweep_text(v: Values) -> list[str]:
+    rows = v["sweep"]
+    return [f"{r['profile']}: offered {r['rate_req_s']:.2f}, completed {r['throughput_req_s']:.2f} req/s, TTFT p50 / "
+            f"p99 {r['ttft_p50_s'] * 1e3:.0f} / {r['ttft_p99_s'] * 1e3:.0f} ms, TPOT p50 {r['tpot_p50_s'] * 1e3:.1f} ms "
+            f"({r['stability']}, {r['window']})" for r in rows]
 
 
 # --- Prefill/decode disaggregation ------------------------------------------------------------------------------
@@ -299,6 +314,7 @@ FIGURES = [
            "servesim run --set 'workloads.0.arrival={kind: closed_loop, concurrency: C}' --set "
            "workloads.0.num_requests=3000 (200 for C = 1), C in " + str(CLIENTS) + "; and arrival.rate=inf",
            _closed_loop, _closed_loop_text),
+    Figure("sweep-default", "Rate sweeps", "servesim " + " ".join(SWEEP_ARGV), _sweep, _sweep_text),
     Figure("disaggregated-example", "Prefill/decode disaggregation",
            f"servesim run {DISAGG} [--set {ETH} [--set {LAYERWISE}]]", _disaggregated, _disaggregated_text),
     Figure("disagg-search-example", "Prefill/decode disaggregation (placement search)",

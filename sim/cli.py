@@ -242,6 +242,35 @@ def cmd_disagg_search(args: argparse.Namespace) -> dict[str, Any] | None:
     return None
 
 
+def cmd_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
+    check_out_dir(args.out)
+    from sim.config import load_config
+    from sim.sweep import plot, sweep
+
+    config = load_config(args.config, args.set)
+    _check_workers(args.workers)
+    if args.rates < 0:
+        raise ServesimError(f"--rates = {args.rates}: allowed values are 0 or more")
+    table = sweep(config, args.rates, Horizon(args.horizon, args.min_requests), args.workers)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        table.to_csv(out / "sweep.csv", index=False)
+        hw = config.hardware
+        plot(table, out / "sweep.png", f"{config.model} on {hw.gpu} (TP {hw.tp}), {config.scheduler.name}")
+    if args.json:
+        return {"sweep": table.to_dict(orient="records")}
+    hw = config.hardware
+    print(f"{config.model} on {hw.gpu} x{config.cluster.replicas} (TP {hw.tp}), scheduler {config.scheduler.name}")
+    shown = table.copy()
+    for c in [c for c in shown.columns if c.split("_")[0] in ("ttft", "tpot", "itl", "e2e")]:
+        shown[c.removesuffix("_s") + "_ms"] = shown.pop(c) * 1e3  # latencies in ms, as benchmarks print them
+    print(shown.to_string(index=False, float_format=lambda v: f"{v:.4g}"))
+    if args.out:
+        print(f"wrote sweep.csv, sweep.png to {args.out}")
+    return None
+
+
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
     check_out_dir(args.out)
     from sim.planner import load_spec, plan
@@ -351,6 +380,20 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--out", help="CSV of every configuration")
     ds.add_argument("--json", action="store_true", help="print the table as JSON")
     ds.set_defaults(func=cmd_disagg_search)
+
+    sw = sub.add_parser("sweep", help="GuideLLM-style rate sweep: synchronous, max throughput, rates between")
+    sw.add_argument("config", nargs="?", help="scenario YAML (default: the embedded one); its first workload is swept")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE", help="override a field")
+    sw.add_argument("--rates", type=int, default=8, help="Poisson rates between the two ends (default 8)")
+    sw.add_argument("--workers", type=int, help="local processes (default: all cores)")
+    sw.add_argument("--horizon", type=float, default=Horizon.min_duration_s, metavar="S",
+                    help="simulated seconds of arrivals per rate, at least (default 60; grown while the steady "
+                         "window is too short to judge)")
+    sw.add_argument("--min-requests", type=int, default=Horizon.min_requests, metavar="N",
+                    help="requests per rate and in the throughput burst, at least (default 1000)")
+    sw.add_argument("--out", help="folder for sweep.csv and sweep.png")
+    sw.add_argument("--json", action="store_true", help="print the table as JSON")
+    sw.set_defaults(func=cmd_sweep)
 
     pl = sub.add_parser("plan", help="the cheapest configuration that meets the SLOs (capacity planning)")
     pl.add_argument("spec", help="plan spec YAML: base scenario, rates, SLO attainment, search space, objective")
