@@ -152,14 +152,17 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any] | None:
     from sim.engine import simulate
     from sim.report import format_summary, write_outputs
 
+    if args.trace and not args.out:
+        raise ServesimError("--trace writes trace.json into --out: give --out DIR")
     config = load_config(args.config, args.set)
     results = simulate(config, progress=not args.quiet)
+    if args.out:
+        paths = write_outputs(results, args.out, args.format, args.trace)
+        if not args.json:
+            print(f"wrote {', '.join(p.name for p in paths)} to {args.out}")
     if args.json:
         return results.summary
     print(format_summary(results.summary))
-    if args.out:
-        paths = write_outputs(results, args.out)
-        print(f"wrote {', '.join(p.name for p in paths)} to {args.out}")
     print(f"simulated {results.summary['requests_total']} requests in {results.wall_seconds:.1f} s wall",
           file=sys.stderr)
     return None
@@ -330,6 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a config field, e.g. --set scheduler.max_num_seqs=128 (repeatable)")
     run.add_argument("--out", help="directory for summary.json, requests.csv, steps.csv, token_times.npy, plots")
+    run.add_argument("--format", choices=["csv", "parquet"], default="csv",
+                     help="requests, steps (and links) tables as CSV or Parquet (default csv)")
+    run.add_argument("--trace", action="store_true", help="also write trace.json (Chrome trace events: open it in "
+                     "ui.perfetto.dev): a slice per step, request lifetimes, KV transfers; about 250 bytes a step")
     run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     run.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     run.set_defaults(func=cmd_run)

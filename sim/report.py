@@ -123,20 +123,26 @@ def _timeline_plot(results: Results, path: Path, bins: int = 300) -> None:
     plt.close(fig)
 
 
-def write_outputs(results: Results, out: str | Path) -> list[Path]:
-    """Write every output file under `out` (created if needed); returns their paths."""
+def write_outputs(results: Results, out: str | Path, table_format: str = "csv", trace: bool = False) -> list[Path]:
+    """Write every output file under `out` (created if needed): the tables as CSV or Parquet, and with
+    `trace` the Chrome trace `trace.json` (`sim.chrome_trace`); returns their paths."""
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    paths = [d / n for n in ("summary.json", "requests.csv", "steps.csv", "token_times.npy", "config.yaml",
-                             "latency_cdf.png", "timeline.png")]
+    paths = [d / n for n in ("summary.json", f"requests.{table_format}", f"steps.{table_format}", "token_times.npy",
+                             "config.yaml", "latency_cdf.png", "timeline.png")]
     paths[0].write_text(json.dumps(results.summary, indent=2) + "\n")
-    results.requests.to_csv(paths[1], index=False)
-    results.steps.to_csv(paths[2], index=False)
+    for frame, path in ((results.requests, paths[1]), (results.steps, paths[2])):
+        frame.to_parquet(path, index=False) if table_format == "parquet" else frame.to_csv(path, index=False)
     np.save(paths[3], results.token_times)
     paths[4].write_text(yaml.safe_dump(results.config.model_dump(mode="json"), sort_keys=False))
     _cdf_plot(results, paths[5])
     _timeline_plot(results, paths[6])
     if results.links is not None:
-        paths.append(d / "links.csv")
-        results.links.to_csv(paths[-1], index=False)
+        paths.append(d / f"links.{table_format}")
+        (results.links.to_parquet(paths[-1], index=False) if table_format == "parquet"
+         else results.links.to_csv(paths[-1], index=False))
+    if trace:
+        from sim.chrome_trace import write_trace
+
+        paths.append(write_trace(results, d / "trace.json"))
     return paths

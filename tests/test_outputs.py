@@ -1,0 +1,73 @@
+"""Output formats of `servesim run`: Parquet tables, the Chrome trace (`sim.chrome_trace`) and `--json --out`."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pandas as pd
+
+from sim.cli import main
+
+SMALL = ["--set", "workloads.0.num_requests=120", "--quiet"]
+
+
+def events(path) -> list[dict]:
+    data = json.loads(path.read_text())  # valid JSON (NaN or Infinity would fail here)
+    assert data["otherData"]["model"] == "llama-3-8b" and data["displayTimeUnit"] == "ms"
+    return data["traceEvents"]
+
+
+def test_the_chrome_trace_has_a_slice_per_step_and_each_request_life(tmp_path) -> None:
+    assert main(["run", *SMALL, "--out", str(tmp_path), "--trace"]) == 0
+    ev = events(tmp_path / "trace.json")
+    assert set(Counter(e["ph"] for e in ev)) <= {"M", "X", "b", "e", "i", "C"}
+    steps, req = pd.read_csv(tmp_path / "steps.csv"), pd.read_csv(tmp_path / "requests.csv")
+    slices = [e for e in ev if e["ph"] == "X"]
+    assert len(slices) == len(steps) and all(e["dur"] > 0 and e["tid"] == 1 for e in slices)
+    assert sum(e["args"]["prefill_tokens"] for e in slices) == steps["prefill_tokens"].sum()
+    named = {e["pid"] for e in ev if e["ph"] == "M" and e["name"] == "process_name"}
+    assert {e["pid"] for e in ev if e["ph"] != "M"} <= named
+    lives = [e for e in ev if e["ph"] in "be" and e["name"].startswith("request ")]
+    assert Counter(e["ph"] for e in lives) == {"b": len(req), "e": len(req)}
+    for e in lives:  # each life spans arrival to the last token
+        row = req.loc[e["id"]]
+        assert e["ts"] == round((row.arrival_s if e["ph"] == "b" else row.finish_s) * 1e6, 3)
+    opened = Counter((e["id"], e["name"]) for e in ev if e["ph"] == "b")
+    assert opened == Counter((e["id"], e["name"]) for e in ev if e["ph"] == "e")  # balanced, nested by id
+
+
+def test_a_disaggregated_trace_shows_kv_transfers_and_link_rates(tmp_path) -> None:
+    assert main(["run", "examples/disaggregated.yaml", "--set", "workloads.0.num_requests=60", "--quiet",
+                 "--out", str(tmp_path), "--trace", "--format", "parquet"]) == 0
+    ev = events(tmp_path / "trace.json")
+    req = pd.read_parquet(tmp_path / "requests.parquet")
+    transfers = [e for e in ev if e.get("cat") == "kv" and e["ph"] == "b"]
+    assert len(transfers) == int((req["decode_replica"] >= 0).sum())
+    counters = [e for e in ev if e["ph"] == "C"]
+    links = pd.read_parquet(tmp_path / "links.parquet")
+    assert len(counters) == len(links) and {e["name"] for e in counters} == set(links["link"])
+    pools = {e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "process_name"}
+    assert {"replica 0 (prefill)", "replica 2 (decode)"} <= pools
+
+
+def test_parquet_tables_hold_what_the_csv_tables_hold(tmp_path) -> None:
+    assert main(["run", *SMALL, "--out", str(tmp_path / "c")]) == 0
+    assert main(["run", *SMALL, "--out", str(tmp_path / "p"), "--format", "parquet"]) == 0
+    for name in ("requests", "steps"):
+        csv, pq = pd.read_csv(tmp_path / "c" / f"{name}.csv"), pd.read_parquet(tmp_path / "p" / f"{name}.parquet")
+        assert list(csv.columns) == list(pq.columns) and len(csv) == len(pq) > 0
+        for col in csv.columns:
+            if pd.api.types.is_numeric_dtype(pq[col]):
+                assert np.allclose(csv[col].astype(float), pq[col].astype(float), equal_nan=True, rtol=1e-12), col
+            else:
+                assert (csv[col].fillna("").astype(str) == pq[col].fillna("").astype(str)).all(), col
+
+
+def test_json_with_out_still_writes_the_files_and_trace_needs_out(tmp_path, capsys) -> None:
+    assert main(["run", *SMALL, "--json", "--out", str(tmp_path)]) == 0
+    assert json.loads(capsys.readouterr().out)["requests_total"] == 120
+    assert (tmp_path / "requests.csv").is_file()
+    assert main(["run", *SMALL, "--trace"]) == 2
+    assert "--trace writes trace.json into --out" in capsys.readouterr().err
