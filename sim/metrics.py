@@ -60,10 +60,12 @@ class Results:
     links: pd.DataFrame | None = None  # disaggregation: the KV links' rate over time
 
     def itls(self, request_id: int) -> np.ndarray:
-        """Inter-token latencies of one request, in seconds."""
+        """Inter-token latencies of one request, in seconds: one per emission after the first, as vLLM's
+        benchmark counts a streamed chunk (tokens of one step, such as accepted drafts, share one gap)."""
         row = self.requests.loc[request_id]
         start = int(row["token_offset"])
-        return np.diff(self.token_times[start:start + int(row["output_tokens"])])
+        gaps = np.diff(self.token_times[start:start + int(row["output_tokens"])])
+        return gaps[gaps > 0]
 
 
 def _stats(prefix: str, values: np.ndarray, out: dict[str, Any]) -> None:
@@ -81,8 +83,9 @@ ITL_BINS = np.concatenate([[0.0], np.geomspace(1e-9, 1e9, 1 << 16)])  # gap hist
 
 
 def _gap_blocks(r: Requests, finished: np.ndarray, itl_max: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """The inter-token gaps of finished requests (float64), block by block of about `ITL_CHUNK` tokens, with
-    no copy of the token times; fills `itl_max` (each request's largest gap) when given."""
+    """The inter-token gaps of finished requests (float64), one per emission (tokens of one step share one),
+    block by block of about `ITL_CHUNK` tokens, with no copy of the token times; fills `itl_max` (each
+    request's largest gap) when given."""
     times, out, off = r.token_time, r.output, r.token_offset
     i = 0
     while i < r.n:
@@ -95,7 +98,7 @@ def _gap_blocks(r: Requests, finished: np.ndarray, itl_max: np.ndarray | None = 
         multi = np.flatnonzero(out[i:j] > 1) + i
         if itl_max is not None and multi.size:
             itl_max[multi] = np.fmax.reduceat(g, off[multi] - a)
-        yield g[~np.isnan(g)]
+        yield g[g > 0]  # NaN left out; zero: tokens emitted together (accepted drafts) arrive as one chunk
         i = j
 
 

@@ -189,3 +189,17 @@ def test_speculation_needs_a_paged_scheduler_and_paths_are_relative_to_the_confi
     (tmp_path / "spec.yaml").write_text("speculation:\n  acceptance: {kind: trace, path: acc.jsonl}\n")
     cfg = load_config(tmp_path / "spec.yaml")
     assert cfg.speculation.acceptance.path == str(tmp_path / "acc.jsonl")
+
+
+def test_itl_counts_one_gap_per_emission_as_vllm_streams_chunks() -> None:
+    """Accepted drafts arrive with the step's token: one chunk, one ITL (vLLM's benchmark), not zero gaps."""
+    res = simulate(load_config("examples/speculative_decoding.yaml", ["workloads.0.num_requests=60"]))
+    req, times = res.requests, res.token_times
+    emissions = 0
+    for row in req.itertuples():
+        mine = times[row.token_offset:row.token_offset + row.output_tokens]
+        gaps = res.itls(row.request_id)
+        assert (gaps > 0).all() and gaps.size == np.unique(mine).size - 1
+        emissions += gaps.size
+    assert emissions < (req["output_tokens"] - 1).sum()  # several tokens per verification step
+    assert res.summary["itl_p50_s"] > 0 and res.summary["itl_p50_s"] > res.summary["tpot_p50_s"]
