@@ -154,7 +154,8 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     if args.trace and not args.out:
         raise ServesimError("--trace writes trace.json into --out: give --out DIR")
-    config = load_config(args.config, args.set)
+    extra = [f"metrics.percentiles=[{args.percentiles}]"] if args.percentiles else []
+    config = load_config(args.config, [*args.set, *extra])
     results = simulate(config, progress=not args.quiet)
     if args.out:
         paths = write_outputs(results, args.out, args.format, args.trace)
@@ -162,7 +163,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any] | None:
             print(f"wrote {', '.join(p.name for p in paths)} to {args.out}")
     if args.json:
         return results.summary
-    print(format_summary(results.summary))
+    print(format_summary(results.summary, config))
     print(f"simulated {results.summary['requests_total']} requests in {results.wall_seconds:.1f} s wall",
           file=sys.stderr)
     return None
@@ -180,7 +181,7 @@ def cmd_replay(args: argparse.Namespace) -> dict[str, Any] | None:
     config = load_config(args.config, args.set)
     results, _, shapes = replay(config, device=args.device, asap=args.asap, temperature=args.temperature,
                                 checkpoint=args.checkpoint, acceptance=args.acceptance)
-    print(format_summary(results.summary))
+    print(format_summary(results.summary, config))
     print(f"Triton kernels compiled in serving steps' time: {results.summary['replay_kernel_compiles']} "
           f"({results.summary['replay_kernel_compile_s']:.2f} s; graph captures excluded)")
     if args.out:
@@ -337,6 +338,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="requests, steps (and links) tables as CSV or Parquet (default csv)")
     run.add_argument("--trace", action="store_true", help="also write trace.json (Chrome trace events: open it in "
                      "ui.perfetto.dev): a slice per step, request lifetimes, KV transfers; about 250 bytes a step")
+    run.add_argument("--percentiles", metavar="P,P,...", help="percentiles to report besides 50, 90, 99 (e.g. "
+                     "50,90,99,99.9: adds ttft_p99.9_s and the like)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     run.add_argument("--quiet", action="store_true", help="no progress line on stderr")
     run.set_defaults(func=cmd_run)

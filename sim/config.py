@@ -84,6 +84,24 @@ class SloConfig(_Section):
     e2e_s: PositiveFloat | None = None
 
 
+class MetricsConfig(_Section):
+    """Which percentiles the summary reports (`<metric>_p<P>_s`, e.g. `ttft_p99.9_s`): 50, 90 and 99 always
+    (capacity searches and SLO checks read them), and any others listed."""
+
+    percentiles: list[float] = Field([50.0, 90.0, 99.0], max_length=12, description="each strictly between 0 "
+                                     "and 100; 50, 90 and 99 are reported in any case")
+
+    @model_validator(mode="after")
+    def _check(self) -> MetricsConfig:
+        bad = [p for p in self.percentiles if not 0 < p < 100]
+        if bad:
+            raise ValueError(f"metrics.percentiles = {self.percentiles}: {bad[0]} is not strictly between 0 and 100")
+        return self
+
+    def reported(self) -> list[float]:
+        return sorted({50.0, 90.0, 99.0} | {float(p) for p in self.percentiles})
+
+
 class PoolConfig(_Section):
     """One pool of a disaggregated cluster: identical instances (replicas), each `hardware.tp x pp` GPUs."""
 
@@ -138,6 +156,7 @@ class SimConfig(_Section):
     disaggregation: DisaggregationConfig | None = Field(
         None, description="split prefill and decode over two pools (default: colocated replicas)")
     speculation: SpeculationConfig | None = Field(None, description="speculative decoding on top of the policy")
+    metrics: MetricsConfig = MetricsConfig()
 
     @model_validator(mode="after")
     def _check(self) -> SimConfig:

@@ -41,7 +41,7 @@ from policies.batch import Batch
 from policies.state import Status, StepResult
 from sim.engine import Pool, Progress, Replica, Setup, StepLog
 from sim.executor import Executor
-from sim.metrics import PERCENTILES
+from sim.metrics import pct_key
 from sim.network import Link, Network
 
 
@@ -271,8 +271,8 @@ class DisaggregatedCluster:
                                    "kv_streams_given_back": int(self.fell_back.sum())}
         for name, values in (("kv_transfer", transfer[moved]), ("decode_wait", wait[moved])):
             summary[f"{name}_mean_s"] = float(values.mean()) if values.size else None
-            for p in PERCENTILES:
-                summary[f"{name}_p{p}_s"] = float(np.percentile(values, p)) if values.size else None
+            for p in self.config.metrics.reported():
+                summary[pct_key(name, p)] = float(np.percentile(values, p)) if values.size else None
         used = [link.moved / (link.bandwidth * duration) for link in self.network.links.values()
                 if duration > 0 and link.moved > 0]
         summary["link_utilisation_mean"] = float(np.mean(used)) if used else 0.0

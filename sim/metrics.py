@@ -20,7 +20,7 @@ Clocks (all in simulated seconds from the start of the run):
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,7 +32,12 @@ from policies.state import Requests, Status
 from sim.config import SimConfig
 from sim.steady import steady_state
 
-PERCENTILES = (50, 90, 99)
+PERCENTILES = (50, 90, 99)  # the default; `metrics.percentiles` chooses others
+
+
+def pct_key(prefix: str, p: float) -> str:
+    """The summary key of percentile `p` of a metric: ttft_p99_s, itl_p99.9_s."""
+    return f"{prefix}_p{p:g}_s"
 IDLE_POWER_FRACTION = 0.2  # an idle H100/H200 draws roughly 70-140 W of its 700 W TDP
 
 
@@ -68,14 +73,13 @@ class Results:
         return gaps[gaps > 0]
 
 
-def _stats(prefix: str, values: np.ndarray, out: dict[str, Any]) -> None:
+def _stats(prefix: str, values: np.ndarray, out: dict[str, Any], percentiles: Sequence[float] = PERCENTILES) -> None:
     """Mean and percentiles of the finite `values`."""
     values = values[~np.isnan(values)]
     out[f"{prefix}_mean_s"] = float(values.mean(dtype=np.float64)) if values.size else None
-    pcts = (np.percentile(values, PERCENTILES) if values.size
-            else [None] * len(PERCENTILES))
-    for p, v in zip(PERCENTILES, pcts):
-        out[f"{prefix}_p{p}_s"] = None if v is None else float(v)
+    pcts = np.percentile(values, percentiles) if values.size else [None] * len(percentiles)
+    for p, v in zip(percentiles, pcts):
+        out[pct_key(prefix, p)] = None if v is None else float(v)
 
 
 ITL_CHUNK = 1 << 20  # tokens differenced per pass
@@ -102,7 +106,8 @@ def _gap_blocks(r: Requests, finished: np.ndarray, itl_max: np.ndarray | None = 
         i = j
 
 
-def _itls(r: Requests, finished: np.ndarray, out: dict[str, Any]) -> np.ndarray:
+def _itls(r: Requests, finished: np.ndarray, out: dict[str, Any], percentiles: Sequence[float] = PERCENTILES
+          ) -> np.ndarray:
     """ITL mean and percentiles into `out` (as `_stats` names them) and each request's largest gap (NaN when
     none), exact and in bounded memory: a first pass over the gaps (`_gap_blocks`) counts them into a fine
     histogram, a second keeps only the gaps in the bins that hold the order statistics the percentiles need
@@ -117,9 +122,9 @@ def _itls(r: Requests, finished: np.ndarray, out: dict[str, Any]) -> np.ndarray:
     total = float(np.sum(r.token_time[first + r.output[spans] - 1] - r.token_time[first]))
     out["itl_mean_s"] = total / n if n else None
     if not n:
-        out.update({f"itl_p{p}_s": None for p in PERCENTILES})
+        out.update({pct_key("itl", p): None for p in percentiles})
         return itl_max
-    positions = [(n - 1) * p / 100 for p in PERCENTILES]
+    positions = [(n - 1) * p / 100 for p in percentiles]
     ranks = sorted({int(np.floor(h)) for h in positions} | {int(np.ceil(h)) for h in positions})
     below = np.cumsum(counts) - counts  # gaps in the bins before each bin
     bins = {int(np.searchsorted(below + counts, k, side="right")) for k in ranks}
@@ -133,9 +138,9 @@ def _itls(r: Requests, finished: np.ndarray, out: dict[str, Any]) -> np.ndarray:
         b = int(np.searchsorted(below + counts, k, side="right"))
         values = np.sort(np.concatenate(kept[b]))
         value[k] = float(values[k - below[b]])
-    for p, h in zip(PERCENTILES, positions):
+    for p, h in zip(percentiles, positions):
         lo, hi = value[int(np.floor(h))], value[int(np.ceil(h))]
-        out[f"itl_p{p}_s"] = lo + (hi - lo) * (h - np.floor(h))
+        out[pct_key("itl", p)] = lo + (hi - lo) * (h - np.floor(h))
     return itl_max
 
 
@@ -150,7 +155,7 @@ def build_results(config: SimConfig, pools: list[PoolInfo], r: Requests, workloa
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(r.output > 1, (e2e - ttft) / (r.output - 1), np.nan)
     itl: dict[str, Any] = {}
-    itl_max = _itls(r, finished, itl)
+    itl_max = _itls(r, finished, itl, config.metrics.reported())
     slo = config.slo
     meets = finished.copy()
     for target, values in ((slo.ttft_s, ttft), (slo.tpot_s, tpot), (slo.e2e_s, e2e)):
@@ -232,7 +237,7 @@ def _summary(config: SimConfig, pools: list[PoolInfo], r: Requests, finished: np
     s["throughput_output_tok_s"] = per_s(float(r.output[finished].sum()))
     for name, values in (("ttft", ttft[finished]), ("tpot", tpot[finished]), ("e2e", e2e[finished]),
                          ("queue", (r.first_scheduled - r.arrival)[finished])):
-        _stats(name, values, s)
+        _stats(name, values, s, config.metrics.reported())
     s.update(itl)
     s["slo_ttft_s"], s["slo_tpot_s"], s["slo_e2e_s"] = config.slo.ttft_s, config.slo.tpot_s, config.slo.e2e_s
     s["goodput_req_s"] = per_s(float(meets.sum()))

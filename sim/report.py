@@ -20,10 +20,7 @@ SUMMARY_ROWS = (
     ("requests finished / rejected", "requests_finished", "requests_rejected", "{:d} / {:d}"),
     ("duration", "duration_s", None, "{:.1f} s"),
     ("throughput", "throughput_req_s", "throughput_output_tok_s", "{:.2f} req/s, {:.0f} output tok/s"),
-    ("TTFT p50 / p99", "ttft_p50_s", "ttft_p99_s", "{:.3f} / {:.3f} s"),
-    ("TPOT p50 / p99", "tpot_p50_s", "tpot_p99_s", "{:.4f} / {:.4f} s"),
-    ("ITL p50 / p99", "itl_p50_s", "itl_p99_s", "{:.4f} / {:.4f} s"),
-    ("E2E p50 / p99", "e2e_p50_s", "e2e_p99_s", "{:.2f} / {:.2f} s"),
+    ("latencies", None, None, ""),  # TTFT, TPOT, ITL, E2E in ms at the reported percentiles
     ("goodput / SLO attainment", "goodput_req_s", "slo_attainment", "{:.2f} req/s / {:.1%}"),
     ("mean batch / mean KV use", "mean_batch_size", "mean_kv_usage", "{:.1f} / {:.1%}"),
     ("preemptions / steps", "preemptions", "steps", "{:d} / {:d}"),
@@ -36,13 +33,54 @@ DISAGG_ROWS = (
     ("KV link use mean / max", "link_utilisation_mean", "link_utilisation_max", "{:.1%} / {:.1%}"),
     ("prefill / decode pool busy", "prefill_utilisation", "decode_utilisation", "{:.1%} / {:.1%}"),
 )
+LATENCIES = (("TTFT", "ttft"), ("TPOT", "tpot"), ("ITL", "itl"), ("E2E", "e2e"))
 
 
-def format_summary(summary: dict[str, Any]) -> str:
-    """A short human-readable table of the headline numbers."""
+def _ms(seconds: float) -> str:
+    ms = seconds * 1e3
+    return f"{ms:.0f}" if abs(ms) >= 100 else f"{ms:.1f}" if abs(ms) >= 10 else f"{ms:.2f}"
+
+
+def _shown_percentiles(summary: dict[str, Any]) -> list[str]:
+    """The reported percentiles but p90 (p50, p99 and any asked in `metrics.percentiles`)."""
+    return [p for p in (k.removeprefix("ttft_p").removesuffix("_s") for k in summary
+                        if k.startswith("ttft_p") and k.endswith("_s")) if p != "90"]
+
+
+def _latency_lines(summary: dict[str, Any], prefix: str = "", indent: str = "") -> list[str]:
+    shown = _shown_percentiles(summary)
     lines = []
+    for label, key in LATENCIES:
+        values = [summary.get(f"{prefix}{key}_p{p}_s") for p in shown]
+        if values and all(v is not None for v in values):
+            name = f"{indent}{label} " + " / ".join(f"p{p}" for p in shown)
+            lines.append(f"{name:30s} {' / '.join(_ms(v) for v in values)} ms")
+    return lines
+
+
+def run_header(config: Any) -> str:
+    """What ran: model, GPU x replicas (TP, PP), scheduler and each workload's arrivals."""
+    hw = config.hardware
+    loads = []
+    for w in config.workloads:
+        a = w.arrival
+        load = (f"{a.rate:g} req/s {a.kind}" if hasattr(a, "rate") else f"{a.concurrency} clients (closed loop)"
+                if a.kind == "closed_loop" else f"trace x{a.rate_scale:g}" if a.kind == "trace" else "all at once")
+        loads.append(f"{w.name}: {load}")
+    where = (f"{hw.gpu} x{config.cluster.replicas} (TP {hw.tp}" + (f", PP {hw.pp}" if hw.pp > 1 else "") + ")"
+             if config.disaggregation is None else "disaggregated pools")
+    return f"{config.model} on {where}, {config.scheduler.name}; " + "; ".join(loads)
+
+
+def format_summary(summary: dict[str, Any], config: Any = None) -> str:
+    """A short human-readable table of the headline numbers (latencies in ms), under the run's header when
+    its config is given."""
+    lines = [run_header(config)] if config is not None else []
     rows = SUMMARY_ROWS + (DISAGG_ROWS if "kv_transfers" in summary else ())
     for label, a, b, fmt in rows:
+        if a is None:
+            lines += _latency_lines(summary)
+            continue
         values = [summary.get(a)] + ([summary.get(b)] if b else [])
         text = fmt.format(*values) if all(v is not None for v in values) else "n/a"
         lines.append(f"{label:30s} {text}")
@@ -61,13 +99,12 @@ def _steady_lines(summary: dict[str, Any]) -> list[str]:
         lines.append(f"{'steady state (after warm-up)':30s} {verdict}: {get('steady_offered_req_s'):.2f} req/s "
                      f"offered, {get('steady_throughput_req_s'):.2f} sustained, backlog "
                      f"{get('steady_backlog_growth_req_s'):+.3f} req/s over {get('steady_window_s'):.0f} s")
-    rows = (("  TTFT p50 / p99", "steady_ttft_p50_s", "steady_ttft_p99_s", "{:.3f} / {:.3f} s"),
-            ("  TPOT p50 / p99", "steady_tpot_p50_s", "steady_tpot_p99_s", "{:.4f} / {:.4f} s"),
-            ("  SLO attainment", "steady_slo_attainment", None, "{:.1%}"))
-    for label, a, b, fmt in rows:
-        values = [get(a)] + ([get(b)] if b else [])
-        if all(v is not None for v in values):
-            lines.append(f"{label:30s} {fmt.format(*values)}")
+    for label, key in LATENCIES[:2]:
+        a, b = get(f"steady_{key}_p50_s"), get(f"steady_{key}_p99_s")
+        if a is not None and b is not None:
+            lines.append(f"{'  ' + label + ' p50 / p99':30s} {_ms(a)} / {_ms(b)} ms")
+    if get("steady_slo_attainment") is not None:
+        lines.append(f"{'  SLO attainment':30s} {get('steady_slo_attainment'):.1%}")
     if verdict != "stable":
         lines.append(f"WARNING: {verdict.replace('_', ' ')}: {get('stability_reason')}")
     return lines

@@ -71,3 +71,23 @@ def test_json_with_out_still_writes_the_files_and_trace_needs_out(tmp_path, caps
     assert (tmp_path / "requests.csv").is_file()
     assert main(["run", *SMALL, "--trace"]) == 2
     assert "--trace writes trace.json into --out" in capsys.readouterr().err
+
+
+def test_extra_percentiles_are_exact_and_the_table_names_what_ran(capsys) -> None:
+    assert main(["run", *SMALL, "--percentiles", "50,99.9", "--json"]) == 0
+    s = json.loads(capsys.readouterr().out)
+    assert {"ttft_p50_s", "ttft_p90_s", "ttft_p99_s", "ttft_p99.9_s", "itl_p99.9_s", "e2e_p99.9_s"} <= set(s)
+    from sim.config import load_config
+    from sim.engine import simulate
+
+    res = simulate(load_config(None, ["workloads.0.num_requests=120", "metrics.percentiles=[99.9]"]))
+    done = res.requests[res.requests["status"] == "finished"]
+    assert s["ttft_p99.9_s"] == np.percentile(done["ttft_s"], 99.9)
+    gaps = np.concatenate([res.itls(i) for i in done["request_id"]])
+    assert s["itl_p99.9_s"] == np.percentile(gaps, 99.9) or abs(s["itl_p99.9_s"] / np.percentile(gaps, 99.9) - 1) < 1e-12
+    assert main(["run", *SMALL, "--percentiles", "99.9"]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert table[0] == "llama-3-8b on h100 x1 (TP 1), vllm; azure-conv-like: 15 req/s poisson"
+    assert any(line.startswith("TTFT p50 / p99 / p99.9") and line.endswith(" ms") for line in table)
+    assert main(["run", *SMALL, "--percentiles", "0"]) == 2
+    assert "metrics.percentiles" in capsys.readouterr().err
