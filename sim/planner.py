@@ -455,6 +455,9 @@ def write_outputs(table: pd.DataFrame, spec: PlanSpec, configs: dict[str, SimCon
         front = sized.sort_values(["cost_per_hour", "capacity_req_s"], ascending=[True, False])
         front = front[front["capacity_req_s"] >= front["capacity_req_s"].cummax()]
         ax.step(front["cost_per_hour"], front["capacity_req_s"], where="post", color="C3", label="Pareto front")
+        for row in front.drop_duplicates("capacity_req_s").itertuples():  # name the front's configurations
+            ax.annotate(row.label, (row.cost_per_hour, row.capacity_req_s), fontsize=7, xytext=(4, -10),
+                        textcoords="offset points")
     ax.set_xlabel("cost (USD per hour)")
     ax.set_ylabel("capacity (req/s meeting the SLOs)")
     ax.grid(alpha=0.3)

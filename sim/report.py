@@ -113,14 +113,48 @@ def _steady_lines(summary: dict[str, Any]) -> list[str]:
 def _cdf_plot(results: Results, path: Path) -> None:
     done = results.requests[results.requests["status"] == "finished"]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, col, title in zip(axes, ("ttft_s", "tpot_s", "e2e_s"), ("TTFT", "TPOT", "E2E latency")):
+    slo = results.config.slo
+    for ax, col, title, target in zip(axes, ("ttft_s", "tpot_s", "e2e_s"), ("TTFT", "TPOT", "E2E latency"),
+                                      (slo.ttft_s, slo.tpot_s, slo.e2e_s)):
         values = np.sort(done[col].dropna().to_numpy())
         if values.size:
             ax.plot(values, np.arange(1, values.size + 1) / values.size)
+            if values[0] > 0 and values[-1] / values[0] > 100:  # spans decades
+                ax.set_xscale("log")
+        if target is not None:
+            ax.axvline(target, color="C3", ls="--", lw=1, label=f"SLO {target:g} s")
+            ax.legend(loc="lower right", fontsize=8)
         ax.set_xlabel(f"{title} (s)")
         ax.set_ylabel("fraction of requests")
         ax.grid(alpha=0.3)
     fig.suptitle(f"{results.config.model} on {results.config.hardware.gpu}: latency CDFs")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def _links_plot(results: Results, path: Path, bins: int = 200) -> None:
+    """Each KV link port's utilisation over time (a disaggregated run's `links` table: a step function)."""
+    links = results.links
+    assert links is not None
+    used = links.groupby("link")["rate_bytes_s"].max()
+    busy = [name for name in used.index if used[name] > 0]
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    end = float(links["time_s"].max()) or 1.0
+    edges = np.linspace(0.0, end, bins + 1)
+    for name in busy:  # each row holds until the link's next row: time-weighted means per bin
+        rows = links[links["link"] == name]
+        t, u = rows["time_s"].to_numpy(), rows["utilisation"].to_numpy() * 100
+        area = np.concatenate([[0.0], np.cumsum(u[:-1] * np.diff(t))])  # its integral is linear between rows
+        mean = np.diff(np.interp(edges, t, area)) / np.diff(edges)
+        ax.plot((edges[:-1] + edges[1:]) / 2, mean, lw=0.9, label=name)
+    ax.set_xlabel("simulated time (s)")
+    ax.set_ylabel("link utilisation (%)")
+    ax.set_title(f"KV links ({results.summary.get('kv_link')}): {len(busy)} ports carried transfers; "
+                 f"time-weighted means over {bins} bins")
+    if 0 < len(busy) <= 12:
+        ax.legend(fontsize=7, ncol=4, loc="upper right")
+    ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=100, metadata={"Software": None})
     plt.close(fig)
@@ -178,6 +212,9 @@ def write_outputs(results: Results, out: str | Path, table_format: str = "csv", 
         paths.append(d / f"links.{table_format}")
         (results.links.to_parquet(paths[-1], index=False) if table_format == "parquet"
          else results.links.to_csv(paths[-1], index=False))
+    if results.links is not None and len(results.links):
+        paths.append(d / "links.png")
+        _links_plot(results, paths[-1])
     if trace:
         from sim.chrome_trace import write_trace
 

@@ -48,6 +48,7 @@ def test_a_disaggregated_trace_shows_kv_transfers_and_link_rates(tmp_path) -> No
     counters = [e for e in ev if e["ph"] == "C"]
     links = pd.read_parquet(tmp_path / "links.parquet")
     assert len(counters) == len(links) and {e["name"] for e in counters} == set(links["link"])
+    assert (tmp_path / "links.png").stat().st_size > 10_000
     pools = {e["args"]["name"] for e in ev if e["ph"] == "M" and e["name"] == "process_name"}
     assert {"replica 0 (prefill)", "replica 2 (decode)"} <= pools
 
