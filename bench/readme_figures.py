@@ -18,6 +18,8 @@ Figures (README section: the sentence each regenerates):
 - default-workload-capacity-scan (same section; not quoted, helps to re-pick R): the same runs at R = 12-30.
 - closed-loop-clients (Workloads): "`servesim run --set 'workloads.0.arrival={kind: closed_loop, concurrency:
   C}'`, C = 1 / 16 / 64 / 256: ... req/s, TTFT p50 ..." and the `rate: inf` run.
+- sessions-prefix-caching (Workloads): "500 sessions of 4 turns ... TTFT p50 / p99 ... without prefix caching,
+  ... with it".
 - sweep-default (Rate sweeps): the rows of `servesim sweep --rates 4 --workers 2` on the default scenario.
 - disaggregated-example (Prefill/decode disaggregation): "Measured with `servesim run examples/disaggregated.yaml`
   ...: TTFT p50/p99 ..., TPOT p50/p99 ..., KV transfer p50/p99 ..., link use ...% mean, $... per M output
@@ -157,6 +159,26 @@ def _closed_loop_text(v: Values) -> list[str]:
             "rate inf (3,000 at once): {throughput_req_s:.1f} req/s over {duration_s:.0f} s, TTFT p50 / p99 "
             "{ttft_p50_s:.0f} / {ttft_p99_s:.0f} s, TPOT p50 {tpot_p50_ms:.1f} ms".format(
                 **v["runs"]["inf"], tpot_p50_ms=v["runs"]["inf"]["tpot_p50_s"] * 1e3)]
+
+
+SESSIONS = ["workloads.0.sessions={turns: 4, think_time_s: 2}", "workloads.0.num_requests=500",
+            "workloads.0.arrival.rate=2"]
+
+
+def _sessions() -> Values:
+    runs = {}
+    for caching in (False, True):
+        s = _summary(None, [*SESSIONS, f"kv_cache.prefix_caching={str(caching).lower()}"])
+        runs[str(caching)] = {k: s.get(k) for k in ("requests_total", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s",
+                                                    "prefix_cache_hit_rate", "throughput_req_s")}
+    return runs
+
+
+def _sessions_text(v: Values) -> list[str]:
+    off, on = v["False"], v["True"]
+    return [f"{on['requests_total']} turns; TTFT p50 / p99 {_s(off['ttft_p50_s'])} / {_s(off['ttft_p99_s'])} s without "
+            f"prefix caching, {_s(on['ttft_p50_s'])} / {_s(on['ttft_p99_s'])} s with it (token hit rate "
+            f"{on['prefix_cache_hit_rate']:.0%}); TPOT p50 {off['tpot_p50_s'] * 1e3:.1f} / {on['tpot_p50_s'] * 1e3:.1f} ms"]
 
 
 SWEEP_ARGV = ["sweep", "--rates", "4", "--workers", "2", "--json"]
@@ -315,6 +337,9 @@ FIGURES = [
            "workloads.0.num_requests=3000 (200 for C = 1), C in " + str(CLIENTS) + "; and arrival.rate=inf",
            _closed_loop, _closed_loop_text),
     Figure("sweep-default", "Rate sweeps", "servesim " + " ".join(SWEEP_ARGV), _sweep, _sweep_text),
+    Figure("sessions-prefix-caching", "Simulating a serving scenario (workloads)",
+           "servesim run " + " ".join(f"--set '{o}'" for o in SESSIONS) + " [--set kv_cache.prefix_caching=true]",
+           _sessions, _sessions_text),
     Figure("disaggregated-example", "Prefill/decode disaggregation",
            f"servesim run {DISAGG} [--set {ETH} [--set {LAYERWISE}]]", _disaggregated, _disaggregated_text),
     Figure("disagg-search-example", "Prefill/decode disaggregation (placement search)",

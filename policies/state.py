@@ -62,6 +62,8 @@ class Requests:
         self.key_offset = np.zeros(n, dtype=np.int64)
         self.num_keys = np.zeros(n, dtype=np.int64)
         self.on_done: Callable[[int], None] | None = None  # told of each request that finishes or is rejected
+        self.session = np.full(n, -1, dtype=np.int64)  # multi-turn sessions: the session (-1: none)
+        self.next_turn = np.full(n, -1, dtype=np.int64)  # and the turn sent after this one
 
     def set_keys(self, per_request: list[np.ndarray]) -> None:
         """Identities of each request's full KV blocks (prompt first), for prefix caching."""

@@ -1,10 +1,13 @@
-"""Closed-loop clients: a fixed number of users, each with one request in flight at most.
+"""Clients that wait for answers: closed loops of a fixed number of users, and multi-turn sessions.
 
-vLLM's `bench serve --max-concurrency N` and GuideLLM's `concurrent` profile drive a server so: a client
-sends its next request once the previous one has been answered (finished, or refused) and a think time
-has passed. The load then follows the server's speed instead of a clock, so such a run measures the
-throughput and latency at that concurrency. A workload's `closed_loop` arrival is driven here: its
-requests (drawn up front, lengths included) go out in id order, each stamped with the time it is sent.
+vLLM's `bench serve --max-concurrency N` and GuideLLM's `concurrent` profile drive a server with N users,
+each sending its next request once the previous one has been answered (finished, or refused) and a think
+time has passed: the load follows the server's speed instead of a clock. A workload's `closed_loop`
+arrival is driven so: its requests (drawn up front, lengths included) go out in id order, each stamped
+with the time it is sent.
+
+A multi-turn session (`sessions:`) sends its next turn a think time after the previous turn's answer; when a
+turn is refused the session ends and its later turns are rejected as `session_ended`.
 """
 
 from __future__ import annotations
@@ -15,23 +18,29 @@ from collections.abc import Callable, Iterator
 import numpy as np
 import simpy
 
-from policies.state import Requests
-from traces.workload import ClosedLoopArrival
+from policies.state import Requests, Status
+from traces.workload import ClosedLoopArrival, Workload
 
 
-class ClosedLoop:
-    """Every closed-loop workload's clients of one run; hears each request's end from `Requests.on_done`."""
+def _pause(mean: float, kind: str, rng: np.random.Generator) -> float:
+    return mean if kind == "fixed" or mean == 0 else float(rng.exponential(mean))
 
-    def __init__(self, env: simpy.Environment, requests: Requests, arrive: Callable[[int], None]) -> None:
-        self.env, self.req, self.arrive = env, requests, arrive
+
+class Clients:
+    """Every waiting client of one run; hears each request's end from `Requests.on_done`."""
+
+    def __init__(self, env: simpy.Environment, requests: Requests, arrive: Callable[[int], None],
+                 workloads: list[Workload], seed: int) -> None:
+        self.env, self.req, self.arrive, self.workloads = env, requests, arrive, workloads
+        self.rngs = [np.random.default_rng([seed, w]) for w in range(len(workloads))]
         self.answered: dict[int, simpy.Event] = {}
         requests.on_done = self._done
 
-    def start(self, ids: list[int], spec: ClosedLoopArrival, start_s: float, rng: np.random.Generator) -> None:
+    def closed_loop(self, ids: list[int], spec: ClosedLoopArrival, start_s: float, workload: int) -> None:
         """Clients of one workload sending `ids` (in order) from `start_s`."""
         queue = deque(ids)
         for _ in range(min(spec.concurrency, len(ids))):
-            self.env.process(self._client(queue, spec, start_s, rng))
+            self.env.process(self._client(queue, spec, start_s, self.rngs[workload]))
 
     def _client(self, queue: deque[int], spec: ClosedLoopArrival, start_s: float, rng: np.random.Generator
                 ) -> Iterator[simpy.Event]:
@@ -43,11 +52,28 @@ class ClosedLoop:
             answered = self.answered[rid] = self.env.event()
             self.arrive(rid)
             yield answered
-            pause = spec.think_time_s if spec.think == "fixed" else float(rng.exponential(spec.think_time_s))
+            pause = _pause(spec.think_time_s, spec.think, rng)
             if pause > 0 and queue:
                 yield self.env.timeout(pause)
+
+    def _next_turn(self, rid: int, pause: float) -> Iterator[simpy.Event]:
+        if pause > 0:
+            yield self.env.timeout(pause)
+        self.req.arrival[rid] = self.env.now
+        self.arrive(rid)
 
     def _done(self, rid: int) -> None:
         event = self.answered.pop(rid, None)
         if event is not None:
             event.succeed()
+        nxt = int(self.req.next_turn[rid])
+        if nxt < 0:
+            return
+        if self.req.status[rid] == Status.REJECTED:  # the user gives up: the session's later turns never go
+            self.req.arrival[nxt] = self.env.now
+            self.req.reject(nxt, "session_ended", f"turn {rid} of its session was rejected")
+            return
+        w = int(self.req.workload[rid])
+        spec = self.workloads[w].sessions
+        assert spec is not None
+        self.env.process(self._next_turn(nxt, _pause(spec.think_time_s, spec.think, self.rngs[w])))

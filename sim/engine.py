@@ -30,7 +30,7 @@ from policies.kv_cache import BlockManager
 from policies.routers import Router, make_router
 from policies.speculation import SpeculationConfig, Speculator
 from policies.state import ReplicaState, Requests, Status, StepResult
-from sim.clients import ClosedLoop
+from sim.clients import Clients
 from sim.config import HardwareConfig, SimConfig
 from sim.executor import CostModelExecutor, Executor, StepOutcome
 from sim.metrics import PoolInfo, Results, build_results
@@ -311,6 +311,16 @@ def make_requests(config: SimConfig) -> tuple[Requests, list[str], int]:
                             f"records every token's time, at most {MAX_RECORDED_TOKENS:.0e} (4 GB): fewer requests "
                             "or shorter outputs")
     requests = Requests(arrival[order], prompt, output, workload[order])
+    if any(p.next_turn is not None for p in parts):  # sessions: each turn's next turn, in the new ids
+        offsets = np.cumsum([0] + [p.arrival.size for p in parts])
+        nxt = np.concatenate([np.full(p.arrival.size, -1) if p.next_turn is None
+                              else np.where(p.next_turn >= 0, p.next_turn + o, -1) for p, o in zip(parts, offsets)])
+        new_id = np.empty_like(order)
+        new_id[order] = np.arange(order.size)
+        requests.next_turn = np.where(nxt[order] >= 0, new_id[np.maximum(nxt[order], 0)], -1)
+        sessions = np.concatenate([np.full(p.arrival.size, -1) if p.session is None else p.session + (w << 32)
+                                   for w, p in enumerate(parts)])
+        requests.session = sessions[order]
     if config.kv_cache.prefix_caching:
         keys = [k for i, p in enumerate(parts) for k in p.block_keys(config.kv_cache.block_size, i)]
         requests.set_keys([keys[i] for i in order.tolist()])
@@ -396,13 +406,13 @@ def simulate(
                             speculator=speculator) for s in states]
         router = make_router(config.cluster.router, config.seed, config.cluster.affinity_slack)
         arrive, extra = Cluster(replicas, router, requests, pool.deployment.context_limit).arrive, None
-    clients = None
+    clients = Clients(env, requests, arrive, config.workloads, config.seed)
     for w, workload in enumerate(config.workloads):
         ids = np.flatnonzero(requests.workload == w)
         if workload.arrival.kind == "closed_loop":
-            clients = clients or ClosedLoop(env, requests, arrive)
-            clients.start(ids.tolist(), workload.arrival, workload.start_s, np.random.default_rng([config.seed, w]))
-        else:
+            clients.closed_loop(ids.tolist(), workload.arrival, workload.start_s, w)
+        else:  # (a session's later turns have no time yet: `clients` sends them)
+            ids = ids[~np.isnan(requests.arrival[ids])]
             env.process(_arrivals(env, arrive, ids.tolist(), requests.arrival[ids].tolist()))
     env.run()
     unsent = np.isnan(requests.arrival)  # closed-loop requests never sent (their clients' requests stalled)

@@ -184,6 +184,8 @@ def build_results(config: SimConfig, pools: list[PoolInfo], r: Requests, workloa
         "meets_slo": meets,
         "token_offset": r.token_offset,
     })
+    if (r.session >= 0).any():  # multi-turn sessions (ids: workload << 32 | session)
+        requests["session"], requests["next_turn"] = r.session, r.next_turn
     extra = extra or {}
     for name, values in extra.get("request_columns", {}).items():
         requests[name] = values

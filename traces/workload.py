@@ -132,6 +132,18 @@ class SharedPrefix(_Spec):
     prompts: PositiveInt = 1
 
 
+class Sessions(_Spec):
+    """Multi-turn conversations: the arrival process starts sessions; a session's next turn is sent
+    `think_time_s` after the previous answer, its prompt the whole history (every earlier prompt and answer)
+    plus a new message drawn from `lengths` (whose output is the turn's answer length), so prefix caching
+    can reuse the history's KV."""
+
+    turns: int = Field(ge=1, le=1000, description="turns per session (the mean when turns_kind is geometric)")
+    turns_kind: Literal["fixed", "geometric"] = "fixed"
+    think_time_s: float = Field(0.0, ge=0.0, le=1e6, description="pause between an answer and the next turn")
+    think: Literal["fixed", "exponential"] = "fixed"
+
+
 class Workload(_Spec):
     """One request stream. Give `num_requests` or `duration_s` (a replayed trace may give neither: all rows)."""
 
@@ -143,6 +155,7 @@ class Workload(_Spec):
     duration_s: float | None = Field(None, gt=0.0, le=1e9)
     start_s: float = Field(0.0, ge=0.0, le=1e9, description="time of the stream's start (at most 1e9 s)")
     shared_prefix: SharedPrefix | None = None
+    sessions: Sessions | None = Field(None, description="multi-turn conversations (num_requests: sessions)")
 
     @model_validator(mode="before")
     @classmethod
@@ -163,6 +176,9 @@ class Workload(_Spec):
             raise ValueError("give num_requests or duration_s, not both")
         if self.arrival.kind != "trace" and self.num_requests is None and self.duration_s is None:
             raise ValueError("give num_requests or duration_s for a generated arrival process")
+        if self.sessions is not None and (self.arrival.kind not in (*RATED_KINDS, "burst")
+                                          or self.shared_prefix is not None):
+            raise ValueError("sessions start by a poisson, gamma, constant or burst arrival, without shared_prefix")
         if self.arrival.kind in ("burst", "closed_loop") and self.num_requests is None:
             raise ValueError(f"arrival.kind = {self.arrival.kind!r}: give num_requests (duration_s needs a rate)")
         return self
@@ -170,7 +186,7 @@ class Workload(_Spec):
 
 # Prefix-cache block keys: int64 of (namespace << 58) | (id << 24) | block index. Equal keys mean equal
 # token prefixes up to the end of that block.
-_NS_TRACE, _NS_SYSTEM_PROMPT = 1, 2
+_NS_TRACE, _NS_SYSTEM_PROMPT, _NS_SESSION = 1, 2, 3
 
 
 def _keys(namespace: int, ident: int | np.ndarray, index: np.ndarray) -> np.ndarray:
@@ -189,6 +205,8 @@ class GeneratedRequests:
     hash_block_tokens: int = 512
     prefix_group: np.ndarray | None = None  # system prompt each request starts with (-1: none)
     prefix_tokens: int = 0
+    session: np.ndarray | None = None  # multi-turn: each request's session (its turns are consecutive)
+    next_turn: np.ndarray | None = None  # index of the session's next turn (-1: none)
 
     def block_keys(self, block_size: int, workload_index: int) -> list[np.ndarray]:
         """Keys of each request's full KV blocks whose tokens are shared (empty where nothing is)."""
@@ -199,6 +217,9 @@ class GeneratedRequests:
                 last = ((j + 1) * block_size - 1) // self.hash_block_tokens
                 ident = (workload_index << 26) | np.asarray(ids, dtype=np.int64)[last]  # hash ids < 2**26
                 keys[i] = _keys(_NS_TRACE, ident, j)
+        if self.session is not None:  # a turn's history and answer are the next turn's prompt's start
+            for i, (sid, n) in enumerate(zip(self.session.tolist(), (self.prompt + self.output - 1).tolist())):
+                keys[i] = _keys(_NS_SESSION, (workload_index << 30) | sid, np.arange(n // block_size))
         if self.prefix_group is not None:
             shared = np.arange(self.prefix_tokens // block_size)
             for i in np.flatnonzero(self.prefix_group >= 0).tolist():
@@ -288,6 +309,8 @@ def generate(w: Workload, rng: np.random.Generator) -> GeneratedRequests:
     """Draw one workload's requests (deterministic for a given generator state)."""
     trace = _load(w.trace) if w.trace is not None else None
     arrival = _arrivals(w, rng, trace) + w.start_s
+    if w.sessions is not None:
+        return _sessions(w, arrival, rng, trace)
     n = arrival.size
     rows = _trace_rows(w, n, rng, trace) if w.lengths.kind == "trace" and trace is not None else None
     hash_ids = None
@@ -302,3 +325,29 @@ def generate(w: Workload, rng: np.random.Generator) -> GeneratedRequests:
     return GeneratedRequests(arrival=arrival, prompt=prompt, output=output,
                              skipped_rows=trace.skipped_rows if trace is not None else 0, hash_ids=hash_ids,
                              prefix_group=group, prefix_tokens=w.shared_prefix.tokens if w.shared_prefix else 0)
+
+
+def _sessions(w: Workload, starts: np.ndarray, rng: np.random.Generator, trace: TraceData | None
+              ) -> GeneratedRequests:
+    """Turns of sessions starting at `starts`: each turn's new message and answer drawn from `w.lengths`, its
+    prompt its session's history (earlier messages and answers) plus its message; later turns' arrival is
+    NaN (`sim.clients` sends each after the previous answer)."""
+    spec = w.sessions
+    assert spec is not None
+    n = starts.size
+    turns = (np.full(n, spec.turns) if spec.turns_kind == "fixed"
+             else rng.geometric(1.0 / spec.turns, n)).astype(np.int64)
+    total = int(turns.sum())
+    rows = _trace_rows(w, total, rng, trace) if w.lengths.kind == "trace" and trace is not None else None
+    message, answer = _lengths(w, total, rng, trace, rows)
+    session = np.repeat(np.arange(n), turns)
+    first = np.cumsum(turns) - turns
+    turn = np.arange(total) - np.repeat(first, turns)
+    spoken = message + answer  # each turn adds its message and its answer to the history
+    before = np.cumsum(spoken) - spoken  # over all sessions so far
+    history = before - np.repeat(before[first], turns)
+    arrival = np.where(turn == 0, np.repeat(starts, turns), np.nan)
+    next_turn = np.where(turn == np.repeat(turns, turns) - 1, -1, np.arange(total) + 1)
+    return GeneratedRequests(arrival=arrival, prompt=history + message, output=answer,
+                             skipped_rows=trace.skipped_rows if trace is not None else 0,
+                             session=session, next_turn=next_turn)
