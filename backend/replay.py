@@ -69,9 +69,10 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
         raise ServesimError("replay: speculation.draft.kv_window is simulated only; the backend's draft attends "
                             "to the whole context (remove kv_window)")
     for i, w in enumerate(config.workloads):
-        if w.arrival.kind == "closed_loop":
-            raise ServesimError(f"replay: workloads.{i}.arrival.kind = 'closed_loop' is simulated only; the backend "
-                                "replays arrivals known in advance (poisson, gamma, constant, burst, trace)")
+        if w.arrival.kind == "closed_loop" or w.sessions is not None:
+            what = "arrival.kind = 'closed_loop'" if w.sessions is None else "sessions"
+            raise ServesimError(f"replay: workloads.{i}.{what} is simulated only; the backend replays arrivals "
+                                "known in advance (poisson, gamma, constant, burst, trace)")
     if acceptance not in ("oracle", "model"):
         raise ServesimError(f"replay: acceptance = {acceptance!r}; allowed: oracle, model")
     if config.kv_cache.prefix_caching:

@@ -90,3 +90,5 @@ def test_the_replay_refuses_closed_loops() -> None:
 
     with pytest.raises(ServesimError, match="closed_loop' is simulated only"):
         replay(load_config(None, ["workloads.0.arrival={kind: closed_loop, concurrency: 2}"]))
+    with pytest.raises(ServesimError, match="sessions is simulated only"):
+        replay(load_config(None, ["workloads.0.sessions={turns: 2}"]))
