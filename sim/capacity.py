@@ -16,8 +16,6 @@ lowest of them; the range is kept.
 from __future__ import annotations
 
 import math
-import sys
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +25,8 @@ import numpy as np
 from hardware.errors import ServesimError
 from sim.config import SimConfig
 from sim.engine import simulate
+from sim.progress import bar as progress_bar
+from sim.progress import watched
 from traces.workload import RATED_KINDS
 
 Summary = dict[str, Any]
@@ -232,19 +232,13 @@ def _bisect(probe: Callable[[float], bool], used: Callable[[], int], lo: float, 
 
 
 class SearchProgress:
-    """Configurations done, best so far and an ETA on one stderr line (a terminal only)."""
+    """Configurations done, the best so far and an ETA (`sim.progress`: a terminal or a notebook only)."""
 
     def __init__(self, name: str, total: int, enabled: bool) -> None:
-        self.name, self.total, self.done, self.enabled, self.t0 = name, total, 0, enabled, time.monotonic()
+        self.bar = progress_bar(total, name, "config", enabled and watched())
 
     def update(self, best: str) -> None:
-        self.done += 1
-        if not self.enabled:
-            return
-        elapsed = time.monotonic() - self.t0
-        eta = elapsed / self.done * (self.total - self.done)
-        sys.stderr.write(f"\r{self.name}: {self.done}/{self.total} configurations, best so far: {best[:60]}, "
-                         f"ETA {eta:4.0f} s   ")
-        sys.stderr.flush()
-        if self.done == self.total:
-            sys.stderr.write("\n")
+        self.bar.set_postfix_str(f"best so far: {best[:60]}", refresh=False)
+        self.bar.update(1)
+        if self.bar.n >= self.bar.total:
+            self.bar.close()

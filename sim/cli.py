@@ -255,7 +255,7 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
     _check_workers(args.workers)
     if args.rates < 0:
         raise ServesimError(f"--rates = {args.rates}: allowed values are 0 or more")
-    table = sweep(config, args.rates, Horizon(args.horizon, args.min_requests), args.workers)
+    table = sweep(config, args.rates, Horizon(args.horizon, args.min_requests), args.workers, progress=not args.json)
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -120,7 +119,7 @@ def search(base: SimConfig, gpus: int, tps: Sequence[int] = (1, 2, 4, 8), coloca
     cands = candidates(base, gpus, tps, colocated, link, transfer)
     work = [(c, attainment, start, rel_tol, horizon, seeds) for c in cands]
     workers = workers or os.cpu_count() or 1
-    bar = SearchProgress("disagg-search", len(work), progress and sys.stderr.isatty())
+    bar = SearchProgress("disagg-search", len(work), progress)
     rows, best = [], ""
     with contextlib.ExitStack() as stack:
         results = (stack.enter_context(ProcessPoolExecutor(max_workers=workers)).map(_size, work) if workers > 1

@@ -8,7 +8,6 @@ an event that the next arrival routed to it triggers (no polling).
 from __future__ import annotations
 
 import math
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from sim.clients import Clients
 from sim.config import HardwareConfig, SimConfig
 from sim.executor import CostModelExecutor, Executor, StepOutcome
 from sim.metrics import PoolInfo, Results, build_results
+from sim.progress import bar, watched
 from sim.speculation import DraftCost, draft_deployment, draft_memory
 from traces.workload import generate
 
@@ -100,24 +100,20 @@ class StepLog:
 
 
 class Progress:
-    """A one-line progress report on stderr, refreshed at most twice a second; silent when not a terminal."""
+    """The run's progress bar (`sim.progress`): requests answered, with the simulated time."""
 
     def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled = total, enabled
-        self.last = time.monotonic()
+        self.bar = bar(total, "servesim run", "req", enabled)
 
     def update(self, sim_time: float, requests: Requests) -> None:
-        now = time.monotonic()
-        if not self.enabled or now - self.last < 0.5:
+        if self.bar.disable:
             return
-        self.last = now
         done = int(np.count_nonzero(requests.status >= Status.FINISHED))
-        sys.stderr.write(f"\rservesim: simulated {sim_time:9.1f} s, {done}/{self.total} requests done")
-        sys.stderr.flush()
+        self.bar.set_postfix_str(f"simulated {sim_time:.1f} s", refresh=False)
+        self.bar.update(done - self.bar.n)
 
     def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
+        self.bar.close()
 
 
 class StepHooks(Protocol):
@@ -391,18 +387,19 @@ def simulate(
         executor_factory = lambda dep: executors[id(dep)]  # noqa: E731
     env = simpy.Environment()
     log = StepLog()
-    bar = Progress(requests.n, progress and sys.stderr.isatty())
+    progress_bar = Progress(requests.n, progress and watched())
     if config.disaggregation is not None:
         from sim.disagg import DisaggregatedCluster
 
-        cluster = DisaggregatedCluster(env, setup, log, bar, executor_factory)
+        cluster = DisaggregatedCluster(env, setup, log, progress_bar, executor_factory)
         arrive, states, extra = cluster.arrive, cluster.states, cluster.extra
     else:
         (pool,) = setup.pools
         states = setup.replica_states()
         spec = config.speculation
         speculator = None if spec is None else Speculator(spec, Acceptance(spec.acceptance, config.seed, requests.n))
-        replicas = [Replica(env, s, make_scheduler(pool.scheduler), executor_factory(pool.deployment), log, bar,
+        replicas = [Replica(env, s, make_scheduler(pool.scheduler), executor_factory(pool.deployment), log,
+                            progress_bar,
                             speculator=speculator) for s in states]
         router = make_router(config.cluster.router, config.seed, config.cluster.affinity_slack)
         arrive, extra = Cluster(replicas, router, requests, pool.deployment.context_limit).arrive, None
@@ -417,7 +414,7 @@ def simulate(
     env.run()
     unsent = np.isnan(requests.arrival)  # closed-loop requests never sent (their clients' requests stalled)
     requests.arrival[unsent] = env.now
-    bar.close()
+    progress_bar.close()
     results = setup.results(states, log, time.perf_counter() - wall0, extra() if extra else None)
     if config.speculation is not None and config.speculation.compare_baseline:
         add_speedups(results.summary, simulate(config.model_copy(update={"speculation": None})).summary)

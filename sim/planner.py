@@ -20,7 +20,6 @@ import hashlib
 import json
 import math
 import os
-import sys
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -314,7 +313,7 @@ def plan(spec: PlanSpec, out: str | Path, workers: int | None = None, ray: bool 
             rows[key] = json.loads(hit.read_text())
         else:
             todo.append((key, label, cfg))
-    bar = SearchProgress("plan", len(todo), progress and sys.stderr.isatty())
+    bar = SearchProgress("plan", len(todo), progress)
     run = _runner(workers or os.cpu_count() or 1, ray, ray_address)
     best, best_rate = "", 0.0
     for key, row in run([(key, label, cfg.model_dump_json(), spec) for key, label, cfg in todo]):

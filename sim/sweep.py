@@ -24,6 +24,8 @@ import pandas as pd
 from sim.capacity import Horizon, run_sized, with_duration, with_rate
 from sim.config import SimConfig
 from sim.engine import simulate
+from sim.progress import bar as progress_bar
+from sim.progress import watched
 
 METRICS = ("ttft", "tpot", "itl", "e2e")
 SYNCHRONOUS_REQUESTS = 200  # the one-client probe: requests one after another
@@ -66,9 +68,11 @@ def _probe(job: tuple[str, SimConfig, float | None, Horizon]) -> dict[str, Any]:
     return _row(profile, summary, steady=True)
 
 
-def sweep(config: SimConfig, rates: int = 8, horizon: Horizon = Horizon(), workers: int | None = None
-          ) -> pd.DataFrame:
-    """The sweep's table (`COLUMNS`), one row per probe in rate order."""
+def sweep(config: SimConfig, rates: int = 8, horizon: Horizon = Horizon(), workers: int | None = None,
+          progress: bool = False) -> pd.DataFrame:
+    """The sweep's table (`COLUMNS`), one row per probe in rate order; a progress bar when `progress` and
+    someone watches."""
+    bar = progress_bar(rates + 2, "servesim sweep", "probe", progress and watched())
     n = max(horizon.min_requests, 1)
     ends = [("synchronous", _with_arrival(config, {"kind": "closed_loop", "concurrency": 1}, SYNCHRONOUS_REQUESTS),
              None, horizon),
@@ -76,13 +80,18 @@ def sweep(config: SimConfig, rates: int = 8, horizon: Horizon = Horizon(), worke
     workers = workers or os.cpu_count() or 1
     with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _Inline() as pool:
         low, high = pool.map(_probe, ends)
+        bar.update(2)
         between = np.linspace(low["throughput_req_s"], high["throughput_req_s"], rates + 2)[1:-1] if rates else []
         kind = config.workloads[0].arrival.kind
         base = config if kind in ("poisson", "gamma", "constant") else _with_arrival(
             config, {"kind": "poisson", "rate": 1.0}, n)
         jobs = [(f"rate {r:.3g}", with_duration(with_rate(base, float(r)), horizon.min_duration_s, horizon),
                  horizon.min_duration_s, horizon) for r in between]
-        middle = list(pool.map(_probe, jobs))
+        middle = []
+        for row in pool.map(_probe, jobs):
+            middle.append(row)
+            bar.update(1)
+    bar.close()
     return pd.DataFrame([low, *middle, high], columns=COLUMNS)
 
 

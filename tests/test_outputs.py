@@ -92,3 +92,16 @@ def test_extra_percentiles_are_exact_and_the_table_names_what_ran(capsys) -> Non
     assert any(line.startswith("TTFT p50 / p99 / p99.9") and line.endswith(" ms") for line in table)
     assert main(["run", *SMALL, "--percentiles", "0"]) == 2
     assert "metrics.percentiles" in capsys.readouterr().err
+
+
+def test_progress_bars_show_only_where_someone_watches(monkeypatch, capsys) -> None:
+    from sim import engine
+    from sim.config import load_config
+
+    config = load_config(None, ["workloads.0.num_requests=1500"])
+    engine.simulate(config, progress=True)  # stderr is captured, not a terminal: no bar
+    assert capsys.readouterr().err == ""
+    monkeypatch.setattr(engine, "watched", lambda: True)
+    engine.simulate(config, progress=True)
+    err = capsys.readouterr().err
+    assert "servesim run" in err and "1500/1500" in err and "req" in err
