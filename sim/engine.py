@@ -414,6 +414,7 @@ def simulate(
     env.run()
     unsent = np.isnan(requests.arrival)  # closed-loop requests never sent (their clients' requests stalled)
     requests.arrival[unsent] = env.now
+    progress_bar.update(env.now, requests)
     progress_bar.close()
     results = setup.results(states, log, time.perf_counter() - wall0, extra() if extra else None)
     if config.speculation is not None and config.speculation.compare_baseline:
