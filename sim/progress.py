@@ -7,8 +7,6 @@ import sys
 import warnings
 from typing import Any
 
-from tqdm.auto import tqdm
-
 
 def watched() -> bool:
     """Whether stderr is a terminal or this runs in a Jupyter kernel."""
@@ -19,5 +17,7 @@ def bar(total: int, desc: str, unit: str, enabled: bool) -> Any:
     """A progress bar (disabled: every call is a no-op) refreshed at most twice a second."""
     with warnings.catch_warnings():  # tqdm.auto warns when a notebook lacks ipywidgets, then prints text
         warnings.simplefilter("ignore")
+        from tqdm.auto import tqdm
+
         return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, mininterval=0.5, file=sys.stderr,
                     dynamic_ncols=True)
