@@ -32,13 +32,13 @@ from policies.state import Requests, Status
 from sim.config import SimConfig
 from sim.steady import steady_state
 
-PERCENTILES = (50, 90, 99)  # the default; `metrics.percentiles` chooses others
+PERCENTILES = (50, 90, 99)  # the default; `metrics.percentiles` adds others
+IDLE_POWER_FRACTION = 0.2  # an idle H100/H200 draws roughly 70-140 W of its 700 W TDP
 
 
 def pct_key(prefix: str, p: float) -> str:
     """The summary key of percentile `p` of a metric: ttft_p99_s, itl_p99.9_s."""
     return f"{prefix}_p{p:g}_s"
-IDLE_POWER_FRACTION = 0.2  # an idle H100/H200 draws roughly 70-140 W of its 700 W TDP
 
 
 @dataclass
@@ -128,16 +128,17 @@ def _itls(r: Requests, finished: np.ndarray, out: dict[str, Any], percentiles: S
     ranks = sorted({int(np.floor(h)) for h in positions} | {int(np.ceil(h)) for h in positions})
     below = np.cumsum(counts) - counts  # gaps in the bins before each bin
     bins = {int(np.searchsorted(below + counts, k, side="right")) for k in ranks}
-    kept: dict[int, list[np.ndarray]] = {b: [] for b in bins}
+    kept: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b in bins}
     for g in _gap_blocks(r, finished):
         where = np.searchsorted(ITL_BINS, g, side="right") - 1
-        for b in bins:
-            kept[b].append(g[where == b])
+        for b in bins:  # distinct values with their counts: equal gaps (fixed step times) take no room
+            kept[b].append(np.unique(g[where == b], return_counts=True))
     value = {}
     for k in ranks:
         b = int(np.searchsorted(below + counts, k, side="right"))
-        values = np.sort(np.concatenate(kept[b]))
-        value[k] = float(values[k - below[b]])
+        values, times = np.unique(np.concatenate([v for v, _ in kept[b]]), return_inverse=True)
+        seen = np.cumsum(np.bincount(times, weights=np.concatenate([c for _, c in kept[b]])))
+        value[k] = float(values[np.searchsorted(seen, k - below[b], side="right")])
     for p, h in zip(percentiles, positions):
         lo, hi = value[int(np.floor(h))], value[int(np.ceil(h))]
         out[pct_key("itl", p)] = lo + (hi - lo) * (h - np.floor(h))

@@ -227,3 +227,21 @@ def test_itls_in_blocks_give_every_gap_and_exact_largest_gaps(monkeypatch) -> No
     monkeypatch.setattr(metrics, "ITL_CHUNK", 7)  # blocks of a request or two
     small = simulate(res.config)
     assert small.summary == res.summary and small.requests.equals(res.requests)
+
+
+def test_itl_percentiles_are_exact_over_ties_and_spread_values() -> None:
+    """The two-pass quantiles against numpy over every gap: many equal gaps (fixed step times) and a spread."""
+    from policies.state import Requests
+    from sim.metrics import _itls
+
+    rng = np.random.default_rng(3)
+    outputs = rng.integers(2, 60, 400)
+    r = Requests(np.zeros(400), np.ones(400, np.int64), outputs, np.zeros(400, np.int64))
+    gaps = np.where(rng.random(r.token_time.size) < 0.7, 0.025, rng.lognormal(-4, 1, r.token_time.size))
+    r.token_time[:] = np.cumsum(gaps)
+    finished = np.ones(400, dtype=bool)
+    out: dict = {}
+    _itls(r, finished, out, (1, 50, 90, 99, 99.9))
+    every = np.concatenate([np.diff(r.token_time[o:o + n]) for o, n in zip(r.token_offset, outputs)])
+    for p in (1, 50, 90, 99, 99.9):
+        assert out[f"itl_p{p:g}_s"] == pytest.approx(np.percentile(every, p), rel=1e-12, abs=1e-15), p
