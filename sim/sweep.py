@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from hardware.errors import ServesimError
 from sim.capacity import Horizon, run_sized, with_duration, with_rate
 from sim.config import SimConfig
 from sim.engine import simulate
@@ -72,6 +73,8 @@ def sweep(config: SimConfig, rates: int = 8, horizon: Horizon = Horizon(), worke
           progress: bool = False) -> pd.DataFrame:
     """The sweep's table (`COLUMNS`), one row per probe in rate order; a progress bar when `progress` and
     someone watches."""
+    if config.workloads[0].sessions is not None:
+        raise ServesimError("sweep: workloads.0.sessions is set; a sweep sends single requests (remove sessions)")
     bar = progress_bar(rates + 2, "servesim sweep", "probe", progress and watched())
     n = max(horizon.min_requests, 1)
     ends = [("synchronous", _with_arrival(config, {"kind": "closed_loop", "concurrency": 1}, SYNCHRONOUS_REQUESTS),

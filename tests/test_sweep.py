@@ -42,3 +42,4 @@ def test_the_sweep_command_writes_its_table_and_plot(tmp_path, capsys) -> None:
     again = json.loads(capsys.readouterr().out)["sweep"]
     assert [r["throughput_req_s"] for r in again] == table["throughput_req_s"].tolist()  # deterministic
     assert main([*argv, "--rates", "-1"]) == 2
+    assert main([*argv, "--set", "workloads.0.sessions={turns: 2}"]) == 2
