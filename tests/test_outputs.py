@@ -85,7 +85,7 @@ def test_extra_percentiles_are_exact_and_the_table_names_what_ran(capsys) -> Non
     done = res.requests[res.requests["status"] == "finished"]
     assert s["ttft_p99.9_s"] == np.percentile(done["ttft_s"], 99.9)
     gaps = np.concatenate([res.itls(i) for i in done["request_id"]])
-    assert s["itl_p99.9_s"] == np.percentile(gaps, 99.9) or abs(s["itl_p99.9_s"] / np.percentile(gaps, 99.9) - 1) < 1e-12
+    assert abs(s["itl_p99.9_s"] / np.percentile(gaps, 99.9) - 1) < 1e-12
     assert main(["run", *SMALL, "--percentiles", "99.9"]) == 0
     table = capsys.readouterr().out.splitlines()
     assert table[0] == "llama-3-8b on h100 x1 (TP 1), vllm; azure-conv-like: 15 req/s poisson"

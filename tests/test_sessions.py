@@ -3,8 +3,6 @@ answers after the think time, prefix caching reuses the history, a refused turn 
 
 from __future__ import annotations
 
-import numpy as np
-
 from sim.config import load_config
 from sim.engine import simulate
 
