@@ -152,7 +152,8 @@ def _closed_loop() -> Values:
 
 def _closed_loop_text(v: Values) -> list[str]:
     runs = [v["runs"][str(c)] for c in v["clients"]]
-    return [f"{_slash(v['clients'], str)} clients: {_slash([x['throughput_req_s'] for x in runs], lambda t: f'{t:.2f}')}"
+    rates = _slash([x["throughput_req_s"] for x in runs], lambda t: f"{t:.2f}")
+    return [f"{_slash(v['clients'], str)} clients: {rates}"
             f" req/s, TTFT p50 {_slash([x['ttft_p50_s'] * 1e3 for x in runs], lambda t: f'{t:.0f}')} ms, TPOT p50 "
             f"{_slash([x['tpot_p50_s'] * 1e3 for x in runs], lambda t: f'{t:.1f}')} ms, E2E p50 "
             f"{_slash([x['e2e_p50_s'] for x in runs], lambda t: f'{t:.2f}')} s",
@@ -178,7 +179,8 @@ def _sessions_text(v: Values) -> list[str]:
     off, on = v["False"], v["True"]
     return [f"{on['requests_total']} turns; TTFT p50 / p99 {_s(off['ttft_p50_s'])} / {_s(off['ttft_p99_s'])} s without "
             f"prefix caching, {_s(on['ttft_p50_s'])} / {_s(on['ttft_p99_s'])} s with it (token hit rate "
-            f"{on['prefix_cache_hit_rate']:.0%}); TPOT p50 {off['tpot_p50_s'] * 1e3:.1f} / {on['tpot_p50_s'] * 1e3:.1f} ms"]
+            f"{on['prefix_cache_hit_rate']:.0%}); TPOT p50 {off['tpot_p50_s'] * 1e3:.1f} / "
+            f"{on['tpot_p50_s'] * 1e3:.1f} ms"]
 
 
 SWEEP_ARGV = ["sweep", "--rates", "4", "--workers", "2", "--json"]
@@ -191,7 +193,8 @@ def _sweep() -> Values:
 def _sweep_text(v: Values) -> list[str]:
     rows = v["sweep"]
     return [f"{r['profile']}: offered {r['rate_req_s']:.2f}, completed {r['throughput_req_s']:.2f} req/s, TTFT p50 / "
-            f"p99 {r['ttft_p50_s'] * 1e3:.0f} / {r['ttft_p99_s'] * 1e3:.0f} ms, TPOT p50 {r['tpot_p50_s'] * 1e3:.1f} ms "
+            f"p99 {r['ttft_p50_s'] * 1e3:.0f} / {r['ttft_p99_s'] * 1e3:.0f} ms, "
+            f"TPOT p50 {r['tpot_p50_s'] * 1e3:.1f} ms "
             f"({r['stability']}, {r['window']})" for r in rows]
 
 
