@@ -47,13 +47,13 @@ def _shown_percentiles(summary: dict[str, Any]) -> list[str]:
                         if k.startswith("ttft_p") and k.endswith("_s")) if p != "90"]
 
 
-def _latency_lines(summary: dict[str, Any], prefix: str = "", indent: str = "") -> list[str]:
+def _latency_lines(summary: dict[str, Any]) -> list[str]:
     shown = _shown_percentiles(summary)
     lines = []
     for label, key in LATENCIES:
-        values = [summary.get(f"{prefix}{key}_p{p}_s") for p in shown]
+        values = [summary.get(f"{key}_p{p}_s") for p in shown]
         if values and all(v is not None for v in values):
-            name = f"{indent}{label} " + " / ".join(f"p{p}" for p in shown)
+            name = f"{label} " + " / ".join(f"p{p}" for p in shown)
             lines.append(f"{name:30s} {' / '.join(_ms(v) for v in values)} ms")
     return lines
 
