@@ -99,9 +99,10 @@ def describe_validation_error(exc: ValidationError, source: str, model: Any = No
 
 
 def _is_union_member(part: Any) -> bool:
-    """Whether a pydantic error location part names a union member's type ('bool', "literal['a','b']")
-    rather than a field."""
-    return isinstance(part, str) and ("[" in part or part in ("bool", "int", "float", "str", "none"))
+    """Whether a pydantic error location part names a union member's type ('bool', "literal['a','b']",
+    'constrained-float') rather than a field (snake_case)."""
+    return isinstance(part, str) and ("[" in part or "-" in part  # literal['a'], constrained-float: no field names
+                                      or part in ("bool", "int", "float", "str", "none"))
 
 
 def _describe(err: Any, source: str, model: Any) -> str:
