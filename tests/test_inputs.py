@@ -66,7 +66,7 @@ def test_traces_with_a_bom_blank_lines_and_bad_bytes(tmp_path, capsys) -> None:
 
 @pytest.mark.parametrize("override,needle", [
     ("workloads=5", "workloads = 5"),
-    ("workloads.0.arrival.rate=.inf", "arrival.poisson.rate = inf"),
+    ("workloads.0.arrival={kind: gamma, rate: 2, cv: .inf}", "arrival.gamma.cv = inf"),
     ("slo.ttft_s=.nan", "slo.ttft_s = nan"),
     ("hardware.gpu_price=.inf", "hardware.gpu_price = inf"),
     ("workloads.0.start_s=.inf", "workloads.0.start_s = inf"),

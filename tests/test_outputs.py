@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections import Counter
 
 import numpy as np
@@ -95,11 +96,15 @@ def test_extra_percentiles_are_exact_and_the_table_names_what_ran(capsys) -> Non
 
 
 def test_progress_bars_show_only_where_someone_watches(monkeypatch, capsys) -> None:
+    from sim.progress import watched
+
+    assert watched() == (sys.stderr.isatty() or "ipykernel" in sys.modules)
     from sim import engine
     from sim.config import load_config
 
     config = load_config(None, ["workloads.0.num_requests=1500"])
-    engine.simulate(config, progress=True)  # stderr is captured, not a terminal: no bar
+    monkeypatch.setattr(engine, "watched", lambda: False)  # stderr captured, not a terminal, no kernel: no bar
+    engine.simulate(config, progress=True)
     assert capsys.readouterr().err == ""
     monkeypatch.setattr(engine, "watched", lambda: True)
     engine.simulate(config, progress=True)
