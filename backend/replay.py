@@ -94,7 +94,7 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
     executor = TorchExecutor(setup.deployment.model, requests, setup.num_blocks, config.kv_cache.block_size,
                              device, config.seed, temperature, checkpoint, hw.cuda_graphs, draft=draft,
                              oracle=acceptance == "oracle")
-    executor.warm_up(config.scheduler.step_limits(config.max_model_len or spec_model.max_position_embeddings)[0])
+    executor.warm_up(setup.deployment.max_num_batched_tokens)
     policy = make_scheduler(config.scheduler)
     speculator = None if spec is None else Speculator(spec, Acceptance(spec.acceptance, config.seed, requests.n))
     cluster = Cluster([_Replica(state)], make_router(config.cluster.router, config.seed), requests,  # type: ignore[list-item]

@@ -92,7 +92,7 @@ def describe_validation_error(exc: ValidationError, source: str, model: Any = No
     lines = []
     for errs in list(fields.values())[:MAX_ERRORS_SHOWN]:
         line = _describe(errs[0], source, model)
-        lines.append("; or ".join([line] + [e["msg"].removeprefix("Value error, ") for e in errs[1:]]))
+        lines.append("; or ".join([line] + [_message(e) for e in errs[1:]]))
     if len(fields) > MAX_ERRORS_SHOWN:
         lines.append(f"{source}: ... and {len(fields) - MAX_ERRORS_SHOWN} more errors")
     return "\n".join(lines)
@@ -105,8 +105,12 @@ def _is_union_member(part: Any) -> bool:
                                       or part in ("bool", "int", "float", "str", "none"))
 
 
+def _message(err: Any) -> str:
+    return err["msg"].removeprefix("Value error, ")
+
+
 def _describe(err: Any, source: str, model: Any) -> str:
-    msg = err["msg"].removeprefix("Value error, ")
+    msg = _message(err)
     if err["type"] == "extra_forbidden" and model is not None:
         allowed = _fields_at(model, tuple(err["loc"][:-1]))
         if allowed:

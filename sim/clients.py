@@ -48,9 +48,8 @@ class Clients:
             yield self.env.timeout(start_s - self.env.now)
         while queue:
             rid = queue.popleft()
-            self.req.arrival[rid] = self.env.now
             answered = self.answered[rid] = self.env.event()
-            self.arrive(rid)
+            self._send(rid)
             yield answered
             pause = _pause(spec.think_time_s, spec.think, rng)
             if pause > 0 and queue:
@@ -59,6 +58,10 @@ class Clients:
     def _next_turn(self, rid: int, pause: float) -> Iterator[simpy.Event]:
         if pause > 0:
             yield self.env.timeout(pause)
+        self._send(rid)
+
+    def _send(self, rid: int) -> None:
+        """Request `rid` arrives now."""
         self.req.arrival[rid] = self.env.now
         self.arrive(rid)
 

@@ -192,11 +192,12 @@ class DisaggregatedCluster:
         self.incoming[i] += 1
         target.state.kv.grow_to(rid, int(self.req.prompt[rid]))
 
-    def _yield_streams(self, rid: int) -> bool:
+    def _yield_streams(self, rid: int) -> Replica | None:
         """Make room for hand-off `rid` on a decode instance by giving back the destinations of layer-wise
         streams whose prefill is not done (newest first), where that makes enough room; each falls back to a
         transfer after its prefill. A finished prefill comes first: it frees the prefill instance's KV once
-        moved, while a stream's prefill may wait for exactly that KV (holding both would livelock)."""
+        moved, while a stream's prefill may wait for exactly that KV (holding both would livelock). Returns the
+        decode instance `rid` now fits on, or None."""
         need = -(-(int(self.req.prompt[rid]) + 1) // self.config.kv_cache.block_size)
         for rep in self.pools["decode"]:
             i, kv = rep.state.index, rep.state.kv
@@ -209,17 +210,18 @@ class DisaggregatedCluster:
                 self.dest[s], self.streamed[s], self.reserved[s], self.fell_back[s] = -1, 0, np.nan, True
                 self.abandoned[s] = self.kv_bytes[s]
                 self.streaming.remove(s)
-                if self._choose_decode(rid) is not None:
-                    return True
-        return False
+                target = self._choose_decode(rid)
+                if target is not None:
+                    return target
+        return None
 
     def _dispatch(self) -> None:
         """Move waiting hand-offs, first come first served, while a decode instance has room."""
         while self.pending:
             rid = self.pending[0]
             target = self._choose_decode(rid)
-            if target is None and self.layerwise and self._yield_streams(rid):
-                target = self._choose_decode(rid)
+            if target is None and self.layerwise:
+                target = self._yield_streams(rid)
             if target is None:
                 return
             self.pending.popleft()

@@ -403,10 +403,12 @@ def simulate(
                             speculator=speculator) for s in states]
         router = make_router(config.cluster.router, config.seed, config.cluster.affinity_slack)
         arrive, extra = Cluster(replicas, router, requests, pool.deployment.context_limit).arrive, None
-    clients = Clients(env, requests, arrive, config.workloads, config.seed)
+    waits = any(w.arrival.kind == "closed_loop" or w.sessions is not None for w in config.workloads)
+    clients = Clients(env, requests, arrive, config.workloads, config.seed) if waits else None
     for w, workload in enumerate(config.workloads):
         ids = np.flatnonzero(requests.workload == w)
         if workload.arrival.kind == "closed_loop":
+            assert clients is not None
             clients.closed_loop(ids.tolist(), workload.arrival, workload.start_s, w)
         else:  # (a session's later turns have no time yet: `clients` sends them)
             ids = ids[~np.isnan(requests.arrival[ids])]

@@ -126,19 +126,18 @@ def _itls(r: Requests, finished: np.ndarray, out: dict[str, Any], percentiles: S
         return itl_max
     positions = [(n - 1) * p / 100 for p in percentiles]
     ranks = sorted({int(np.floor(h)) for h in positions} | {int(np.ceil(h)) for h in positions})
-    below = np.cumsum(counts) - counts  # gaps in the bins before each bin
-    bins = {int(np.searchsorted(below + counts, k, side="right")) for k in ranks}
-    kept: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b in bins}
+    upto = np.cumsum(counts)  # gaps in each bin and the bins before it
+    bin_of = {k: int(np.searchsorted(upto, k, side="right")) for k in ranks}
+    kept: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {b: [] for b in bin_of.values()}
     for g in _gap_blocks(r, finished):
         where = np.searchsorted(ITL_BINS, g, side="right") - 1
-        for b in bins:  # distinct values with their counts: equal gaps (fixed step times) take no room
+        for b in kept:  # distinct values with their counts: equal gaps (fixed step times) take no room
             kept[b].append(np.unique(g[where == b], return_counts=True))
     value = {}
-    for k in ranks:
-        b = int(np.searchsorted(below + counts, k, side="right"))
+    for k, b in bin_of.items():
         values, times = np.unique(np.concatenate([v for v, _ in kept[b]]), return_inverse=True)
         seen = np.cumsum(np.bincount(times, weights=np.concatenate([c for _, c in kept[b]])))
-        value[k] = float(values[np.searchsorted(seen, k - below[b], side="right")])
+        value[k] = float(values[np.searchsorted(seen, k - (upto[b] - counts[b]), side="right")])
     for p, h in zip(percentiles, positions):
         lo, hi = value[int(np.floor(h))], value[int(np.ceil(h))]
         out[pct_key("itl", p)] = lo + (hi - lo) * (h - np.floor(h))

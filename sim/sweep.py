@@ -13,6 +13,7 @@ end points report their whole run (a closed loop and a burst have no offered rat
 
 from __future__ import annotations
 
+import contextlib
 import os
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -27,6 +28,7 @@ from sim.config import SimConfig
 from sim.engine import simulate
 from sim.progress import bar as progress_bar
 from sim.progress import watched
+from traces.workload import RATED_KINDS
 
 METRICS = ("ttft", "tpot", "itl", "e2e")
 SYNCHRONOUS_REQUESTS = 200  # the one-client probe: requests one after another
@@ -76,40 +78,26 @@ def sweep(config: SimConfig, rates: int = 8, horizon: Horizon = Horizon(), worke
     if config.workloads[0].sessions is not None:
         raise ServesimError("sweep: workloads.0.sessions is set; a sweep sends single requests (remove sessions)")
     bar = progress_bar(rates + 2, "servesim sweep", "probe", progress and watched())
-    n = max(horizon.min_requests, 1)
+    n = horizon.min_requests
     ends = [("synchronous", _with_arrival(config, {"kind": "closed_loop", "concurrency": 1}, SYNCHRONOUS_REQUESTS),
              None, horizon),
             ("throughput", _with_arrival(config, {"kind": "burst"}, n), None, horizon)]
     workers = workers or os.cpu_count() or 1
-    with ProcessPoolExecutor(max_workers=workers) if workers > 1 else _Inline() as pool:
-        low, high = pool.map(_probe, ends)
+    with contextlib.ExitStack() as stack:
+        pool_map = stack.enter_context(ProcessPoolExecutor(max_workers=workers)).map if workers > 1 else map
+        low, high = pool_map(_probe, ends)
         bar.update(2)
         between = np.linspace(low["throughput_req_s"], high["throughput_req_s"], rates + 2)[1:-1] if rates else []
-        kind = config.workloads[0].arrival.kind
-        base = config if kind in ("poisson", "gamma", "constant") else _with_arrival(
+        base = config if config.workloads[0].arrival.kind in RATED_KINDS else _with_arrival(
             config, {"kind": "poisson", "rate": 1.0}, n)
         jobs = [(f"rate {r:.3g}", with_duration(with_rate(base, float(r)), horizon.min_duration_s, horizon),
                  horizon.min_duration_s, horizon) for r in between]
         middle = []
-        for row in pool.map(_probe, jobs):
+        for row in pool_map(_probe, jobs):
             middle.append(row)
             bar.update(1)
     bar.close()
     return pd.DataFrame([low, *middle, high], columns=COLUMNS)
-
-
-class _Inline:
-    """`map` in this process (one worker)."""
-
-    def __enter__(self) -> _Inline:
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        return None
-
-    @staticmethod
-    def map(fn: Any, jobs: list[Any]) -> Any:
-        return map(fn, jobs)
 
 
 def plot(table: pd.DataFrame, path: str | Path, title: str = "") -> None:
