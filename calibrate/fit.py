@@ -191,7 +191,7 @@ def _launched(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, tp: int = 1,
               kernels: Engine = PAGED_ENGINE) -> list[tuple[Operator, int]]:
     """The operators that launch work in an eager step of `spec` on one GPU of a TP group, with counts."""
     t = StepTotals.of(shape, spec.sliding_window)
-    ops = step_operators(Deployment.build(spec, gpu, tp=tp, **kernels), t, float(t.tokens), 0.0)
+    ops = step_operators(Deployment.build(spec, gpu, tp=tp, **kernels), t, float(t.tokens))
     return [(op, c) for op, c in ops if op.flops or op.bytes or op.comm_bytes]
 
 

@@ -97,7 +97,7 @@ def _decode_shape(rows: int) -> StepShape:
 def operators_at(dep: Deployment, shape: StepShape) -> dict[str, Operator]:
     """The cost model's operators of one step, by name (first pipeline stage and last)."""
     t = StepTotals.of(shape, dep.model.sliding_window)
-    return {op.name: op for op, _ in step_operators(dep, t, float(t.tokens), 0.0)}
+    return {op.name: op for op, _ in step_operators(dep, t, float(t.tokens))}
 
 
 def _record(op: Operator, seconds: float, **params: Any) -> dict[str, Any]:

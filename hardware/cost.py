@@ -36,6 +36,7 @@ for mixed batches); 'decode' graphs decode-only steps alone (vLLM V0); 'none' ru
 from __future__ import annotations
 
 import bisect
+import math
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -43,10 +44,10 @@ import numpy as np
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
 from hardware.operators import (
+    MoeLoad,
     Operator,
     StepShape,
     StepTotals,
-    expected_active_experts,
     first_stage_operators,
     last_stage_operators,
     layer_operators,
@@ -186,7 +187,8 @@ class StepCost:
 
 
 FEATURES = ("rows", "active_experts", "tokens", "logit_tokens", "prefill_pairs", "prefill_queries",
-            "prefill_kv_tokens", "decode_seqs", "decode_pairs")
+            "prefill_kv_tokens", "decode_seqs", "decode_pairs", "moe_rows", "group_tokens", "dispatched",
+            "prefill_on", "decode_on")
 _DECODE_SEQS, _DECODE_PAIRS = FEATURES.index("decode_seqs"), FEATURES.index("decode_pairs")
 
 
@@ -195,7 +197,7 @@ def _totals(x: np.ndarray) -> StepTotals:
     return StepTotals(tokens=f["tokens"], logit_tokens=f["logit_tokens"], prefill_seqs=0,
                       prefill_queries=f["prefill_queries"], prefill_pairs=f["prefill_pairs"],
                       prefill_kv_tokens=f["prefill_kv_tokens"], decode_seqs=f["decode_seqs"],
-                      decode_pairs=f["decode_pairs"])
+                      decode_pairs=f["decode_pairs"], prefill_on=f["prefill_on"], decode_on=f["decode_on"])
 
 
 def _work(ops: list[tuple[Operator, int]]) -> np.ndarray:
@@ -204,11 +206,12 @@ def _work(ops: list[tuple[Operator, int]]) -> np.ndarray:
 
 def collective_shape(op: Operator) -> tuple[int, float]:
     """(latency steps, share of the payload each rank moves): ring all-reduce 2(n-1) and 2(n-1)/n,
-    all-gather n-1 and (n-1)/n, send/recv (and any non-collective) 1 and all of it."""
+    all-gather and reduce-scatter n-1 and (n-1)/n; send/recv, all-to-all (its payload is already the bytes
+    sent over the link, to all peers at once) and any non-collective 1 and all of it."""
     n = op.ranks
     if op.kind == "all-reduce":
         return 2 * (n - 1), 2.0 * (n - 1) / n
-    if op.kind == "all-gather":
+    if op.kind in ("all-gather", "reduce-scatter"):
         return n - 1, (n - 1) / n
     return 1, 1.0
 
@@ -225,12 +228,16 @@ def peak_flops(dep: Deployment, kind: str, gpu: GPUSpec | None = None) -> float:
     return gpu.fp32_flops
 
 
-def step_operators(dep: Deployment, t: StepTotals, rows: float, active_experts: float) -> list[tuple[Operator, int]]:
-    """Every operator of a step on one GPU per stage, with how many times it runs: (operator, count)."""
-    layer = layer_operators(dep, t, rows, active_experts)
+def step_operators(dep: Deployment, t: StepTotals, rows: float, moe: MoeLoad | None = None
+                   ) -> list[tuple[Operator, int]]:
+    """Every operator of a step on one GPU per stage, with how many times it runs: (operator, count); the
+    operators of dense MLPs and of MoE layers run in the stage's layers of their kind."""
+    layer = layer_operators(dep, t, rows, moe)
     out: list[tuple[Operator, int]] = []
     for s, n_layers in enumerate(dep.layers_per_stage):
-        out += [(replace(op, stage=s), n_layers * op.count) for op in layer]
+        n_moe = dep.model.moe_layers(dep.stage_layers(s))
+        counts = {"all": n_layers, "moe": n_moe, "dense": n_layers - n_moe}
+        out += [(replace(op, stage=s), counts[op.layers] * op.count) for op in layer]
         extras = first_stage_operators(dep, rows) if s == 0 else [pipeline_operator(dep, rows, s)]
         if s == dep.pp - 1:
             extras += last_stage_operators(dep, t)
@@ -244,7 +251,7 @@ def dispatch_segments(dep: Deployment) -> list[tuple[np.ndarray, np.ndarray, np.
     order the backend issues them), and after them (final norm, LM head, sampling), and the stage's layers.
     Mirrors the order in which `step_operators` lists them."""
     zero = StepTotals(0, 0, 0, 0, 0.0, 0.0, 0, 0.0)
-    n_layer = len(layer_operators(dep, zero, 0.0, 0.0))
+    n_layer = len(layer_operators(dep, zero, 0.0))
     out, start = [], 0
     for s, n_layers in enumerate(dep.layers_per_stage):
         n_first = len(first_stage_operators(dep, 0.0)) if s == 0 else 1
@@ -290,10 +297,12 @@ class CostModel:
         self.dep = deployment
         self.profile = (profile or DEFAULT_PROFILE).merged_over(DEFAULT_PROFILE)
         self.cuda_graphs = graph_mode(cuda_graphs)
+        self._moe_cache: dict[float, tuple[float, float]] = {}
         self._compile()
 
     def _operators(self, x: np.ndarray) -> list[tuple[Operator, int]]:
-        return step_operators(self.dep, _totals(x), float(x[0]), float(x[1]))
+        moe = MoeLoad(rows=float(x[9]), active_experts=float(x[1]), group_tokens=float(x[10]), dispatched=float(x[11]))
+        return step_operators(self.dep, _totals(x), float(x[0]), moe)
 
     def _affine(self, x: np.ndarray) -> np.ndarray:
         """(ops, 3) array of FLOPs, bytes and collective payload at feature vector x."""
@@ -319,7 +328,8 @@ class CostModel:
                            np.concatenate([np.ones(len(first)), np.full(len(layer), 1.0 / max(n, 1)),
                                            np.ones(len(last))]))
                           for first, layer, last, n in dispatch_segments(dep)]
-        links = [dep.pp_link if op.kind == "send-recv" else dep.tp_link for op in self._ops]
+        links = [dep.pp_link if op.kind == "send-recv" else dep.moe_link if op.name.startswith("moe_") else dep.tp_link
+                 for op in self._ops]
         steps, self._moved = (np.array(v, dtype=float) for v in zip(*map(collective_shape, self._ops)))
         self._latency = np.where(self._comm, steps * np.array([link.latency for link in links]), 0.0)
         # The profile's efficiencies are fractions of its own GPU's roofline: evaluate them there, and move
@@ -340,9 +350,10 @@ class CostModel:
         self._peaks = np.concatenate([self._peak_c, [link.bandwidth if c else self._bandwidth
                                                      for link, c in zip(links, self._comm)]])
         # Attention kernels measured over their shape: (operator index, surface), evaluated per step.
-        self._surfaces = [(i, s) for i, op in enumerate(self._ops) if op.kind.startswith("attention")
-                          and (s := self.profile.attention_surface(op.kind, dep.heads_per_gpu, dep.kv_heads_per_gpu,
-                                                                   dep.model.head_size)) is not None]
+        # (MLA's kernels have shapes of their own: priced by their kind's curves.)
+        heads = (dep.heads_per_gpu, dep.kv_heads_per_gpu, dep.model.head_size)
+        self._surfaces = [(i, s) for i, op in enumerate(self._ops) if op.kind.startswith("attention") and
+                          not dep.model.is_mla and (s := self.profile.attention_surface(op.kind, *heads)) is not None]
         self._n = n
 
     def _curves(self, op: Operator) -> tuple[Curve | float, Curve | float, bool]:
@@ -364,6 +375,14 @@ class CostModel:
             return kind.compute, kind.memory, False
         (k, n), m = op.dims, np.asarray(g.m)
         return Curve(sizes=tuple(2.0 * m * k * n), efficiency=g.efficiency), 1.0, True
+
+    def _busiest(self, tokens: float) -> tuple[float, float]:
+        """(routed token slots, distinct experts) of the busiest GPU of the MoE group for a step of `tokens`
+        tokens over the group, cached: steps repeat their token counts."""
+        hit = self._moe_cache.get(tokens)
+        if hit is None:
+            hit = self._moe_cache[tokens] = self.dep.placement.busiest(tokens)
+        return hit
 
     def _longest_decode(self, i: int, surface: AttentionSurface, t: StepTotals) -> float:
         """A ragged decode batch takes at least as long as its longest sequence's blocks: the time of a batch
@@ -402,12 +421,19 @@ class CostModel:
         """Cost of one step running `shape`."""
         dep = self.dep
         t = StepTotals.of(shape, dep.model.sliding_window)
-        graph = graph_rows(self.cuda_graphs, t.tokens, shape.prefill_tokens.size, shape.verify_tokens.size)
+        dp = dep.dp
+        if dp > 1:  # DP attention: each rank runs an even share of the step
+            t = t.share(dp)
+        graph = graph_rows(self.cuda_graphs, math.ceil(t.tokens), math.ceil(shape.prefill_tokens.size / dp),
+                           shape.verify_tokens.size)
         rows = graph or t.tokens
-        m = dep.model
-        experts = expected_active_experts(m.num_experts, m.experts_per_token, rows) if m.is_moe else 0.0
+        moe_rows = experts = group = 0.0
+        if dep.model.is_moe:
+            group = rows * dp
+            moe_rows, experts = self._busiest(group)
         x = np.array([rows, experts, t.tokens, t.logit_tokens, t.prefill_pairs, t.prefill_queries,
-                      t.prefill_kv_tokens, t.decode_seqs, t.decode_pairs], dtype=float)
+                      t.prefill_kv_tokens, t.decode_seqs, t.decode_pairs, moe_rows, group, group / dep.moe_group,
+                      t.prefill_on, t.decode_on], dtype=float)
         work = self._base + self._slopes @ x  # (ops, 3): flops, bytes, payload
         flops, nbytes, payload = work[:, 0], work[:, 1], work[:, 2]
         present = (flops > 0) | (nbytes > 0) | (payload > 0)

@@ -26,7 +26,7 @@ from typing import Sequence
 
 import numpy as np
 
-from hardware.deployment import Deployment
+from hardware.deployment import GPUS_PER_NODE, Deployment
 from hardware.errors import ServesimError
 from hardware.specs import DTYPE_BYTES
 
@@ -155,6 +155,8 @@ class StepTotals:
     decode_seqs: int
     decode_pairs: float  # = K/V tokens read by decode attention
     decode_longest: int = 0  # K/V tokens of the longest decode (its attention blocks run longest)
+    prefill_on: float = 0.0  # 1 when the step has prefill-style attention (chunks or verifications), else 0
+    decode_on: float = 0.0  # 1 when it has decodes
 
     @classmethod
     def of(cls, shape: StepShape, sliding_window: int | None = None) -> StepTotals:
@@ -190,7 +192,17 @@ class StepTotals:
             decode_seqs=n_dec,
             decode_pairs=dec_pairs,
             decode_longest=longest,
+            prefill_on=float(c.size + v.size > 0),
+            decode_on=float(n_dec > 0),
         )
+
+
+    def share(self, ranks: int) -> StepTotals:
+        """One DP attention rank's even share of the step (fractional counts are expectations)."""
+        return StepTotals(self.tokens / ranks, self.logit_tokens / ranks, self.prefill_seqs / ranks,  # type: ignore[arg-type]
+                          self.prefill_queries / ranks, self.prefill_pairs / ranks,  # type: ignore[arg-type]
+                          self.prefill_kv_tokens / ranks, self.decode_seqs / ranks,  # type: ignore[arg-type]
+                          self.decode_pairs / ranks, self.decode_longest, self.prefill_on, self.decode_on)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,14 +223,15 @@ class Operator:
     ranks: int = 1
     stage: int = 0
     dims: tuple[int, int] | None = None
+    layers: str = "all"  # the decoder layers it runs in: all, dense (MLP) or moe
 
 
 def gemm_operator(name: str, m: float, k: float, n: float, w_bytes: float, a_bytes: float, count: int = 1,
-          weight_reads: float = 1.0, expert: bool = False) -> Operator:
+                  weight_reads: float = 1.0, expert: bool = False, layers: str = "all") -> Operator:
     """Y[m,n] = X[m,k] W[k,n]: reads X and `weight_reads` matrices W (MoE: the experts hit), writes Y."""
     dims = None if expert else (int(k), int(n))  # MoE experts read their weights per expert hit
     return Operator(name, "gemm", 2.0 * m * k * n, k * n * w_bytes * weight_reads + (m * k + m * n) * a_bytes,
-                    count, dims=dims)
+                    count, dims=dims, layers=layers)
 
 
 def expected_active_experts(num_experts: int, top_k: int, tokens: int) -> float:
@@ -226,33 +239,29 @@ def expected_active_experts(num_experts: int, top_k: int, tokens: int) -> float:
     return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
 
 
-def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts: float = 0.0) -> list[Operator]:
-    """Operators of one decoder layer on one GPU, in the order the backend issues them.
+@dataclass(frozen=True, slots=True)
+class MoeLoad:
+    """What an MoE layer computes on the busiest GPU of its group in one step: routed token slots (`rows`),
+    distinct experts whose weights it reads, the tokens of the whole group (every DP rank's), and the tokens
+    each GPU dispatches in an all-to-all."""
 
-    `rows` is the tokens through the dense layers (padded to a captured CUDA-graph batch when one is
-    replayed); `active_experts` the MoE experts some token is routed to. Every FLOP and byte count is an
-    affine function of these and of the totals (the cost model relies on it); an operator with no work
-    (attention kinds absent from the step) launches nothing.
-    """
+    rows: float = 0.0
+    active_experts: float = 0.0
+    group_tokens: float = 0.0
+    dispatched: float = 0.0
+
+
+def attention_operators(dep: Deployment, t: StepTotals, rows: float) -> list[Operator]:
+    """Q/K/V projections, RoPE with the KV write, attention (and K/V gathers) of one layer: GQA or MLA."""
     m = dep.model
+    if m.is_mla:
+        return mla_operators(dep, t, rows)
     h, d = m.hidden_size, m.head_size
     a, w = dep.act_bytes, DTYPE_BYTES[dep.weight_dtype]
     kvb = DTYPE_BYTES[dep.kv_dtype]
-    hq, hkv, inter = dep.heads_per_gpu, dep.kv_heads_per_gpu, dep.intermediate_per_gpu
-    qkv = (hq + 2 * hkv) * d
-    fused = dep.elementwise == "fused"
-    ops = [
-        Operator("add_rmsnorm", "elementwise", 5.0 * rows * h, 4.0 * rows * h * a + h * a, count=2,
-                 kernels=1 if fused else 2),
-        gemm_operator("qkv_proj", rows, h, qkv, w, a),
-    ]
-    if fused:  # one kernel: read q, k, v; write the rotated q, and the rotated k and v into the cache
-        ops.append(Operator("rope_kv_write", "elementwise", 6.0 * rows * (hq + hkv) * d,
-                            rows * (2 * hq + hkv) * d * a + t.tokens * hkv * d * (a + 2 * kvb)))
-    else:
-        ops += [Operator("rope", "elementwise", 6.0 * rows * (hq + hkv) * d, 2.0 * rows * (hq + hkv) * d * a,
-                         kernels=7),
-                Operator("kv_write", "kv-write", 0.0, t.tokens * 2 * hkv * d * (a + kvb), kernels=2)]
+    hq, hkv = dep.heads_per_gpu, dep.kv_heads_per_gpu
+    ops = [gemm_operator("qkv_proj", rows, h, (hq + 2 * hkv) * d, w, a)]
+    ops += rope_operators(dep, t, rows, (hq + hkv) * d, hq * d, hkv * d, 2 * hkv * d)
     gather = {op.name: [op] for op in kv_gather_operators(dep, t)}  # before its attention call (none: paged)
     ops += [*gather.get("kv_gather_prefill", []),
             Operator("attention_prefill", "attention-prefill", 4.0 * t.prefill_pairs * d * hq,
@@ -262,24 +271,144 @@ def layer_operators(dep: Deployment, t: StepTotals, rows: float, active_experts:
             Operator("attention_decode", "attention-decode", 4.0 * t.decode_pairs * d * hq,
                      2.0 * t.decode_seqs * hq * d * a + t.decode_pairs * 2 * hkv * d * kvb,
                      kernels=ATTENTION_KERNELS[dep.kv_access]["attention-decode"])]
-    ops.append(gemm_operator("o_proj", rows, hq * d, h, w, a))
+    return ops
+
+
+def rope_operators(dep: Deployment, t: StepTotals, rows: float, rotated: int, q_width: int, k_width: int,
+                   cached: int) -> list[Operator]:
+    """RoPE over `rotated` values per token (queries of `q_width`, keys of `k_width`) and the write of `cached`
+    values per token into the KV cache: one fused kernel, or PyTorch's separate ops."""
+    a, kvb = dep.act_bytes, DTYPE_BYTES[dep.kv_dtype]
+    if dep.elementwise == "fused":  # read q, k, v; write the rotated q, and the rotated k and v into the cache
+        return [Operator("rope_kv_write", "elementwise", 6.0 * rows * rotated,
+                         rows * (2 * q_width + k_width) * a + t.tokens * cached / 2 * (a + 2 * kvb))]
+    return [Operator("rope", "elementwise", 6.0 * rows * rotated, 2.0 * rows * rotated * a, kernels=7),
+            Operator("kv_write", "kv-write", 0.0, t.tokens * cached * (a + kvb), kernels=2)]
+
+
+def mla_operators(dep: Deployment, t: StepTotals, rows: float) -> list[Operator]:
+    """Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434) on one TP rank: the query (through its
+    latent when q_lora_rank is set) and the KV latent with its RoPE key are projected, the latent is cached
+    (one copy per rank), and attention runs either *naive* (the cached latents of every key are up-projected
+    to per-head K and V, then multi-head attention of head size nope + rope) or *absorbed* (the K and V
+    up-projections fold into the query and the output: multi-query attention over the latent itself). vLLM
+    and SGLang run prefill naive and decode absorbed (`mla_attention: auto`)."""
+    m = dep.model
+    h, hq = m.hidden_size, dep.heads_per_gpu
+    a, w, kvb = dep.act_bytes, DTYPE_BYTES[dep.weight_dtype], DTYPE_BYTES[dep.kv_dtype]
+    lkv, dr = m.kv_lora_rank or 0, m.qk_rope_head_dim or 0
+    dn, dv, dqk = m.qk_nope_head_dim or 0, m.v_head_dim or 0, m.mla_qk_head_dim
+    ops: list[Operator] = []
+    if m.q_lora_rank:
+        ops += [gemm_operator("q_a_proj", rows, h, m.q_lora_rank, w, a),
+                Operator("q_a_norm", "elementwise", 4.0 * rows * m.q_lora_rank, 2.0 * rows * m.q_lora_rank * a),
+                gemm_operator("q_b_proj", rows, m.q_lora_rank, hq * dqk, w, a)]
+    else:
+        ops.append(gemm_operator("q_proj", rows, h, hq * dqk, w, a))
+    ops += [gemm_operator("kv_a_proj", rows, h, lkv + dr, w, a),
+            Operator("kv_a_norm", "elementwise", 4.0 * rows * lkv, 2.0 * rows * lkv * a)]
+    ops += rope_operators(dep, t, rows, (hq + 1) * dr, hq * dr, lkv + dr, lkv + dr)
+    ops += kv_gather_operators(dep, t)
+    for kind, queries, pairs, kv_tokens, on in (
+            ("prefill", t.prefill_queries, t.prefill_pairs, t.prefill_kv_tokens, t.prefill_on),
+            ("decode", t.decode_seqs, t.decode_pairs, t.decode_pairs, t.decode_on)):
+        mode = dep.mla_attention if dep.mla_attention != "auto" else ("naive" if kind == "prefill" else "absorbed")
+        attention = f"attention-{kind}"
+        if mode == "naive":  # (`on`: a step without this kind of attention reads none of its weights)
+            ops += [gemm_operator(f"mla_kv_up_{kind}", kv_tokens, lkv, hq * (dn + dv), w, a, weight_reads=on),
+                    Operator(f"attention_{kind}", attention, 2.0 * pairs * hq * (dqk + dv),
+                             (queries + kv_tokens) * hq * (dqk + dv) * a,
+                             kernels=ATTENTION_KERNELS["paged"][attention])]
+        else:  # per head: q_nope (dn) -> latent (lkv) before, latent -> v (dv) after
+            ops += [Operator(f"mla_q_absorb_{kind}", "gemm", 2.0 * queries * hq * dn * lkv,
+                             on * hq * dn * lkv * w + queries * hq * (dn + lkv) * a),
+                    Operator(f"attention_{kind}", attention, 2.0 * pairs * hq * (2 * lkv + dr),
+                             queries * hq * (2 * lkv + dr) * a + kv_tokens * (lkv + dr) * kvb,
+                             kernels=ATTENTION_KERNELS["paged"][attention]),
+                    Operator(f"mla_v_up_{kind}", "gemm", 2.0 * queries * hq * lkv * dv,
+                             on * hq * lkv * dv * w + queries * hq * (lkv + dv) * a)]
+    return ops
+
+
+def mlp_operators(dep: Deployment, rows: float, moe: MoeLoad) -> list[Operator]:
+    """The MLP of a dense layer and of an MoE layer (each counted over the layers of its kind).
+
+    An MoE layer on the `tp x dp` GPUs of its group: the router, then the routed experts of the busiest GPU
+    (`moe.rows` token slots, `moe.active_experts` experts' weights read), beside the shared experts (a dense
+    MLP sharded over TP). Tensor-parallel experts with DP attention gather the DP ranks' tokens first and
+    reduce-scatter the outputs after; expert parallelism with DP attention dispatches each token to the GPUs
+    of its experts and combines the results (all-to-all, `moe.dispatched` tokens per GPU, as DeepEP and
+    pplx-kernels do); expert parallelism with TP attention has every token on every GPU already, and the
+    TP all-reduce combines. An all-to-all's bytes are those sent over its link: to the other GPUs of the
+    group on the node's fabric, or to the GPUs outside the node (8 GPUs) on an inter-node link; tokens are
+    dispatched in fp8 when the weights are fp8 (DeepEP's low-precision dispatch) and combined in bf16."""
+    m = dep.model
+    h, a, w = m.hidden_size, dep.act_bytes, DTYPE_BYTES[dep.weight_dtype]
+    fused = dep.elementwise == "fused"
+    inter = dep.intermediate_per_gpu
+    ops = [gemm_operator("gate_up_proj", rows, h, 2 * inter, w, a, layers="dense"),
+           Operator("silu_mul", "elementwise", 5.0 * rows * inter, 3.0 * rows * inter * a,
+                    kernels=1 if fused else 2, layers="dense"),
+           gemm_operator("down_proj", rows, inter, h, w, a, layers="dense")]
+    if dep.tp > 1:
+        ops.append(Operator("all_reduce_mlp", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp,
+                            layers="dense"))
+    if not m.is_moe:
+        return ops
+    k, e, g = m.experts_per_token, m.num_experts, dep.moe_group
+    inter_e, shared = dep.expert_intermediate_per_gpu, dep.shared_intermediate_per_gpu
+    tp_experts_dp = dep.dp > 1 and not dep.expert_parallel
+    a2a = dep.dp > 1 and dep.expert_parallel
+    local = 1 if dep.moe_link.id == dep.tp_link.id else min(g, GPUS_PER_NODE)
+    sent = moe.dispatched * k * h * (g - local) / g  # values of the token copies sent across the link
+    dispatch_bytes = 1.0 if dep.weight_dtype == "fp8" else a  # fp8 weights: tokens dispatched in fp8 (DeepEP)
+    ops.append(gemm_operator("moe_router", rows, h, e, w, a, layers="moe"))
+    if shared:
+        ops += [gemm_operator("shared_gate_up", rows, h, 2 * shared, w, a, layers="moe"),
+                Operator("shared_silu_mul", "elementwise", 5.0 * rows * shared, 3.0 * rows * shared * a, layers="moe"),
+                gemm_operator("shared_down", rows, shared, h, w, a, layers="moe")]
+    if tp_experts_dp:
+        ops.append(Operator("moe_all_gather", "all-gather", 0.0, 0.0, comm_bytes=moe.group_tokens * h * a,
+                            ranks=dep.dp, layers="moe"))
+    if a2a:
+        ops.append(Operator("moe_dispatch", "all-to-all", 0.0, 0.0, comm_bytes=sent * dispatch_bytes, ranks=g,
+                            layers="moe"))
+    ops += [gemm_operator("moe_gate_up", moe.rows, h, 2 * inter_e, w, a, weight_reads=moe.active_experts,
+                          expert=True, layers="moe"),
+            Operator("moe_silu_mul", "elementwise", 5.0 * moe.rows * inter_e, 3.0 * moe.rows * inter_e * a,
+                     layers="moe"),
+            gemm_operator("moe_down", moe.rows, inter_e, h, w, a, weight_reads=moe.active_experts, expert=True,
+                          layers="moe")]
+    if a2a:
+        ops.append(Operator("moe_combine", "all-to-all", 0.0, 0.0, comm_bytes=sent * a, ranks=g, layers="moe"))
+    if tp_experts_dp:
+        ops.append(Operator("moe_reduce_scatter", "reduce-scatter", 0.0, 0.0, comm_bytes=moe.group_tokens * h * a,
+                            ranks=g, layers="moe"))
+    elif dep.tp > 1:
+        ops.append(Operator("all_reduce_moe", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp,
+                            layers="moe"))
+    return ops
+
+
+def layer_operators(dep: Deployment, t: StepTotals, rows: float, moe: MoeLoad | None = None) -> list[Operator]:
+    """Operators of one decoder layer on one GPU, in the order the backend issues them.
+
+    `rows` is the tokens through the dense layers (padded to a captured CUDA-graph batch when one is
+    replayed); `moe` what the busiest GPU's MoE layer computes. Every FLOP and byte count is an affine
+    function of these and of the totals (the cost model relies on it); an operator with no work (attention
+    kinds absent from the step) launches nothing. Dense-MLP and MoE operators carry `layers` = 'dense' or
+    'moe' and count over the layers of their kind.
+    """
+    m = dep.model
+    h, a = m.hidden_size, dep.act_bytes
+    ops = [Operator("add_rmsnorm", "elementwise", 5.0 * rows * h, 4.0 * rows * h * a + h * a, count=2,
+                    kernels=1 if dep.elementwise == "fused" else 2)]
+    ops += attention_operators(dep, t, rows)
+    o_in = dep.heads_per_gpu * (m.v_head_dim if m.is_mla else m.head_size)
+    ops.append(gemm_operator("o_proj", rows, o_in, h, DTYPE_BYTES[dep.weight_dtype], a))
     if dep.tp > 1:
         ops.append(Operator("all_reduce_attn", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp))
-    if m.is_moe:
-        k, e = m.experts_per_token, m.num_experts
-        ops.append(gemm_operator("moe_router", rows, h, e, w, a))
-        # Each token runs k experts; only the experts some token is routed to have their weights read.
-        ops.append(gemm_operator("moe_gate_up", rows * k, h, 2 * inter, w, a, weight_reads=active_experts, expert=True))
-        ops.append(Operator("silu_mul", "elementwise", 5.0 * rows * k * inter, 3.0 * rows * k * inter * a))
-        ops.append(gemm_operator("moe_down", rows * k, inter, h, w, a, weight_reads=active_experts, expert=True))
-    else:
-        ops.append(gemm_operator("gate_up_proj", rows, h, 2 * inter, w, a))
-        ops.append(Operator("silu_mul", "elementwise", 5.0 * rows * inter, 3.0 * rows * inter * a,
-                            kernels=1 if fused else 2))
-        ops.append(gemm_operator("down_proj", rows, inter, h, w, a))
-    if dep.tp > 1:
-        ops.append(Operator("all_reduce_mlp", "all-reduce", 0.0, 0.0, comm_bytes=rows * h * a, ranks=dep.tp))
-    return ops
+    return ops + mlp_operators(dep, rows, moe or MoeLoad())
 
 
 def kv_gather_operators(dep: Deployment, t: StepTotals) -> list[Operator]:

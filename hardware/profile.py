@@ -56,8 +56,10 @@ OP_KINDS = (
     "all-reduce",
     "all-gather",
     "send-recv",
+    "all-to-all",
+    "reduce-scatter",
 )
-COLLECTIVE_KINDS = frozenset({"all-reduce", "all-gather", "send-recv"})
+COLLECTIVE_KINDS = frozenset({"all-reduce", "all-gather", "send-recv", "all-to-all", "reduce-scatter"})
 PROFILE_VERSION = 4
 _GRID_PER_DECADE = 32
 _MEASURED_PER_DECADE = 4096  # measured GEMM curves: M and M + 1 in different cells up to M = 1,779
@@ -206,7 +208,7 @@ def _bracket(grid: list[float], u: float) -> tuple[int, float]:
 class CollectiveCurve(Spec):
     """Link efficiency of one collective over its payload bytes, for a number of ranks."""
 
-    kind: Literal["all-reduce", "all-gather", "send-recv"]
+    kind: Literal["all-reduce", "all-gather", "send-recv", "all-to-all", "reduce-scatter"]
     ranks: int = Field(ge=2)
     curve: Curve
 
@@ -335,6 +337,10 @@ DEFAULT_PROFILE = Profile(
         "all-reduce": KindEfficiency(memory=0.80),
         "all-gather": KindEfficiency(memory=0.80),
         "send-recv": KindEfficiency(memory=0.85),
+        # MoE dispatch/combine (DeepEP reports ~150 GB/s of NVLink's 450 intra-node, ~45 of 50 GB/s over RDMA:
+        # arXiv 2412.19437 and the DeepEP README); reduce-scatter as a ring, like all-gather.
+        "all-to-all": KindEfficiency(memory=0.60),
+        "reduce-scatter": KindEfficiency(memory=0.80),
     },
     overheads=Overheads(launch_eager=4.5e-6, launch_graph=1.5e-6, step_eager=400e-6, step_graph=250e-6),
 )

@@ -17,9 +17,15 @@ DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1
 KvAccess = Literal["gather", "paged"]
 Elementwise = Literal["fused", "unfused"]
 
-# Hugging Face `model_type`s whose architecture is the Llama family this cost model prices: pre-norm
-# decoder, GQA attention with RoPE, RMSNorm, SwiGLU MLP (dense, or Mixtral-style top-k experts).
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3")
+# Hugging Face `model_type`s whose architecture this cost model prices: pre-norm decoders with RMSNorm and
+# SwiGLU MLPs; attention GQA with RoPE (Llama family) or multi-head latent attention (DeepSeek-V2/V3); MLPs
+# dense, or top-k routed experts (Mixtral), with shared experts (Qwen2-MoE, DeepSeek) and dense first layers
+# (DeepSeek's `first_k_dense_replace`, Qwen's `mlp_only_layers`).
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "mixtral", "qwen2", "qwen3", "qwen2_moe", "qwen3_moe", "deepseek_v2",
+                         "deepseek_v3")
+# Other names of the same fields in some families' config.json: (model types, their name, ours).
+_HF_RENAMES = ((("qwen2_moe", "qwen3_moe"), "num_experts", "num_local_experts"),
+               (("deepseek_v2", "deepseek_v3"), "n_routed_experts", "num_local_experts"))
 
 
 class Spec(BaseModel):
@@ -97,6 +103,23 @@ class ModelSpec(Spec):
     attention_bias: bool = False
     num_local_experts: PositiveInt | None = None
     num_experts_per_tok: PositiveInt | None = None
+    # MoE beyond Mixtral: the routed experts' size (default intermediate_size, which then sizes dense layers),
+    # shared experts (Qwen2-MoE: one of `shared_expert_intermediate_size`; DeepSeek: `n_shared_experts` of
+    # the routed size), and which layers stay dense.
+    moe_intermediate_size: PositiveInt | None = None
+    shared_expert_intermediate_size: int = Field(0, ge=0)
+    n_shared_experts: int = Field(0, ge=0)
+    first_k_dense_replace: int = Field(0, ge=0)
+    moe_layer_freq: PositiveInt = 1
+    decoder_sparse_step: PositiveInt = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    # Multi-head latent attention (DeepSeek-V2, arXiv 2405.04434): K and V are up-projected from a cached
+    # latent of kv_lora_rank plus a shared RoPE key of qk_rope_head_dim per token.
+    kv_lora_rank: PositiveInt | None = None
+    q_lora_rank: PositiveInt | None = None
+    qk_nope_head_dim: PositiveInt | None = None
+    qk_rope_head_dim: PositiveInt | None = None
+    v_head_dim: PositiveInt | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ModelSpec:
@@ -115,6 +138,13 @@ class ModelSpec(Spec):
             raise ValueError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_local_experts ({self.num_local_experts})"
             )
+        mla = (self.kv_lora_rank, self.qk_nope_head_dim, self.qk_rope_head_dim, self.v_head_dim)
+        if any(v is not None for v in mla) and None in mla:
+            raise ValueError("kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim and v_head_dim must be given together "
+                             "(multi-head latent attention)")
+        if self.model_type.startswith("deepseek") and not self.is_mla:
+            raise ValueError(f"model_type {self.model_type!r} needs kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim "
+                             "and v_head_dim (multi-head latent attention)")
         return self
 
     @classmethod
@@ -124,9 +154,13 @@ class ModelSpec(Spec):
         if hidden_act != "silu":
             raise ValueError(f"hidden_act {hidden_act!r} is not supported; allowed: silu (SwiGLU MLP)")
         keep = set(cls.model_fields) - {"id", "hf_id", "aliases"}
+        config = dict(config)
+        for types, theirs, ours in _HF_RENAMES:
+            if config.get("model_type") in types and theirs in config:
+                config.setdefault(ours, config.pop(theirs))
         fields = {k: v for k, v in config.items() if k in keep}
         fields.setdefault("num_key_value_heads", config.get("num_attention_heads"))
-        if config.get("model_type") == "qwen2":
+        if config.get("model_type") in ("qwen2", "qwen2_moe"):
             fields.setdefault("attention_bias", True)  # Qwen2 always has q/k/v biases
             if not config.get("use_sliding_window", False):
                 fields["sliding_window"] = None
@@ -154,6 +188,30 @@ class ModelSpec(Spec):
         return self.num_local_experts or 1
 
     @property
+    def is_mla(self) -> bool:
+        return self.kv_lora_rank is not None
+
+    @property
+    def expert_intermediate_size(self) -> int:
+        """Intermediate size of one routed expert."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    @property
+    def shared_intermediate_size(self) -> int:
+        """Intermediate size of the shared experts of an MoE layer, taken together (0: none)."""
+        return self.shared_expert_intermediate_size + self.n_shared_experts * self.expert_intermediate_size
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Whether decoder layer `layer` (from 0) routes to experts: DeepSeek's first_k_dense_replace and
+        moe_layer_freq, Qwen's mlp_only_layers and decoder_sparse_step, as their modelling code reads them."""
+        return (self.is_moe and layer >= self.first_k_dense_replace and layer % self.moe_layer_freq == 0
+                and layer not in self.mlp_only_layers and (layer + 1) % self.decoder_sparse_step == 0)
+
+    def moe_layers(self, layers: range | None = None) -> int:
+        """How many of `layers` (default all) are MoE layers."""
+        return sum(map(self.is_moe_layer, layers if layers is not None else range(self.num_hidden_layers)))
+
+    @property
     def experts_per_token(self) -> int:
         return self.num_experts_per_tok or 1
 
@@ -161,14 +219,44 @@ class ModelSpec(Spec):
     @property
     def attention_params_per_layer(self) -> int:
         h = self.hidden_size
+        if self.is_mla:
+            return self.mla_replicated_params + self.num_attention_heads * self.mla_params_per_head
         bias = (self.q_size + 2 * self.kv_size) if self.attention_bias else 0
         return h * (self.q_size + 2 * self.kv_size) + self.q_size * h + bias
 
     @property
+    def mla_qk_head_dim(self) -> int:
+        return (self.qk_nope_head_dim or 0) + (self.qk_rope_head_dim or 0)
+
+    @property
+    def mla_replicated_params(self) -> int:
+        """MLA weights every TP rank holds whole: the down-projections to the latents and their norms."""
+        h, lq, lkv, dr = self.hidden_size, self.q_lora_rank or 0, self.kv_lora_rank or 0, self.qk_rope_head_dim or 0
+        return h * lq + lq + h * (lkv + dr) + lkv
+
+    @property
+    def mla_params_per_head(self) -> int:
+        """MLA weights of one attention head (sharded by TP): its query up-projection (or projection), its
+        K and V up-projections from the latent, and its slice of the output projection."""
+        h, lkv = self.hidden_size, self.kv_lora_rank or 0
+        q_in = self.q_lora_rank or h
+        return q_in * self.mla_qk_head_dim + lkv * ((self.qk_nope_head_dim or 0) + (self.v_head_dim or 0)) + \
+            (self.v_head_dim or 0) * h
+
+    def mlp_params(self, layer: int) -> int:
+        """SwiGLU weights (gate, up, down) of one layer: a dense MLP, or an MoE layer's routed and shared
+        experts with its router (and Qwen2-MoE's shared-expert gate)."""
+        h = self.hidden_size
+        if not self.is_moe_layer(layer):
+            return 3 * h * self.intermediate_size
+        shared_gate = h if self.shared_expert_intermediate_size else 0
+        return (3 * h * (self.expert_intermediate_size * self.num_experts + self.shared_intermediate_size)
+                + h * self.num_experts + shared_gate)
+
+    @property
     def mlp_params_per_layer(self) -> int:
-        """All experts' SwiGLU weights (gate, up, down) plus the router of an MoE."""
-        router = self.hidden_size * self.num_experts if self.is_moe else 0
-        return 3 * self.hidden_size * self.intermediate_size * self.num_experts + router
+        """Mean over layers of `mlp_params`."""
+        return sum(map(self.mlp_params, range(self.num_hidden_layers))) // self.num_hidden_layers
 
     @property
     def embedding_params(self) -> int:
@@ -178,20 +266,32 @@ class ModelSpec(Spec):
 
     @property
     def num_params(self) -> int:
-        per_layer = self.attention_params_per_layer + self.mlp_params_per_layer + 2 * self.hidden_size
-        return self.num_hidden_layers * per_layer + self.embedding_params + self.hidden_size
+        layers = self.num_hidden_layers
+        mlp = sum(map(self.mlp_params, range(layers)))
+        return layers * (self.attention_params_per_layer + 2 * self.hidden_size) + mlp + self.embedding_params + \
+            self.hidden_size
 
     @property
     def active_params(self) -> int:
-        """Parameters one token touches (top-k experts of an MoE instead of all of them)."""
-        inactive = 3 * self.hidden_size * self.intermediate_size * (self.num_experts - self.experts_per_token)
-        return self.num_params - self.num_hidden_layers * inactive
+        """Parameters one token touches (top-k routed experts of an MoE layer instead of all of them)."""
+        inactive = 3 * self.hidden_size * self.expert_intermediate_size * (self.num_experts - self.experts_per_token)
+        return self.num_params - self.moe_layers() * inactive
+
+    @property
+    def kv_values_per_token_per_layer(self) -> int:
+        """Values one token stores per layer: K and V of each KV head, or MLA's latent and RoPE key."""
+        if self.is_mla:
+            return (self.kv_lora_rank or 0) + (self.qk_rope_head_dim or 0)
+        return 2 * self.kv_size
 
     def kv_bytes_per_token(self, kv_dtype: str = "bf16") -> float:
-        """K and V of one token over all layers, unsharded."""
-        return 2 * self.num_hidden_layers * self.kv_size * DTYPE_BYTES[kv_dtype]
+        """KV of one token over all layers, unsharded."""
+        return self.num_hidden_layers * self.kv_values_per_token_per_layer * DTYPE_BYTES[kv_dtype]
 
 
 def kv_heads_per_gpu(model: ModelSpec, tp: int) -> int:
-    """KV heads one TP rank holds: sharded when there are enough, else replicated (one per rank)."""
+    """KV heads one TP rank holds: sharded when there are enough, else replicated (one per rank); MLA's latent
+    is one 'head' that every rank holds whole."""
+    if model.is_mla:
+        return 1
     return max(1, math.ceil(model.num_key_value_heads / tp))

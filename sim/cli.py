@@ -21,6 +21,7 @@ from hardware.errors import ServesimError
 from hardware.files import check_out_dir
 from hardware.operators import StepShape
 from hardware.profile import resolve_profile
+from hardware.routing import RoutingModel
 from sim.capacity import Horizon
 
 
@@ -38,6 +39,12 @@ def _add_deployment_args(p: argparse.ArgumentParser) -> None:
                    "as vLLM and servesim's backend) or gather (into contiguous buffers first) (default paged)")
     g.add_argument("--elementwise", default="fused", help="fused (one kernel each for add + RMSNorm, RoPE with the "
                    "K/V write, SiLU-mul, as vLLM and servesim's backend) or unfused (PyTorch ops) (default fused)")
+    g.add_argument("--dp", type=int, default=1, help="MoE: data-parallel attention ranks (default 1)")
+    g.add_argument("--expert-parallel", action="store_true", help="MoE: spread whole experts over tp x dp GPUs")
+    g.add_argument("--ep-link", help="link of the MoE all-to-all (default: the TP link up to 8 GPUs, ib-ndr beyond)")
+    g.add_argument("--eplb", action="store_true", help="MoE: balance experts over the expert-parallel GPUs")
+    g.add_argument("--redundant-experts", type=int, default=0, help="EPLB: extra expert replicas (default 0)")
+    g.add_argument("--zipf", type=float, help="MoE: Zipf-skewed routing with this exponent (default: uniform)")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of HBM usable (default 0.9)")
     g.add_argument("--max-model-len", type=int, help="longest request in tokens (default: the model's maximum)")
     g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step (default 8192)")
@@ -64,6 +71,12 @@ def _deployment(args: argparse.Namespace) -> Deployment:
         kv_dtype=args.kv_dtype,
         kv_access=args.kv_access,
         elementwise=args.elementwise,
+        dp=args.dp,
+        expert_parallel=args.expert_parallel,
+        ep_link=args.ep_link,
+        eplb=args.eplb,
+        redundant_experts=args.redundant_experts,
+        routing=RoutingModel(distribution="zipf", zipf_s=args.zipf) if args.zipf is not None else RoutingModel(),
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
         max_num_batched_tokens=args.max_num_batched_tokens,

@@ -19,6 +19,7 @@ from pydantic import (
 
 from hardware.errors import ServesimError, describe_validation_error
 from hardware.files import read_yaml
+from hardware.routing import RoutingModel
 from hardware.specs import DType, Elementwise, KvAccess
 from policies import PAGED_SCHEDULERS, SchedulerConfig
 from policies.speculation import SpeculationConfig
@@ -57,6 +58,19 @@ class HardwareConfig(_Section):
     elementwise: Elementwise = Field("fused", description="'fused': one kernel each for residual add + RMSNorm, "
                                      "RoPE with the K/V cache write, and SiLU-mul (vLLM's custom ops, servesim's "
                                      "backend); 'unfused': PyTorch's separate ops")
+    dp: PositiveInt = Field(1, description="MoE models: data-parallel attention ranks of tp GPUs each (a replica "
+                            "is tp x pp x dp GPUs; MoE layers span tp x dp)")
+    expert_parallel: bool = Field(False, description="MoE: whole experts spread over the tp x dp GPUs (EP), "
+                                  "instead of every expert sharded over them")
+    ep_link: str | None = Field(None, description="link of the MoE all-to-all (default: the TP link within a node "
+                                "of 8 GPUs, ib-ndr beyond)")
+    eplb: bool = Field(False, description="expert-parallel load balancing: experts placed to even the GPUs' loads")
+    redundant_experts: NonNegativeInt = Field(0, description="EPLB: extra replicas of the most loaded experts")
+    routing: RoutingModel = Field(RoutingModel(), description="how tokens choose experts: uniform, zipf "
+                                  "(zipf_s) or counts per expert")
+    mla_attention: Literal["auto", "absorbed", "naive"] = Field(
+        "auto", description="MLA models: 'auto' runs prefill naive and decode absorbed (vLLM, SGLang); "
+        "'absorbed' or 'naive' everywhere")
 
 
 class ClusterConfig(_Section):

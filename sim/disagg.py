@@ -46,8 +46,9 @@ from sim.network import Link, Network
 
 
 def wire_bytes_per_token(dep: Deployment) -> float:
-    """KV bytes of one token that a decode instance of `dep` receives: every layer, every TP rank's heads."""
-    return dep.kv_bytes_per_token_per_layer() * dep.tp * dep.model.num_hidden_layers
+    """KV bytes of one token that a decode instance of `dep` receives: every layer, every TP rank's heads
+    (MLA's latent, which every rank holds, once)."""
+    return dep.kv_bytes_per_token()
 
 
 class DisaggregatedCluster:

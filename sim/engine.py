@@ -226,7 +226,9 @@ def build_deployment(config: SimConfig, hardware: HardwareConfig | None = None,
     tokens, seqs = (scheduler or config.scheduler).step_limits(config.max_model_len or model.max_position_embeddings)
     return Deployment.build(model, gpu, tp=hw.tp, pp=hw.pp, link=hw.link, pp_link=hw.pp_link,
                             weight_dtype=hw.weight_dtype, kv_dtype=hw.kv_dtype, kv_access=hw.kv_access,
-                            elementwise=hw.elementwise,
+                            elementwise=hw.elementwise, dp=hw.dp, expert_parallel=hw.expert_parallel,
+                            ep_link=hw.ep_link, eplb=hw.eplb, redundant_experts=hw.redundant_experts,
+                            routing=hw.routing, mla_attention=hw.mla_attention,
                             gpu_memory_utilization=hw.gpu_memory_utilization, max_model_len=config.max_model_len,
                             max_num_batched_tokens=tokens, max_num_seqs=seqs)
 

@@ -67,7 +67,8 @@ def run_header(config: Any) -> str:
         load = (f"{a.rate:g} req/s {a.kind}" if hasattr(a, "rate") else f"{a.concurrency} clients (closed loop)"
                 if a.kind == "closed_loop" else f"trace x{a.rate_scale:g}" if a.kind == "trace" else "all at once")
         loads.append(f"{w.name}: {load}")
-    where = (f"{hw.gpu} x{config.cluster.replicas} (TP {hw.tp}" + (f", PP {hw.pp}" if hw.pp > 1 else "") + ")"
+    where = (f"{hw.gpu} x{config.cluster.replicas} (TP {hw.tp}" + (f", PP {hw.pp}" if hw.pp > 1 else "")
+             + (f", DP {hw.dp}" if hw.dp > 1 else "") + (", EP" if hw.expert_parallel else "") + ")"
              if config.disaggregation is None else "disaggregated pools")
     return f"{config.model} on {where}, {config.scheduler.name}; " + "; ".join(loads)
 

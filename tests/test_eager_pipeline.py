@@ -48,13 +48,15 @@ def test_segments_cover_every_operator_in_issue_order() -> None:
                                   ("mixtral-8x7b", 2, 1, "gather"), ("llama-3-70b", 4, 4, "paged")):
         dep = Deployment.build(model, "h100", tp=tp, pp=pp, kv_access=access)
         t = StepTotals.of(StepShape.build(prefill=[64], decode=[100, 200]))
-        ops = step_operators(dep, t, float(t.tokens), 0.0)
+        ops = step_operators(dep, t, float(t.tokens))
         segments = dispatch_segments(dep)
         order = np.concatenate([np.concatenate([first, layer, last]) for first, layer, last, _ in segments])
         assert sorted(order.tolist()) == list(range(len(ops)))
         first, layer, last, n = segments[0]
         assert ops[first[0]][0].name == "embedding" and n == dep.layers_per_stage[0]
-        assert all(ops[i][1] == n * ops[i][0].count for i in layer)  # layer operators, counted per layer
+        moe = dep.model.moe_layers(dep.stage_layers(0))
+        per_kind = {"all": n, "moe": moe, "dense": n - moe}  # layer operators, counted per layer of their kind
+        assert all(ops[i][1] == per_kind[ops[i][0].layers] * ops[i][0].count for i in layer)
         names = [ops[i][0].name for i in layer]
         if access == "gather":
             assert names.index("kv_gather_prefill") < names.index("attention_prefill") < names.index("kv_gather_decode")
