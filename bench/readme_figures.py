@@ -33,6 +33,10 @@ Figures (README section: the sentence each regenerates):
 - plan-example (Capacity planning): "Measured: `servesim plan examples/plan_llama3_8b.yaml --workers 2` (12
   configurations, 300 requests each): ... s wall ...; the cheapest way to carry 30 req/s ... was ... replicas
   of ... at $.../h, against ... x `h100 ...` at $.../h; a re-run took ... s (all 12 from the cache ...)".
+- moe-placement (MoE and MLA models): the table of DeepSeek-V3 placements on 8 H200 (`servesim run
+  examples/deepseek_v3_ep.yaml` with the overrides in PLACEMENTS).
+- layered-prefill (same section): the table of layered prefill against chunked prefill on Qwen3-30B-A3B
+  (`servesim run examples/layered_prefill_moe.yaml` with the overrides in LAYERED_RUNS).
 - estimate-kv-access (Cost model): "a graph decode of 128 requests at context 3,000 is priced at ... ms paged
   and ... ms with the gather (`servesim estimate --model llama-3-8b --gpu h100 --profile calibrated --decode
   128 --context 3000 --kv-access paged|gather`)".
@@ -297,6 +301,46 @@ def _plan_text(v: Values) -> list[str]:
             f"({v['rerun_cached']} from the cache)", *(line(r) for r in rows)]
 
 
+# --- MoE and MLA models -------------------------------------------------------------------------------------------
+
+MOE = "examples/deepseek_v3_ep.yaml"
+PLACEMENTS = {
+    "DP 8 + EP 8, EPLB": [],
+    "DP 8 + EP 8, EPLB + 32 redundant experts": ["hardware.redundant_experts=32"],
+    "DP 8 + EP 8, no EPLB": ["hardware.eplb=false"],
+    "TP 8 + EP 8, EPLB": ["hardware.dp=1", "hardware.tp=8"],
+    "TP 8, experts TP-sharded": ["hardware.dp=1", "hardware.tp=8", "hardware.expert_parallel=false",
+                                 "hardware.eplb=false"],
+}
+LAYERED = "examples/layered_prefill_moe.yaml"
+LAYERED_RUNS = {"layered_prefill (4 groups)": [], "sarathi (512-token chunks)": ["scheduler={name: sarathi, "
+                                                                                  "token_budget: 512}"],
+                "vllm_v1 (8192-token budget)": ["scheduler.name=vllm_v1"]}
+MOE_KEYS = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_p99_s", "mean_batch_size", "stability")
+
+
+def _moe_runs(config: str, runs: dict[str, list[str]]) -> Values:
+    """Each run's latencies and the HBM bytes its GPUs moved per output token (from the steps' MBU)."""
+    from sim import load_config, simulate
+    from sim.engine import build_deployment
+
+    out = {}
+    for label, overrides in runs.items():
+        cfg = load_config(str(ROOT / config), overrides)
+        res = simulate(cfg)
+        dep = build_deployment(cfg)
+        moved = float((res.steps["mbu"] * res.steps["duration_s"]).sum()) * dep.gpu.hbm_bandwidth * dep.num_gpus
+        tokens = float(res.requests["output_tokens"].sum())
+        out[label] = {**{k: res.summary.get(k) for k in MOE_KEYS}, "hbm_mb_per_token": moved / tokens / 1e6}
+    return out
+
+
+def _moe_text(v: Values) -> list[str]:
+    return [f"| {label} | {_ms(s['ttft_p50_s'])} / {_ms(s['ttft_p99_s'])} | {_ms(s['tpot_p50_s'])} / "
+            f"{_ms(s['tpot_p99_s'])} | {_ms(s['itl_p99_s'])} | {s['mean_batch_size']:.0f} | "
+            f"{s['hbm_mb_per_token']:.0f} | {s['stability']} |" for label, s in v.items()]
+
+
 # --- Cost model and CLI reference -------------------------------------------------------------------------------
 
 ESTIMATE = ["estimate", "--model", "llama-3-8b", "--gpu", "h100"]
@@ -351,6 +395,10 @@ FIGURES = [
            _speculative, _speculative_text),
     Figure("plan-example", "Capacity planning",
            "servesim plan examples/plan_llama3_8b.yaml --workers 2 (then again, from the cache)", _plan, _plan_text),
+    Figure("moe-placement", "MoE and MLA models",
+           f"servesim run {MOE} [--set ...] for each placement", lambda: _moe_runs(MOE, PLACEMENTS), _moe_text),
+    Figure("layered-prefill", "MoE and MLA models (layered prefill)",
+           f"servesim run {LAYERED} [--set scheduler=...]", lambda: _moe_runs(LAYERED, LAYERED_RUNS), _moe_text),
     Figure("estimate-kv-access", "Cost model", "servesim " + " ".join(ESTIMATE + KV_ACCESS) + " paged|gather",
            _kv_access, _kv_access_text),
     Figure("estimate-examples", "CLI reference", "servesim " + " ".join(ESTIMATE) + " ... (four commands)",

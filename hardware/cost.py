@@ -120,9 +120,9 @@ class StepCost:
         self.overhead_seconds = overhead  # CPU time of the step outside the kernels
         self._m = model
         self._flops, self._bytes, self._payload, self._tc, self._tm, self._total, self._present = arrays
-        tp = model.dep.tp
-        self.flops = float(totals[0]) * tp  # all GPUs
-        self.bytes = float(totals[1]) * tp  # HBM bytes read and written, all GPUs
+        ranks = model.dep.tp * model.dep.dp  # GPUs per stage, each running the operators as priced
+        self.flops = float(totals[0]) * ranks  # all GPUs
+        self.bytes = float(totals[1]) * ranks  # HBM bytes read and written, all GPUs
         self.comm_bytes = float(totals[2])  # collective payload bytes, per GPU
 
     @property

@@ -11,6 +11,7 @@ from typing import Annotated, Union
 from pydantic import Field
 
 from policies.base import Scheduler, SchedulerParams
+from policies.layered_prefill import LayeredPrefillParams, LayeredPrefillScheduler
 from policies.orca import OrcaParams, OrcaScheduler
 from policies.sarathi import SarathiParams, SarathiScheduler
 from policies.sarathi_decode_maximal import SarathiDecodeMaximalParams, SarathiDecodeMaximalScheduler
@@ -25,12 +26,14 @@ SCHEDULERS: dict[str, tuple[type[SchedulerParams], type[Scheduler]]] = {
     "vllm_v1": (VllmV1Params, VllmV1Scheduler),
     "sarathi": (SarathiParams, SarathiScheduler),
     "sarathi_decode_maximal": (SarathiDecodeMaximalParams, SarathiDecodeMaximalScheduler),
+    "layered_prefill": (LayeredPrefillParams, LayeredPrefillScheduler),
 }
 # Policies that page the KV cache block by block (prefix caching works with these).
-PAGED_SCHEDULERS = ("vllm", "vllm_v1", "sarathi", "sarathi_decode_maximal")
+PAGED_SCHEDULERS = ("vllm", "vllm_v1", "sarathi", "sarathi_decode_maximal", "layered_prefill")
 
 SchedulerConfig = Annotated[
-    Union[StaticParams, OrcaParams, VllmParams, VllmV1Params, SarathiParams, SarathiDecodeMaximalParams],
+    Union[StaticParams, OrcaParams, VllmParams, VllmV1Params, SarathiParams, SarathiDecodeMaximalParams,
+          LayeredPrefillParams],
     Field(discriminator="name"),
 ]
 

@@ -29,6 +29,10 @@ class Batch:
 
     `pad_prefill_to` and `pad_rows` model padded request-level batching (Hugging Face generate): every
     prompt padded to the longest, and finished rows still computed until the whole batch ends.
+
+    `prefill_layers` < 1 (layered prefill): the prefill chunks run through only that share of the decoder
+    layers in this step, the decodes through all of them; `prefill_partial` marks a step before the chunks'
+    last layers, whose tokens are not computed yet when it ends.
     """
 
     prefill_ids: np.ndarray = field(default_factory=lambda: _EMPTY)
@@ -46,6 +50,8 @@ class Batch:
     verify_pairs: np.ndarray | None = None  # token trees: query-key pairs inside each tree (None: chains)
     verify_levels: np.ndarray | None = None  # token trees: nodes per depth, one row per verification
     verify_trees: tuple | None = None  # token trees: each verification's `policies.trees.TokenTree`
+    prefill_layers: float = 1.0
+    prefill_partial: bool = False
 
     @classmethod
     def make(

@@ -184,16 +184,15 @@ class ReplicaState:
         drawn counts), emits them plus the target's next token at `end_time`, capped at its output length,
         and gives back the blocks of its rejected drafts."""
         r = self.req
-        if batch.prefill_ids.size:
-            r.computed[batch.prefill_ids] += batch.prefill_tokens
+        pre = batch.prefill_ids if not batch.prefill_partial else batch.prefill_ids[:0]  # layered: not done yet
+        if pre.size:
+            r.computed[pre] += batch.prefill_tokens
         if batch.decode_ids.size:
             r.computed[batch.decode_ids] += 1
-        if not batch.prefill_ids.size:
-            ids = batch.decode_ids
-        else:
-            ids = np.concatenate([batch.prefill_ids, batch.decode_ids])
+        ids = np.concatenate([pre, batch.decode_ids]) if pre.size else batch.decode_ids
         if self.kv.cache is not None:
-            self.kv.register_computed(ids, np.concatenate([batch.prefill_computed, batch.decode_computed]))
+            before = batch.prefill_computed[:pre.size]
+            self.kv.register_computed(ids, np.concatenate([before, batch.decode_computed]))
         emitted = ids[r.computed[ids] == r.prompt[ids] + r.generated[ids]]
         gen = r.generated[emitted]
         r.token_time[r.token_offset[emitted] + gen] = end_time

@@ -6,7 +6,7 @@ between simulating and replaying on a GPU.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
@@ -51,8 +51,26 @@ class CostModelExecutor:
 
     def run(self, batch: Batch) -> StepOutcome:
         cost, draft = self.price(batch.shape(), batch.verify_levels)
+        if batch.prefill_layers < 1.0:
+            return self._layered(batch, cost)
         return StepOutcome(seconds=cost.seconds + draft, mfu=cost.mfu, mbu=cost.mbu, execution=cost.execution,
                            draft_seconds=draft)
+
+    def _layered(self, batch: Batch, cost: StepCost) -> StepOutcome:
+        """A layered-prefill step: its layers' work is the share `prefill_layers` of the whole step (prefill
+        chunks and decodes) plus the rest of the decodes alone; the once-per-step costs (embedding, LM head,
+        host overhead) are weighted the same way between the two."""
+        share = batch.prefill_layers
+        full = (share * cost.seconds, share * cost.seconds * cost.mfu, share * cost.seconds * cost.mbu)
+        rest = (1 - share) * cost.overhead_seconds, 0.0, 0.0
+        if batch.decode_ids.size:
+            alone = self.cost_model.price(replace(batch, prefill_ids=batch.prefill_ids[:0],
+                                                  prefill_tokens=batch.prefill_tokens[:0],
+                                                  prefill_computed=batch.prefill_computed[:0]).shape())
+            rest = tuple((1 - share) * alone.seconds * v for v in (1.0, alone.mfu, alone.mbu))
+        seconds = full[0] + rest[0]
+        return StepOutcome(seconds=seconds, execution=cost.execution, mfu=(full[1] + rest[1]) / seconds,
+                           mbu=(full[2] + rest[2]) / seconds)
 
 
 class FixedCostExecutor:

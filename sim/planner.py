@@ -17,6 +17,7 @@ Configurations run on a local process pool or on Ray.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -72,6 +73,10 @@ class SearchSpace(_Spec):
     gpus: list[GpuChoice] = Field(min_length=1)
     tp: list[PositiveInt] = [1]
     pp: list[PositiveInt] = [1]
+    placements: list[dict[str, Any]] = Field(
+        default_factory=lambda: [{}], min_length=1,
+        description="hardware fields each configuration also sets, one entry per alternative (MoE: "
+                    "{dp: 8, expert_parallel: true}, {eplb: true}, ...); {} keeps the base's")
     replicas: Literal["auto"] | list[PositiveInt] = "auto"
     schedulers: list[dict[str, Any]] = Field(default_factory=lambda: [{"name": "vllm"}], min_length=1)
     disaggregation: list[DisaggregationConfig | None] = Field(default_factory=lambda: [None], min_length=1)
@@ -147,30 +152,26 @@ def candidates(spec: PlanSpec) -> Iterator[tuple[str, SimConfig]]:
     base = spec.base_config().model_dump(mode="json")
     s = spec.search
     replicas = [1] if s.replicas == "auto" else s.replicas
-    for gpu in s.gpus:
-        for tp in s.tp:
-            for pp in s.pp:
-                for sched in s.schedulers:
-                    for disagg in s.disaggregation:
-                        for spec_cfg in s.speculation:
-                            for n in replicas if disagg is None else [1]:
-                                hw = {**base["hardware"], "gpu": gpu.id, "tp": tp, "pp": pp, "gpu_price": gpu.price}
-                                data = {**base, "hardware": hw, "scheduler": sched,
-                                        "cluster": {**base["cluster"], "replicas": n,
-                                                    "router": "least_outstanding"},
-                                        "disaggregation": None if disagg is None else disagg.model_dump(mode="json"),
-                                        "speculation": None if spec_cfg is None else spec_cfg.model_dump(mode="json")}
-                                if s.max_gpus is not None and tp * pp * n > s.max_gpus:
-                                    continue
-                                params = ",".join(f"{k}={v}" for k, v in sorted(sched.items()) if k != "name")
-                                label = f"{gpu.id} tp{tp}" + (f" pp{pp}" if pp > 1 else "") + f" {sched['name']}"
-                                label += f"({params})" if params else ""
-                                if disagg is not None:
-                                    label += " disagg"
-                                elif s.replicas != "auto":
-                                    label += f" x{n}"
-                                label += " spec" if spec_cfg is not None else ""
-                                yield label, parse_config(data, f"search ({label})")
+    for gpu, tp, pp, place, sched, disagg, spec_cfg in itertools.product(
+            s.gpus, s.tp, s.pp, s.placements, s.schedulers, s.disaggregation, s.speculation):
+        for n in replicas if disagg is None else [1]:
+            hw = {**base["hardware"], "gpu": gpu.id, "tp": tp, "pp": pp, "gpu_price": gpu.price, **place}
+            data = {**base, "hardware": hw, "scheduler": sched,
+                    "cluster": {**base["cluster"], "replicas": n, "router": "least_outstanding"},
+                    "disaggregation": None if disagg is None else disagg.model_dump(mode="json"),
+                    "speculation": None if spec_cfg is None else spec_cfg.model_dump(mode="json")}
+            if s.max_gpus is not None and tp * pp * int(hw.get("dp", 1)) * n > s.max_gpus:
+                continue
+            params = ",".join(f"{k}={v}" for k, v in sorted(sched.items()) if k != "name")
+            label = f"{gpu.id} tp{tp}" + (f" pp{pp}" if pp > 1 else "")
+            label += "".join(f" {k}={v}" for k, v in sorted(place.items())) + f" {sched['name']}"
+            label += f"({params})" if params else ""
+            if disagg is not None:
+                label += " disagg"
+            elif s.replicas != "auto":
+                label += f" x{n}"
+            label += " spec" if spec_cfg is not None else ""
+            yield label, parse_config(data, f"search ({label})")
 
 
 def config_hash(config: SimConfig, spec: PlanSpec) -> str:
@@ -214,7 +215,8 @@ def size(label: str, config: SimConfig, spec: PlanSpec) -> dict[str, Any]:
     """Capacity and cost of one configuration (a pure function: same inputs, same row)."""
     why = prune(config)
     row: dict[str, Any] = {"label": label, "gpu": config.hardware.gpu, "tp": config.hardware.tp,
-                           "pp": config.hardware.pp, "scheduler": config.scheduler.name,
+                           "pp": config.hardware.pp, "dp": config.hardware.dp,
+                           "expert_parallel": config.hardware.expert_parallel, "scheduler": config.scheduler.name,
                            "disaggregated": config.disaggregation is not None,
                            "speculation": config.speculation is not None, "replicas": config.cluster.replicas,
                            "pruned": why or ""}

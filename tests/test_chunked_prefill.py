@@ -22,7 +22,7 @@ from sim.executor import FixedCostExecutor, StepOutcome
 from tests.test_engine import check_conservation, config
 from traces.workload import GeneratedRequests
 
-CHUNKED = ("vllm_v1", "sarathi", "sarathi_decode_maximal")
+CHUNKED = ("vllm_v1", "sarathi", "sarathi_decode_maximal", "layered_prefill")
 
 
 class Recorder:
@@ -144,6 +144,8 @@ schedulers = st.one_of(
                            "max_num_seqs": st.integers(1, 16)}),
     st.fixed_dictionaries({"name": st.just("sarathi_decode_maximal"), "chunk_size": st.integers(8, 1024),
                            "max_num_seqs": st.integers(1, 16)}),
+    st.fixed_dictionaries({"name": st.just("layered_prefill"), "layer_groups": st.integers(1, 6),
+                           "max_prefill_tokens": st.integers(16, 2048), "max_num_seqs": st.integers(1, 16)}),
     st.fixed_dictionaries({"name": st.just("vllm"), "max_num_seqs": st.integers(1, 16)}),
 )
 

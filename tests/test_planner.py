@@ -124,3 +124,14 @@ def test_a_configuration_failing_its_long_check_is_ranked_after_those_that_pass(
     assert table.iloc[-1]["label"] == loser["label"] and table.iloc[-1]["verified"] == "no"
     assert table.iloc[0]["verified"] == "yes" and table.iloc[0]["label"] != loser["label"]
     assert table.iloc[0]["label"] in (tmp_path / "b" / "best.yaml").read_text().splitlines()[0]
+
+
+def test_moe_placements_are_searched_and_count_every_gpu() -> None:
+    from sim.planner import candidates
+
+    base = {**BASE, "model": "qwen3-30b-a3b"}
+    s = spec(base=base, search={"gpus": [{"id": "h100"}], "tp": [1, 2], "max_gpus": 4,
+                                "placements": [{}, {"dp": 4, "expert_parallel": True}]})
+    found = {label: cfg.hardware for label, cfg in candidates(s)}
+    assert list(found) == ["h100 tp1 vllm", "h100 tp1 dp=4 expert_parallel=True vllm", "h100 tp2 vllm"]
+    assert found["h100 tp1 dp=4 expert_parallel=True vllm"].dp == 4  # tp2 x dp4 = 8 GPUs: over max_gpus
