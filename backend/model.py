@@ -17,6 +17,7 @@ from torch import nn
 from backend import attention, fused
 from backend.attention import AttentionMeta, attend
 from backend.fused import add_rmsnorm, rope, rope_and_cache, silu_mul  # noqa: F401 (rope: re-exported)
+from backend.moe import MoE
 from backend.parallel import Shard, shard_model
 from hardware.specs import ModelSpec
 
@@ -98,7 +99,7 @@ class DecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(spec.hidden_size)
         self.self_attn = Attention(spec, layer)
         self.post_attention_layernorm = RMSNorm(spec.hidden_size)
-        self.mlp = MLP(spec)
+        self.mlp: nn.Module = MoE(spec) if spec.is_moe_layer(layer) else MLP(spec)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rot: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMeta, cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
@@ -117,8 +118,9 @@ class LlamaModel(nn.Module):
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
-        if spec.is_moe:
-            raise ValueError(f"{spec.id}: the backend runs dense models; MoE is not implemented yet")
+        if spec.is_mla:
+            raise ValueError(f"{spec.id}: the backend runs GQA attention; multi-head latent attention is simulated "
+                             "only")
         self.spec = spec
         self.embed_tokens = nn.Embedding(spec.vocab_size, spec.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(spec, i) for i in range(spec.num_hidden_layers))
@@ -185,7 +187,10 @@ def warm_up_kernels(spec: ModelSpec, tp: int, kv_heads: int, block_size: int, dt
     """Compile the Triton kernels of this model's passes before serving (no-op where they do not run)."""
     heads = spec.num_attention_heads // tp
     attention.warm_up(heads, kv_heads, spec.head_size, spec.sliding_window, block_size, dtype, device)
-    fused.warm_up(spec.hidden_size, spec.intermediate_size // tp, heads, kv_heads, spec.head_size, dtype, device)
+    sizes = {spec.intermediate_size // tp} | ({spec.expert_intermediate_size, spec.shared_intermediate_size} - {0}
+                                             if spec.is_moe else set())
+    for inter in sorted(sizes):
+        fused.warm_up(spec.hidden_size, inter, heads, kv_heads, spec.head_size, dtype, device)
 
 
 def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int = 0,
@@ -193,14 +198,21 @@ def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed:
     """The model with random weights (seeded: normal with std 1/sqrt(fan-in), so that outputs depend on
     the context) or a local safetensors checkpoint; with a `shard`, this rank's tensor-parallel slice."""
     torch.manual_seed(seed)
-    with torch.device(device):
-        model = LlamaModel(spec).to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in its dtype: a 30B MoE would not fit in float32 first
+    try:
+        with torch.device(device):
+            model = LlamaModel(spec).to(dtype)
+    finally:
+        torch.set_default_dtype(default)
     if checkpoint is None:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if "norm" in name:
                     p.fill_(1.0)
                 elif p.dim() == 2:  # linear weights and the embedding table
+                    p.normal_(0.0, p.shape[1] ** -0.5)
+                elif p.dim() == 3:  # stacked expert weights (experts, fan-in, fan-out)
                     p.normal_(0.0, p.shape[1] ** -0.5)
                 else:  # biases
                     p.normal_(0.0, 0.02)

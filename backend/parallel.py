@@ -57,6 +57,8 @@ def shard_model(model: nn.Module, shard: Shard) -> nn.Module:
     if shard.size == 1:
         return model
     spec, r, n = model.spec, shard.rank, shard.size
+    if spec.is_moe:
+        raise ValueError(f"{spec.id}: the backend runs MoE models on one GPU (tensor parallel size 1, got {n})")
     heads, kv_all, d = spec.num_attention_heads, spec.num_key_value_heads, spec.head_size
     for field, value in (("num_attention_heads", heads), ("intermediate_size", spec.intermediate_size),
                          ("vocab_size", spec.vocab_size)):

@@ -42,7 +42,7 @@ def add_parser(sub: Any) -> None:
     cal.add_argument("--models", help="comma-separated catalog models whose shapes to time (default: all dense)")
     cal.add_argument("--tp", help="profile: TP degrees whose shards to time (default 1,2,4,8); reference: the TP "
                                    "degree to run (one process per GPU; default 1)")
-    cal.add_argument("--suites", default="gemm,elementwise,attention,fixed,collectives",
+    cal.add_argument("--suites", default="gemm,elementwise,attention,fixed,collectives,moe",
                      help="profile: which microbenchmark suites to run (default: all)")
     cal.add_argument("--raw", help="profile: also write the raw measurements here; with --refit, read them; "
                                    "reference: also run the overhead fit's whole steps in the same rounds and write "
@@ -185,22 +185,23 @@ def _profile(args: argparse.Namespace) -> dict[str, Any]:
     else:
         device = _device(args)
         gpu = get_gpu(_gpu_id(args, device))
-        models = args.models.split(",") if args.models else [m for m in model_ids() if m != "tiny-llama"]
+        models = args.models.split(",") if args.models else [m for m in model_ids() if not m.startswith("tiny-")]
         if args.quick and not args.models:
-            models = ["tiny-llama"]
+            models = ["tiny-llama", "tiny-moe"]
         tps = _tp_degrees(args.tp or "1,2,4,8")
         from hardware.catalog import get_model
 
         dense = [get_model(m).id for m in models if not get_model(m).is_moe]
-        if not dense:
-            raise ServesimError(f"--models = {args.models!r}: name at least one dense model (MoE models reuse the "
-                                "dense GEMM curves)")
+        moe = tuple(get_model(m).id for m in models if get_model(m).is_moe and not get_model(m).is_mla)
         metadata = _metadata(device, sys.argv[1:])
         suites = tuple(args.suites.split(","))
         unknown = set(suites) - set(SUITES)
         if unknown:
             raise ServesimError(f"--suites: unknown {sorted(unknown)}; allowed: {', '.join(SUITES)}")
-        raw = run_all(torch.device(device), gpu, dense, tps, args.quick, dense[:3], _log, suites)
+        if not dense and set(suites) - {"moe"}:
+            raise ServesimError(f"--models = {args.models!r}: name at least one dense model (the suites other than "
+                                "moe time dense models' shapes)")
+        raw = run_all(torch.device(device), gpu, dense, tps, args.quick, dense[:3], _log, suites, moe)
         if device.startswith("cuda") and "collectives" in suites:
             raw["records"] += run_collectives()
             if "fixed" in suites:  # the overhead steps again as TP ranks: the host's cost per eager collective

@@ -45,6 +45,7 @@ from hardware.profile import (
     Curve,
     GatherCurve,
     GemmCurve,
+    GroupedGemmCurve,
     KindEfficiency,
     Overheads,
     Profile,
@@ -112,6 +113,20 @@ def _gemm_curves(records: list[dict[str, Any]], roof: _Roofline,
                         for r in rs if r["m"] not in drop)
         curves.append(GemmCurve(k=k, n=n, m=tuple(float(m) for m, _ in points), efficiency=tuple(e for _, e in points)))
     return tuple(curves), dropped
+
+
+def _grouped_curves(records: list[dict[str, Any]], roof: _Roofline, launch: float) -> tuple[GroupedGemmCurve, ...]:
+    """One curve over M (token slots) per expert shape and count: the roofline of the experts actually hit."""
+    by_shape: dict[tuple[int, int, int], list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_shape[(r["k"], r["n"], r["experts"])].append(r)
+    curves = []
+    for (k, n, experts), rs in sorted(by_shape.items()):
+        points = sorted({r["m"]: efficiency(roof("gemm", r["flops"], r["bytes"]), r["seconds"], launch * r["kernels"])
+                         for r in rs}.items())
+        curves.append(GroupedGemmCurve(k=k, n=n, experts=experts, m=tuple(float(m) for m, _ in points),
+                                       efficiency=tuple(e for _, e in points)))
+    return tuple(curves)
 
 
 def _memory_efficiency(r: dict[str, Any], gpu: GPUSpec, launch: float) -> float:
@@ -406,6 +421,7 @@ def fit_profile(raw: dict[str, Any], gpu: GPUSpec, metadata: dict[str, Any]) -> 
     gemm_curves, gemm_spikes = _gemm_curves(gemm, roof, launch)
     profile = Profile(gpu=gpu.id, metadata=metadata, efficiency=kinds, overheads=DEFAULT_PROFILE.overheads,
                       gemm=gemm_curves, operators=operators, attention=surfaces,
+                      grouped_gemm=_grouped_curves([r for r in records if r["kind"] == "grouped-gemm"], roof, launch),
                       collectives=_collective_curves(collectives, gpu),
                       kv_gather=_gather_curves([r for r in named if r["kind"] == "kv-gather" and "kv_heads" in r
                                                 and not r.get("ragged")], gpu, launch))

@@ -47,6 +47,7 @@ ALIGNED_M = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 5
 GEMM_M = tuple(sorted({*ALIGNED_M, *(m + 1 for m in ALIGNED_M if 64 <= m < ALIGNED_M[-1]),
                        *(f * 2 ** e // 4 for e in range(6, 14) for f in (5, 7))}))
 ROWS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
+MOE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096, 8192, 16384)
 PREFILL_Q = (16, 64, 256, 1024, 4096, 16384)
 PREFILL_RATIO = (1, 2, 4, 16, 64)  # key tokens per query token
 DECODE_B = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -58,7 +59,7 @@ WAVES = 8  # wave boundaries measured (beyond 8 waves a partial wave adds at mos
 TILE_Q = 128  # query rows per FlashAttention-2 forward block
 QUICK = {"gemm_m": (1, 5, 32), "rows": (1, 8, 64), "prefill_q": (4, 32), "prefill_ratio": (1, 4),
          "decode_b": (1, 4), "decode_ctx": (16, 64), "max_kv": 4096,
-         "pool_bytes": 1e6, "waves": False}
+         "pool_bytes": 1e6, "waves": False, "moe_tokens": (1, 8, 64)}
 
 
 @dataclass
@@ -72,6 +73,7 @@ class Settings:
     max_kv: int = MAX_KV_TOKENS
     pool_bytes: float = POOL_BYTES
     waves: bool = True  # add grid points at the attention kernels' wave boundaries (`wave_boundaries`)
+    moe_tokens: tuple[int, ...] = MOE_TOKENS
 
     @classmethod
     def quick(cls) -> Settings:
@@ -138,6 +140,28 @@ class Bench:
                 sec = self.timer.gpu(lambda i: F.linear(xs[i % nx], weights[i % nw]), max(nw, nx))
                 out.append(_record(gemm_operator("gemm", m, k, n, 2, 2), sec, k=k, n=n, m=m))
             self.log(f"gemm k={k} n={n}")
+        return out
+
+    # ---- MoE experts: grouped GEMMs, as the backend's MoE layer runs them --------------------------------
+    def grouped_gemms(self, dep: Deployment) -> list[dict[str, Any]]:
+        """The routed experts' two grouped GEMMs (gate/up, down) of `dep`'s MoE layer over the tokens of a step,
+        routed uniformly to top-k of the GPU's experts (`backend.moe`'s layout: rows sorted by expert)."""
+        m, e = dep.model, dep.experts_per_gpu
+        k, inter = m.experts_per_token, dep.expert_intermediate_per_gpu
+        out = []
+        for name, kk, n in (("moe_gate_up", m.hidden_size, 2 * inter), ("moe_down", inter, m.hidden_size)):
+            weights = self.randn(e, kk, n, std=kk ** -0.5)
+            for tokens in self.s.moe_tokens:
+                gen = torch.Generator().manual_seed(tokens)
+                ids = torch.rand(tokens, e, generator=gen).topk(min(k, e), dim=-1).indices.flatten()
+                counts = torch.bincount(ids, minlength=e)
+                offs = counts.cumsum(0).to(torch.int32).to(self.device)
+                x = self.randn(ids.numel(), kk)
+                sec = self.timer.gpu(lambda i: F.grouped_mm(x, weights, offs=offs), 1)
+                op = gemm_operator(name, ids.numel(), kk, n, 2, 2, weight_reads=int((counts > 0).sum()), expert=True)
+                out.append({**_record(op, sec, k=kk, n=n, m=ids.numel(), experts=e, tokens=tokens),
+                            "kind": "grouped-gemm", "model": m.id})
+            self.log(f"grouped gemm {name} experts={e} k={kk} n={n}")
         return out
 
     # ---- elementwise-type operators, as the backend runs them -------------------------------------------
@@ -363,16 +387,17 @@ def deployments(models: Iterable[str], tps: Iterable[int], gpu: GPUSpec) -> list
 def gemm_shapes(deps: Iterable[Deployment]) -> list[tuple[int, int]]:
     """(K, N) of every dense GEMM of these deployments' steps."""
     return sorted({op.dims for dep in deps for op in operators_at(dep, _decode_shape(1)).values()
-                   if op.dims is not None})
+                   if op.dims is not None and not op.grouped})
 
 
-SUITES = ("gemm", "elementwise", "attention", "fixed", "collectives")
+SUITES = ("gemm", "elementwise", "attention", "fixed", "collectives", "moe")
 
 
 def run_all(device: torch.device, gpu: GPUSpec, models: list[str], tps: list[int], quick: bool,
             elementwise_models: list[str], log: Callable[[str], None] = print,
-            suites: tuple[str, ...] = SUITES) -> dict[str, Any]:
-    """The chosen suites; the raw measurements that `calibrate.fit.fit_profile` turns into a profile."""
+            suites: tuple[str, ...] = SUITES, moe_models: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The chosen suites; the raw measurements that `calibrate.fit.fit_profile` turns into a profile. The
+    `moe` suite times the grouped GEMMs of `moe_models` (one GPU holding every expert)."""
     bench = Bench(device, gpu, Settings.quick() if quick else Settings(), log)
     deps = deployments(models, tps, gpu)
     heads: dict[tuple[int, int, int], Deployment] = {}
@@ -388,6 +413,9 @@ def run_all(device: torch.device, gpu: GPUSpec, models: list[str], tps: list[int
     if "attention" in suites:
         for dep in heads.values():
             records += bench.attention(dep)
+    if "moe" in suites:
+        for model in moe_models:
+            records += bench.grouped_gemms(Deployment.build(model, gpu))
     raw: dict[str, Any] = {"records": records, "fixed": bench.fixed_costs()}
     if "fixed" in suites:
         raw.update(ceilings=bench.ceilings(quick), steps=bench.step_overheads(elementwise_models[0], quick))

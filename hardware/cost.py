@@ -358,7 +358,8 @@ class CostModel:
 
     def _curves(self, op: Operator) -> tuple[Curve | float, Curve | float, bool]:
         """Compute and memory efficiency curves of one operator: a measured surface of the profile where it
-        has one (GEMM weight shape, collective, K/V gather of this head configuration, named operator), else
+        has one (GEMM weight shape, dense or grouped over experts, collective, K/V gather of this head
+        configuration, named operator), else
         its kind's curves. The flag marks a measured GEMM, whose memory side `price` derives from its compute
         side: the efficiency is a function of M, and bytes barely change with M at small M, so a table over
         bytes could not hold it."""
@@ -370,7 +371,10 @@ class CostModel:
             return kind.compute, g, False
         if op.name in prof.operators:
             return kind.compute, prof.operators[op.name], False
-        g = prof.gemm_curve(*op.dims) if op.dims is not None and prof.gemm else None
+        if op.grouped:
+            g = prof.grouped_gemm_curve(*op.dims, self.dep.experts_per_gpu) if op.dims is not None else None
+        else:
+            g = prof.gemm_curve(*op.dims) if op.dims is not None and prof.gemm else None
         if g is None:
             return kind.compute, kind.memory, False
         (k, n), m = op.dims, np.asarray(g.m)

@@ -209,8 +209,9 @@ class StepTotals:
 class Operator:
     """One kernel (or fused group) on one GPU: FLOPs and HBM bytes per instance, `count` instances.
 
-    Collectives carry their payload in `comm_bytes` and the number of ranks in `ranks`; dense GEMMs their
-    weight shape (K, N) in `dims`, so a calibrated profile can use the curve measured for that shape.
+    Collectives carry their payload in `comm_bytes` and the number of ranks in `ranks`; GEMMs their weight
+    shape (K, N) in `dims`, so a calibrated profile can use the curve measured for that shape (dense, or
+    grouped over experts when `grouped`).
     """
 
     name: str
@@ -224,14 +225,15 @@ class Operator:
     stage: int = 0
     dims: tuple[int, int] | None = None
     layers: str = "all"  # the decoder layers it runs in: all, dense (MLP) or moe
+    grouped: bool = False  # a grouped GEMM over MoE experts (priced by the profile's grouped-GEMM curves)
 
 
 def gemm_operator(name: str, m: float, k: float, n: float, w_bytes: float, a_bytes: float, count: int = 1,
                   weight_reads: float = 1.0, expert: bool = False, layers: str = "all") -> Operator:
-    """Y[m,n] = X[m,k] W[k,n]: reads X and `weight_reads` matrices W (MoE: the experts hit), writes Y."""
-    dims = None if expert else (int(k), int(n))  # MoE experts read their weights per expert hit
+    """Y[m,n] = X[m,k] W[k,n]: reads X and `weight_reads` matrices W (MoE: the experts hit), writes Y; an
+    `expert` GEMM is one grouped GEMM over the experts (its rows split among them)."""
     return Operator(name, "gemm", 2.0 * m * k * n, k * n * w_bytes * weight_reads + (m * k + m * n) * a_bytes,
-                    count, dims=dims, layers=layers)
+                    count, dims=(int(k), int(n)), layers=layers, grouped=expert)
 
 
 def expected_active_experts(num_experts: int, top_k: int, tokens: int) -> float:

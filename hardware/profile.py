@@ -153,6 +153,14 @@ class GemmCurve(Spec):
         return np.interp(np.log(m), np.log(self.m), self.efficiency)
 
 
+class GroupedGemmCurve(GemmCurve):
+    """Measured grouped GEMM of an MoE layer: `experts` weight matrices (K, N), the rows (token slots) of M
+    split among them by uniform top-k routing; the fraction of the roofline (with the experts hit read)
+    reached at each M."""
+
+    experts: PositiveInt
+
+
 class AttentionSurface(Spec):
     """Efficiency of an attention kernel over a log grid: `efficiency[i][j]` at (x[i], y[j]).
 
@@ -239,6 +247,7 @@ class Profile(Spec):
     attention: tuple[AttentionSurface, ...] = ()
     collectives: tuple[CollectiveCurve, ...] = ()
     kv_gather: tuple[GatherCurve, ...] = ()
+    grouped_gemm: tuple[GroupedGemmCurve, ...] = ()
 
     @model_validator(mode="before")
     @classmethod
@@ -300,6 +309,14 @@ class Profile(Spec):
             return None
         return min(same, key=lambda s: (s.heads * kv_heads != s.kv_heads * heads, abs(math.log(s.heads / heads)),
                                         abs(math.log(s.kv_heads / kv_heads))))
+
+    def grouped_gemm_curve(self, k: int, n: int, experts: int) -> GroupedGemmCurve | None:
+        """The grouped-GEMM curve measured for this expert shape and count, else the one nearest in (log K,
+        log N, log experts), else None."""
+        if not self.grouped_gemm:
+            return None
+        return min(self.grouped_gemm, key=lambda g: (abs(math.log(g.k / k)) + abs(math.log(g.n / n))
+                                                     + abs(math.log(g.experts / experts))))
 
     def gather_curve(self, kv_heads: int, head_dim: int) -> Curve | None:
         """The K/V gathers' curve measured for this head configuration, else the one whose rows are nearest in

@@ -15,7 +15,9 @@ import torch.nn.functional as F  # noqa: E402
 
 from backend.attention import Chunk, attention_meta  # noqa: E402
 from backend.executor import prompt_tokens  # noqa: E402
-from backend.model import PagedKVCache, build_model, rope, rope_tables  # noqa: E402
+from backend.model import LlamaModel, PagedKVCache, build_model, rope, rope_tables  # noqa: E402
+from backend.moe import MoE, reference_moe  # noqa: E402
+from backend.parallel import Shard, shard_model  # noqa: E402
 from backend.replay import replay  # noqa: E402
 from hardware.catalog import get_model  # noqa: E402
 from hardware.errors import ServesimError  # noqa: E402
@@ -39,7 +41,8 @@ def reference_logits(model, tokens: list[int]) -> torch.Tensor:
         v = v.reshape(t, a.kv_heads, a.head_dim).transpose(0, 1)
         o = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
         x = x + a.o_proj(o.transpose(0, 1).reshape(t, -1))
-        x = x + layer.mlp(layer.post_attention_layernorm(x))
+        h = layer.post_attention_layernorm(x)
+        x = x + (reference_moe(layer.mlp, h) if isinstance(layer.mlp, MoE) else layer.mlp(h))
     return model.lm_head(model.norm(x[-1:])).float()[0]
 
 
@@ -84,9 +87,9 @@ def test_paged_attention_matches_contiguous_reference() -> None:
         assert torch.allclose(dec[1], reference_logits(model, b2), atol=1e-4)
 
 
-def tiny_config(scheduler: dict, blocks: int, n: int = 10) -> SimConfig:
+def tiny_config(scheduler: dict, blocks: int, n: int = 10, model: str = "tiny-llama") -> SimConfig:
     return SimConfig.model_validate({
-        "model": "tiny-llama", "seed": 5, "scheduler": scheduler, "kv_cache": {"num_blocks": blocks},
+        "model": model, "seed": 5, "scheduler": scheduler, "kv_cache": {"num_blocks": blocks},
         "max_model_len": min(2048, blocks * 16),
         "workloads": [{"arrival": {"kind": "poisson", "rate": 200.0}, "num_requests": n,
                        "lengths": {"kind": "uniform", "prompt": [5, 70], "output": [1, 24]}}],
@@ -114,6 +117,28 @@ def test_continuous_batching_gives_the_tokens_of_running_alone(scheduler: dict, 
         got = executor.tokens[row.request_id][row.prompt_tokens:]
         assert got == reference_generate(model, prompt, row.output_tokens), row.request_id
     assert sorted(executor.blocks.free) == list(range(blocks))  # every block came back
+
+
+@pytest.mark.parametrize("scheduler", [{"name": "vllm"}, {"name": "sarathi", "token_budget": 24}])
+def test_moe_replay_gives_the_tokens_of_running_alone(scheduler: dict) -> None:
+    """A Qwen2-MoE-style model (routed experts as grouped GEMMs, a gated shared expert, a dense first layer):
+    batched, chunked replays give each request the tokens of a token-by-token, expert-by-expert reference."""
+    res, executor, _ = replay(tiny_config(scheduler, 128, n=6, model="tiny-moe"), asap=True)
+    req = res.requests
+    assert (req["status"] == "finished").all()
+    model = executor.model
+    assert isinstance(model.layers[1].mlp, MoE) and not isinstance(model.layers[0].mlp, MoE)
+    for row in req.itertuples():
+        prompt = prompt_tokens(5, row.request_id, row.prompt_tokens, model.spec.vocab_size)
+        got = executor.tokens[row.request_id][row.prompt_tokens:]
+        assert got == reference_generate(model, prompt, row.output_tokens), row.request_id
+
+
+def test_backend_refuses_mla_and_sharded_moe() -> None:
+    with pytest.raises(ValueError, match="multi-head latent attention is simulated only"):
+        LlamaModel(get_model("deepseek-v2-lite").model_copy(update={"num_hidden_layers": 1}))
+    with pytest.raises(ValueError, match="MoE models on one GPU"):
+        shard_model(build_model(get_model("tiny-moe"), torch.device("cpu"), torch.float32), Shard(0, 2))
 
 
 def test_replay_and_validate_cli(tmp_path, capsys) -> None:

@@ -17,7 +17,7 @@ from hardware.catalog import get_gpu, get_interconnect, get_model
 from hardware.cost import CostModel, StepCost, peak_flops
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
-from hardware.operators import StepShape
+from hardware.operators import StepShape, expected_active_experts, gemm_operator
 from hardware.profile import (
     DEFAULT_PROFILE,
     AttentionSurface,
@@ -300,6 +300,38 @@ def test_cost_model_reproduces_a_measured_gemm(fitted) -> None:
     assert row.seconds / row.count == pytest.approx(measured + profile.overheads.stream_gap, rel=0.02)
 
 
+def test_cost_model_reproduces_a_measured_grouped_gemm() -> None:
+    """Grouped expert GEMMs measured at several token counts (true efficiency rising with the rows per expert)
+    are fitted per expert shape and priced back at their measured times."""
+    dep = Deployment.build("tiny-moe", GPU)
+    model_k = dep.model.experts_per_token
+
+    def true_eff(m: float) -> float:
+        return 0.2 + 0.6 * m / (m + 512.0)
+
+    raw = synthetic_raw(noise=0.0)
+    measured = {}
+    for tokens in (1, 8, 64, 512, 4096):
+        active = expected_active_experts(8, model_k, tokens)
+        for name, k, n in (("moe_gate_up", 256, 256), ("moe_down", 128, 256)):
+            op = gemm_operator(name, tokens * model_k, k, n, 2, 2, weight_reads=active, expert=True)
+            roof = max(op.flops / GPU.bf16_flops, op.bytes / GPU.hbm_bandwidth)
+            seconds = roof / true_eff(tokens * model_k) + LAUNCH
+            measured[name, tokens] = seconds
+            raw["records"].append({"op": name, "kind": "grouped-gemm", "flops": op.flops, "bytes": op.bytes,
+                                   "kernels": 1, "seconds": seconds, "k": op.dims[0], "n": op.dims[1],
+                                   "m": tokens * model_k, "experts": 8, "tokens": tokens})
+    profile = fit_profile({**raw, "steps": []}, GPU, {})
+    assert len(profile.grouped_gemm) == 2
+    model = CostModel(dep, profile, cuda_graphs=False)
+    for tokens in (8, 512):
+        cost = model.price(StepShape.build(prefill=[tokens]))
+        for name in ("moe_gate_up", "moe_down"):
+            row = next(r for r in cost.breakdown if r.name == name)
+            assert row.seconds / row.count == pytest.approx(measured[name, tokens] + profile.overheads.stream_gap,
+                                                            rel=0.02)
+
+
 def test_profile_round_trips_through_json(fitted, tmp_path) -> None:
     _, profile = fitted
     path = tmp_path / "p.json"
@@ -454,6 +486,7 @@ def test_quick_calibration_pipeline_on_cpu(tmp_path, capsys) -> None:
     assert main(["calibrate", "--quick", "--out", str(prof), "--raw", str(raw)]) == 0
     profile = load_profile(prof)
     assert profile.version == 4 and profile.gemm and profile.attention and "rope_kv_write" in profile.operators
+    assert {(g.k, g.n, g.experts) for g in profile.grouped_gemm} == {(256, 256, 8), (128, 256, 8)}  # tiny-moe
     assert "kv_gather_decode" in profile.operators and "kv_gather_prefill" in profile.operators
     assert profile.metadata["device"] == "cpu" and profile.metadata["torch"]
     assert main(["calibrate", "--refit", "--raw", str(raw), "--out", str(tmp_path / "again.json")]) == 0
