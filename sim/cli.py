@@ -126,6 +126,8 @@ def cmd_estimate(args: argparse.Namespace) -> dict[str, Any]:
         "gpu": dep.gpu.id,
         "tp": dep.tp,
         "pp": dep.pp,
+        "dp": dep.dp,
+        "expert_parallel": dep.expert_parallel,
         "profile": model.profile.gpu,
         "engine": model.profile.engine_name,
         "execution": cost.execution,

@@ -39,6 +39,19 @@ def test_estimate_decode_and_modes(capsys) -> None:
     assert len(bd["stage_seconds"]) == 2
 
 
+def test_estimate_moe_placements(capsys) -> None:
+    args = ("estimate", "--model", "deepseek-v3", "--gpu", "h200", "--weight-dtype", "fp8", "--prefill", "8192")
+    _, tp8, _ = run(capsys, *args, "--tp", "8")
+    _, ep, _ = run(capsys, *args, "--dp", "8", "--expert-parallel", "--breakdown")
+    _, skew, _ = run(capsys, *args, "--dp", "8", "--expert-parallel", "--zipf", "1.2")
+    _, eplb, _ = run(capsys, *args, "--dp", "8", "--expert-parallel", "--zipf", "1.2", "--eplb")
+    assert ep["dp"] == 8 and ep["expert_parallel"] and ep["gpu_price_per_hour"] == tp8["gpu_price_per_hour"]
+    assert {"moe_dispatch", "moe_combine", "mla_kv_up_prefill"} <= {row["name"] for row in ep["breakdown"]}
+    assert skew["seconds"] > eplb["seconds"] > ep["seconds"] * 0.99
+    code, _, err = run(capsys, "estimate", "--model", "llama-3-8b", "--gpu", "h100", "--dp", "2", "--prefill", "8")
+    assert code == 2 and "dense" in err and err.count("\n") == 1
+
+
 def test_estimate_with_profile(capsys, tmp_path, ideal_profile) -> None:
     path = tmp_path / "ideal.json"
     path.write_text(ideal_profile.model_dump_json())
