@@ -424,7 +424,7 @@ class CostModel:
     def price(self, shape: StepShape) -> StepCost:
         """Cost of one step running `shape`."""
         dep = self.dep
-        t = StepTotals.of(shape, dep.model.sliding_window)
+        t = StepTotals.of(shape, dep.attention_window)
         dp = dep.dp
         if dp > 1:  # DP attention: each rank runs an even share of the step
             t = t.share(dp)

@@ -26,6 +26,7 @@ from hardware.specs import (
     DType,
     Elementwise,
     GPUSpec,
+    KvDType,
     InterconnectSpec,
     KvAccess,
     ModelSpec,
@@ -72,7 +73,8 @@ class Deployment(Spec):
     tp_link: InterconnectSpec
     pp_link: InterconnectSpec
     weight_dtype: DType = "bf16"
-    kv_dtype: DType = "bf16"
+    kv_dtype: KvDType = "bf16"
+    kv_token_budget: PositiveInt | None = None
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     max_num_batched_tokens: PositiveInt = 8192
     max_num_seqs: PositiveInt = 256
@@ -220,6 +222,18 @@ class Deployment(Spec):
     def context_limit(self) -> int:
         return self.max_model_len or self.model.max_position_embeddings
 
+    @property
+    def attention_window(self) -> int | None:
+        """Keys a query attends to at most: the model's sliding window and the KV token budget (an engine
+        that evicts KV down to `kv_token_budget` tokens per request, as StreamingLLM and H2O do)."""
+        limits = [w for w in (self.model.sliding_window, self.kv_token_budget) if w is not None]
+        return min(limits) if limits else None
+
+    @property
+    def kv_tokens_limit(self) -> int:
+        """Tokens of KV one request holds at most: its whole context, or the budget."""
+        return min(self.context_limit, self.kv_token_budget or self.context_limit)
+
     def attention_params_per_gpu(self) -> int:
         m, d = self.model, self.model.head_size
         if m.is_mla:
@@ -291,7 +305,7 @@ class Deployment(Spec):
                 weights=weights,
                 activations=activations,
                 runtime=self.runtime_reserve_bytes,
-                kv_reserve=self.context_limit * kv_per_token,
+                kv_reserve=self.kv_tokens_limit * kv_per_token,
                 kv_cache=kv_cache,
                 kv_bytes_per_token=kv_per_token,
                 kv_capacity_tokens=self.dp * max(0, int(kv_cache // kv_per_token)),

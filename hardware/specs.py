@@ -10,7 +10,12 @@ from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, V
 from hardware.errors import ServesimError, describe_validation_error
 
 DType = Literal["fp32", "bf16", "fp16", "fp8"]
-DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0}
+# KV caches may also be quantized to integers in groups with an fp16 scale and zero point each (KIVI, Liu et
+# al., ICML 2024; QServe's KV4): the scales add 4 bytes per group of `KV_QUANT_GROUP` values.
+KvDType = Literal["fp32", "bf16", "fp16", "fp8", "int8", "int4", "int2"]
+KV_QUANT_GROUP = 64
+DTYPE_BYTES: dict[str, float] = {"fp32": 4.0, "bf16": 2.0, "fp16": 2.0, "fp8": 1.0,
+                                 **{f"int{bits}": bits / 8 + 4.0 / KV_QUANT_GROUP for bits in (8, 4, 2)}}
 # How attention reads the paged KV cache: "gather" copies a step's K/V into contiguous buffers before the
 # kernel (servesim's PyTorch backend: PyTorch's FlashAttention takes no block tables); "paged" reads the
 # blocks in place (vLLM's FlashAttention and FlashInfer kernels).

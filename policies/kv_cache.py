@@ -82,7 +82,7 @@ class BlockManager:
     """Blocks of `block_size` tokens: per-request counts in `blocks`, and the pool's state."""
 
     def __init__(self, requests, num_blocks: int, block_size: int, watermark: float = 0.0,
-                 prefix_caching: bool = False, blocks: np.ndarray | None = None) -> None:
+                 prefix_caching: bool = False, blocks: np.ndarray | None = None, max_tokens: int | None = None) -> None:
         self.req = requests
         # Blocks each request holds here; replicas of one pool share `requests.blocks`, and a disaggregated
         # decode pool has its own array, since a request holds KV on both sides while it is transferred.
@@ -93,6 +93,9 @@ class BlockManager:
         self.watermark_blocks = int(watermark * num_blocks)
         self.cache = PrefixCache() if prefix_caching else None
         self.held: dict[int, list[int]] = {}  # request -> keys of the cached blocks it references, in order
+        # KV eviction to a token budget (StreamingLLM, H2O): a request holds the budget's blocks plus the one
+        # being written, however long its context
+        self.max_blocks = None if max_tokens is None else -(-max_tokens // block_size) + 1
 
     # ---- counts ---------------------------------------------------------------------------------------
     @property
@@ -110,7 +113,8 @@ class BlockManager:
         return self.num_blocks - self.available
 
     def blocks_for(self, tokens: int | np.ndarray) -> int | np.ndarray:
-        return -(-tokens // self.block_size)
+        n = -(-tokens // self.block_size)
+        return n if self.max_blocks is None else np.minimum(n, self.max_blocks)
 
     def can_allocate(self, blocks: int, watermark: bool = True) -> bool:
         """Whether `blocks` more fit, keeping the watermark free when asked (vLLM admits new requests so)."""

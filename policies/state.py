@@ -22,6 +22,7 @@ import numpy as np
 
 from policies.batch import Batch
 from policies.kv_cache import NO_HIT, BlockManager, PrefixHit
+from policies.priority import PriorityMode, WaitingQueue
 
 
 class Status(IntEnum):
@@ -62,6 +63,7 @@ class Requests:
         self.key_offset = np.zeros(n, dtype=np.int64)
         self.num_keys = np.zeros(n, dtype=np.int64)
         self.on_done: Callable[[int], None] | None = None  # told of each request that finishes or is rejected
+        self.priority = np.zeros(n, dtype=np.int64)  # request class: lower numbers are more urgent
         self.session = np.full(n, -1, dtype=np.int64)  # multi-turn sessions: the session (-1: none)
         self.next_turn = np.full(n, -1, dtype=np.int64)  # and the turn sent after this one
 
@@ -94,12 +96,15 @@ class StepResult:
 class ReplicaState:
     """One replica's queues and KV cache over the shared request table."""
 
-    def __init__(self, index: int, requests: Requests, kv: BlockManager, max_model_len: int) -> None:
+    def __init__(self, index: int, requests: Requests, kv: BlockManager, max_model_len: int,
+                 priority: PriorityMode = "fcfs", weights: dict[int, float] | None = None) -> None:
         self.index = index
         self.req = requests
         self.kv = kv
         self.max_model_len = max_model_len
-        self.waiting: deque[int] = deque()
+        self.priority_mode = priority
+        self.waiting: deque[int] | WaitingQueue = deque() if priority == "fcfs" else \
+            WaitingQueue(requests.priority, priority, weights or {}, self.known_tokens)
         self.running: list[int] = []
         self.now = 0.0
         self.preemptions = 0  # preemptions so far on this replica
@@ -139,7 +144,14 @@ class ReplicaState:
         self.req.status[rid] = Status.RUNNING
         if np.isnan(self.req.first_scheduled[rid]):
             self.req.first_scheduled[rid] = self.now
-        self.running.append(rid)
+        if self.priority_mode == "strict":  # running in class order: after every request of its class or above
+            p = self.req.priority
+            at = len(self.running)
+            while at and p[self.running[at - 1]] > p[rid]:
+                at -= 1
+            self.running.insert(at, rid)
+        else:
+            self.running.append(rid)
 
     def prefix_hit(self, rid: int) -> PrefixHit:
         """What the prefix cache holds of `rid`'s known tokens (nothing when caching is off)."""

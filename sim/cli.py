@@ -13,6 +13,8 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from calibrate.cli import add_parser as calibrate_parser
 from hardware.catalog import get_gpu, get_interconnect, get_model, gpu_ids, interconnect_ids, model_ids
 from hardware.cost import GRAPH_MODES, CostModel
@@ -34,7 +36,10 @@ def _add_deployment_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--link", help="interconnect for TP collectives (default: the GPU's intra-node link)")
     g.add_argument("--pp-link", help="interconnect between pipeline stages (default: --link)")
     g.add_argument("--weight-dtype", default="bf16", help="bf16, fp16, fp8 or fp32 (default bf16)")
-    g.add_argument("--kv-dtype", default="bf16", help="bf16, fp16, fp8 or fp32 (default bf16)")
+    g.add_argument("--kv-dtype", default="bf16", help="bf16, fp16, fp8, fp32, or int8 / int4 / int2 in groups of 64 "
+                   "with fp16 scales (default bf16)")
+    g.add_argument("--kv-token-budget", type=int, help="keep at most this many tokens of KV per request "
+                   "(StreamingLLM / H2O-style eviction; default: all)")
     g.add_argument("--kv-access", default="paged", help="how attention reads the paged KV cache: paged (in place, "
                    "as vLLM and servesim's backend) or gather (into contiguous buffers first) (default paged)")
     g.add_argument("--elementwise", default="fused", help="fused (one kernel each for add + RMSNorm, RoPE with the "
@@ -69,6 +74,7 @@ def _deployment(args: argparse.Namespace) -> Deployment:
         pp_link=args.pp_link,
         weight_dtype=args.weight_dtype,
         kv_dtype=args.kv_dtype,
+        kv_token_budget=args.kv_token_budget,
         kv_access=args.kv_access,
         elementwise=args.elementwise,
         dp=args.dp,
@@ -115,8 +121,9 @@ def cmd_estimate(args: argparse.Namespace) -> dict[str, Any]:
     model = CostModel(dep, profile=profile, cuda_graphs=args.graphs)
     shape = _shape(args)
     cost = model.price(shape)
-    kv_needed = int(shape.prefill_tokens.sum() + shape.prefill_cached.sum() + (shape.decode_context + 1).sum()
-                    + (shape.verify_tokens + shape.verify_context).sum())
+    held = np.concatenate([shape.prefill_tokens + shape.prefill_cached, shape.decode_context + 1,
+                           shape.verify_tokens + shape.verify_context])
+    kv_needed = int(np.minimum(held, dep.kv_tokens_limit).sum())  # a KV token budget caps each request
     warnings = []
     if kv_needed > plan.kv_capacity_tokens:
         warnings.append(f"the batch holds {kv_needed} tokens of KV but the KV cache has room for "

@@ -20,11 +20,12 @@ from pydantic import (
 from hardware.errors import ServesimError, describe_validation_error
 from hardware.files import read_yaml
 from hardware.routing import RoutingModel
-from hardware.specs import DType, Elementwise, KvAccess
+from hardware.specs import DType, Elementwise, KvAccess, KvDType
 from policies import PAGED_SCHEDULERS, SchedulerConfig
+from policies.priority import PriorityMode
 from policies.speculation import SpeculationConfig
 from policies.vllm import VllmParams
-from traces.workload import LognormalLengths, PoissonArrival, Workload
+from traces.workload import LognormalLengths, PoissonArrival, SloTargets, Workload
 
 DEFAULT_SCHEDULER = VllmParams().name
 
@@ -40,7 +41,11 @@ class HardwareConfig(_Section):
     link: str | None = Field(None, description="interconnect for TP (default: the GPU's intra-node link)")
     pp_link: str | None = None
     weight_dtype: DType = "bf16"
-    kv_dtype: DType = "bf16"
+    kv_dtype: KvDType = Field("bf16", description="KV cache dtype: fp32, bf16, fp16, fp8, or int8 / int4 / int2 "
+                              "quantized in groups of 64 values with an fp16 scale and zero point each (KIVI-style)")
+    kv_token_budget: PositiveInt | None = Field(
+        None, description="keep at most this many tokens of KV per request (StreamingLLM / H2O-style eviction): "
+        "memory and attention reads are capped, model quality is not modelled")
     gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
     gpu_price: float | None = Field(None, ge=0.0, description="override the catalog's USD per GPU-hour")
     profile: str | None = Field(None, description="efficiency profile: a JSON file, the GPU id of a committed "
@@ -90,12 +95,18 @@ class KvCacheConfig(_Section):
                           "num_gpu_blocks_override")
 
 
-class SloConfig(_Section):
-    """Per-request latency targets; a request meets the SLOs when it finishes within every one given."""
+class SloConfig(SloTargets):
+    """Per-request latency targets; a request meets the SLOs when it finishes within every one given (a
+    workload's own `slo` replaces them for its requests)."""
 
-    ttft_s: PositiveFloat | None = None
-    tpot_s: PositiveFloat | None = None
-    e2e_s: PositiveFloat | None = None
+
+class PriorityConfig(_Section):
+    """Request classes (`policies.priority`): each workload's `priority` (lower is more urgent) orders admission
+    and preemption under `strict`, shares admission by weight under `weighted_fair`; `fcfs` ignores it."""
+
+    mode: PriorityMode = "fcfs"
+    weights: dict[int, PositiveFloat] = Field(default_factory=dict, description="weighted_fair: weight per "
+                                              "priority value (default 1 each)")
 
 
 class MetricsConfig(_Section):
@@ -167,6 +178,7 @@ class SimConfig(_Section):
     kv_cache: KvCacheConfig = KvCacheConfig()
     workloads: list[Workload] = Field(default_factory=_default_workloads, min_length=1)
     slo: SloConfig = SloConfig(ttft_s=2.0, tpot_s=0.1)
+    priority: PriorityConfig = PriorityConfig()
     disaggregation: DisaggregationConfig | None = Field(
         None, description="split prefill and decode over two pools (default: colocated replicas)")
     speculation: SpeculationConfig | None = Field(None, description="speculative decoding on top of the policy")
@@ -177,6 +189,10 @@ class SimConfig(_Section):
         if self.kv_cache.prefix_caching and self.scheduler.name not in PAGED_SCHEDULERS:
             raise ValueError(f"kv_cache.prefix_caching needs a paged scheduler ({', '.join(PAGED_SCHEDULERS)}), "
                              f"not {self.scheduler.name!r}")
+        if self.hardware.kv_token_budget is not None and (self.kv_cache.prefix_caching or self.disaggregation
+                                                          or self.speculation):
+            raise ValueError(f"hardware.kv_token_budget = {self.hardware.kv_token_budget}: KV eviction is simulated "
+                             "for colocated replicas without prefix caching or speculation; remove one of them")
         if self.speculation is not None and self.scheduler.name not in PAGED_SCHEDULERS:
             raise ValueError(f"speculation needs a paged continuous-batching scheduler "
                              f"({', '.join(PAGED_SCHEDULERS)}), not {self.scheduler.name!r}")

@@ -225,7 +225,8 @@ def build_deployment(config: SimConfig, hardware: HardwareConfig | None = None,
         gpu = gpu.with_price(hw.gpu_price)
     tokens, seqs = (scheduler or config.scheduler).step_limits(config.max_model_len or model.max_position_embeddings)
     return Deployment.build(model, gpu, tp=hw.tp, pp=hw.pp, link=hw.link, pp_link=hw.pp_link,
-                            weight_dtype=hw.weight_dtype, kv_dtype=hw.kv_dtype, kv_access=hw.kv_access,
+                            weight_dtype=hw.weight_dtype, kv_dtype=hw.kv_dtype, kv_token_budget=hw.kv_token_budget,
+                            kv_access=hw.kv_access,
                             elementwise=hw.elementwise, dp=hw.dp, expert_parallel=hw.expert_parallel,
                             ep_link=hw.ep_link, eplb=hw.eplb, redundant_experts=hw.redundant_experts,
                             routing=hw.routing, mla_attention=hw.mla_attention,
@@ -284,7 +285,7 @@ def build_pools(config: SimConfig) -> list[Pool]:
             weights, per_token = draft_memory(dep, config.speculation)
             capacity = max(0, int((plan.kv_cache - weights) // (plan.kv_bytes_per_token + per_token)))
         num_blocks = p.num_blocks or capacity // block_size
-        if num_blocks * block_size < dep.context_limit:  # as vLLM: one request of max_model_len must fit
+        if num_blocks * block_size < dep.kv_tokens_limit:  # as vLLM: one request of max_model_len must fit
             field_name = "kv_cache.num_blocks" if name == "colocated" else f"disaggregation.{name}.num_blocks"
             raise ServesimError(f"{where}{field_name} = {num_blocks}: {num_blocks * block_size} tokens of KV cannot "
                                 f"hold one request of max_model_len = {dep.context_limit} tokens; raise num_blocks "
@@ -309,6 +310,7 @@ def make_requests(config: SimConfig) -> tuple[Requests, list[str], int]:
                             f"records every token's time, at most {MAX_RECORDED_TOKENS:.0e} (4 GB): fewer requests "
                             "or shorter outputs")
     requests = Requests(arrival[order], prompt, output, workload[order])
+    requests.priority = np.array([w.priority for w in config.workloads], dtype=np.int64)[requests.workload]
     if any(p.next_turn is not None for p in parts):  # sessions: each turn's next turn, in the new ids
         offsets = np.cumsum([0] + [p.arrival.size for p in parts])
         nxt = np.concatenate([np.full(p.arrival.size, -1) if p.next_turn is None
@@ -352,7 +354,9 @@ class Setup:
         caching = cfg.kv_cache.prefix_caching if prefix_caching is None else prefix_caching
         return [ReplicaState(pool.first + i, self.requests,
                              BlockManager(self.requests, pool.num_blocks, cfg.kv_cache.block_size, watermark, caching,
-                                          blocks), pool.deployment.context_limit) for i in range(pool.instances)]
+                                          blocks, pool.deployment.kv_token_budget), pool.deployment.context_limit,
+                             cfg.priority.mode, cfg.priority.weights)
+                for i in range(pool.instances)]
 
     def results(self, states: list[ReplicaState], log: StepLog, wall_seconds: float,
                 extra: dict | None = None) -> Results:

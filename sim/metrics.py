@@ -156,11 +156,11 @@ def build_results(config: SimConfig, pools: list[PoolInfo], r: Requests, workloa
         tpot = np.where(r.output > 1, (e2e - ttft) / (r.output - 1), np.nan)
     itl: dict[str, Any] = {}
     itl_max = _itls(r, finished, itl, config.metrics.reported())
-    slo = config.slo
     meets = finished.copy()
-    for target, values in ((slo.ttft_s, ttft), (slo.tpot_s, tpot), (slo.e2e_s, e2e)):
-        if target is not None:
-            meets &= np.nan_to_num(values, nan=0.0) <= target
+    slos = [w.slo or config.slo for w in config.workloads]  # each request is held to its workload's targets
+    for field, values in (("ttft_s", ttft), ("tpot_s", tpot), ("e2e_s", e2e)):
+        targets = np.array([np.inf if getattr(s, field) is None else getattr(s, field) for s in slos])[r.workload]
+        meets &= np.nan_to_num(values, nan=0.0) <= targets
     requests = pd.DataFrame({
         "request_id": np.arange(r.n),
         "workload": np.asarray(workload_names, dtype=object)[r.workload] if r.n else [],
@@ -194,6 +194,7 @@ def build_results(config: SimConfig, pools: list[PoolInfo], r: Requests, workloa
     blocks = {p.name: p.num_blocks for p in pools}
     steps["kv_usage"] = steps["kv_blocks_used"] / steps["pool"].map(blocks).astype(float) if len(steps) else np.nan
     summary = _summary(config, pools, r, finished, meets, ttft, tpot, itl, e2e, steps, skipped_rows)
+    summary.update(_class_summary(r, finished, meets, ttft, tpot, e2e, float(summary["duration_s"] or 0.0)))
     summary.update(extra.get("summary", {}))
     if config.kv_cache.prefix_caching and cache_stats is not None:
         c = cache_stats
@@ -217,6 +218,29 @@ def _speculation_summary(steps: pd.DataFrame, busy: float, s: dict[str, Any]) ->
     s["spec_draft_time_share"] = float(steps["draft_s"].sum()) / busy if busy else None
     s["spec_verify_time_share"] = (float((steps["duration_s"] - steps["draft_s"])[spec_steps].sum()) / busy
                                    if busy else None)
+
+
+def _class_summary(r: Requests, finished: np.ndarray, meets: np.ndarray, ttft: np.ndarray, tpot: np.ndarray,
+                   e2e: np.ndarray, duration: float) -> dict[str, Any]:
+    """Per request class (`priority_<p>_...`, only when the workloads have more than one): requests, SLO
+    attainment, goodput and p50 / p99 TTFT, TPOT and E2E of the finished ones."""
+    out: dict[str, Any] = {}
+    classes = np.unique(r.priority)
+    if classes.size < 2:
+        return out
+    for p in classes.tolist():
+        mine = r.priority == p
+        done = mine & finished
+        key = f"priority_{p}_"
+        out[key + "requests"] = int(mine.sum())
+        out[key + "slo_attainment"] = float(meets[mine].mean())
+        out[key + "goodput_req_s"] = float(meets[mine].sum() / duration) if duration > 0 else None
+        for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
+            v = values[done]
+            v = v[~np.isnan(v)]
+            for q in (50, 99):
+                out[f"{key}{name}_p{q}_s"] = float(np.percentile(v, q)) if v.size else None
+    return out
 
 
 def _summary(config: SimConfig, pools: list[PoolInfo], r: Requests, finished: np.ndarray,

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Literal, Union
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, model_validator
 
 from hardware.errors import ServesimError
 from traces.readers import MAX_TOKENS, BadRow, TraceData, read_trace
@@ -144,6 +144,14 @@ class Sessions(_Spec):
     think: Literal["fixed", "exponential"] = "fixed"
 
 
+class SloTargets(_Spec):
+    """Per-request latency targets; a request meets the SLOs when it finishes within every one given."""
+
+    ttft_s: PositiveFloat | None = None
+    tpot_s: PositiveFloat | None = None
+    e2e_s: PositiveFloat | None = None
+
+
 class Workload(_Spec):
     """One request stream. Give `num_requests` or `duration_s` (a replayed trace may give neither: all rows)."""
 
@@ -156,6 +164,9 @@ class Workload(_Spec):
     start_s: float = Field(0.0, ge=0.0, le=1e9, description="time of the stream's start (at most 1e9 s)")
     shared_prefix: SharedPrefix | None = None
     sessions: Sessions | None = Field(None, description="multi-turn conversations (num_requests: sessions)")
+    priority: int = Field(0, ge=-1000, le=1000, description="request class: lower numbers are more urgent (under "
+                          "priority.mode strict or weighted_fair)")
+    slo: SloTargets | None = Field(None, description="this stream's latency targets (default: the top-level slo)")
 
     @model_validator(mode="before")
     @classmethod
