@@ -158,8 +158,8 @@ def build_results(config: SimConfig, pools: list[PoolInfo], r: Requests, workloa
     itl_max = _itls(r, finished, itl, config.metrics.reported())
     meets = finished.copy()
     slos = [w.slo or config.slo for w in config.workloads]  # each request is held to its workload's targets
-    for field, values in (("ttft_s", ttft), ("tpot_s", tpot), ("e2e_s", e2e)):
-        targets = np.array([np.inf if getattr(s, field) is None else getattr(s, field) for s in slos])[r.workload]
+    for target, values in (("ttft_s", ttft), ("tpot_s", tpot), ("e2e_s", e2e)):
+        targets = np.array([np.inf if getattr(s, target) is None else getattr(s, target) for s in slos])[r.workload]
         meets &= np.nan_to_num(values, nan=0.0) <= targets
     requests = pd.DataFrame({
         "request_id": np.arange(r.n),

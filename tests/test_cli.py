@@ -63,7 +63,8 @@ def test_estimate_with_profile(capsys, tmp_path, ideal_profile) -> None:
 
 
 @pytest.mark.parametrize("argv,message", [
-    (["--model", "llama-9b", "--gpu", "h100", "--prefill", "8"], "unknown model 'llama-9b'; known: deepseek-v2-lite, deepseek-v3, llama-2-13b"),
+    (["--model", "llama-9b", "--gpu", "h100", "--prefill", "8"],
+     "unknown model 'llama-9b'; known: deepseek-v2-lite, deepseek-v3, llama-2-13b"),
     (["--model", "llama-3-8b", "--gpu", "h900", "--prefill", "8"], "unknown GPU 'h900'; known: a100"),
     (["--model", "llama-3-8b", "--gpu", "h100", "--decode", "8"], "--context is required with --decode"),
     (["--model", "llama-3-8b", "--gpu", "h100", "--decode", "-5", "--context", "9"], "--decode = -5: the number"),
