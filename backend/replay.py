@@ -58,6 +58,9 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
     if config.cluster.replicas != 1 or hw.tp != 1 or hw.pp != 1:
         raise ServesimError(f"replay runs one replica on one device: cluster.replicas = {config.cluster.replicas}, "
                             f"hardware.tp = {hw.tp}, hardware.pp = {hw.pp}; allowed: 1")
+    if config.kv_cache.preemption == "swap":
+        raise ServesimError("replay: kv_cache.preemption = 'swap' is simulated only; the backend recomputes "
+                            "preempted requests (remove it)")
     if config.scheduler.name == "layered_prefill":
         raise ServesimError("replay: scheduler.name = 'layered_prefill' is simulated only; the backend runs every "
                             "layer of a step's prefills (use vllm, vllm_v1, sarathi, orca or static)")

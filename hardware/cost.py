@@ -60,6 +60,7 @@ from hardware.specs import GPUSpec
 GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, *range(8, 513, 8))
 GRAPH_MODES = ("mixed", "decode", "none")
 MIXED_GRAPH_PREFILLS = 32  # prefill chunks a mixed step's graph holds (servesim's backend; more run eagerly)
+HOST_COPY_EFFICIENCY = 0.8  # pinned-memory copies over PCIe reach about 80% of the link (26 of 31.5 GB/s on Gen 4)
 
 
 def graph_rows(mode: str, tokens: int, prefills: int, verifies: int = 0) -> int | None:
@@ -413,6 +414,16 @@ class CostModel:
         host = kernels * launch + instances * self._comm * self.profile.overheads.launch_collective
         return np.array([pipelined_seconds(host[i] * scale, total[i] * scale, kernels[i] * scale, a, b, n)
                          for i, a, b, n, scale in self._segments])
+
+    def swap_seconds(self, tokens: int) -> float:
+        """Copying `tokens` tokens of KV between GPU and host memory (swap preemption): each GPU moves its
+        shard over its own host link at `HOST_COPY_EFFICIENCY` of the link's bandwidth."""
+        link = self.dep.host_link
+        if link is None:
+            from hardware.catalog import get_interconnect
+
+            link = get_interconnect(self.dep.gpu.host_link)
+        return link.latency + tokens * self.dep.memory.kv_bytes_per_token / (link.bandwidth * HOST_COPY_EFFICIENCY)
 
     def eager_window(self, cost: StepCost, launch: float) -> float:
         """GPU window of an eager step priced by this model (`cost`), its host issuing a kernel every `launch`

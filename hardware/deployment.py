@@ -72,6 +72,7 @@ class Deployment(Spec):
     pp: PositiveInt = 1
     tp_link: InterconnectSpec
     pp_link: InterconnectSpec
+    host_link: InterconnectSpec | None = None
     weight_dtype: DType = "bf16"
     kv_dtype: KvDType = "bf16"
     kv_token_budget: PositiveInt | None = None
@@ -146,6 +147,7 @@ class Deployment(Spec):
                 tp_link=tp_link,
                 pp_link=get_interconnect(pp_link) if pp_link else tp_link,
                 ep_link=ep_link or (tp_link if group <= GPUS_PER_NODE else get_interconnect(INTER_NODE_LINK)),
+                host_link=get_interconnect(gpu_spec.host_link),
                 **settings,
             )
         except ValidationError as exc:

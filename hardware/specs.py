@@ -56,6 +56,7 @@ class GPUSpec(Spec):
     tdp_watts: PositiveFloat
     price_per_hour: float = Field(ge=0.0)
     intra_node_link: str
+    host_link: str = "pcie5-x16"
 
     def matmul_flops(self, weight_dtype: str) -> float:
         """Tensor-core peak for GEMMs with weights of this dtype.

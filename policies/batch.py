@@ -32,7 +32,8 @@ class Batch:
 
     `prefill_layers` < 1 (layered prefill): the prefill chunks run through only that share of the decoder
     layers in this step, the decodes through all of them; `prefill_partial` marks a step before the chunks'
-    last layers, whose tokens are not computed yet when it ends.
+    last layers, whose tokens are not computed yet when it ends. `swap_in_tokens` / `swap_out_tokens`: KV
+    that the step copies between GPU and host memory (swap preemption), as the engine attaches it.
     """
 
     prefill_ids: np.ndarray = field(default_factory=lambda: _EMPTY)
@@ -52,6 +53,8 @@ class Batch:
     verify_trees: tuple | None = None  # token trees: each verification's `policies.trees.TokenTree`
     prefill_layers: float = 1.0
     prefill_partial: bool = False
+    swap_in_tokens: int = 0  # KV copied back from host memory before the step (swap preemption)
+    swap_out_tokens: int = 0  # and copied out to it
 
     @classmethod
     def make(

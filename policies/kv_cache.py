@@ -8,6 +8,9 @@ recently freed first when memory is needed; a block some request holds is never 
 
 Each block is in exactly one of three states: free (holds nothing), held by one or more requests, or
 cached and evictable (refcount 0). `free + held + evictable == num_blocks` at all times.
+
+With swap preemption (vLLM's `preemption_mode="swap"`), a preempted request's blocks move to host memory
+(`host_blocks` of room, the swap space) and back before it resumes: `host_free + swapped == host_blocks`.
 """
 
 from __future__ import annotations
@@ -82,7 +85,8 @@ class BlockManager:
     """Blocks of `block_size` tokens: per-request counts in `blocks`, and the pool's state."""
 
     def __init__(self, requests, num_blocks: int, block_size: int, watermark: float = 0.0,
-                 prefix_caching: bool = False, blocks: np.ndarray | None = None, max_tokens: int | None = None) -> None:
+                 prefix_caching: bool = False, blocks: np.ndarray | None = None, max_tokens: int | None = None,
+                 host_blocks: int = 0) -> None:
         self.req = requests
         # Blocks each request holds here; replicas of one pool share `requests.blocks`, and a disaggregated
         # decode pool has its own array, since a request holds KV on both sides while it is transferred.
@@ -96,6 +100,8 @@ class BlockManager:
         # KV eviction to a token budget (StreamingLLM, H2O): a request holds the budget's blocks plus the one
         # being written, however long its context
         self.max_blocks = None if max_tokens is None else -(-max_tokens // block_size) + 1
+        self.host_blocks = self.host_free = host_blocks  # swap space in host memory
+        self.swapped: dict[int, int] = {}  # request -> its blocks held in host memory
 
     # ---- counts ---------------------------------------------------------------------------------------
     @property
@@ -168,6 +174,25 @@ class BlockManager:
             self.free += int(self.blocks[r]) - len(held)
             self.blocks[r] = 0
 
+    # ---- swap (host memory) ---------------------------------------------------------------------------------
+    def swap_out(self, rid: int) -> int:
+        """Move `rid`'s blocks to host memory when the swap space holds them; returns the blocks moved (0: no
+        room, nothing moved). Only for a cache without prefix sharing (every block private)."""
+        n = int(self.blocks[rid])
+        if self.cache is not None or n == 0 or n > self.host_free:
+            return 0
+        self.host_free -= n
+        self.swapped[rid] = n
+        self.free += n
+        self.blocks[rid] = 0
+        return n
+
+    def swap_in(self, rid: int) -> int:
+        """Give back `rid`'s host blocks (its GPU blocks are allocated as for any admission); returns them."""
+        n = self.swapped.pop(rid, 0)
+        self.host_free += n
+        return n
+
     def check(self, members: np.ndarray) -> None:
         """Assert the bookkeeping invariants; `members` are the requests routed to this replica."""
         private = int(self.blocks[members].sum()) - sum(len(k) for k in self.held.values())
@@ -183,6 +208,9 @@ class BlockManager:
             shared = len(refs)
         assert private >= 0 and self.free >= 0
         assert self.free + private + shared + self.evictable == self.num_blocks, "blocks appeared or vanished"
+        assert self.host_free >= 0 and self.host_free + sum(self.swapped.values()) == self.host_blocks, \
+            "host blocks appeared or vanished"
+        assert all(self.blocks[r] == 0 for r in self.swapped), "a swapped request holds GPU blocks"
 
     # ---- prefix caching -------------------------------------------------------------------------------
     def lookup(self, rid: int, known_tokens: int) -> PrefixHit:

@@ -97,12 +97,16 @@ class ReplicaState:
     """One replica's queues and KV cache over the shared request table."""
 
     def __init__(self, index: int, requests: Requests, kv: BlockManager, max_model_len: int,
-                 priority: PriorityMode = "fcfs", weights: dict[int, float] | None = None) -> None:
+                 priority: PriorityMode = "fcfs", weights: dict[int, float] | None = None,
+                 preemption: str = "recompute") -> None:
         self.index = index
         self.req = requests
         self.kv = kv
         self.max_model_len = max_model_len
         self.priority_mode = priority
+        self.preemption = preemption  # recompute, or swap (to host memory when there is room)
+        self.swap_out_blocks = self.swap_in_blocks = 0  # moved since the engine last collected them
+        self.swaps = 0  # preemptions that swapped
         self.waiting: deque[int] | WaitingQueue = deque() if priority == "fcfs" else \
             WaitingQueue(requests.priority, priority, weights or {}, self.known_tokens)
         self.running: list[int] = []
@@ -154,13 +158,17 @@ class ReplicaState:
             self.running.append(rid)
 
     def prefix_hit(self, rid: int) -> PrefixHit:
-        """What the prefix cache holds of `rid`'s known tokens (nothing when caching is off)."""
+        """What the prefix cache holds of `rid`'s known tokens (nothing when caching is off); a swapped-out
+        request's computed tokens come back from host memory instead."""
+        if rid in self.kv.swapped:
+            return PrefixHit(0, int(self.req.computed[rid]), 0)
         return self.kv.lookup(rid, self.known_tokens(rid))
 
     def admit_head(self, kv_tokens: int, hit: PrefixHit = NO_HIT) -> int:
         """Start the head of the waiting queue: reuse its cached prefix `hit` (from `prefix_hit`), give it
         KV blocks for `kv_tokens` tokens in all, and move it to the running list; returns its id."""
         rid = self.waiting[0]
+        self.swap_in_blocks += self.kv.swap_in(rid)  # a swapped request's KV is copied back in this step
         if self.kv.cache is not None:
             known = self.known_tokens(rid)
             self.lookup_tokens += known
@@ -175,10 +183,16 @@ class ReplicaState:
         return rid
 
     def preempt(self, rid: int) -> None:
-        """Recompute preemption: drop the KV, put the request back at the head of the waiting queue."""
+        """Put a running request back at the head of the waiting queue: its KV swapped out to host memory
+        (`preemption` swap, when the swap space has room) or dropped, to be recomputed."""
         self.running.remove(rid)
-        self.kv.release(rid)
-        self.req.computed[rid] = 0
+        moved = self.kv.swap_out(rid) if self.preemption == "swap" else 0
+        if moved:
+            self.swap_out_blocks += moved
+            self.swaps += 1
+        else:
+            self.kv.release(rid)
+            self.req.computed[rid] = 0
         self.req.preemptions[rid] += 1
         self.preemptions += 1
         self.req.status[rid] = Status.WAITING
@@ -187,6 +201,7 @@ class ReplicaState:
     def reject_head(self, code: str, reason: str) -> None:
         """Reject the request at the head of the waiting queue (it can never run under this policy)."""
         rid = self.waiting.popleft()
+        self.kv.swap_in(rid)  # (its host copy is dropped)
         self.req.reject(rid, code, reason)
 
     # ---- the outcome of a step (applied by whichever engine drives the clock) ---------------------------

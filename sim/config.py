@@ -93,6 +93,11 @@ class KvCacheConfig(_Section):
     num_blocks: PositiveInt | None = Field(
         None, description="override the KV blocks per replica (default: from the memory plan), like vLLM's "
                           "num_gpu_blocks_override")
+    preemption: Literal["recompute", "swap"] = Field(
+        "recompute", description="a preempted request's KV is dropped and recomputed, or swapped out to host "
+                                 "memory and back over the GPU's host link (vLLM V0's preemption_mode)")
+    swap_space_gb: float = Field(4.0, ge=0.0, le=1e5, description="host memory for swapped KV per GPU (vLLM's "
+                                 "swap_space, GB); a preemption that does not fit recomputes")
 
 
 class SloConfig(SloTargets):
@@ -189,6 +194,10 @@ class SimConfig(_Section):
         if self.kv_cache.prefix_caching and self.scheduler.name not in PAGED_SCHEDULERS:
             raise ValueError(f"kv_cache.prefix_caching needs a paged scheduler ({', '.join(PAGED_SCHEDULERS)}), "
                              f"not {self.scheduler.name!r}")
+        if self.kv_cache.preemption == "swap" and (self.kv_cache.prefix_caching or self.disaggregation
+                                                   or self.scheduler.name not in PAGED_SCHEDULERS):
+            raise ValueError("kv_cache.preemption = 'swap' is simulated for colocated replicas of a paged scheduler "
+                             f"({', '.join(PAGED_SCHEDULERS)}) without prefix caching")
         if self.hardware.kv_token_budget is not None and (self.kv_cache.prefix_caching or self.disaggregation
                                                           or self.speculation):
             raise ValueError(f"hardware.kv_token_budget = {self.hardware.kv_token_budget}: KV eviction is simulated "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -155,6 +155,11 @@ class Replica:
                 continue
             if self.speculator is not None:
                 batch = self.speculator.plan(state, batch)
+            if state.swap_in_blocks or state.swap_out_blocks:  # KV copied to or from host memory in this step
+                bs = state.kv.block_size
+                batch = replace(batch, swap_in_tokens=state.swap_in_blocks * bs,
+                                swap_out_tokens=state.swap_out_blocks * bs)
+                state.swap_in_blocks = state.swap_out_blocks = 0
             outcome = executor.run(batch)
             if not 0.0 <= outcome.seconds < math.inf:  # NaN included
                 raise ServesimError(f"replica {state.index}: a step of {batch.num_tokens} tokens was priced at "
@@ -354,9 +359,17 @@ class Setup:
         caching = cfg.kv_cache.prefix_caching if prefix_caching is None else prefix_caching
         return [ReplicaState(pool.first + i, self.requests,
                              BlockManager(self.requests, pool.num_blocks, cfg.kv_cache.block_size, watermark, caching,
-                                          blocks, pool.deployment.kv_token_budget), pool.deployment.context_limit,
-                             cfg.priority.mode, cfg.priority.weights)
+                                          blocks, pool.deployment.kv_token_budget, self.host_blocks(pool)),
+                             pool.deployment.context_limit, cfg.priority.mode, cfg.priority.weights,
+                             cfg.kv_cache.preemption)
                 for i in range(pool.instances)]
+
+    def host_blocks(self, pool: Pool) -> int:
+        """KV blocks the swap space of one replica holds (`kv_cache.swap_space_gb` per GPU; 0 unless swapping)."""
+        kv = self.config.kv_cache
+        if kv.preemption != "swap":
+            return 0
+        return int(kv.swap_space_gb * 1e9 // (pool.deployment.memory.kv_bytes_per_token * kv.block_size))
 
     def results(self, states: list[ReplicaState], log: StepLog, wall_seconds: float,
                 extra: dict | None = None) -> Results:
@@ -369,6 +382,8 @@ class Setup:
         results = build_results(self.config, list(self.pools), r, self.workload_names, log.drain(),
                                 self.skipped_rows, wall_seconds=wall_seconds, cache_stats=cache_stats, extra=extra)
         results.free_blocks_at_end = [s.kv.available for s in states]
+        if self.config.kv_cache.preemption == "swap":
+            results.summary["preemptions_swapped"] = sum(s.swaps for s in states)
         return results
 
 

@@ -51,10 +51,14 @@ class CostModelExecutor:
 
     def run(self, batch: Batch) -> StepOutcome:
         cost, draft = self.price(batch.shape(), batch.verify_levels)
-        if batch.prefill_layers < 1.0:
-            return self._layered(batch, cost)
-        return StepOutcome(seconds=cost.seconds + draft, mfu=cost.mfu, mbu=cost.mbu, execution=cost.execution,
-                           draft_seconds=draft)
+        out = self._layered(batch, cost) if batch.prefill_layers < 1.0 else \
+            StepOutcome(seconds=cost.seconds + draft, mfu=cost.mfu, mbu=cost.mbu, execution=cost.execution,
+                        draft_seconds=draft)
+        if batch.swap_in_tokens or batch.swap_out_tokens:  # the copies run before the forward pass
+            extra = self.cost_model.swap_seconds(batch.swap_in_tokens + batch.swap_out_tokens)
+            out = replace(out, seconds=out.seconds + extra, mfu=out.mfu * out.seconds / (out.seconds + extra),
+                          mbu=out.mbu * out.seconds / (out.seconds + extra))
+        return out
 
     def _layered(self, batch: Batch, cost: StepCost) -> StepOutcome:
         """A layered-prefill step: its layers' work is the share `prefill_layers` of the whole step (prefill

@@ -63,3 +63,71 @@ def test_a_token_budget_with_prefix_caching_is_refused() -> None:
     with pytest.raises(ServesimError, match="kv_dtype = 'int3'"):
         Deployment.build("llama-3-8b", "h100", kv_dtype="int3")
     assert np.isclose(DTYPE_BYTES["fp8"], 1.0)
+
+
+def _swap_config(blocks: int, space_gb: float = 4.0, scheduler: dict | None = None, seed: int = 0, n: int = 80):
+    work = [{"arrival": {"kind": "poisson", "rate": 40.0}, "num_requests": n,
+             "lengths": {"kind": "uniform", "prompt": [50, 1200], "output": [20, 400]}}]
+    return config(workloads=work, kv_cache={"num_blocks": blocks, "preemption": "swap", "swap_space_gb": space_gb},
+                  max_model_len=2048, scheduler=scheduler or {"name": "vllm_v1", "max_num_batched_tokens": 1024},
+                  seed=seed)
+
+
+def test_swapped_requests_resume_without_recomputing() -> None:
+    """With room in host memory every preemption swaps, and every token is computed exactly once."""
+    res = simulate(_swap_config(200))
+    s, steps, req = res.summary, res.steps, res.requests
+    assert s["preemptions"] > 0 and s["preemptions_swapped"] == s["preemptions"]
+    assert steps["prefill_tokens"].sum() + steps["decode_tokens"].sum() == \
+        req["prompt_tokens"].sum() + req["output_tokens"].sum() - len(req)
+    recompute = simulate(_swap_config(200).model_copy(update={"kv_cache": _swap_config(200).kv_cache.model_copy(
+        update={"preemption": "recompute"})}))
+    redone = recompute.steps["prefill_tokens"].sum() + recompute.steps["decode_tokens"].sum()
+    assert redone > req["prompt_tokens"].sum() + req["output_tokens"].sum() - len(req)
+
+
+def test_a_full_swap_space_falls_back_to_recompute() -> None:
+    s = simulate(_swap_config(200, space_gb=0.001)).summary  # 0.001 GB holds 7 tokens: not one block
+    assert s["preemptions"] > 0 and s["preemptions_swapped"] == 0
+
+
+def test_swap_copies_are_priced_over_the_host_link() -> None:
+    from policies.batch import Batch
+    from sim.executor import CostModelExecutor
+
+    dep = Deployment.build("llama-3-8b", "h100")
+    executor = CostModelExecutor(CostModel(dep))
+    batch = Batch(decode_ids=np.arange(8), decode_computed=np.full(8, 500))
+    plain = executor.run(batch).seconds
+    swapped = executor.run(Batch(decode_ids=batch.decode_ids, decode_computed=batch.decode_computed,
+                                 swap_in_tokens=3200, swap_out_tokens=1600)).seconds
+    assert dep.host_link.id == "pcie5-x16"
+    assert swapped - plain == pytest.approx(2e-6 + 4800 * 131072 / (63e9 * 0.8))
+
+
+class CheckedTiers:
+    """Checks GPU and host block conservation after every step."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def schedule(self, state):
+        return self.inner.schedule(state)
+
+    def on_step_end(self, state, batch, result) -> None:
+        self.inner.on_step_end(state, batch, result)
+        state.kv.check(np.flatnonzero(state.req.replica == state.index))
+
+
+@pytest.mark.parametrize("scheduler", [{"name": "vllm"}, {"name": "vllm_v1", "max_num_batched_tokens": 512},
+                                       {"name": "sarathi", "token_budget": 256}, {"name": "layered_prefill"}])
+@pytest.mark.parametrize("blocks, space", [(130, 4.0), (150, 0.05), (300, 1.0)])
+def test_blocks_are_conserved_across_gpu_and_host(monkeypatch, scheduler, blocks, space) -> None:
+    import policies
+
+    original = policies.make_scheduler
+    monkeypatch.setattr("sim.engine.make_scheduler", lambda params: CheckedTiers(original(params)))
+    cfg = _swap_config(blocks, space, scheduler, n=50)
+    res = simulate(cfg)
+    check_conservation(cfg, res)
+    assert (res.requests["status"] == "finished").all()
