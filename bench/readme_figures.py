@@ -37,6 +37,10 @@ Figures (README section: the sentence each regenerates):
   examples/deepseek_v3_ep.yaml` with the overrides in PLACEMENTS).
 - layered-prefill (same section): the table of layered prefill against chunked prefill on Qwen3-30B-A3B
   (`servesim run examples/layered_prefill_moe.yaml` with the overrides in LAYERED_RUNS).
+- kv-memory (KV memory and request classes): the table of KV dtypes, swap and token budget on
+  `examples/kv_memory.yaml`.
+- priority-classes (same section): the table of fcfs / strict / weighted_fair on
+  `examples/priority_classes.yaml`.
 - estimate-kv-access (Cost model): "a graph decode of 128 requests at context 3,000 is priced at ... ms paged
   and ... ms with the gather (`servesim estimate --model llama-3-8b --gpu h100 --profile calibrated --decode
   128 --context 3000 --kv-access paged|gather`)".
@@ -341,6 +345,40 @@ def _moe_text(v: Values) -> list[str]:
             f"{s['hbm_mb_per_token']:.0f} | {s['stability']} |" for label, s in v.items()]
 
 
+# --- KV memory and request classes -------------------------------------------------------------------------------
+
+KV = "examples/kv_memory.yaml"
+KV_RUNS = {"bf16 KV, recompute": [], "fp8 KV": ["hardware.kv_dtype=fp8"], "int4 KV": ["hardware.kv_dtype=int4"],
+           "bf16 KV, swap preemption": ["kv_cache.preemption=swap"],
+           "bf16 KV, 2,048-token budget": ["hardware.kv_token_budget=2048"]}
+KV_KEYS = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "slo_attainment", "mean_batch_size",
+           "mean_kv_usage", "preemptions", "stability")
+CLASSES = "examples/priority_classes.yaml"
+CLASS_KEYS = tuple(f"priority_{p}_{k}" for p in (0, 1) for k in ("ttft_p50_s", "ttft_p99_s", "tpot_p99_s",
+                                                                  "slo_attainment"))
+
+
+def _kv_memory() -> Values:
+    return {label: {k: _summary(KV, o).get(k) for k in KV_KEYS} for label, o in KV_RUNS.items()}
+
+
+def _kv_memory_text(v: Values) -> list[str]:
+    return [f"| {label} | {_s(s['ttft_p50_s'])} / {_s(s['ttft_p99_s'])} | {_ms(s['tpot_p50_s'])} / "
+            f"{_ms(s['tpot_p99_s'])} | {s['slo_attainment']:.1%} | {s['mean_batch_size']:.1f} | "
+            f"{s['mean_kv_usage']:.0%} | {s['preemptions']} | {s['stability']} |" for label, s in v.items()]
+
+
+def _classes() -> Values:
+    return {mode: {k: _summary(CLASSES, [f"priority.mode={mode}"]).get(k) for k in CLASS_KEYS}
+            for mode in ("fcfs", "strict", "weighted_fair")}
+
+
+def _classes_text(v: Values) -> list[str]:
+    return [f"| {mode} | {_s(s['priority_0_ttft_p50_s'])} / {_s(s['priority_0_ttft_p99_s'])} | "
+            f"{s['priority_0_slo_attainment']:.1%} | {_s(s['priority_1_ttft_p50_s'])} / "
+            f"{_s(s['priority_1_ttft_p99_s'])} | {s['priority_1_slo_attainment']:.1%} |" for mode, s in v.items()]
+
+
 # --- Cost model and CLI reference -------------------------------------------------------------------------------
 
 ESTIMATE = ["estimate", "--model", "llama-3-8b", "--gpu", "h100"]
@@ -399,6 +437,10 @@ FIGURES = [
            f"servesim run {MOE} [--set ...] for each placement", lambda: _moe_runs(MOE, PLACEMENTS), _moe_text),
     Figure("layered-prefill", "MoE and MLA models (layered prefill)",
            f"servesim run {LAYERED} [--set scheduler=...]", lambda: _moe_runs(LAYERED, LAYERED_RUNS), _moe_text),
+    Figure("kv-memory", "KV memory and request classes",
+           f"servesim run {KV} [--set ...] for each KV option", _kv_memory, _kv_memory_text),
+    Figure("priority-classes", "KV memory and request classes",
+           f"servesim run {CLASSES} --set priority.mode=fcfs|strict|weighted_fair", _classes, _classes_text),
     Figure("estimate-kv-access", "Cost model", "servesim " + " ".join(ESTIMATE + KV_ACCESS) + " paged|gather",
            _kv_access, _kv_access_text),
     Figure("estimate-examples", "CLI reference", "servesim " + " ".join(ESTIMATE) + " ... (four commands)",
