@@ -11,6 +11,10 @@ cached and evictable (refcount 0). `free + held + evictable == num_blocks` at al
 
 With swap preemption (vLLM's `preemption_mode="swap"`), a preempted request's blocks move to host memory
 (`host_blocks` of room, the swap space) and back before it resumes: `host_free + swapped == host_blocks`.
+
+With a host tier for the prefix cache (LMCache-style CPU offload), a cached block evicted from the GPU is kept
+in host memory (`host_cache_blocks` of room, least recently spilled dropped first); a later request whose
+prefix continues into host-cached blocks loads them back into fresh GPU blocks instead of recomputing them.
 """
 
 from __future__ import annotations
@@ -29,28 +33,43 @@ class PrefixHit:
     blocks: int = 0
     tokens: int = 0
     reclaimed: int = 0  # hit blocks that sit in the evictable pool: taking them uses up available room
+    host: int = 0  # of the hit blocks, those loaded back from the host tier (they need fresh GPU blocks)
 
 
 NO_HIT = PrefixHit()
 
 
 class PrefixCache:
-    """Refcounted blocks by key, with an LRU pool of the unreferenced ones."""
+    """Refcounted blocks by key, with an LRU pool of the unreferenced ones, and optionally a host tier that
+    keeps evicted blocks (an LRU of `host_capacity` keys)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host_capacity: int = 0) -> None:
         self.refs: dict[int, int] = {}
         self.evictable: OrderedDict[int, None] = OrderedDict()
+        self.host_capacity = host_capacity
+        self.host: OrderedDict[int, None] = OrderedDict()
 
-    def match(self, keys: Iterable[int]) -> tuple[int, int]:
-        """(leading keys cached, how many of those are evictable)."""
-        hit = reclaimed = 0
+    def match(self, keys: Iterable[int]) -> tuple[int, int, int]:
+        """(leading keys cached on the GPU, how many of those are evictable, and how many keys after them the
+        host tier holds)."""
+        hit = reclaimed = host = 0
         for key in keys:
             refs = self.refs.get(key)
-            if refs is None:
+            if refs is not None and not host:
+                hit += 1
+                reclaimed += refs == 0
+            elif refs is None and key in self.host:
+                host += 1
+            else:  # not cached, or on the GPU after host blocks (the match stops at the host run's end)
                 break
-            hit += 1
-            reclaimed += refs == 0
-        return hit, reclaimed
+        return hit, reclaimed, host
+
+    def load(self, keys: Iterable[int]) -> None:
+        """Host-tier blocks loaded back into GPU blocks, held by one request."""
+        for key in keys:
+            del self.host[key]
+            assert key not in self.refs, "loading a block the GPU holds"
+            self.refs[key] = 1
 
     def acquire(self, keys: Iterable[int]) -> None:
         for key in keys:
@@ -72,11 +91,17 @@ class PrefixCache:
                 self.evictable[key] = None
 
     def evict(self, n: int) -> int:
-        """Drop up to `n` unreferenced blocks, least recently freed first; returns how many."""
+        """Drop up to `n` unreferenced blocks, least recently freed first, spilling them to the host tier when
+        there is one; returns how many."""
         done = 0
         while done < n and self.evictable:
             key, _ = self.evictable.popitem(last=False)
             assert self.refs.pop(key) == 0, "evicting a block in use"
+            if self.host_capacity:
+                self.host[key] = None
+                self.host.move_to_end(key)
+                if len(self.host) > self.host_capacity:
+                    self.host.popitem(last=False)
             done += 1
         return done
 
@@ -86,7 +111,7 @@ class BlockManager:
 
     def __init__(self, requests, num_blocks: int, block_size: int, watermark: float = 0.0,
                  prefix_caching: bool = False, blocks: np.ndarray | None = None, max_tokens: int | None = None,
-                 host_blocks: int = 0) -> None:
+                 host_blocks: int = 0, host_cache_blocks: int = 0) -> None:
         self.req = requests
         # Blocks each request holds here; replicas of one pool share `requests.blocks`, and a disaggregated
         # decode pool has its own array, since a request holds KV on both sides while it is transferred.
@@ -95,7 +120,7 @@ class BlockManager:
         self.block_size = block_size
         self.free = num_blocks
         self.watermark_blocks = int(watermark * num_blocks)
-        self.cache = PrefixCache() if prefix_caching else None
+        self.cache = PrefixCache(host_cache_blocks) if prefix_caching else None
         self.held: dict[int, list[int]] = {}  # request -> keys of the cached blocks it references, in order
         # KV eviction to a token budget (StreamingLLM, H2O): a request holds the budget's blocks plus the one
         # being written, however long its context
@@ -208,6 +233,8 @@ class BlockManager:
             shared = len(refs)
         assert private >= 0 and self.free >= 0
         assert self.free + private + shared + self.evictable == self.num_blocks, "blocks appeared or vanished"
+        if self.cache is not None:
+            assert len(self.cache.host) <= self.cache.host_capacity, "the host tier holds more than its room"
         assert self.host_free >= 0 and self.host_free + sum(self.swapped.values()) == self.host_blocks, \
             "host blocks appeared or vanished"
         assert all(self.blocks[r] == 0 for r in self.swapped), "a swapped request holds GPU blocks"
@@ -219,19 +246,24 @@ class BlockManager:
             return NO_HIT
         keys = self.req.keys_of(rid)
         limit = min(len(keys), (known_tokens - 1) // self.block_size)
-        hit, reclaimed = self.cache.match(keys[:limit].tolist())
-        return PrefixHit(hit, hit * self.block_size, reclaimed) if hit else NO_HIT
+        hit, reclaimed, host = self.cache.match(keys[:limit].tolist())
+        return PrefixHit(hit + host, (hit + host) * self.block_size, reclaimed, host) if hit + host else NO_HIT
 
     def admission_blocks(self, hit: PrefixHit, kv_tokens: int) -> int:
-        """Room an admission with this hit and `kv_tokens` tokens of KV uses up."""
-        return int(self.blocks_for(kv_tokens)) - hit.blocks + hit.reclaimed
+        """Room an admission with this hit and `kv_tokens` tokens of KV uses up (blocks loaded from the host
+        tier need fresh GPU blocks like computed ones)."""
+        return int(self.blocks_for(kv_tokens)) - (hit.blocks - hit.host) + hit.reclaimed
 
     def apply_hit(self, rid: int, hit: PrefixHit) -> None:
-        """`rid` starts holding its cached leading blocks."""
+        """`rid` starts holding its cached leading blocks; those on the host tier are loaded into new blocks."""
         if not hit.blocks:
             return
         keys = self.req.keys_of(rid)[: hit.blocks].tolist()
-        self.cache.acquire(keys)
+        on_gpu = hit.blocks - hit.host
+        self.cache.acquire(keys[:on_gpu])
+        if hit.host:
+            self.cache.load(keys[on_gpu:])
+            self.take(hit.host)
         self.held[rid] = keys
         self.blocks[rid] = hit.blocks
 

@@ -116,6 +116,7 @@ class ReplicaState:
         self.lookup_blocks = 0  # and hit
         self.hit_tokens = 0
         self.hit_blocks = 0
+        self.host_hit_blocks = 0  # of those, loaded from the prefix cache's host tier
 
     # ---- queries policies use ----------------------------------------------------------------------------
     @property
@@ -175,6 +176,8 @@ class ReplicaState:
             self.lookup_blocks += min(int(self.req.num_keys[rid]), known // self.kv.block_size)
             self.hit_tokens += hit.tokens
             self.hit_blocks += hit.blocks
+            self.host_hit_blocks += hit.host
+            self.swap_in_blocks += hit.host  # loaded back from the host tier in this step
             self.kv.apply_hit(rid, hit)
             self.req.computed[rid] = hit.tokens
             self.req.cached_tokens[rid] += hit.tokens

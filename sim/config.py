@@ -98,6 +98,9 @@ class KvCacheConfig(_Section):
                                  "memory and back over the GPU's host link (vLLM V0's preemption_mode)")
     swap_space_gb: float = Field(4.0, ge=0.0, le=1e5, description="host memory for swapped KV per GPU (vLLM's "
                                  "swap_space, GB); a preemption that does not fit recomputes")
+    host_cache_gb: float = Field(0.0, ge=0.0, le=1e5, description="prefix caching: host memory per GPU that keeps "
+                                 "blocks evicted from the GPU (LMCache-style CPU offload, GB; 0: none); a hit "
+                                 "there loads the blocks back over the host link")
 
 
 class SloConfig(SloTargets):
@@ -194,6 +197,9 @@ class SimConfig(_Section):
         if self.kv_cache.prefix_caching and self.scheduler.name not in PAGED_SCHEDULERS:
             raise ValueError(f"kv_cache.prefix_caching needs a paged scheduler ({', '.join(PAGED_SCHEDULERS)}), "
                              f"not {self.scheduler.name!r}")
+        if self.kv_cache.host_cache_gb and not self.kv_cache.prefix_caching:
+            raise ValueError(f"kv_cache.host_cache_gb = {self.kv_cache.host_cache_gb}: the host tier holds "
+                             "prefix-cache blocks; set kv_cache.prefix_caching: true")
         if self.kv_cache.preemption == "swap" and (self.kv_cache.prefix_caching or self.disaggregation
                                                    or self.scheduler.name not in PAGED_SCHEDULERS):
             raise ValueError("kv_cache.preemption = 'swap' is simulated for colocated replicas of a paged scheduler "

@@ -359,7 +359,8 @@ class Setup:
         caching = cfg.kv_cache.prefix_caching if prefix_caching is None else prefix_caching
         return [ReplicaState(pool.first + i, self.requests,
                              BlockManager(self.requests, pool.num_blocks, cfg.kv_cache.block_size, watermark, caching,
-                                          blocks, pool.deployment.kv_token_budget, self.host_blocks(pool)),
+                                          blocks, pool.deployment.kv_token_budget, self.host_blocks(pool),
+                                          self.host_cache_blocks(pool)),
                              pool.deployment.context_limit, cfg.priority.mode, cfg.priority.weights,
                              cfg.kv_cache.preemption)
                 for i in range(pool.instances)]
@@ -371,6 +372,11 @@ class Setup:
             return 0
         return int(kv.swap_space_gb * 1e9 // (pool.deployment.memory.kv_bytes_per_token * kv.block_size))
 
+    def host_cache_blocks(self, pool: Pool) -> int:
+        """KV blocks the prefix cache's host tier of one replica holds (`kv_cache.host_cache_gb` per GPU)."""
+        kv = self.config.kv_cache
+        return int(kv.host_cache_gb * 1e9 // (pool.deployment.memory.kv_bytes_per_token * kv.block_size))
+
     def results(self, states: list[ReplicaState], log: StepLog, wall_seconds: float,
                 extra: dict | None = None) -> Results:
         """Reject what is left (nothing may disappear) and build the results."""
@@ -378,7 +384,7 @@ class Setup:
         for rid in np.flatnonzero(r.status < Status.FINISHED).tolist():
             r.reject(int(rid), "stalled", "still queued when the run ran out of events")
         cache_stats = {name: sum(getattr(s, name) for s in states)
-                       for name in ("lookup_tokens", "lookup_blocks", "hit_tokens", "hit_blocks")}
+                       for name in ("lookup_tokens", "lookup_blocks", "hit_tokens", "hit_blocks", "host_hit_blocks")}
         results = build_results(self.config, list(self.pools), r, self.workload_names, log.drain(),
                                 self.skipped_rows, wall_seconds=wall_seconds, cache_stats=cache_stats, extra=extra)
         results.free_blocks_at_end = [s.kv.available for s in states]

@@ -201,6 +201,11 @@ def build_results(config: SimConfig, pools: list[PoolInfo], r: Requests, workloa
         summary["prefix_cache_hit_rate"] = c["hit_tokens"] / c["lookup_tokens"] if c["lookup_tokens"] else 0.0
         summary["prefix_cache_block_hit_rate"] = c["hit_blocks"] / c["lookup_blocks"] if c["lookup_blocks"] else 0.0
         summary["prefill_tokens_saved"] = c["hit_tokens"]
+        if config.kv_cache.host_cache_gb:  # the share of the block hits that came from the host tier
+            summary["prefix_cache_host_hit_rate"] = c["host_hit_blocks"] / c["lookup_blocks"] if c["lookup_blocks"] \
+                else 0.0
+            summary["prefix_cache_gpu_hit_rate"] = summary["prefix_cache_block_hit_rate"] - \
+                summary["prefix_cache_host_hit_rate"]
     return Results(config, requests, steps, summary, r.token_time, wall_seconds, links=extra.get("links"))
 
 

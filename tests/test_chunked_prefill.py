@@ -221,7 +221,7 @@ def test_eviction_prefers_blocks_nobody_holds_least_recently_freed() -> None:
     assert not cache.register(2)  # a duplicate stays private
     cache.release([3, 2])  # freed tail first
     cache.acquire([2])  # reused: in use again
-    assert cache.match([1, 2, 3, 4]) == (3, 1)
+    assert cache.match([1, 2, 3, 4]) == (3, 1, 0)  # (on the GPU, of which evictable, on the host tier)
     assert cache.evict(5) == 1 and 3 not in cache.refs  # only the unreferenced block goes
     assert cache.refs == {1: 1, 2: 1}
 
@@ -281,3 +281,17 @@ def test_a_cache_smaller_than_one_request_is_refused_and_long_requests_rejected(
     res = simulate(cfg)  # as vLLM: requests longer than max_model_len never start
     check_conservation(cfg, res)
     assert (res.requests["reject_code"] == "exceeds_max_model_len").all()
+
+
+def test_evicted_blocks_spill_to_the_host_tier_and_load_back() -> None:
+    from policies.kv_cache import PrefixCache
+
+    cache = PrefixCache(host_capacity=2)
+    for k in (1, 2, 3):
+        cache.register(k)
+    cache.release([3, 2, 1])
+    assert cache.evict(3) == 3 and list(cache.host) == [2, 1]  # 3 spilled first, then dropped for room
+    assert cache.match([1, 2, 3]) == (0, 0, 2)  # two host blocks, then one dropped: the match stops there
+    assert cache.match([3, 1]) == (0, 0, 0)
+    cache.load([2, 1])
+    assert cache.refs == {2: 1, 1: 1} and not cache.host

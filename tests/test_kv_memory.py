@@ -131,3 +131,43 @@ def test_blocks_are_conserved_across_gpu_and_host(monkeypatch, scheduler, blocks
     res = simulate(cfg)
     check_conservation(cfg, res)
     assert (res.requests["status"] == "finished").all()
+
+
+def _prompts_config(host_gb: float, blocks: int = 300, seed: int = 0):
+    """40 system prompts of 1,000 tokens shared by 300 requests: more prompts than the GPU cache keeps."""
+    work = [{"arrival": {"kind": "poisson", "rate": 8.0}, "num_requests": 300,
+             "lengths": {"kind": "uniform", "prompt": [100, 400], "output": [5, 40]},
+             "shared_prefix": {"tokens": 1000, "fraction": 1.0, "prompts": 40}}]
+    return config(workloads=work, kv_cache={"num_blocks": blocks, "prefix_caching": True, "host_cache_gb": host_gb},
+                  max_model_len=4096, scheduler={"name": "vllm_v1", "max_num_batched_tokens": 2048}, seed=seed)
+
+
+def test_the_host_tier_keeps_evicted_prefixes_and_loads_them_back(monkeypatch) -> None:
+    import policies
+
+    original = policies.make_scheduler
+    monkeypatch.setattr("sim.engine.make_scheduler", lambda params: CheckedTiers(original(params)))
+    gpu_only, tiered = simulate(_prompts_config(0.0)), simulate(_prompts_config(8.0))
+    check_conservation(_prompts_config(8.0), tiered)
+    a, b = gpu_only.summary, tiered.summary
+    assert "prefix_cache_host_hit_rate" not in a and b["prefix_cache_host_hit_rate"] > 0.2
+    assert b["prefix_cache_block_hit_rate"] > a["prefix_cache_block_hit_rate"] + 0.2
+    assert b["prefill_tokens_saved"] > a["prefill_tokens_saved"]
+    assert b["prefix_cache_gpu_hit_rate"] + b["prefix_cache_host_hit_rate"] == pytest.approx(
+        b["prefix_cache_block_hit_rate"])
+
+
+def test_a_small_host_tier_keeps_fewer_prefixes(monkeypatch) -> None:
+    """0.05 GB holds 23 blocks of Llama-3-8B's KV (about one system prompt): the least recently spilled are
+    dropped, and fewer hits come back than from 8 GB."""
+    import policies
+
+    original = policies.make_scheduler
+    monkeypatch.setattr("sim.engine.make_scheduler", lambda params: CheckedTiers(original(params)))
+    small, large = simulate(_prompts_config(0.05)).summary, simulate(_prompts_config(8.0)).summary
+    assert small["prefix_cache_host_hit_rate"] < large["prefix_cache_host_hit_rate"]
+
+
+def test_host_cache_needs_prefix_caching() -> None:
+    with pytest.raises(ValueError, match="host_cache_gb = 4.0: the host tier holds prefix-cache blocks"):
+        config(kv_cache={"host_cache_gb": 4.0})
