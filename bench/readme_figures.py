@@ -39,6 +39,7 @@ Figures (README section: the sentence each regenerates):
   (`servesim run examples/layered_prefill_moe.yaml` with the overrides in LAYERED_RUNS).
 - kv-memory (KV memory and request classes): the table of KV dtypes, swap and token budget on
   `examples/kv_memory.yaml`.
+- host-prefix-cache (same section): the prefix cache's host tier on `examples/host_prefix_cache.yaml`.
 - priority-classes (same section): the table of fcfs / strict / weighted_fair on
   `examples/priority_classes.yaml`.
 - estimate-kv-access (Cost model): "a graph decode of 128 requests at context 3,000 is priced at ... ms paged
@@ -368,6 +369,24 @@ def _kv_memory_text(v: Values) -> list[str]:
             f"{s['mean_kv_usage']:.0%} | {s['preemptions']} | {s['stability']} |" for label, s in v.items()]
 
 
+HOST_CACHE = "examples/host_prefix_cache.yaml"
+HOST_KEYS = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "slo_attainment", "prefix_cache_hit_rate",
+             "prefix_cache_gpu_hit_rate", "prefix_cache_host_hit_rate", "prefix_cache_block_hit_rate")
+
+
+def _host_cache() -> Values:
+    return {label: {k: _summary(HOST_CACHE, o).get(k) for k in HOST_KEYS}
+            for label, o in (("GPU cache only", ["kv_cache.host_cache_gb=0"]), ("GPU + 64 GB host tier", []))}
+
+
+def _host_cache_text(v: Values) -> list[str]:
+    def rate(x: float | None) -> str:
+        return "-" if x is None else f"{x:.1%}"
+    return [f"| {label} | {rate(s['prefix_cache_block_hit_rate'])} ({rate(s['prefix_cache_gpu_hit_rate'])} GPU, "
+            f"{rate(s['prefix_cache_host_hit_rate'])} host) | {_ms(s['ttft_p50_s'])} / {_ms(s['ttft_p99_s'])} | "
+            f"{_ms(s['tpot_p50_s'])} | {s['slo_attainment']:.1%} |" for label, s in v.items()]
+
+
 def _classes() -> Values:
     return {mode: {k: _summary(CLASSES, [f"priority.mode={mode}"]).get(k) for k in CLASS_KEYS}
             for mode in ("fcfs", "strict", "weighted_fair")}
@@ -439,6 +458,8 @@ FIGURES = [
            f"servesim run {LAYERED} [--set scheduler=...]", lambda: _moe_runs(LAYERED, LAYERED_RUNS), _moe_text),
     Figure("kv-memory", "KV memory and request classes",
            f"servesim run {KV} [--set ...] for each KV option", _kv_memory, _kv_memory_text),
+    Figure("host-prefix-cache", "KV memory and request classes",
+           f"servesim run {HOST_CACHE} [--set kv_cache.host_cache_gb=0]", _host_cache, _host_cache_text),
     Figure("priority-classes", "KV memory and request classes",
            f"servesim run {CLASSES} --set priority.mode=fcfs|strict|weighted_fair", _classes, _classes_text),
     Figure("estimate-kv-access", "Cost model", "servesim " + " ".join(ESTIMATE + KV_ACCESS) + " paged|gather",
