@@ -31,7 +31,7 @@ if [[ $STAGES == *" reference "* ]]; then
 fi
 if [[ $STAGES == *" replays "* ]]; then
   mkdir -p "$OUT/work"  # the device tool brings back a few files: only the replays' archive leaves
-  OUT=$OUT/work PY=$PY TRACE=.device/azure_llm_2023_conv.csv CONFIG=calibrate/measurements/${GPU}_llama3_8b_azure_paged.yaml \
+  OUT=$OUT/work PY=$PY TRACE=$PWD/.device/azure_llm_2023_conv.csv CONFIG=calibrate/measurements/${GPU}_llama3_8b_azure_paged.yaml \
     PREFIX=$PREFIX bash calibrate/run_replays.sh 2>&1 | tail -60 | tee "$OUT/replays.txt"
   mv "$OUT/work/replays.tar.gz" "$OUT/" && rm -rf "$OUT/work"
 fi
