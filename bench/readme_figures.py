@@ -88,6 +88,12 @@ def _summary(config: str | None, overrides: list[str]) -> Values:
     return simulate(load_config(path, overrides)).summary
 
 
+def _picked(config: str | None, overrides: list[str], keys: tuple[str, ...]) -> Values:
+    """The summary entries `keys` of one run (None where a run has no such entry)."""
+    s = _summary(config, overrides)
+    return {k: s.get(k) for k in keys}
+
+
 def _cli(argv: list[str]) -> Values:
     """One `servesim` subcommand through the CLI's own parser and command function (its JSON result)."""
     from sim.cli import build_parser
@@ -360,7 +366,7 @@ CLASS_KEYS = tuple(f"priority_{p}_{k}" for p in (0, 1) for k in ("ttft_p50_s", "
 
 
 def _kv_memory() -> Values:
-    return {label: {k: _summary(KV, o).get(k) for k in KV_KEYS} for label, o in KV_RUNS.items()}
+    return {label: _picked(KV, o, KV_KEYS) for label, o in KV_RUNS.items()}
 
 
 def _kv_memory_text(v: Values) -> list[str]:
@@ -375,8 +381,8 @@ HOST_KEYS = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "slo_attainment", "prefix
 
 
 def _host_cache() -> Values:
-    return {label: {k: _summary(HOST_CACHE, o).get(k) for k in HOST_KEYS}
-            for label, o in (("GPU cache only", ["kv_cache.host_cache_gb=0"]), ("GPU + 64 GB host tier", []))}
+    runs = {"GPU cache only": ["kv_cache.host_cache_gb=0"], "GPU + 64 GB host tier": []}
+    return {label: _picked(HOST_CACHE, o, HOST_KEYS) for label, o in runs.items()}
 
 
 def _host_cache_text(v: Values) -> list[str]:
@@ -388,7 +394,7 @@ def _host_cache_text(v: Values) -> list[str]:
 
 
 def _classes() -> Values:
-    return {mode: {k: _summary(CLASSES, [f"priority.mode={mode}"]).get(k) for k in CLASS_KEYS}
+    return {mode: _picked(CLASSES, [f"priority.mode={mode}"], CLASS_KEYS)
             for mode in ("fcfs", "strict", "weighted_fair")}
 
 
