@@ -7,18 +7,9 @@
 # grouped GEMMs overlaid (`--later <gpu>_moe_raw.json`, see calibrate/refit.sh) and `servesim calibrate validate`
 # the reference steps against it: the MoE step MAPE.
 set -uo pipefail
-PY=${PY:-/opt/torch/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-$PY -m pip install -q --no-index --find-links .device/wheels pydantic simpy >/dev/null 2>&1 || true
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-OUT=${OUT:?set OUT}
+. calibrate/device_env.sh
 STAGES=" ${STAGES:-kernels reference} "
 MODELS=${MODELS:-qwen1.5-moe-a2.7b qwen3-30b-a3b}
-case "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" in
-  *H200*) ID=h200-sxm-141gb ;;
-  *) ID=h100-sxm-80gb ;;
-esac
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 if [[ $STAGES == *" kernels "* ]]; then
   time timeout "${KERNELS_S:-200}" $PY -m sim calibrate --models "${MODELS// /,}" --suites moe \
     --out "$OUT/${ID}_moe.json" --raw "$OUT/${ID}_moe_raw.json" 2>&1 | tail -8 | tee "$OUT/moe_kernels.txt"

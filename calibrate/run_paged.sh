@@ -7,17 +7,8 @@
 # fixed costs; reference: the reference steps, with the overhead fit's steps in the same rounds; replays:
 # calibrate/run_replays.sh on the paged config of that GPU (H100 or H200). The GPU comes from nvidia-smi.
 set -uo pipefail
-PY=${PY:-/opt/torch/.venv/bin/python}
-[ -x "$PY" ] || PY=python3
-$PY -m pip install -q --no-index --find-links .device/wheels pydantic simpy >/dev/null 2>&1 || true
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1
-OUT=${OUT:?set OUT}
+. calibrate/device_env.sh
 STAGES=" ${STAGES:-check kernels reference} "
-case "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" in
-  *H200*) ID=h200-sxm-141gb GPU=h200 PREFIX=paged_h200_ ;;
-  *) ID=h100-sxm-80gb GPU=h100 PREFIX=paged_ ;;
-esac
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 if [[ $STAGES == *" check "* ]]; then
   timeout 150 $PY calibrate/gpu_check.py 2>&1 | tail -40 | tee "$OUT/gpu_check.txt"
 fi

@@ -419,10 +419,6 @@ class CostModel:
         """Copying `tokens` tokens of KV between GPU and host memory (swap preemption): each GPU moves its
         shard over its own host link at `HOST_COPY_EFFICIENCY` of the link's bandwidth."""
         link = self.dep.host_link
-        if link is None:
-            from hardware.catalog import get_interconnect
-
-            link = get_interconnect(self.dep.gpu.host_link)
         return link.latency + tokens * self.dep.memory.kv_bytes_per_token / (link.bandwidth * HOST_COPY_EFFICIENCY)
 
     def eager_window(self, cost: StepCost, launch: float) -> float:

@@ -72,7 +72,6 @@ class Deployment(Spec):
     pp: PositiveInt = 1
     tp_link: InterconnectSpec
     pp_link: InterconnectSpec
-    host_link: InterconnectSpec | None = None
     weight_dtype: DType = "bf16"
     kv_dtype: KvDType = "bf16"
     kv_token_budget: PositiveInt | None = None
@@ -147,7 +146,6 @@ class Deployment(Spec):
                 tp_link=tp_link,
                 pp_link=get_interconnect(pp_link) if pp_link else tp_link,
                 ep_link=ep_link or (tp_link if group <= GPUS_PER_NODE else get_interconnect(INTER_NODE_LINK)),
-                host_link=get_interconnect(gpu_spec.host_link),
                 **settings,
             )
         except ValidationError as exc:
@@ -162,6 +160,11 @@ class Deployment(Spec):
     def moe_group(self) -> int:
         """GPUs of a stage that an MoE layer spans: tp x dp."""
         return self.tp * self.dp
+
+    @property
+    def host_link(self) -> InterconnectSpec:
+        """The GPU's link to host memory (swapped KV, the prefix cache's host tier)."""
+        return get_interconnect(self.gpu.host_link)
 
     @property
     def moe_link(self) -> InterconnectSpec:

@@ -236,11 +236,6 @@ def gemm_operator(name: str, m: float, k: float, n: float, w_bytes: float, a_byt
                     count, dims=(int(k), int(n)), layers=layers, grouped=expert)
 
 
-def expected_active_experts(num_experts: int, top_k: int, tokens: int) -> float:
-    """Experts hit by at least one of `tokens` tokens routed uniformly to top_k of num_experts."""
-    return num_experts * (1.0 - (1.0 - top_k / num_experts) ** tokens)
-
-
 @dataclass(frozen=True, slots=True)
 class MoeLoad:
     """What an MoE layer computes on the busiest GPU of its group in one step: routed token slots (`rows`),

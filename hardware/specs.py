@@ -260,11 +260,6 @@ class ModelSpec(Spec):
                 + h * self.num_experts + shared_gate)
 
     @property
-    def mlp_params_per_layer(self) -> int:
-        """Mean over layers of `mlp_params`."""
-        return sum(map(self.mlp_params, range(self.num_hidden_layers))) // self.num_hidden_layers
-
-    @property
     def embedding_params(self) -> int:
         """Input embedding plus the LM head when it is not tied to it."""
         table = self.vocab_size * self.hidden_size

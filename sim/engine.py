@@ -357,25 +357,18 @@ class Setup:
         cfg, pool = self.config, pool or self.pools[0]
         watermark = getattr(pool.scheduler, "watermark", 0.0)
         caching = cfg.kv_cache.prefix_caching if prefix_caching is None else prefix_caching
+        kv = cfg.kv_cache
+        swap = self.host_blocks(pool, kv.swap_space_gb) if kv.preemption == "swap" else 0  # swap space, if swapping
+        host_cache = self.host_blocks(pool, kv.host_cache_gb)
         return [ReplicaState(pool.first + i, self.requests,
-                             BlockManager(self.requests, pool.num_blocks, cfg.kv_cache.block_size, watermark, caching,
-                                          blocks, pool.deployment.kv_token_budget, self.host_blocks(pool),
-                                          self.host_cache_blocks(pool)),
-                             pool.deployment.context_limit, cfg.priority.mode, cfg.priority.weights,
-                             cfg.kv_cache.preemption)
+                             BlockManager(self.requests, pool.num_blocks, kv.block_size, watermark, caching, blocks,
+                                          pool.deployment.kv_token_budget, swap, host_cache),
+                             pool.deployment.context_limit, cfg.priority.mode, cfg.priority.weights, kv.preemption)
                 for i in range(pool.instances)]
 
-    def host_blocks(self, pool: Pool) -> int:
-        """KV blocks the swap space of one replica holds (`kv_cache.swap_space_gb` per GPU; 0 unless swapping)."""
-        kv = self.config.kv_cache
-        if kv.preemption != "swap":
-            return 0
-        return int(kv.swap_space_gb * 1e9 // (pool.deployment.memory.kv_bytes_per_token * kv.block_size))
-
-    def host_cache_blocks(self, pool: Pool) -> int:
-        """KV blocks the prefix cache's host tier of one replica holds (`kv_cache.host_cache_gb` per GPU)."""
-        kv = self.config.kv_cache
-        return int(kv.host_cache_gb * 1e9 // (pool.deployment.memory.kv_bytes_per_token * kv.block_size))
+    def host_blocks(self, pool: Pool, gb: float) -> int:
+        """KV blocks that `gb` GB of host memory per GPU holds for one replica of `pool`."""
+        return int(gb * 1e9 // (pool.deployment.memory.kv_bytes_per_token * self.config.kv_cache.block_size))
 
     def results(self, states: list[ReplicaState], log: StepLog, wall_seconds: float,
                 extra: dict | None = None) -> Results:

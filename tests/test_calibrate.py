@@ -17,7 +17,7 @@ from hardware.catalog import get_gpu, get_interconnect, get_model
 from hardware.cost import CostModel, StepCost, peak_flops
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
-from hardware.operators import StepShape, expected_active_experts, gemm_operator
+from hardware.operators import StepShape, gemm_operator
 from hardware.profile import (
     DEFAULT_PROFILE,
     AttentionSurface,
@@ -26,6 +26,7 @@ from hardware.profile import (
     packaged_profile,
     resolve_profile,
 )
+from hardware.routing import RoutingModel, expected_distinct
 
 GPU = get_gpu("h100")
 LAUNCH = 1.2e-6  # the synthetic device's GPU time per kernel (not the default's 1.5 us)
@@ -312,7 +313,7 @@ def test_cost_model_reproduces_a_measured_grouped_gemm() -> None:
     raw = synthetic_raw(noise=0.0)
     measured = {}
     for tokens in (1, 8, 64, 512, 4096):
-        active = expected_active_experts(8, model_k, tokens)
+        active = expected_distinct(RoutingModel().probabilities(8, model_k), tokens).sum()
         for name, k, n in (("moe_gate_up", 256, 256), ("moe_down", 128, 256)):
             op = gemm_operator(name, tokens * model_k, k, n, 2, 2, weight_reads=active, expert=True)
             roof = max(op.flops / GPU.bf16_flops, op.bytes / GPU.hbm_bandwidth)

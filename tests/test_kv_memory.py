@@ -11,6 +11,7 @@ from hardware.errors import ServesimError
 from hardware.operators import StepShape
 from hardware.specs import DTYPE_BYTES
 from sim.engine import build_pools, simulate
+from tests.test_chunked_prefill import CheckedBlocks
 from tests.test_engine import check_conservation, config
 
 
@@ -105,20 +106,6 @@ def test_swap_copies_are_priced_over_the_host_link() -> None:
     assert swapped - plain == pytest.approx(2e-6 + 4800 * 131072 / (63e9 * 0.8))
 
 
-class CheckedTiers:
-    """Checks GPU and host block conservation after every step."""
-
-    def __init__(self, inner) -> None:
-        self.inner = inner
-
-    def schedule(self, state):
-        return self.inner.schedule(state)
-
-    def on_step_end(self, state, batch, result) -> None:
-        self.inner.on_step_end(state, batch, result)
-        state.kv.check(np.flatnonzero(state.req.replica == state.index))
-
-
 @pytest.mark.parametrize("scheduler", [{"name": "vllm"}, {"name": "vllm_v1", "max_num_batched_tokens": 512},
                                        {"name": "sarathi", "token_budget": 256}, {"name": "layered_prefill"}])
 @pytest.mark.parametrize("blocks, space", [(130, 4.0), (150, 0.05), (300, 1.0)])
@@ -126,7 +113,7 @@ def test_blocks_are_conserved_across_gpu_and_host(monkeypatch, scheduler, blocks
     import policies
 
     original = policies.make_scheduler
-    monkeypatch.setattr("sim.engine.make_scheduler", lambda params: CheckedTiers(original(params)))
+    monkeypatch.setattr("sim.engine.make_scheduler", lambda params: CheckedBlocks(original(params)))
     cfg = _swap_config(blocks, space, scheduler, n=50)
     res = simulate(cfg)
     check_conservation(cfg, res)
@@ -146,7 +133,7 @@ def test_the_host_tier_keeps_evicted_prefixes_and_loads_them_back(monkeypatch) -
     import policies
 
     original = policies.make_scheduler
-    monkeypatch.setattr("sim.engine.make_scheduler", lambda params: CheckedTiers(original(params)))
+    monkeypatch.setattr("sim.engine.make_scheduler", lambda params: CheckedBlocks(original(params)))
     gpu_only, tiered = simulate(_prompts_config(0.0)), simulate(_prompts_config(8.0))
     check_conservation(_prompts_config(8.0), tiered)
     a, b = gpu_only.summary, tiered.summary
@@ -163,7 +150,7 @@ def test_a_small_host_tier_keeps_fewer_prefixes(monkeypatch) -> None:
     import policies
 
     original = policies.make_scheduler
-    monkeypatch.setattr("sim.engine.make_scheduler", lambda params: CheckedTiers(original(params)))
+    monkeypatch.setattr("sim.engine.make_scheduler", lambda params: CheckedBlocks(original(params)))
     small, large = simulate(_prompts_config(0.05)).summary, simulate(_prompts_config(8.0)).summary
     assert small["prefix_cache_host_hit_rate"] < large["prefix_cache_host_hit_rate"]
 

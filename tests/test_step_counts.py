@@ -9,7 +9,8 @@ from hypothesis import strategies as st
 
 from hardware.cost import CostModel, StepCost
 from hardware.deployment import Deployment
-from hardware.operators import StepShape, StepTotals, expected_active_experts
+from hardware.operators import StepShape, StepTotals
+from hardware.routing import RoutingModel, expected_distinct
 
 H, I, L, NH, NKV, D, V = 4096, 14336, 32, 32, 8, 128, 128256
 LINEAR_PARAMS_PER_LAYER = H * (NH * D + 2 * NKV * D) + NH * D * H + 3 * H * I
@@ -132,8 +133,9 @@ def test_verify_is_a_short_chunk_and_trees_use_their_pairs() -> None:
 
 
 def test_moe_reads_only_the_experts_hit() -> None:
-    assert expected_active_experts(8, 2, 1) == pytest.approx(2.0)
-    assert expected_active_experts(8, 2, 10_000) == pytest.approx(8.0)
+    uniform = RoutingModel().probabilities(8, 2)
+    assert expected_distinct(uniform, 1).sum() == pytest.approx(2.0)
+    assert expected_distinct(uniform, 10_000).sum() == pytest.approx(8.0)
     dep = Deployment.build("mixtral-8x7b", "h100", tp=2)
     model = CostModel(dep, cuda_graphs=False)
     one = model.price(StepShape.build(decode=[100]))
