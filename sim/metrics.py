@@ -228,7 +228,7 @@ def _speculation_summary(steps: pd.DataFrame, busy: float, s: dict[str, Any]) ->
 def _class_summary(r: Requests, finished: np.ndarray, meets: np.ndarray, ttft: np.ndarray, tpot: np.ndarray,
                    e2e: np.ndarray, duration: float) -> dict[str, Any]:
     """Per request class (`priority_<p>_...`, only when the workloads have more than one): requests, SLO
-    attainment, goodput and p50 / p99 TTFT, TPOT and E2E of the finished ones."""
+    attainment, goodput and mean, p50 and p99 TTFT, TPOT and E2E of the finished ones."""
     out: dict[str, Any] = {}
     classes = np.unique(r.priority)
     if classes.size < 2:
@@ -241,10 +241,7 @@ def _class_summary(r: Requests, finished: np.ndarray, meets: np.ndarray, ttft: n
         out[key + "slo_attainment"] = float(meets[mine].mean())
         out[key + "goodput_req_s"] = float(meets[mine].sum() / duration) if duration > 0 else None
         for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
-            v = values[done]
-            v = v[~np.isnan(v)]
-            for q in (50, 99):
-                out[f"{key}{name}_p{q}_s"] = float(np.percentile(v, q)) if v.size else None
+            _stats(key + name, values[done], out, (50, 99))
     return out
 
 
