@@ -208,8 +208,7 @@ class BlockManager:
             return 0
         self.host_free -= n
         self.swapped[rid] = n
-        self.free += n
-        self.blocks[rid] = 0
+        self.release(rid)
         return n
 
     def swap_in(self, rid: int) -> int:
