@@ -3,7 +3,10 @@
 It keeps each request's token ids (its prompt, drawn from a seeded generator, then what it sampled) and
 its block table (`backend.block_table`): physical blocks are taken from a free list as the engine's
 `BlockManager` grows a request's block count, and returned when the engine frees them (finish or
-preemption), so the paged cache holds exactly what the simulator's bookkeeping says. Decode-only steps, and
+preemption), so the paged cache holds exactly what the simulator's bookkeeping says. A request preempted by
+swap (`kv_cache.preemption: swap`: it keeps its computed tokens while holding no block) has its K/V copied to
+host memory (pinned on CUDA) before its blocks go, and back into its new blocks when it is admitted again,
+inside the steps' timed span, as vLLM's swap does. Decode-only steps, and
 steps of up to 512 tokens with prefill chunks (no verifications), replay CUDA graphs (`backend.graphs`); other
 steps run eagerly. Steps are timed with a device synchronisation on
 each side (CUDA events measure the GPU part separately).
@@ -27,7 +30,7 @@ from backend.speculative import DraftRunner, accept, ancestry, breadth_first, se
 from hardware.cost import graph_mode, graph_rows
 from hardware.specs import ModelSpec, kv_heads_per_gpu
 from policies.batch import Batch
-from policies.state import Requests
+from policies.state import Requests, Status
 from policies.trees import TokenTree
 from sim.executor import StepOutcome
 
@@ -58,6 +61,7 @@ class TorchExecutor:
         self.block_size = block_size
         self.blocks = BlockTables(num_blocks)
         self.tokens: dict[int, list[int]] = {}
+        self.host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # swapped-out requests' K and V
         self.capture_seconds = 0.0  # time the last step spent capturing CUDA graphs (a server does it at start)
         # Speculation: a draft model with its own cache (room for every request's KV plus its drafts), and
         # whether verification forces the simulator's drawn acceptance (oracle) or applies the real rule.
@@ -68,14 +72,42 @@ class TorchExecutor:
     # ---- block tables mirror the engine's block counts --------------------------------------------------
     def sync_tables(self, ids: Sequence[int] = ()) -> None:
         """Return the blocks the engine freed to the free list, then give `ids` the blocks it added."""
-        for rid in [r for r in self.blocks.ids() if self.req.blocks[r] < self.blocks.held(r)]:
-            self.blocks.resize(rid, int(self.req.blocks[rid]))  # freed by the engine (finish, preemption)
+        r = self.req
+        for rid in [i for i in self.blocks.ids() if r.blocks[i] < self.blocks.held(i)]:
+            if r.blocks[rid] == 0 and r.computed[rid] and r.status[rid] == Status.WAITING:
+                self._swap_out(rid)  # preempted by swap: its computed tokens' K/V must survive
+            self.blocks.resize(rid, int(r.blocks[rid]))  # freed by the engine (finish, preemption)
         if self.draft is not None:  # a finished or preempted request's draft cache goes too
-            for rid in [r for r in self.draft.blocks.ids() if self.req.blocks[r] == 0]:
+            for rid in [i for i in self.draft.blocks.ids() if r.blocks[i] == 0]:
                 self.draft.release(rid)
         for rid in ids:
-            if self.req.blocks[rid] > self.blocks.held(rid):
-                self.blocks.resize(rid, int(self.req.blocks[rid]))
+            if r.blocks[rid] > self.blocks.held(rid):
+                self.blocks.resize(rid, int(r.blocks[rid]))
+                if rid in self.host:
+                    self._swap_in(rid)
+        for rid in [i for i in self.host if r.status[i] == Status.REJECTED]:  # swapped, then never resumed
+            del self.host[rid]
+
+    def _slots(self, rid: int, tokens: int) -> torch.Tensor:
+        return torch.from_numpy(cache_slots(self.blocks.table(rid), np.arange(tokens), self.block_size)).to(self.device)
+
+    def _swap_out(self, rid: int) -> None:
+        """Copy the K/V of `rid`'s computed tokens to host memory (before its blocks are freed)."""
+        slots = self._slots(rid, int(self.req.computed[rid]))
+        pin = self.device.type == "cuda"
+        copies = []
+        for src in (self.cache.k, self.cache.v):
+            host = torch.empty((src.shape[0], slots.numel(), *src.shape[2:]), dtype=src.dtype, pin_memory=pin)
+            host.copy_(src[:, slots], non_blocking=pin)
+            copies.append(host)
+        self.host[rid] = (copies[0], copies[1])
+
+    def _swap_in(self, rid: int) -> None:
+        """Copy `rid`'s swapped K/V back into its (new) blocks."""
+        k, v = self.host.pop(rid)
+        slots = self._slots(rid, k.shape[1])
+        self.cache.k[:, slots] = k.to(self.device, non_blocking=True)
+        self.cache.v[:, slots] = v.to(self.device, non_blocking=True)
 
     def _generator(self, rid: int, salt: int = 0) -> torch.Generator:
         """The random stream of request `rid`'s next token: seeded by (seed, request, position[, salt] for a

@@ -58,9 +58,6 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
     if config.cluster.replicas != 1 or hw.tp != 1 or hw.pp != 1:
         raise ServesimError(f"replay runs one replica on one device: cluster.replicas = {config.cluster.replicas}, "
                             f"hardware.tp = {hw.tp}, hardware.pp = {hw.pp}; allowed: 1")
-    if config.kv_cache.preemption == "swap":
-        raise ServesimError("replay: kv_cache.preemption = 'swap' is simulated only; the backend recomputes "
-                            "preempted requests (remove it)")
     if config.scheduler.name == "layered_prefill":
         raise ServesimError("replay: scheduler.name = 'layered_prefill' is simulated only; the backend runs every "
                             "layer of a step's prefills (use vllm, vllm_v1, sarathi, orca or static)")
@@ -79,6 +76,9 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
             what = "arrival.kind = 'closed_loop'" if w.sessions is None else "sessions"
             raise ServesimError(f"replay: workloads.{i}.{what} is simulated only; the backend replays arrivals "
                                 "known in advance (poisson, gamma, constant, burst, trace)")
+        if w.fan_out is not None:
+            raise ServesimError(f"replay: workloads.{i}.fan_out is simulated only; the backend's block tables do not "
+                                "share a prompt's blocks between samples (remove fan_out)")
     if acceptance not in ("oracle", "model"):
         raise ServesimError(f"replay: acceptance = {acceptance!r}; allowed: oracle, model")
     if config.kv_cache.prefix_caching:
@@ -124,6 +124,8 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
             batch = policy.schedule(state)
             if batch is not None and speculator is not None:
                 batch = speculator.plan(state, batch)
+            if batch is not None:
+                batch = state.with_swaps(batch)
             if batch is None:
                 if nxt == len(arrivals):
                     break

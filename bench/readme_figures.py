@@ -42,6 +42,7 @@ Figures (README section: the sentence each regenerates):
 - host-prefix-cache (same section): the prefix cache's host tier on `examples/host_prefix_cache.yaml`.
 - priority-classes (same section): the table of fcfs / strict / weighted_fair on
   `examples/priority_classes.yaml`.
+- fan-out (same section): the table of fan-out options on `examples/fan_out.yaml`.
 - estimate-kv-access (Cost model): "a graph decode of 128 requests at context 3,000 is priced at ... ms paged
   and ... ms with the gather (`servesim estimate --model llama-3-8b --gpu h100 --profile calibrated --decode
   128 --context 3000 --kv-access paged|gather`)".
@@ -404,6 +405,27 @@ def _classes_text(v: Values) -> list[str]:
             f"{_s(s['priority_1_ttft_p99_s'])} | {s['priority_1_slo_attainment']:.1%} |" for mode, s in v.items()]
 
 
+FAN_OUT = "examples/fan_out.yaml"
+FAN_RUNS = {"8 samples, shared prompt KV": [], "first-finish (finish_after: 1)": ["workloads.0.fan_out.finish_after=1"],
+            "first 4 of 8 (finish_after: 4)": ["workloads.0.fan_out.finish_after=4"],
+            "8 separate requests (no fan-out, 4 req/s)": ["workloads.0.fan_out=null", "workloads.0.arrival.rate=4",
+                                                          "workloads.0.num_requests=4800"]}
+FAN_KEYS = ("fanout_e2e_p50_s", "fanout_e2e_p99_s", "ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s",
+            "slo_attainment", "mean_kv_usage", "preemptions", "stability")
+
+
+def _fan_out() -> Values:
+    return {label: _picked(FAN_OUT, o, FAN_KEYS) for label, o in FAN_RUNS.items()}
+
+
+def _fan_out_text(v: Values) -> list[str]:
+    def group(s: Values) -> str:
+        return "-" if s["fanout_e2e_p50_s"] is None else f"{_s(s['fanout_e2e_p50_s'])} / {_s(s['fanout_e2e_p99_s'])}"
+    return [f"| {label} | {group(s)} | {_s(s['ttft_p50_s'])} / {_s(s['ttft_p99_s'])} | {_ms(s['tpot_p50_s'])} / "
+            f"{_ms(s['tpot_p99_s'])} | {s['slo_attainment']:.1%} | {s['mean_kv_usage']:.0%} | {s['preemptions']} | "
+            f"{s['stability']} |" for label, s in v.items()]
+
+
 # --- Cost model and CLI reference -------------------------------------------------------------------------------
 
 ESTIMATE = ["estimate", "--model", "llama-3-8b", "--gpu", "h100"]
@@ -468,6 +490,8 @@ FIGURES = [
            f"servesim run {HOST_CACHE} [--set kv_cache.host_cache_gb=0]", _host_cache, _host_cache_text),
     Figure("priority-classes", "KV memory and request classes",
            f"servesim run {CLASSES} --set priority.mode=fcfs|strict|weighted_fair", _classes, _classes_text),
+    Figure("fan-out", "KV memory and request classes",
+           f"servesim run {FAN_OUT} [--set ...] for each fan-out option", _fan_out, _fan_out_text),
     Figure("estimate-kv-access", "Cost model", "servesim " + " ".join(ESTIMATE + KV_ACCESS) + " paged|gather",
            _kv_access, _kv_access_text),
     Figure("estimate-examples", "CLI reference", "servesim " + " ".join(ESTIMATE) + " ... (four commands)",

@@ -60,8 +60,12 @@ def admit_chunks(state: ReplicaState, budget: int, max_seqs: int, cap: int | Non
     kv = state.kv
     ids: list[int] = []
     tokens: list[int] = []
-    while state.waiting and budget > 0 and len(state.running) < max_seqs and (limit is None or len(ids) < limit):
+    while state.waiting and budget > 0 and (limit is None or len(ids) < limit):
         rid = state.waiting[0]
+        if state.reject_too_wide(max_seqs):
+            continue
+        if state.seqs + state.req.width(rid) > max_seqs:
+            break
         known = state.known_tokens(rid)
         if kv.blocks_for(known) > kv.num_blocks - kv.watermark_blocks:
             state.reject_head("exceeds_kv_capacity", f"prompt of {known} tokens needs {kv.blocks_for(known)} KV "

@@ -12,6 +12,9 @@ cached and evictable (refcount 0). `free + held + evictable == num_blocks` at al
 With swap preemption (vLLM's `preemption_mode="swap"`), a preempted request's blocks move to host memory
 (`host_blocks` of room, the swap space) and back before it resumes: `host_free + swapped == host_blocks`.
 
+Fan-out samples of one prompt share its full blocks (`fork`): through the prefix cache's refcounts where the
+blocks are cached, else as a group whose blocks are freed once, when its last holder lets them go.
+
 With a host tier for the prefix cache (LMCache-style CPU offload), a cached block evicted from the GPU is kept
 in host memory (`host_cache_blocks` of room, least recently spilled dropped first); a later request whose
 prefix continues into host-cached blocks loads them back into fresh GPU blocks instead of recomputing them.
@@ -127,6 +130,8 @@ class BlockManager:
         self.max_blocks = None if max_tokens is None else -(-max_tokens // block_size) + 1
         self.host_blocks = self.host_free = host_blocks  # swap space in host memory
         self.swapped: dict[int, int] = {}  # request -> its blocks held in host memory
+        self.groups: dict[int, list[int]] = {}  # fan-out: first sample -> [blocks shared outside the cache, holders]
+        self.group_of: dict[int, int] = {}  # sample -> the group whose blocks it holds
 
     # ---- counts ---------------------------------------------------------------------------------------
     @property
@@ -187,17 +192,49 @@ class BlockManager:
         self.free += int(extra.sum())
 
     def release(self, rid: int | np.ndarray) -> None:
-        """Free every block of one request, or of an array of requests; cached ones stay as evictable."""
-        if self.cache is None:
+        """Free every block of one request, or of an array of requests; cached ones stay as evictable, and a
+        fan-out group's shared ones are freed with their last holder."""
+        if self.cache is None and not self.group_of:
             blocks = self.blocks[rid]
             self.free += int(blocks.sum()) if isinstance(rid, np.ndarray) else int(blocks)
             self.blocks[rid] = 0
             return
         for r in np.atleast_1d(rid).tolist():
             held = self.held.pop(r, [])
-            self.cache.release(reversed(held))  # the tail of a prompt is evicted before its head
-            self.free += int(self.blocks[r]) - len(held)
+            if held:
+                self.cache.release(reversed(held))  # the tail of a prompt is evicted before its head
+            shared = self._leave_group(r)  # (before reading `free`: the group's last holder frees its blocks)
+            self.free += int(self.blocks[r]) - len(held) - shared
             self.blocks[r] = 0
+
+    # ---- fan-out (n samples of one prompt) ------------------------------------------------------------------
+    def fork(self, first: int, samples: list[int], tokens: int) -> None:
+        """`samples` start holding the full blocks of `first`'s `tokens` computed tokens (its prompt): those
+        in the prefix cache through their refcounts, the others as a group. The partial last block is not
+        shared: each sample gets its own copy when it first writes (copy-on-write), as a block it grows into."""
+        held = self.held.get(first, [])
+        full = int(self.blocks[first]) - (tokens % self.block_size != 0)
+        for s in samples:
+            if held:
+                self.cache.acquire(held)
+                self.held[s] = list(held)
+            self.blocks[s] = full
+        if full > len(held):
+            self.groups[first] = [full - len(held), 1 + len(samples)]
+            for s in (first, *samples):
+                self.group_of[s] = first
+
+    def _leave_group(self, rid: int) -> int:
+        """`rid` lets go of its fan-out group's blocks (freed if it was the last holder); returns how many it held."""
+        first = self.group_of.pop(rid, None)
+        if first is None:
+            return 0
+        group = self.groups[first]
+        group[1] -= 1
+        if group[1] == 0:
+            del self.groups[first]
+            self.free += group[0]
+        return group[0]
 
     # ---- swap (host memory) ---------------------------------------------------------------------------------
     def swap_out(self, rid: int) -> int:
@@ -219,8 +256,13 @@ class BlockManager:
 
     def check(self, members: np.ndarray) -> None:
         """Assert the bookkeeping invariants; `members` are the requests routed to this replica."""
-        private = int(self.blocks[members].sum()) - sum(len(k) for k in self.held.values())
-        shared = 0
+        private = int(self.blocks[members].sum()) - sum(len(k) for k in self.held.values()) \
+            - sum(self.groups[g][0] for g in self.group_of.values())
+        holders: dict[int, int] = {}
+        for g in self.group_of.values():
+            holders[g] = holders.get(g, 0) + 1
+        assert holders == {g: n for g, (_, n) in self.groups.items()}, "fan-out groups disagree with their holders"
+        shared = sum(b for b, _ in self.groups.values())
         if self.cache is not None:
             refs: dict[int, int] = {}
             for keys in self.held.values():
@@ -229,7 +271,7 @@ class BlockManager:
             assert all(self.cache.refs.get(k) == n for k, n in refs.items()), "refcounts disagree with holders"
             assert all(v == 0 for k, v in self.cache.refs.items() if k not in refs), "unheld block not at refcount 0"
             assert set(self.cache.evictable) == {k for k, v in self.cache.refs.items() if v == 0}
-            shared = len(refs)
+            shared += len(refs)
         assert private >= 0 and self.free >= 0
         assert self.free + private + shared + self.evictable == self.num_blocks, "blocks appeared or vanished"
         if self.cache is not None:

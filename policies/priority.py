@@ -68,6 +68,9 @@ class WaitingQueue:
     def appendleft(self, rid: int) -> None:
         self._queue(rid).appendleft(rid)
 
+    def remove(self, rid: int) -> None:
+        self.classes[int(self.priority[rid])].remove(rid)
+
     def popleft(self) -> int:
         c = self._next_class()
         rid = self.classes[c].popleft()

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import IntEnum
 
 import numpy as np
@@ -31,6 +31,7 @@ class Status(IntEnum):
     RUNNING = 2
     FINISHED = 3
     REJECTED = 4
+    CANCELLED = 5  # a fan-out sample stopped once its request had enough finished samples
 
 
 class Requests:
@@ -66,6 +67,21 @@ class Requests:
         self.priority = np.zeros(n, dtype=np.int64)  # request class: lower numbers are more urgent
         self.session = np.full(n, -1, dtype=np.int64)  # multi-turn sessions: the session (-1: none)
         self.next_turn = np.full(n, -1, dtype=np.int64)  # and the turn sent after this one
+        # Fan-out (n samples of one prompt): every sample's group is its first sample's id (-1: no fan-out); the
+        # first runs the prompt, then its `fanout` siblings (the next ids) fork from it sharing the prompt's KV.
+        # The group ends once `finish_after` of its samples have finished (0: all), cancelling the others.
+        self.group = np.full(n, -1, dtype=np.int64)
+        self.fanout = np.zeros(n, dtype=np.int64)
+        self.finish_after = np.zeros(n, dtype=np.int64)
+        self.group_finished = np.zeros(n, dtype=np.int64)
+
+    def siblings(self, first: int) -> range:
+        """The samples that fork from fan-out sample `first` once its prompt is computed."""
+        return range(first + 1, first + 1 + int(self.fanout[first]))
+
+    def width(self, rid: int) -> int:
+        """Sequences `rid` will run once admitted: its fan-out's samples if it has not forked yet, else 1."""
+        return 1 + int(self.fanout[rid]) if self.fanout[rid] and not self.generated[rid] else 1
 
     def set_keys(self, per_request: list[np.ndarray]) -> None:
         """Identities of each request's full KV blocks (prompt first), for prefix caching."""
@@ -78,11 +94,14 @@ class Requests:
         return self.keys[start:start + self.num_keys[rid]]
 
     def reject(self, rid: int, code: str, reason: str) -> None:
-        self.status[rid] = Status.REJECTED
-        self.reject_code[rid] = code
-        self.reject_reason[rid] = reason
-        if self.on_done is not None:
-            self.on_done(rid)
+        """Refuse `rid` (and the fan-out samples that would fork from it, with the same reason)."""
+        ids = [rid] + [s for s in self.siblings(rid) if self.status[s] == Status.PENDING] if self.fanout[rid] else [rid]
+        for i in ids:
+            self.status[i] = Status.REJECTED
+            self.reject_code[i] = code
+            self.reject_reason[i] = reason
+            if self.on_done is not None:
+                self.on_done(i)
 
 
 @dataclass
@@ -117,6 +136,13 @@ class ReplicaState:
         self.hit_tokens = 0
         self.hit_blocks = 0
         self.host_hit_blocks = 0  # of those, loaded from the prefix cache's host tier
+        self.unforked = 0  # fan-out samples of running prompts that have not forked yet
+
+    @property
+    def seqs(self) -> int:
+        """Sequences running, counting the fan-out samples that will fork from running prompts (vLLM counts a
+        sequence group's samples against `max_num_seqs` from its admission)."""
+        return len(self.running) + self.unforked
 
     # ---- queries policies use ----------------------------------------------------------------------------
     @property
@@ -149,6 +175,7 @@ class ReplicaState:
         self.req.status[rid] = Status.RUNNING
         if np.isnan(self.req.first_scheduled[rid]):
             self.req.first_scheduled[rid] = self.now
+        self.unforked += self.req.width(rid) - 1
         if self.priority_mode == "strict":  # running in class order: after every request of its class or above
             p = self.req.priority
             at = len(self.running)
@@ -189,6 +216,7 @@ class ReplicaState:
         """Put a running request back at the head of the waiting queue: its KV swapped out to host memory
         (`preemption` swap, when the swap space has room) or dropped, to be recomputed."""
         self.running.remove(rid)
+        self.unforked -= self.req.width(rid) - 1
         moved = self.kv.swap_out(rid) if self.preemption == "swap" else 0
         if moved:
             self.swap_out_blocks += moved
@@ -200,6 +228,24 @@ class ReplicaState:
         self.preemptions += 1
         self.req.status[rid] = Status.WAITING
         self.waiting.appendleft(rid)
+
+    def with_swaps(self, batch: Batch) -> Batch:
+        """`batch` carrying the KV copied to or from host memory since the last step (its time is priced with
+        the step's)."""
+        if not (self.swap_in_blocks or self.swap_out_blocks):
+            return batch
+        bs = self.kv.block_size
+        batch = replace(batch, swap_in_tokens=self.swap_in_blocks * bs, swap_out_tokens=self.swap_out_blocks * bs)
+        self.swap_in_blocks = self.swap_out_blocks = 0
+        return batch
+
+    def reject_too_wide(self, max_seqs: int) -> bool:
+        """Reject the waiting head when it is a fan-out of more samples than `max_seqs` (it could never run)."""
+        width = self.req.width(self.waiting[0])
+        if width <= max_seqs:
+            return False
+        self.reject_head("exceeds_max_num_seqs", f"{width} fan-out samples exceed max_num_seqs={max_seqs}")
+        return True
 
     def reject_head(self, code: str, reason: str) -> None:
         """Reject the request at the head of the waiting queue (it can never run under this policy)."""
@@ -230,6 +276,9 @@ class ReplicaState:
         r.first_token[first] = end_time
         gen += 1
         r.generated[emitted] = gen
+        forks = first[r.fanout[first] > 0]
+        if forks.size:
+            emitted = np.concatenate([emitted, self._fork(forks, end_time)])
         if batch.verify_ids.size:
             emitted = np.concatenate([emitted, self._complete_verify(batch, end_time, accepted)])
         finished = emitted[r.generated[emitted] == r.output[emitted]]
@@ -241,8 +290,58 @@ class ReplicaState:
                 for rid in finished.tolist():
                     r.on_done(rid)
             done = set(finished.tolist())
+            groups = r.group[finished]
+            if (groups >= 0).any():
+                done |= self._count_finished(groups[groups >= 0], end_time)
             self.running = [rid for rid in self.running if rid not in done]
         return StepResult(emitted=emitted, finished=finished)
+
+    def _fork(self, firsts: np.ndarray, end_time: float) -> np.ndarray:
+        """Fan-out prompts just computed: their other samples join the running list after them, holding the
+        prompt's KV (shared) and the first token, sampled from the same logits; returns the samples."""
+        r, out = self.req, []
+        for first in firsts.tolist():
+            samples = list(r.siblings(first))
+            ids = np.array(samples, dtype=np.int64)
+            self.unforked -= len(samples)
+            r.status[ids] = Status.RUNNING
+            r.replica[ids] = self.index
+            r.first_scheduled[ids] = r.first_scheduled[first]
+            r.computed[ids] = r.computed[first]
+            r.generated[ids] = 1
+            r.token_time[r.token_offset[ids]] = end_time
+            r.first_token[ids] = end_time
+            self.kv.fork(first, samples, int(r.computed[first]))
+            at = self.running.index(first) + 1
+            self.running[at:at] = samples
+            out.append(ids)
+        return np.concatenate(out)
+
+    def _count_finished(self, groups: np.ndarray, end_time: float) -> set[int]:
+        """Count finished fan-out samples per group; a group that reaches its `finish_after` cancels its other
+        samples (running ones free their KV, preempted ones leave the waiting queue). Returns those
+        cancelled that were running."""
+        r, cancelled = self.req, set()
+        firsts, counts = np.unique(groups, return_counts=True)
+        before = r.group_finished[firsts]
+        r.group_finished[firsts] = before + counts
+        for first, was, now in zip(firsts.tolist(), before.tolist(), (before + counts).tolist()):
+            if not was < r.finish_after[first] <= now:  # (samples finishing in one step all count)
+                continue
+            for rid in (first, *r.siblings(first)):
+                if r.status[rid] == Status.RUNNING:
+                    cancelled.add(rid)
+                    self.kv.release(rid)
+                elif r.status[rid] == Status.WAITING:
+                    self.waiting.remove(rid)
+                    self.kv.swap_in(rid)  # (its host copy, if swapped, is dropped)
+                else:
+                    continue
+                r.status[rid] = Status.CANCELLED
+                r.finish[rid] = end_time
+                if r.on_done is not None:
+                    r.on_done(rid)
+        return cancelled
 
     def _complete_verify(self, batch: Batch, end_time: float, accepted: np.ndarray | None) -> np.ndarray:
         r, v = self.req, batch.verify_ids

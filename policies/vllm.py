@@ -44,12 +44,17 @@ class VllmScheduler(Scheduler):
 
     def _schedule_prefills(self, state: ReplicaState) -> Batch | None:
         kv, limit = state.kv, self.token_budget(state)
-        budget, seqs = limit, len(state.running)
+        budget, seqs = limit, state.seqs
         ids: list[int] = []
         tokens: list[int] = []
         computed: list[int] = []
-        while state.waiting and seqs < self.params.max_num_seqs:
+        while state.waiting:
             rid = state.waiting[0]
+            if state.reject_too_wide(self.params.max_num_seqs):
+                continue
+            width = state.req.width(rid)
+            if seqs + width > self.params.max_num_seqs:
+                break
             hit = state.prefix_hit(rid)
             known = state.known_tokens(rid)
             n = known - hit.tokens
@@ -67,7 +72,7 @@ class VllmScheduler(Scheduler):
             tokens.append(n)
             computed.append(hit.tokens)
             budget -= n
-            seqs += 1
+            seqs += width
         return Batch.make(ids, tokens, computed) if ids else None
 
     def _schedule_decodes(self, state: ReplicaState) -> Batch | None:

@@ -48,12 +48,14 @@ def _request_events(results: Results) -> Iterator[dict[str, Any]]:
         pid = int(row.replica) + 1 if row.replica >= 0 else LINKS_PID
         rid = int(row.request_id)
         base = {"cat": "request", "pid": pid, "tid": 2, "id": rid}
-        if row.status != "finished":
+        if row.status == "rejected":
             yield {"ph": "i", "s": "t", "name": f"rejected {rid}", "pid": pid, "tid": 2, "ts": _us(row.arrival_s),
                    "args": {"reason": row.reject_reason}}
             continue
         args = {"prompt_tokens": int(row.prompt_tokens), "output_tokens": int(row.output_tokens),
                 "ttft_s": row.ttft_s, "preemptions": int(row.preemptions)}
+        if row.status == "cancelled":  # a fan-out sample stopped by its group (its life ends there)
+            args |= {"cancelled": True, "generated_tokens": int(row.generated_tokens)}
         yield {**base, "ph": "b", "name": f"request {rid}", "ts": _us(row.arrival_s), "args": args}
         for name, a, b in (("queue", row.arrival_s, row.first_scheduled_s),
                            ("prefill", row.first_scheduled_s, row.first_token_s),

@@ -214,6 +214,11 @@ class SimConfig(_Section):
         if self.speculation is not None and self.disaggregation is not None:
             raise ValueError("speculation with disaggregation is not modelled (the draft's KV would have to move "
                              "too); remove one of the two sections")
+        fanned = [i for i, w in enumerate(self.workloads) if w.fan_out is not None]
+        if fanned and (self.disaggregation is not None or self.scheduler.name not in PAGED_SCHEDULERS):
+            raise ValueError(f"workloads.{fanned[0]}.fan_out is simulated for colocated replicas of a paged "
+                             f"scheduler ({', '.join(PAGED_SCHEDULERS)}), not {self.scheduler.name!r}"
+                             + (" with disaggregation" if self.disaggregation is not None else ""))
         for name, pool in self.pools():
             if name != "colocated" and pool.scheduler.name not in PAGED_SCHEDULERS:
                 raise ValueError(f"disaggregation.{name}.scheduler.name = {pool.scheduler.name!r}: a disaggregated "

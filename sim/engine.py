@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
@@ -155,11 +155,7 @@ class Replica:
                 continue
             if self.speculator is not None:
                 batch = self.speculator.plan(state, batch)
-            if state.swap_in_blocks or state.swap_out_blocks:  # KV copied to or from host memory in this step
-                bs = state.kv.block_size
-                batch = replace(batch, swap_in_tokens=state.swap_in_blocks * bs,
-                                swap_out_tokens=state.swap_out_blocks * bs)
-                state.swap_in_blocks = state.swap_out_blocks = 0
+            batch = state.with_swaps(batch)
             outcome = executor.run(batch)
             if not 0.0 <= outcome.seconds < math.inf:  # NaN included
                 raise ServesimError(f"replica {state.index}: a step of {batch.num_tokens} tokens was priced at "
@@ -202,6 +198,8 @@ class Cluster:
 
     def arrive(self, rid: int) -> None:
         total = int(self.req.prompt[rid] + self.req.output[rid])
+        if self.req.fanout[rid]:  # the longest sample counts (vLLM checks the shared max_tokens)
+            total = int(self.req.prompt[rid] + self.req.output[rid:rid + 1 + self.req.fanout[rid]].max())
         if total > self.max_model_len:
             self.req.reject(rid, "exceeds_max_model_len",
                             f"prompt + output = {total} tokens exceeds max_model_len={self.max_model_len}")
@@ -326,10 +324,29 @@ def make_requests(config: SimConfig) -> tuple[Requests, list[str], int]:
         sessions = np.concatenate([np.full(p.arrival.size, -1) if p.session is None else p.session + (w << 32)
                                    for w, p in enumerate(parts)])
         requests.session = sessions[order]
+    if any(p.group is not None for p in parts):
+        _fan_out(requests, parts, order, config)
     if config.kv_cache.prefix_caching:
         keys = [k for i, p in enumerate(parts) for k in p.block_keys(config.kv_cache.block_size, i)]
         requests.set_keys([keys[i] for i in order.tolist()])
     return requests, [w.name for w in config.workloads], sum(p.skipped_rows for p in parts)
+
+
+def _fan_out(requests: Requests, parts: list, order: np.ndarray, config: SimConfig) -> None:
+    """Fan-out groups in the merged ids: each sample's first sample, and the first's sibling count and quota
+    (the samples of one prompt share its arrival time and stay consecutive in the stable merge)."""
+    offsets = np.cumsum([0] + [p.arrival.size for p in parts])
+    group = np.concatenate([np.full(p.arrival.size, -1) if p.group is None else p.group + o
+                            for p, o in zip(parts, offsets)])[order]
+    new_id = np.empty_like(order)
+    new_id[order] = np.arange(order.size)
+    requests.group = np.where(group >= 0, new_id[np.maximum(group, 0)], -1)
+    firsts, sizes = np.unique(requests.group[requests.group >= 0], return_counts=True)
+    assert all(np.all(requests.group[f:f + n] == f) for f, n in zip(firsts.tolist(), sizes.tolist())), \
+        "a fan-out's samples are not consecutive"
+    requests.fanout[firsts] = sizes - 1
+    quota = [(w.fan_out.finish_after or 0) if w.fan_out else 0 for w in config.workloads]
+    requests.finish_after[firsts] = np.array(quota, dtype=np.int64)[requests.workload[firsts]]
 
 
 @dataclass
@@ -430,8 +447,8 @@ def simulate(
         if workload.arrival.kind == "closed_loop":
             assert clients is not None
             clients.closed_loop(ids.tolist(), workload.arrival, workload.start_s, w)
-        else:  # (a session's later turns have no time yet: `clients` sends them)
-            ids = ids[~np.isnan(requests.arrival[ids])]
+        else:  # (a session's later turns have no time yet: `clients` sends them; fan-out samples fork)
+            ids = ids[~np.isnan(requests.arrival[ids]) & ((requests.group[ids] < 0) | (requests.group[ids] == ids))]
             env.process(_arrivals(env, arrive, ids.tolist(), requests.arrival[ids].tolist()))
     env.run()
     unsent = np.isnan(requests.arrival)  # closed-loop requests never sent (their clients' requests stalled)

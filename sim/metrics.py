@@ -15,6 +15,9 @@ Clocks (all in simulated seconds from the start of the run):
 - a request meets the SLOs when it finished and its TTFT, TPOT and E2E are within every target given;
   goodput = such requests per second of duration; attainment = their share of all requests (rejected
   ones count as misses).
+- fan-out (`workloads[].fan_out`): each sample is a request row (its arrival and TTFT are its prompt's); a
+  sample cancelled by its prompt's `finish_after` has status `cancelled` and counts in no latency, throughput
+  or attainment; `fanout_e2e_*` is each prompt's time to its last needed sample.
 """
 
 from __future__ import annotations
@@ -165,7 +168,7 @@ def build_results(config: SimConfig, pools: list[PoolInfo], r: Requests, workloa
         "request_id": np.arange(r.n),
         "workload": np.asarray(workload_names, dtype=object)[r.workload] if r.n else [],
         "replica": r.replica,
-        "status": np.where(finished, "finished", "rejected"),
+        "status": np.select([finished, r.status == Status.CANCELLED], ["finished", "cancelled"], "rejected"),
         "reject_code": [r.reject_code.get(i, "") for i in range(r.n)],
         "reject_reason": [r.reject_reason.get(i, "") for i in range(r.n)],
         "arrival_s": r.arrival,
@@ -186,6 +189,9 @@ def build_results(config: SimConfig, pools: list[PoolInfo], r: Requests, workloa
     })
     if (r.session >= 0).any():  # multi-turn sessions (ids: workload << 32 | session)
         requests["session"], requests["next_turn"] = r.session, r.next_turn
+    fanned = bool((r.group >= 0).any())
+    if fanned:  # fan-out: each sample's first sample, and the tokens it produced (fewer when cancelled)
+        requests["group"], requests["generated_tokens"] = r.group, r.generated
     extra = extra or {}
     for name, values in extra.get("request_columns", {}).items():
         requests[name] = values
@@ -195,6 +201,8 @@ def build_results(config: SimConfig, pools: list[PoolInfo], r: Requests, workloa
     steps["kv_usage"] = steps["kv_blocks_used"] / steps["pool"].map(blocks).astype(float) if len(steps) else np.nan
     summary = _summary(config, pools, r, finished, meets, ttft, tpot, itl, e2e, steps, skipped_rows)
     summary.update(_class_summary(r, finished, meets, ttft, tpot, e2e, float(summary["duration_s"] or 0.0)))
+    if fanned:
+        summary.update(_fan_out_summary(r, finished, config.metrics.reported()))
     summary.update(extra.get("summary", {}))
     if config.kv_cache.prefix_caching and cache_stats is not None:
         c = cache_stats
@@ -225,6 +233,22 @@ def _speculation_summary(steps: pd.DataFrame, busy: float, s: dict[str, Any]) ->
                                    if busy else None)
 
 
+def _fan_out_summary(r: Requests, finished: np.ndarray, percentiles: Sequence[float]) -> dict[str, Any]:
+    """Fan-out requests as their users see them: prompts, samples cancelled and the tokens that saved, and
+    each prompt's latency to its last needed sample (its group's latest finish; `fanout_e2e_*`)."""
+    fanned = r.group >= 0
+    firsts = np.flatnonzero(fanned & (r.group == np.arange(r.n)))
+    cancelled = r.status == Status.CANCELLED
+    end = np.full(r.n, -np.inf)
+    np.maximum.at(end, r.group[fanned & finished], r.finish[fanned & finished])
+    out: dict[str, Any] = {"fanout_requests": int(firsts.size), "fanout_samples": int(fanned.sum()),
+                           "requests_cancelled": int(cancelled.sum()),
+                           "fanout_cancelled_tokens": int((r.output - r.generated)[cancelled].sum())}
+    done = firsts[np.isfinite(end[firsts])]
+    _stats("fanout_e2e", end[done] - r.arrival[done], out, percentiles)
+    return out
+
+
 def _class_summary(r: Requests, finished: np.ndarray, meets: np.ndarray, ttft: np.ndarray, tpot: np.ndarray,
                    e2e: np.ndarray, duration: float) -> dict[str, Any]:
     """Per request class (`priority_<p>_...`, only when the workloads have more than one): requests, SLO
@@ -238,7 +262,8 @@ def _class_summary(r: Requests, finished: np.ndarray, meets: np.ndarray, ttft: n
         done = mine & finished
         key = f"priority_{p}_"
         out[key + "requests"] = int(mine.sum())
-        out[key + "slo_attainment"] = float(meets[mine].mean())
+        counted = mine & (r.status != Status.CANCELLED)
+        out[key + "slo_attainment"] = float(meets[counted].mean()) if counted.any() else None
         out[key + "goodput_req_s"] = float(meets[mine].sum() / duration) if duration > 0 else None
         for name, values in (("ttft", ttft), ("tpot", tpot), ("e2e", e2e)):
             _stats(key + name, values[done], out, (50, 99))
@@ -269,7 +294,8 @@ def _summary(config: SimConfig, pools: list[PoolInfo], r: Requests, finished: np
     s.update(itl)
     s["slo_ttft_s"], s["slo_tpot_s"], s["slo_e2e_s"] = config.slo.ttft_s, config.slo.tpot_s, config.slo.e2e_s
     s["goodput_req_s"] = per_s(float(meets.sum()))
-    s["slo_attainment"] = float(meets.sum() / r.n) if r.n else float("nan")
+    counted = r.n - int(np.count_nonzero(r.status == Status.CANCELLED))  # a cancelled sample: neither hit nor miss
+    s["slo_attainment"] = float(meets.sum() / counted) if counted else float("nan")
     s["steps"] = int(len(steps))
     busy = float(steps["duration_s"].sum()) if len(steps) else 0.0
     s["mean_batch_size"] = (float((steps["prefill_requests"] + steps["decode_requests"]

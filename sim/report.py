@@ -27,6 +27,10 @@ SUMMARY_ROWS = (
     ("cost", "cost_per_hour", "cost_per_million_output_tokens", "${:.2f}/h, ${:.3f} per M output tokens"),
     ("energy", "energy_j", "output_tokens_per_joule", "{:.3g} J, {:.2f} output tokens/J"),
 )
+FAN_OUT_ROWS = (
+    ("fan-out prompts / cancelled", "fanout_requests", "requests_cancelled", "{:d} / {:d} samples"),
+    ("prompt E2E p50 / p99", "fanout_e2e_p50_s", "fanout_e2e_p99_s", "{:.3f} / {:.3f} s"),
+)
 DISAGG_ROWS = (
     ("KV transfer p50 / p99", "kv_transfer_p50_s", "kv_transfer_p99_s", "{:.4f} / {:.4f} s"),
     ("wait for decode room p50 / p99", "decode_wait_p50_s", "decode_wait_p99_s", "{:.4f} / {:.4f} s"),
@@ -77,7 +81,8 @@ def format_summary(summary: dict[str, Any], config: Any = None) -> str:
     """A short human-readable table of the headline numbers (latencies in ms), under the run's header when
     its config is given."""
     lines = [run_header(config)] if config is not None else []
-    rows = SUMMARY_ROWS + (DISAGG_ROWS if "kv_transfers" in summary else ())
+    rows = SUMMARY_ROWS + (FAN_OUT_ROWS if "fanout_requests" in summary else ()) + \
+        (DISAGG_ROWS if "kv_transfers" in summary else ())
     for label, a, b, fmt in rows:
         if a is None:
             lines += _latency_lines(summary)

@@ -9,7 +9,7 @@ The rule (README, "Steady state"):
 - window: from the end of the warm-up to the last arrival, while arrivals still come (the drain after it is
   left out). Steady-state latencies, SLO attainment and goodput count the requests arriving in it.
 - offered rate = arrivals in the window over its length; sustained throughput = requests (and output tokens)
-  completed in it over its length.
+  completed in it over its length (a fan-out sample cancelled by its group counts as completed).
 - backlog growth: the least-squares slope of the requests in the system (arrived, not finished) over the
   window, sampled at 256 instants, with its standard error (the residuals' lag-1 autocorrelation shrinking
   the sample count); queue growth: the same for the waiting ones (arrived, not yet scheduled).
@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from policies.state import Requests
+from policies.state import Requests, Status
 
 GROWTH_SHARE = 0.02  # backlog growth, as a share of the offered rate, beyond which a run is overloaded
 GROWTH_ERRORS = 3.0  # ... and beyond this many standard errors of the growth (noise of a stable queue)
@@ -96,7 +96,8 @@ def steady_state(r: Requests, finished: np.ndarray, meets: np.ndarray, ttft: np.
     out["steady_window_s"] = length
     out["steady_window_requests"] = n
     per_s = (lambda x: x / length) if length > 0 else (lambda x: None)
-    completed = finished & (r.finish >= start) & (r.finish <= last)
+    served = finished | (r.status == Status.CANCELLED)  # a cancelled fan-out sample leaves served too
+    completed = served & (r.finish >= start) & (r.finish <= last)
     out["steady_offered_req_s"] = per_s(float(n))
     out["steady_throughput_req_s"] = per_s(float(completed.sum()))
     produced = sum(int(np.count_nonzero((c >= start) & (c <= last)))  # chunked: no copy of every token's time
@@ -116,7 +117,8 @@ def steady_state(r: Requests, finished: np.ndarray, meets: np.ndarray, ttft: np.
         v = v[~np.isnan(v)]
         for p in (50, 90, 99):
             out[f"steady_{name}_p{p}_s"] = float(np.percentile(v, p)) if v.size else None
-    out["steady_slo_attainment"] = float(meets[inside].mean()) if n else None
+    counted = inside & (r.status != Status.CANCELLED)  # a cancelled fan-out sample is neither a hit nor a miss
+    out["steady_slo_attainment"] = float(meets[counted].mean()) if counted.any() else None
     out["steady_goodput_req_s"] = per_s(float(meets[inside].sum()))
     service = (r.finish - r.first_scheduled)[ok]
     typical = float(np.percentile(service, 90)) if service.size else 0.0

@@ -22,7 +22,7 @@ from backend.replay import replay  # noqa: E402
 from hardware.catalog import get_model  # noqa: E402
 from hardware.errors import ServesimError  # noqa: E402
 from sim.cli import main  # noqa: E402
-from sim.config import SimConfig  # noqa: E402
+from sim.config import KvCacheConfig, SimConfig  # noqa: E402
 
 SPEC = get_model("tiny-llama")
 
@@ -117,6 +117,26 @@ def test_continuous_batching_gives_the_tokens_of_running_alone(scheduler: dict, 
         got = executor.tokens[row.request_id][row.prompt_tokens:]
         assert got == reference_generate(model, prompt, row.output_tokens), row.request_id
     assert sorted(executor.blocks.free) == list(range(blocks))  # every block came back
+
+
+@pytest.mark.parametrize("scheduler", [{"name": "vllm"}, {"name": "vllm_v1", "max_num_batched_tokens": 40}])
+def test_swapped_requests_resume_with_the_tokens_of_running_alone(scheduler: dict) -> None:
+    """Swap preemption in the backend: a preempted request's K/V goes to host memory and comes back into new
+    blocks; it resumes without recomputing (only its newest sampled token runs) and generates what it would
+    have alone."""
+    cfg = tiny_config(scheduler, 9).model_copy(update={"kv_cache": KvCacheConfig(
+        num_blocks=9, preemption="swap", swap_space_gb=0.01)})
+    res, executor, shapes = replay(cfg, asap=True)
+    req = res.requests
+    assert (req["status"] == "finished").all() and res.summary["preemptions_swapped"] > 0
+    assert res.summary["preemptions_swapped"] == res.summary["preemptions"]  # the swap space never filled
+    extra = sum(int(s.prefill_tokens.sum()) for s in shapes) - req["prompt_tokens"].sum()
+    assert 0 <= extra <= res.summary["preemptions_swapped"]  # a resume runs its newest token, as a chunk or a decode
+    for row in req.itertuples():
+        prompt = prompt_tokens(5, row.request_id, row.prompt_tokens, SPEC.vocab_size)
+        got = executor.tokens[row.request_id][row.prompt_tokens:]
+        assert got == reference_generate(executor.model, prompt, row.output_tokens), row.request_id
+    assert not executor.host and sorted(executor.blocks.free) == list(range(9))
 
 
 @pytest.mark.parametrize("scheduler", [{"name": "vllm"}, {"name": "sarathi", "token_budget": 24}])

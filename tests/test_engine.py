@@ -193,7 +193,7 @@ def test_default_scenario_runs_and_is_deterministic() -> None:
 
 
 def test_status_enum_covers_the_table() -> None:
-    assert [s.name for s in Status] == ["PENDING", "WAITING", "RUNNING", "FINISHED", "REJECTED"]
+    assert [s.name for s in Status] == ["PENDING", "WAITING", "RUNNING", "FINISHED", "REJECTED", "CANCELLED"]
 
 
 def test_itl_counts_only_finished_requests() -> None:

@@ -144,6 +144,24 @@ class Sessions(_Spec):
     think: Literal["fixed", "exponential"] = "fixed"
 
 
+class FanOut(_Spec):
+    """`n` samples of each prompt (OpenAI's and vLLM's `n`; parallel test-time scaling): the prompt is computed
+    once, then the samples decode side by side sharing its KV blocks (copy-on-write: each gets its own copy of
+    the prompt's partial last block). Each sample's output length is drawn from the workload's lengths (the
+    first keeps its request's). With `finish_after` k, the request ends once k samples have finished and the
+    others are cancelled, their KV freed (first-finish cancellation: k = 1)."""
+
+    n: int = Field(ge=2, le=1024, description="samples per prompt")
+    finish_after: int | None = Field(None, ge=1, le=1024, description="cancel the other samples once this many "
+                                     "have finished (default: every sample runs to its end)")
+
+    @model_validator(mode="after")
+    def _check(self) -> FanOut:
+        if self.finish_after is not None and self.finish_after > self.n:
+            raise ValueError(f"finish_after = {self.finish_after} exceeds n = {self.n}")
+        return self
+
+
 class SloTargets(_Spec):
     """Per-request latency targets; a request meets the SLOs when it finishes within every one given."""
 
@@ -167,6 +185,7 @@ class Workload(_Spec):
     priority: int = Field(0, ge=-1000, le=1000, description="request class: lower numbers are more urgent (under "
                           "priority.mode strict or weighted_fair)")
     slo: SloTargets | None = Field(None, description="this stream's latency targets (default: the top-level slo)")
+    fan_out: FanOut | None = Field(None, description="n samples per prompt sharing its KV")
 
     @model_validator(mode="before")
     @classmethod
@@ -190,6 +209,9 @@ class Workload(_Spec):
         if self.sessions is not None and (self.arrival.kind not in (*RATED_KINDS, "burst")
                                           or self.shared_prefix is not None):
             raise ValueError("sessions start by a poisson, gamma, constant or burst arrival, without shared_prefix")
+        if self.fan_out is not None and (self.sessions is not None or self.arrival.kind == "closed_loop"):
+            raise ValueError("fan_out is simulated for open-loop single-turn requests: remove sessions or the "
+                             "closed_loop arrival")
         if self.arrival.kind in ("burst", "closed_loop") and self.num_requests is None:
             raise ValueError(f"arrival.kind = {self.arrival.kind!r}: give num_requests (duration_s needs a rate)")
         return self
@@ -218,6 +240,7 @@ class GeneratedRequests:
     prefix_tokens: int = 0
     session: np.ndarray | None = None  # multi-turn: each request's session (its turns are consecutive)
     next_turn: np.ndarray | None = None  # index of the session's next turn (-1: none)
+    group: np.ndarray | None = None  # fan-out: each sample's first sample (the one that runs the prompt)
 
     def block_keys(self, block_size: int, workload_index: int) -> list[np.ndarray]:
         """Keys of each request's full KV blocks whose tokens are shared (empty where nothing is)."""
@@ -333,9 +356,28 @@ def generate(w: Workload, rng: np.random.Generator) -> GeneratedRequests:
         sp = w.shared_prefix
         group = np.where(rng.random(n) < sp.fraction, rng.integers(0, sp.prompts, n), -1)
         prompt = prompt + np.where(group >= 0, sp.tokens, 0)
-    return GeneratedRequests(arrival=arrival, prompt=prompt, output=output,
-                             skipped_rows=trace.skipped_rows if trace is not None else 0, hash_ids=hash_ids,
-                             prefix_group=group, prefix_tokens=w.shared_prefix.tokens if w.shared_prefix else 0)
+    out = GeneratedRequests(arrival=arrival, prompt=prompt, output=output,
+                            skipped_rows=trace.skipped_rows if trace is not None else 0, hash_ids=hash_ids,
+                            prefix_group=group, prefix_tokens=w.shared_prefix.tokens if w.shared_prefix else 0)
+    return out if w.fan_out is None else _fan_out(w, out, rng, trace)
+
+
+def _fan_out(w: Workload, g: GeneratedRequests, rng: np.random.Generator, trace: TraceData | None
+             ) -> GeneratedRequests:
+    """Each request as `n` consecutive samples of its prompt: the first keeps its output length, the others
+    draw theirs from the workload's lengths (a trace's from rows drawn at random)."""
+    assert w.fan_out is not None
+    n, size = w.fan_out.n, g.arrival.size
+    rows = rng.integers(0, len(trace), size * (n - 1)) if w.lengths.kind == "trace" and trace is not None else None
+    _, drawn = _lengths(w, size * (n - 1), rng, trace, rows)
+    output = np.column_stack([g.output, drawn.reshape(size, n - 1)]).ravel()
+    first = np.repeat(np.arange(size) * n, n)
+    rep = np.repeat(np.arange(size), n)
+    return GeneratedRequests(arrival=g.arrival[rep], prompt=g.prompt[rep], output=output, skipped_rows=g.skipped_rows,
+                             hash_ids=None if g.hash_ids is None else [g.hash_ids[i] for i in rep.tolist()],
+                             hash_block_tokens=g.hash_block_tokens,
+                             prefix_group=None if g.prefix_group is None else g.prefix_group[rep],
+                             prefix_tokens=g.prefix_tokens, group=first)
 
 
 def _sessions(w: Workload, starts: np.ndarray, rng: np.random.Generator, trace: TraceData | None
