@@ -2,7 +2,8 @@
 
 A step reads its requests' tables with one fancy index (`rows`), instead of turning Python lists into
 arrays every step (2 ms for 256 requests of 200 blocks). Blocks come from a free list, the last freed
-first, so that a run's placement is deterministic.
+first, so that a run's placement is deterministic. A block may be shared (prefix caching): each table that
+holds it and the cache's pin count as a reference, and it goes back to the free list with the last one.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ class BlockTables:
 
     def __init__(self, num_blocks: int, rows: int = 64, width: int = 64) -> None:
         self.free = list(range(num_blocks - 1, -1, -1))
+        self.refs = [0] * num_blocks  # tables holding each block, plus one while the prefix cache keeps it
         self.array = np.zeros((rows, width), dtype=np.int32)
         self.row: dict[int, int] = {}
         self.count: dict[int, int] = {}
@@ -44,7 +46,8 @@ class BlockTables:
             return
         if blocks < held:
             row = self.row[rid]
-            self.free.extend(reversed(self.array[row, blocks:held].tolist()))
+            for b in reversed(self.array[row, blocks:held].tolist()):
+                self.unpin(b)
             if blocks == 0:
                 self._spare.append(self.row.pop(rid))
                 del self.count[rid]
@@ -54,15 +57,33 @@ class BlockTables:
         need = blocks - held
         if need > len(self.free):
             raise RuntimeError(f"request {rid} needs {need} more KV blocks; {len(self.free)} are free")
+        new = self.free[: -need - 1: -1]  # in the order pop() gives them
+        del self.free[-need:]
+        self.extend(rid, new)
+
+    def extend(self, rid: int, blocks: list[int]) -> None:
+        """Append `blocks` to request `rid`'s table (fresh ones, or cached ones it shares)."""
+        held = self.count.get(rid, 0)
         if rid not in self.row:
             if not self._spare:
                 self._grow(rows=2 * self.array.shape[0])
             self.row[rid] = self._spare.pop()
-        if blocks > self.array.shape[1]:
-            self._grow(width=max(blocks, 2 * self.array.shape[1]))
-        self.array[self.row[rid], held:blocks] = self.free[: -need - 1: -1]  # in the order pop() gives them
-        del self.free[-need:]
-        self.count[rid] = blocks
+        if held + len(blocks) > self.array.shape[1]:
+            self._grow(width=max(held + len(blocks), 2 * self.array.shape[1]))
+        self.array[self.row[rid], held:held + len(blocks)] = blocks
+        for b in blocks:
+            self.refs[b] += 1
+        self.count[rid] = held + len(blocks)
+
+    def pin(self, block: int) -> None:
+        """The prefix cache keeps `block` (it stays out of the free list until unpinned)."""
+        self.refs[block] += 1
+
+    def unpin(self, block: int) -> None:
+        """Drop one reference to `block`; the last one frees it."""
+        self.refs[block] -= 1
+        if self.refs[block] == 0:
+            self.free.append(block)
 
     def _grow(self, rows: int | None = None, width: int | None = None) -> None:
         old = self.array

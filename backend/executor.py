@@ -6,7 +6,10 @@ its block table (`backend.block_table`): physical blocks are taken from a free l
 preemption), so the paged cache holds exactly what the simulator's bookkeeping says. A request preempted by
 swap (`kv_cache.preemption: swap`: it keeps its computed tokens while holding no block) has its K/V copied to
 host memory (pinned on CUDA) before its blocks go, and back into its new blocks when it is admitted again,
-inside the steps' timed span, as vLLM's swap does. Decode-only steps, and
+inside the steps' timed span, as vLLM's swap does. With prefix caching the engine's `BlockManager` keeps a
+journal of releases, hits, newly cached blocks and evictions, which the executor follows so that requests
+with equal block keys share physical blocks (prompt tokens are drawn per key, so shared blocks hold the
+same tokens). Decode-only steps, and
 steps of up to 512 tokens with prefill chunks (no verifications), replay CUDA graphs (`backend.graphs`); other
 steps run eagerly. Steps are timed with a device synchronisation on
 each side (CUDA events measure the GPU part separately).
@@ -30,14 +33,22 @@ from backend.speculative import DraftRunner, accept, ancestry, breadth_first, se
 from hardware.cost import graph_mode, graph_rows
 from hardware.specs import ModelSpec, kv_heads_per_gpu
 from policies.batch import Batch
+from policies.kv_cache import CACHED, DROP, HIT
 from policies.state import Requests, Status
 from policies.trees import TokenTree
 from sim.executor import StepOutcome
 
 
-def prompt_tokens(seed: int, rid: int, length: int, vocab: int) -> list[int]:
-    """The prompt of request `rid`: random token ids, the same in every run with this seed."""
-    return np.random.default_rng([seed, rid]).integers(0, vocab, length).tolist()
+def prompt_tokens(seed: int, rid: int, length: int, vocab: int, keys: np.ndarray | None = None,
+                  block_size: int = 16) -> list[int]:
+    """The prompt of request `rid`: random token ids, the same in every run with this seed. Its blocks with a
+    prefix-cache key (`keys[j]`: block j's) take the tokens of that key, so that requests whose keys are equal
+    share those tokens, as the prefix cache assumes."""
+    tokens = np.random.default_rng([seed, rid]).integers(0, vocab, length)
+    for j, key in enumerate(([] if keys is None else keys.tolist())[:length // block_size]):
+        block = np.random.default_rng([seed, 7, key]).integers(0, vocab, block_size)
+        tokens[j * block_size:(j + 1) * block_size] = block
+    return tokens.tolist()
 
 
 class TorchExecutor:
@@ -62,6 +73,9 @@ class TorchExecutor:
         self.blocks = BlockTables(num_blocks)
         self.tokens: dict[int, list[int]] = {}
         self.host: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # swapped-out requests' K and V
+        # Prefix caching: the engine's `BlockManager.journal` and the physical block of each cached key
+        self.journal: list[tuple[int, ...]] | None = None
+        self.key_block: dict[int, int] = {}
         self.capture_seconds = 0.0  # time the last step spent capturing CUDA graphs (a server does it at start)
         # Speculation: a draft model with its own cache (room for every request's KV plus its drafts), and
         # whether verification forces the simulator's drawn acceptance (oracle) or applies the real rule.
@@ -73,6 +87,8 @@ class TorchExecutor:
     def sync_tables(self, ids: Sequence[int] = ()) -> None:
         """Return the blocks the engine freed to the free list, then give `ids` the blocks it added."""
         r = self.req
+        if self.journal:
+            self._follow_journal()
         for rid in [i for i in self.blocks.ids() if r.blocks[i] < self.blocks.held(i)]:
             if r.blocks[rid] == 0 and r.computed[rid] and r.status[rid] == Status.WAITING:
                 self._swap_out(rid)  # preempted by swap: its computed tokens' K/V must survive
@@ -87,6 +103,25 @@ class TorchExecutor:
                     self._swap_in(rid)
         for rid in [i for i in self.host if r.status[i] == Status.REJECTED]:  # swapped, then never resumed
             del self.host[rid]
+
+    def _follow_journal(self) -> None:
+        """Apply the prefix cache's changes since the last step, in order: a released request's table goes
+        (its cached blocks stay, pinned), a hit starts a table with the cached blocks of its keys, a newly
+        cached block is pinned under its key, an evicted one unpinned (freed unless a table still holds it)."""
+        assert self.journal is not None
+        for entry in self.journal:
+            if entry[0] == DROP:
+                self.blocks.resize(entry[1], 0)
+            elif entry[0] == HIT:
+                assert entry[1] not in self.blocks, "a prefix hit for a request that holds blocks"
+                self.blocks.extend(entry[1], [self.key_block[k] for k in entry[2:]])
+            elif entry[0] == CACHED:
+                _, rid, j, key = entry
+                self.key_block[key] = int(self.blocks.table(rid)[j])
+                self.blocks.pin(self.key_block[key])
+            else:
+                self.blocks.unpin(self.key_block.pop(entry[1]))
+        self.journal.clear()
 
     def _slots(self, rid: int, tokens: int) -> torch.Tensor:
         return torch.from_numpy(cache_slots(self.blocks.table(rid), np.arange(tokens), self.block_size)).to(self.device)
@@ -118,7 +153,8 @@ class TorchExecutor:
     def tokens_of(self, rid: int) -> list[int]:
         """Prompt and generated token ids of a request so far."""
         if rid not in self.tokens:
-            self.tokens[rid] = prompt_tokens(self.seed, rid, int(self.req.prompt[rid]), self.spec.vocab_size)
+            self.tokens[rid] = prompt_tokens(self.seed, rid, int(self.req.prompt[rid]), self.spec.vocab_size,
+                                             self.req.keys_of(rid), self.block_size)
         return self.tokens[rid]
 
     def warm_up(self, max_tokens: int) -> None:

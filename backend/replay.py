@@ -81,8 +81,9 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
                                 "share a prompt's blocks between samples (remove fan_out)")
     if acceptance not in ("oracle", "model"):
         raise ServesimError(f"replay: acceptance = {acceptance!r}; allowed: oracle, model")
-    if config.kv_cache.prefix_caching:
-        raise ServesimError("replay: kv_cache.prefix_caching = true is not implemented in the backend; allowed: false")
+    if config.kv_cache.host_cache_gb:
+        raise ServesimError(f"replay: kv_cache.host_cache_gb = {config.kv_cache.host_cache_gb} is simulated only; the "
+                            "backend's prefix cache lives on the device (set it to 0)")
     setup = prepare(config)
     requests = setup.requests
     spec_model = setup.deployment.model
@@ -100,6 +101,8 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
     executor = TorchExecutor(setup.deployment.model, requests, setup.num_blocks, config.kv_cache.block_size,
                              device, config.seed, temperature, checkpoint, hw.cuda_graphs, draft=draft,
                              oracle=acceptance == "oracle")
+    if config.kv_cache.prefix_caching:  # the executor follows the cache's changes to share physical blocks
+        executor.journal = state.kv.keep_journal()
     executor.warm_up(setup.deployment.max_num_batched_tokens)
     policy = make_scheduler(config.scheduler)
     speculator = None if spec is None else Speculator(spec, Acceptance(spec.acceptance, config.seed, requests.n))

@@ -40,6 +40,8 @@ class PrefixHit:
 
 
 NO_HIT = PrefixHit()
+# Journal entries (`BlockManager.keep_journal`): what a replay's executor needs to place shared blocks
+DROP, HIT, CACHED, EVICT = range(4)  # (DROP, rid), (HIT, rid, *keys), (CACHED, rid, block index, key), (EVICT, key)
 
 
 class PrefixCache:
@@ -51,6 +53,7 @@ class PrefixCache:
         self.evictable: OrderedDict[int, None] = OrderedDict()
         self.host_capacity = host_capacity
         self.host: OrderedDict[int, None] = OrderedDict()
+        self.journal: list[tuple[int, ...]] | None = None  # `BlockManager.journal`'s list, when kept
 
     def match(self, keys: Iterable[int]) -> tuple[int, int, int]:
         """(leading keys cached on the GPU, how many of those are evictable, and how many keys after them the
@@ -100,6 +103,8 @@ class PrefixCache:
         while done < n and self.evictable:
             key, _ = self.evictable.popitem(last=False)
             assert self.refs.pop(key) == 0, "evicting a block in use"
+            if self.journal is not None:
+                self.journal.append((EVICT, key))
             if self.host_capacity:
                 self.host[key] = None
                 self.host.move_to_end(key)
@@ -132,6 +137,15 @@ class BlockManager:
         self.swapped: dict[int, int] = {}  # request -> its blocks held in host memory
         self.groups: dict[int, list[int]] = {}  # fan-out: first sample -> [blocks shared outside the cache, holders]
         self.group_of: dict[int, int] = {}  # sample -> the group whose blocks it holds
+        self.journal: list[tuple[int, ...]] | None = None
+
+    def keep_journal(self) -> list[tuple[int, ...]]:
+        """Record, in order, each release, prefix hit, newly cached block and eviction (a replay's executor
+        reads them to give requests the physical blocks the prefix cache shares); returns the list."""
+        self.journal = []
+        if self.cache is not None:
+            self.cache.journal = self.journal
+        return self.journal
 
     # ---- counts ---------------------------------------------------------------------------------------
     @property
@@ -200,6 +214,8 @@ class BlockManager:
             self.blocks[rid] = 0
             return
         for r in np.atleast_1d(rid).tolist():
+            if self.journal is not None:
+                self.journal.append((DROP, r))
             held = self.held.pop(r, [])
             if held:
                 self.cache.release(reversed(held))  # the tail of a prompt is evicted before its head
@@ -307,6 +323,8 @@ class BlockManager:
             self.take(hit.host)
         self.held[rid] = keys
         self.blocks[rid] = hit.blocks
+        if self.journal is not None:
+            self.journal.append((HIT, rid, *keys))
 
     def register_computed(self, ids: np.ndarray, before: np.ndarray) -> None:
         """Blocks that steps filled (computed went from `before` to now) become cached under their keys."""
@@ -322,4 +340,6 @@ class BlockManager:
             for key in r.keys_of(rid)[lo:hi].tolist():
                 if not self.cache.register(key):
                     break
+                if self.journal is not None:
+                    self.journal.append((CACHED, rid, len(held), key))
                 held.append(key)

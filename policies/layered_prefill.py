@@ -55,6 +55,7 @@ class LayeredPrefillScheduler(Scheduler):
         self.cohort, self.chunk = self.cohort[keep], self.chunk[keep]
         if not self.cohort.size:
             self._form_cohort(state, preempted)
+            ids = ids[r.status[ids] == Status.RUNNING]  # (planning the cohort may preempt a planned decode)
         if not self.cohort.size and not ids.size:
             return self.schedule(state) if preempted and state.running else None
         last = self.group == p.layer_groups - 1

@@ -139,6 +139,38 @@ def test_swapped_requests_resume_with_the_tokens_of_running_alone(scheduler: dic
     assert not executor.host and sorted(executor.blocks.free) == list(range(9))
 
 
+@pytest.mark.parametrize("scheduler,blocks", [({"name": "vllm"}, 40),
+                                              ({"name": "vllm_v1", "max_num_batched_tokens": 40}, 40),
+                                              ({"name": "sarathi", "token_budget": 24}, 14)])
+def test_prefix_cached_replays_share_blocks_and_give_the_tokens_of_running_alone(scheduler: dict, blocks: int) -> None:
+    """Prefix caching in the backend: requests starting with one of two 40-token system prompts reuse its
+    cached blocks (the same physical blocks, holding the same tokens) and generate what they would alone; a
+    small cache (14 blocks) evicts and preempts too. Every block ends free or pinned by the cache."""
+    cfg = SimConfig.model_validate({
+        "model": "tiny-llama", "seed": 5, "scheduler": scheduler, "max_model_len": 224,
+        "kv_cache": {"num_blocks": blocks, "prefix_caching": True},
+        "workloads": [{"arrival": {"kind": "poisson", "rate": 100.0}, "num_requests": 12,
+                       "lengths": {"kind": "uniform", "prompt": [5, 50], "output": [1, 20]},
+                       "shared_prefix": {"tokens": 40, "fraction": 0.9, "prompts": 2}}]})
+    res, executor, shapes = replay(cfg, asap=True)
+    req = res.requests
+    assert (req["status"] == "finished").all() and req["cached_tokens"].sum() >= 64
+    assert sum(int(s.prefill_tokens.sum()) for s in shapes) < req["prompt_tokens"].sum()  # hits skip tokens
+    for row in req.itertuples():
+        tokens = executor.tokens[row.request_id]
+        got, prompt = tokens[row.prompt_tokens:], tokens[:row.prompt_tokens]
+        assert got == reference_generate(executor.model, prompt, row.output_tokens), row.request_id
+    keys = executor.req
+    by_key: dict[int, list[int]] = {}  # requests with equal block keys hold equal tokens there
+    for rid in range(len(req)):
+        for j, key in enumerate(keys.keys_of(rid).tolist()):
+            by_key.setdefault(key, []).append(executor.tokens[rid][j * 16:(j + 1) * 16])
+    assert any(len(v) > 1 for v in by_key.values()) and all(v == v[:1] * len(v) for v in by_key.values())
+    assert sorted(executor.blocks.free + list(executor.key_block.values())) == list(range(blocks))
+    if blocks == 14:
+        assert res.summary["preemptions"] > 0 or len(executor.key_block) < len(by_key)  # evicted or preempted
+
+
 @pytest.mark.parametrize("scheduler", [{"name": "vllm"}, {"name": "sarathi", "token_budget": 24}])
 def test_moe_replay_gives_the_tokens_of_running_alone(scheduler: dict) -> None:
     """A Qwen2-MoE-style model (routed experts as grouped GEMMs, a gated shared expert, a dense first layer):

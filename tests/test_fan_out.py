@@ -186,3 +186,14 @@ def test_cancelled_samples_in_the_summary_table_and_the_trace() -> None:
     cancelled = res.requests[res.requests["status"] == "cancelled"]
     assert len(cancelled) and all(ends[r.request_id]["ts"] == pytest.approx(r.finish_s * 1e6)
                                   for r in cancelled.itertuples())
+
+
+def test_layered_prefill_drops_a_planned_decode_that_its_cohort_preempts(monkeypatch) -> None:
+    """Found by the fan-out property test: forming a cohort preempted a request already planned as a decode,
+    which then ran as a decode while waiting (its KV count went wrong and it stalled)."""
+    _checked(monkeypatch)
+    res = simulate(_fan_config(n=4, prompt=150, output=[1, 300], requests=12, rate=20.0, seed=2,
+                               scheduler={"name": "layered_prefill", "max_prefill_tokens": 256},
+                               kv={"num_blocks": 300}))
+    assert res.summary["preemptions"] > 0 and (res.requests["status"] == "finished").all()
+    _check_fan_out_run(res, 4, None)
