@@ -171,6 +171,37 @@ def test_prefix_cached_replays_share_blocks_and_give_the_tokens_of_running_alone
         assert res.summary["preemptions"] > 0 or len(executor.key_block) < len(by_key)  # evicted or preempted
 
 
+def test_spread_routing_keeps_a_prompts_tokens_on_many_experts(monkeypatch) -> None:
+    """Qwen1.5-MoE's 24 layers and 60 experts (top 4) at small widths: at the default random init one prompt's
+    397 tokens converge and most of them go to one expert in deep layers; with the scaled init of MoE timing
+    runs (`spread_routing`), every layer's busiest expert holds under twice the uniform share (26.5 slots)."""
+    from calibrate.steps import StepRunner
+    from hardware.operators import StepShape
+
+    spec = get_model("qwen1.5-moe-a2.7b").model_copy(update={
+        "hidden_size": 512, "num_attention_heads": 8, "num_key_value_heads": 8, "vocab_size": 1000,
+        "moe_intermediate_size": 64, "shared_expert_intermediate_size": 64, "intermediate_size": 256})
+    routed: list[np.ndarray] = []
+    original = MoE.route
+
+    def route(self, x):
+        weights, ids = original(self, x)
+        routed.append(np.bincount(ids.flatten().numpy(), minlength=60))
+        return weights, ids
+
+    monkeypatch.setattr(MoE, "route", route)
+    busiest = {}
+    for spread in (False, True):
+        runner = StepRunner(spec, "cpu", num_blocks=40, cuda_graphs=False, max_requests=4)
+        runner.executor.model = build_model(spec, torch.device("cpu"), torch.float32, 0, spread_routing=spread)
+        routed.clear()
+        with torch.no_grad():
+            runner.executor.run(runner.batch(StepShape.build(prefill=[397])))
+        busiest[spread] = [int(c.max()) for c in routed]
+    assert len(busiest[True]) == 24 and max(busiest[True]) < 2 * 397 * 4 / 60
+    assert max(busiest[False][-6:]) > 300  # collapsed: most of the 397 tokens on one expert
+
+
 @pytest.mark.parametrize("scheduler", [{"name": "vllm"}, {"name": "sarathi", "token_budget": 24}])
 def test_moe_replay_gives_the_tokens_of_running_alone(scheduler: dict) -> None:
     """A Qwen2-MoE-style model (routed experts as grouped GEMMs, a gated shared expert, a dense first layer):
