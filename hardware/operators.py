@@ -359,7 +359,9 @@ def mlp_operators(dep: Deployment, rows: float, moe: MoeLoad) -> list[Operator]:
     local = 1 if dep.moe_link.id == dep.tp_link.id else min(g, GPUS_PER_NODE)
     sent = moe.dispatched * k * h * (g - local) / g  # values of the token copies sent across the link
     dispatch_bytes = 1.0 if dep.weight_dtype == "fp8" else a  # fp8 weights: tokens dispatched in fp8 (DeepEP)
-    ops.append(gemm_operator("moe_router", rows, h, e, w, a, layers="moe"))
+    # the router's logits, then one fused softmax + top-k kernel (vLLM's topk_softmax): k weights (fp32) and ids each
+    ops += [gemm_operator("moe_router", rows, h, e, w, a, layers="moe"),
+            Operator("moe_topk", "elementwise", 5.0 * rows * e, rows * e * a + rows * k * 8.0, layers="moe")]
     if shared:
         ops += [gemm_operator("shared_gate_up", rows, h, 2 * shared, w, a, layers="moe"),
                 Operator("shared_silu_mul", "elementwise", 5.0 * rows * shared, 3.0 * rows * shared * a, layers="moe"),
@@ -378,6 +380,10 @@ def mlp_operators(dep: Deployment, rows: float, moe: MoeLoad) -> list[Operator]:
                           layers="moe")]
     if a2a:
         ops.append(Operator("moe_combine", "all-to-all", 0.0, 0.0, comm_bytes=sent * a, ranks=g, layers="moe"))
+    # the weighted sum of each token's expert outputs (vLLM's moe_sum): at home after the combine, else where the
+    # experts ran
+    summed = rows * k if a2a else moe.rows
+    ops.append(Operator("moe_sum", "elementwise", 2.0 * summed * h, (summed + rows) * h * a, layers="moe"))
     if tp_experts_dp:
         ops.append(Operator("moe_reduce_scatter", "reduce-scatter", 0.0, 0.0, comm_bytes=moe.group_tokens * h * a,
                             ranks=g, layers="moe"))

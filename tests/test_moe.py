@@ -118,6 +118,17 @@ def test_all_to_all_bytes_by_hand() -> None:
     assert rows8["moe_dispatch"].comm_bytes == pytest.approx(58 * 64 * 8 * 7168 * 7 / 8)  # NVLink: 7 of 8 peers
 
 
+def test_routing_and_combine_kernels_by_hand() -> None:
+    """Qwen3-30B-A3B (48 MoE layers, 128 experts, top 8, hidden 2048) on one H100, 64 decodes: the fused
+    softmax + top-k reads the bf16 logits and writes 8 fp32 weights and int32 ids per token; the weighted sum
+    reads the 512 expert outputs and writes the 64 tokens."""
+    dep = Deployment.build("qwen3-30b-a3b", "h100")
+    rows = {r.name: r for r in CostModel(dep).price(StepShape.build(decode=[1000] * 64)).breakdown}
+    assert rows["moe_topk"].bytes == pytest.approx(48 * (64 * 128 * 2 + 64 * 8 * 8))
+    assert rows["moe_sum"].bytes == pytest.approx(48 * (64 * 8 + 64) * 2048 * 2)
+    assert rows["moe_sum"].flops == pytest.approx(48 * 2 * 64 * 8 * 2048)
+
+
 def test_dp_attention_splits_the_batch_and_multiplies_kv_capacity() -> None:
     one = Deployment.build("qwen3-30b-a3b", "h100", tp=1)
     four = Deployment.build("qwen3-30b-a3b", "h100", tp=1, dp=4, expert_parallel=True)
