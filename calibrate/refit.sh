@@ -18,8 +18,10 @@ tmp=$(mktemp -d)
 python3 -c "import json, sys; d = json.load(open(sys.argv[1])); d['steps'] = []
 d['records'] = [r for r in d['records'] if r['kind'] == 'gemm']; json.dump(d, open(sys.argv[2], 'w'))" \
   $R/h100-sxm-80gb_raw.json $tmp/h100_gemm_raw.json
+# (and the grouped expert GEMMs of Qwen1.5-MoE-A2.7B and Qwen3-30B-A3B, issue 25, before the reference's fixed costs)
 servesim calibrate --refit --raw $tmp/h100_gemm_raw.json --later $R/h100-sxm-80gb_paged_raw.json \
-  --later $R/h100-sxm-80gb_paged_reference_raw.json --out ../profiles/h100-sxm-80gb.json > /dev/null
+  --later $R/h100-sxm-80gb_moe_raw.json --later $R/h100-sxm-80gb_paged_reference_raw.json \
+  --out ../profiles/h100-sxm-80gb.json > /dev/null
 servesim calibrate --refit "${H200[@]}" --later $R/h200-sxm-141gb_x2host_steps_raw.json \
   --later $R/h200-sxm-141gb_steps_raw.json --later $R/h200-sxm-141gb_reference_raw.json \
   --out ../profiles/h200-sxm-141gb.json > /dev/null

@@ -5,15 +5,25 @@
 # issue 21, priced with the committed H100 profile). Run from the repository root.
 set -euo pipefail
 M=calibrate/measurements
-sim() {  # prefix config profile scheduler load rate requests
+sim() {  # prefix config profile scheduler load rate requests [one more --set]
   # the CUDA-graph mode the replay ran (replays before mixed-step graphs ran every step with a prefill eagerly)
   graphs=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['hardware']['cuda_graphs'])" \
     "$M/${1}real_${4}_$5/config.yaml")
   servesim run "$M/$2" --quiet --out "$M/${1}sim_${4}_$5" --set hardware.cuda_graphs=$graphs \
-    --set scheduler.name=$4 --set workloads.0.arrival.rate=$6 --set workloads.0.num_requests=$7 > /dev/null
+    --set scheduler.name=$4 --set workloads.0.arrival.rate=$6 --set workloads.0.num_requests=$7 ${8:+--set $8} > /dev/null
   servesim validate "$M/${1}sim_${4}_$5" "$M/${1}real_${4}_$5" --profile "$3" --out "$M/${1}validation_${4}_$5" \
     | tee "$M/${1}validation_${4}_$5.txt"
 }
+# the KV-memory policies replayed on the GPU (issue 26: calibrate/run_kv_replays.sh): prefix caching, swap
+# preemption, and the prefix scenario without caching (the control: same requests, no shared blocks)
+for v in prefix swap; do
+  if [ -d "$M/${v}_real_vllm_heavy" ]; then
+    sim ${v}_ h100_llama3_8b_$v.yaml calibrated vllm heavy 5.0 150
+  fi
+done
+if [ -d "$M/noprefix_real_vllm_heavy" ]; then
+  sim noprefix_ h100_llama3_8b_prefix.yaml calibrated vllm heavy 5.0 150 kv_cache.prefix_caching=false
+fi
 for sched in vllm sarathi; do
   for load in "light 1.0 100" "heavy 5.0 150"; do
     set -- $load
