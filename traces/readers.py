@@ -76,6 +76,8 @@ def _text(p: Path) -> TextIO:
 
 
 def _utf8(text: str) -> str:
+    if text.isascii():  # (the common case, checked in C)
+        return text
     if any("\udc80" <= ch <= "\udcff" for ch in text):
         raise ValueError("not UTF-8 text")
     return text
