@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Replays on the GPU for validation (issue 5). Run from the repository root on the device machine:
 #   OUT=<dir> TRACE=<azure_llm_2023_conv.csv> [SCHEDS="vllm sarathi"] [LOADS="light heavy"] [CONFIG=...]
-#   [PREFIX=paged_] bash calibrate/run_replays.sh
+#   [PREFIX=paged_] [EXTRA=key.path=value] bash calibrate/run_replays.sh
 # Needs torch and CUDA there; pydantic and simpy come from wheels in .device/wheels when not installed.
 set -euo pipefail
 OUT=${OUT:-out}
@@ -19,7 +19,7 @@ for sched in ${SCHEDS:-vllm sarathi}; do
     case " ${LOADS:-light heavy} " in *" $1 "*) ;; *) continue ;; esac
     timeout 150 $PY -m sim replay "$CONFIG" --device cuda --asap --out "$OUT/${PREFIX}real_${sched}_$1" \
       --set scheduler.name=$sched --set workloads.0.arrival.rate=$2 --set workloads.0.num_requests=$3 \
-      --set "workloads.0.trace.path=$TRACE" | tail -12 || echo "replay $sched $1 did not finish"
+      --set "workloads.0.trace.path=$TRACE" ${EXTRA:+--set "$EXTRA"} | tail -12 || echo "replay $sched $1 did not finish"
   done
 done
 # The device tool brings back at most 8 files: pack the small ones of every run into one archive.

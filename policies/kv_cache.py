@@ -255,9 +255,12 @@ class BlockManager:
     # ---- swap (host memory) ---------------------------------------------------------------------------------
     def swap_out(self, rid: int) -> int:
         """Move `rid`'s blocks to host memory when the swap space holds them; returns the blocks moved (0: no
-        room, nothing moved). Only for a cache without prefix sharing (every block private)."""
+        room, nothing moved). Only for a request whose blocks are all its own: without prefix caching, and not a
+        fan-out sample sharing its prompt's blocks with another (those recompute, as the prefix would otherwise
+        be copied out and come back unshared)."""
         n = int(self.blocks[rid])
-        if self.cache is not None or n == 0 or n > self.host_free:
+        shares = rid in self.group_of and self.groups[self.group_of[rid]][1] > 1
+        if self.cache is not None or shares or n == 0 or n > self.host_free:
             return 0
         self.host_free -= n
         self.swapped[rid] = n

@@ -147,7 +147,8 @@ class ReplicaState:
     # ---- queries policies use ----------------------------------------------------------------------------
     @property
     def outstanding(self) -> int:
-        return len(self.waiting) + len(self.running)
+        """Requests waiting or running, with the fan-out samples still to fork from running prompts."""
+        return len(self.waiting) + len(self.running) + self.unforked
 
     def known_tokens(self, rid: int) -> int:
         return int(self.req.prompt[rid] + self.req.generated[rid])

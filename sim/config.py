@@ -205,9 +205,11 @@ class SimConfig(_Section):
             raise ValueError("kv_cache.preemption = 'swap' is simulated for colocated replicas of a paged scheduler "
                              f"({', '.join(PAGED_SCHEDULERS)}) without prefix caching")
         if self.hardware.kv_token_budget is not None and (self.kv_cache.prefix_caching or self.disaggregation
-                                                          or self.speculation):
+                                                          or self.speculation
+                                                          or any(w.fan_out for w in self.workloads)):
             raise ValueError(f"hardware.kv_token_budget = {self.hardware.kv_token_budget}: KV eviction is simulated "
-                             "for colocated replicas without prefix caching or speculation; remove one of them")
+                             "for colocated replicas without prefix caching, speculation or fan-out; remove one of "
+                             "them")
         if self.speculation is not None and self.scheduler.name not in PAGED_SCHEDULERS:
             raise ValueError(f"speculation needs a paged continuous-batching scheduler "
                              f"({', '.join(PAGED_SCHEDULERS)}), not {self.scheduler.name!r}")

@@ -15,9 +15,11 @@ Clocks (all in simulated seconds from the start of the run):
 - a request meets the SLOs when it finished and its TTFT, TPOT and E2E are within every target given;
   goodput = such requests per second of duration; attainment = their share of all requests (rejected
   ones count as misses).
-- fan-out (`workloads[].fan_out`): each sample is a request row (its arrival and TTFT are its prompt's); a
-  sample cancelled by its prompt's `finish_after` has status `cancelled` and counts in no latency, throughput
-  or attainment; `fanout_e2e_*` is each prompt's time to its last needed sample.
+- fan-out (`workloads[].fan_out`): each sample is a request row (its arrival and TTFT are its prompt's; the
+  offered and request rates count samples, the input-token rate each prompt once); a sample cancelled by its
+  prompt's `finish_after` has status `cancelled`, its `finish_s` the cancellation, no E2E or TPOT, and counts
+  in no latency, request throughput or attainment (the steady state's sustained rate counts it as served: it
+  left the system); `fanout_e2e_*` is each prompt's time to its last needed sample.
 """
 
 from __future__ import annotations
@@ -154,7 +156,7 @@ def build_results(config: SimConfig, pools: list[PoolInfo], r: Requests, workloa
     columns, summary entries and the link timeline. `step_columns` is emptied (the table takes its data)."""
     finished = r.status == Status.FINISHED
     ttft = r.first_token - r.arrival
-    e2e = r.finish - r.arrival
+    e2e = np.where(r.status == Status.CANCELLED, np.nan, r.finish - r.arrival)  # (a cancelled sample never ended)
     with np.errstate(invalid="ignore", divide="ignore"):
         tpot = np.where(r.output > 1, (e2e - ttft) / (r.output - 1), np.nan)
     itl: dict[str, Any] = {}
@@ -286,7 +288,10 @@ def _summary(config: SimConfig, pools: list[PoolInfo], r: Requests, finished: np
     s["duration_s"] = duration
     per_s = (lambda x: x / duration) if duration > 0 else (lambda x: float("nan"))
     s["throughput_req_s"] = per_s(float(finished.sum()))
-    s["throughput_input_tok_s"] = per_s(float(r.prompt[finished].sum()))
+    prompts = finished & ((r.group < 0) | (r.group == np.arange(r.n)))  # a fan-out's prompt counts once
+    if (r.group >= 0).any():  # (for each prompt with any finished sample)
+        prompts[np.unique(r.group[finished & (r.group >= 0)])] = True
+    s["throughput_input_tok_s"] = per_s(float(r.prompt[prompts].sum()))
     s["throughput_output_tok_s"] = per_s(float(r.output[finished].sum()))
     for name, values in (("ttft", ttft[finished]), ("tpot", tpot[finished]), ("e2e", e2e[finished]),
                          ("queue", (r.first_scheduled - r.arrival)[finished])):

@@ -56,6 +56,7 @@ def _check_fan_out_run(res, n: int, finish_after: int | None) -> None:
         cancelled = rows[rows["status"] == "cancelled"]
         assert (cancelled["finish_s"] == first_done).all() and (finished["finish_s"] <= first_done).all()
         assert (cancelled["generated_tokens"] < cancelled["output_tokens"]).all()
+        assert cancelled["e2e_s"].isna().all() and cancelled["tpot_s"].isna().all()
 
 
 def test_samples_share_the_prompts_full_blocks() -> None:
@@ -69,6 +70,9 @@ def test_samples_share_the_prompts_full_blocks() -> None:
     assert fan.steps["kv_blocks_used"].max() == 22
     assert separate.steps["kv_blocks_used"].max() == 64
     assert fan.steps["prefill_tokens"].sum() == 100 and separate.steps["prefill_tokens"].sum() == 800
+    # the prompt counts once in the input-token rate, each sample in the request rate
+    assert fan.summary["throughput_input_tok_s"] * fan.summary["duration_s"] == pytest.approx(100)
+    assert fan.summary["throughput_req_s"] * fan.summary["duration_s"] == pytest.approx(8)
     _check_fan_out_run(fan, 8, None)
     # the samples sample their first tokens from the prompt's logits: one step, then decodes of all 8
     assert fan.steps["decode_requests"].iloc[1] == 8 and (fan.requests["first_token_s"] ==
@@ -94,6 +98,17 @@ def test_a_groups_shared_blocks_are_freed_once_by_its_last_holder() -> None:
     kv.release(3)  # the last holder: its private block and the 6 shared ones
     assert kv.free == 100 and not kv.groups and not kv.group_of
     kv.check(members)
+
+
+def test_a_sample_sharing_its_prompts_blocks_recomputes_instead_of_swapping() -> None:
+    req = Requests(np.zeros(2), np.full(2, 100), np.full(2, 20), np.zeros(2, dtype=np.int64))
+    kv = BlockManager(req, num_blocks=100, block_size=16, host_blocks=50)
+    kv.grow_to(0, 100)
+    kv.fork(0, [1], 100)
+    kv.grow_to(1, 101)
+    assert kv.swap_out(1) == 0 and kv.host_free == 50  # its 6 shared blocks would come back unshared
+    kv.release(0)
+    assert kv.swap_out(1) == 7 and kv.free == 100  # alone in its group: every block is its own again
 
 
 def test_first_finish_cancels_the_other_samples() -> None:
@@ -164,6 +179,8 @@ def test_fan_out_is_deterministic() -> None:
     ("scheduler.name=static", "workloads.0.fan_out is simulated for colocated replicas of a paged scheduler"),
     ("workloads.0.fan_out.finish_after=9", "finish_after = 9 exceeds n = 8"),
     ("workloads.0.fan_out.n=1", "workloads.0.fan_out.n"),
+    ("hardware.kv_token_budget=64", "KV eviction is simulated for colocated replicas without prefix caching, "
+                                    "speculation or fan-out"),
 ])
 def test_bad_fan_out_settings_are_one_line_errors(tmp_path, override, message) -> None:
     path = tmp_path / "fan.yaml"
