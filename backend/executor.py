@@ -57,11 +57,11 @@ class TorchExecutor:
     def __init__(self, spec: ModelSpec, requests: Requests, num_blocks: int, block_size: int,
                  device: str = "cpu", seed: int = 0, temperature: float = 0.0, checkpoint: str | None = None,
                  cuda_graphs: bool | str = True, shard: Shard = Shard(), draft: ModelSpec | None = None,
-                 oracle: bool = False, spread_routing: bool = False) -> None:
+                 oracle: bool = False) -> None:
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.spec, self.req, self.seed, self.temperature = spec, requests, seed, temperature
-        self.model = build_model(spec, self.device, self.dtype, seed, checkpoint, shard, spread_routing)
+        self.model = build_model(spec, self.device, self.dtype, seed, checkpoint, shard)
         # One block more than the engine's: the scratch slot that padded CUDA-graph rows write to.
         self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks + 1, block_size,
                                   kv_heads_per_gpu(spec, shard.size), spec.head_size, self.dtype, self.device)

@@ -194,11 +194,12 @@ def warm_up_kernels(spec: ModelSpec, tp: int, kv_heads: int, block_size: int, dt
 
 
 def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int = 0,
-                checkpoint: str | None = None, shard: Shard = Shard(), spread_routing: bool = False) -> LlamaModel:
+                checkpoint: str | None = None, shard: Shard = Shard(), spread_routing: bool | None = None
+                ) -> LlamaModel:
     """The model with random weights (seeded: normal with std 1/sqrt(fan-in), so that outputs depend on
     the context) or a local safetensors checkpoint; with a `shard`, this rank's tensor-parallel slice.
 
-    With `spread_routing` (MoE timing runs), random weights take GPT-2's scaled init instead: embeddings of
+    With `spread_routing` (by default for MoE models), random weights take GPT-2's scaled init instead: embeddings of
     std 1 and the residual branches' output projections scaled by 1/sqrt(2 x layers). At the default init the
     positions of one sequence converge within a few layers (near-uniform attention averages them) and the
     router sends most of a prompt's tokens to a handful of experts, which no trained router does (their
@@ -223,7 +224,7 @@ def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed:
                     p.normal_(0.0, p.shape[1] ** -0.5)
                 else:  # biases
                     p.normal_(0.0, 0.02)
-            if spread_routing:
+            if spec.is_moe if spread_routing is None else spread_routing:
                 model.embed_tokens.weight.normal_(0.0, 1.0)
                 for name, p in model.named_parameters():
                     if name.endswith(("o_proj.weight", "down_proj.weight", "w_down", "shared_down.weight")):

@@ -100,7 +100,7 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
                             f"{spec_model.vocab_size}; a draft must share the target's vocabulary")
     executor = TorchExecutor(setup.deployment.model, requests, setup.num_blocks, config.kv_cache.block_size,
                              device, config.seed, temperature, checkpoint, hw.cuda_graphs, draft=draft,
-                             oracle=acceptance == "oracle", spread_routing=spec_model.is_moe)
+                             oracle=acceptance == "oracle")
     if config.kv_cache.prefix_caching:  # the executor follows the cache's changes to share physical blocks
         executor.journal = state.kv.keep_journal()
     executor.warm_up(setup.deployment.max_num_batched_tokens)

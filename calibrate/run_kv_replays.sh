@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Replays of the KV-memory policies on the GPU (issue 26), in one device call (carrying .device/: wheels, trace):
 #   OUT=dir [VARIANTS="prefix swap noprefix"] bash calibrate/run_kv_replays.sh
-# prefix: calibrate/measurements/<gpu>_llama3_8b_prefix.yaml (prefix caching, shared system prompts); swap: ..._swap.yaml
-# (swap preemption in a small cache); noprefix: the prefix scenario without caching (the control). Each replays the vllm scheduler at the heavy load (5 req/s, 150 requests)
-# through calibrate/run_replays.sh; the archives come back as $OUT/<variant>_replays.tar.gz. Afterwards, on any
+# prefix: calibrate/measurements/<gpu>_llama3_8b_prefix.yaml (prefix caching, shared system prompts); swap:
+# ..._swap.yaml (swap preemption in a small cache); noprefix: the prefix scenario without caching (the control).
+# Each replays the vllm scheduler at the heavy load (5 req/s, 150 requests) through calibrate/run_replays.sh; the archives come back as $OUT/<variant>_replays.tar.gz. Afterwards, on any
 # machine, `servesim run` the same config (the sim_ folder) and `servesim validate` the two
 # (calibrate/measurements/README.md).
 set -uo pipefail

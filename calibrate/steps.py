@@ -28,7 +28,7 @@ class StepRunner:
         n = max_requests
         self.requests = Requests(np.zeros(n), np.ones(n, np.int64), np.ones(n, np.int64), np.zeros(n, np.int64))
         self.executor = TorchExecutor(spec, self.requests, num_blocks, block_size, device, seed,
-                                      cuda_graphs=cuda_graphs, shard=shard, spread_routing=spec.is_moe)
+                                      cuda_graphs=cuda_graphs, shard=shard)
         self.block_size = block_size
         self.capacity = num_blocks * block_size
         self.prompts: dict[int, list[int]] = {}

@@ -35,7 +35,7 @@ from sim.executor import CostModelExecutor, Executor, StepOutcome
 from sim.metrics import PoolInfo, Results, build_results
 from sim.progress import bar, watched
 from sim.speculation import DraftCost, draft_deployment, draft_memory
-from traces.workload import generate
+from traces.workload import GeneratedRequests, generate
 
 STEP_COLUMNS = ("replica", "pool", "start_s", "duration_s", "prefill_requests", "decode_requests", "prefill_tokens",
                 "decode_tokens", "pad_rows", "kv_blocks_used", "kv_blocks_cached", "waiting", "running",
@@ -197,9 +197,8 @@ class Cluster:
         self.states = [r.state for r in replicas]
 
     def arrive(self, rid: int) -> None:
-        total = int(self.req.prompt[rid] + self.req.output[rid])
-        if self.req.fanout[rid]:  # the longest sample counts (vLLM checks the shared max_tokens)
-            total = int(self.req.prompt[rid] + self.req.output[rid:rid + 1 + self.req.fanout[rid]].max())
+        # (a fan-out's longest sample counts: vLLM checks the max_tokens its samples share)
+        total = int(self.req.prompt[rid] + self.req.output[rid:rid + 1 + self.req.fanout[rid]].max())
         if total > self.max_model_len:
             self.req.reject(rid, "exceeds_max_model_len",
                             f"prompt + output = {total} tokens exceeds max_model_len={self.max_model_len}")
@@ -315,32 +314,34 @@ def make_requests(config: SimConfig) -> tuple[Requests, list[str], int]:
     requests = Requests(arrival[order], prompt, output, workload[order])
     requests.priority = np.array([w.priority for w in config.workloads], dtype=np.int64)[requests.workload]
     if any(p.next_turn is not None for p in parts):  # sessions: each turn's next turn, in the new ids
-        offsets = np.cumsum([0] + [p.arrival.size for p in parts])
-        nxt = np.concatenate([np.full(p.arrival.size, -1) if p.next_turn is None
-                              else np.where(p.next_turn >= 0, p.next_turn + o, -1) for p, o in zip(parts, offsets)])
-        new_id = np.empty_like(order)
-        new_id[order] = np.arange(order.size)
-        requests.next_turn = np.where(nxt[order] >= 0, new_id[np.maximum(nxt[order], 0)], -1)
+        requests.next_turn = _merged_ids(parts, order, "next_turn")
         sessions = np.concatenate([np.full(p.arrival.size, -1) if p.session is None else p.session + (w << 32)
                                    for w, p in enumerate(parts)])
         requests.session = sessions[order]
     if any(p.group is not None for p in parts):
-        _fan_out(requests, parts, order, config)
+        _fan_out(requests, _merged_ids(parts, order, "group"), config)
     if config.kv_cache.prefix_caching:
         keys = [k for i, p in enumerate(parts) for k in p.block_keys(config.kv_cache.block_size, i)]
         requests.set_keys([keys[i] for i in order.tolist()])
     return requests, [w.name for w in config.workloads], sum(p.skipped_rows for p in parts)
 
 
-def _fan_out(requests: Requests, parts: list, order: np.ndarray, config: SimConfig) -> None:
-    """Fan-out groups in the merged ids: each sample's first sample, and the first's sibling count and quota
-    (the samples of one prompt share its arrival time and stay consecutive in the stable merge)."""
+def _merged_ids(parts: list[GeneratedRequests], order: np.ndarray, name: str) -> np.ndarray:
+    """A per-workload field that points at other requests of its workload (`next_turn`, `group`: an index in
+    that workload's list, -1 for none), as ids of the merged table (`order` merges the workloads)."""
     offsets = np.cumsum([0] + [p.arrival.size for p in parts])
-    group = np.concatenate([np.full(p.arrival.size, -1) if p.group is None else p.group + o
-                            for p, o in zip(parts, offsets)])[order]
+    ref = np.concatenate([np.full(p.arrival.size, -1) if getattr(p, name) is None
+                          else np.where(getattr(p, name) >= 0, getattr(p, name) + o, -1)
+                          for p, o in zip(parts, offsets)])[order]
     new_id = np.empty_like(order)
     new_id[order] = np.arange(order.size)
-    requests.group = np.where(group >= 0, new_id[np.maximum(group, 0)], -1)
+    return np.where(ref >= 0, new_id[np.maximum(ref, 0)], -1)
+
+
+def _fan_out(requests: Requests, group: np.ndarray, config: SimConfig) -> None:
+    """Fan-out groups (`group`: each sample's first sample) and each first sample's sibling count and quota
+    (the samples of one prompt share its arrival time and stay consecutive in the stable merge)."""
+    requests.group = group
     firsts, sizes = np.unique(requests.group[requests.group >= 0], return_counts=True)
     assert all(np.all(requests.group[f:f + n] == f) for f, n in zip(firsts.tolist(), sizes.tolist())), \
         "a fan-out's samples are not consecutive"

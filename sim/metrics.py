@@ -288,9 +288,8 @@ def _summary(config: SimConfig, pools: list[PoolInfo], r: Requests, finished: np
     s["duration_s"] = duration
     per_s = (lambda x: x / duration) if duration > 0 else (lambda x: float("nan"))
     s["throughput_req_s"] = per_s(float(finished.sum()))
-    prompts = finished & ((r.group < 0) | (r.group == np.arange(r.n)))  # a fan-out's prompt counts once
-    if (r.group >= 0).any():  # (for each prompt with any finished sample)
-        prompts[np.unique(r.group[finished & (r.group >= 0)])] = True
+    prompts = finished & (r.group < 0)
+    prompts[r.group[finished & (r.group >= 0)]] = True  # a fan-out's prompt once, when any of its samples finished
     s["throughput_input_tok_s"] = per_s(float(r.prompt[prompts].sum()))
     s["throughput_output_tok_s"] = per_s(float(r.output[finished].sum()))
     for name, values in (("ttft", ttft[finished]), ("tpot", tpot[finished]), ("e2e", e2e[finished]),
