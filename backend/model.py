@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from backend import attention, fused
+from backend import attention, fused, moe
 from backend.attention import AttentionMeta, attend
 from backend.fused import add_rmsnorm, rope, rope_and_cache, silu_mul  # noqa: F401 (rope: re-exported)
 from backend.moe import MoE
@@ -191,6 +191,8 @@ def warm_up_kernels(spec: ModelSpec, tp: int, kv_heads: int, block_size: int, dt
                                              if spec.is_moe else set())
     for inter in sorted(sizes):
         fused.warm_up(spec.hidden_size, inter, heads, kv_heads, spec.head_size, dtype, device)
+    if spec.is_moe:
+        moe.warm_up(spec, dtype, device)
 
 
 def build_model(spec: ModelSpec, device: torch.device, dtype: torch.dtype, seed: int = 0,

@@ -6,6 +6,7 @@ Run: python bench/speed.py [--trace ../shared/traces/azure_llm_2023_conv.csv] [-
        (bench/identical_workload.yaml: Llama-2-70B, TP 2, A100-80GB, the request list of
        bench/make_identical_workload.py; Vidur 0.0.26 took 300 s (vllm) and 324 s (sarathi) on the same
        100k requests on this 2-core machine, with 1.7 GB peak RSS; target 15 s and 1 GB)
+     add --step-by-step to any of these: every decode step one by one (no skipping ahead: sim/skip_ahead.py)
 Each size runs in a fresh subprocess so its peak memory (max RSS, results included) is its own. Prints wall
 seconds, simulated requests per wall second, simulated steps per wall second and peak memory.
 Targets: issue 3, 100k requests in under 20 s wall and under 1.5 GB on the 2-core dev machine; issue 23, 1M
@@ -29,7 +30,7 @@ IDENTICAL = Path(__file__).resolve().parent / "identical_workload.yaml"
 SARATHI = "scheduler={name: sarathi, token_budget: 512, max_num_seqs: 128}"
 
 
-def one(trace: str | None, n: int, rate: float, scenario: str = "trace") -> dict:
+def one(trace: str | None, n: int, rate: float, scenario: str = "trace", skip_ahead: bool = True) -> dict:
     from sim.config import load_config
     from sim.engine import simulate
 
@@ -46,7 +47,7 @@ def one(trace: str | None, n: int, rate: float, scenario: str = "trace") -> dict
             "scheduler={name: vllm}",
         ])
     t0 = time.perf_counter()
-    results = simulate(config)
+    results = simulate(config, skip_ahead=skip_ahead)
     wall = time.perf_counter() - t0
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     s = results.summary
@@ -62,11 +63,13 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=19.0, help="Poisson rate (req/s); ~95% of measured capacity")
     ap.add_argument("--default", action="store_true", help="the embedded default scenario instead (its own rate)")
     ap.add_argument("--identical", action="store_true", help="issue 28's identical workload, vllm and sarathi")
+    ap.add_argument("--step-by-step", action="store_true", help="no skipping ahead (the engine before issue 28)")
     ap.add_argument("--scenario", help=argparse.SUPPRESS)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        print(json.dumps(one(None if args.default else args.trace, args.child, args.rate, args.scenario or "trace")))
+        print(json.dumps(one(None if args.default else args.trace, args.child, args.rate, args.scenario or "trace",
+                             not args.step_by_step)))
         return
     scenarios = ["identical-vllm", "identical-sarathi"] if args.identical else ["trace"]
     print(f"{'scenario':>17s} {'requests':>9s} {'wall s':>8s} {'req/wall s':>11s} {'steps':>8s} {'steps/wall s':>13s} "
@@ -74,7 +77,8 @@ def main() -> None:
     for scenario in scenarios:
         for n in args.sizes:
             out = subprocess.run([sys.executable, __file__, "--trace", args.trace, "--rate", str(args.rate),
-                                  *(["--default"] if args.default else []), "--scenario", scenario,
+                                  *(["--default"] if args.default else []),
+                                  *(["--step-by-step"] if args.step_by_step else []), "--scenario", scenario,
                                   "--child", str(n)], check=True, capture_output=True, text=True).stdout
             r = json.loads(out)
             name = "default" if args.default else scenario

@@ -22,6 +22,12 @@ d['records'] = [r for r in d['records'] if r['kind'] == 'gemm']; json.dump(d, op
 servesim calibrate --refit --raw $tmp/h100_gemm_raw.json --later $R/h100-sxm-80gb_paged_raw.json \
   --later $R/h100-sxm-80gb_moe_raw.json --later $R/h100-sxm-80gb_paged_reference_raw.json \
   --out ../profiles/h100-sxm-80gb.json > /dev/null
+# the same inputs with an MoE model's reference steps last: that host's own overheads for its MoE steps
+for m in qwen1.5-moe-a2.7b qwen3-30b-a3b; do
+  servesim calibrate --refit --raw $tmp/h100_gemm_raw.json --later $R/h100-sxm-80gb_paged_raw.json \
+    --later $R/h100-sxm-80gb_moe_raw.json --later $R/h100-sxm-80gb_paged_reference_raw.json \
+    --later $R/h100-sxm-80gb_${m}_reference_raw.json --out h100-sxm-80gb_${m}_host_profile.json > /dev/null
+done
 servesim calibrate --refit "${H200[@]}" --later $R/h200-sxm-141gb_x2host_steps_raw.json \
   --later $R/h200-sxm-141gb_steps_raw.json --later $R/h200-sxm-141gb_reference_raw.json \
   --out ../profiles/h200-sxm-141gb.json > /dev/null
@@ -30,6 +36,11 @@ servesim calibrate --refit "${H200[@]}" --later $R/h200-sxm-141gb_x2host_steps_r
 v() { echo "== $*" >&2; servesim calibrate validate "$@" > /dev/null; }
 v h100-sxm-80gb_llama-3-8b_steps.csv --gpu h100 --profile h100-sxm-80gb_gather_profile.json --out validation_h100
 v h100-sxm-80gb_paged_llama-3-8b_steps.csv --gpu h100 --out validation_h100_paged
+for m in qwen1.5-moe-a2.7b qwen3-30b-a3b; do  # MoE steps (issues 25 and 21: the backend's fused MoE layer)
+  v h100-sxm-80gb_${m}_steps.csv --gpu h100 --out validation_h100_moe_$m
+  v h100-sxm-80gb_${m}_steps.csv --gpu h100 --overheads h100-sxm-80gb_${m}_host_profile.json \
+    --out validation_h100_moe_${m}_own_host
+done
 v h200-sxm-141gb_llama-3-8b_steps.csv --gpu h200 --out validation_h200
 v h200-sxm-141gb_llama-3-8b_steps.csv --gpu h200 --profile h100-sxm-80gb_gather_profile.json \
   --out validation_h200_from_h100_profile

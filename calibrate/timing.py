@@ -106,6 +106,21 @@ class Timer:
             torch.cuda.synchronize(self.device)
 
 
+def capture_graph(fn: Callable[[], object], warmups: int = 2) -> tuple[torch.cuda.CUDAGraph, object]:
+    """`fn` captured in a CUDA graph after `warmups` calls on a side stream, and what the captured call returned
+    (its tensors are the graph's outputs)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmups):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = fn()
+    return graph, out
+
+
 def variants_for(bytes_per_call: float, l2_bytes: float, cap: int = 16) -> int:
     """Input sets to rotate over so that one pass over them reads at least twice the L2 cache."""
     return max(1, min(cap, math.ceil(2.0 * l2_bytes / max(bytes_per_call, 1.0))))

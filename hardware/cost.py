@@ -60,6 +60,7 @@ from hardware.specs import GPUSpec
 GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, *range(8, 513, 8))
 GRAPH_MODES = ("mixed", "decode", "none")
 MIXED_GRAPH_PREFILLS = 32  # prefill chunks a mixed step's graph holds (servesim's backend; more run eagerly)
+FIXED_CACHE_SIZE = 4096  # step features whose operator times `CostModel` keeps
 HOST_COPY_EFFICIENCY = 0.8  # pinned-memory copies over PCIe reach about 80% of the link (26 of 31.5 GB/s on Gen 4)
 
 
@@ -191,6 +192,8 @@ FEATURES = ("rows", "active_experts", "tokens", "logit_tokens", "prefill_pairs",
             "prefill_kv_tokens", "decode_seqs", "decode_pairs", "moe_rows", "group_tokens", "dispatched",
             "prefill_on", "decode_on")
 _DECODE_SEQS, _DECODE_PAIRS = FEATURES.index("decode_seqs"), FEATURES.index("decode_pairs")
+# the features only attention reads: the K/V tokens of prefill chunks (pairs, reads) and of decodes
+_ATTENTION = [FEATURES.index("prefill_pairs"), FEATURES.index("prefill_kv_tokens"), _DECODE_PAIRS]
 
 
 def _totals(x: np.ndarray) -> StepTotals:
@@ -318,11 +321,16 @@ class CostModel:
         if not np.allclose(self._affine(probe), base + slopes @ probe, rtol=1e-9):
             raise AssertionError("operator counts are not affine in the step features")
         self._base, self._slopes = base, slopes
+        attention = slopes[:, :, _ATTENTION]  # (ops, 3, 3): what one more attention pair or K/V token adds
+        self._fixed_cache: dict[tuple, _Fixed] = {}
         self._ops = [op for op, _ in ops]
         n = len(ops)
         self._count = np.array([c for _, c in ops], dtype=float)
         self._kernels = np.array([op.kernels for op in self._ops], dtype=float)
         self._stage = np.array([op.stage for op in self._ops])
+        assert np.all(np.diff(self._stage) >= 0), "operators are listed stage by stage"
+        ends = np.searchsorted(self._stage, np.arange(dep.pp), side="right")
+        self._stage_spans = list(zip([0, *ends[:-1].tolist()], ends.tolist()))  # each stage's operators
         self._comm = np.array([op.kind in COLLECTIVE_KINDS for op in self._ops])
         # per stage: its operators in issue order (before the layers, one layer, after), per-layer scaling
         self._segments = [(np.concatenate([first, layer, last]), len(first), len(first) + len(layer), n,
@@ -344,7 +352,7 @@ class CostModel:
             self._excess = self._source.sm_count / gpu.sm_count
         self._gemm_peak = gpu.matmul_flops(dep.weight_dtype)
         curves = [self._curves(op) for op in self._ops]
-        self._derived = np.flatnonzero([derived for *_, derived in curves])  # operator indices
+        self._is_derived = np.array([derived for *_, derived in curves], dtype=bool)
         self._tables = TimeTables([c for c, _, _ in curves] + [m for _, m, _ in curves],
                                   [derived for *_, derived in curves] + [False] * n)
         self._table_ids = np.arange(2 * n)
@@ -356,6 +364,10 @@ class CostModel:
         self._surfaces = [(i, s) for i, op in enumerate(self._ops) if op.kind.startswith("attention") and
                           not dep.model.is_mla and (s := self.profile.attention_surface(op.kind, *heads)) is not None]
         self._n = n
+        reads = np.any(attention != 0, axis=(1, 2))  # the operators reading the steps' K/V, and the others
+        self._varying, self._steady = (self._column_set(np.flatnonzero(reads), attention),
+                                       self._column_set(np.flatnonzero(~reads), attention))
+        self._all = self._column_set(np.arange(n), attention)
 
     def _curves(self, op: Operator) -> tuple[Curve | float, Curve | float, bool]:
         """Compute and memory efficiency curves of one operator: a measured surface of the profile where it
@@ -389,16 +401,16 @@ class CostModel:
             hit = self._moe_cache[tokens] = self.dep.placement.busiest(tokens)
         return hit
 
-    def _longest_decode(self, i: int, surface: AttentionSurface, t: StepTotals) -> float:
+    def _longest_decode(self, i: int, surface: AttentionSurface, seqs: float, longest: int) -> float:
         """A ragged decode batch takes at least as long as its longest sequence's blocks: the time of a batch
         of the sequences one wave holds (one block per sequence and KV head), all at the longest context
         (a uniform batch at the mean context packs the blocks perfectly, which a ragged one cannot)."""
         sms = (self._source or self.dep.gpu).sm_count  # the surface's GPU
-        b = min(t.decode_seqs, max(1, sms // self.dep.kv_heads_per_gpu))
+        b = min(seqs, max(1, sms // self.dep.kv_heads_per_gpu))
         x = np.zeros(len(FEATURES))
-        x[_DECODE_SEQS], x[_DECODE_PAIRS] = b, b * t.decode_longest
+        x[_DECODE_SEQS], x[_DECODE_PAIRS] = b, b * longest
         flops, nbytes, _ = self._base[i] + self._slopes[i] @ x
-        return max(self._on_surface(i, flops, nbytes, surface.at(float(b), float(t.decode_longest))))
+        return max(self._on_surface(i, flops, nbytes, surface.at(float(b), float(longest))))
 
     def _on_surface(self, i: int, flops: float, nbytes: float, e: float) -> tuple[float, float]:
         """Compute and memory seconds of operator i at efficiency e of the profile's GPU's roofline."""
@@ -429,63 +441,268 @@ class CostModel:
         return float(self._pipelined(cost._total, cost._present, launch).sum())
 
     def price(self, shape: StepShape) -> StepCost:
-        """Cost of one step running `shape`."""
-        dep = self.dep
+        """Cost of one step running `shape`: every operator in one pass (the engine prices most of its steps here;
+        `price_decodes` prices runs of decode steps with the same arithmetic)."""
+        dep, ovh = self.dep, self.profile.overheads
         t = StepTotals.of(shape, dep.attention_window)
-        dp = dep.dp
-        if dp > 1:  # DP attention: each rank runs an even share of the step
-            t = t.share(dp)
-        graph = graph_rows(self.cuda_graphs, math.ceil(t.tokens), math.ceil(shape.prefill_tokens.size / dp),
-                           shape.verify_tokens.size)
-        rows = graph or t.tokens
+        if dep.dp > 1:  # DP attention: each rank runs an even share of the step
+            t = t.share(dep.dp)
+        key, overhead = self._features(t, shape.prefill_tokens.size, shape.verify_tokens.size, shape.num_requests)
+        graph = key[0]
+        work = self._with_attention(self._all, (self._base + self._slopes @ np.array(key[1:], dtype=float))[None],
+                                    t.prefill_pairs, t.prefill_kv_tokens, t.decode_pairs)  # (all in one pass)
+        tc, tm, total, present = (a[0] for a in self._columns(self._all, work, graph, t, [t.decode_seqs],
+                                                              [t.decode_pairs], [t.decode_longest]))
+        work = work[0]
+        if graph:
+            stages = np.cumsum(total)[-1:] if dep.pp == 1 else \
+                np.array([np.cumsum(total[a:b])[-1] for a, b in self._stage_spans])
+        else:  # the host issues the kernels while the GPU runs them (`pipelined_seconds`)
+            stages = self._pipelined(total, present, ovh.launch_eager)
+        if ovh.step_per_kv_token:
+            overhead = overhead + ovh.step_per_kv_token * shape.kv_tokens
+        seconds = float((stages[0] if dep.pp == 1 else np.cumsum(stages)[-1]) + overhead)
+        totals = np.cumsum(work * self._count[:, None], axis=0)[-1]
+        return StepCost(self, seconds, tuple(stages.tolist()), "graph" if graph else "eager", t.tokens,
+                        ovh.launch_graph if graph else ovh.launch_eager, float(overhead), totals,
+                        (work[:, 0], work[:, 1], work[:, 2], tc, tm, total, present))
+
+    def _features(self, t: StepTotals, prefills: int, verifies: int, requests: int) -> tuple[tuple, float]:
+        """A step's key (whether it runs as a graph, then the features x with attention's pairs and K/V tokens
+        left out: `_fixed`) and its host overhead but for the per-KV-token part."""
+        dep, ovh = self.dep, self.profile.overheads
+        graph = graph_rows(self.cuda_graphs, math.ceil(t.tokens), math.ceil(prefills / dep.dp), verifies)
+        tokens = graph or t.tokens
         moe_rows = experts = group = 0.0
         if dep.model.is_moe:
-            group = rows * dp
+            group = tokens * dep.dp
             moe_rows, experts = self._busiest(group)
-        x = np.array([rows, experts, t.tokens, t.logit_tokens, t.prefill_pairs, t.prefill_queries,
-                      t.prefill_kv_tokens, t.decode_seqs, t.decode_pairs, moe_rows, group, group / dep.moe_group,
-                      t.prefill_on, t.decode_on], dtype=float)
-        work = self._base + self._slopes @ x  # (ops, 3): flops, bytes, payload
-        flops, nbytes, payload = work[:, 0], work[:, 1], work[:, 2]
-        present = (flops > 0) | (nbytes > 0) | (payload > 0)
-        sides = self._tables.seconds(np.concatenate([flops, np.where(self._comm, payload * self._moved, nbytes)]),
-                                     self._table_ids, self._peaks)
-        tc, tm = sides[: self._n], sides[self._n:]
-        if self._derived.size:  # measured GEMMs: the compute side's efficiency e(M) applies to the bytes too
-            d = self._derived
-            tm[d] = tc[d] * (nbytes[d] / self._bandwidth) / np.maximum(flops[d] / self._peak_c[d], 1e-300)
-        for i, surface in self._surfaces:
-            xy = _attention_coordinates(surface.kind, t)
-            if xy is not None:
-                tc[i], tm[i] = self._on_surface(i, flops[i], nbytes[i], surface.at(*xy))
-                if surface.kind == "attention-decode" and t.decode_longest > xy[1]:
-                    stretch = self._longest_decode(i, surface, t) / max(tc[i], tm[i])
-                    if stretch > 1.0:
-                        tc[i], tm[i] = tc[i] * stretch, tm[i] * stretch
-        if self._source is not None:  # what-if: the roofline part moves to this GPU's peaks, the excess stays
-            dense = ~self._comm
-            tc = np.where(dense, flops / self._target_c + self._excess * (tc - flops / self._peak_c), tc)
-            tm = np.where(dense, nbytes / dep.gpu.hbm_bandwidth + self._excess * (tm - nbytes / self._bandwidth), tm)
-        ovh = self.profile.overheads
-        launched = present * self._kernels * self._count
-        total = (np.maximum(tc, tm) + present * self._latency) * self._count + launched * ovh.launch_graph
-        if not graph:  # kernels queued on a stream start later than in a graph replay
-            total = total + launched * ovh.stream_gap
+        key = (graph is not None, tokens, experts, t.tokens, t.logit_tokens, 0.0, t.prefill_queries, 0.0,
+               t.decode_seqs, 0.0, moe_rows, group, group / dep.moe_group, t.prefill_on, t.decode_on)
         if graph:
-            launch = ovh.launch_graph
-            stage_seconds = np.bincount(self._stage, weights=total, minlength=dep.pp)
-            overhead = ovh.step_graph + ovh.step_graph_per_request * shape.num_requests
-        else:  # the host issues the kernels while the GPU runs them (`pipelined_seconds`)
-            launch = ovh.launch_eager
-            stage_seconds = self._pipelined(total, present, launch)
-            overhead = ovh.step_eager + ovh.step_eager_per_request * shape.num_requests
-            if t.prefill_seqs and t.decode_seqs:
-                overhead += ovh.step_mixed
+            return key, ovh.step_graph + ovh.step_graph_per_request * requests
+        overhead = ovh.step_eager + ovh.step_eager_per_request * requests
+        return key, overhead + ovh.step_mixed if t.prefill_seqs and t.decode_seqs else overhead
+
+    @staticmethod
+    def _with_attention(columns: _Columns, base: np.ndarray, prefill_pairs: float | np.ndarray,
+                        prefill_reads: float | np.ndarray, decode_pairs: float | np.ndarray) -> np.ndarray:
+        """The work (k, columns, 3) of `columns` from their work without attention's K/V (`base`), at each step's
+        prefill pairs and K/V reads and decode K/V tokens (one value, or (k, 1, 1) arrays)."""
+        work = base  # (a term whose count is zero adds nothing: skipped, exactly)
+        for slopes, count in zip(columns.attention, (prefill_pairs, prefill_reads, decode_pairs)):
+            if count.any() if isinstance(count, np.ndarray) else count:
+                work = work + slopes * count
+        return work
+
+    def price_decodes(self, context: np.ndarray, steps: int, active: np.ndarray | None = None) -> DecodeRun:
+        """`steps` consecutive decode-only steps, step i (from 0) decoding every request j with `active[j] > i`
+        (default: all) at context `context[j] + i` (requests leave as they finish; the first step decodes them
+        all): each priced exactly as `price` prices it alone, in one vectorised pass (the engine's skip-ahead)."""
+        n, w = context.size, self.dep.attention_window
+        step = np.arange(steps, dtype=np.int64)
+        if active is None:
+            seqs, order = np.full(steps, n), np.arange(n)
+        else:  # requests by how long they stay: step i's requests are the first seqs[i]
+            order = np.argsort(-active, kind="stable")
+            seqs = np.searchsorted(-active[order], -step, side="left")
+        c = context[order]
+        sums = np.concatenate([[0], np.cumsum(c)])[seqs]
+        longest = np.maximum.accumulate(c)[seqs - 1] + 1 + step
+        kv_tokens = sums + seqs * (step + 1)
+        if w is None:
+            pairs = kv_tokens.astype(float)
+        else:
+            on = np.arange(n)[None, :] < seqs[:, None]
+            pairs = (np.minimum(c[None, :] + 1 + step[:, None], w) * on).sum(axis=1).astype(float)
+            longest = np.minimum(longest, w)
+        groups = []
+        for size in np.unique(seqs)[::-1].tolist():  # runs of steps with as many requests
+            t = StepTotals(tokens=size, logit_tokens=size, prefill_seqs=0, prefill_queries=0, prefill_pairs=0.0,
+                           prefill_kv_tokens=0.0, decode_seqs=size, decode_pairs=0.0, decode_on=1.0)
+            groups.append((t.share(self.dep.dp) if self.dep.dp > 1 else t, size, int(np.count_nonzero(seqs == size))))
+        if self.dep.dp > 1:
+            pairs = pairs / self.dep.dp
+        seconds, execution, totals = self._decode_rows(groups, pairs, longest, kv_tokens)
+        ranks, peak = self.dep.tp * self.dep.dp, self.dep.num_gpus
+        mfu = totals[:, 0] * ranks / (seconds * self._gemm_peak * peak)
+        mbu = totals[:, 1] * ranks / (seconds * self.dep.gpu.hbm_bandwidth * peak)
+        return DecodeRun(seconds, mfu, mbu, execution, seqs)
+
+    def _decode_rows(self, groups: list[tuple[StepTotals, int, int]], pairs: np.ndarray, longest: np.ndarray,
+                     kv_tokens: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray]:
+        """Price k decode-only steps given as groups of rows (totals `t`, requests, rows) whose rows differ only
+        in their decodes' K/V tokens (`pairs`, `longest` and `kv_tokens`, one value per step), with `price`'s
+        arithmetic: row r of every result depends on row r's inputs alone, through the same operations whatever
+        the other rows (elementwise numpy, sequential sums, per-row scalar code), so a step priced among others
+        and the same step priced alone agree to the last bit. The operators that do not read attention's K/V
+        are priced once per group's features and kept (`_fixed`). Returns each step's seconds, execution, and
+        FLOPs, bytes and payload summed over operators."""
+        dep, k, ovh = self.dep, pairs.size, self.profile.overheads
+        keys, overheads = zip(*(self._features(t, 0, 0, requests) for t, requests, _ in groups))
+        counts = [rows for *_, rows in groups]
+        each = None if len(groups) == 1 else np.repeat(np.arange(len(groups)), counts)
+
+        def per_row(values: list) -> np.ndarray:
+            return np.repeat(np.array(values), counts, axis=0) if each is not None else \
+                np.repeat(np.array(values[:1]), k, axis=0)
+
+        graph = per_row([key[0] for key in keys])
+        # the operators reading the steps' K/V at each step's K/V tokens, the others as kept
+        fixed = [self._fixed(key, t) for key, (t, *_) in zip(keys, groups)]
+        stacked = (lambda name: np.repeat(getattr(fixed[0], name)[None], k, axis=0)) if each is None else \
+            (lambda name: np.stack([getattr(f, name) for f in fixed])[each])
+        work_v = self._with_attention(self._varying, stacked("work_v"), 0.0, 0.0, pairs[:, None, None])
+        _, _, total_v, present_v = self._columns(self._varying, work_v, graph, None,
+                                                 per_row([t.decode_seqs for t, *_ in groups]), pairs, longest)
+        parts = {"total": total_v, "present": present_v, "weighted": work_v * self._varying.count[None, :, None]}
+
+        def full(name: str) -> np.ndarray:  # every operator, the varying ones from `parts`
+            whole = stacked(name)
+            whole[:, self._varying.ids] = parts[name]
+            return whole
+
+        total = full("total")
+        stage_seconds = np.empty((k, dep.pp))
+        if graph.any():
+            g = total[graph]
+            stage_seconds[graph] = np.cumsum(g, axis=1)[:, -1:] if dep.pp == 1 else \
+                np.stack([np.cumsum(g[:, a:b], axis=1)[:, -1] for a, b in self._stage_spans], axis=1)
+        if not graph.all():  # the host issues the kernels while the GPU runs them (`pipelined_seconds`)
+            present = full("present")
+            for r in np.flatnonzero(~graph).tolist():
+                stage_seconds[r] = self._pipelined(total[r], present[r], ovh.launch_eager)
+        overhead = per_row(overheads)
         if ovh.step_per_kv_token:
-            overhead += ovh.step_per_kv_token * shape.kv_tokens
-        return StepCost(self, float(stage_seconds.sum()) + overhead, tuple(stage_seconds.tolist()),
-                        "graph" if graph else "eager", t.tokens, launch, overhead, self._count @ work,
-                        (flops, nbytes, payload, tc, tm, total, present))
+            overhead = overhead + ovh.step_per_kv_token * kv_tokens
+        seconds = (stage_seconds[:, 0] if dep.pp == 1 else np.cumsum(stage_seconds, axis=1)[:, -1]) + overhead
+        totals = np.cumsum(full("weighted"), axis=1)[:, -1]  # (k, 3): FLOPs, bytes, payload over operators
+        return seconds, ["graph" if g else "eager" for g in graph.tolist()], totals
+
+    def _fixed(self, key: tuple, t: StepTotals) -> _Fixed:
+        """Every operator's work at a step's features `key` (whether it runs as a graph, then the features x with
+        attention's pairs and K/V tokens left out), and the times of the operators that do not read them; kept
+        per key (steps repeat these features: a token budget's GEMMs, the same decodes one token further)."""
+        hit = self._fixed_cache.get(key)
+        if hit is None:
+            work = self._base + self._slopes @ np.array(key[1:], dtype=float)
+            f = self._steady.ids
+            tc, tm, total, present = (np.zeros(self._n), np.zeros(self._n), np.zeros(self._n),
+                                      np.zeros(self._n, dtype=bool))
+            none = np.zeros(0)
+            tc[f], tm[f], total[f], present[f] = (a[0] for a in self._columns(self._steady, work[f][None], key[0], t,
+                                                                               none, none, none))
+            hit = self._remember(key, _Fixed(work, tc, tm, total, present, work[self._varying.ids],
+                                             work * self._count[:, None]))
+        return hit
+
+    def _remember(self, key: tuple, fixed: _Fixed) -> _Fixed:
+        if len(self._fixed_cache) >= FIXED_CACHE_SIZE:
+            self._fixed_cache.clear()
+        self._fixed_cache[key] = fixed
+        return fixed
+
+    def _column_set(self, cols: np.ndarray, attention: np.ndarray) -> _Columns:
+        both = np.concatenate([cols, self._n + cols])
+        return _Columns(cols, self._comm[cols], self._moved[cols], self._table_ids[both], self._peaks[both],
+                        np.flatnonzero(self._is_derived[cols]), self._peak_c[cols],
+                        self._target_c[cols] if self._source is not None else None, self._kernels[cols],
+                        self._count[cols], self._latency[cols],
+                        [(i, int(np.flatnonzero(cols == i)[0]), s) for i, s in self._surfaces if i in cols],
+                        tuple(attention[cols][None, ..., f].copy() for f in range(3)))
+
+    def _columns(self, c: _Columns, work: np.ndarray, graph: bool | np.ndarray, t: StepTotals | None,
+                 seqs: np.ndarray, pairs: np.ndarray, longest: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Compute and memory seconds, total seconds (all instances, launches included) and presence of the
+        operators of column set `c`, from their work (k, columns, 3), each step run as a graph or not
+        (`graph`, one for all or per step); `t` gives a prefill attention surface its place, `seqs`, `pairs`
+        and `longest` each step's decodes and their K/V tokens (the decode attention surface's place)."""
+        k, m = work.shape[0], c.ids.size
+        flops, nbytes, payload = work[..., 0], work[..., 1], work[..., 2]
+        present = (flops > 0) | (nbytes > 0) | (payload > 0)
+        sides = self._tables.seconds(np.concatenate([flops, np.where(c.comm, payload * c.moved, nbytes)], axis=1),
+                                     c.tables, c.peaks)
+        tc, tm = sides[:, :m], sides[:, m:]
+        d = c.derived
+        if d.size:  # measured GEMMs: the compute side's efficiency e(M) applies to the bytes too
+            tm[:, d] = tc[:, d] * (nbytes[:, d] / self._bandwidth) / np.maximum(flops[:, d] / c.peak_c[d], 1e-300)
+        for i, j, surface in c.surfaces:
+            if surface.kind == "attention-prefill":
+                if t is not None and t.prefill_seqs:
+                    e = surface.at(float(t.prefill_queries), t.prefill_kv_tokens / t.prefill_queries)
+                    for r in range(k):
+                        tc[r, j], tm[r, j] = self._on_surface(i, flops[r, j], nbytes[r, j], e)
+                continue
+            for r in range(k):  # decode attention, at each step's mean context
+                if not seqs[r]:
+                    continue
+                mean = pairs[r] / seqs[r]
+                tc[r, j], tm[r, j] = self._on_surface(i, flops[r, j], nbytes[r, j], surface.at(float(seqs[r]), mean))
+                if longest[r] > mean:
+                    stretch = self._longest_decode(i, surface, seqs[r], int(longest[r])) / max(tc[r, j], tm[r, j])
+                    if stretch > 1.0:
+                        tc[r, j], tm[r, j] = tc[r, j] * stretch, tm[r, j] * stretch
+        if c.target_c is not None:  # what-if: the roofline part moves to this GPU's peaks, the excess stays
+            dense = ~c.comm
+            tc = np.where(dense, flops / c.target_c + self._excess * (tc - flops / c.peak_c), tc)
+            tm = np.where(dense, nbytes / self.dep.gpu.hbm_bandwidth + self._excess * (tm - nbytes / self._bandwidth),
+                          tm)
+        ovh = self.profile.overheads
+        launched = present * c.kernels * c.count
+        total = (np.maximum(tc, tm) + present * c.latency) * c.count + launched * ovh.launch_graph
+        if isinstance(graph, np.ndarray):  # kernels queued on a stream start later than in a graph replay
+            total = np.where(graph[:, None], total, total + launched * ovh.stream_gap)
+        elif not graph:
+            total = total + launched * ovh.stream_gap
+        return tc, tm, total, present
+
+
+@dataclass(frozen=True, slots=True)
+class _Columns:
+    """A set of operators (`ids`) with their constants, as `CostModel._columns` prices them: the operators
+    that read the decodes' K/V, or the others."""
+
+    ids: np.ndarray
+    comm: np.ndarray
+    moved: np.ndarray
+    tables: np.ndarray
+    peaks: np.ndarray
+    derived: np.ndarray  # positions of measured GEMMs
+    peak_c: np.ndarray
+    target_c: np.ndarray | None
+    kernels: np.ndarray
+    count: np.ndarray
+    latency: np.ndarray
+    surfaces: list[tuple[int, int, AttentionSurface]]  # (operator index, position, surface)
+    attention: tuple[np.ndarray, ...]  # (1, columns, 3) each: the work one more prefill pair, prefill K/V read
+    # and decode K/V token adds
+
+
+@dataclass(frozen=True, slots=True)
+class _Fixed:
+    """`CostModel._fixed`'s operators at one step's features: work (ops, 3), and where the operator does not
+    read the decodes' K/V, its compute, memory and total seconds and presence."""
+
+    work: np.ndarray
+    tc: np.ndarray
+    tm: np.ndarray
+    total: np.ndarray
+    present: np.ndarray
+    work_v: np.ndarray  # the work of the operators that read the decodes' K/V
+    weighted: np.ndarray  # work times instances
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeRun:
+    """Consecutive decode steps priced at once (`CostModel.price_decodes`): per step, seconds, MFU, MBU,
+    execution and requests decoded."""
+
+    seconds: np.ndarray
+    mfu: np.ndarray
+    mbu: np.ndarray
+    execution: list[str]
+    decodes: np.ndarray
 
 
 def _profile_gpu(profile: Profile, gpu: GPUSpec) -> GPUSpec | None:
@@ -499,10 +716,3 @@ def _profile_gpu(profile: Profile, gpu: GPUSpec) -> GPUSpec | None:
         return get_gpu(profile.gpu)
     except ServesimError:
         return None
-
-
-def _attention_coordinates(kind: str, t: StepTotals) -> tuple[float, float] | None:
-    """Where a step's attention kernel sits on its measured surface (see `AttentionSurface`)."""
-    if kind == "attention-prefill":
-        return (float(t.prefill_queries), t.prefill_kv_tokens / t.prefill_queries) if t.prefill_seqs else None
-    return (float(t.decode_seqs), t.decode_pairs / t.decode_seqs) if t.decode_seqs else None

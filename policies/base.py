@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -27,6 +28,12 @@ class Scheduler(ABC):
     request it puts in the batch the KV blocks its tokens need. It returns None when nothing can run;
     the engine then sleeps until a request arrives. Policies never see the clock's kind.
     """
+
+    # The promise the engine's skip-ahead relies on (`sim.skip_ahead`): with an empty waiting queue and every
+    # running request decoding (its newest token, no fan-out left to fork), `schedule` decodes every running
+    # request in running order, growing their KV blocks, and changes nothing else (preempting only when the
+    # blocks run out); with the same state again, it does the same again.
+    decode_stretches: ClassVar[bool] = False
 
     def __init__(self, params: SchedulerParams) -> None:
         self.params = params

@@ -38,6 +38,7 @@ class LayeredPrefillParams(SchedulerParams):
 
 class LayeredPrefillScheduler(Scheduler):
     params: LayeredPrefillParams
+    decode_stretches = True
 
     def __init__(self, params: SchedulerParams) -> None:
         super().__init__(params)

@@ -32,6 +32,7 @@ class OrcaParams(SchedulerParams):
 
 class OrcaScheduler(Scheduler):
     params: OrcaParams
+    decode_stretches = True
 
     def reservation(self, state: ReplicaState, rid: int) -> int:
         total = state.total_tokens(rid)

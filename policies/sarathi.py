@@ -33,6 +33,7 @@ class SarathiParams(SchedulerParams):
 
 class SarathiScheduler(Scheduler):
     params: SarathiParams
+    decode_stretches = True
 
     def schedule(self, state: ReplicaState) -> Batch | None:
         p = self.params

@@ -31,6 +31,7 @@ class SarathiDecodeMaximalParams(SchedulerParams):
 
 class SarathiDecodeMaximalScheduler(Scheduler):
     params: SarathiDecodeMaximalParams
+    decode_stretches = True
 
     def schedule(self, state: ReplicaState) -> Batch | None:
         p = self.params

@@ -34,6 +34,7 @@ class VllmParams(SchedulerParams):
 
 class VllmScheduler(Scheduler):
     params: VllmParams
+    decode_stretches = True
 
     def token_budget(self, state: ReplicaState) -> int:
         return self.params.step_limits(state.max_model_len)[0]

@@ -35,6 +35,7 @@ class VllmV1Params(SchedulerParams):
 
 class VllmV1Scheduler(Scheduler):
     params: VllmV1Params
+    decode_stretches = True
 
     def schedule(self, state: ReplicaState) -> Batch | None:
         p = self.params

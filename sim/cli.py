@@ -178,7 +178,7 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any] | None:
         raise ServesimError("--trace writes trace.json into --out: give --out DIR")
     extra = [f"metrics.percentiles=[{args.percentiles}]"] if args.percentiles else []
     config = load_config(args.config, [*args.set, *extra])
-    results = simulate(config, progress=not args.quiet)
+    results = simulate(config, progress=not args.quiet, skip_ahead=not args.step_by_step)
     if args.out:
         paths = write_outputs(results, args.out, args.format, args.trace)
         if not args.json:
@@ -364,6 +364,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "50,90,99,99.9: adds ttft_p99.9_s and the like)")
     run.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     run.add_argument("--quiet", action="store_true", help="no progress line on stderr")
+    run.add_argument("--step-by-step", action="store_true", help="simulate every decode step one by one instead "
+                     "of skipping ahead over stretches of them (the same results, slower: a check)")
     run.set_defaults(func=cmd_run)
 
     rep = sub.add_parser("replay", help="run a scenario for real on a PyTorch device (needs torch)")

@@ -34,6 +34,7 @@ from sim.config import HardwareConfig, SimConfig
 from sim.executor import CostModelExecutor, Executor, StepOutcome
 from sim.metrics import PoolInfo, Results, build_results
 from sim.progress import bar, watched
+from sim.skip_ahead import ArrivalClock, SkipAhead, Stretch, delay_to, folds
 from sim.speculation import DraftCost, draft_deployment, draft_memory
 from traces.workload import GeneratedRequests, generate
 
@@ -53,16 +54,17 @@ STEP_DTYPES = {"replica": np.int32, "pool": object, "start_s": np.float64, "dura
                "draft_s": np.float64}
 WATCHDOG_STEPS = 100_000  # steps in a row of one replica without a token that stop a run as a livelock
 MAX_RECORDED_TOKENS = 500_000_000  # output tokens of a run (8 bytes of emission time each)
-LOG_CHUNK = 1 << 16  # rows kept as tuples before they are packed into typed arrays
+LOG_CHUNK = 1 << 16  # rows of the step log's typed arrays, allocated together
 
 
 @dataclass
 class StepLog:
-    """Per-step records in `STEP_COLUMNS` order: the latest as tuples, packed every `LOG_CHUNK` rows into
-    typed arrays (`STEP_DTYPES`), so that the log of a long run stays compact."""
+    """Per-step records in `STEP_COLUMNS` order, written into typed arrays (`STEP_DTYPES`) of `LOG_CHUNK`
+    rows, so that the log of a long run stays compact."""
 
-    rows: list[tuple] = field(default_factory=list)
     chunks: list[dict[str, np.ndarray]] = field(default_factory=list)
+    buffer: dict[str, np.ndarray] = field(default_factory=dict)
+    filled: int = 0  # rows of `buffer` written
 
     def record(self, state: ReplicaState, batch: Batch, start: float, outcome: StepOutcome, preempted: int,
                pool: str = "colocated") -> None:
@@ -73,29 +75,58 @@ class StepLog:
         if batch.verify_ids.size:
             got = batch.verify_accepted if outcome.accepted is None else outcome.accepted
             accepted = int(np.minimum(got, batch.verify_drafts).sum())
-        self.rows.append((
-            state.index, pool, start, outcome.seconds, batch.prefill_ids.size, batch.decode_ids.size,
-            batch.num_prefill_tokens, batch.decode_ids.size, batch.pad_rows, kv.used, kv.evictable,
-            len(state.waiting), len(state.running), preempted, outcome.mfu, outcome.mbu, outcome.execution,
-            outcome.gpu_seconds, batch.verify_ids.size, int(batch.verify_drafts.sum()), accepted,
-            outcome.draft_seconds,
-        ))
-        if len(self.rows) >= LOG_CHUNK:
+        row = (state.index, pool, start, outcome.seconds, batch.prefill_ids.size, batch.decode_ids.size,
+               batch.num_prefill_tokens, batch.decode_ids.size, batch.pad_rows, kv.used, kv.evictable,
+               len(state.waiting), len(state.running), preempted, outcome.mfu, outcome.mbu, outcome.execution,
+               outcome.gpu_seconds, batch.verify_ids.size, int(batch.verify_drafts.sum()), accepted,
+               outcome.draft_seconds)
+        at = self._room()
+        for column, value in zip(self.buffer.values(), row):
+            column[at] = value
+        self.filled += 1
+
+    def record_stretch(self, state: ReplicaState, stretch: Stretch, start: float, pool: str = "colocated") -> None:
+        """The steps of a skip-ahead stretch that began at `start` (`sim.skip_ahead`): the rows `record` would
+        have written step by step."""
+        starts = np.concatenate([[start], stretch.ends[:-1]])
+        row = (state.index, pool, starts, stretch.seconds, 0, stretch.decodes, 0, stretch.decodes, 0, stretch.used,
+               state.kv.evictable, 0, stretch.running, 0, stretch.mfu, stretch.mbu, stretch.execution, math.nan, 0,
+               0, 0, 0.0)
+        done = 0
+        while done < stretch.steps:
+            at = self._room()
+            n = min(stretch.steps - done, LOG_CHUNK - at)
+            for column, value in zip(self.buffer.values(), row):
+                column[at:at + n] = value[done:done + n] if isinstance(value, (np.ndarray, list)) else value
+            self.filled += n
+            done += n
+
+    def _room(self) -> int:
+        """The next free row of the buffer (a fresh buffer when it is full)."""
+        if not self.buffer or self.filled == LOG_CHUNK:
             self._pack()
+            self.buffer = {name: np.empty(LOG_CHUNK, dtype=STEP_DTYPES[name]) for name in STEP_COLUMNS}
+        return self.filled
 
     def _pack(self) -> None:
-        if self.rows:
-            self.chunks.append({name: np.array(values, dtype=STEP_DTYPES[name])
-                                for name, values in zip(STEP_COLUMNS, zip(*self.rows))})
-            self.rows.clear()
+        if self.filled:
+            n = self.filled
+            self.chunks.append({name: values if n == LOG_CHUNK else values[:n].copy()
+                                for name, values in self.buffer.items()})
+        self.buffer, self.filled = {}, 0
 
     def drain(self) -> dict[str, np.ndarray]:
-        """Every step, one typed array per column; the log is left empty (each chunk's arrays are freed as
-        they are joined, so the caller owns the only copy)."""
+        """Every step, one typed array per column, in the order the steps ended (replicas by index where steps
+        end at the same time); the log is left empty (each chunk's arrays are freed as they are joined, so the
+        caller owns the only copy)."""
         self._pack()
         out = {name: np.concatenate([c.pop(name) for c in self.chunks]) if self.chunks
                else np.zeros(0, dtype=STEP_DTYPES[name]) for name in STEP_COLUMNS}
         self.chunks = []
+        replica = out["replica"]
+        if replica.size and replica.min() != replica.max():  # (one replica's rows are in order already)
+            order = np.lexsort((replica, out["start_s"] + out["duration_s"]))
+            out = {name: values[order] for name, values in out.items()}
         return out
 
 
@@ -129,10 +160,10 @@ class Replica:
 
     def __init__(self, env: simpy.Environment, state: ReplicaState, policy: Scheduler, executor: Executor,
                  log: StepLog, progress: Progress, pool: str = "colocated", hooks: StepHooks | None = None,
-                 speculator: Speculator | None = None) -> None:
+                 speculator: Speculator | None = None, skip: SkipAhead | None = None) -> None:
         self.env, self.state, self.policy, self.executor = env, state, policy, executor
         self.log, self.progress, self.pool, self.hooks = log, progress, pool, hooks
-        self.speculator = speculator
+        self.speculator, self.skip = speculator, skip
         self.wake: simpy.Event | None = None
         env.process(self.loop())
 
@@ -145,6 +176,7 @@ class Replica:
     def loop(self) -> Iterator[simpy.Event]:
         env, state, policy, executor = self.env, self.state, self.policy, self.executor
         steps = stalled = 0
+        report = 1000
         while True:
             state.now = env.now
             preempted_before = state.preemptions
@@ -156,10 +188,21 @@ class Replica:
             if self.speculator is not None:
                 batch = self.speculator.plan(state, batch)
             batch = state.with_swaps(batch)
-            outcome = executor.run(batch)
-            if not 0.0 <= outcome.seconds < math.inf:  # NaN included
-                raise ServesimError(f"replica {state.index}: a step of {batch.num_tokens} tokens was priced at "
-                                    f"{outcome.seconds!r} s, not a finite time; check the profile's values")
+            ahead = self.skip.advance(state, batch, env.now) if self.skip is not None else None
+            if isinstance(ahead, Stretch):  # run already (`sim.skip_ahead`): sleep to its end
+                bad = ahead.seconds[~((ahead.seconds >= 0.0) & (ahead.seconds < math.inf))]
+                if bad.size:
+                    self._check_seconds(batch, float(bad[0]))
+                start = env.now
+                yield env.timeout(delay_to(start, float(ahead.ends[-1])))
+                self.log.record_stretch(state, ahead, start, self.pool)
+                steps, stalled = steps + ahead.steps, 0
+                if steps >= report:
+                    report = steps + 1000
+                    self.progress.update(env.now, state.req)
+                continue
+            outcome = ahead if ahead is not None else executor.run(batch)  # (priced by the skip-ahead)
+            self._check_seconds(batch, outcome.seconds)
             start = env.now
             if self.hooks is not None:
                 self.hooks.step_started(self, batch, outcome.seconds)
@@ -173,8 +216,14 @@ class Replica:
             if self.hooks is not None:
                 self.hooks.step_ended(self, batch, result)
             steps += 1
-            if steps % 1000 == 0:
+            if steps >= report:
+                report = steps + 1000
                 self.progress.update(env.now, state.req)
+
+    def _check_seconds(self, batch: Batch, seconds: float) -> None:
+        if not 0.0 <= seconds < math.inf:  # NaN included
+            raise ServesimError(f"replica {self.state.index}: a step of {batch.num_tokens} tokens was priced at "
+                                f"{seconds!r} s, not a finite time; check the profile's values")
 
     def _stuck(self, stalled: int) -> None:
         """Stop a run that goes nowhere (`WATCHDOG_STEPS` steps in a row without a token), naming the stuck
@@ -208,12 +257,20 @@ class Cluster:
         self.replicas[i].notify()
 
 
-def _arrivals(env: simpy.Environment, arrive: Callable[[int], None], ids: list[int], times: list[float]
-              ) -> Iterator[simpy.Event]:
+def _arrivals(env: simpy.Environment, arrive: Callable[[int], None], ids: list[int], times: list[float],
+              clock: ArrivalClock) -> Iterator[simpy.Event]:
     for rid, t in zip(ids, times):
         if t > env.now:
             yield env.timeout(t - env.now)
         arrive(rid)
+        clock.count += 1
+
+
+def _sent_ids(requests: Requests, workload: int) -> np.ndarray:
+    """The requests of an open-loop workload that arrive at their own times (a session's later turns have no
+    time yet: the clients send them; fan-out samples fork from their first)."""
+    ids = np.flatnonzero(requests.workload == workload)
+    return ids[~np.isnan(requests.arrival[ids]) & ((requests.group[ids] < 0) | (requests.group[ids] == ids))]
 
 
 def build_deployment(config: SimConfig, hardware: HardwareConfig | None = None,
@@ -415,8 +472,10 @@ def simulate(
     config: SimConfig,
     executor_factory: Callable[[Deployment], Executor] | None = None,
     progress: bool = False,
+    skip_ahead: bool = True,
 ) -> Results:
-    """Run one simulation: a pure function of the config (and the executor), returning its `Results`."""
+    """Run one simulation: a pure function of the config (and the executor), returning its `Results`.
+    `skip_ahead` False steps every decode one by one (the results are the same: `sim.skip_ahead`)."""
     wall0 = time.perf_counter()
     setup = prepare(config)
     requests = setup.requests
@@ -426,6 +485,9 @@ def simulate(
     env = simpy.Environment()
     log = StepLog()
     progress_bar = Progress(requests.n, progress and watched())
+    waits = any(w.arrival.kind == "closed_loop" or w.sessions is not None for w in config.workloads)
+    sent = [_sent_ids(requests, w) for w, wl in enumerate(config.workloads) if wl.arrival.kind != "closed_loop"]
+    clock = ArrivalClock(requests.arrival[np.concatenate(sent)] if sent else np.zeros(0))
     if config.disaggregation is not None:
         from sim.disagg import DisaggregatedCluster
 
@@ -436,21 +498,25 @@ def simulate(
         states = setup.replica_states()
         spec = config.speculation
         speculator = None if spec is None else Speculator(spec, Acceptance(spec.acceptance, config.seed, requests.n))
-        replicas = [Replica(env, s, make_scheduler(pool.scheduler), executor_factory(pool.deployment), log,
-                            progress_bar,
-                            speculator=speculator) for s in states]
+        foldable = (skip_ahead and not waits and speculator is None and not config.kv_cache.prefix_caching
+                    and config.hardware.kv_token_budget is None)  # runs `sim.skip_ahead` proves stretches for
+        replicas = []
+        for s in states:
+            policy, executor = make_scheduler(pool.scheduler), executor_factory(pool.deployment)
+            skip = None
+            if foldable and folds(policy) and isinstance(executor, CostModelExecutor) and executor.draft is None:
+                skip = SkipAhead(executor.cost_model, clock)
+            replicas.append(Replica(env, s, policy, executor, log, progress_bar, speculator=speculator, skip=skip))
         router = make_router(config.cluster.router, config.seed, config.cluster.affinity_slack)
         arrive, extra = Cluster(replicas, router, requests, pool.deployment.context_limit).arrive, None
-    waits = any(w.arrival.kind == "closed_loop" or w.sessions is not None for w in config.workloads)
     clients = Clients(env, requests, arrive, config.workloads, config.seed) if waits else None
     for w, workload in enumerate(config.workloads):
-        ids = np.flatnonzero(requests.workload == w)
         if workload.arrival.kind == "closed_loop":
             assert clients is not None
-            clients.closed_loop(ids.tolist(), workload.arrival, workload.start_s, w)
-        else:  # (a session's later turns have no time yet: `clients` sends them; fan-out samples fork)
-            ids = ids[~np.isnan(requests.arrival[ids]) & ((requests.group[ids] < 0) | (requests.group[ids] == ids))]
-            env.process(_arrivals(env, arrive, ids.tolist(), requests.arrival[ids].tolist()))
+            clients.closed_loop(np.flatnonzero(requests.workload == w).tolist(), workload.arrival, workload.start_s, w)
+        else:
+            ids = _sent_ids(requests, w)
+            env.process(_arrivals(env, arrive, ids.tolist(), requests.arrival[ids].tolist(), clock))
     env.run()
     unsent = np.isnan(requests.arrival)  # closed-loop requests never sent (their clients' requests stalled)
     requests.arrival[unsent] = env.now

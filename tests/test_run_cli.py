@@ -20,9 +20,10 @@ SMALL = ["--set", "workloads.0.num_requests=200", "--quiet"]
 
 
 def test_run_writes_every_output_and_is_byte_identical(tmp_path, capsys) -> None:
+    """Twice, the second time stepping every decode one by one (no skip-ahead): the same bytes."""
     outs = [tmp_path / "a", tmp_path / "b"]
-    for out in outs:
-        assert main(["run", *SMALL, "--out", str(out)]) == 0
+    for out, flags in zip(outs, ([], ["--step-by-step"])):
+        assert main(["run", *SMALL, "--out", str(out), *flags]) == 0
     table = capsys.readouterr().out
     assert "TTFT p50 / p99" in table and "goodput" in table
     names = sorted(p.name for p in outs[0].iterdir())

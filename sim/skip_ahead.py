@@ -1,0 +1,167 @@
+"""Skip-ahead: advance a replica over a stretch of decode-only steps at once.
+
+Most steps of a long run decode the same running requests again, one token each (97.6% of the steps of
+`bench/identical_workload.yaml`). While nobody waits, every running request decodes and nothing arrives, each
+next step is known: the same decodes one token further, less the requests that just finished. `SkipAhead`
+finds how many such steps come before the next arrival or a step the free KV blocks could not hold, prices
+them in one vectorised pass (`CostModel.price_decodes`, exactly as each would be priced alone), writes every
+step's tokens, finishes and blocks into the state, and the replica sleeps once to the last step's end; the
+step log gets every step's row. On a 3,000-request run of that workload, 95.5% of the steps (`vllm`; 92.7%
+`sarathi`) fall in stretches of 46 steps on average. The results are identical to stepping one by one
+(`tests/test_skip_ahead.py`); runs a stretch could not be proven for (speculation, disaggregation,
+closed-loop clients and sessions, prefix caching, KV token budgets, other executors, schedulers without the
+promise `Scheduler.decode_stretches`) step one by one.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from hardware.cost import CostModel
+from policies.base import Scheduler
+from policies.batch import Batch
+from policies.state import ReplicaState, Status
+from sim.executor import StepOutcome
+
+FIRST_GUESS = 8  # steps priced first when no step was priced before
+MAX_STEPS = 4096  # steps priced at once at most
+
+
+class ArrivalClock:
+    """Open-loop arrival times in order and how many have arrived: a stretch ends before the next one (the
+    router may look at any replica's state when it routes a request)."""
+
+    def __init__(self, times: np.ndarray) -> None:
+        self.times = np.sort(np.asarray(times, dtype=np.float64))
+        self.count = 0
+
+    def next(self) -> float:
+        return float(self.times[self.count]) if self.count < self.times.size else math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class Stretch:
+    """Consecutive decode steps run by `SkipAhead.advance`, one value per step: seconds, end time, MFU, MBU,
+    execution, requests decoded, KV blocks in use and requests running after the step."""
+
+    seconds: np.ndarray
+    ends: np.ndarray
+    mfu: np.ndarray
+    mbu: np.ndarray
+    execution: list[str]
+    decodes: np.ndarray
+    used: np.ndarray
+    running: np.ndarray
+
+    @property
+    def steps(self) -> int:
+        return self.seconds.size
+
+
+def folds(policy: Scheduler) -> bool:
+    """Whether `policy` promises that, with nobody waiting and every running request decoding, its next step
+    decodes every running request in running order (`Scheduler.decode_stretches`), and hears nothing back."""
+    return isinstance(policy, Scheduler) and type(policy).decode_stretches and \
+        type(policy).on_step_end is Scheduler.on_step_end
+
+
+class SkipAhead:
+    """Finds and runs stretches for one replica (see the module docstring)."""
+
+    def __init__(self, cost_model: CostModel, arrivals: ArrivalClock) -> None:
+        self.cost_model, self.arrivals = cost_model, arrivals
+        self.step_seconds = 0.0  # the last step priced: how many steps to price first
+        self.unfit: tuple[np.ndarray, np.ndarray, StepOutcome] | None = None  # a next step priced but not run
+
+    def advance(self, state: ReplicaState, batch: Batch, now: float) -> Stretch | StepOutcome | None:
+        """Run the stretch that begins with `batch` at `now` on `state` (every step's tokens, finishes and
+        blocks, as `complete_step` and the scheduler would one by one), or return None when `batch` is not a
+        decode of every running request with nobody waiting, or `batch`'s price when it ends after the next
+        arrival (it runs alone). A stretch goes on through requests finishing (the others decode on) and ends
+        before the next arrival, a step the free blocks cannot hold, a fan-out sample finishing, or when no
+        request is left. Nobody looks at the state before its end: it is the next arrival's router that would."""
+        ids = batch.decode_ids
+        if (state.waiting or state.unforked or batch.prefill_ids.size or batch.verify_ids.size or batch.pad_rows
+                or batch.prefill_layers < 1.0 or batch.swap_in_tokens or batch.swap_out_tokens
+                or ids.tolist() != state.running):
+            return None
+        unfit, self.unfit = self.unfit, None
+        if unfit is not None and np.array_equal(unfit[0], ids) and np.array_equal(unfit[1], batch.decode_computed):
+            return unfit[2]  # (priced at the end of the last stretch: it ends after the next arrival)
+        r, kv = state.req, state.kv
+        context, held, gen = batch.decode_computed, kv.blocks[ids], r.generated[ids]
+        left = r.output[ids] - gen  # the step (from 1) in which each request emits its last token
+        stop = int(left.max())
+        fan = r.group[ids] >= 0
+        if fan.any():  # a fan-out sample finishing may cancel its siblings: that step runs alone
+            stop = min(stop, int(left[fan].min()) - 1)
+            if stop == 0:
+                return None
+        arrival, available = self.arrivals.next(), kv.available
+        guess = FIRST_GUESS if not self.step_seconds else (arrival - now) / self.step_seconds + 2
+        size = max(1, min(stop, int(min(guess, MAX_STEPS))))
+        pieces, done, end = [], 0, now
+        while True:
+            run = self.cost_model.price_decodes(context + done, size, left - done)
+            ends = np.cumsum(np.concatenate([[end], run.seconds]))[1:]  # (sequential sums: the clock's own)
+            step = done + 1 + np.arange(size)[:, None]  # (from 1)
+            grown = np.maximum(kv.blocks_for(context[None, :] + step) - held, 0)  # beyond now's, per request
+            on = left[None, :] >= step
+            # a step's blocks must fit what is free now and what the requests finished before it gave back
+            fits = (ends < arrival) & ((grown * on).sum(1) <= available + (held * ~on).sum(1))
+            k = size if fits.all() else int(np.argmin(fits))
+            pieces.append((run, ends, grown, k))
+            done += k
+            if k < size:  # the next step, priced: the scheduler may make it next (it ends after an arrival)
+                alive = left > done
+                self.unfit = ids[alive], context[alive] + done, StepOutcome(
+                    seconds=float(run.seconds[k]), mfu=float(run.mfu[k]), mbu=float(run.mbu[k]),
+                    execution=run.execution[k])
+                break
+            if done >= stop:
+                break
+            end = float(ends[-1])
+            size = min(stop - done, 2 * size)
+        if not done:
+            unfit, self.unfit = self.unfit, None
+            return unfit[2] if unfit is not None else None
+        cat = np.concatenate
+        seconds, ends, mfu, mbu, decodes = (cat([p[1][:p[3]] if f == "ends" else getattr(p[0], f)[:p[3]]
+                                                  for p in pieces])
+                                             for f in ("seconds", "ends", "mfu", "mbu", "decodes"))
+        execution = [e for p in pieces for e in p[0].execution[:p[3]]]
+        grown = cat([p[2][:p[3]] for p in pieces])
+        self.step_seconds = float(seconds[-1])
+        # the steps' outcome: as `complete_step` and the scheduler would write it, step by step
+        took = np.minimum(left, done)  # steps each request decoded in
+        rows = np.repeat(np.arange(ids.size), took)
+        nth = np.arange(rows.size) - np.repeat(np.cumsum(took) - took, took)
+        r.token_time[r.token_offset[ids][rows] + gen[rows] + nth] = ends[nth]
+        r.generated[ids] = gen + took
+        r.computed[ids] = context + took
+        step = np.arange(1, done + 1)[:, None]
+        after = left[None, :] > step  # still running after each step
+        used_before = kv.used
+        finished = left <= done
+        if finished.any():
+            gone = ids[finished]
+            r.status[gone] = Status.FINISHED
+            r.finish[gone] = ends[left[finished] - 1]
+            kv.release(gone)
+            out = set(gone.tolist())
+            state.running = [rid for rid in state.running if rid not in out]
+        kv.grow_many(ids[~finished], context[~finished] + done)
+        used = used_before + (grown * after).sum(1) - (held * ~after).sum(1)
+        return Stretch(seconds, ends, mfu, mbu, execution, decodes, used, after.sum(1))
+
+
+def delay_to(now: float, end: float) -> float:
+    """The delay whose timeout, scheduled at `now`, fires at exactly `end` (SimPy adds now + delay)."""
+    d = end - now
+    while now + d < end:
+        d = np.nextafter(d, math.inf)
+    while now + d > end:
+        d = np.nextafter(d, -math.inf)
+    return float(d)
