@@ -3,10 +3,10 @@
 #   OUT=dir [STAGES="check kernels reference"] [MODELS="qwen1.5-moe-a2.7b qwen3-30b-a3b"] bash calibrate/run_moe.sh
 # check: calibrate/moe_check.py (the fused MoE kernels against the plain PyTorch layer, eager and in a CUDA
 # graph, and both paths' times); kernels: the grouped expert GEMMs of every model in MODELS (`servesim
-# calibrate --suites moe`); reference: the whole steps of each model through the backend (router, grouped GEMMs, shared experts; CUDA graphs), with
-# the overhead fit's steps in the same rounds. Afterwards, on any machine: refit the GPU's profile with the
-# grouped GEMMs overlaid (`--later <gpu>_moe_raw.json`, see calibrate/refit.sh) and `servesim calibrate validate`
-# the reference steps against it: the MoE step MAPE.
+# calibrate --suites moe`); reference: the whole steps of each model through the backend (its fused MoE
+# layer, shared experts; CUDA graphs), with the overhead fit's steps in the same rounds. Afterwards, on any
+# machine: refit the GPU's profile with the grouped GEMMs overlaid (`--later <gpu>_moe_raw.json`, see
+# calibrate/refit.sh) and `servesim calibrate validate` the reference steps against it: the MoE step MAPE.
 set -uo pipefail
 . calibrate/device_env.sh
 STAGES=" ${STAGES:-check kernels reference} "

@@ -9,6 +9,8 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hardware.catalog import get_gpu, get_model
 from hardware.cost import CostModel
@@ -153,3 +155,16 @@ def test_runs_that_cannot_prove_a_stretch_step_one_by_one(monkeypatch) -> None:
         assert res.summary["requests_finished"] == 5
     assert made == [1]
     assert math.isinf(skip_ahead.ArrivalClock(np.zeros(0)).next())
+
+
+@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(scheduler=st.sampled_from(SCHEDULERS), replicas=st.integers(1, 3), router=st.sampled_from(ROUTERS),
+       blocks=st.integers(100, 600), rate=st.floats(0.5, 40.0), seed=st.integers(0, 10_000),
+       output=st.integers(1, 400))
+def test_random_runs_fold_to_the_same_results(scheduler, replicas, router, blocks, rate, seed, output,
+                                              monkeypatch) -> None:
+    """Random loads, cache sizes, output lengths, replicas and routers: skipping changes nothing."""
+    cfg = config(scheduler, replicas=replicas, router=router, blocks=blocks, rate=rate, n=40)
+    cfg = cfg.model_copy(update={"seed": seed, "workloads": [cfg.workloads[0].model_copy(update={
+        "lengths": cfg.workloads[0].lengths.model_copy(update={"output": (1, output)})})]})
+    assert_identical(cfg, monkeypatch)
