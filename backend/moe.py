@@ -159,6 +159,11 @@ def moe_sum(out: torch.Tensor, pos: torch.Tensor, weights: torch.Tensor, x: torc
     return y
 
 
+def renormalizes(spec: ModelSpec) -> bool:
+    """Whether a model's router renormalises its top-k weights (Qwen2-MoE keeps their softmax values)."""
+    return spec.model_type != "qwen2_moe"
+
+
 class MoE(nn.Module):
     """Router, routed experts (stacked weights, Hugging Face's gate/up fused per expert) and shared experts."""
 
@@ -166,7 +171,7 @@ class MoE(nn.Module):
         super().__init__()
         h, e, inter = spec.hidden_size, spec.num_experts, spec.expert_intermediate_size
         self.top_k, self.num_experts = spec.experts_per_token, e
-        self.renormalize = spec.model_type != "qwen2_moe"  # Qwen2-MoE keeps the softmax weights of the top-k
+        self.renormalize = renormalizes(spec)
         self.gate = nn.Linear(h, e, bias=False)
         self.w_gate_up = nn.Parameter(torch.empty(e, h, 2 * inter))  # (experts, K, N) as grouped_mm takes them
         self.w_down = nn.Parameter(torch.empty(e, inter, h))
@@ -232,7 +237,7 @@ def warm_up(spec: ModelSpec, dtype: torch.dtype, device: torch.device) -> None:
     x = torch.zeros(2, h, dtype=dtype, device=device)
     counts = torch.zeros(e, dtype=torch.int32, device=device)
     weights, ids, ranks = topk_softmax(torch.zeros(2, e, dtype=dtype, device=device), k,
-                                       spec.model_type != "qwen2_moe", counts)
+                                       renormalizes(spec), counts)
     xs, pos, _ = permute(x, ids, ranks, counts)
     shared = x if spec.shared_intermediate_size else None
     gate = x[0] if spec.shared_expert_intermediate_size else None

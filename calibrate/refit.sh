@@ -19,14 +19,13 @@ python3 -c "import json, sys; d = json.load(open(sys.argv[1])); d['steps'] = []
 d['records'] = [r for r in d['records'] if r['kind'] == 'gemm']; json.dump(d, open(sys.argv[2], 'w'))" \
   $R/h100-sxm-80gb_raw.json $tmp/h100_gemm_raw.json
 # (and the grouped expert GEMMs of Qwen1.5-MoE-A2.7B and Qwen3-30B-A3B, issue 25, before the reference's fixed costs)
-servesim calibrate --refit --raw $tmp/h100_gemm_raw.json --later $R/h100-sxm-80gb_paged_raw.json \
-  --later $R/h100-sxm-80gb_moe_raw.json --later $R/h100-sxm-80gb_paged_reference_raw.json \
-  --out ../profiles/h100-sxm-80gb.json > /dev/null
+H100_PAGED=(--raw $tmp/h100_gemm_raw.json --later $R/h100-sxm-80gb_paged_raw.json
+            --later $R/h100-sxm-80gb_moe_raw.json --later $R/h100-sxm-80gb_paged_reference_raw.json)
+servesim calibrate --refit "${H100_PAGED[@]}" --out ../profiles/h100-sxm-80gb.json > /dev/null
 # the same inputs with an MoE model's reference steps last: that host's own overheads for its MoE steps
 for m in qwen1.5-moe-a2.7b qwen3-30b-a3b; do
-  servesim calibrate --refit --raw $tmp/h100_gemm_raw.json --later $R/h100-sxm-80gb_paged_raw.json \
-    --later $R/h100-sxm-80gb_moe_raw.json --later $R/h100-sxm-80gb_paged_reference_raw.json \
-    --later $R/h100-sxm-80gb_${m}_reference_raw.json --out h100-sxm-80gb_${m}_host_profile.json > /dev/null
+  servesim calibrate --refit "${H100_PAGED[@]}" --later $R/h100-sxm-80gb_${m}_reference_raw.json \
+    --out h100-sxm-80gb_${m}_host_profile.json > /dev/null
 done
 servesim calibrate --refit "${H200[@]}" --later $R/h200-sxm-141gb_x2host_steps_raw.json \
   --later $R/h200-sxm-141gb_steps_raw.json --later $R/h200-sxm-141gb_reference_raw.json \

@@ -580,27 +580,23 @@ class CostModel:
         return seconds, ["graph" if g else "eager" for g in graph.tolist()], totals
 
     def _fixed(self, key: tuple, t: StepTotals) -> _Fixed:
-        """Every operator's work at a step's features `key` (whether it runs as a graph, then the features x with
-        attention's pairs and K/V tokens left out), and the times of the operators that do not read them; kept
-        per key (steps repeat these features: a token budget's GEMMs, the same decodes one token further)."""
+        """The operators at a step's features `key` (whether it runs as a graph, then the features x with
+        attention's pairs and K/V tokens left out): the work of those that read attention's K/V, the total
+        seconds and presence of the others, and everyone's work times instances; kept per key (steps repeat
+        these features: the same decodes one token further)."""
         hit = self._fixed_cache.get(key)
         if hit is None:
             work = self._base + self._slopes @ np.array(key[1:], dtype=float)
             f = self._steady.ids
-            tc, tm, total, present = (np.zeros(self._n), np.zeros(self._n), np.zeros(self._n),
-                                      np.zeros(self._n, dtype=bool))
+            total, present = np.zeros(self._n), np.zeros(self._n, dtype=bool)
             none = np.zeros(0)
-            tc[f], tm[f], total[f], present[f] = (a[0] for a in self._columns(self._steady, work[f][None], key[0], t,
-                                                                               none, none, none))
-            hit = self._remember(key, _Fixed(work, tc, tm, total, present, work[self._varying.ids],
-                                             work * self._count[:, None]))
+            _, _, total[f], present[f] = (a[0] for a in self._columns(self._steady, work[f][None], key[0], t,
+                                                                       none, none, none))
+            if len(self._fixed_cache) >= FIXED_CACHE_SIZE:
+                self._fixed_cache.clear()
+            hit = self._fixed_cache[key] = _Fixed(total, present, work[self._varying.ids],
+                                                  work * self._count[:, None])
         return hit
-
-    def _remember(self, key: tuple, fixed: _Fixed) -> _Fixed:
-        if len(self._fixed_cache) >= FIXED_CACHE_SIZE:
-            self._fixed_cache.clear()
-        self._fixed_cache[key] = fixed
-        return fixed
 
     def _column_set(self, cols: np.ndarray, attention: np.ndarray) -> _Columns:
         both = np.concatenate([cols, self._n + cols])
@@ -661,7 +657,7 @@ class CostModel:
 @dataclass(frozen=True, slots=True)
 class _Columns:
     """A set of operators (`ids`) with their constants, as `CostModel._columns` prices them: the operators
-    that read the decodes' K/V, or the others."""
+    that read attention's K/V, the others, or all."""
 
     ids: np.ndarray
     comm: np.ndarray
@@ -681,16 +677,14 @@ class _Columns:
 
 @dataclass(frozen=True, slots=True)
 class _Fixed:
-    """`CostModel._fixed`'s operators at one step's features: work (ops, 3), and where the operator does not
-    read the decodes' K/V, its compute, memory and total seconds and presence."""
+    """`CostModel._fixed`'s operators at one step's features: where an operator does not read attention's
+    K/V, its total seconds and presence (ops,); the work (FLOPs, bytes, payload) of those that do; every
+    operator's work times its instances (ops, 3)."""
 
-    work: np.ndarray
-    tc: np.ndarray
-    tm: np.ndarray
     total: np.ndarray
     present: np.ndarray
-    work_v: np.ndarray  # the work of the operators that read the decodes' K/V
-    weighted: np.ndarray  # work times instances
+    work_v: np.ndarray
+    weighted: np.ndarray
 
 
 @dataclass(frozen=True, slots=True)

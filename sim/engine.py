@@ -190,9 +190,8 @@ class Replica:
             batch = state.with_swaps(batch)
             ahead = self.skip.advance(state, batch, env.now) if self.skip is not None else None
             if isinstance(ahead, Stretch):  # run already (`sim.skip_ahead`): sleep to its end
-                bad = ahead.seconds[~((ahead.seconds >= 0.0) & (ahead.seconds < math.inf))]
-                if bad.size:
-                    self._check_seconds(batch, float(bad[0]))
+                for extreme in (ahead.seconds.min(), ahead.seconds.max()):  # (either is NaN if any step is)
+                    self._check_seconds(batch, float(extreme))
                 start = env.now
                 yield env.timeout(delay_to(start, float(ahead.ends[-1])))
                 self.log.record_stretch(state, ahead, start, self.pool)

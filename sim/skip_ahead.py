@@ -112,7 +112,8 @@ class SkipAhead:
             # a step's blocks must fit what is free now and what the requests finished before it gave back
             fits = (ends < arrival) & ((grown * on).sum(1) <= available + (held * ~on).sum(1))
             k = size if fits.all() else int(np.argmin(fits))
-            pieces.append((run, ends, grown, k))
+            pieces.append((run.seconds[:k], ends[:k], run.mfu[:k], run.mbu[:k], run.decodes[:k], grown[:k],
+                           run.execution[:k]))
             done += k
             if k < size:  # the next step, priced: the scheduler may make it next (it ends after an arrival)
                 alive = left > done
@@ -124,15 +125,12 @@ class SkipAhead:
                 break
             end = float(ends[-1])
             size = min(stop - done, 2 * size)
-        if not done:
-            unfit, self.unfit = self.unfit, None
-            return unfit[2] if unfit is not None else None
-        cat = np.concatenate
-        seconds, ends, mfu, mbu, decodes = (cat([p[1][:p[3]] if f == "ends" else getattr(p[0], f)[:p[3]]
-                                                  for p in pieces])
-                                             for f in ("seconds", "ends", "mfu", "mbu", "decodes"))
-        execution = [e for p in pieces for e in p[0].execution[:p[3]]]
-        grown = cat([p[2][:p[3]] for p in pieces])
+        if not done:  # `batch` itself ends after the next arrival: it runs alone, at the price just found
+            outcome, self.unfit = self.unfit[2], None
+            return outcome
+        *arrays, execution = zip(*pieces)
+        seconds, ends, mfu, mbu, decodes, grown = map(np.concatenate, arrays)
+        execution = [e for part in execution for e in part]
         self.step_seconds = float(seconds[-1])
         # the steps' outcome: as `complete_step` and the scheduler would write it, step by step
         took = np.minimum(left, done)  # steps each request decoded in
