@@ -61,6 +61,7 @@ GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, *range(8, 513, 8))
 GRAPH_MODES = ("mixed", "decode", "none")
 MIXED_GRAPH_PREFILLS = 32  # prefill chunks a mixed step's graph holds (servesim's backend; more run eagerly)
 FIXED_CACHE_SIZE = 4096  # step features whose operator times `CostModel` keeps
+PREFILL_CACHE_SIZE = 4096  # prefill-only step shapes whose price `CostModel.price` keeps
 HOST_COPY_EFFICIENCY = 0.8  # pinned-memory copies over PCIe reach about 80% of the link (26 of 31.5 GB/s on Gen 4)
 
 
@@ -368,6 +369,8 @@ class CostModel:
         self._varying, self._steady = (self._column_set(np.flatnonzero(reads), attention),
                                        self._column_set(np.flatnonzero(~reads), attention))
         self._all = self._column_set(np.arange(n), attention)
+        self._decode_groups: dict[int, tuple[StepTotals, tuple, float]] = {}  # decode steps' features by size
+        self._prefill_cache: dict[tuple, StepCost] = {}
 
     def _curves(self, op: Operator) -> tuple[Curve | float, Curve | float, bool]:
         """Compute and memory efficiency curves of one operator: a measured surface of the profile where it
@@ -442,7 +445,19 @@ class CostModel:
 
     def price(self, shape: StepShape) -> StepCost:
         """Cost of one step running `shape`: every operator in one pass (the engine prices most of its steps here;
-        `price_decodes` prices runs of decode steps with the same arithmetic)."""
+        `price_decodes` prices runs of decode steps with the same arithmetic). Prefill-only steps are kept per
+        shape (prompt lengths repeat: 2,123 lengths among the 100k prompts of `bench/identical_workload.yaml`)."""
+        if shape.decode_context.size or shape.verify_tokens.size:
+            return self._price(shape)
+        key = (tuple(shape.prefill_tokens.tolist()), tuple(shape.prefill_cached.tolist()))
+        hit = self._prefill_cache.get(key)
+        if hit is None:
+            if len(self._prefill_cache) >= PREFILL_CACHE_SIZE:
+                self._prefill_cache.clear()
+            hit = self._prefill_cache[key] = self._price(shape)
+        return hit
+
+    def _price(self, shape: StepShape) -> StepCost:
         dep, ovh = self.dep, self.profile.overheads
         t = StepTotals.of(shape, dep.attention_window)
         if dep.dp > 1:  # DP attention: each rank runs an even share of the step
@@ -516,31 +531,29 @@ class CostModel:
             on = np.arange(n)[None, :] < seqs[:, None]
             pairs = (np.minimum(c[None, :] + 1 + step[:, None], w) * on).sum(axis=1).astype(float)
             longest = np.minimum(longest, w)
-        groups = []
-        for size in np.unique(seqs)[::-1].tolist():  # runs of steps with as many requests
-            t = StepTotals(tokens=size, logit_tokens=size, prefill_seqs=0, prefill_queries=0, prefill_pairs=0.0,
-                           prefill_kv_tokens=0.0, decode_seqs=size, decode_pairs=0.0, decode_on=1.0)
-            groups.append((t.share(self.dep.dp) if self.dep.dp > 1 else t, size, int(np.count_nonzero(seqs == size))))
         if self.dep.dp > 1:
             pairs = pairs / self.dep.dp
-        seconds, execution, totals = self._decode_rows(groups, pairs, longest, kv_tokens)
+        starts = np.flatnonzero(np.concatenate([[True], seqs[1:] != seqs[:-1]]))  # runs of steps with as many
+        rows = np.diff(np.append(starts, steps))  # requests (fewer and fewer: `seqs` never grows)
+        groups = [(*self._decode_group(size), count) for size, count in zip(seqs[starts].tolist(), rows.tolist())]
+        seconds, graph, totals = self._decode_rows(groups, pairs, longest, kv_tokens)
         ranks, peak = self.dep.tp * self.dep.dp, self.dep.num_gpus
         mfu = totals[:, 0] * ranks / (seconds * self._gemm_peak * peak)
         mbu = totals[:, 1] * ranks / (seconds * self.dep.gpu.hbm_bandwidth * peak)
-        return DecodeRun(seconds, mfu, mbu, execution, seqs)
+        return DecodeRun(seconds, mfu, mbu, graph, seqs)
 
-    def _decode_rows(self, groups: list[tuple[StepTotals, int, int]], pairs: np.ndarray, longest: np.ndarray,
-                     kv_tokens: np.ndarray) -> tuple[np.ndarray, list[str], np.ndarray]:
-        """Price k decode-only steps given as groups of rows (totals `t`, requests, rows) whose rows differ only
-        in their decodes' K/V tokens (`pairs`, `longest` and `kv_tokens`, one value per step), with `price`'s
-        arithmetic: row r of every result depends on row r's inputs alone, through the same operations whatever
-        the other rows (elementwise numpy, sequential sums, per-row scalar code), so a step priced among others
-        and the same step priced alone agree to the last bit. The operators that do not read attention's K/V
-        are priced once per group's features and kept (`_fixed`). Returns each step's seconds, execution, and
-        FLOPs, bytes and payload summed over operators."""
+    def _decode_rows(self, groups: list[tuple[StepTotals, tuple, float, int]], pairs: np.ndarray, longest: np.ndarray,
+                     kv_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Price k decode-only steps given as groups of rows (`_decode_group`'s totals, features key and host
+        overhead, then the group's rows) whose rows differ only in their decodes' K/V tokens (`pairs`, `longest`
+        and `kv_tokens`, one value per step), with `price`'s arithmetic: row r of every result depends on row r's
+        inputs alone, through the same operations whatever the other rows (elementwise numpy, sequential sums,
+        per-row scalar code), so a step priced among others and the same step priced alone agree to the last
+        bit. The operators that do not read attention's K/V are priced once per group's features and kept
+        (`_fixed`). Returns each step's seconds, whether it runs as a CUDA graph, and FLOPs, bytes and payload
+        summed over operators."""
         dep, k, ovh = self.dep, pairs.size, self.profile.overheads
-        keys, overheads = zip(*(self._features(t, 0, 0, requests) for t, requests, _ in groups))
-        counts = [rows for *_, rows in groups]
+        _, keys, overheads, counts = zip(*groups)
         each = None if len(groups) == 1 else np.repeat(np.arange(len(groups)), counts)
 
         def per_row(values: list) -> np.ndarray:
@@ -549,10 +562,12 @@ class CostModel:
 
         graph = per_row([key[0] for key in keys])
         # the operators reading the steps' K/V at each step's K/V tokens, the others as kept
-        fixed = [self._fixed(key, t) for key, (t, *_) in zip(keys, groups)]
+        fixed = [self._fixed(key, t) for t, key, *_ in groups]
         stacked = (lambda name: np.repeat(getattr(fixed[0], name)[None], k, axis=0)) if each is None else \
             (lambda name: np.stack([getattr(f, name) for f in fixed])[each])
-        work_v = self._with_attention(self._varying, stacked("work_v"), 0.0, 0.0, pairs[:, None, None])
+        base = fixed[0].work_v[None] if each is None else stacked("work_v")  # (broadcast over the rows)
+        work_v = self._with_attention(self._varying, np.broadcast_to(base, (k, *base.shape[1:])), 0.0, 0.0,
+                                      pairs[:, None, None])
         _, _, total_v, present_v = self._columns(self._varying, work_v, graph, None,
                                                  per_row([t.decode_seqs for t, *_ in groups]), pairs, longest)
         parts = {"total": total_v, "present": present_v, "weighted": work_v * self._varying.count[None, :, None]}
@@ -577,7 +592,18 @@ class CostModel:
             overhead = overhead + ovh.step_per_kv_token * kv_tokens
         seconds = (stage_seconds[:, 0] if dep.pp == 1 else np.cumsum(stage_seconds, axis=1)[:, -1]) + overhead
         totals = np.cumsum(full("weighted"), axis=1)[:, -1]  # (k, 3): FLOPs, bytes, payload over operators
-        return seconds, ["graph" if g else "eager" for g in graph.tolist()], totals
+        return seconds, graph, totals
+
+    def _decode_group(self, size: int) -> tuple[StepTotals, tuple, float]:
+        """The totals, features key (`_features`) and host overhead of a decode-only step of `size` requests,
+        kept per size."""
+        hit = self._decode_groups.get(size)
+        if hit is None:
+            t = StepTotals(tokens=size, logit_tokens=size, prefill_seqs=0, prefill_queries=0, prefill_pairs=0.0,
+                           prefill_kv_tokens=0.0, decode_seqs=size, decode_pairs=0.0, decode_on=1.0)
+            t = t.share(self.dep.dp) if self.dep.dp > 1 else t
+            hit = self._decode_groups[size] = (t, *self._features(t, 0, 0, size))
+        return hit
 
     def _fixed(self, key: tuple, t: StepTotals) -> _Fixed:
         """The operators at a step's features `key` (whether it runs as a graph, then the features x with
@@ -690,12 +716,12 @@ class _Fixed:
 @dataclass(frozen=True, slots=True)
 class DecodeRun:
     """Consecutive decode steps priced at once (`CostModel.price_decodes`): per step, seconds, MFU, MBU,
-    execution and requests decoded."""
+    whether it runs as a CUDA graph, and requests decoded."""
 
     seconds: np.ndarray
     mfu: np.ndarray
     mbu: np.ndarray
-    execution: list[str]
+    graph: np.ndarray
     decodes: np.ndarray
 
 

@@ -8,12 +8,14 @@ an event that the next arrival routed to it triggers (no polling).
 from __future__ import annotations
 
 import math
+import mmap
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Protocol
 
 import numpy as np
+import pandas as pd
 import simpy
 
 from hardware.catalog import get_gpu, get_model
@@ -26,7 +28,7 @@ from policies.acceptance import Acceptance
 from policies.base import Scheduler, SchedulerParams
 from policies.batch import Batch
 from policies.kv_cache import BlockManager
-from policies.routers import Router, make_router
+from policies.routers import RoundRobin, Router, make_router
 from policies.speculation import SpeculationConfig, Speculator
 from policies.state import ReplicaState, Requests, Status, StepResult
 from sim.clients import Clients
@@ -34,7 +36,7 @@ from sim.config import HardwareConfig, SimConfig
 from sim.executor import CostModelExecutor, Executor, StepOutcome
 from sim.metrics import PoolInfo, Results, build_results
 from sim.progress import bar, watched
-from sim.skip_ahead import ArrivalClock, SkipAhead, Stretch, delay_to, folds
+from sim.skip_ahead import ArrivalClock, SkipAhead, Stretch, delays_to, folds
 from sim.speculation import DraftCost, draft_deployment, draft_memory
 from traces.workload import GeneratedRequests, generate
 
@@ -44,14 +46,16 @@ STEP_COLUMNS = ("replica", "pool", "start_s", "duration_s", "prefill_requests", 
                 "accepted_tokens", "draft_s")
 
 
-# The steps table's dtypes: compact integers (a million-request run logs about five million steps)
-STEP_DTYPES = {"replica": np.int32, "pool": object, "start_s": np.float64, "duration_s": np.float64,
-               "prefill_requests": np.int32, "decode_requests": np.int32, "prefill_tokens": np.int64,
-               "decode_tokens": np.int32, "pad_rows": np.int64, "kv_blocks_used": np.int64,
-               "kv_blocks_cached": np.int64, "waiting": np.int32, "running": np.int32, "preemptions": np.int32,
-               "mfu": np.float64, "mbu": np.float64, "execution": object, "gpu_s": np.float64,
-               "verify_requests": np.int32, "draft_tokens": np.int64, "accepted_tokens": np.int64,
+# The steps table's dtypes: compact integers (a million-request run logs about five million steps); the
+# text columns (`LABEL_COLUMNS`) as codes into `StepLog.labels`, categorical columns in the table
+STEP_DTYPES = {"replica": np.int32, "pool": np.int16, "start_s": np.float64, "duration_s": np.float64,
+               "prefill_requests": np.int32, "decode_requests": np.int32, "prefill_tokens": np.int32,
+               "decode_tokens": np.int32, "pad_rows": np.int32, "kv_blocks_used": np.int32,
+               "kv_blocks_cached": np.int32, "waiting": np.int32, "running": np.int32, "preemptions": np.int32,
+               "mfu": np.float64, "mbu": np.float64, "execution": np.int16, "gpu_s": np.float64,
+               "verify_requests": np.int32, "draft_tokens": np.int32, "accepted_tokens": np.int32,
                "draft_s": np.float64}
+LABEL_COLUMNS = ("pool", "execution")
 WATCHDOG_STEPS = 100_000  # steps in a row of one replica without a token that stop a run as a livelock
 MAX_RECORDED_TOKENS = 500_000_000  # output tokens of a run (8 bytes of emission time each)
 LOG_CHUNK = 1 << 16  # rows of the step log's typed arrays, allocated together
@@ -65,6 +69,14 @@ class StepLog:
     chunks: list[dict[str, np.ndarray]] = field(default_factory=list)
     buffer: dict[str, np.ndarray] = field(default_factory=dict)
     filled: int = 0  # rows of `buffer` written
+    labels: dict[str, int] = field(default_factory=dict)  # the text of `LABEL_COLUMNS`, by code
+
+    def code(self, label: str) -> int:
+        """The code of a pool's name or an execution mode in the log."""
+        got = self.labels.get(label)
+        if got is None:
+            got = self.labels[label] = len(self.labels)
+        return got
 
     def record(self, state: ReplicaState, batch: Batch, start: float, outcome: StepOutcome, preempted: int,
                pool: str = "colocated") -> None:
@@ -75,11 +87,11 @@ class StepLog:
         if batch.verify_ids.size:
             got = batch.verify_accepted if outcome.accepted is None else outcome.accepted
             accepted = int(np.minimum(got, batch.verify_drafts).sum())
-        row = (state.index, pool, start, outcome.seconds, batch.prefill_ids.size, batch.decode_ids.size,
+        row = (state.index, self.code(pool), start, outcome.seconds, batch.prefill_ids.size, batch.decode_ids.size,
                batch.num_prefill_tokens, batch.decode_ids.size, batch.pad_rows, kv.used, kv.evictable,
-               len(state.waiting), len(state.running), preempted, outcome.mfu, outcome.mbu, outcome.execution,
-               outcome.gpu_seconds, batch.verify_ids.size, int(batch.verify_drafts.sum()), accepted,
-               outcome.draft_seconds)
+               len(state.waiting), len(state.running), preempted, outcome.mfu, outcome.mbu,
+               self.code(outcome.execution), outcome.gpu_seconds, batch.verify_ids.size,
+               int(batch.verify_drafts.sum()), accepted, outcome.draft_seconds)
         at = self._room()
         for column, value in zip(self.buffer.values(), row):
             column[at] = value
@@ -89,15 +101,20 @@ class StepLog:
         """The steps of a skip-ahead stretch that began at `start` (`sim.skip_ahead`): the rows `record` would
         have written step by step."""
         starts = np.concatenate([[start], stretch.ends[:-1]])
-        row = (state.index, pool, starts, stretch.seconds, 0, stretch.decodes, 0, stretch.decodes, 0, stretch.used,
-               state.kv.evictable, 0, stretch.running, 0, stretch.mfu, stretch.mbu, stretch.execution, math.nan, 0,
-               0, 0, 0.0)
+        waiting: int | np.ndarray = 0  # requests that arrived in the last step (`SkipAhead.blind`)
+        if state.waiting:
+            waiting = np.zeros(stretch.steps, dtype=np.int32)
+            waiting[-1] = len(state.waiting)
+        execution = np.where(stretch.graph, self.code("graph"), self.code("eager"))
+        row = (state.index, self.code(pool), starts, stretch.seconds, 0, stretch.decodes, 0, stretch.decodes, 0,
+               stretch.used, state.kv.evictable, waiting, stretch.running, 0, stretch.mfu, stretch.mbu, execution,
+               math.nan, 0, 0, 0, 0.0)
         done = 0
         while done < stretch.steps:
             at = self._room()
             n = min(stretch.steps - done, LOG_CHUNK - at)
             for column, value in zip(self.buffer.values(), row):
-                column[at:at + n] = value[done:done + n] if isinstance(value, (np.ndarray, list)) else value
+                column[at:at + n] = value[done:done + n] if isinstance(value, np.ndarray) else value
             self.filled += n
             done += n
 
@@ -105,7 +122,7 @@ class StepLog:
         """The next free row of the buffer (a fresh buffer when it is full)."""
         if not self.buffer or self.filled == LOG_CHUNK:
             self._pack()
-            self.buffer = {name: np.empty(LOG_CHUNK, dtype=STEP_DTYPES[name]) for name in STEP_COLUMNS}
+            self.buffer = {name: _mapped(STEP_DTYPES[name], LOG_CHUNK) for name in STEP_COLUMNS}
         return self.filled
 
     def _pack(self) -> None:
@@ -115,10 +132,10 @@ class StepLog:
                                 for name, values in self.buffer.items()})
         self.buffer, self.filled = {}, 0
 
-    def drain(self) -> dict[str, np.ndarray]:
-        """Every step, one typed array per column, in the order the steps ended (replicas by index where steps
-        end at the same time); the log is left empty (each chunk's arrays are freed as they are joined, so the
-        caller owns the only copy)."""
+    def drain(self) -> dict[str, np.ndarray | pd.Categorical]:
+        """Every step, one typed array per column (the text columns categorical, categories sorted), in the
+        order the steps ended (replicas by index where steps end at the same time); the log is left empty (each
+        chunk's arrays are freed as they are joined, so the caller owns the only copy)."""
         self._pack()
         out = {name: np.concatenate([c.pop(name) for c in self.chunks]) if self.chunks
                else np.zeros(0, dtype=STEP_DTYPES[name]) for name in STEP_COLUMNS}
@@ -127,7 +144,21 @@ class StepLog:
         if replica.size and replica.min() != replica.max():  # (one replica's rows are in order already)
             order = np.lexsort((replica, out["start_s"] + out["duration_s"]))
             out = {name: values[order] for name, values in out.items()}
+        text = {code: label for label, code in self.labels.items()}
+        for name in LABEL_COLUMNS:  # each column's categories: its own labels, sorted
+            used = np.unique(out[name])
+            names = sorted(text[c] for c in used.tolist())
+            recode = np.zeros(len(self.labels), dtype=np.int16)
+            recode[used] = [names.index(text[c]) for c in used.tolist()]
+            out[name] = pd.Categorical.from_codes(recode[out[name]], categories=names)
         return out
+
+
+def _mapped(dtype: type, rows: int) -> np.ndarray:
+    """An empty array of `rows` in its own anonymous memory map, given back to the system as soon as it is freed
+    (chunks from the heap would stay in the process when `StepLog.drain` joins them: twice the log at the end)."""
+    dtype = np.dtype(dtype)
+    return np.frombuffer(mmap.mmap(-1, rows * dtype.itemsize), dtype=dtype)
 
 
 class Progress:
@@ -193,7 +224,8 @@ class Replica:
                 for extreme in (ahead.seconds.min(), ahead.seconds.max()):  # (either is NaN if any step is)
                     self._check_seconds(batch, float(extreme))
                 start = env.now
-                yield env.timeout(delay_to(start, float(ahead.ends[-1])))
+                for delay in delays_to(start, float(ahead.ends[-1])):
+                    yield env.timeout(delay)
                 self.log.record_stretch(state, ahead, start, self.pool)
                 steps, stalled = steps + ahead.steps, 0
                 if steps >= report:
@@ -499,14 +531,14 @@ def simulate(
         speculator = None if spec is None else Speculator(spec, Acceptance(spec.acceptance, config.seed, requests.n))
         foldable = (skip_ahead and not waits and speculator is None and not config.kv_cache.prefix_caching
                     and config.hardware.kv_token_budget is None)  # runs `sim.skip_ahead` proves stretches for
+        router = make_router(config.cluster.router, config.seed, config.cluster.affinity_slack)
         replicas = []
         for s in states:
             policy, executor = make_scheduler(pool.scheduler), executor_factory(pool.deployment)
             skip = None
             if foldable and folds(policy) and isinstance(executor, CostModelExecutor) and executor.draft is None:
-                skip = SkipAhead(executor.cost_model, clock)
+                skip = SkipAhead(executor.cost_model, clock, len(states) == 1 or isinstance(router, RoundRobin))
             replicas.append(Replica(env, s, policy, executor, log, progress_bar, speculator=speculator, skip=skip))
-        router = make_router(config.cluster.router, config.seed, config.cluster.affinity_slack)
         arrive, extra = Cluster(replicas, router, requests, pool.deployment.context_limit).arrive, None
     clients = Clients(env, requests, arrive, config.workloads, config.seed) if waits else None
     for w, workload in enumerate(config.workloads):

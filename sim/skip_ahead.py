@@ -44,13 +44,13 @@ class ArrivalClock:
 @dataclass(frozen=True, slots=True)
 class Stretch:
     """Consecutive decode steps run by `SkipAhead.advance`, one value per step: seconds, end time, MFU, MBU,
-    execution, requests decoded, KV blocks in use and requests running after the step."""
+    whether it runs as a CUDA graph, requests decoded, KV blocks in use and requests running after the step."""
 
     seconds: np.ndarray
     ends: np.ndarray
     mfu: np.ndarray
     mbu: np.ndarray
-    execution: list[str]
+    graph: np.ndarray
     decodes: np.ndarray
     used: np.ndarray
     running: np.ndarray
@@ -70,8 +70,9 @@ def folds(policy: Scheduler) -> bool:
 class SkipAhead:
     """Finds and runs stretches for one replica (see the module docstring)."""
 
-    def __init__(self, cost_model: CostModel, arrivals: ArrivalClock) -> None:
+    def __init__(self, cost_model: CostModel, arrivals: ArrivalClock, blind: bool = False) -> None:
         self.cost_model, self.arrivals = cost_model, arrivals
+        self.blind = blind  # the router reads no replica's state: a stretch may run through an arrival's step
         self.step_seconds = 0.0  # the last step priced: how many steps to price first
         self.unfit: tuple[np.ndarray, np.ndarray, StepOutcome] | None = None  # a next step priced but not run
 
@@ -81,7 +82,9 @@ class SkipAhead:
         decode of every running request with nobody waiting, or `batch`'s price when it ends after the next
         arrival (it runs alone). A stretch goes on through requests finishing (the others decode on) and ends
         before the next arrival, a step the free blocks cannot hold, a fan-out sample finishing, or when no
-        request is left. Nobody looks at the state before its end: it is the next arrival's router that would."""
+        request is left. Nobody looks at the state before its end: it is the next arrival's router that would,
+        so with a router blind to the replicas' state (`blind`: one replica, or round robin) the stretch takes
+        in the step the arrival falls in, whose end is where the replica first hears of it."""
         ids = batch.decode_ids
         if (state.waiting or state.unforked or batch.prefill_ids.size or batch.verify_ids.size or batch.pad_rows
                 or batch.prefill_layers < 1.0 or batch.swap_in_tokens or batch.swap_out_tokens
@@ -110,16 +113,24 @@ class SkipAhead:
             grown = np.maximum(kv.blocks_for(context[None, :] + step) - held, 0)  # beyond now's, per request
             on = left[None, :] >= step
             # a step's blocks must fit what is free now and what the requests finished before it gave back
-            fits = (ends < arrival) & ((grown * on).sum(1) <= available + (held * ~on).sum(1))
+            room = (grown * on).sum(1) <= available + (held * ~on).sum(1)
+            fits = (ends < arrival) & room
             k = size if fits.all() else int(np.argmin(fits))
-            pieces.append((run.seconds[:k], ends[:k], run.mfu[:k], run.mbu[:k], run.decodes[:k], grown[:k],
-                           run.execution[:k]))
+            # the step an arrival falls in (begun before it, ended after it): the replica hears of the
+            # request only at its end, so when nobody looks at the state in between, it runs in the stretch
+            straddles = k < size and self.blind and room[k] and ends[k] > arrival and \
+                (ends[k - 1] if k else end) < arrival
+            k += straddles
+            pieces.append((run.seconds[:k], ends[:k], run.mfu[:k], run.mbu[:k], run.graph[:k], run.decodes[:k],
+                           grown[:k]))
             done += k
+            if straddles:
+                break
             if k < size:  # the next step, priced: the scheduler may make it next (it ends after an arrival)
                 alive = left > done
                 self.unfit = ids[alive], context[alive] + done, StepOutcome(
                     seconds=float(run.seconds[k]), mfu=float(run.mfu[k]), mbu=float(run.mbu[k]),
-                    execution=run.execution[k])
+                    execution="graph" if run.graph[k] else "eager")
                 break
             if done >= stop:
                 break
@@ -128,9 +139,7 @@ class SkipAhead:
         if not done:  # `batch` itself ends after the next arrival: it runs alone, at the price just found
             outcome, self.unfit = self.unfit[2], None
             return outcome
-        *arrays, execution = zip(*pieces)
-        seconds, ends, mfu, mbu, decodes, grown = map(np.concatenate, arrays)
-        execution = [e for part in execution for e in part]
+        seconds, ends, mfu, mbu, graph, decodes, grown = map(np.concatenate, zip(*pieces))
         self.step_seconds = float(seconds[-1])
         # the steps' outcome: as `complete_step` and the scheduler would write it, step by step
         took = np.minimum(left, done)  # steps each request decoded in
@@ -152,14 +161,17 @@ class SkipAhead:
             state.running = [rid for rid in state.running if rid not in out]
         kv.grow_many(ids[~finished], context[~finished] + done)
         used = used_before + (grown * after).sum(1) - (held * ~after).sum(1)
-        return Stretch(seconds, ends, mfu, mbu, execution, decodes, used, after.sum(1))
+        return Stretch(seconds, ends, mfu, mbu, graph, decodes, used, after.sum(1))
 
 
-def delay_to(now: float, end: float) -> float:
-    """The delay whose timeout, scheduled at `now`, fires at exactly `end` (SimPy adds now + delay)."""
+def delays_to(now: float, end: float) -> list[float]:
+    """The delays of the timeouts, one after the other from `now`, that land on exactly `end` (SimPy adds
+    now + delay): the longest delay that does not pass `end`, then, where the spacing of floats leaves `end`
+    out of its reach, the rest (exact: the two times are within a unit in the last place)."""
     d = end - now
     while now + d < end:
         d = np.nextafter(d, math.inf)
     while now + d > end:
         d = np.nextafter(d, -math.inf)
-    return float(d)
+    there = now + float(d)
+    return [float(d)] if there == end else [float(d), end - there]

@@ -285,3 +285,22 @@ def test_fused_elementwise_launches_one_kernel_per_fused_op() -> None:
     assert fused.seconds < unfused.seconds
     with pytest.raises(ServesimError, match="elementwise"):
         Deployment.build("llama-3-8b", "h100", elementwise="compiled")
+
+
+def test_prefill_only_prices_are_kept_per_shape() -> None:
+    """`price` keeps prefill-only steps by shape: a kept price is the price a fresh model finds, a shape that
+    differs in any chunk or cached prefix is priced anew, and steps with decodes are never kept."""
+    dep = Deployment.build("llama-3-8b", "h100")
+    kept, rng = CostModel(dep), np.random.default_rng(5)
+    for _ in range(40):
+        chunks = rng.integers(1, 3000, int(rng.integers(1, 4)))
+        cached = rng.integers(0, 2, chunks.size) * rng.integers(0, 2000, chunks.size)
+        shape = StepShape.build(prefill=chunks, prefill_cached=cached)
+        first, again = kept.price(shape), kept.price(StepShape.build(prefill=chunks, prefill_cached=cached))
+        fresh = CostModel(dep).price(shape)
+        assert again is first and (first.seconds, first.mfu, first.execution) == (fresh.seconds, fresh.mfu,
+                                                                                   fresh.execution)
+        other = kept.price(StepShape.build(prefill=chunks + 1, prefill_cached=cached))
+        assert other is not first and other.seconds > first.seconds
+    mixed = StepShape.build(prefill=[100], decode=[50])
+    assert kept.price(mixed) is not kept.price(mixed)

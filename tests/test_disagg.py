@@ -118,6 +118,10 @@ def test_kv_moves_whole_before_decoding(transfer: str) -> None:
     assert res.summary["requests_finished"] == 60 and res.summary["preemptions"] == 0
     assert res.summary["gpus"] == 6 and res.summary["cost_per_hour"] == pytest.approx(6 * 3.0)
     assert set(res.steps["pool"]) == {"prefill", "decode"}
+    # the step log's text columns are categorical, each with its own labels in order (codes in the log)
+    assert list(res.steps["pool"].cat.categories) == ["decode", "prefill"]
+    assert set(res.steps["execution"].cat.categories) <= {"eager", "graph"}
+    assert (res.steps["pool"] == "prefill").sum() == (res.steps["prefill_requests"] > 0).sum() > 0
 
 
 def test_layerwise_hides_transfer_time() -> None:
