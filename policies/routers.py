@@ -10,7 +10,10 @@ from policies.state import ReplicaState
 
 
 class Router:
-    """Base: `route(rid, replicas)` returns an index into `replicas`."""
+    """Base: `route(rid, replicas)` returns an index into `replicas`; `reads_state` says whether the choice
+    looks at the replicas' state (the skip-ahead lets a replica run through an arrival's step when it does not)."""
+
+    reads_state = True
 
     def route(self, rid: int, replicas: Sequence[ReplicaState]) -> int:
         raise NotImplementedError
@@ -18,6 +21,8 @@ class Router:
 
 class RoundRobin(Router):
     """Replicas in turn, ignoring load."""
+
+    reads_state = False
 
     def __init__(self) -> None:
         self._next = 0

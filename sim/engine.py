@@ -28,7 +28,7 @@ from policies.acceptance import Acceptance
 from policies.base import Scheduler, SchedulerParams
 from policies.batch import Batch
 from policies.kv_cache import BlockManager
-from policies.routers import RoundRobin, Router, make_router
+from policies.routers import Router, make_router
 from policies.speculation import SpeculationConfig, Speculator
 from policies.state import ReplicaState, Requests, Status, StepResult
 from sim.clients import Clients
@@ -537,7 +537,7 @@ def simulate(
             policy, executor = make_scheduler(pool.scheduler), executor_factory(pool.deployment)
             skip = None
             if foldable and folds(policy) and isinstance(executor, CostModelExecutor) and executor.draft is None:
-                skip = SkipAhead(executor.cost_model, clock, len(states) == 1 or isinstance(router, RoundRobin))
+                skip = SkipAhead(executor.cost_model, clock, len(states) == 1 or not router.reads_state)
             replicas.append(Replica(env, s, policy, executor, log, progress_bar, speculator=speculator, skip=skip))
         arrive, extra = Cluster(replicas, router, requests, pool.deployment.context_limit).arrive, None
     clients = Clients(env, requests, arrive, config.workloads, config.seed) if waits else None

@@ -83,8 +83,8 @@ class SkipAhead:
         arrival (it runs alone). A stretch goes on through requests finishing (the others decode on) and ends
         before the next arrival, a step the free blocks cannot hold, a fan-out sample finishing, or when no
         request is left. Nobody looks at the state before its end: it is the next arrival's router that would,
-        so with a router blind to the replicas' state (`blind`: one replica, or round robin) the stretch takes
-        in the step the arrival falls in, whose end is where the replica first hears of it."""
+        so where none looks at it (`blind`: one replica, or a router whose `reads_state` is false) the stretch
+        takes in the step the arrival falls in, whose end is where the replica first hears of it."""
         ids = batch.decode_ids
         if (state.waiting or state.unforked or batch.prefill_ids.size or batch.verify_ids.size or batch.pad_rows
                 or batch.prefill_layers < 1.0 or batch.swap_in_tokens or batch.swap_out_tokens
