@@ -60,7 +60,9 @@ class StepShape:
     - `decode_context[j]`: tokens in request j's KV before this step; it decodes one token.
     - `verify_tokens[k]`: tokens verified for a speculating request (k+1 for k draft tokens, or the nodes
       of a token tree) after `verify_context[k]` tokens of KV; `verify_pairs[k]` the query-key pairs inside
-      the verified tokens (a causal chain when omitted: n(n+1)/2; a tree: the sum of node depths + 1).
+      the verified tokens (a causal chain when omitted: n(n+1)/2; a tree: the sum of node depths + 1);
+      `verify_levels[k]` a token tree's nodes per depth (a chain of verify_tokens[k] - 1 when omitted: the
+      draft runs one step per level).
     """
 
     prefill_tokens: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -69,6 +71,7 @@ class StepShape:
     verify_tokens: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
     verify_context: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
     verify_pairs: IntArray | None = None
+    verify_levels: IntArray | None = None  # (verifications, depth)
 
     @classmethod
     def build(
@@ -79,6 +82,7 @@ class StepShape:
         verify: Sequence[int] | np.ndarray = (),
         verify_context: Sequence[int] | np.ndarray | None = None,
         verify_pairs: Sequence[int] | np.ndarray | None = None,
+        verify_levels: Sequence[Sequence[int]] | np.ndarray | None = None,
     ) -> StepShape:
         """Validated shape; cached prefixes and verify contexts default to zero."""
         chunks = _ints("prefill_tokens", prefill, minimum=1)
@@ -91,6 +95,7 @@ class StepShape:
             verify_tokens=vtok,
             verify_context=_ints("verify_context", verify_context, vtok.size),
             verify_pairs=pairs,
+            verify_levels=None if verify_levels is None else _levels(verify_levels, vtok),
         )
 
     @property
@@ -117,17 +122,37 @@ class StepShape:
             out |= {"verify_tokens": self.verify_tokens.tolist(), "verify_context": self.verify_context.tolist()}
             if self.verify_pairs is not None:
                 out["verify_pairs"] = self.verify_pairs.tolist()
+            if self.verify_levels is not None:
+                out["verify_levels"] = self.verify_levels.tolist()
         return out
 
     @classmethod
-    def from_dict(cls, d: dict[str, list[int]]) -> StepShape:
+    def from_dict(cls, d: dict) -> StepShape:
         return cls.build(prefill=d["prefill_tokens"], prefill_cached=d["prefill_cached"], decode=d["decode_context"],
                          verify=d.get("verify_tokens", ()), verify_context=d.get("verify_context"),
-                         verify_pairs=d.get("verify_pairs"))
+                         verify_pairs=d.get("verify_pairs"), verify_levels=d.get("verify_levels"))
 
     @property
     def is_decode_only(self) -> bool:
         return self.prefill_tokens.size == 0 and self.verify_tokens.size == 0
+
+
+def _levels(values: Sequence[Sequence[int]] | np.ndarray, verify: IntArray) -> IntArray:
+    """Token trees' nodes per depth, one row per verification (its nodes at most its verified tokens but the root)."""
+    try:
+        arr = np.asarray(values, dtype=np.int64)
+    except (TypeError, ValueError):
+        raise ServesimError("verify_levels: not a table of integers (one row of nodes per depth per "
+                            "verification)") from None
+    if arr.ndim != 2 or arr.shape[0] != verify.size:
+        raise ServesimError(f"verify_levels: shape {arr.shape}; allowed: one row per verification "
+                            f"({verify.size} rows)")
+    if arr.size and int(arr.min()) < 0:
+        raise ServesimError(f"verify_levels: value {int(arr.min())} is below the minimum 0")
+    if (arr.sum(axis=1) > verify - 1).any():  # (fewer where a batch pads its verifications)
+        raise ServesimError(f"verify_levels: rows of {arr.sum(axis=1).tolist()} nodes; allowed: at most each "
+                            f"verification's tokens but the root ({(verify - 1).tolist()})")
+    return arr
 
 
 def _window_pairs(first: IntArray, count: IntArray, window: int | None) -> float:

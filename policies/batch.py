@@ -102,4 +102,5 @@ class Batch:
         if pairs is not None and self.verify_padded and pairs.size:
             pairs = np.full(pairs.size, int(pairs.max()), dtype=np.int64)
         return StepShape(prefill_tokens=chunks, prefill_cached=self.prefill_computed, decode_context=decode,
-                         verify_tokens=verify, verify_context=context, verify_pairs=pairs)
+                         verify_tokens=verify, verify_context=context, verify_pairs=pairs,
+                         verify_levels=self.verify_levels)

@@ -44,13 +44,12 @@ class CostModelExecutor:
         self.cost_model = cost_model
         self.draft = draft
 
-    def price(self, shape: StepShape, levels: np.ndarray | None = None) -> tuple[StepCost, float]:
-        """The target's cost of a step of this shape and the draft's seconds in it (`levels`: token trees'
-        nodes per depth)."""
-        return self.cost_model.price(shape), self.draft.seconds(shape, levels) if self.draft is not None else 0.0
+    def price(self, shape: StepShape) -> tuple[StepCost, float]:
+        """The target's cost of a step of this shape and the draft's seconds in it."""
+        return self.cost_model.price(shape), self.draft.seconds(shape) if self.draft is not None else 0.0
 
     def run(self, batch: Batch) -> StepOutcome:
-        cost, draft = self.price(batch.shape(), batch.verify_levels)
+        cost, draft = self.price(batch.shape())
         out = self._layered(batch, cost) if batch.prefill_layers < 1.0 else \
             StepOutcome(seconds=cost.seconds + draft, mfu=cost.mfu, mbu=cost.mbu, execution=cost.execution,
                         draft_seconds=draft)

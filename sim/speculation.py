@@ -72,10 +72,10 @@ class DraftCost:
         self.model = None if dep is None else (cost_model or CostModel(dep))
         self.sequential = not isinstance(config.draft, DraftHeads) or config.draft.sequential
 
-    def seconds(self, shape: StepShape, levels: np.ndarray | None = None) -> float:
+    def seconds(self, shape: StepShape) -> float:
         """The draft's time in a step of this shape (verifications already padded when the batch pads).
-        Token trees (`levels`: nodes per depth, one row per verification) take one draft step per level:
-        step j runs the nodes of depth j - 1 (the root first) to propose depth j."""
+        Token trees (`shape.verify_levels`: nodes per depth) take one draft step per level: step j runs the
+        nodes of depth j - 1 (the root first) to propose depth j."""
         if self.model is None:
             return 0.0
         total = 0.0
@@ -87,6 +87,7 @@ class DraftCost:
         ks, context = shape.verify_tokens - 1, shape.verify_context
         if not self.sequential:
             return total + self.model.price(StepShape(verify_tokens=ks, verify_context=np.zeros_like(ks))).seconds
+        levels = shape.verify_levels
         if levels is None:  # a chain of k_i: k_i steps of one token
             levels = (np.arange(int(ks.max()))[None, :] < ks[:, None]).astype(np.int64)
         for j in range(levels.shape[1]):

@@ -242,6 +242,31 @@ def test_replay_and_validate_cli(tmp_path, capsys) -> None:
     assert main(["replay", "--set", "cluster.replicas=2"]) == 2
 
 
+def test_token_tree_replay_keeps_the_tree_levels_for_validation(tmp_path) -> None:
+    """A token-tree replay's batch shapes (batches.jsonl) keep each verification's nodes per depth, so that
+    `servesim validate` prices the draft one step per level, as the simulator does, and not as a chain."""
+    from dataclasses import replace
+
+    from backend.replay import write_shapes
+    from sim.engine import prepare
+    from sim.validate import read_shapes
+
+    cfg = tiny_config({"name": "vllm"}, 128, n=3)
+    spec = {"draft": {"kind": "draft_model", "model": "tiny-llama"}, "tree": {"kind": "static", "widths": [3, 2]},
+            "acceptance": {"kind": "ranked", "probs": [0.6, 0.2, 0.1]}}
+    cfg = cfg.model_copy(update={"speculation": SimConfig.model_validate({"speculation": spec}).speculation})
+    _, _, shapes = replay(cfg, asap=True)
+    write_shapes(shapes, tmp_path / "batches.jsonl")
+    read = read_shapes(tmp_path / "batches.jsonl")
+    trees = [(a, b) for a, b in zip(shapes, read) if a.verify_tokens.size]
+    assert trees and all(b.verify_levels is not None and np.array_equal(a.verify_levels, b.verify_levels)
+                         for a, b in trees)
+    executor = prepare(cfg).pools[0].executor(cfg.speculation)
+    tree_s = [executor.price(b)[1] for _, b in trees]
+    chain_s = [executor.price(replace(b, verify_levels=None))[1] for _, b in trees]
+    assert all(t < c for t, c in zip(tree_s, chain_s))  # 2 draft steps per tree, where a chain of 5 takes 5
+
+
 def test_temperature_sampling_is_seeded() -> None:
     cfg = tiny_config({"name": "vllm_v1"}, 128, n=4)
     _, a, _ = replay(cfg, asap=True, temperature=1.0)

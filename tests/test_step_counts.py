@@ -156,3 +156,12 @@ def test_bad_shapes_are_rejected_with_the_field_name() -> None:
         StepShape.build(prefill=[5, 6], prefill_cached=[1])
     with pytest.raises(ValueError, match="decode_context: value -1"):
         StepShape.build(decode=np.array([-1]))
+    with pytest.raises(ValueError, match=r"verify_levels: shape \(2,\); allowed: one row per verification"):
+        StepShape.build(verify=[4], verify_levels=[2, 1])
+    with pytest.raises(ValueError, match=r"verify_levels: rows of \[4\] nodes; allowed: at most"):
+        StepShape.build(verify=[4], verify_levels=[[2, 2]])
+    with pytest.raises(ValueError, match="verify_levels: value -1 is below the minimum 0"):
+        StepShape.build(verify=[4], verify_levels=[[4, -1]])
+    tree = StepShape.build(verify=[6, 3], verify_context=[9, 4], verify_levels=[[3, 2], [2, 0]])
+    again = StepShape.from_dict(tree.to_dict())
+    assert again.verify_levels is not None and again.verify_levels.tolist() == [[3, 2], [2, 0]]
