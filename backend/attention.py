@@ -62,13 +62,10 @@ class PagedGroup:
 @dataclass
 class AttentionMeta:
     """Where one pass writes new K/V (`slots`) and how its rows attend (`groups`: prefill chunks, then
-    decodes), built once per step, not per layer. `overlay` (a mixed CUDA graph, `backend.graphs`): every
-    group spans all rows and writes one output in turn, rows a group does not own left as they are or
-    overwritten by the next (its decode group first: rows with no keys; then the prefill tiles)."""
+    decodes), built once per step, not per layer."""
 
     slots: torch.Tensor
     groups: list[PagedGroup]
-    overlay: bool = False
 
 
 def cache_slots(table: list[int], positions: np.ndarray, block_size: int) -> np.ndarray:
@@ -148,14 +145,25 @@ def attention_meta(chunks: list[Chunk], block_size: int, device: torch.device, p
     return AttentionMeta(torch.from_numpy(new_slots).to(device), groups)
 
 
+def attend_groups(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, groups: list[PagedGroup],
+                  block_size: int, window: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of a pass's query rows, one call per group (each on its rows), into `out` if given (rows at
+    least the groups' last; rows past it left as they are)."""
+    if out is not None:
+        for g in groups:
+            attend(q[g.start:g.end], k_cache, v_cache, g, block_size, window, out[g.start:g.end])
+        return out
+    parts = [attend(q[g.start:g.end], k_cache, v_cache, g, block_size, window) for g in groups]
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PagedGroup, block_size: int,
            window: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of the group's query rows `q` (rows, heads, d) over one layer's paged cache (slots, kv heads,
     d), into `out` if given: the Triton kernels on CUDA, the per-sequence reference on CPU."""
     if not kernels.use_kernels(q):
-        if out is not None:
-            raise ValueError("attend: an overlaid output needs the kernels (CUDA, or kernels_on_cpu)")
-        return reference_attention(q, k_cache, v_cache, g, block_size, window)
+        ref = reference_attention(q, k_cache, v_cache, g, block_size, window)
+        return ref if out is None else out.copy_(ref)
     if g.decode:
         if g.scratch is None and g.splits > 1:  # partial results, shared by the layers of the pass
             size = q.shape[0] * q.shape[1] * g.splits

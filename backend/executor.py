@@ -9,9 +9,9 @@ host memory (pinned on CUDA) before its blocks go, and back into its new blocks 
 inside the steps' timed span, as vLLM's swap does. With prefix caching the engine's `BlockManager` keeps a
 journal of releases, hits, newly cached blocks and evictions, which the executor follows so that requests
 with equal block keys share physical blocks (prompt tokens are drawn per key, so shared blocks hold the
-same tokens). Decode-only steps, and
-steps of up to 512 tokens with prefill chunks (no verifications), replay CUDA graphs (`backend.graphs`); other
-steps run eagerly. Steps are timed with a device synchronisation on
+same tokens). Decode-only steps replay whole CUDA graphs, and
+steps of up to 512 tokens with prefill chunks (no verifications) piecewise graphs, attention between the pieces
+(`backend.graphs`); other steps run eagerly. Steps are timed with a device synchronisation on
 each side (CUDA events measure the GPU part separately).
 """
 
@@ -183,21 +183,24 @@ class TorchExecutor:
         self.sync_tables(pre + ver + dec)
         trees = [breadth_first(t) for t in batch.verify_trees] if batch.verify_trees is not None else None
         drafts, dists, draft_s = self._draft(batch, trees)
-        graphed = self.graphs is not None and graph_rows(self.graph_mode, batch.num_tokens, len(pre),
-                                                         len(ver)) is not None
-        graph, mixed = graphed and not pre, graphed and bool(pre)
+        rows = None if self.graphs is None else graph_rows(self.graph_mode, batch.num_tokens, len(pre), len(ver))
+        graph, mixed = rows is not None and not pre, rows is not None and bool(pre)
         dev = self.device
         if dev.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         if graph:
             sample_ids, logits = dec, self._decode_graph(dec, batch.decode_computed, start)
-        elif mixed:
-            sample_ids, logits = self._mixed_graph(batch, start)
         else:
             inputs = self.pass_inputs(batch, drafts, trees)
-            if dev.type == "cuda":
-                start.record()
-            sample_ids, logits = inputs.sample_ids, self.forward(inputs)
+            sample_ids = inputs.sample_ids
+            if mixed:
+                assert self.graphs is not None and rows is not None
+                logits = self.graphs.mixed(rows, inputs.tokens, inputs.positions, inputs.meta, inputs.logit_rows,
+                                           start)
+            else:
+                if dev.type == "cuda":
+                    start.record()
+                logits = self.forward(inputs)
         sampled, verified = logits[:len(sample_ids)], logits[len(sample_ids):]
         if self.temperature > 0:  # each token from its own seeded draw: outputs do not depend on batching
             probs = torch.softmax(sampled / self.temperature, dim=-1)
@@ -301,27 +304,6 @@ class TorchExecutor:
         logits = self.graphs.decode(self.blocks, dec, tokens, done, start)
         assert logits is not None
         return logits
-
-    def _mixed_graph(self, batch: Batch, start: torch.cuda.Event) -> tuple[list[int], torch.Tensor]:
-        """Requests that sample and their logits, for a step with prefill chunks run as a mixed CUDA graph
-        (`backend.graphs.MixedLayout`: decodes on the first rows, then the chunks)."""
-        assert self.graphs is not None
-        dec, done = batch.decode_ids.tolist(), batch.decode_computed
-        dec_tokens = np.fromiter((self.tokens_of(rid)[c] for rid, c in zip(dec, done.tolist())), np.int64, len(dec))
-        chunks: list[tuple[int, list[int], int]] = []
-        sample_rows, sample_ids, row = [], [], len(dec)
-        for rid, n, c in zip(batch.prefill_ids.tolist(), batch.prefill_tokens.tolist(),
-                             batch.prefill_computed.tolist()):
-            toks = self.tokens_of(rid)
-            chunks.append((rid, toks[c:c + n], c))
-            row += n
-            if c + n == len(toks):  # no known token left uncomputed: this row samples the next one
-                sample_rows.append(row - 1)
-                sample_ids.append(rid)
-        logits = self.graphs.mixed(self.blocks, dec, dec_tokens, done, chunks, sample_rows + list(range(len(dec))),
-                                   start)
-        assert logits is not None
-        return sample_ids + dec, logits
 
     def pass_inputs(self, batch: Batch, drafts: list[list[int]], trees: list[TokenTree] | None) -> PassInputs:
         """The device inputs of one eager pass: prefill chunks, verifications (their k + 1 rows, or token trees),

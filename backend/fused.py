@@ -91,17 +91,19 @@ def add_rmsnorm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Te
 
 
 def rope_and_cache(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, slots: torch.Tensor,
-                   k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int) -> torch.Tensor:
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, heads: int, kv_heads: int,
+                   out: torch.Tensor | None = None) -> torch.Tensor:
     """Rotary embedding (half-split, as Hugging Face Llama) of the queries and keys of `qkv` (tokens, heads +
-    2 kv heads, d); the rotated keys and the values written to the cache at `slots`. Returns the queries."""
+    2 kv heads, d); the rotated keys and the values written to the cache at `slots`. Returns the queries (in
+    `out` if given)."""
     if not kernels.use_kernels(qkv):
         h = heads
         qk = rope(qkv[:, : h + kv_heads], cos, sin)
         k_cache.index_copy_(0, slots, qk[:, h:])
         v_cache.index_copy_(0, slots, qkv[:, h + kv_heads:])
-        return qk[:, :h]
+        return qk[:, :h] if out is None else out.copy_(qk[:, :h])
     t, _, d = qkv.shape
-    q = torch.empty((t, heads, d), dtype=qkv.dtype, device=qkv.device)
+    q = torch.empty((t, heads, d), dtype=qkv.dtype, device=qkv.device) if out is None else out
     _rope_cache_kernel[(t, heads + 2 * kv_heads)](
         qkv, cos, sin, slots, q, k_cache, v_cache, qkv.stride(0), q.stride(0), k_cache.stride(0), k_cache.stride(1),
         HEADS=heads, KV_HEADS=kv_heads, HALF=d // 2, HALF_PAD=_pow2(d // 2), num_warps=1)

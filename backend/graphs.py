@@ -1,11 +1,12 @@
-"""CUDA graphs of serving steps, captured on first use: decode steps per (padded batch rows, block-table
-width), and mixed steps (prefill chunks with or without decodes) per (padded token count, width).
+"""CUDA graphs of serving steps, captured on first use: decode steps whole, per (padded batch rows,
+block-table width), and steps with prefill chunks piecewise, per padded token count, attention between the
+pieces at its exact size.
 
-vLLM pads decode batches to captured sizes the same way, and its V1 engine runs batches of up to 512 tokens
-with prefills under CUDA graphs too, padded to the same sizes (its piecewise graphs leave attention out; these
-capture it, over fixed-size attention metadata). A `GraphCache` belongs to one model and one paged cache
-(the target's, or a speculative draft's); the cache has one block more than the engine's, the scratch block
-that padding rows write to and read from.
+vLLM's V1 engine runs the same way by default (FULL_AND_PIECEWISE): decode batches padded to its capture sizes
+replay full graphs, and batches of up to 512 tokens with prefills replay piecewise graphs padded to the same
+sizes, attention left out of them. A `GraphCache` belongs to one model and one paged cache (the target's, or a
+speculative draft's); the cache has one block more than the engine's, the scratch block that padding rows
+write to and read from.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch
 from backend import kernels
 from backend.attention import AttentionMeta, PagedGroup, sm_count
 from backend.block_table import BlockTables
-from backend.model import LlamaModel, PagedKVCache
-from hardware.cost import GRAPH_BATCH_SIZES, MIXED_GRAPH_PREFILLS, graph_rows
+from backend.model import LlamaModel, PagedKVCache, rope_tables
+from hardware.cost import GRAPH_BATCH_SIZES
 
 
 def capture(step: Callable[[], object], pool: object) -> torch.cuda.CUDAGraph:
@@ -96,92 +97,84 @@ class DecodeGraph:
         return self.logits[:n]
 
 
-class MixedLayout:
-    """The inputs of a step of prefill chunks and decodes padded to `rows` tokens and tables `width` blocks
-    wide: decodes on rows 0..D-1, then the chunks, then padding rows (their K/V to the scratch slot, seeing no
-    keys). The integers live in one int64 device buffer, filled from one host buffer per step (up to the last
-    decode's table row). Attention overlays two groups on all rows (`AttentionMeta.overlay`): flash-decoding,
-    where rows other than decodes have no keys, then prefill tiles (at most `cap` chunks; spare tiles fall on
-    an empty chunk)."""
+class Eager:
+    """A piece run as a plain call, with a CUDA graph's `replay` (on CPU, where there are no graphs: tests)."""
 
-    def __init__(self, rows: int, width: int, cap: int, block_size: int, scratch_slot: int, kv_heads: int,
-                 device: torch.device, partials: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        self.rows, self.width, self.cap, self.scratch_slot = rows, width, cap, scratch_slot
-        self.block_m = kernels.prefill_block_m(rows)
-        self.n_tiles = -(-rows // self.block_m) + cap
-        self.sizes32 = (rows, cap + 1, cap + 2, 2 * self.n_tiles, (cap + 1) * width, rows * width)
-        n64 = 3 * rows + (sum(self.sizes32) + 1) // 2
-        self.host = torch.zeros(n64, dtype=torch.int64)
-        if device.type == "cuda":
-            self.host = self.host.pin_memory()
-        self.ints = torch.zeros(n64, dtype=torch.int64, device=device)
-        self.views = self._views(self.host.numpy())
-        tokens, positions, slots, dec_lens, pre_lens, q_start, tiles, pre_tables, dec_tables = self._views(self.ints)
-        self.tokens, self.positions = tokens, positions
-        splits = kernels.decode_splits(rows, kv_heads, width * block_size, sm_count(device))
-        decode = PagedGroup(0, rows, True, dec_tables, dec_lens, dec_lens, dec_lens, 1, splits, [], [], [],
-                            scratch=partials)
-        prefill = PagedGroup(0, rows, False, pre_tables, pre_lens, q_start, tiles, self.block_m, 1, [], [], [])
-        self.meta = AttentionMeta(slots, [decode, prefill], overlay=True)
-        # until the first step: padding everywhere (the warm-up before capture writes only the scratch block)
-        self.fill(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, width), np.int32), [], block_size)
-
-    def _views(self, buf: np.ndarray | torch.Tensor) -> tuple:
-        r, w = self.rows, self.width
-        small = buf[3 * r:].view(np.int32 if isinstance(buf, np.ndarray) else torch.int32)
-        ends = np.cumsum(self.sizes32)
-        dec_lens, pre_lens, q_start, tiles, pre_tables, dec_tables = (
-            small[a:b] for a, b in zip([0, *ends[:-1]], ends))
-        return (buf[:r], buf[r:2 * r], buf[2 * r:3 * r], dec_lens, pre_lens, q_start, tiles,
-                pre_tables.reshape(self.cap + 1, w), dec_tables.reshape(r, w))
-
-    def fill(self, dec_tokens: np.ndarray, dec_done: np.ndarray, dec_tables: np.ndarray,
-             chunks: list[tuple[list[int], int, np.ndarray]], block_size: int) -> None:
-        """Write a step into the host buffer and copy it to the device: decodes (next token, tokens cached,
-        block-table row), then prefill chunks (token ids, tokens cached before them, block table)."""
-        tok, pos, slot, dec_lens, pre_lens, q_start, tiles, pre_tab, dec_tab = self.views
-        d, w = len(dec_tokens), dec_tables.shape[1]
-        tok[:d], pos[:d], dec_lens[:d] = dec_tokens, dec_done, dec_done + 1
-        dec_lens[d:] = 0
-        slot[:d] = dec_tables[np.arange(d), dec_done // block_size].astype(np.int64) * block_size \
-            + dec_done % block_size
-        dec_tab[:d, :w] = dec_tables
-        row, tile = d, 0
-        for i, (ids, done, table) in enumerate(chunks):
-            n = len(ids)
-            at = np.arange(done, done + n)
-            tok[row:row + n], pos[row:row + n] = ids, at
-            slot[row:row + n] = table[at // block_size].astype(np.int64) * block_size + at % block_size
-            q_start[i], pre_lens[i] = row, done + n
-            pre_tab[i, :len(table)] = table
-            for j in range(0, n, self.block_m):
-                tiles[2 * tile:2 * tile + 2] = i, j
-                tile += 1
-            row += n
-        tok[row:], pos[row:], slot[row:] = 0, 0, self.scratch_slot
-        q_start[len(chunks):], pre_lens[len(chunks):] = row, 0
-        tiles[2 * tile::2], tiles[2 * tile + 1::2] = self.cap, 0
-        used = 3 * self.rows + (sum(self.sizes32[:-1]) + d * self.width + 1) // 2
-        self.ints[:used].copy_(self.host[:used], non_blocking=True)
+    def __init__(self, step: Callable[[], object]) -> None:
+        self.replay = step
 
 
-class MixedGraph:
-    """A step of prefill chunks and decodes (`MixedLayout`) as a CUDA graph of the model's layers, writing the
-    last layer's output and residual into `hidden` (buffers of 512 rows that every mixed graph shares, so
-    that a graph keeps none of its activations); the logits of the rows that sample run after it, eagerly
-    (as vLLM computes them outside its graphs)."""
+class PieceBuffers:
+    """The fixed-address tensors every piecewise graph of one model reads and writes (`GRAPH_BATCH_SIZES[-1]`
+    rows, each graph its first rows): token ids, positions and new-K/V slots in; the rotary tables, the
+    residual stream, each layer's queries and attention output between pieces; the last layer's output."""
 
-    def __init__(self, model: LlamaModel, cache: PagedKVCache, layout: MixedLayout, pool: object,
-                 hidden: tuple[torch.Tensor, torch.Tensor]) -> None:
-        self.layout = layout
-        rows = layout.rows
-        self.x, self.residual = hidden[0][:rows], hidden[1][:rows]
-        def step() -> None:
-            x, residual = model.hidden(layout.tokens, layout.positions, layout.meta, cache)
-            self.x.copy_(x)
-            self.residual.copy_(residual)
+    def __init__(self, model: LlamaModel, scratch_slot: int, device: torch.device, dtype: torch.dtype) -> None:
+        rows, spec = GRAPH_BATCH_SIZES[-1], model.spec
+        attn = model.layers[0].self_attn
+        self.scratch_slot = scratch_slot
+        self.tokens = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.positions = torch.zeros(rows, dtype=torch.int64, device=device)
+        self.slots = torch.full((rows,), scratch_slot, dtype=torch.int64, device=device)
+        self.cos = torch.zeros((rows, 1, spec.head_size // 2), dtype=dtype, device=device)
+        self.sin = torch.zeros_like(self.cos)
+        self.residual = torch.zeros((rows, spec.hidden_size), dtype=dtype, device=device)
+        self.x = torch.zeros_like(self.residual)
+        self.q = torch.zeros((rows, attn.heads, attn.head_dim), dtype=dtype, device=device)
+        self.attn = torch.zeros_like(self.q)
 
-        self.graph = capture(step, pool)
+
+class PiecewiseGraph:
+    """A step of up to `rows` tokens (prefill chunks, decodes) as the model's pieces between attention calls,
+    each a CUDA graph (vLLM V1's piecewise graphs): the embedding and the first layer up to its queries; each
+    later layer's output projection, MLP and the next layer up to its queries; the last layer's rest.
+    Attention runs between the pieces, eagerly, at the step's exact size over its own metadata (`run`), so the
+    graph holds no attention metadata and no limit on chunks. Rows past the step's tokens are padding: their
+    K/V go to the scratch slot and their outputs are ignored."""
+
+    def __init__(self, model: LlamaModel, cache: PagedKVCache, rows: int, bufs: PieceBuffers, pool: object,
+                 capture_fn: Callable[[Callable[[], object], object], object] = capture) -> None:
+        self.model, self.cache, self.rows, self.bufs = model, cache, rows, bufs
+        spec, layers = model.spec, model.layers
+        rot, slots = (bufs.cos[:rows], bufs.sin[:rows]), bufs.slots[:rows]
+        q, attn, residual = bufs.q[:rows], bufs.attn[:rows], bufs.residual[:rows]
+
+        def first() -> None:
+            x = model.embed(bufs.tokens[:rows])
+            cos, sin = rope_tables(bufs.positions[:rows], spec.head_size, spec.rope_theta, x.dtype)
+            rot[0].copy_(cos)
+            rot[1].copy_(sin)
+            residual.copy_(x)
+            layers[0].pre(residual, None, rot, slots, cache, q)
+
+        def middle(i: int) -> Callable[[], None]:
+            def piece() -> None:
+                x, _ = layers[i - 1].post(attn, residual)
+                layers[i].pre(x, residual, rot, slots, cache, q)
+            return piece
+
+        def last() -> None:
+            x, _ = layers[-1].post(attn, residual)
+            bufs.x[:rows].copy_(x)
+
+        bufs.slots.fill_(bufs.scratch_slot)  # the warm-up runs before capture write only the scratch block
+        steps = [first, *(middle(i) for i in range(1, len(layers))), last]
+        self.pieces = [capture_fn(step, pool) for step in steps]
+
+    def run(self, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta, logit_rows: torch.Tensor
+            ) -> torch.Tensor:
+        """The logits of `logit_rows` of a pass over `tokens` at `positions` (its attention `meta`, as an eager
+        pass builds it)."""
+        b, n = self.bufs, tokens.numel()
+        b.tokens[:n].copy_(tokens)
+        b.positions[:n].copy_(positions)
+        b.slots[:n].copy_(meta.slots)
+        b.slots[n:self.rows].fill_(b.scratch_slot)
+        for layer, piece in zip(self.model.layers, self.pieces):
+            piece.replay()
+            layer.self_attn.attend(b.q[:n], meta, self.cache, b.attn[:n])
+        self.pieces[-1].replay()
+        return self.model.logits(b.x, b.residual, logit_rows)
 
 
 class GraphCache:
@@ -191,10 +184,10 @@ class GraphCache:
         self.model, self.cache = model, cache
         self.num_blocks, self.block_size = num_blocks, block_size
         self.graphs: dict[tuple[int, int], DecodeGraph] = {}
-        self.mixed_graphs: dict[tuple[int, int], MixedGraph] = {}
+        self.piecewise: dict[int, PiecewiseGraph] = {}
         self.logits: torch.Tensor | None = None
         self.partials: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.hidden: tuple[torch.Tensor, torch.Tensor] | None = None  # mixed graphs' outputs
+        self.buffers: PieceBuffers | None = None  # the piecewise graphs' inputs and outputs
         self.pool = torch.cuda.graph_pool_handle()
         self.capture_seconds = 0.0
 
@@ -218,37 +211,21 @@ class GraphCache:
             start.record()
         return graph.run(tokens, done, slots, rows[:, :graph.width])
 
-    def mixed(self, blocks: BlockTables, dec_ids: list[int], dec_tokens: np.ndarray, dec_done: np.ndarray,
-              chunks: list[tuple[int, list[int], int]], sample_rows: list[int],
-              start: torch.cuda.Event | None = None) -> torch.Tensor | None:
-        """Logits of `sample_rows` (`MixedLayout`'s row order: decodes, then chunks) of a step of decodes (as
-        `decode` takes them) and prefill `chunks` (request, token ids, tokens cached before them) through its
-        graph, or None when the step runs eagerly (`hardware.cost.graph_rows`)."""
-        tokens = len(dec_ids) + sum(len(ids) for _, ids, _ in chunks)
-        rows = graph_rows("mixed", tokens, len(chunks))
-        if rows is None:
-            return None
-        bs = self.block_size
-        longest = max([blocks.held(rid) for rid, _, _ in chunks] + [int(d) // bs + 1 for d in dec_done])
-        key = (rows, table_bucket(longest))
-        if key not in self.mixed_graphs:
+    def mixed(self, rows: int, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta,
+              logit_rows: torch.Tensor, start: torch.cuda.Event | None = None) -> torch.Tensor:
+        """Logits of `logit_rows` of a step with prefill chunks (an eager pass's inputs: `tokens`, `positions`,
+        `meta`) through the piecewise graph of `rows` padded rows (`hardware.cost.graph_rows`); `start` is
+        recorded before the inputs are copied in."""
+        if rows not in self.piecewise:
             t0 = time.perf_counter()
-            layout = MixedLayout(*key, MIXED_GRAPH_PREFILLS, bs, self.num_blocks * bs, self.cache.k.shape[2],
-                                 self.cache.k.device, self._shared()[1])
-            if self.hidden is None:
-                size = (GRAPH_BATCH_SIZES[-1], self.model.spec.hidden_size)
-                self.hidden = (self.cache.k.new_empty(size), self.cache.k.new_empty(size))
-            self.mixed_graphs[key] = MixedGraph(self.model, self.cache, layout, self.pool, self.hidden)
+            if self.buffers is None:
+                self.buffers = PieceBuffers(self.model, self.num_blocks * self.block_size, self.cache.k.device,
+                                            self.cache.k.dtype)
+            self.piecewise[rows] = PiecewiseGraph(self.model, self.cache, rows, self.buffers, self.pool)
             self.capture_seconds += time.perf_counter() - t0
-        graph = self.mixed_graphs[key]
-        table = blocks.array[blocks.rows(dec_ids)][:, :graph.layout.width]
-        if start is not None:  # as for decode graphs: the step's copy to the device included
+        if start is not None:
             start.record()
-        graph.layout.fill(dec_tokens, dec_done, table, [(ids, done, blocks.table(rid)) for rid, ids, done in chunks],
-                          bs)
-        picked = torch.tensor(sample_rows, dtype=torch.long).to(self.cache.k.device, non_blocking=True)
-        graph.graph.replay()
-        return self.model.logits(graph.x, graph.residual, picked)
+        return self.piecewise[rows].run(tokens, positions, meta, logit_rows)
 
     def _shared(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         """Buffers all graphs share: logits out, flash-decoding's partial results (the most any graph needs)."""

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from backend import attention, fused, moe
-from backend.attention import AttentionMeta, attend
+from backend.attention import AttentionMeta, attend_groups
 from backend.fused import add_rmsnorm, rope, rope_and_cache, silu_mul  # noqa: F401 (rope: re-exported)
 from backend.moe import MoE
 from backend.parallel import Shard, shard_model
@@ -53,7 +53,8 @@ class PagedKVCache:
 
 class Attention(nn.Module):
     """Fused QKV projection, RoPE on queries and keys together, paged K/V write, attention over the paged
-    cache in place (`backend.attention`)."""
+    cache in place (`backend.attention`). Its three parts run apart in a piecewise CUDA graph
+    (`backend.graphs`): `project` and `output` inside the graph pieces, `attend` between them."""
 
     def __init__(self, spec: ModelSpec, layer: int) -> None:
         super().__init__()
@@ -64,20 +65,27 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(h * d, spec.hidden_size, bias=False)
         self.shard = Shard()  # tensor parallelism: `backend.parallel.shard_model` slices the heads
 
+    def project(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], slots: torch.Tensor,
+                cache: PagedKVCache, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The rotated queries (tokens, heads, d), into `out` if given; the new keys and values written to
+        this layer's cache at `slots`."""
+        qkv = self.qkv_proj(x).view(x.shape[0], self.heads + 2 * self.kv_heads, self.head_dim)
+        return rope_and_cache(qkv, *rot, slots, cache.k[self.layer], cache.v[self.layer], self.heads, self.kv_heads,
+                              out)
+
+    def attend(self, q: torch.Tensor, meta: AttentionMeta, cache: PagedKVCache,
+               out: torch.Tensor | None = None) -> torch.Tensor:
+        """Attention of the queries over this layer's paged cache, group by group (into `out` if given)."""
+        return attend_groups(q, cache.k[self.layer], cache.v[self.layer], meta.groups, cache.block_size, self.window,
+                             out)
+
+    def output(self, attn: torch.Tensor) -> torch.Tensor:
+        """The output projection of the attention rows (summed over tensor-parallel ranks)."""
+        return self.shard.all_reduce(self.o_proj(attn.reshape(attn.shape[0], self.heads * self.head_dim)))
+
     def forward(self, x: torch.Tensor, rot: tuple[torch.Tensor, torch.Tensor], meta: AttentionMeta,
                 cache: PagedKVCache) -> torch.Tensor:
-        t, h, kvh = x.shape[0], self.heads, self.kv_heads
-        qkv = self.qkv_proj(x).view(t, h + 2 * kvh, self.head_dim)
-        kc, vc = cache.k[self.layer], cache.v[self.layer]
-        q = rope_and_cache(qkv, *rot, meta.slots, kc, vc, h, kvh)
-        if meta.overlay:  # a mixed CUDA graph: the groups write one output in turn
-            out = torch.empty_like(q)
-            for g in meta.groups:
-                attend(q, kc, vc, g, cache.block_size, self.window, out)
-        else:
-            parts = [attend(q[g.start:g.end], kc, vc, g, cache.block_size, self.window) for g in meta.groups]
-            out = parts[0] if len(parts) == 1 else torch.cat(parts)
-        return self.shard.all_reduce(self.o_proj(out.reshape(t, h * self.head_dim)))
+        return self.output(self.attend(self.project(x, rot, meta.slots, cache), meta, cache))
 
 
 class MLP(nn.Module):
@@ -101,16 +109,27 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(spec.hidden_size)
         self.mlp: nn.Module = MoE(spec) if spec.is_moe_layer(layer) else MLP(spec)
 
+    def pre(self, x: torch.Tensor, residual: torch.Tensor | None, rot: tuple[torch.Tensor, torch.Tensor],
+            slots: torch.Tensor, cache: PagedKVCache, q_out: torch.Tensor | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer up to attention: the queries (into `q_out` if given) and the residual stream, which takes
+        `x` in place (with no `residual`, `x` becomes it)."""
+        norm = self.input_layernorm
+        h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
+        return self.self_attn.project(h, rot, slots, cache, q_out), residual
+
+    def post(self, attn: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer after attention: its output and the residual stream before it is added."""
+        norm = self.post_attention_layernorm
+        h, residual = add_rmsnorm(self.self_attn.output(attn), residual, norm.weight, norm.eps)
+        return self.mlp(h), residual
+
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None, rot: tuple[torch.Tensor, torch.Tensor],
                 meta: AttentionMeta, cache: PagedKVCache) -> tuple[torch.Tensor, torch.Tensor]:
         """This layer's output and the residual stream before it is added (each add fused with the norm
         after it)."""
-        norm = self.input_layernorm
-        h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
-        x = self.self_attn(h, rot, meta, cache)
-        norm = self.post_attention_layernorm
-        h, residual = add_rmsnorm(x, residual, norm.weight, norm.eps)
-        return self.mlp(h), residual
+        q, residual = self.pre(x, residual, rot, meta.slots, cache)
+        return self.post(self.self_attn.attend(q, meta, cache), residual)
 
 
 class LlamaModel(nn.Module):

@@ -35,6 +35,9 @@ servesim calibrate --refit "${H200[@]}" --later $R/h200-sxm-141gb_x2host_steps_r
 v() { echo "== $*" >&2; servesim calibrate validate "$@" > /dev/null; }
 v h100-sxm-80gb_llama-3-8b_steps.csv --gpu h100 --profile h100-sxm-80gb_gather_profile.json --out validation_h100
 v h100-sxm-80gb_paged_llama-3-8b_steps.csv --gpu h100 --out validation_h100_paged
+# the backend with mixed steps as full graphs (2026-12-06), then as piecewise graphs (attention between pieces)
+v h100-sxm-80gb_paged_mixedgraphs_llama-3-8b_steps.csv --gpu h100 --out validation_h100_paged_mixedgraphs
+v h100-sxm-80gb_paged_piecewise_llama-3-8b_steps.csv --gpu h100 --out validation_h100_paged_piecewise
 for m in qwen1.5-moe-a2.7b qwen3-30b-a3b; do  # MoE steps (issues 25 and 21: the backend's fused MoE layer)
   v h100-sxm-80gb_${m}_steps.csv --gpu h100 --out validation_h100_moe_$m
   v h100-sxm-80gb_${m}_steps.csv --gpu h100 --overheads h100-sxm-80gb_${m}_host_profile.json \

@@ -59,7 +59,6 @@ from hardware.specs import GPUSpec
 # vLLM's default CUDA-graph capture sizes (1, 2, 4, then multiples of 8 up to 512).
 GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, *range(8, 513, 8))
 GRAPH_MODES = ("mixed", "decode", "none")
-MIXED_GRAPH_PREFILLS = 32  # prefill chunks a mixed step's graph holds (servesim's backend; more run eagerly)
 FIXED_CACHE_SIZE = 4096  # step features whose operator times `CostModel` keeps
 PREFILL_CACHE_SIZE = 4096  # prefill-only step shapes whose price `CostModel.price` keeps
 HOST_COPY_EFFICIENCY = 0.8  # pinned-memory copies over PCIe reach about 80% of the link (26 of 31.5 GB/s on Gen 4)
@@ -68,12 +67,12 @@ HOST_COPY_EFFICIENCY = 0.8  # pinned-memory copies over PCIe reach about 80% of 
 def graph_rows(mode: str, tokens: int, prefills: int, verifies: int = 0) -> int | None:
     """Padded rows of the CUDA graph a step of `tokens` new tokens replays, or None when it runs eagerly.
     `mode` 'decode' and 'mixed': decode-only steps of at most 512 sequences, padded to the next capture size
-    (vLLM's rule); 'mixed' also steps of at most 512 tokens with prefill chunks (at most
-    `MIXED_GRAPH_PREFILLS`) and no verifications, padded the same way (vLLM V1's default, FULL_AND_PIECEWISE);
-    'none': every step eager (vLLM's enforce_eager)."""
+    (vLLM's rule); 'mixed' also steps of at most 512 tokens with prefill chunks and no verifications, padded
+    the same way, attention outside the graph (vLLM V1's default, FULL_AND_PIECEWISE); 'none': every step
+    eager (vLLM's enforce_eager)."""
     if mode == "none" or tokens == 0 or tokens > GRAPH_BATCH_SIZES[-1] or verifies:
         return None
-    if prefills and (mode != "mixed" or prefills > MIXED_GRAPH_PREFILLS):
+    if prefills and mode != "mixed":
         return None
     return GRAPH_BATCH_SIZES[bisect.bisect_left(GRAPH_BATCH_SIZES, tokens)]
 

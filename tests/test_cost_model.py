@@ -100,6 +100,8 @@ def test_cuda_graphs_pad_decode_and_only_apply_to_decode_only_steps() -> None:
     graphs, eager = CostModel(dep, cuda_graphs="decode"), CostModel(dep, cuda_graphs=False)
     assert graph_rows("decode", 9, 0) == 16 and graph_rows("decode", 1, 0) == 1
     assert graph_rows("decode", 513, 0) is None and graph_rows("none", 8, 0) is None
+    assert graph_rows("mixed", 40, 33) == 40 and graph_rows("decode", 40, 1) is None  # piecewise: no chunk cap
+    assert graph_rows("mixed", 513, 1) is None and graph_rows("mixed", 9, 0, verifies=1) is None
     assert GRAPH_BATCH_SIZES[-1] == 512
     dec = StepShape.build(decode=[1000] * 9)
     g, e = graphs.price(dec), eager.price(dec)
@@ -113,7 +115,7 @@ def test_cuda_graphs_pad_decode_and_only_apply_to_decode_only_steps() -> None:
 
 def test_mixed_cuda_graphs_take_steps_of_up_to_512_tokens_by_default() -> None:
     """vLLM V1's default: steps with prefill chunks run as graphs too, padded by token count; verifications,
-    steps over 512 tokens and steps of more chunks than a graph holds run eagerly."""
+    steps over 512 tokens run eagerly; the chunks are not limited (attention runs outside the pieces)."""
     dep = Deployment.build("llama-3-8b", "h100")
     default, decode_only = CostModel(dep), CostModel(dep, cuda_graphs="decode")
     assert default.cuda_graphs == "mixed" and CostModel(dep, cuda_graphs=True).cuda_graphs == "mixed"
@@ -123,7 +125,7 @@ def test_mixed_cuda_graphs_take_steps_of_up_to_512_tokens_by_default() -> None:
     qkv = {c.execution: next(r for r in c.breakdown if r.name == "qkv_proj").flops for c in (g, e)}
     assert qkv["graph"] == pytest.approx(qkv["eager"] * 216 / 209)  # padded to the captured size of 216
     assert default.price(StepShape.build(prefill=[500], decode=[700] * 13)).execution == "eager"  # 513 tokens
-    assert default.price(StepShape.build(prefill=[4] * 33)).execution == "eager"
+    assert default.price(StepShape.build(prefill=[4] * 33)).execution == "graph"
     assert default.price(StepShape.build(prefill=[4] * 32)).execution == "graph"
     assert default.price(StepShape.build(verify=[4], verify_context=[100])).execution == "eager"
     with pytest.raises(ServesimError, match="cuda_graphs = 'piecewise'"):

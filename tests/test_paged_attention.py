@@ -192,70 +192,61 @@ def test_warm_up_launches_every_variant_a_pass_can_take(monkeypatch) -> None:
     assert {"add_rmsnorm", "rope_and_cache", "silu_mul"} <= seen
 
 
-@pytest.mark.parametrize("splits", [1, 4])
-def test_mixed_graph_layout_gives_the_eager_pass_logits_and_cache(splits: int) -> None:
-    """A mixed CUDA graph's padded inputs (`MixedLayout`: decodes first, chunks, padding rows; attention
-    overlaid over every row) run eagerly through the kernels: the same logits and K/V as the plain pass."""
+@pytest.mark.parametrize("triton_kernels", [False, True])
+def test_piecewise_graph_gives_the_eager_pass_logits_and_cache(triton_kernels: bool) -> None:
+    """A step with prefill chunks through a piecewise graph (`PiecewiseGraph`, its pieces run as plain calls:
+    padded rows, the fixed buffers between pieces, attention between them at the step's exact size) gives
+    the plain pass's logits and K/V; a smaller step after it through the same graph too (the rows the first
+    step left behind are padding), and padding writes only the scratch block."""
+    from contextlib import nullcontext
+
     from backend.attention import attention_meta
-    from backend.graphs import MixedLayout
+    from backend.graphs import Eager, PieceBuffers, PiecewiseGraph
     from backend.model import PagedKVCache, build_model
     from hardware.catalog import get_model
     from hardware.cost import graph_rows
 
     spec = get_model("tiny-llama")
+    assert spec.num_hidden_layers >= 2  # a middle piece runs
     cpu = torch.device("cpu")
     model = build_model(spec, cpu, torch.float32, seed=4)
     kvh = spec.num_key_value_heads
     rng = np.random.default_rng(4)
-    # prefill chunks (new tokens, cached) and decodes (cached), each request's blocks scattered
-    chunk_parts, dec_parts = [(9, 0), (13, 21), (1, 40)], [20, 37]
-    need = [-(-(n + c) // BLOCK) for n, c in chunk_parts] + [-(-(c + 1) // BLOCK) for c in dec_parts]
+    steps = [([(9, 0), (13, 21), (1, 40)], [20, 37]), ([(5, 9), (2, 0)], [41])]  # (chunks (new, cached), decodes)
+    parts_of = [[(n, c) for n, c in chunks] + [(1, c) for c in decs] for chunks, decs in steps]
+    need = [-(-(n + c) // BLOCK) for parts in parts_of for n, c in parts]
     num_blocks = sum(need) + 4
     perm = rng.permutation(num_blocks).tolist()
     tables, at = [], 0
     for nb in need:
         tables.append(np.asarray(perm[at:at + nb], dtype=np.int32))
         at += nb
-    caches = []
-    for _ in range(2):  # one extra block: the scratch block padding rows write to
-        cache = PagedKVCache(spec.num_hidden_layers, num_blocks + 1, BLOCK, kvh, spec.head_size, torch.float32, cpu)
-        caches.append(cache)
+    caches = [PagedKVCache(spec.num_hidden_layers, num_blocks + 1, BLOCK, kvh, spec.head_size, torch.float32, cpu)
+              for _ in range(2)]  # one extra block: the scratch block padding rows write to
     gen = torch.Generator().manual_seed(4)
     for name in ("k", "v"):  # the cached prefixes' K/V
         prior = torch.randn(getattr(caches[0], name).shape, generator=gen)
         for cache in caches:
             getattr(cache, name).copy_(prior)
-    ids = [rng.integers(0, spec.vocab_size, n).tolist() for n, _ in chunk_parts]
-    dec_tokens = rng.integers(0, spec.vocab_size, len(dec_parts))
-
-    # the plain pass: chunks, then decodes; logits of every chunk's last row and every decode
-    chunks, row, flat, pos = [], 0, [], []
-    for (n, c), t, toks in zip(chunk_parts, tables, ids):
-        chunks.append(Chunk(row, n, c, t))
-        row, flat, pos = row + n, flat + toks, pos + list(range(c, c + n))
-    for c, t, tok in zip(dec_parts, tables[len(chunk_parts):], dec_tokens):
-        chunks.append(Chunk(row, 1, c, t))
-        row, flat, pos = row + 1, flat + [int(tok)], pos + [c]
-    last = np.cumsum([n for n, _ in chunk_parts]) - 1
-    want_rows = torch.tensor([*last, *range(last[-1] + 1, row)])
-    with kernels_on_cpu():
-        meta = attention_meta(chunks, BLOCK, cpu, len(chunk_parts), kvh)
-        want = model(torch.tensor(flat), torch.tensor(pos), meta, caches[0], want_rows)
-
-        rows = graph_rows("mixed", row, len(chunk_parts))
-        assert rows == 32  # 25 tokens padded: 7 padding rows
-        layout = MixedLayout(rows, 16, 4, BLOCK, num_blocks * BLOCK, kvh, cpu)
-        layout.meta.groups[0].splits = splits
-        dec_table = np.zeros((len(dec_parts), 16), dtype=np.int32)
-        for i, t in enumerate(tables[len(chunk_parts):]):
-            dec_table[i, :len(t)] = t
-        layout.fill(dec_tokens, np.asarray(dec_parts), dec_table,
-                    [(toks, c, t) for toks, (_, c), t in zip(ids, chunk_parts, tables)], BLOCK)
-        x, residual = model.hidden(layout.tokens, layout.positions, layout.meta, caches[1])
-        d = len(dec_parts)
-        got = model.logits(x, residual, torch.tensor([*(d + last), *range(d)]))
-    assert torch.isfinite(x).all()  # padding rows see no keys and stay finite
-    assert torch.allclose(got, want, atol=1e-4)
-    real = slice(0, num_blocks * BLOCK)  # every request's K/V equal; padding wrote only the scratch block
-    assert torch.allclose(caches[1].k[:, real], caches[0].k[:, real], atol=1e-5)
-    assert torch.allclose(caches[1].v[:, real], caches[0].v[:, real], atol=1e-5)
+    bufs = PieceBuffers(model, num_blocks * BLOCK, cpu, torch.float32)
+    rows = graph_rows("mixed", 25, 3)
+    assert rows == 32  # the first step's 25 tokens padded to 32 rows
+    graph = PiecewiseGraph(model, caches[1], rows, bufs, None, lambda step, pool: Eager(step))
+    t = iter(tables)
+    with kernels_on_cpu() if triton_kernels else nullcontext():
+        for (chunk_parts, _), parts in zip(steps, parts_of):  # chunks, then decodes, as the eager pass has them
+            flat, pos, chunks, row = [], [], [], 0
+            for n, c in parts:
+                chunks.append(Chunk(row, n, c, next(t)))
+                flat += rng.integers(0, spec.vocab_size, n).tolist()
+                pos += range(c, c + n)
+                row += n
+            sample = torch.tensor(np.cumsum([n for n, _ in parts]) - 1)
+            meta = attention_meta(chunks, BLOCK, cpu, len(chunk_parts), kvh)
+            want = model(torch.tensor(flat), torch.tensor(pos), meta, caches[0], sample)
+            got = graph.run(torch.tensor(flat), torch.tensor(pos), meta, sample)
+            assert torch.allclose(got, want, atol=1e-4)
+            real = slice(0, num_blocks * BLOCK)  # every request's K/V equal; padding wrote only the scratch block
+            assert torch.allclose(caches[1].k[:, real], caches[0].k[:, real], atol=1e-5)
+            assert torch.allclose(caches[1].v[:, real], caches[0].v[:, real], atol=1e-5)
+    assert (bufs.slots[row:rows] == num_blocks * BLOCK).all()  # the second step's padding rows
