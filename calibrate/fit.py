@@ -4,8 +4,8 @@ Every measured operator gets efficiency = roofline / (seconds - kernels x launch
 is max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) of the GPU's datasheet and the FLOPs and bytes are the
 cost model's own counts (so the cost model reproduces a measured point exactly). Then:
 
-- GEMMs: one curve over M per weight shape (K, N), without isolated spikes (`spikes`, listed in the
-  metadata), plus a pooled per-kind curve for unmeasured GEMMs;
+- GEMMs: one curve over M per weight shape (K, N), isolated spikes (`spikes`, listed in the metadata)
+  kept at their own M only, plus a pooled per-kind curve for unmeasured GEMMs;
 - named operators (`rope`, `add_rmsnorm`, ...): memory efficiency over bytes, pooled over the models and
   TP degrees measured, binned at four points per decade (median), and pooled per kind;
 - attention: per head configuration, a surface over its grid (cells the grid could not hold in memory
@@ -93,7 +93,9 @@ def spikes(points: list[tuple[float, float]]) -> set[float]:
     """The M values, of (M, seconds) points of one GEMM shape, that took more than `SPIKE` times as long as
     both the next smaller and the next larger M: isolated kernel choices (an H200 ran Llama-3-8B's 4,096 x
     28,672 projection in 287 us at M = 448, 151 us at 385 and 162 us at 512, and 156 us at 500 and 507).
-    Interpolating through such a point would price its neighbours as slow (by 19% at M = 397, 15% at 500)."""
+    Interpolating through such a point would price its neighbours as slow (by 19% at M = 397, 15% at 500), and
+    dropping it would price that M fast (a CUDA graph padded to 400 rows ran that projection in 198 us on an
+    H100, where 392 and 408 took 157 and 149 us): `_gemm_curves` keeps it at its own M only."""
     ordered = sorted(points)
     return {m for (_, before), (m, seconds), (_, after) in zip(ordered, ordered[1:], ordered[2:])
             if seconds > SPIKE * max(before, after)}
@@ -101,18 +103,30 @@ def spikes(points: list[tuple[float, float]]) -> set[float]:
 
 def _gemm_curves(records: list[dict[str, Any]], roof: _Roofline,
                  launch: float) -> tuple[tuple[GemmCurve, ...], list[dict[str, float]]]:
-    """One curve over M per weight shape, without its spikes (`spikes`), and the spikes dropped."""
+    """One curve over M per weight shape and its spikes (`spikes`). The curve runs through the other points,
+    and a spike holds only its own M: half a row either side of it the curve through the others takes over,
+    so a GEMM of the rows beside it (397 for a graph padded to 400, 401) is priced as its neighbours, and
+    `CostModel` prices the spike's own M exactly (its time table would blur so narrow a peak)."""
     by_shape: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_shape[(r["k"], r["n"])].append(r)
-    curves, dropped = [], []
+    curves, listed = [], []
     for (k, n), rs in sorted(by_shape.items()):
-        drop = spikes([(r["m"], r["seconds"]) for r in rs])
-        dropped += [{"k": k, "n": n, "m": r["m"], "seconds": r["seconds"]} for r in rs if r["m"] in drop]
-        points = sorted((r["m"], efficiency(roof("gemm", r["flops"], r["bytes"]), r["seconds"], launch * r["kernels"]))
-                        for r in rs if r["m"] not in drop)
-        curves.append(GemmCurve(k=k, n=n, m=tuple(float(m) for m, _ in points), efficiency=tuple(e for _, e in points)))
-    return tuple(curves), dropped
+        peaks = spikes([(r["m"], r["seconds"]) for r in rs])
+        listed += [{"k": k, "n": n, "m": r["m"], "seconds": r["seconds"]} for r in rs if r["m"] in peaks]
+        measured = {float(r["m"]): efficiency(roof("gemm", r["flops"], r["bytes"]), r["seconds"], launch * r["kernels"])
+                    for r in rs}
+        points = {m: e for m, e in measured.items() if m not in peaks}
+        smooth = GemmCurve(k=k, n=n, m=tuple(sorted(points)), efficiency=tuple(points[m] for m in sorted(points)))
+        for m in map(float, peaks):
+            points[m] = measured[m]
+            for side in (m - 0.5, m + 0.5):
+                if side >= 1.0:
+                    points[side] = float(smooth.at(np.array([side]))[0])
+        ms = sorted(points)
+        curves.append(GemmCurve(k=k, n=n, m=tuple(ms), efficiency=tuple(points[m] for m in ms),
+                                spikes=tuple(sorted(map(float, peaks)))))
+    return tuple(curves), listed
 
 
 def _grouped_curves(records: list[dict[str, Any]], roof: _Roofline, launch: float) -> tuple[GroupedGemmCurve, ...]:
@@ -272,8 +286,12 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     tokens' part, over the requests, gives the step overhead (intercept) and its per-request part (slope),
     and what steps with both prefill chunks and decodes spend beyond that line, `step_mixed`.
     Where GPU windows were not measured (CPU), the wall's growth per layer between the two models gives the
-    dispatch per layer instead, and the wall less the layers' dispatch the step overheads. Graph steps:
-    wall less their priced GPU time and the KV tokens' part, over the requests. Eager collectives: from the
+    dispatch per layer instead, and the wall less the layers' dispatch the step overheads. Decode graph
+    steps: wall less their priced GPU time and the KV tokens' part, over the requests. Steps with prefill
+    chunks replayed as piecewise graphs: the same residual, less the eager steps' per-request part (they
+    build the eager pass's inputs), median; it holds the GPU's waits at the pieces' boundaries (torch.profiler
+    on an H200: the kernels' sum within 3% of their priced time, 0.2-0.3 ms more idle per mixed step than a
+    decode graph's). Eager collectives: from the
     host-bound eager steps run as TP ranks (records with `tp` > 1; `_collective_excess`, fastest run), else
     from the collectives suite's single-call dispatch record.
     """
@@ -321,15 +339,19 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
                                           for s in eager])
         fitted.update(launch_eager=launch, step_eager=max(0.0, step - k_other * launch),
                       step_eager_per_request=per_request)
-    if graph:
-        residual = []
-        for s in graph:
-            spec = _step_spec(s)
-            priced = CostModel(Deployment.build(spec, gpu, **engine(s)), partial, cuda_graphs=True).price(
-                StepShape.from_dict(s["shape"]))
-            residual.append(_wall(s) - sum(priced.stage_seconds) - per_kv * s.get("kv_tokens", 0))
-        step, per_request = _robust_line([s["requests"] for s in graph], residual)
+    def residual(s: dict[str, Any]) -> float:  # wall less the priced GPU time and the KV tokens' part
+        priced = CostModel(Deployment.build(_step_spec(s), gpu, **engine(s)), partial, cuda_graphs=True).price(
+            StepShape.from_dict(s["shape"]))
+        return _wall(s) - sum(priced.stage_seconds) - per_kv * s.get("kv_tokens", 0)
+
+    if decodes := [s for s in graph if not s["shape"]["prefill_tokens"]]:
+        step, per_request = _robust_line([s["requests"] for s in decodes], [residual(s) for s in decodes])
         fitted.update(step_graph=step, step_graph_per_request=per_request)
+    if pieces := [s for s in graph if s["shape"]["prefill_tokens"]]:
+        per_request = fitted.get("step_eager_per_request", base.step_eager_per_request)
+        fitted.update(step_piecewise=max(0.0, float(np.median([residual(s) - per_request * s["requests"]
+                                                                 for s in pieces]))),
+                      step_piecewise_per_request=per_request)
     launch_eager = fitted.get("launch_eager", base.launch_eager)
     tp_eager = [s for s in raw.get("steps", []) if s.get("tp", 1) > 1 and s["execution"] == "eager" and _short(s)]
     dispatch = [r["seconds"] - r["kernel_seconds"] for r in raw["records"] if r["kind"] == "collective-dispatch"]

@@ -32,7 +32,7 @@ from calibrate.ranks import on_ranks
 from calibrate.steps import StepRunner, StepTiming, agreed_blocks, release_memory
 from calibrate.timing import Timer, variants_for
 from hardware.catalog import get_model
-from hardware.cost import step_operators
+from hardware.cost import GRAPH_BATCH_SIZES, step_operators
 from hardware.deployment import Deployment
 from hardware.operators import Operator, StepShape, StepTotals, gemm_operator
 from hardware.specs import GPUSpec, ModelSpec
@@ -43,9 +43,10 @@ ALIGNED_M = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 5
 # of them do not follow the line through them (on an H200, Llama-3-8B's 4,096 x 28,672 projection: 125 us at
 # M = 384, 151 us at 385, 287 us at 448, 162 us at 512; interpolating the aligned points alone missed 19
 # values of M by 7.2% on average). So the grid also holds M + 1 beside each aligned M from 64 and the points
-# between (1.25x and 1.75x of each power of two): 60 values.
+# between (1.25x and 1.75x of each power of two), and every CUDA-graph capture size, the rows a graphed step
+# runs at (on an H100, that projection took 151 us at M = 397 and 202 us at its padded 400): 106 values.
 GEMM_M = tuple(sorted({*ALIGNED_M, *(m + 1 for m in ALIGNED_M if 64 <= m < ALIGNED_M[-1]),
-                       *(f * 2 ** e // 4 for e in range(6, 14) for f in (5, 7))}))
+                       *(f * 2 ** e // 4 for e in range(6, 14) for f in (5, 7)), *GRAPH_BATCH_SIZES}))
 ROWS = (1, 4, 16, 64, 256, 1024, 4096, 16384)
 MOE_TOKENS = (1, 2, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024, 2048, 4096, 8192, 16384)
 PREFILL_Q = (16, 64, 256, 1024, 4096, 16384)

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The simulator's side of the validation (issue 5): the same scenarios as run_replays.sh, then `servesim
 # validate` against the replays in calibrate/measurements/: the backend before its paged and fused kernels
-# (real_*, priced with the H100 profile fitted to it) and, where replayed, the backend now (paged_real_*,
-# issue 21, priced with the committed H100 profile). Run from the repository root.
+# (real_*, priced with the H100 profile fitted to it) and, where replayed, the backend now (paged_real_* on
+# an H100 and paged_h200_real_* on an H200, issue 21, priced with the committed profiles). Run from the
+# repository root.
 set -euo pipefail
 M=calibrate/measurements
 sim() {  # prefix config profile scheduler load rate requests [one more --set]
@@ -30,6 +31,9 @@ for sched in vllm sarathi; do
     sim "" h100_llama3_8b_azure.yaml "$M/h100-sxm-80gb_gather_profile.json" $sched "$@"
     if [ -d "$M/paged_real_${sched}_$1" ]; then
       sim paged_ h100_llama3_8b_azure_paged.yaml calibrated $sched "$@"
+    fi
+    if [ -d "$M/paged_h200_real_${sched}_$1" ]; then  # the same backend on an H200 (2026-12-06)
+      sim paged_h200_ h200_llama3_8b_azure_paged.yaml calibrated $sched "$@"
     fi
   done
 done

@@ -9,7 +9,8 @@
                 each, NCCL calls launch_collective more) and each starts once issued and once the one before
                 it is done (`pipelined_seconds`: between the longer and the sum of host and GPU time)
     step time = sum over pipeline stages + CPU overhead of the step (+ per request, + per KV token held,
-                + step_mixed for an eager step with both prefill-style attention and decodes)
+                + step_mixed for an eager step with both prefill-style attention and decodes; a graph step
+                with prefill chunks, piecewise, step_piecewise + per request instead of step_graph's)
 
 Efficiencies come from a calibration profile (`hardware.profile`), falling back to documented defaults;
 a calibrated profile's measured GEMM, named-operator, attention and collective surfaces take precedence
@@ -53,7 +54,7 @@ from hardware.operators import (
     layer_operators,
     pipeline_operator,
 )
-from hardware.profile import COLLECTIVE_KINDS, DEFAULT_PROFILE, AttentionSurface, Curve, Profile, TimeTables
+from hardware.profile import COLLECTIVE_KINDS, DEFAULT_PROFILE, AttentionSurface, Curve, GemmCurve, Profile, TimeTables
 from hardware.specs import GPUSpec
 
 # vLLM's default CUDA-graph capture sizes (1, 2, 4, then multiples of 8 up to 512).
@@ -352,9 +353,12 @@ class CostModel:
             self._excess = self._source.sm_count / gpu.sm_count
         self._gemm_peak = gpu.matmul_flops(dep.weight_dtype)
         curves = [self._curves(op) for op in self._ops]
-        self._is_derived = np.array([derived for *_, derived in curves], dtype=bool)
+        self._is_derived = np.array([g is not None for *_, g in curves], dtype=bool)
         self._tables = TimeTables([c for c, _, _ in curves] + [m for _, m, _ in curves],
-                                  [derived for *_, derived in curves] + [False] * n)
+                                  [g is not None for *_, g in curves] + [False] * n)
+        # measured GEMMs' spikes: (rows per FLOP, their M, their efficiencies) per operator that has them
+        self._spikes = {i: (1.0 / (2.0 * g.k * g.n), *g.spike_efficiencies())
+                        for i, (*_, g) in enumerate(curves) if g is not None and g.spikes}
         self._table_ids = np.arange(2 * n)
         self._peaks = np.concatenate([self._peak_c, [link.bandwidth if c else self._bandwidth
                                                      for link, c in zip(links, self._comm)]])
@@ -371,29 +375,29 @@ class CostModel:
         self._decode_groups: dict[int, tuple[StepTotals, tuple, float]] = {}  # decode steps' features by size
         self._prefill_cache: dict[tuple, StepCost] = {}
 
-    def _curves(self, op: Operator) -> tuple[Curve | float, Curve | float, bool]:
+    def _curves(self, op: Operator) -> tuple[Curve | float, Curve | float, GemmCurve | None]:
         """Compute and memory efficiency curves of one operator: a measured surface of the profile where it
         has one (GEMM weight shape, dense or grouped over experts, collective, K/V gather of this head
         configuration, named operator), else
-        its kind's curves. The flag marks a measured GEMM, whose memory side `price` derives from its compute
-        side: the efficiency is a function of M, and bytes barely change with M at small M, so a table over
-        bytes could not hold it."""
+        its kind's curves. The third item is a measured GEMM's curve over M, whose memory side `price` derives
+        from its compute side: the efficiency is a function of M, and bytes barely change with M at small M,
+        so a table over bytes could not hold it."""
         prof = self.profile
         kind = prof.efficiency[op.kind]
         if op.kind in COLLECTIVE_KINDS:
-            return kind.compute, prof.collective_curve(op.kind, op.ranks) or kind.memory, False
+            return kind.compute, prof.collective_curve(op.kind, op.ranks) or kind.memory, None
         if op.kind == "kv-gather" and (g := prof.gather_curve(self.dep.kv_heads_per_gpu, self.dep.model.head_size)):
-            return kind.compute, g, False
+            return kind.compute, g, None
         if op.name in prof.operators:
-            return kind.compute, prof.operators[op.name], False
+            return kind.compute, prof.operators[op.name], None
         if op.grouped:
             g = prof.grouped_gemm_curve(*op.dims, self.dep.experts_per_gpu) if op.dims is not None else None
         else:
             g = prof.gemm_curve(*op.dims) if op.dims is not None and prof.gemm else None
         if g is None:
-            return kind.compute, kind.memory, False
+            return kind.compute, kind.memory, None
         (k, n), m = op.dims, np.asarray(g.m)
-        return Curve(sizes=tuple(2.0 * m * k * n), efficiency=g.efficiency), 1.0, True
+        return Curve(sizes=tuple(2.0 * m * k * n), efficiency=g.efficiency), 1.0, g
 
     def _busiest(self, tokens: float) -> tuple[float, float]:
         """(routed token slots, distinct experts) of the busiest GPU of the MoE group for a step of `tokens`
@@ -494,7 +498,8 @@ class CostModel:
         key = (graph is not None, tokens, experts, t.tokens, t.logit_tokens, 0.0, t.prefill_queries, 0.0,
                t.decode_seqs, 0.0, moe_rows, group, group / dep.moe_group, t.prefill_on, t.decode_on)
         if graph:
-            return key, ovh.step_graph + ovh.step_graph_per_request * requests
+            return key, (ovh.piecewise(requests) if prefills else
+                         ovh.step_graph + ovh.step_graph_per_request * requests)
         overhead = ovh.step_eager + ovh.step_eager_per_request * requests
         return key, overhead + ovh.step_mixed if t.prefill_seqs and t.decode_seqs else overhead
 
@@ -626,7 +631,9 @@ class CostModel:
     def _column_set(self, cols: np.ndarray, attention: np.ndarray) -> _Columns:
         both = np.concatenate([cols, self._n + cols])
         return _Columns(cols, self._comm[cols], self._moved[cols], self._table_ids[both], self._peaks[both],
-                        np.flatnonzero(self._is_derived[cols]), self._peak_c[cols],
+                        np.flatnonzero(self._is_derived[cols]),
+                        [(j, *self._spikes[i]) for j, i in enumerate(cols.tolist()) if i in self._spikes],
+                        self._peak_c[cols],
                         self._target_c[cols] if self._source is not None else None, self._kernels[cols],
                         self._count[cols], self._latency[cols],
                         [(i, int(np.flatnonzero(cols == i)[0]), s) for i, s in self._surfaces if i in cols],
@@ -645,6 +652,11 @@ class CostModel:
         sides = self._tables.seconds(np.concatenate([flops, np.where(c.comm, payload * c.moved, nbytes)], axis=1),
                                      c.tables, c.peaks)
         tc, tm = sides[:, :m], sides[:, m:]
+        for j, per_flop, rows, efficiency in c.spikes:  # a spike holds its own M exactly (the table blurs it)
+            at = np.searchsorted(rows, flops[:, j] * per_flop - 1e-6)
+            hit = (at < rows.size) & (np.abs(rows[np.minimum(at, rows.size - 1)] - flops[:, j] * per_flop) < 1e-6)
+            if hit.any():
+                tc[hit, j] = flops[hit, j] / (c.peak_c[j] * efficiency[at[hit]])
         d = c.derived
         if d.size:  # measured GEMMs: the compute side's efficiency e(M) applies to the bytes too
             tm[:, d] = tc[:, d] * (nbytes[:, d] / self._bandwidth) / np.maximum(flops[:, d] / c.peak_c[d], 1e-300)
@@ -690,6 +702,7 @@ class _Columns:
     tables: np.ndarray
     peaks: np.ndarray
     derived: np.ndarray  # positions of measured GEMMs
+    spikes: list[tuple[int, float, np.ndarray, np.ndarray]]  # (position, M per FLOP, spikes' M and efficiencies)
     peak_c: np.ndarray
     target_c: np.ndarray | None
     kernels: np.ndarray

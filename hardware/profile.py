@@ -113,7 +113,10 @@ class Overheads(Spec):
     call (NCCL) costs the host `launch_collective` more than a kernel's dispatch. In an eager step each
     kernel takes `stream_gap` more GPU time than in a graph replay: a stream starts queued kernels later.
     A step with both prefill-style attention and decodes costs the host `step_mixed` more (servesim's
-    backend prepares two attention calls, each with its own key indices copied to the device)."""
+    backend prepares two attention calls, each with its own key indices copied to the device). A step with
+    prefill chunks replayed as piecewise CUDA graphs costs `step_piecewise` (+ per request) where a decode
+    graph costs `step_graph`: the eager pass's inputs are built, the pieces and the attention calls between
+    them issued, and the GPU waits at the pieces' boundaries; profiles without them use `step_graph`'s."""
 
     launch_eager: float = Field(ge=0.0)
     launch_graph: float = Field(ge=0.0)
@@ -125,6 +128,14 @@ class Overheads(Spec):
     launch_collective: float = Field(0.0, ge=0.0)
     stream_gap: float = Field(0.0, ge=0.0)
     step_mixed: float = Field(0.0, ge=0.0)
+    step_piecewise: float | None = Field(None, ge=0.0)
+    step_piecewise_per_request: float | None = Field(None, ge=0.0)
+
+    def piecewise(self, requests: float) -> float:
+        """Host seconds of a step of `requests` requests with prefill chunks, replayed as piecewise graphs."""
+        if self.step_piecewise is None or self.step_piecewise_per_request is None:
+            return self.step_graph + self.step_graph_per_request * requests
+        return self.step_piecewise + self.step_piecewise_per_request * requests
 
     def with_host_of(self, other: Overheads) -> Overheads:
         """`other`'s host costs (dispatch, per-step) with this GPU's own (`launch_graph`, `stream_gap`): the
@@ -136,21 +147,37 @@ GPU_OVERHEADS = ("launch_graph", "stream_gap")  # the GPU's: kernel gaps in a gr
 
 
 class GemmCurve(Spec):
-    """Measured GEMM Y[M,N] = X[M,K] W[K,N]: fraction of the roofline reached at each M."""
+    """Measured GEMM Y[M,N] = X[M,K] W[K,N]: fraction of the roofline reached at each M. `spikes` are M
+    values of the curve far slower than both measured neighbours (cuBLAS's kernel for that shape alone,
+    `calibrate.fit.spikes`): they hold their own M only, the curve half a row either side of them runs on
+    through the other points, and `CostModel` prices a GEMM of exactly that M at the spike."""
 
     k: PositiveInt
     n: PositiveInt
     m: tuple[PositiveFloat, ...] = Field(min_length=1)
     efficiency: tuple[float, ...] = Field(min_length=1)
+    spikes: tuple[PositiveFloat, ...] = ()
 
     @model_validator(mode="after")
     def _check(self) -> GemmCurve:
         _check_curve("m", self.m, self.efficiency)
+        if missing := sorted(set(self.spikes) - set(self.m)):
+            raise ValueError(f"gemm spikes {missing} are not points of the curve (m)")
         return self
 
     def at(self, m: np.ndarray) -> np.ndarray:
         """Efficiency at M, linear in log M between points, constant beyond the ends."""
         return np.interp(np.log(m), np.log(self.m), self.efficiency)
+
+    def smooth_at(self, m: np.ndarray) -> np.ndarray:
+        """Efficiency at M through the points but the spikes: for shapes interpolated from this one."""
+        keep = [i for i, x in enumerate(self.m) if x not in self.spikes]
+        return np.interp(np.log(m), np.log([self.m[i] for i in keep]), [self.efficiency[i] for i in keep])
+
+    def spike_efficiencies(self) -> tuple[np.ndarray, np.ndarray]:
+        """The spikes' M and efficiencies."""
+        return (np.array(self.spikes, dtype=float),
+                np.array([self.efficiency[self.m.index(x)] for x in self.spikes], dtype=float))
 
 
 class GroupedGemmCurve(GemmCurve):
@@ -293,7 +320,7 @@ class Profile(Spec):
 
         m = np.unique(np.concatenate([g.m for g in self.gemm]))
         points = np.log([[g.k, g.n] for g in self.gemm])
-        values = np.array([g.at(m) for g in self.gemm])
+        values = np.array([g.smooth_at(m) for g in self.gemm])
         target = np.log([[k, n]])
         eff = NearestNDInterpolator(points, values)(target)[0]
         if len(self.gemm) >= 3 and np.linalg.matrix_rank(points - points[0]) == 2:

@@ -88,7 +88,8 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
                                                          "step_eager": 1e-3, "step_eager_per_request": 10e-6,
                                                          "step_graph": 5e-4, "step_graph_per_request": 5e-6,
                                                          "step_per_kv_token": 2e-8, "launch_collective": 45e-6,
-                                                         "stream_gap": 1.5e-6, "step_mixed": 3e-4})
+                                                         "stream_gap": 1.5e-6, "step_mixed": 3e-4,
+                                                         "step_piecewise": 9e-4, "step_piecewise_per_request": 10e-6})
     steps = []
     for layers in (2, 4):
         spec = get_model("tiny-llama").model_copy(update={"num_hidden_layers": layers})
@@ -112,6 +113,12 @@ def synthetic_raw(noise: float, seed: int = 0) -> dict:
             steps.append({"model": "tiny-llama", "layers": layers, "execution": "eager", "requests": b + 1,
                           "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(), "gpu_seconds": dispatch,
                           "seconds": outside * jitter() + truth.step_per_kv_token * shape.kv_tokens + dispatch})
+            # the same step replayed as piecewise graphs: the eager pass's inputs, the pieces and their seams
+            steps.append({"model": "tiny-llama", "layers": layers, "execution": "graph", "requests": b + 1,
+                          "kv_tokens": shape.kv_tokens, "shape": shape.to_dict(),
+                          "truth_overhead": jitter() * (truth.step_piecewise
+                                                        + truth.step_piecewise_per_request * (b + 1)),
+                          "truth_kv": truth.step_per_kv_token * shape.kv_tokens})
     # The same short steps as TP=2 ranks, eager: each collective costs the host `launch_collective` beyond a
     # kernel's dispatch (more than one NCCL call alone: the `collective-dispatch` record's 21 us).
     for layers in (2, 4):
@@ -212,6 +219,8 @@ def test_fit_recovers_overheads(fitted) -> None:
     assert got.launch_collective == pytest.approx(truth.launch_collective, rel=0.1)  # from the TP steps
     assert got.stream_gap == truth.stream_gap
     assert got.step_mixed == pytest.approx(truth.step_mixed, rel=0.25)
+    assert got.step_piecewise == pytest.approx(truth.step_piecewise, rel=0.1)  # from the graph steps with chunks
+    assert got.step_piecewise_per_request == got.step_eager_per_request  # they build the eager pass's inputs
 
 
 def test_eager_steps_pay_the_stream_gap_and_mixed_steps_their_second_attention_call(fitted) -> None:
@@ -462,15 +471,18 @@ def test_attention_surface_interpolates_in_log_space() -> None:
 
 def test_committed_profiles_beat_the_datasheet_on_their_reference_steps() -> None:
     """The committed profiles against the committed whole-model measurements of the backend each was fitted
-    to: the H100's (paged, fused) and the H200's and the kept H100 one (the backend before)."""
+    to: the H100's and H200's (paged, fused, piecewise graphs) and the kept ones (the backend before)."""
     from calibrate.validate import compare, read_measurements
 
     m = "calibrate/measurements"
     for gpu, steps_csv, profile in (
-            ("h100-sxm-80gb", f"{m}/h100-sxm-80gb_paged_llama-3-8b_steps.csv", packaged_profile("h100-sxm-80gb")),
+            ("h100-sxm-80gb", f"{m}/h100-sxm-80gb_paged_piecewise_llama-3-8b_steps.csv",
+             packaged_profile("h100-sxm-80gb")),
             ("h100-sxm-80gb", f"{m}/h100-sxm-80gb_llama-3-8b_steps.csv",
              load_profile(f"{m}/h100-sxm-80gb_gather_profile.json")),
-            ("h200-sxm-141gb", f"{m}/h200-sxm-141gb_llama-3-8b_steps.csv", packaged_profile("h200-sxm-141gb"))):
+            ("h200-sxm-141gb", f"{m}/h200-sxm-141gb_paged_llama-3-8b_steps.csv", packaged_profile("h200-sxm-141gb")),
+            ("h200-sxm-141gb", f"{m}/h200-sxm-141gb_llama-3-8b_steps.csv",
+             load_profile(f"{m}/h200-sxm-141gb_gather_profile.json"))):
         steps, table = compare(read_measurements(steps_csv), gpu, profile)
         assert steps["error"].abs().mean() < 0.5 * steps["error_datasheet"].abs().mean()
         prefill = table[table.category == "prefill"]
@@ -673,10 +685,10 @@ def _gemm_records(k: int, n: int, times: dict[int, float]) -> list[dict]:
              "flops": 2.0 * m * k * n, "bytes": k * n * 2 + (m * k + m * n) * 2} for m, t in times.items()]
 
 
-def test_gemm_spikes_are_dropped_and_the_rest_priced_as_measured() -> None:
+def test_gemm_spikes_hold_their_own_m_only_and_the_rest_is_priced_as_measured() -> None:
     """cuBLAS picks a kernel per shape: a GEMM of more rows can run faster (M = 320 here, as Llama-3-8B's
     QKV projection on an H200), which the curve keeps; an isolated spike (M = 448, 1.8x both neighbours, as
-    its gate/up projection there) is dropped, so that it does not slow the M around it."""
+    its gate/up projection there) prices that M alone (a CUDA graph padded to it runs it), not the M around."""
     times = {1: 17e-6, 64: 17e-6, 256: 21e-6, 320: 33e-6, 384: 27e-6, 385: 29e-6, 448: 287e-6, 512: 36e-6,
              513: 38e-6, 1024: 69e-6, 4096: 270e-6}
     assert spikes(list(times.items())) == {448}
@@ -684,7 +696,8 @@ def test_gemm_spikes_are_dropped_and_the_rest_priced_as_measured() -> None:
     raw = {"records": _gemm_records(4096, 6144, times), "fixed": {"graph_kernel_seconds": LAUNCH}}
     profile = fit_profile(raw, GPU, {})
     (curve,) = profile.gemm
-    assert 448 not in curve.m and len(curve.m) == len(times) - 1
+    assert {447.5, 448, 448.5} <= set(curve.m) and len(curve.m) == len(times) + 2  # the spike, its shoulders
+    assert curve.spikes == (448,)
     assert profile.metadata["gemm_spikes"] == [{"k": 4096, "n": 6144, "m": 448, "seconds": 287e-6}]
     model = CostModel(Deployment.build("llama-3-8b", GPU), profile, cuda_graphs=False)  # QKV: 4,096 x 6,144
 
@@ -692,10 +705,11 @@ def test_gemm_spikes_are_dropped_and_the_rest_priced_as_measured() -> None:
         row = next(r for r in model.price(StepShape.build(prefill=[m])).breakdown if r.name == "qkv_proj")
         return row.seconds / row.count
 
-    for m in (320, 384, 385, 512, 513):  # as measured, M and M + 1 apart
+    for m in (320, 384, 385, 448, 512, 513):  # as measured, M and M + 1 apart, the spike too
         assert qkv(m) == pytest.approx(times[m], rel=0.01), m
-    assert qkv(448) == pytest.approx(np.exp(np.interp(np.log(448), np.log([385, 512]), np.log([29e-6, 36e-6]))),
-                                     rel=0.01)
+    for m in (400, 447, 449, 500):  # beside it, the line through its neighbours
+        assert qkv(m) == pytest.approx(np.exp(np.interp(np.log(m), np.log([385, 512]), np.log([29e-6, 36e-6]))),
+                                       rel=0.01), m
 
 
 def test_kv_gather_curves_per_head_configuration() -> None:
@@ -723,3 +737,19 @@ def test_kv_gather_curves_per_head_configuration() -> None:
         dep = Deployment.build(model, GPU, tp=tp, kv_access="gather")
         row = next(r for r in CostModel(dep, profile).price(shape).breakdown if r.name == "kv_gather_decode")
         assert row.seconds == pytest.approx(row.bytes / GPU.hbm_bandwidth / eff + 2 * row.count * LAUNCH, rel=1e-3)
+
+
+def test_step_kernels_cpu_smoke(tmp_path) -> None:
+    """`calibrate/step_kernels.py --cpu-smoke`: the step trace's code path, tiny-llama's operators as kernels."""
+    pytest.importorskip("torch")
+    from calibrate.step_kernels import SHAPES, family, main, union
+
+    assert union([(0.0, 2.0), (1.0, 3.0), (5.0, 6.0)]) == 4.0
+    assert (family("nvjet_sm90_tst_256x8_64x6_2x1_v_bz_TNT"), family("_decode_kernel"),
+            family("_add_rmsnorm_kernel"), family("Memcpy HtoD")) == ("gemm", "attention", "elementwise", "other")
+    main(["--cpu-smoke", "--runs", "2", "--out", str(tmp_path / "steps.json")])
+    results = json.loads((tmp_path / "steps.json").read_text())
+    assert sorted(results) == sorted(f"{name} eager" for name in SHAPES)
+    for r in results.values():
+        assert r["kernels"] > 0 and 0.0 < r["busy_ms"] <= r["kernel_window_ms"] + 1e-9
+        assert sum(r["families_ms"].values()) == pytest.approx(sum(r["names_us"].values()) / 1e3)

@@ -132,6 +132,24 @@ def test_mixed_cuda_graphs_take_steps_of_up_to_512_tokens_by_default() -> None:
         CostModel(dep, cuda_graphs="piecewise")
 
 
+def test_piecewise_graph_steps_pay_their_own_host_cost() -> None:
+    """A graph step with prefill chunks (piecewise) costs `step_piecewise` + per request, a decode graph
+    `step_graph` + per request; a profile without the piecewise fields prices both as decode graphs."""
+    dep = Deployment.build("llama-3-8b", "h100")
+    base = DEFAULT_PROFILE.overheads.model_copy(update={"step_graph_per_request": 2e-6})
+    own = base.model_copy(update={"step_piecewise": 9e-4, "step_piecewise_per_request": 8e-6})
+    chunked, decodes = StepShape.build(prefill=[100], decode=[700] * 9), StepShape.build(decode=[700] * 9)
+
+    def overhead(ovh, shape: StepShape) -> float:
+        cost = CostModel(dep, DEFAULT_PROFILE.model_copy(update={"overheads": ovh})).price(shape)
+        assert cost.execution == "graph"
+        return cost.overhead_seconds
+
+    assert overhead(own, chunked) == pytest.approx(9e-4 + 8e-6 * 10)
+    assert overhead(own, decodes) == overhead(base, decodes) == pytest.approx(base.step_graph + 2e-6 * 9)
+    assert overhead(base, chunked) == pytest.approx(base.step_graph + 2e-6 * 10)
+
+
 class OneTable:
     """Scalar view of a single-curve `TimeTables`."""
 
