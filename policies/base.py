@@ -17,8 +17,13 @@ class SchedulerParams(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
     def step_limits(self, max_model_len: int) -> tuple[int, int]:
-        """(tokens, requests) one step can hold at most: sizes the activation memory of the deployment."""
+        """(tokens, requests) one step can hold at most: sizes the activation memory of the deployment; the
+        requests are also those the policy runs at once (a disaggregated decode pool hands off no more)."""
         return max(max_model_len, 2048), 256
+
+    def kv_watermark(self) -> float:
+        """Fraction of a replica's KV blocks the policy keeps free when it admits requests (0: none)."""
+        return 0.0
 
 
 class Scheduler(ABC):

@@ -35,6 +35,9 @@ class LayeredPrefillParams(SchedulerParams):
     def step_limits(self, max_model_len: int) -> tuple[int, int]:
         return self.max_prefill_tokens + self.max_num_seqs, self.max_num_seqs
 
+    def kv_watermark(self) -> float:
+        return self.watermark
+
 
 class LayeredPrefillScheduler(Scheduler):
     params: LayeredPrefillParams

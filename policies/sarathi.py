@@ -30,6 +30,9 @@ class SarathiParams(SchedulerParams):
     def step_limits(self, max_model_len: int) -> tuple[int, int]:
         return self.token_budget, self.max_num_seqs
 
+    def kv_watermark(self) -> float:
+        return self.watermark
+
 
 class SarathiScheduler(Scheduler):
     params: SarathiParams

@@ -28,6 +28,9 @@ class SarathiDecodeMaximalParams(SchedulerParams):
     def step_limits(self, max_model_len: int) -> tuple[int, int]:
         return self.chunk_size + self.max_num_seqs, self.max_num_seqs
 
+    def kv_watermark(self) -> float:
+        return self.watermark
+
 
 class SarathiDecodeMaximalScheduler(Scheduler):
     params: SarathiDecodeMaximalParams

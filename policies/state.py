@@ -213,6 +213,21 @@ class ReplicaState:
         self.start(rid)
         return rid
 
+    # ---- transitions of disaggregation (`sim.disagg`) ------------------------------------------------------
+    def hand_off(self, rids: list[int]) -> None:
+        """Requests whose prefill ended on this (prefill) instance leave it for a decode instance: they stop
+        running here; their KV stays until it has arrived there (`release_handed`)."""
+        gone = set(rids)
+        self.running = [rid for rid in self.running if rid not in gone]
+
+    def release_handed(self, rid: int) -> None:
+        """A handed-off request's KV has arrived at its decode instance: free its blocks here."""
+        self.kv.release(rid)
+
+    def receive(self, rid: int) -> None:
+        """A request handed off by a prefill instance, its KV arrived, decodes on this instance from now on."""
+        self.running.append(rid)
+
     def preempt(self, rid: int) -> None:
         """Put a running request back at the head of the waiting queue: its KV swapped out to host memory
         (`preemption` swap, when the swap space has room) or dropped, to be recomputed."""

@@ -31,6 +31,9 @@ class VllmParams(SchedulerParams):
     def step_limits(self, max_model_len: int) -> tuple[int, int]:
         return self.max_num_batched_tokens or max(max_model_len, 2048), self.max_num_seqs
 
+    def kv_watermark(self) -> float:
+        return self.watermark
+
 
 class VllmScheduler(Scheduler):
     params: VllmParams

@@ -67,7 +67,7 @@ class DisaggregatedCluster:
         self.pools: dict[str, list[Replica]] = {}
         self.ports: dict[int, tuple[Link, Link]] = {}  # replica index -> (egress, ingress)
         self.wire: dict[int, float] = {}
-        self.max_seqs: dict[int, float] = {}
+        self.max_seqs: dict[int, int] = {}
         for pool in setup.pools:
             decode_side = pool.name != "prefill"
             states = setup.replica_states(pool, decode_blocks if decode_side else None,
@@ -80,7 +80,7 @@ class DisaggregatedCluster:
                 self.ports[i] = (self.network.link(f"{pool.name}{i - pool.first}.out", bw, link.latency),
                                  self.network.link(f"{pool.name}{i - pool.first}.in", bw, link.latency))
                 self.wire[i] = wire_bytes_per_token(pool.deployment)
-                self.max_seqs[i] = getattr(pool.scheduler, "max_num_seqs", float("inf"))
+                self.max_seqs[i] = pool.scheduler.step_limits(pool.deployment.context_limit)[1]
         self.by_index = {r.state.index: r for rs in self.pools.values() for r in rs}
         self.states = [r.state for rs in self.pools.values() for r in rs]
         self.context_limit = min(p.deployment.context_limit for p in setup.pools)
@@ -103,7 +103,7 @@ class DisaggregatedCluster:
     @staticmethod
     def _room(pool: Pool) -> int:
         """Blocks an instance of `pool` can ever give one request (its watermark kept free)."""
-        return pool.num_blocks - int(getattr(pool.scheduler, "watermark", 0.0) * pool.num_blocks)
+        return pool.num_blocks - int(pool.scheduler.kv_watermark() * pool.num_blocks)
 
     # ---- arrivals ---------------------------------------------------------------------------------------
     def arrive(self, rid: int) -> None:
@@ -159,8 +159,7 @@ class DisaggregatedCluster:
         if replica.pool == "prefill":
             handed = result.emitted[(r.generated[result.emitted] == 1) & (r.status[result.emitted] == Status.RUNNING)]
             if handed.size:
-                gone = set(handed.tolist())
-                replica.state.running = [rid for rid in replica.state.running if rid not in gone]
+                replica.state.hand_off(handed.tolist())
                 for rid in handed.tolist():
                     self.prefill_end[rid] = now
                     if rid in self.streaming:
@@ -250,10 +249,10 @@ class DisaggregatedCluster:
         """The KV has arrived: free it on the prefill side and start decoding."""
         self.kv_ready[rid] = self.env.now
         src, dst = self.by_index[int(self.source[rid])], self.by_index[int(self.dest[rid])]
-        src.state.kv.release(rid)
+        src.state.release_handed(rid)
         src.notify()
         self.incoming[dst.state.index] -= 1
-        dst.state.running.append(rid)
+        dst.state.receive(rid)
         dst.notify()
 
     # ---- results ----------------------------------------------------------------------------------------

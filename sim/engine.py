@@ -461,7 +461,7 @@ class Setup:
         """Fresh states of a pool's replicas (default: the first pool); `blocks` is the per-request block
         count array their KV managers share (default: the request table's)."""
         cfg, pool = self.config, pool or self.pools[0]
-        watermark = getattr(pool.scheduler, "watermark", 0.0)
+        watermark = pool.scheduler.kv_watermark()
         caching = cfg.kv_cache.prefix_caching if prefix_caching is None else prefix_caching
         kv = cfg.kv_cache
         swap = self.host_blocks(pool, kv.swap_space_gb) if kv.preemption == "swap" else 0  # swap space, if swapping

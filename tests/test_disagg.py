@@ -283,3 +283,38 @@ def test_pools_take_the_top_level_kv_blocks_and_search_errors_are_one_line(capsy
     assert err.count("\n") == 1 and "orca" in err
     assert main(["disagg-search", "--gpus", "2", "--start", "0"]) == 2
     assert "--start = 0" in capsys.readouterr().err
+
+
+def test_scheduler_params_state_their_watermark_and_running_cap() -> None:
+    """The engine and the disaggregated cluster read a policy's KV watermark and its cap on running requests
+    through `SchedulerParams` (no attribute probing): its fields where it has them, none otherwise."""
+    from policies import SCHEDULERS
+
+    for name, (params, _) in SCHEDULERS.items():
+        p = params()
+        fields = p.model_dump()
+        assert p.kv_watermark() == fields.get("watermark", 0.0), name
+        cap = fields.get("max_num_seqs", fields.get("max_batch_size", fields.get("batch_size")))
+        assert p.step_limits(4096)[1] == cap, name
+    custom = SCHEDULERS["sarathi"][0](watermark=0.2, max_num_seqs=7)
+    assert (custom.kv_watermark(), custom.step_limits(4096)[1]) == (0.2, 7)
+
+
+def test_replica_state_hand_off_and_receive() -> None:
+    """Disaggregation moves requests between instances through `ReplicaState`: a prefill instance hands
+    requests off (they stop running there, their KV stays until released), a decode instance receives them."""
+    from policies.kv_cache import BlockManager
+    from policies.state import ReplicaState, Requests
+
+    n = 4
+    req = Requests(np.zeros(n), np.full(n, 32), np.full(n, 8), np.zeros(n, dtype=np.int64))
+    prefill, decode = (ReplicaState(i, req, BlockManager(req, 64, 16), 4096) for i in (0, 1))
+    for rid in range(3):
+        prefill.enqueue(rid)
+        prefill.start(rid)
+        prefill.kv.grow_to(rid, 32)  # two blocks of 16
+    prefill.hand_off([0, 2])
+    assert prefill.running == [1] and prefill.kv.available == 64 - 6
+    prefill.release_handed(0)
+    decode.receive(0)
+    assert prefill.kv.available == 64 - 4 and decode.running == [0]
