@@ -498,8 +498,7 @@ class CostModel:
         key = (graph is not None, tokens, experts, t.tokens, t.logit_tokens, 0.0, t.prefill_queries, 0.0,
                t.decode_seqs, 0.0, moe_rows, group, group / dep.moe_group, t.prefill_on, t.decode_on)
         if graph:
-            return key, (ovh.piecewise(requests) if prefills else
-                         ovh.step_graph + ovh.step_graph_per_request * requests)
+            return key, ovh.graph_step(requests, piecewise=bool(prefills))
         overhead = ovh.step_eager + ovh.step_eager_per_request * requests
         return key, overhead + ovh.step_mixed if t.prefill_seqs and t.decode_seqs else overhead
 
@@ -653,8 +652,9 @@ class CostModel:
                                      c.tables, c.peaks)
         tc, tm = sides[:, :m], sides[:, m:]
         for j, per_flop, rows, efficiency in c.spikes:  # a spike holds its own M exactly (the table blurs it)
-            at = np.searchsorted(rows, flops[:, j] * per_flop - 1e-6)
-            hit = (at < rows.size) & (np.abs(rows[np.minimum(at, rows.size - 1)] - flops[:, j] * per_flop) < 1e-6)
+            m_rows = flops[:, j] * per_flop
+            at = np.minimum(np.searchsorted(rows, m_rows - 1e-6), rows.size - 1)
+            hit = np.abs(rows[at] - m_rows) < 1e-6
             if hit.any():
                 tc[hit, j] = flops[hit, j] / (c.peak_c[j] * efficiency[at[hit]])
         d = c.derived

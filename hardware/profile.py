@@ -131,11 +131,12 @@ class Overheads(Spec):
     step_piecewise: float | None = Field(None, ge=0.0)
     step_piecewise_per_request: float | None = Field(None, ge=0.0)
 
-    def piecewise(self, requests: float) -> float:
-        """Host seconds of a step of `requests` requests with prefill chunks, replayed as piecewise graphs."""
-        if self.step_piecewise is None or self.step_piecewise_per_request is None:
-            return self.step_graph + self.step_graph_per_request * requests
-        return self.step_piecewise + self.step_piecewise_per_request * requests
+    def graph_step(self, requests: float, piecewise: bool) -> float:
+        """Host seconds of a graph step of `requests` requests: a decode graph, or `piecewise` (prefill
+        chunks, piecewise graphs; priced as a decode graph where the profile has no piecewise costs)."""
+        if piecewise and self.step_piecewise is not None and self.step_piecewise_per_request is not None:
+            return self.step_piecewise + self.step_piecewise_per_request * requests
+        return self.step_graph + self.step_graph_per_request * requests
 
     def with_host_of(self, other: Overheads) -> Overheads:
         """`other`'s host costs (dispatch, per-step) with this GPU's own (`launch_graph`, `stream_gap`): the
