@@ -88,9 +88,15 @@ def describe_validation_error(exc: ValidationError, source: str, model: Any = No
         loc = tuple(err["loc"])
         while loc and _is_union_member(loc[-1]):
             loc = loc[:-1]
-        fields.setdefault(loc, []).append({**err, "loc": loc})
+        # a section's required fields, all missing (a kind set without its fields): one line for the section
+        key = ("missing", loc[:-1]) if loc and err["type"] == "missing" else loc
+        fields.setdefault(key, []).append({**err, "loc": loc})
     lines = []
     for errs in list(fields.values())[:MAX_ERRORS_SHOWN]:
+        if len(errs) > 1 and all(e["type"] == "missing" for e in errs):
+            names = ", ".join(str(e["loc"][-1]) for e in errs)
+            lines.append(_describe({**errs[0], "loc": (*errs[0]["loc"][:-1], f"{{{names}}}")}, source, model))
+            continue
         line = _describe(errs[0], source, model)
         lines.append("; or ".join([line] + [_message(e) for e in errs[1:]]))
     if len(fields) > MAX_ERRORS_SHOWN:

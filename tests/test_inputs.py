@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sim.cli import main
@@ -153,6 +153,8 @@ VALUES = st.one_of(st.integers(-5, 10**12), st.floats(allow_nan=True, allow_infi
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(sets=st.lists(st.tuples(st.sampled_from(KEYS), VALUES), min_size=1, max_size=3))
+# a section switched to a kind whose required fields are all missing: one line for the section
+@example(sets=[("workloads.0.lengths.kind", 0), ("workloads.0.lengths.kind", "lognormal")])
 def test_fuzzed_overrides_end_in_a_result_or_one_line(sets, capsys) -> None:
     """Random overrides of the schema's fields: a run that finishes with finite numbers (every request
     finished or rejected), or exit 2 with one line per wrong field; never a traceback."""
