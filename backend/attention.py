@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from backend import kernels
+from hardware.operators import decode_splits
 
 
 @dataclass
@@ -128,7 +129,7 @@ def paged_group(chunks: list[Chunk], block_size: int, device: torch.device, deco
     if host_masks is not None:
         flat = [m.astype(np.uint8).ravel() for m in host_masks if m is not None]
         masks = torch.from_numpy(np.concatenate(flat)).to(device)
-    splits = kernels.decode_splits(n, kv_heads, max(k_lens), sm_count(device)) if decode else 1
+    splits = decode_splits(n, kv_heads, max(k_lens), sm_count(device)) if decode else 1
     return PagedGroup(chunks[0].start, chunks[-1].start + chunks[-1].length, decode, table_t, lens_t, q_start, tiles_t,
                       block_m, splits, q_lens, k_lens, tables, masks, off, host_masks)
 
@@ -149,12 +150,13 @@ def attend_groups(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                   block_size: int, window: int | None, out: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of a pass's query rows, one call per group (each on its rows), into `out` if given (rows at
     least the groups' last; rows past it left as they are)."""
-    if out is not None:
-        for g in groups:
-            attend(q[g.start:g.end], k_cache, v_cache, g, block_size, window, out[g.start:g.end])
-        return out
-    parts = [attend(q[g.start:g.end], k_cache, v_cache, g, block_size, window) for g in groups]
-    return parts[0] if len(parts) == 1 else torch.cat(parts)
+    if out is None:
+        if len(groups) == 1:
+            return attend(q[groups[0].start:groups[0].end], k_cache, v_cache, groups[0], block_size, window)
+        out = torch.empty_like(q)  # each group writes its rows in place: no concatenation kernel per layer
+    for g in groups:
+        attend(q[g.start:g.end], k_cache, v_cache, g, block_size, window, out[g.start:g.end])
+    return out
 
 
 def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PagedGroup, block_size: int,
@@ -215,7 +217,7 @@ def warm_up(heads: int, kv_heads: int, head_dim: int, window: int | None, block_
             group = paged_group([Chunk(0, n, block_size, blocks, mask)], block_size, device, False, kv_heads)
             attend(torch.zeros(n, heads, head_dim, dtype=dtype, device=device), kc, vc, group, block_size, window)
     q = torch.zeros(1, heads, head_dim, dtype=dtype, device=device)
-    for splits in (1 << i for i in range(7)):  # every power of two `kernels.decode_splits` gives
+    for splits in (1 << i for i in range(7)):  # every power of two `decode_splits` gives
         group = paged_group([Chunk(0, 1, longest - 1, blocks)], block_size, device, True, kv_heads)
         group.splits = splits
         attend(q, kc, vc, group, block_size, window)

@@ -22,6 +22,7 @@ from backend.attention import AttentionMeta, PagedGroup, sm_count
 from backend.block_table import BlockTables
 from backend.model import LlamaModel, PagedKVCache, rope_tables
 from hardware.cost import GRAPH_BATCH_SIZES
+from hardware.operators import decode_splits
 
 
 def capture(step: Callable[[], object], pool: object) -> torch.cuda.CUDAGraph:
@@ -69,7 +70,7 @@ class DecodeGraph:
         self.views[4][:, 0] = scratch_block
         self.ints.copy_(self.host)
         kv_heads = cache.k.shape[2]
-        splits = kernels.decode_splits(rows, kv_heads, width * cache.block_size, sm_count(dev))
+        splits = decode_splits(rows, kv_heads, width * cache.block_size, sm_count(dev))
         group = PagedGroup(0, rows, True, tables, lens, lens, lens, 1, splits, [], [], [], scratch=partials)
         self.meta = AttentionMeta(slots, [group])
         self.logits = logits
@@ -233,7 +234,7 @@ class GraphCache:
             dev = self.cache.k.device
             heads, d = self.model.layers[0].self_attn.heads, self.cache.k.shape[3]
             kv_heads, sms = self.cache.k.shape[2], sm_count(dev)
-            most = max(b * kernels.decode_splits(b, kv_heads, 1 << 30, sms) for b in GRAPH_BATCH_SIZES)
+            most = max(b * decode_splits(b, kv_heads, 1 << 30, sms) for b in GRAPH_BATCH_SIZES)
             self.logits = torch.empty((GRAPH_BATCH_SIZES[-1], self.model.spec.vocab_size), device=dev)
             self.partials = (torch.empty(most * heads * d, dtype=torch.float32, device=dev),
                              torch.empty(most * heads, dtype=torch.float32, device=dev))

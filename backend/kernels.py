@@ -15,7 +15,6 @@ check them against the reference in `backend.attention`.
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from collections.abc import Iterator
 
@@ -290,16 +289,6 @@ def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
         GROUP=heads // kv_heads, D=d, D_PAD=_pow2(d), PAGE=page, BLOCK_M=block_m, HAS_WINDOW=window is not None,
         HAS_TREE=tree, **cfg)
     return out
-
-
-def decode_splits(sequences: int, kv_heads: int, longest: int, sms: int, min_tokens: int = 256,
-                  most: int = 64) -> int:
-    """KV splits per sequence for flash-decoding: enough programs for about four per SM, each with at least
-    `min_tokens` keys of the longest sequence; a power of two."""
-    want = math.ceil(4 * sms / max(1, sequences * kv_heads))
-    room = max(1, longest // min_tokens)
-    n = max(1, min(want, room, most))
-    return 1 << (n.bit_length() - 1)
 
 
 def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,

@@ -22,7 +22,7 @@ from hardware.cost import CostModel
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
 from hardware.operators import StepShape
-from hardware.profile import packaged_profile
+from hardware.profiles import packaged_profile
 
 MODELS = ("llama-3-8b", "llama-3-70b", "qwen2.5-7b", "llama-2-7b")
 

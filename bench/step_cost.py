@@ -15,7 +15,7 @@ import numpy as np
 from hardware.cost import CostModel
 from hardware.deployment import Deployment
 from hardware.operators import StepShape
-from hardware.profile import resolve_profile
+from hardware.profiles import resolve_profile
 
 SHAPES = {
     "decode x1": StepShape.build(decode=[1000]),

@@ -247,7 +247,8 @@ def _overlay(raw: dict[str, Any], path: str) -> dict[str, Any]:
 
 def _validate(args: argparse.Namespace) -> dict[str, Any]:
     from calibrate.validate import compare, format_table, plot, read_measurements, summary
-    from hardware.profile import DEFAULT_PROFILE, resolve_profile
+    from hardware.profile import DEFAULT_PROFILE
+    from hardware.profiles import resolve_profile
 
     if not args.measurements:
         raise ServesimError("validate: give the reference steps CSV (from `servesim calibrate reference`)")

@@ -33,10 +33,10 @@ from scipy.optimize import brentq
 from scipy.stats import theilslopes
 
 from hardware.catalog import get_interconnect, get_model
-from hardware.cost import CostModel, collective_shape, peak_flops, step_operators
+from hardware.cost import CostModel, collective_shape, peak_flops
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
-from hardware.operators import ATTENTION_KERNELS, Operator, StepShape, StepTotals
+from hardware.operators import ATTENTION_KERNELS, Operator, StepShape
 from hardware.profile import (
     COLLECTIVE_KINDS,
     DEFAULT_PROFILE,
@@ -217,27 +217,26 @@ def _attention_kernels(r: dict[str, Any]) -> int:
 
 
 def _launched(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, tp: int = 1,
-              kernels: Engine = PAGED_ENGINE) -> list[tuple[Operator, int]]:
-    """The operators that launch work in an eager step of `spec` on one GPU of a TP group, with counts."""
-    t = StepTotals.of(shape, spec.sliding_window)
-    ops = step_operators(Deployment.build(spec, gpu, tp=tp, **kernels), t, float(t.tokens))
-    return [(op, c) for op, c in ops if op.flops or op.bytes or op.comm_bytes]
+              kernels: Engine = PAGED_ENGINE) -> list[tuple[Operator, int, float]]:
+    """The operators that launch work in an eager step of `spec` on one GPU of a TP group: (operator, its
+    instances, the kernels they launch), as the cost model counts them (`StepCost.launches`)."""
+    model = CostModel(Deployment.build(spec, gpu, tp=tp, **kernels), cuda_graphs=False)
+    return model.price(shape).launches()
 
 
 def layer_kernels(spec: ModelSpec, shape: StepShape, gpu: GPUSpec,
                   kernels: Engine = PAGED_ENGINE) -> tuple[float, float]:
     """Kernels the cost model counts for a step of `spec`: (per decoder layer, outside the layers)."""
     done = _launched(spec, shape, gpu, kernels=kernels)
-    layer = sum(op.kernels * c for op, c in done if c >= spec.num_hidden_layers) / spec.num_hidden_layers
-    return layer, sum(op.kernels * c for op, c in done if c < spec.num_hidden_layers)
+    layer = sum(k for _, c, k in done if c >= spec.num_hidden_layers) / spec.num_hidden_layers
+    return layer, sum(k for _, c, k in done if c < spec.num_hidden_layers)
 
 
 def step_calls(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, tp: int = 1,
                kernels: Engine = PAGED_ENGINE) -> tuple[float, float]:
     """Host calls of an eager step of `spec` on one rank of TP `tp`: (kernels, of which collectives)."""
     done = _launched(spec, shape, gpu, tp, kernels)
-    return (sum(op.kernels * c for op, c in done),
-            sum(op.kernels * c for op, c in done if op.kind in COLLECTIVE_KINDS))
+    return sum(k for _, _, k in done), sum(k for op, _, k in done if op.kind in COLLECTIVE_KINDS)
 
 
 def _robust_line(x: list[float], y: list[float]) -> tuple[float, float]:

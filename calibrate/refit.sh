@@ -23,7 +23,7 @@ d['records'] = [r for r in d['records'] if r['kind'] == 'gemm']; json.dump(d, op
 # the backend with piecewise graphs for steps with prefill chunks)
 H100_PAGED=(--raw $tmp/h100_gemm_raw.json --later $R/h100-sxm-80gb_gemm_raw.json --later $R/h100-sxm-80gb_paged_raw.json
             --later $R/h100-sxm-80gb_moe_raw.json --later $R/h100-sxm-80gb_paged_piecewise_reference_raw.json)
-servesim calibrate --refit "${H100_PAGED[@]}" --out ../profiles/h100-sxm-80gb.json > /dev/null
+servesim calibrate --refit "${H100_PAGED[@]}" --out ../../hardware/profiles/h100-sxm-80gb.json > /dev/null
 # the same inputs with an MoE model's reference steps last: that host's own overheads for its MoE steps
 for m in qwen1.5-moe-a2.7b qwen3-30b-a3b; do
   servesim calibrate --refit "${H100_PAGED[@]}" --later $R/h100-sxm-80gb_${m}_reference_raw.json \
@@ -42,7 +42,7 @@ d['records'] = [r for r in d['records'] if r['kind'] in ('gemm', 'all-reduce', '
 json.dump(d, open(sys.argv[2], 'w'))" $R/h200-sxm-141gb_raw.json $tmp/h200_base_raw.json
 servesim calibrate --refit --raw $tmp/h200_base_raw.json --later $R/h200-sxm-141gb_gemm_raw.json \
   --later $R/h200-sxm-141gb_llama3_gemm_raw.json --later $R/h200-sxm-141gb_paged_raw.json \
-  --later $R/h200-sxm-141gb_paged_reference_raw.json --out ../profiles/h200-sxm-141gb.json > /dev/null
+  --later $R/h200-sxm-141gb_paged_reference_raw.json --out ../../hardware/profiles/h200-sxm-141gb.json > /dev/null
 servesim calibrate --refit "${H200[@]}" --later $R/h200-sxm-141gb_x2host_steps_raw.json \
   --out h200-sxm-141gb_x2host_profile.json > /dev/null
 v() { echo "== $*" >&2; servesim calibrate validate "$@" > /dev/null; }
@@ -53,6 +53,8 @@ v h100-sxm-80gb_paged_mixedgraphs_llama-3-8b_steps.csv --gpu h100 --out validati
 v h100-sxm-80gb_paged_piecewise_llama-3-8b_steps.csv --gpu h100 --out validation_h100_paged_piecewise
 # the same backend's reference measured again in a later session (not in the fit)
 v h100-sxm-80gb_paged_piecewise2_llama-3-8b_steps.csv --gpu h100 --out validation_h100_paged_piecewise2
+# and on the H100 of the light replays of 2026-12-06's seventh session (the same call: not in the fit)
+v h100-sxm-80gb_paged_piecewise3_llama-3-8b_steps.csv --gpu h100 --out validation_h100_paged_piecewise3
 v h200-sxm-141gb_paged_llama-3-8b_steps.csv --gpu h200 --out validation_h200_paged
 for m in qwen1.5-moe-a2.7b qwen3-30b-a3b; do  # MoE steps (issues 25 and 21: the backend's fused MoE layer)
   v h100-sxm-80gb_${m}_steps.csv --gpu h100 --out validation_h100_moe_$m

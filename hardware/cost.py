@@ -49,6 +49,7 @@ from hardware.operators import (
     Operator,
     StepShape,
     StepTotals,
+    decode_reduces,
     first_stage_operators,
     last_stage_operators,
     layer_operators,
@@ -110,7 +111,7 @@ class StepCost:
     """
 
     __slots__ = ("seconds", "stage_seconds", "execution", "tokens", "launch", "overhead_seconds", "flops", "bytes",
-                 "comm_bytes", "_m", "_flops", "_bytes", "_payload", "_tc", "_tm", "_total", "_present")
+                 "comm_bytes", "_m", "_flops", "_bytes", "_payload", "_tc", "_tm", "_total", "_launched")
 
     def __init__(self, model: CostModel, seconds: float, stage_seconds: tuple[float, ...], execution: str,
                  tokens: int, launch: float, overhead: float, totals: np.ndarray,
@@ -122,7 +123,7 @@ class StepCost:
         self.launch = launch
         self.overhead_seconds = overhead  # CPU time of the step outside the kernels
         self._m = model
-        self._flops, self._bytes, self._payload, self._tc, self._tm, self._total, self._present = arrays
+        self._flops, self._bytes, self._payload, self._tc, self._tm, self._total, self._launched = arrays
         ranks = model.dep.tp * model.dep.dp  # GPUs per stage, each running the operators as priced
         self.flops = float(totals[0]) * ranks  # all GPUs
         self.bytes = float(totals[1]) * ranks  # HBM bytes read and written, all GPUs
@@ -153,7 +154,11 @@ class StepCost:
 
     @property
     def kernels(self) -> int:
-        return int((self._present * self._m._kernels) @ self._m._count)
+        return int(round(float(self._launched.sum())))
+
+    def launches(self) -> list[tuple[Operator, int, float]]:
+        """(operator, its instances, the kernels they launch) of each operator that launches work."""
+        return [(op, int(c), float(k)) for op, c, k in zip(self._m._ops, self._m._count, self._launched) if k]
 
     @property
     def launch_seconds(self) -> float:
@@ -333,6 +338,8 @@ class CostModel:
         ends = np.searchsorted(self._stage, np.arange(dep.pp), side="right")
         self._stage_spans = list(zip([0, *ends[:-1].tolist()], ends.tolist()))  # each stage's operators
         self._comm = np.array([op.kind in COLLECTIVE_KINDS for op in self._ops])
+        # paged decode attention: its reduction kernel runs only where the call splits the keys (`decode_reduces`)
+        self._reduce = np.array([op.kind == "attention-decode" and dep.kv_access == "paged" for op in self._ops])
         # per stage: its operators in issue order (before the layers, one layer, after), per-layer scaling
         self._segments = [(np.concatenate([first, layer, last]), len(first), len(first) + len(layer), n,
                            np.concatenate([np.ones(len(first)), np.full(len(layer), 1.0 / max(n, 1)),
@@ -423,13 +430,11 @@ class CostModel:
         return flops / (self._peak_c[i] * e), nbytes / (self._bandwidth * e)
 
 
-    def _pipelined(self, total: np.ndarray, present: np.ndarray, launch: float) -> np.ndarray:
-        """GPU window of each pipeline stage of an eager step whose operators take `total` GPU seconds (all
-        instances), issued by a host that spends `launch` per kernel (and `launch_collective` more per
-        collective call)."""
-        instances = present * self._count
-        kernels = instances * self._kernels
-        host = kernels * launch + instances * self._comm * self.profile.overheads.launch_collective
+    def _pipelined(self, total: np.ndarray, kernels: np.ndarray, launch: float) -> np.ndarray:
+        """GPU window of each pipeline stage of an eager step whose operators take `total` GPU seconds and
+        launch `kernels` kernels (all instances), issued by a host that spends `launch` per kernel (and
+        `launch_collective` more per collective call: one kernel each)."""
+        host = kernels * launch + kernels * self._comm * self.profile.overheads.launch_collective
         return np.array([pipelined_seconds(host[i] * scale, total[i] * scale, kernels[i] * scale, a, b, n)
                          for i, a, b, n, scale in self._segments])
 
@@ -444,7 +449,7 @@ class CostModel:
         seconds (the fit of `launch_eager` inverts this)."""
         if cost.execution != "eager":
             raise ValueError("eager_window: the step runs as a CUDA graph")
-        return float(self._pipelined(cost._total, cost._present, launch).sum())
+        return float(self._pipelined(cost._total, cost._launched, launch).sum())
 
     def price(self, shape: StepShape) -> StepCost:
         """Cost of one step running `shape`: every operator in one pass (the engine prices most of its steps here;
@@ -469,21 +474,21 @@ class CostModel:
         graph = key[0]
         work = self._with_attention(self._all, (self._base + self._slopes @ np.array(key[1:], dtype=float))[None],
                                     t.prefill_pairs, t.prefill_kv_tokens, t.decode_pairs)  # (all in one pass)
-        tc, tm, total, present = (a[0] for a in self._columns(self._all, work, graph, t, [t.decode_seqs],
-                                                              [t.decode_pairs], [t.decode_longest]))
+        tc, tm, total, launched = (a[0] for a in self._columns(self._all, work, graph, t, [t.decode_seqs],
+                                                               [t.decode_pairs], [t.decode_longest]))
         work = work[0]
         if graph:
             stages = np.cumsum(total)[-1:] if dep.pp == 1 else \
                 np.array([np.cumsum(total[a:b])[-1] for a, b in self._stage_spans])
         else:  # the host issues the kernels while the GPU runs them (`pipelined_seconds`)
-            stages = self._pipelined(total, present, ovh.launch_eager)
+            stages = self._pipelined(total, launched, ovh.launch_eager)
         if ovh.step_per_kv_token:
             overhead = overhead + ovh.step_per_kv_token * shape.kv_tokens
         seconds = float((stages[0] if dep.pp == 1 else np.cumsum(stages)[-1]) + overhead)
         totals = np.cumsum(work * self._count[:, None], axis=0)[-1]
         return StepCost(self, seconds, tuple(stages.tolist()), "graph" if graph else "eager", t.tokens,
                         ovh.launch_graph if graph else ovh.launch_eager, float(overhead), totals,
-                        (work[:, 0], work[:, 1], work[:, 2], tc, tm, total, present))
+                        (work[:, 0], work[:, 1], work[:, 2], tc, tm, total, launched))
 
     def _features(self, t: StepTotals, prefills: int, verifies: int, requests: int) -> tuple[tuple, float]:
         """A step's key (whether it runs as a graph, then the features x with attention's pairs and K/V tokens
@@ -571,9 +576,9 @@ class CostModel:
         base = fixed[0].work_v[None] if each is None else stacked("work_v")  # (broadcast over the rows)
         work_v = self._with_attention(self._varying, np.broadcast_to(base, (k, *base.shape[1:])), 0.0, 0.0,
                                       pairs[:, None, None])
-        _, _, total_v, present_v = self._columns(self._varying, work_v, graph, None,
-                                                 per_row([t.decode_seqs for t, *_ in groups]), pairs, longest)
-        parts = {"total": total_v, "present": present_v, "weighted": work_v * self._varying.count[None, :, None]}
+        _, _, total_v, launched_v = self._columns(self._varying, work_v, graph, None,
+                                                  per_row([t.decode_seqs for t, *_ in groups]), pairs, longest)
+        parts = {"total": total_v, "launched": launched_v, "weighted": work_v * self._varying.count[None, :, None]}
 
         def full(name: str) -> np.ndarray:  # every operator, the varying ones from `parts`
             whole = stacked(name)
@@ -587,9 +592,9 @@ class CostModel:
             stage_seconds[graph] = np.cumsum(g, axis=1)[:, -1:] if dep.pp == 1 else \
                 np.stack([np.cumsum(g[:, a:b], axis=1)[:, -1] for a, b in self._stage_spans], axis=1)
         if not graph.all():  # the host issues the kernels while the GPU runs them (`pipelined_seconds`)
-            present = full("present")
+            launched = full("launched")
             for r in np.flatnonzero(~graph).tolist():
-                stage_seconds[r] = self._pipelined(total[r], present[r], ovh.launch_eager)
+                stage_seconds[r] = self._pipelined(total[r], launched[r], ovh.launch_eager)
         overhead = per_row(overheads)
         if ovh.step_per_kv_token:
             overhead = overhead + ovh.step_per_kv_token * kv_tokens
@@ -611,19 +616,19 @@ class CostModel:
     def _fixed(self, key: tuple, t: StepTotals) -> _Fixed:
         """The operators at a step's features `key` (whether it runs as a graph, then the features x with
         attention's pairs and K/V tokens left out): the work of those that read attention's K/V, the total
-        seconds and presence of the others, and everyone's work times instances; kept per key (steps repeat
+        seconds and kernels launched of the others, and everyone's work times instances; kept per key (steps repeat
         these features: the same decodes one token further)."""
         hit = self._fixed_cache.get(key)
         if hit is None:
             work = self._base + self._slopes @ np.array(key[1:], dtype=float)
             f = self._steady.ids
-            total, present = np.zeros(self._n), np.zeros(self._n, dtype=bool)
+            total, launched = np.zeros(self._n), np.zeros(self._n)
             none = np.zeros(0)
-            _, _, total[f], present[f] = (a[0] for a in self._columns(self._steady, work[f][None], key[0], t,
-                                                                       none, none, none))
+            _, _, total[f], launched[f] = (a[0] for a in self._columns(self._steady, work[f][None], key[0], t,
+                                                                        none, none, none))
             if len(self._fixed_cache) >= FIXED_CACHE_SIZE:
                 self._fixed_cache.clear()
-            hit = self._fixed_cache[key] = _Fixed(total, present, work[self._varying.ids],
+            hit = self._fixed_cache[key] = _Fixed(total, launched, work[self._varying.ids],
                                                   work * self._count[:, None])
         return hit
 
@@ -634,17 +639,18 @@ class CostModel:
                         [(j, *self._spikes[i]) for j, i in enumerate(cols.tolist()) if i in self._spikes],
                         self._peak_c[cols],
                         self._target_c[cols] if self._source is not None else None, self._kernels[cols],
-                        self._count[cols], self._latency[cols],
+                        self._count[cols], self._latency[cols], np.flatnonzero(self._reduce[cols]),
                         [(i, int(np.flatnonzero(cols == i)[0]), s) for i, s in self._surfaces if i in cols],
                         tuple(attention[cols][None, ..., f].copy() for f in range(3)))
 
     def _columns(self, c: _Columns, work: np.ndarray, graph: bool | np.ndarray, t: StepTotals | None,
                  seqs: np.ndarray, pairs: np.ndarray, longest: np.ndarray
                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """Compute and memory seconds, total seconds (all instances, launches included) and presence of the
-        operators of column set `c`, from their work (k, columns, 3), each step run as a graph or not
-        (`graph`, one for all or per step); `t` gives a prefill attention surface its place, `seqs`, `pairs`
-        and `longest` each step's decodes and their K/V tokens (the decode attention surface's place)."""
+        """Compute and memory seconds, total seconds (all instances, launches included) and kernels launched
+        (all instances) of the operators of column set `c`, from their work (k, columns, 3), each step run as
+        a graph or not (`graph`, one for all or per step); `t` gives a prefill attention surface its place,
+        `seqs`, `pairs` and `longest` each step's decodes and their K/V tokens (the decode attention surface's
+        place; the decode calls' splits)."""
         k, m = work.shape[0], c.ids.size
         flops, nbytes, payload = work[..., 0], work[..., 1], work[..., 2]
         present = (flops > 0) | (nbytes > 0) | (payload > 0)
@@ -683,12 +689,19 @@ class CostModel:
                           tm)
         ovh = self.profile.overheads
         launched = present * c.kernels * c.count
+        if c.reduce.size and len(seqs):  # no reduction kernel where an eager decode call keeps its keys whole
+            # (eager steps, and piecewise graphs' attention between the pieces; a decode graph's split is fixed
+            # at capture by its block-table width: counted as splitting)
+            eager = ~np.broadcast_to(np.asarray(graph, dtype=bool), (k,)) | bool(t is not None and t.prefill_seqs)
+            whole = eager & ~decode_reduces(np.asarray(seqs), self.dep.kv_heads_per_gpu, np.asarray(longest),
+                                            self.dep.gpu.sm_count)
+            launched[:, c.reduce] -= (present[:, c.reduce] & whole[:, None]) * c.count[c.reduce]
         total = (np.maximum(tc, tm) + present * c.latency) * c.count + launched * ovh.launch_graph
         if isinstance(graph, np.ndarray):  # kernels queued on a stream start later than in a graph replay
             total = np.where(graph[:, None], total, total + launched * ovh.stream_gap)
         elif not graph:
             total = total + launched * ovh.stream_gap
-        return tc, tm, total, present
+        return tc, tm, total, launched
 
 
 @dataclass(frozen=True, slots=True)
@@ -708,6 +721,7 @@ class _Columns:
     kernels: np.ndarray
     count: np.ndarray
     latency: np.ndarray
+    reduce: np.ndarray  # positions of paged decode attention (`CostModel._reduce`)
     surfaces: list[tuple[int, int, AttentionSurface]]  # (operator index, position, surface)
     attention: tuple[np.ndarray, ...]  # (1, columns, 3) each: the work one more prefill pair, prefill K/V read
     # and decode K/V token adds
@@ -716,11 +730,11 @@ class _Columns:
 @dataclass(frozen=True, slots=True)
 class _Fixed:
     """`CostModel._fixed`'s operators at one step's features: where an operator does not read attention's
-    K/V, its total seconds and presence (ops,); the work (FLOPs, bytes, payload) of those that do; every
+    K/V, its total seconds and kernels launched (ops,); the work (FLOPs, bytes, payload) of those that do; every
     operator's work times its instances (ops, 3)."""
 
     total: np.ndarray
-    present: np.ndarray
+    launched: np.ndarray
     work_v: np.ndarray
     weighted: np.ndarray
 

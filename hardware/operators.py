@@ -21,6 +21,7 @@ backend): one kernel per residual add + RMSNorm, one for RoPE with the K/V cache
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -33,13 +34,31 @@ from hardware.specs import DTYPE_BYTES
 IntArray = np.ndarray
 
 # Host-dispatched kernels of an attention call, by how it reads the paged cache. `paged` (the backend's
-# Triton kernels, as vLLM's): a prefill runs one kernel; a decode runs flash-decoding and the reduction of its
-# splits. `gather` (the backend before its paged kernels, counted with torch.profiler on an H200): a prefill
-# runs FlashAttention-2's varlen kernel; a decode also multiplies the query offsets by the group size and
-# copies the query heads into and out of the grouped-query layout (GQA, no window), beside its K/V gather.
+# Triton kernels, as vLLM's): a prefill runs one kernel; a decode runs flash-decoding and, where it splits the
+# keys (`decode_splits`), the reduction of its splits. `gather` (the backend before its paged kernels,
+# counted with torch.profiler on an H200): a prefill runs FlashAttention-2's varlen kernel; a decode also
+# multiplies the query offsets by the group size and copies the query heads into and out of the grouped-query
+# layout (GQA, no window), beside its K/V gather.
 ATTENTION_KERNELS = {"paged": {"attention-prefill": 1, "attention-decode": 2},
                      "gather": {"attention-prefill": 1, "attention-decode": 4}}
 GATHER_KERNELS = 2  # index_select of K, then of V
+SPLIT_TOKENS = 256  # keys of the longest sequence per flash-decoding split, at least
+
+
+def decode_splits(sequences: int, kv_heads: int, longest: int, sms: int, most: int = 64) -> int:
+    """KV splits per sequence of a paged decode attention call (flash-decoding, as `backend.kernels` runs it):
+    enough programs for about four per SM, each with at least `SPLIT_TOKENS` keys of the longest sequence;
+    a power of two. Above one split a second kernel reduces the splits' partial results."""
+    want = math.ceil(4 * sms / max(1, sequences * kv_heads))
+    room = max(1, longest // SPLIT_TOKENS)
+    n = max(1, min(want, room, most))
+    return 1 << (n.bit_length() - 1)
+
+
+def decode_reduces(sequences: np.ndarray, kv_heads: int, longest: np.ndarray, sms: int) -> np.ndarray:
+    """Whether each decode step's paged attention splits its keys (`decode_splits` > 1), and so launches the
+    reduction kernel, vectorised over steps."""
+    return (4 * sms > np.asarray(sequences) * kv_heads) & (np.asarray(longest) >= 2 * SPLIT_TOKENS)
 
 
 def _ints(name: str, values: Sequence[int] | np.ndarray | None, n: int | None = None, minimum: int = 0) -> IntArray:

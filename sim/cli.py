@@ -11,83 +11,81 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from calibrate.cli import add_parser as calibrate_parser
 from hardware.catalog import get_gpu, get_interconnect, get_model, gpu_ids, interconnect_ids, model_ids
 from hardware.cost import GRAPH_MODES, CostModel
-from hardware.deployment import Deployment
 from hardware.errors import ServesimError
 from hardware.files import check_out_dir
 from hardware.operators import StepShape
-from hardware.profile import resolve_profile
-from hardware.routing import RoutingModel
+from hardware.profiles import resolve_profile
 from sim.capacity import Horizon
+
+if TYPE_CHECKING:
+    from sim.config import SimConfig
+
+
+# `estimate`'s deployment flags: each one an alias of a field of the run config (`sim.config`), applied as an
+# override before any --set. (flag, config field, help)
+DEPLOYMENT_FLAGS: tuple[tuple[str, str, str], ...] = (
+    ("--model", "model", "catalog model id (see `servesim catalog models`) or a config.json"),
+    ("--gpu", "hardware.gpu", "catalog GPU id or alias (see `servesim catalog gpus`) or a YAML file"),
+    ("--tp", "hardware.tp", "tensor-parallel degree"),
+    ("--pp", "hardware.pp", "pipeline-parallel stages"),
+    ("--link", "hardware.link", "interconnect for TP collectives (default: the GPU's intra-node link)"),
+    ("--pp-link", "hardware.pp_link", "interconnect between pipeline stages"),
+    ("--weight-dtype", "hardware.weight_dtype", "bf16, fp16, fp8 or fp32"),
+    ("--kv-dtype", "hardware.kv_dtype", "bf16, fp16, fp8, fp32, or int8 / int4 / int2 in groups of 64 with fp16 "
+     "scales"),
+    ("--kv-token-budget", "hardware.kv_token_budget", "keep at most this many tokens of KV per request "
+     "(StreamingLLM / H2O-style eviction)"),
+    ("--kv-access", "hardware.kv_access", "how attention reads the paged KV cache: paged (in place, as vLLM and "
+     "servesim's backend) or gather (into contiguous buffers first)"),
+    ("--elementwise", "hardware.elementwise", "fused (one kernel each for add + RMSNorm, RoPE with the K/V write, "
+     "SiLU-mul, as vLLM and servesim's backend) or unfused (PyTorch ops)"),
+    ("--dp", "hardware.dp", "MoE: data-parallel attention ranks"),
+    ("--ep-link", "hardware.ep_link", "link of the MoE all-to-all (default: the TP link up to 8 GPUs, ib-ndr beyond)"),
+    ("--redundant-experts", "hardware.redundant_experts", "EPLB: extra expert replicas"),
+    ("--gpu-memory-utilization", "hardware.gpu_memory_utilization", "fraction of HBM usable"),
+    ("--max-model-len", "max_model_len", "longest request in tokens (default: the model's maximum)"),
+    ("--max-num-batched-tokens", "scheduler.max_num_batched_tokens", "tokens per step (activation memory)"),
+    ("--max-num-seqs", "scheduler.max_num_seqs", "requests per step (activation memory)"),
+    ("--gpu-price", "hardware.gpu_price", "override the GPU's hourly price in USD"),
+    ("--profile", "hardware.profile", "efficiency profile: a JSON file, the GPU id of a committed profile, or "
+     "'calibrated' for the GPU's committed one (default: the datasheet defaults)"),
+    ("--engine", "hardware.engine", "the serving engine's host costs, named as --profile is (e.g. 'datasheet'), "
+     "over the profile's GPU kernels (default: the profile's own engine section)"),
+)
+DEPLOYMENT_SWITCHES = (("--expert-parallel", "hardware.expert_parallel", "MoE: spread whole experts over tp x dp GPUs"),
+                       ("--eplb", "hardware.eplb", "MoE: balance experts over the expert-parallel GPUs"))
 
 
 def _add_deployment_args(p: argparse.ArgumentParser) -> None:
-    g = p.add_argument_group("deployment")
-    g.add_argument("--model", required=True, help="catalog model id (see `servesim catalog models`) or a config.json")
-    g.add_argument("--gpu", required=True, help="catalog GPU id or alias (see `servesim catalog gpus`) or a YAML file")
-    g.add_argument("--tp", type=int, default=1, help="tensor-parallel degree (default 1)")
-    g.add_argument("--pp", type=int, default=1, help="pipeline-parallel stages (default 1)")
-    g.add_argument("--link", help="interconnect for TP collectives (default: the GPU's intra-node link)")
-    g.add_argument("--pp-link", help="interconnect between pipeline stages (default: --link)")
-    g.add_argument("--weight-dtype", default="bf16", help="bf16, fp16, fp8 or fp32 (default bf16)")
-    g.add_argument("--kv-dtype", default="bf16", help="bf16, fp16, fp8, fp32, or int8 / int4 / int2 in groups of 64 "
-                   "with fp16 scales (default bf16)")
-    g.add_argument("--kv-token-budget", type=int, help="keep at most this many tokens of KV per request "
-                   "(StreamingLLM / H2O-style eviction; default: all)")
-    g.add_argument("--kv-access", default="paged", help="how attention reads the paged KV cache: paged (in place, "
-                   "as vLLM and servesim's backend) or gather (into contiguous buffers first) (default paged)")
-    g.add_argument("--elementwise", default="fused", help="fused (one kernel each for add + RMSNorm, RoPE with the "
-                   "K/V write, SiLU-mul, as vLLM and servesim's backend) or unfused (PyTorch ops) (default fused)")
-    g.add_argument("--dp", type=int, default=1, help="MoE: data-parallel attention ranks (default 1)")
-    g.add_argument("--expert-parallel", action="store_true", help="MoE: spread whole experts over tp x dp GPUs")
-    g.add_argument("--ep-link", help="link of the MoE all-to-all (default: the TP link up to 8 GPUs, ib-ndr beyond)")
-    g.add_argument("--eplb", action="store_true", help="MoE: balance experts over the expert-parallel GPUs")
-    g.add_argument("--redundant-experts", type=int, default=0, help="EPLB: extra expert replicas (default 0)")
-    g.add_argument("--zipf", type=float, help="MoE: Zipf-skewed routing with this exponent (default: uniform)")
-    g.add_argument("--gpu-memory-utilization", type=float, default=0.9, help="fraction of HBM usable (default 0.9)")
-    g.add_argument("--max-model-len", type=int, help="longest request in tokens (default: the model's maximum)")
-    g.add_argument("--max-num-batched-tokens", type=int, default=8192, help="tokens per step (default 8192)")
-    g.add_argument("--max-num-seqs", type=int, default=256, help="requests per step (default 256)")
-    g.add_argument("--gpu-price", type=float, help="override the GPU's hourly price in USD")
-    g.add_argument("--profile", help="efficiency profile: a JSON file, the GPU id of a committed profile, or "
-                   "'calibrated' for the GPU's committed one (default: the datasheet defaults)")
-    g.add_argument("--engine", help="the serving engine's host costs, named as --profile is (e.g. 'datasheet'), over "
-                   "the profile's GPU kernels (default: the profile's own engine section)")
+    p.add_argument("config", nargs="?", help="scenario YAML whose model, hardware and scheduler limits describe "
+                   "the deployment (default: the embedded scenario, as `servesim run`)")
+    g = p.add_argument_group("deployment (each flag sets the config field it names; --set sets any)")
+    for flag, field, text in DEPLOYMENT_FLAGS:
+        g.add_argument(flag, dest=f"field:{field}", metavar=field.rsplit(".", 1)[-1].upper(), help=f"{text} ({field})")
+    for flag, field, text in DEPLOYMENT_SWITCHES:
+        g.add_argument(flag, dest=f"field:{field}", action="store_const", const="true", help=f"{text} ({field})")
+    g.add_argument("--zipf", type=float, help="MoE: Zipf-skewed routing with this exponent (hardware.routing)")
+    g.add_argument("--set", action="append", default=[], metavar="KEY.PATH=VALUE",
+                   help="override a config field, e.g. --set hardware.tp=2 (repeatable; after the flags)")
 
 
-def _deployment(args: argparse.Namespace) -> Deployment:
-    gpu = get_gpu(args.gpu)
-    if args.gpu_price is not None:
-        gpu = gpu.with_price(args.gpu_price)
-    return Deployment.build(
-        get_model(args.model),
-        gpu,
-        tp=args.tp,
-        pp=args.pp,
-        link=args.link,
-        pp_link=args.pp_link,
-        weight_dtype=args.weight_dtype,
-        kv_dtype=args.kv_dtype,
-        kv_token_budget=args.kv_token_budget,
-        kv_access=args.kv_access,
-        elementwise=args.elementwise,
-        dp=args.dp,
-        expert_parallel=args.expert_parallel,
-        ep_link=args.ep_link,
-        eplb=args.eplb,
-        redundant_experts=args.redundant_experts,
-        routing=RoutingModel(distribution="zipf", zipf_s=args.zipf) if args.zipf is not None else RoutingModel(),
-        gpu_memory_utilization=args.gpu_memory_utilization,
-        max_model_len=args.max_model_len,
-        max_num_batched_tokens=args.max_num_batched_tokens,
-        max_num_seqs=args.max_num_seqs,
-    )
+def _estimate_config(args: argparse.Namespace) -> SimConfig:
+    """The run config that `estimate`'s arguments describe: the YAML (or the embedded scenario), the flags as
+    overrides of the fields they name, then --set."""
+    from sim.config import load_config
+
+    flags = [f"{dest[6:]}={value}" for dest, value in vars(args).items()
+             if dest.startswith("field:") and value is not None]
+    if args.zipf is not None:
+        flags += ["hardware.routing.distribution=zipf", f"hardware.routing.zipf_s={args.zipf}"]
+    return load_config(args.config, [*flags, *args.set])
 
 
 def _shape(args: argparse.Namespace) -> StepShape:
@@ -115,10 +113,13 @@ def _shape(args: argparse.Namespace) -> StepShape:
 
 
 def cmd_estimate(args: argparse.Namespace) -> dict[str, Any]:
-    dep = _deployment(args)
+    from sim.engine import build_deployment
+
+    config = _estimate_config(args)
+    dep = build_deployment(config)
     plan = dep.check_fits()
-    profile = resolve_profile(args.profile, dep.gpu.id, args.engine)
-    model = CostModel(dep, profile=profile, cuda_graphs=args.graphs)
+    profile = resolve_profile(config.hardware.profile, dep.gpu.id, config.hardware.engine)
+    model = CostModel(dep, profile=profile, cuda_graphs=config.hardware.cuda_graphs)
     shape = _shape(args)
     cost = model.price(shape)
     held = np.concatenate([shape.prefill_tokens + shape.prefill_cached, shape.decode_context + 1,
@@ -343,11 +344,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify-tokens", type=int, default=5, metavar="K", help="tokens each verifies (default 5)")
     b.add_argument("--context", type=int, metavar="L", help="tokens of KV per decoding/verifying request")
     x = est.add_argument_group("execution")
-    x.add_argument("--graphs", dest="graphs", choices=GRAPH_MODES, default="mixed",
-                   help="CUDA graphs: 'mixed' (default) every step of at most 512 tokens without verifications, "
-                        "'decode' decode-only steps alone, 'none' eager")
-    x.add_argument("--eager", dest="graphs", action="store_const", const="none", help="run every step eagerly "
-                   "(--graphs none)")
+    x.add_argument("--graphs", dest="field:hardware.cuda_graphs", choices=GRAPH_MODES,
+                   help="CUDA graphs: 'mixed' every step of at most 512 tokens without verifications, 'decode' "
+                        "decode-only steps alone, 'none' eager (default: the config's hardware.cuda_graphs, mixed)")
+    x.add_argument("--eager", dest="field:hardware.cuda_graphs", action="store_const", const="none",
+                   help="run every step eagerly (--graphs none)")
     x.add_argument("--breakdown", action="store_true", help="add the per-operator table")
     est.set_defaults(func=cmd_estimate)
 

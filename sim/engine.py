@@ -22,7 +22,7 @@ from hardware.catalog import get_gpu, get_model
 from hardware.cost import CostModel
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
-from hardware.profile import resolve_profile
+from hardware.profiles import resolve_profile
 from policies import make_scheduler
 from policies.acceptance import Acceptance
 from policies.base import Scheduler, SchedulerParams

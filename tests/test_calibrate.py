@@ -18,14 +18,8 @@ from hardware.cost import CostModel, StepCost, peak_flops
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
 from hardware.operators import StepShape, gemm_operator
-from hardware.profile import (
-    DEFAULT_PROFILE,
-    AttentionSurface,
-    Profile,
-    load_profile,
-    packaged_profile,
-    resolve_profile,
-)
+from hardware.profile import DEFAULT_PROFILE, AttentionSurface, Profile
+from hardware.profiles import load_profile, packaged_profile, resolve_profile
 from hardware.routing import RoutingModel, expected_distinct
 
 GPU = get_gpu("h100")

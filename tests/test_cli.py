@@ -52,6 +52,25 @@ def test_estimate_moe_placements(capsys) -> None:
     assert code == 2 and "dense" in err and err.count("\n") == 1
 
 
+def test_estimate_reads_the_run_config_and_its_overrides(capsys, tmp_path) -> None:
+    """`estimate CONFIG --set ...` prices the deployment that `run CONFIG --set ...` would simulate; each flag
+    is the override of the field it names, so flags, --set and the YAML agree."""
+    shape = ("--decode", "64", "--context", "2048")
+    _, flags, _ = run(capsys, "estimate", "--model", "llama-3-8b", "--gpu", "h200", "--tp", "2", "--eager", *shape)
+    _, sets, _ = run(capsys, "estimate", "--set", "hardware.gpu=h200", "--set", "hardware.tp=2",
+                     "--set", "hardware.cuda_graphs=none", *shape)
+    config = tmp_path / "run.yaml"
+    config.write_text("model: llama-3-8b\nhardware: {gpu: h200, tp: 2, cuda_graphs: none}\n")
+    _, yaml_, _ = run(capsys, "estimate", str(config), *shape)
+    assert flags == sets == yaml_ and flags["gpu"] == "h200-sxm-141gb" and flags["execution"] == "eager"
+    _, default, _ = run(capsys, "estimate", *shape)  # the embedded scenario: Llama-3-8B on one H100
+    _, later, _ = run(capsys, "estimate", str(config), "--tp", "1", "--set", "hardware.gpu=h100", *shape)
+    assert default["gpu"] == "h100-sxm-80gb" and default["execution"] == "graph"
+    assert later["gpu"] == "h100-sxm-80gb" and later["tp"] == 1 and later["execution"] == "eager"
+    code, _, err = run(capsys, "estimate", "--set", "hardware.tp=zero", *shape)
+    assert code == 2 and err.count("\n") == 1 and "hardware.tp" in err
+
+
 def test_estimate_with_profile(capsys, tmp_path, ideal_profile) -> None:
     path = tmp_path / "ideal.json"
     path.write_text(ideal_profile.model_dump_json())

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from hardware.cost import GRAPH_BATCH_SIZES, CostModel, graph_rows
 from hardware.deployment import Deployment
 from hardware.errors import DoesNotFitError, ServesimError
-from hardware.operators import StepShape
-from hardware.profile import DEFAULT_PROFILE, Curve, KindEfficiency, Profile, TimeTables, load_profile
+from hardware.operators import StepShape, decode_reduces, decode_splits
+from hardware.profile import DEFAULT_PROFILE, Curve, KindEfficiency, Profile, TimeTables
+from hardware.profiles import load_profile
 
 
 @pytest.mark.parametrize("gpu", ["h100", "h200", "a100", "mi300x"])
@@ -273,7 +274,7 @@ def test_kv_gather_is_its_own_operator_unless_the_kernel_is_paged() -> None:
 def test_ragged_decode_attention_waits_for_its_longest_sequence() -> None:
     """A ragged decode batch is priced at least as one wave of sequences at its longest context (one
     FlashAttention block per sequence and KV head: 16 sequences of Llama-3-8B's 8 KV heads fill an H100)."""
-    from hardware.profile import packaged_profile
+    from hardware.profiles import packaged_profile
 
     model = CostModel(Deployment.build("llama-3-8b", "h100"), packaged_profile("h100-sxm-80gb"))
 
@@ -324,3 +325,13 @@ def test_prefill_only_prices_are_kept_per_shape() -> None:
         assert other is not first and other.seconds > first.seconds
     mixed = StepShape.build(prefill=[100], decode=[50])
     assert kept.price(mixed) is not kept.price(mixed)
+
+
+def test_cost_model_counts_the_reduction_kernel_where_the_backend_splits() -> None:
+    """`decode_reduces` (the cost model's count of the reduction kernel, vectorised) says a decode call
+    splits exactly where `decode_splits` (the backend's rule) gives more than one split."""
+    seqs, longest = np.meshgrid(np.arange(1, 300), np.array([1, 255, 256, 511, 512, 513, 1100, 70_000]))
+    for kv_heads, sms in ((1, 132), (8, 132), (4, 108), (2, 304)):
+        rule = np.vectorize(lambda b, n: decode_splits(int(b), kv_heads, int(n), sms) > 1)(seqs, longest)
+        assert rule.any() and not rule.all()
+        assert np.array_equal(decode_reduces(seqs, kv_heads, longest, sms), rule)

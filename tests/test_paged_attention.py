@@ -12,9 +12,9 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("triton")
 torch.set_num_threads(1)
 
-from backend import kernels  # noqa: E402
 from backend.attention import Chunk, attend, paged_group, reference_attention  # noqa: E402
 from backend.kernels import kernels_on_cpu  # noqa: E402
+from hardware.operators import decode_splits  # noqa: E402
 
 BLOCK = 16
 
@@ -90,12 +90,12 @@ def test_kernels_handle_head_layouts(heads: int, kv_heads: int, dim: int) -> Non
 
 
 def test_decode_splits_fill_the_gpu_without_tiny_splits() -> None:
-    assert kernels.decode_splits(1, 8, 8192, 132) == 32  # 1 x 8 KV heads x 32 splits: four programs per SM
-    assert kernels.decode_splits(256, 8, 8192, 132) == 1  # enough sequences already
-    assert kernels.decode_splits(1, 8, 300, 132) == 1  # too short to split
+    assert decode_splits(1, 8, 8192, 132) == 32  # 1 x 8 KV heads x 32 splits: four programs per SM
+    assert decode_splits(256, 8, 8192, 132) == 1  # enough sequences already
+    assert decode_splits(1, 8, 300, 132) == 1  # too short to split
     for b in (1, 3, 17, 64):
         for ctx in (100, 1000, 10_000, 100_000):
-            s = kernels.decode_splits(b, 8, ctx, 132)
+            s = decode_splits(b, 8, ctx, 132)
             assert s & (s - 1) == 0 and (s == 1 or ctx // s >= 256)
 
 

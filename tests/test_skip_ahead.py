@@ -16,7 +16,7 @@ from hardware.catalog import get_gpu, get_model
 from hardware.cost import CostModel
 from hardware.deployment import Deployment
 from hardware.operators import StepShape
-from hardware.profile import resolve_profile
+from hardware.profiles import resolve_profile
 from policies.routers import ROUTERS
 from sim import skip_ahead
 from sim.config import SimConfig
