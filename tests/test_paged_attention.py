@@ -89,6 +89,26 @@ def test_kernels_handle_head_layouts(heads: int, kv_heads: int, dim: int) -> Non
         assert torch.allclose(out, ref, atol=1e-5)
 
 
+def test_mixed_pass_writes_both_groups_in_place() -> None:
+    """A pass with prefill chunks and decodes (two attention calls) writes each group's rows into one output,
+    as the graphs do: the same rows as the groups' own calls, in a buffer of the queries' shape (the eager
+    pass used to concatenate the two outputs: one more kernel per layer)."""
+    from backend.attention import attend_groups
+
+    rng = np.random.default_rng(5)
+    gen = torch.Generator().manual_seed(5)
+    kc, vc = (torch.randn(40 * BLOCK, 2, 32, generator=gen) for _ in range(2))
+    perm = rng.permutation(40).tolist()
+    chunks = [Chunk(0, 20, 9, perm[0:2]), Chunk(20, 1, 50, perm[2:6]), Chunk(21, 1, 130, perm[6:15])]
+    groups = [paged_group(chunks[:1], BLOCK, torch.device("cpu"), False, 2),
+              paged_group(chunks[1:], BLOCK, torch.device("cpu"), True, 2)]
+    q = torch.randn(22, 8, 32, generator=gen)
+    with kernels_on_cpu():
+        out = attend_groups(q, kc, vc, groups, BLOCK, None)
+        parts = [attend(q[g.start:g.end], kc, vc, g, BLOCK, None) for g in groups]
+    assert out.shape == q.shape and torch.equal(out, torch.cat(parts))
+
+
 def test_decode_splits_fill_the_gpu_without_tiny_splits() -> None:
     assert decode_splits(1, 8, 8192, 132) == 32  # 1 x 8 KV heads x 32 splits: four programs per SM
     assert decode_splits(256, 8, 8192, 132) == 1  # enough sequences already
