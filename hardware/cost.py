@@ -693,9 +693,10 @@ class CostModel:
             # (eager steps, and piecewise graphs' attention between the pieces; a decode graph's split is fixed
             # at capture by its block-table width: counted as splitting)
             eager = ~np.broadcast_to(np.asarray(graph, dtype=bool), (k,)) | bool(t is not None and t.prefill_seqs)
-            whole = eager & ~decode_reduces(np.asarray(seqs), self.dep.kv_heads_per_gpu, np.asarray(longest),
-                                            self.dep.gpu.sm_count)
-            launched[:, c.reduce] -= (present[:, c.reduce] & whole[:, None]) * c.count[c.reduce]
+            if eager.any():  # (decode graphs, most decode steps, skip the rule)
+                whole = eager & ~decode_reduces(np.asarray(seqs), self.dep.kv_heads_per_gpu, np.asarray(longest),
+                                                self.dep.gpu.sm_count)
+                launched[:, c.reduce] -= (present[:, c.reduce] & whole[:, None]) * c.count[c.reduce]
         total = (np.maximum(tc, tm) + present * c.latency) * c.count + launched * ovh.launch_graph
         if isinstance(graph, np.ndarray):  # kernels queued on a stream start later than in a graph replay
             total = np.where(graph[:, None], total, total + launched * ovh.stream_gap)
