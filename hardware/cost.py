@@ -378,8 +378,9 @@ class CostModel:
         reads = np.any(attention != 0, axis=(1, 2))  # the operators reading the steps' K/V, and the others
         self._varying, self._steady = (self._column_set(np.flatnonzero(reads), attention),
                                        self._column_set(np.flatnonzero(~reads), attention))
-        self._all = self._column_set(np.arange(n), attention)
-        self._decode_groups: dict[int, tuple[StepTotals, tuple, float]] = {}  # decode steps' features by size
+        # (`_fixed` keeps the others per step features: none is placed by a step's attention)
+        assert not self._steady.surfaces and not self._steady.reduce.size, "an attention operator reads no K/V"
+        self._decode_groups: dict[int, _DecodeGroup] = {}  # decode-only steps by size
         self._prefill_cache: dict[tuple, StepCost] = {}
 
     def _curves(self, op: Operator) -> tuple[Curve | float, Curve | float, GemmCurve | None]:
@@ -425,6 +426,25 @@ class CostModel:
         flops, nbytes, _ = self._base[i] + self._slopes[i] @ x
         return max(self._on_surface(i, flops, nbytes, surface.at(float(b), float(longest))))
 
+    def _decode_surface(self, i: int, surface: AttentionSurface, flops: np.ndarray, nbytes: np.ndarray,
+                        tc: np.ndarray, tm: np.ndarray, seqs: np.ndarray, pairs: np.ndarray, longest: np.ndarray
+                        ) -> tuple[list[float], list[float]]:
+        """Compute and memory seconds of decode attention (operator i) at each step's mean context on its
+        surface, at least the time of its longest sequence's wave (`_longest_decode`); as `tc` and `tm` (the
+        tables') where a step has no decodes. Plain floats, one step at a time."""
+        out_c, out_m = tc.tolist(), tm.tolist()
+        for r, (f, b, n, p, top) in enumerate(zip(flops.tolist(), nbytes.tolist(), np.asarray(seqs).tolist(),
+                                                  np.asarray(pairs).tolist(), np.asarray(longest).tolist())):
+            if n:
+                mean = p / n
+                f, b = self._on_surface(i, f, b, surface.at(float(n), mean))
+                if top > mean:
+                    stretch = self._longest_decode(i, surface, n, int(top)) / max(f, b)
+                    if stretch > 1.0:
+                        f, b = f * stretch, b * stretch
+                out_c[r], out_m[r] = f, b
+        return out_c, out_m
+
     def _on_surface(self, i: int, flops: float, nbytes: float, e: float) -> tuple[float, float]:
         """Compute and memory seconds of operator i at efficiency e of the profile's GPU's roofline."""
         return flops / (self._peak_c[i] * e), nbytes / (self._bandwidth * e)
@@ -452,9 +472,11 @@ class CostModel:
         return float(self._pipelined(cost._total, cost._launched, launch).sum())
 
     def price(self, shape: StepShape) -> StepCost:
-        """Cost of one step running `shape`: every operator in one pass (the engine prices most of its steps here;
-        `price_decodes` prices runs of decode steps with the same arithmetic). Prefill-only steps are kept per
-        shape (prompt lengths repeat: 2,123 lengths among the 100k prompts of `bench/identical_workload.yaml`)."""
+        """Cost of one step running `shape`: the operators that read attention's K/V priced at its K/V tokens,
+        the others as kept per step features (`_fixed`: steps repeat them); the engine prices most of its steps
+        here, and `price_decodes` prices runs of decode steps with the same arithmetic. Prefill-only steps are
+        kept per shape (prompt lengths repeat: 2,123 lengths among the 100k prompts of
+        `bench/identical_workload.yaml`)."""
         if shape.decode_context.size or shape.verify_tokens.size:
             return self._price(shape)
         key = (tuple(shape.prefill_tokens.tolist()), tuple(shape.prefill_cached.tolist()))
@@ -466,17 +488,19 @@ class CostModel:
         return hit
 
     def _price(self, shape: StepShape) -> StepCost:
-        dep, ovh = self.dep, self.profile.overheads
+        dep, ovh, v = self.dep, self.profile.overheads, self._varying
         t = StepTotals.of(shape, dep.attention_window)
         if dep.dp > 1:  # DP attention: each rank runs an even share of the step
             t = t.share(dep.dp)
         key, overhead = self._features(t, shape.prefill_tokens.size, shape.verify_tokens.size, shape.num_requests)
         graph = key[0]
-        work = self._with_attention(self._all, (self._base + self._slopes @ np.array(key[1:], dtype=float))[None],
-                                    t.prefill_pairs, t.prefill_kv_tokens, t.decode_pairs)  # (all in one pass)
-        tc, tm, total, launched = (a[0] for a in self._columns(self._all, work, graph, t, [t.decode_seqs],
-                                                               [t.decode_pairs], [t.decode_longest]))
-        work = work[0]
+        fixed = self._fixed(key, t)  # the operators that do not read attention's K/V, as kept
+        work_v = self._with_attention(v, fixed.work_v[None], t.prefill_pairs, t.prefill_kv_tokens, t.decode_pairs)
+        parts = self._columns(v, work_v, graph, t, [t.decode_seqs], [t.decode_pairs], [t.decode_longest])
+        work, tc, tm, total, launched = (whole.copy() for whole in (fixed.work, fixed.tc, fixed.tm, fixed.total,
+                                                                    fixed.launched))
+        work[v.ids] = work_v[0]
+        tc[v.ids], tm[v.ids], total[v.ids], launched[v.ids] = (part[0] for part in parts)
         if graph:
             stages = np.cumsum(total)[-1:] if dep.pp == 1 else \
                 np.array([np.cumsum(total[a:b])[-1] for a, b in self._stage_spans])
@@ -525,14 +549,14 @@ class CostModel:
         n, w = context.size, self.dep.attention_window
         step = np.arange(steps, dtype=np.int64)
         if active is None:
-            seqs, order = np.full(steps, n), np.arange(n)
+            seqs, c = np.full(steps, n), context
         else:  # requests by how long they stay: step i's requests are the first seqs[i]
             order = np.argsort(-active, kind="stable")
             seqs = np.searchsorted(-active[order], -step, side="left")
-        c = context[order]
-        sums = np.concatenate([[0], np.cumsum(c)])[seqs]
-        longest = np.maximum.accumulate(c)[seqs - 1] + 1 + step
-        kv_tokens = sums + seqs * (step + 1)
+            c = context[order]
+        last = seqs - 1  # (every step decodes someone)
+        longest = np.maximum.accumulate(c)[last] + 1 + step
+        kv_tokens = np.cumsum(c)[last] + seqs * (step + 1)
         if w is None:
             pairs = kv_tokens.astype(float)
         else:
@@ -541,76 +565,79 @@ class CostModel:
             longest = np.minimum(longest, w)
         if self.dep.dp > 1:
             pairs = pairs / self.dep.dp
-        starts = np.flatnonzero(np.concatenate([[True], seqs[1:] != seqs[:-1]]))  # runs of steps with as many
-        rows = np.diff(np.append(starts, steps))  # requests (fewer and fewer: `seqs` never grows)
-        groups = [(*self._decode_group(size), count) for size, count in zip(seqs[starts].tolist(), rows.tolist())]
+        # runs of steps with as many requests (fewer and fewer: `seqs` never grows)
+        cuts = np.flatnonzero(seqs[1:] != seqs[:-1]) + 1
+        bounds = [0, *cuts.tolist(), steps]
+        groups = [(self._decode_group(size), end - start)
+                  for size, start, end in zip(seqs[bounds[:-1]].tolist(), bounds, bounds[1:])]
         seconds, graph, totals = self._decode_rows(groups, pairs, longest, kv_tokens)
         ranks, peak = self.dep.tp * self.dep.dp, self.dep.num_gpus
         mfu = totals[:, 0] * ranks / (seconds * self._gemm_peak * peak)
         mbu = totals[:, 1] * ranks / (seconds * self.dep.gpu.hbm_bandwidth * peak)
         return DecodeRun(seconds, mfu, mbu, graph, seqs)
 
-    def _decode_rows(self, groups: list[tuple[StepTotals, tuple, float, int]], pairs: np.ndarray, longest: np.ndarray,
+    def _decode_rows(self, groups: list[tuple[_DecodeGroup, int]], pairs: np.ndarray, longest: np.ndarray,
                      kv_tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """Price k decode-only steps given as groups of rows (`_decode_group`'s totals, features key and host
-        overhead, then the group's rows) whose rows differ only in their decodes' K/V tokens (`pairs`, `longest`
-        and `kv_tokens`, one value per step), with `price`'s arithmetic: row r of every result depends on row r's
-        inputs alone, through the same operations whatever the other rows (elementwise numpy, sequential sums,
-        per-row scalar code), so a step priced among others and the same step priced alone agree to the last
-        bit. The operators that do not read attention's K/V are priced once per group's features and kept
-        (`_fixed`). Returns each step's seconds, whether it runs as a CUDA graph, and FLOPs, bytes and payload
-        summed over operators."""
-        dep, k, ovh = self.dep, pairs.size, self.profile.overheads
-        _, keys, overheads, counts = zip(*groups)
-        each = None if len(groups) == 1 else np.repeat(np.arange(len(groups)), counts)
+        """Price k decode-only steps given as groups of rows (a `_DecodeGroup`, then its rows) whose rows
+        differ only in their decodes' K/V tokens (`pairs`, `longest` and `kv_tokens`, one value per step), with
+        `price`'s arithmetic: row r of every result depends on row r's inputs alone, through the same operations
+        whatever the other rows (elementwise numpy, sequential sums, per-row scalar code), so a step priced
+        among others and the same step priced alone agree to the last bit. The operators that do not read
+        attention's K/V are priced once per group and kept (`_fixed`). Returns each step's seconds, whether it
+        runs as a CUDA graph, and FLOPs and bytes summed over operators."""
+        dep, k, ovh, v = self.dep, pairs.size, self.profile.overheads, self._varying
+        if len(groups) == 1:
+            g = groups[0][0]
+            graph, seqs, overhead = np.full(k, g.graph), np.full(k, g.seqs), g.overhead
 
-        def per_row(values: list) -> np.ndarray:
-            return np.repeat(np.array(values), counts, axis=0) if each is not None else \
-                np.repeat(np.array(values[:1]), k, axis=0)
+            def per_row(name: str) -> np.ndarray:
+                return np.repeat(getattr(g.fixed, name)[None], k, axis=0)
+        else:
+            counts = [count for _, count in groups]
+            graph = np.repeat([g.graph for g, _ in groups], counts)
+            seqs = np.repeat([g.seqs for g, _ in groups], counts)
+            overhead = np.repeat([g.overhead for g, _ in groups], counts)
 
-        graph = per_row([key[0] for key in keys])
+            def per_row(name: str) -> np.ndarray:
+                return np.repeat(np.stack([getattr(g.fixed, name) for g, _ in groups]), counts, axis=0)
         # the operators reading the steps' K/V at each step's K/V tokens, the others as kept
-        fixed = [self._fixed(key, t) for t, key, *_ in groups]
-        stacked = (lambda name: np.repeat(getattr(fixed[0], name)[None], k, axis=0)) if each is None else \
-            (lambda name: np.stack([getattr(f, name) for f in fixed])[each])
-        base = fixed[0].work_v[None] if each is None else stacked("work_v")  # (broadcast over the rows)
-        work_v = self._with_attention(self._varying, np.broadcast_to(base, (k, *base.shape[1:])), 0.0, 0.0,
-                                      pairs[:, None, None])
-        _, _, total_v, launched_v = self._columns(self._varying, work_v, graph, None,
-                                                  per_row([t.decode_seqs for t, *_ in groups]), pairs, longest)
-        parts = {"total": total_v, "launched": launched_v, "weighted": work_v * self._varying.count[None, :, None]}
-
-        def full(name: str) -> np.ndarray:  # every operator, the varying ones from `parts`
-            whole = stacked(name)
-            whole[:, self._varying.ids] = parts[name]
-            return whole
-
-        total = full("total")
-        stage_seconds = np.empty((k, dep.pp))
-        if graph.any():
-            g = total[graph]
-            stage_seconds[graph] = np.cumsum(g, axis=1)[:, -1:] if dep.pp == 1 else \
-                np.stack([np.cumsum(g[:, a:b], axis=1)[:, -1] for a, b in self._stage_spans], axis=1)
-        if not graph.all():  # the host issues the kernels while the GPU runs them (`pipelined_seconds`)
-            launched = full("launched")
-            for r in np.flatnonzero(~graph).tolist():
-                stage_seconds[r] = self._pipelined(total[r], launched[r], ovh.launch_eager)
-        overhead = per_row(overheads)
+        base = groups[0][0].fixed.work_v if len(groups) == 1 else per_row("work_v")  # (broadcast over the rows)
+        work_v = base + v.attention[2] * pairs[:, None, None]  # (`_with_attention`, decodes' term alone)
+        _, _, total_v, launched_v = self._columns(v, work_v, graph, None, seqs, pairs, longest)
+        total = per_row("total")
+        total[:, v.ids] = total_v
+        all_graph = bool(graph.all())
+        if all_graph and dep.pp == 1:
+            seconds = np.cumsum(total, axis=1)[:, -1]
+        else:
+            stage_seconds = np.empty((k, dep.pp))
+            if graph.any():
+                t = total[graph]
+                stage_seconds[graph] = np.cumsum(t, axis=1)[:, -1:] if dep.pp == 1 else \
+                    np.stack([np.cumsum(t[:, a:b], axis=1)[:, -1] for a, b in self._stage_spans], axis=1)
+            if not all_graph:  # the host issues the kernels while the GPU runs them (`pipelined_seconds`)
+                launched = per_row("launched")
+                launched[:, v.ids] = launched_v
+                for r in np.flatnonzero(~graph).tolist():
+                    stage_seconds[r] = self._pipelined(total[r], launched[r], ovh.launch_eager)
+            seconds = stage_seconds[:, 0] if dep.pp == 1 else np.cumsum(stage_seconds, axis=1)[:, -1]
         if ovh.step_per_kv_token:
             overhead = overhead + ovh.step_per_kv_token * kv_tokens
-        seconds = (stage_seconds[:, 0] if dep.pp == 1 else np.cumsum(stage_seconds, axis=1)[:, -1]) + overhead
-        totals = np.cumsum(full("weighted"), axis=1)[:, -1]  # (k, 3): FLOPs, bytes, payload over operators
-        return seconds, graph, totals
+        seconds = seconds + overhead
+        weighted = per_row("weighted")  # FLOPs and bytes (k, operators, 2) times instances
+        weighted[:, v.ids] = work_v[..., :2] * v.count[:, None]
+        return seconds, graph, np.cumsum(weighted, axis=1)[:, -1]
 
-    def _decode_group(self, size: int) -> tuple[StepTotals, tuple, float]:
-        """The totals, features key (`_features`) and host overhead of a decode-only step of `size` requests,
-        kept per size."""
+    def _decode_group(self, size: int) -> _DecodeGroup:
+        """A decode-only step of `size` requests but for its decodes' K/V tokens (`_DecodeGroup`), kept per
+        size."""
         hit = self._decode_groups.get(size)
         if hit is None:
             t = StepTotals(tokens=size, logit_tokens=size, prefill_seqs=0, prefill_queries=0, prefill_pairs=0.0,
                            prefill_kv_tokens=0.0, decode_seqs=size, decode_pairs=0.0, decode_on=1.0)
             t = t.share(self.dep.dp) if self.dep.dp > 1 else t
-            hit = self._decode_groups[size] = (t, *self._features(t, 0, 0, size))
+            key, overhead = self._features(t, 0, 0, size)
+            hit = self._decode_groups[size] = _DecodeGroup(bool(key[0]), t.decode_seqs, overhead, self._fixed(key, t))
         return hit
 
     def _fixed(self, key: tuple, t: StepTotals) -> _Fixed:
@@ -622,14 +649,14 @@ class CostModel:
         if hit is None:
             work = self._base + self._slopes @ np.array(key[1:], dtype=float)
             f = self._steady.ids
-            total, launched = np.zeros(self._n), np.zeros(self._n)
+            tc, tm, total, launched = (np.zeros(self._n) for _ in range(4))
             none = np.zeros(0)
-            _, _, total[f], launched[f] = (a[0] for a in self._columns(self._steady, work[f][None], key[0], t,
-                                                                        none, none, none))
+            tc[f], tm[f], total[f], launched[f] = (a[0] for a in self._columns(self._steady, work[f][None], key[0],
+                                                                                t, none, none, none))
             if len(self._fixed_cache) >= FIXED_CACHE_SIZE:
                 self._fixed_cache.clear()
             hit = self._fixed_cache[key] = _Fixed(total, launched, work[self._varying.ids],
-                                                  work * self._count[:, None])
+                                                  work[:, :2] * self._count[:, None], work, tc, tm)
         return hit
 
     def _column_set(self, cols: np.ndarray, attention: np.ndarray) -> _Columns:
@@ -641,7 +668,9 @@ class CostModel:
                         self._target_c[cols] if self._source is not None else None, self._kernels[cols],
                         self._count[cols], self._latency[cols], np.flatnonzero(self._reduce[cols]),
                         [(i, int(np.flatnonzero(cols == i)[0]), s) for i, s in self._surfaces if i in cols],
-                        tuple(attention[cols][None, ..., f].copy() for f in range(3)))
+                        tuple(attention[cols][None, ..., f].copy() for f in range(3)),
+                        self._kernels[cols] * self._count[cols], bool(self._comm[cols].any()),
+                        bool(np.any(self._latency[cols] != 0)))
 
     def _columns(self, c: _Columns, work: np.ndarray, graph: bool | np.ndarray, t: StepTotals | None,
                  seqs: np.ndarray, pairs: np.ndarray, longest: np.ndarray
@@ -653,9 +682,9 @@ class CostModel:
         place; the decode calls' splits)."""
         k, m = work.shape[0], c.ids.size
         flops, nbytes, payload = work[..., 0], work[..., 1], work[..., 2]
-        present = (flops > 0) | (nbytes > 0) | (payload > 0)
-        sides = self._tables.seconds(np.concatenate([flops, np.where(c.comm, payload * c.moved, nbytes)], axis=1),
-                                     c.tables, c.peaks)
+        present = (work > 0).any(axis=2)
+        sides = self._tables.seconds(np.concatenate([flops, np.where(c.comm, payload * c.moved, nbytes)
+                                                     if c.any_comm else nbytes], axis=1), c.tables, c.peaks)
         tc, tm = sides[:, :m], sides[:, m:]
         for j, per_flop, rows, efficiency in c.spikes:  # a spike holds its own M exactly (the table blurs it)
             m_rows = flops[:, j] * per_flop
@@ -673,35 +702,36 @@ class CostModel:
                     for r in range(k):
                         tc[r, j], tm[r, j] = self._on_surface(i, flops[r, j], nbytes[r, j], e)
                 continue
-            for r in range(k):  # decode attention, at each step's mean context
-                if not seqs[r]:
-                    continue
-                mean = pairs[r] / seqs[r]
-                tc[r, j], tm[r, j] = self._on_surface(i, flops[r, j], nbytes[r, j], surface.at(float(seqs[r]), mean))
-                if longest[r] > mean:
-                    stretch = self._longest_decode(i, surface, seqs[r], int(longest[r])) / max(tc[r, j], tm[r, j])
-                    if stretch > 1.0:
-                        tc[r, j], tm[r, j] = tc[r, j] * stretch, tm[r, j] * stretch
+            tc[:, j], tm[:, j] = self._decode_surface(i, surface, flops[:, j], nbytes[:, j], tc[:, j], tm[:, j],
+                                                      seqs, pairs, longest)
         if c.target_c is not None:  # what-if: the roofline part moves to this GPU's peaks, the excess stays
             dense = ~c.comm
             tc = np.where(dense, flops / c.target_c + self._excess * (tc - flops / c.peak_c), tc)
             tm = np.where(dense, nbytes / self.dep.gpu.hbm_bandwidth + self._excess * (tm - nbytes / self._bandwidth),
                           tm)
         ovh = self.profile.overheads
-        launched = present * c.kernels * c.count
+        launched = present * c.launches
+        graphs = isinstance(graph, np.ndarray)
+        all_graph = bool(graph.all()) if graphs else bool(graph)
         if c.reduce.size and len(seqs):  # no reduction kernel where an eager decode call keeps its keys whole
             # (eager steps, and piecewise graphs' attention between the pieces; a decode graph's split is fixed
             # at capture by its block-table width: counted as splitting)
-            eager = ~np.broadcast_to(np.asarray(graph, dtype=bool), (k,)) | bool(t is not None and t.prefill_seqs)
-            if eager.any():  # (decode graphs, most decode steps, skip the rule)
+            if t is not None and t.prefill_seqs:
+                eager: np.ndarray | None = np.ones(k, dtype=bool)
+            else:  # (decode graphs, most decode steps, skip the rule)
+                eager = None if all_graph else ~graph if graphs else np.ones(k, dtype=bool)
+            if eager is not None:
                 whole = eager & ~decode_reduces(np.asarray(seqs), self.dep.kv_heads_per_gpu, np.asarray(longest),
                                                 self.dep.gpu.sm_count)
-                launched[:, c.reduce] -= (present[:, c.reduce] & whole[:, None]) * c.count[c.reduce]
-        total = (np.maximum(tc, tm) + present * c.latency) * c.count + launched * ovh.launch_graph
-        if isinstance(graph, np.ndarray):  # kernels queued on a stream start later than in a graph replay
-            total = np.where(graph[:, None], total, total + launched * ovh.stream_gap)
-        elif not graph:
-            total = total + launched * ovh.stream_gap
+                if whole.any():
+                    launched[:, c.reduce] -= (present[:, c.reduce] & whole[:, None]) * c.count[c.reduce]
+        busy = np.maximum(tc, tm)
+        if c.any_latency:
+            busy = busy + present * c.latency
+        total = busy * c.count + launched * ovh.launch_graph
+        if not all_graph:  # kernels queued on a stream start later than in a graph replay
+            total = np.where(graph[:, None], total, total + launched * ovh.stream_gap) if graphs else \
+                total + launched * ovh.stream_gap
         return tc, tm, total, launched
 
 
@@ -726,18 +756,37 @@ class _Columns:
     surfaces: list[tuple[int, int, AttentionSurface]]  # (operator index, position, surface)
     attention: tuple[np.ndarray, ...]  # (1, columns, 3) each: the work one more prefill pair, prefill K/V read
     # and decode K/V token adds
+    launches: np.ndarray  # kernels launched by all instances of an operator that does work
+    any_comm: bool  # whether a collective is among the columns
+    any_latency: bool  # whether a column has a link latency
 
 
 @dataclass(frozen=True, slots=True)
 class _Fixed:
     """`CostModel._fixed`'s operators at one step's features: where an operator does not read attention's
     K/V, its total seconds and kernels launched (ops,); the work (FLOPs, bytes, payload) of those that do; every
-    operator's work times its instances (ops, 3)."""
+    operator's FLOPs and bytes times its instances (ops, 2); every operator's work (ops, 3) and, where it does not
+    read attention's K/V, its compute and memory seconds (ops,)."""
 
     total: np.ndarray
     launched: np.ndarray
     work_v: np.ndarray
     weighted: np.ndarray
+    work: np.ndarray
+    tc: np.ndarray
+    tm: np.ndarray
+
+
+@dataclass(frozen=True, slots=True)
+class _DecodeGroup:
+    """A decode-only step of some number of requests, all but its decodes' K/V tokens: whether it runs as a
+    CUDA graph, its decodes (one DP rank's share), host overhead (but for the per-KV-token part) and operators
+    at its features (`CostModel._fixed`)."""
+
+    graph: bool
+    seqs: float
+    overhead: float
+    fixed: _Fixed
 
 
 @dataclass(frozen=True, slots=True)

@@ -26,7 +26,7 @@ def plan_running(state: ReplicaState, order: np.ndarray, budget: int, cap: int |
     want = state.tokens_to_run(order)
     if cap:
         want = np.minimum(want, cap)
-    tokens = np.clip(budget - (np.cumsum(want) - want), 0, want)
+    tokens = np.minimum(np.maximum(budget - (np.cumsum(want) - want), 0), want)  # (np.clip, without its overhead)
     ids, tokens = order[tokens > 0], tokens[tokens > 0]
     if kv.grow_many(ids, r.computed[ids] + tokens):
         return ids, tokens, False

@@ -94,7 +94,8 @@ class StepLog:
                int(batch.verify_drafts.sum()), accepted, outcome.draft_seconds)
         at = self._room()
         for column, value in zip(self.buffer.values(), row):
-            column[at] = value
+            if value:  # (a fresh buffer holds zeros)
+                column[at] = value
         self.filled += 1
 
     def record_stretch(self, state: ReplicaState, stretch: Stretch, start: float, pool: str = "colocated") -> None:
@@ -114,7 +115,10 @@ class StepLog:
             at = self._room()
             n = min(stretch.steps - done, LOG_CHUNK - at)
             for column, value in zip(self.buffer.values(), row):
-                column[at:at + n] = value[done:done + n] if isinstance(value, np.ndarray) else value
+                if isinstance(value, np.ndarray):
+                    column[at:at + n] = value[done:done + n]
+                elif value:  # (a fresh buffer holds zeros)
+                    column[at:at + n] = value
             self.filled += n
             done += n
 
@@ -155,7 +159,7 @@ class StepLog:
 
 
 def _mapped(dtype: type, rows: int) -> np.ndarray:
-    """An empty array of `rows` in its own anonymous memory map, given back to the system as soon as it is freed
+    """An array of `rows` zeros in its own anonymous memory map, given back to the system as soon as it is freed
     (chunks from the heap would stay in the process when `StepLog.drain` joins them: twice the log at the end)."""
     dtype = np.dtype(dtype)
     return np.frombuffer(mmap.mmap(-1, rows * dtype.itemsize), dtype=dtype)

@@ -75,6 +75,7 @@ class SkipAhead:
         self.blind = blind  # the router reads no replica's state: a stretch may run through an arrival's step
         self.step_seconds = 0.0  # the last step priced: how many steps to price first
         self.unfit: tuple[np.ndarray, np.ndarray, StepOutcome] | None = None  # a next step priced but not run
+        self.fans: bool | None = None  # whether the run has fan-out samples (found at the first stretch)
 
     def advance(self, state: ReplicaState, batch: Batch, now: float) -> Stretch | StepOutcome | None:
         """Run the stretch that begins with `batch` at `now` on `state` (every step's tokens, finishes and
@@ -97,9 +98,10 @@ class SkipAhead:
         context, held, gen = batch.decode_computed, kv.blocks[ids], r.generated[ids]
         left = r.output[ids] - gen  # the step (from 1) in which each request emits its last token
         stop = int(left.max())
-        fan = r.group[ids] >= 0
-        if fan.any():  # a fan-out sample finishing may cancel its siblings: that step runs alone
-            stop = min(stop, int(left[fan].min()) - 1)
+        if self.fans is None:
+            self.fans = bool((r.group >= 0).any())
+        if self.fans and (fan := r.group[ids] >= 0).any():  # a fan-out sample finishing may cancel its siblings:
+            stop = min(stop, int(left[fan].min()) - 1)  # that step runs alone
             if stop == 0:
                 return None
         arrival, available = self.arrivals.next(), kv.available
@@ -108,21 +110,22 @@ class SkipAhead:
         pieces, done, end = [], 0, now
         while True:
             run = self.cost_model.price_decodes(context + done, size, left - done)
-            ends = np.cumsum(np.concatenate([[end], run.seconds]))[1:]  # (sequential sums: the clock's own)
-            step = done + 1 + np.arange(size)[:, None]  # (from 1)
-            grown = np.maximum(kv.blocks_for(context[None, :] + step) - held, 0)  # beyond now's, per request
-            on = left[None, :] >= step
+            ends = run.seconds.copy()
+            ends[0] += end
+            ends = np.cumsum(ends)  # (sequential sums from `end`: the clock's own)
+            step = np.arange(done + 1, done + size + 1)[:, None]  # (from 1)
+            grown = np.maximum(kv.blocks_for(context + step) - held, 0)  # beyond now's, per request
             # a step's blocks must fit what is free now and what the requests finished before it gave back
-            room = (grown * on).sum(1) <= available + (held * ~on).sum(1)
+            on = left >= step
+            room = np.where(on, grown, -held).sum(1) <= available
             fits = (ends < arrival) & room
-            k = size if fits.all() else int(np.argmin(fits))
+            k = size if fits.all() else int(fits.argmin())
             # the step an arrival falls in (begun before it, ended after it): the replica hears of the
             # request only at its end, so when nobody looks at the state in between, it runs in the stretch
             straddles = k < size and self.blind and room[k] and ends[k] > arrival and \
                 (ends[k - 1] if k else end) < arrival
             k += straddles
-            pieces.append((run.seconds[:k], ends[:k], run.mfu[:k], run.mbu[:k], run.graph[:k], run.decodes[:k],
-                           grown[:k]))
+            pieces.append((run, ends, grown, k))
             done += k
             if straddles:
                 break
@@ -139,7 +142,16 @@ class SkipAhead:
         if not done:  # `batch` itself ends after the next arrival: it runs alone, at the price just found
             outcome, self.unfit = self.unfit[2], None
             return outcome
-        seconds, ends, mfu, mbu, graph, decodes, grown = map(np.concatenate, zip(*pieces))
+        if len(pieces) == 1:
+            run, ends, grown, k = pieces[0]
+            seconds, mfu, mbu, graph, decodes = run.seconds, run.mfu, run.mbu, run.graph, run.decodes
+            if k < ends.size:
+                seconds, ends, mfu, mbu, graph, decodes, grown = (a[:k] for a in (seconds, ends, mfu, mbu, graph,
+                                                                                  decodes, grown))
+        else:
+            seconds, ends, mfu, mbu, graph, decodes, grown = (np.concatenate(a) for a in zip(*(
+                (run.seconds[:k], ends[:k], run.mfu[:k], run.mbu[:k], run.graph[:k], run.decodes[:k], grown[:k])
+                for run, ends, grown, k in pieces)))
         self.step_seconds = float(seconds[-1])
         # the steps' outcome: as `complete_step` and the scheduler would write it, step by step
         took = np.minimum(left, done)  # steps each request decoded in
@@ -148,10 +160,10 @@ class SkipAhead:
         r.token_time[r.token_offset[ids][rows] + gen[rows] + nth] = ends[nth]
         r.generated[ids] = gen + took
         r.computed[ids] = context + took
-        step = np.arange(1, done + 1)[:, None]
-        after = left[None, :] > step  # still running after each step
+        after = left > np.arange(1, done + 1)[:, None]  # still running after each step
         used_before = kv.used
         finished = left <= done
+        alive = ~finished
         if finished.any():
             gone = ids[finished]
             r.status[gone] = Status.FINISHED
@@ -159,8 +171,10 @@ class SkipAhead:
             kv.release(gone)
             out = set(gone.tolist())
             state.running = [rid for rid in state.running if rid not in out]
-        kv.grow_many(ids[~finished], context[~finished] + done)
-        used = used_before + (grown * after).sum(1) - (held * ~after).sum(1)
+        need = grown[-1][alive]  # (`ReplicaState.grow_many`: the room check above has the blocks)
+        kv.take(int(need.sum()))
+        kv.blocks[ids[alive]] += need
+        used = used_before + np.where(after, grown, -held).sum(1)
         return Stretch(seconds, ends, mfu, mbu, graph, decodes, used, after.sum(1))
 
 

@@ -335,3 +335,28 @@ def test_cost_model_counts_the_reduction_kernel_where_the_backend_splits() -> No
         rule = np.vectorize(lambda b, n: decode_splits(int(b), kv_heads, int(n), sms) > 1)(seqs, longest)
         assert rule.any() and not rule.all()
         assert np.array_equal(decode_reduces(seqs, kv_heads, longest, sms), rule)
+
+
+@pytest.mark.parametrize("profile,graphs", [(None, True), ("calibrated", True), ("calibrated", "none")])
+def test_kept_operators_price_a_step_as_afresh(profile: str | None, graphs: bool | str) -> None:
+    """`price` keeps the operators that do not read attention's K/V per step features (`_fixed`), priced at the
+    first step that had them: steps of the same features but other prefill chunks, cached prefixes and decode
+    contexts get every figure and per-operator row that a cost model pricing them first gives, and keep them
+    while later steps are priced."""
+    from hardware.catalog import get_gpu, get_model
+    from hardware.profiles import resolve_profile
+
+    dep = Deployment.build(get_model("llama-3-8b"), get_gpu("h100"))
+    rng = np.random.default_rng(5)
+    warm = CostModel(dep, profile=resolve_profile(profile, dep.gpu.id), cuda_graphs=graphs)
+    shapes = []
+    for _ in range(60):  # one chunk of 200 tokens and 8 decodes: the features repeat, the attention does not
+        shapes.append(StepShape(prefill_tokens=np.array([200]), prefill_cached=rng.integers(0, 4000, 1),
+                                decode_context=rng.integers(1, 6000, 8)))
+    costs = [warm.price(shape) for shape in shapes]  # (each kept cost read after the later steps were priced)
+    for shape, kept in zip(shapes, costs):
+        fresh = CostModel(dep, profile=resolve_profile(profile, dep.gpu.id), cuda_graphs=graphs).price(shape)
+        assert (kept.seconds, kept.stage_seconds, kept.mfu, kept.mbu, kept.kernels, kept.comm_bytes) == \
+               (fresh.seconds, fresh.stage_seconds, fresh.mfu, fresh.mbu, fresh.kernels, fresh.comm_bytes)
+        assert kept.breakdown == fresh.breakdown
+    assert len(warm._fixed_cache) < len(shapes)  # (kept features were met again)
