@@ -1,17 +1,15 @@
 """Replay: the simulator's config, workload and policy objects, run for real on one device by wall clock.
 
-The same `ReplicaState`, scheduler and router the simulator uses; only the executor (`TorchExecutor`) and
-the clock (`time.perf_counter`) differ. Arrivals are released at their times (with `asap`, idle gaps are
-skipped: the clock jumps to the next arrival when nothing can run). Every step's batch shape is kept so
-`servesim validate` can re-price exactly these steps with the cost model.
+The simulator's own engine (`sim.engine.drive`: its replica loop, router, speculator and step log); only the
+executor (`TorchExecutor`) and the clock (`sim.clock.WallClock`) differ. Arrivals are released at their times
+(with `asap`, idle gaps are skipped: the clock jumps to the next event when nothing can run). Every step's
+batch shape is kept so `servesim validate` can re-price exactly these steps with the cost model.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import time
-from dataclasses import replace
 from pathlib import Path
 
 from backend.executor import TorchExecutor
@@ -19,13 +17,12 @@ from backend.kernels import CompileWatch
 from hardware.catalog import get_model
 from hardware.errors import ServesimError
 from hardware.operators import StepShape
-from policies import make_scheduler
-from policies.acceptance import Acceptance
-from policies.routers import make_router
-from policies.speculation import DraftModel, Speculator
-from policies.state import ReplicaState
+from policies.batch import Batch
+from policies.speculation import DraftModel
+from sim.clock import WallClock
 from sim.config import SimConfig
-from sim.engine import Cluster, StepLog, prepare
+from sim.engine import drive, prepare
+from sim.executor import StepOutcome
 from sim.metrics import Results
 
 
@@ -38,14 +35,19 @@ def free_memory(device: str) -> float:
     return float(os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"))
 
 
-class _Replica:
-    """What the cluster's router needs of a replica: its state (the loop below never sleeps on an event)."""
+class _Recorded:
+    """The torch executor, each step's shape kept (what `servesim validate` re-prices) and each step's CUDA-graph
+    captures left out of the wall clock (a server captures its graphs at start)."""
 
-    def __init__(self, state: ReplicaState) -> None:
-        self.state = state
+    def __init__(self, executor: TorchExecutor, clock: WallClock) -> None:
+        self.executor, self.clock = executor, clock
+        self.shapes: list[StepShape] = []
 
-    def notify(self) -> None:
-        pass
+    def run(self, batch: Batch) -> StepOutcome:
+        outcome = self.executor.run(batch)
+        self.clock.skip(self.executor.capture_seconds)
+        self.shapes.append(batch.shape())
+        return outcome
 
 
 def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperature: float = 0.0,
@@ -104,53 +106,14 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
     if config.kv_cache.prefix_caching:  # the executor follows the cache's changes to share physical blocks
         executor.journal = state.kv.keep_journal()
     executor.warm_up(setup.deployment.max_num_batched_tokens)
-    policy = make_scheduler(config.scheduler)
-    speculator = None if spec is None else Speculator(spec, Acceptance(spec.acceptance, config.seed, requests.n))
-    cluster = Cluster([_Replica(state)], make_router(config.cluster.router, config.seed), requests,  # type: ignore[list-item]
-                      setup.deployment.context_limit)
-    log, shapes = StepLog(), []
-    arrivals = requests.arrival.tolist()
-    nxt, skipped = 0, 0.0
-    wall0 = time.perf_counter()
-
-    def clock() -> float:
-        return time.perf_counter() - wall0 + skipped
-
+    clock = WallClock(asap)
+    recorded = _Recorded(executor, clock)
     with CompileWatch() as compiles:  # kernels compiled in steps' time (none after the warm-up, we expect)
-        while True:
-            now = clock()
-            while nxt < len(arrivals) and arrivals[nxt] <= now:
-                cluster.arrive(nxt)
-                nxt += 1
-            state.now = now
-            before = state.preemptions
-            batch = policy.schedule(state)
-            if batch is not None and speculator is not None:
-                batch = speculator.plan(state, batch)
-            if batch is not None:
-                batch = state.with_swaps(batch)
-            if batch is None:
-                if nxt == len(arrivals):
-                    break
-                wait = arrivals[nxt] - clock()
-                if asap:
-                    skipped += max(wait, 0.0)
-                elif wait > 0:
-                    time.sleep(wait)
-                continue
-            start = clock()
-            outcome = executor.run(batch)
-            skipped -= executor.capture_seconds  # the clock stops while a new CUDA graph is captured
-            end = clock()
-            result = state.complete_step(batch, end, outcome.accepted)
-            policy.on_step_end(state, batch, result)
-            log.record(state, batch, start, replace(outcome, seconds=end - start), state.preemptions - before)
-            shapes.append(batch.shape())
+        results = drive(setup, clock, lambda dep: recorded, skip_ahead=False, states=[state])
     executor.sync_tables()  # the last steps' finished requests give their blocks back
-    results = setup.results([state], log, time.perf_counter() - wall0)
     results.summary["replay_kernel_compiles"] = len(compiles.kernels)
     results.summary["replay_kernel_compile_s"] = compiles.seconds
-    return results, executor, shapes
+    return results, executor, recorded.shapes
 
 
 def write_shapes(shapes: list[StepShape], path: str | Path) -> None:

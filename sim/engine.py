@@ -2,7 +2,8 @@
 
 Each replica loops `batch = policy.schedule(state)` -> `outcome = executor.run(batch)` ->
 `yield env.timeout(outcome.seconds)` -> `state.complete_step(batch, now)`; with nothing to run it sleeps on
-an event that the next arrival routed to it triggers (no polling).
+an event that the next arrival routed to it triggers (no polling). The same loop runs on simulated time
+(`simulate`) and on wall-clock time (`drive` with `sim.clock.WallClock`: `backend.replay`).
 """
 
 from __future__ import annotations
@@ -512,12 +513,23 @@ def simulate(
     """Run one simulation: a pure function of the config (and the executor), returning its `Results`.
     `skip_ahead` False steps every decode one by one (the results are the same: `sim.skip_ahead`)."""
     wall0 = time.perf_counter()
-    setup = prepare(config)
-    requests = setup.requests
+    results = drive(prepare(config), simpy.Environment(), executor_factory, progress, skip_ahead, wall0=wall0)
+    if config.speculation is not None and config.speculation.compare_baseline:
+        add_speedups(results.summary, simulate(config.model_copy(update={"speculation": None})).summary)
+    return results
+
+
+def drive(setup: Setup, env: simpy.Environment, executor_factory: Callable[[Deployment], Executor] | None = None,
+          progress: bool = False, skip_ahead: bool = True, states: list[ReplicaState] | None = None,
+          wall0: float | None = None) -> Results:
+    """Run `setup`'s requests through its replicas on `env`'s clock: simulated time (`simpy.Environment`) or
+    wall-clock time (`sim.clock.WallClock`, a replay on a device), the same loop either way. `states` are the
+    colocated replicas' states when the caller made them (default: fresh ones)."""
+    wall0 = time.perf_counter() if wall0 is None else wall0
+    config, requests = setup.config, setup.requests
     if executor_factory is None:
         executors = {id(p.deployment): p.executor(config.speculation) for p in setup.pools}
         executor_factory = lambda dep: executors[id(dep)]  # noqa: E731
-    env = simpy.Environment()
     log = StepLog()
     progress_bar = Progress(requests.n, progress and watched())
     waits = any(w.arrival.kind == "closed_loop" or w.sessions is not None for w in config.workloads)
@@ -530,7 +542,7 @@ def simulate(
         arrive, states, extra = cluster.arrive, cluster.states, cluster.extra
     else:
         (pool,) = setup.pools
-        states = setup.replica_states()
+        states = states or setup.replica_states()
         spec = config.speculation
         speculator = None if spec is None else Speculator(spec, Acceptance(spec.acceptance, config.seed, requests.n))
         foldable = (skip_ahead and not waits and speculator is None and not config.kv_cache.prefix_caching
@@ -557,10 +569,7 @@ def simulate(
     requests.arrival[unsent] = env.now
     progress_bar.update(env.now, requests)
     progress_bar.close()
-    results = setup.results(states, log, time.perf_counter() - wall0, extra() if extra else None)
-    if config.speculation is not None and config.speculation.compare_baseline:
-        add_speedups(results.summary, simulate(config.model_copy(update={"speculation": None})).summary)
-    return results
+    return setup.results(states, log, time.perf_counter() - wall0, extra() if extra else None)
 
 
 def add_speedups(summary: dict, baseline: dict) -> None:

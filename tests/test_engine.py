@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -245,3 +246,71 @@ def test_itl_percentiles_are_exact_over_ties_and_spread_values() -> None:
     every = np.concatenate([np.diff(r.token_time[o:o + n]) for o, n in zip(r.token_offset, outputs)])
     for p in (1, 50, 90, 99, 99.9):
         assert out[f"itl_p{p:g}_s"] == pytest.approx(np.percentile(every, p), rel=1e-12, abs=1e-15), p
+
+
+class _Batches:
+    """A fixed-cost executor that keeps every batch it runs."""
+
+    def __init__(self) -> None:
+        self.inner, self.batches = FixedCostExecutor(0.020, 0.0002), []
+
+    def run(self, batch):
+        self.batches.append(batch.shape().to_dict())
+        return self.inner.run(batch)
+
+
+@pytest.mark.parametrize("scheduler", [{"name": "vllm", "max_num_seqs": 8},
+                                       {"name": "sarathi", "token_budget": 256, "max_num_seqs": 8}],
+                         ids=["vllm", "sarathi"])
+def test_both_clocks_make_the_same_batches(scheduler: dict) -> None:
+    """The one replica loop on simulated time and on wall-clock time (`WallClock`, what a replay runs on; idle
+    gaps skipped): with every step priced longer than the host takes to plan it, the same batches step by step,
+    the same request and step tables, the same token times."""
+    import simpy
+
+    from sim.clock import WallClock
+    from sim.engine import drive, prepare
+
+    cfg = config(scheduler=scheduler, kv_cache={"num_blocks": 60}, max_model_len=512,  # (preemptions too)
+                 cluster={"replicas": 2, "router": "least_outstanding"},
+                 workloads=[{"arrival": {"kind": "poisson", "rate": 30.0}, "num_requests": 40,
+                             "lengths": {"kind": "uniform", "prompt": [20, 400], "output": [2, 40]}}])
+    runs = []
+    for env in (simpy.Environment(), WallClock(asap=True)):
+        executors = []
+
+        def factory(dep, executors=executors):
+            executors.append(_Batches())
+            return executors[-1]
+
+        runs.append((drive(prepare(cfg), env, factory, skip_ahead=False), [e.batches for e in executors]))
+    (sim, sim_batches), (wall, wall_batches) = runs
+    assert sim_batches == wall_batches and sum(map(len, sim_batches)) > 100
+    pd.testing.assert_frame_equal(sim.requests, wall.requests, check_exact=True)
+    pd.testing.assert_frame_equal(sim.steps, wall.steps, check_exact=True)
+    np.testing.assert_array_equal(sim.token_times, wall.token_times)
+    assert (sim.requests["preemptions"] > 0).any()
+
+
+def test_the_wall_clock_sleeps_to_its_events_and_skips_what_it_is_told() -> None:
+    """Without `asap` the wall clock waits for an event's time; a timeout never ends before the wall clock;
+    `skip` takes time out of it."""
+    import time
+
+    from sim.clock import WallClock
+
+    env = WallClock()
+
+    def proc():
+        yield env.timeout(0.05)  # sleeps until then
+        time.sleep(0.03)
+        env.skip(0.03)  # as if those 30 ms never passed
+        yield env.timeout(0.0)
+        time.sleep(0.02)
+        yield env.timeout(0.0)  # ends at the wall clock, not before
+
+    t0 = time.perf_counter()
+    env.process(proc())
+    env.run()
+    assert time.perf_counter() - t0 >= 0.1
+    assert 0.07 <= env.now < 0.1
