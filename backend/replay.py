@@ -21,9 +21,10 @@ from policies.batch import Batch
 from policies.speculation import DraftModel
 from sim.clock import WallClock
 from sim.config import SimConfig
-from sim.engine import drive, prepare
+from sim.engine import drive
 from sim.executor import StepOutcome
 from sim.metrics import Results
+from sim.setup import prepare
 
 
 def free_memory(device: str) -> float:

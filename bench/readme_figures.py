@@ -334,7 +334,7 @@ MOE_KEYS = ("ttft_p50_s", "ttft_p99_s", "tpot_p50_s", "tpot_p99_s", "itl_p99_s",
 def _moe_runs(config: str, runs: dict[str, list[str]]) -> Values:
     """Each run's latencies and the HBM bytes its GPUs moved per output token (from the steps' MBU)."""
     from sim import load_config, simulate
-    from sim.engine import build_deployment
+    from sim.setup import build_deployment
 
     out = {}
     for label, overrides in runs.items():

@@ -113,7 +113,7 @@ def _shape(args: argparse.Namespace) -> StepShape:
 
 
 def cmd_estimate(args: argparse.Namespace) -> dict[str, Any]:
-    from sim.engine import build_deployment
+    from sim.setup import build_deployment
 
     config = _estimate_config(args)
     dep = build_deployment(config)

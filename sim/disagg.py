@@ -39,10 +39,11 @@ from hardware.deployment import Deployment
 from policies import make_scheduler
 from policies.batch import Batch
 from policies.state import Status, StepResult
-from sim.engine import Pool, Progress, Replica, Setup, StepLog
+from sim.engine import Progress, Replica, StepLog
 from sim.executor import Executor
 from sim.metrics import pct_key
 from sim.network import Link, Network
+from sim.setup import Pool, Setup
 
 
 def wire_bytes_per_token(dep: Deployment) -> float:

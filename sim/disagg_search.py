@@ -23,7 +23,7 @@ import pandas as pd
 from hardware.errors import ServesimError
 from sim.capacity import Horizon, SearchProgress, attainment_predicate, find_capacity
 from sim.config import SimConfig, parse_config
-from sim.engine import build_pools
+from sim.setup import build_pools
 
 
 @dataclass(frozen=True)

@@ -54,7 +54,8 @@ from sim.capacity import (
     with_rate,
 )
 from sim.config import DisaggregationConfig, SimConfig, apply_overrides, parse_config, read_mapping
-from sim.engine import build_pools, simulate
+from sim.engine import simulate
+from sim.setup import build_pools
 from traces.workload import RATED_KINDS
 
 MAX_REPLICAS = 128  # replicas: auto never proposes more (nor more GPUs than search.max_gpus)

@@ -25,7 +25,7 @@ from hardware.errors import ServesimError  # noqa: E402
 from hardware.files import read_json, read_table, read_text  # noqa: E402
 from hardware.operators import StepShape  # noqa: E402
 from sim.config import load_config  # noqa: E402
-from sim.engine import build_pools  # noqa: E402
+from sim.setup import build_pools  # noqa: E402
 
 METRICS = [f"{m}_{p}_s" for m in ("ttft", "tpot", "itl", "e2e") for p in ("p50", "p90", "p99")]
 

@@ -248,7 +248,7 @@ def test_token_tree_replay_keeps_the_tree_levels_for_validation(tmp_path) -> Non
     from dataclasses import replace
 
     from backend.replay import write_shapes
-    from sim.engine import prepare
+    from sim.setup import prepare
     from sim.validate import read_shapes
 
     cfg = tiny_config({"name": "vllm"}, 128, n=3)

@@ -14,8 +14,9 @@ from hardware.errors import ServesimError
 from sim.cli import main
 from sim.config import SimConfig, load_config
 from sim.disagg import wire_bytes_per_token
-from sim.engine import build_pools, simulate
+from sim.engine import simulate
 from sim.network import Network
+from sim.setup import build_pools
 
 
 def config(rate: float = 4.0, n: int = 60, prompt=(100, 1500), output=(2, 120), **disagg) -> SimConfig:

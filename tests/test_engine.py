@@ -12,8 +12,9 @@ from hardware.cost import CostModel
 from hardware.operators import StepShape
 from policies.state import Status
 from sim.config import SimConfig, load_config
-from sim.engine import build_deployment, simulate
+from sim.engine import simulate
 from sim.executor import FixedCostExecutor
+from sim.setup import build_deployment
 
 
 def config(**sections) -> SimConfig:
@@ -269,7 +270,8 @@ def test_both_clocks_make_the_same_batches(scheduler: dict) -> None:
     import simpy
 
     from sim.clock import WallClock
-    from sim.engine import drive, prepare
+    from sim.engine import drive
+    from sim.setup import prepare
 
     cfg = config(scheduler=scheduler, kv_cache={"num_blocks": 60}, max_model_len=512,  # (preemptions too)
                  cluster={"replicas": 2, "router": "least_outstanding"},

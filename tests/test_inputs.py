@@ -76,7 +76,7 @@ def test_traces_with_a_bom_blank_lines_and_bad_bytes(tmp_path, capsys) -> None:
     ("workloads.0.num_requests=2000000", "output tokens in all"),
 ])
 def test_bad_values_are_one_line_errors(override: str, needle: str, capsys, monkeypatch) -> None:
-    monkeypatch.setattr("sim.engine.MAX_RECORDED_TOKENS", 10_000_000)  # the bound, scaled down for the test
+    monkeypatch.setattr("sim.setup.MAX_RECORDED_TOKENS", 10_000_000)  # the bound, scaled down for the test
     assert main(["run", "--set", override, "--quiet"]) == 2
     one_line_error(capsys, needle)
 

@@ -10,7 +10,8 @@ from hardware.deployment import Deployment
 from hardware.errors import ServesimError
 from hardware.operators import StepShape
 from hardware.specs import DTYPE_BYTES
-from sim.engine import build_pools, simulate
+from sim.engine import simulate
+from sim.setup import build_pools
 from tests.test_chunked_prefill import CheckedBlocks
 from tests.test_engine import check_conservation, config
 
