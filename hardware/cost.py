@@ -532,13 +532,13 @@ class CostModel:
         return key, overhead + ovh.step_mixed if t.prefill_seqs and t.decode_seqs else overhead
 
     @staticmethod
-    def _with_attention(columns: _Columns, base: np.ndarray, prefill_pairs: float | np.ndarray,
-                        prefill_reads: float | np.ndarray, decode_pairs: float | np.ndarray) -> np.ndarray:
-        """The work (k, columns, 3) of `columns` from their work without attention's K/V (`base`), at each step's
-        prefill pairs and K/V reads and decode K/V tokens (one value, or (k, 1, 1) arrays)."""
+    def _with_attention(columns: _Columns, base: np.ndarray, prefill_pairs: float, prefill_reads: float,
+                        decode_pairs: float) -> np.ndarray:
+        """The work (1, columns, 3) of `columns` from their work without attention's K/V (`base`), at a step's
+        prefill pairs and K/V reads and decode K/V tokens."""
         work = base  # (a term whose count is zero adds nothing: skipped, exactly)
         for slopes, count in zip(columns.attention, (prefill_pairs, prefill_reads, decode_pairs)):
-            if count.any() if isinstance(count, np.ndarray) else count:
+            if count:
                 work = work + slopes * count
         return work
 
@@ -602,7 +602,7 @@ class CostModel:
                 return np.repeat(np.stack([getattr(g.fixed, name) for g, _ in groups]), counts, axis=0)
         # the operators reading the steps' K/V at each step's K/V tokens, the others as kept
         base = groups[0][0].fixed.work_v if len(groups) == 1 else per_row("work_v")  # (broadcast over the rows)
-        work_v = base + v.attention[2] * pairs[:, None, None]  # (`_with_attention`, decodes' term alone)
+        work_v = base + v.attention[2] * pairs[:, None, None]  # (`_with_attention`'s decode term, per row)
         _, _, total_v, launched_v = self._columns(v, work_v, graph, None, seqs, pairs, longest)
         total = per_row("total")
         total[:, v.ids] = total_v
@@ -642,9 +642,8 @@ class CostModel:
 
     def _fixed(self, key: tuple, t: StepTotals) -> _Fixed:
         """The operators at a step's features `key` (whether it runs as a graph, then the features x with
-        attention's pairs and K/V tokens left out): the work of those that read attention's K/V, the total
-        seconds and kernels launched of the others, and everyone's work times instances; kept per key (steps repeat
-        these features: the same decodes one token further)."""
+        attention's pairs and K/V tokens left out), as `_Fixed` holds them; kept per key (steps repeat these
+        features: the same decodes one token further, a chunk of the same size beside as many decodes)."""
         hit = self._fixed_cache.get(key)
         if hit is None:
             work = self._base + self._slopes @ np.array(key[1:], dtype=float)
@@ -665,8 +664,7 @@ class CostModel:
                         np.flatnonzero(self._is_derived[cols]),
                         [(j, *self._spikes[i]) for j, i in enumerate(cols.tolist()) if i in self._spikes],
                         self._peak_c[cols],
-                        self._target_c[cols] if self._source is not None else None, self._kernels[cols],
-                        self._count[cols], self._latency[cols], np.flatnonzero(self._reduce[cols]),
+                        self._target_c[cols] if self._source is not None else None, self._count[cols], self._latency[cols], np.flatnonzero(self._reduce[cols]),
                         [(i, int(np.flatnonzero(cols == i)[0]), s) for i, s in self._surfaces if i in cols],
                         tuple(attention[cols][None, ..., f].copy() for f in range(3)),
                         self._kernels[cols] * self._count[cols], bool(self._comm[cols].any()),
@@ -738,7 +736,7 @@ class CostModel:
 @dataclass(frozen=True, slots=True)
 class _Columns:
     """A set of operators (`ids`) with their constants, as `CostModel._columns` prices them: the operators
-    that read attention's K/V, the others, or all."""
+    that read attention's K/V, or the others."""
 
     ids: np.ndarray
     comm: np.ndarray
@@ -749,7 +747,6 @@ class _Columns:
     spikes: list[tuple[int, float, np.ndarray, np.ndarray]]  # (position, M per FLOP, spikes' M and efficiencies)
     peak_c: np.ndarray
     target_c: np.ndarray | None
-    kernels: np.ndarray
     count: np.ndarray
     latency: np.ndarray
     reduce: np.ndarray  # positions of paged decode attention (`CostModel._reduce`)

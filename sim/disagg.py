@@ -39,6 +39,7 @@ from hardware.deployment import Deployment
 from policies import make_scheduler
 from policies.batch import Batch
 from policies.state import Status, StepResult
+from sim.clock import SimClock
 from sim.engine import Progress, Replica, StepLog
 from sim.executor import Executor
 from sim.metrics import pct_key
@@ -55,7 +56,7 @@ def wire_bytes_per_token(dep: Deployment) -> float:
 class DisaggregatedCluster:
     """The pools' replicas, the KV links between them and the hand-off of every request."""
 
-    def __init__(self, env: simpy.Environment, setup: Setup, log: StepLog, progress: Progress,
+    def __init__(self, env: SimClock, setup: Setup, log: StepLog, progress: Progress,
                  executor_factory: Callable[[Deployment], Executor]) -> None:
         cfg = setup.config
         assert cfg.disaggregation is not None

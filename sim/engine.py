@@ -1,9 +1,9 @@
 """The SimPy serving engine: arrival processes, a router, and one process per replica.
 
 Each replica loops `batch = policy.schedule(state)` -> `outcome = executor.run(batch)` ->
-`yield env.timeout(outcome.seconds)` -> `state.complete_step(batch, now)`; with nothing to run it sleeps on
+`yield env.step_end(outcome.seconds)` -> `state.complete_step(batch, now)`; with nothing to run it sleeps on
 an event that the next arrival routed to it triggers (no polling). The same loop runs on simulated time
-(`simulate`) and on wall-clock time (`drive` with `sim.clock.WallClock`: `backend.replay`).
+(`simulate`) and on wall-clock time (`drive` with `sim.clock.WallClock`: `backend.replay`; `sim.clock`).
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from policies.routers import Router, make_router
 from policies.speculation import Speculator
 from policies.state import ReplicaState, Requests, Status, StepResult
 from sim.clients import Clients
+from sim.clock import SimClock
 from sim.config import SimConfig
 from sim.executor import CostModelExecutor, Executor, StepOutcome
 from sim.metrics import Results
@@ -188,7 +189,7 @@ class StepHooks(Protocol):
 class Replica:
     """One serving replica: its state, its policy, its executor, driven by the SimPy clock."""
 
-    def __init__(self, env: simpy.Environment, state: ReplicaState, policy: Scheduler, executor: Executor,
+    def __init__(self, env: SimClock, state: ReplicaState, policy: Scheduler, executor: Executor,
                  log: StepLog, progress: Progress, pool: str = "colocated", hooks: StepHooks | None = None,
                  speculator: Speculator | None = None, skip: SkipAhead | None = None) -> None:
         self.env, self.state, self.policy, self.executor = env, state, policy, executor
@@ -236,7 +237,7 @@ class Replica:
             start = env.now
             if self.hooks is not None:
                 self.hooks.step_started(self, batch, outcome.seconds)
-            yield env.timeout(outcome.seconds)
+            yield env.step_end(outcome.seconds)
             result = state.complete_step(batch, env.now, outcome.accepted)
             stalled = 0 if result.emitted.size or result.finished.size else stalled + 1
             if stalled >= WATCHDOG_STEPS:
@@ -312,16 +313,16 @@ def simulate(
     """Run one simulation: a pure function of the config (and the executor), returning its `Results`.
     `skip_ahead` False steps every decode one by one (the results are the same: `sim.skip_ahead`)."""
     wall0 = time.perf_counter()
-    results = drive(prepare(config), simpy.Environment(), executor_factory, progress, skip_ahead, wall0=wall0)
+    results = drive(prepare(config), SimClock(), executor_factory, progress, skip_ahead, wall0=wall0)
     if config.speculation is not None and config.speculation.compare_baseline:
         add_speedups(results.summary, simulate(config.model_copy(update={"speculation": None})).summary)
     return results
 
 
-def drive(setup: Setup, env: simpy.Environment, executor_factory: Callable[[Deployment], Executor] | None = None,
+def drive(setup: Setup, env: SimClock, executor_factory: Callable[[Deployment], Executor] | None = None,
           progress: bool = False, skip_ahead: bool = True, states: list[ReplicaState] | None = None,
           wall0: float | None = None) -> Results:
-    """Run `setup`'s requests through its replicas on `env`'s clock: simulated time (`simpy.Environment`) or
+    """Run `setup`'s requests through its replicas on `env`'s clock: simulated time (`sim.clock.SimClock`) or
     wall-clock time (`sim.clock.WallClock`, a replay on a device), the same loop either way. `states` are the
     colocated replicas' states when the caller made them (default: fresh ones)."""
     wall0 = time.perf_counter() if wall0 is None else wall0

@@ -171,7 +171,7 @@ class SkipAhead:
             kv.release(gone)
             out = set(gone.tolist())
             state.running = [rid for rid in state.running if rid not in out]
-        need = grown[-1][alive]  # (`ReplicaState.grow_many`: the room check above has the blocks)
+        need = grown[-1][alive]  # (`BlockManager.grow_many`: the room check above found the blocks)
         kv.take(int(need.sum()))
         kv.blocks[ids[alive]] += need
         used = used_before + np.where(after, grown, -held).sum(1)

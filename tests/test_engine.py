@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -250,14 +252,30 @@ def test_itl_percentiles_are_exact_over_ties_and_spread_values() -> None:
 
 
 class _Batches:
-    """A fixed-cost executor that keeps every batch it runs."""
+    """A fixed-cost executor that keeps every batch it runs (`sleep`: and takes that long on the wall clock)."""
 
-    def __init__(self) -> None:
-        self.inner, self.batches = FixedCostExecutor(0.020, 0.0002), []
+    def __init__(self, base_s: float = 1.0, per_token_s: float = 0.01, sleep: bool = False) -> None:
+        self.inner, self.sleep, self.batches = FixedCostExecutor(base_s, per_token_s), sleep, []
 
     def run(self, batch):
         self.batches.append(batch.shape().to_dict())
-        return self.inner.run(batch)
+        outcome = self.inner.run(batch)
+        if self.sleep:
+            time.sleep(outcome.seconds)
+        return outcome
+
+
+def _drive(cfg: SimConfig, env, **executor) -> tuple:
+    from sim.engine import drive
+    from sim.setup import prepare
+
+    executors = []
+
+    def factory(dep):
+        executors.append(_Batches(**executor))
+        return executors[-1]
+
+    return drive(prepare(cfg), env, factory, skip_ahead=False), [e.batches for e in executors]
 
 
 @pytest.mark.parametrize("scheduler", [{"name": "vllm", "max_num_seqs": 8},
@@ -265,28 +283,16 @@ class _Batches:
                          ids=["vllm", "sarathi"])
 def test_both_clocks_make_the_same_batches(scheduler: dict) -> None:
     """The one replica loop on simulated time and on wall-clock time (`WallClock`, what a replay runs on; idle
-    gaps skipped): with every step priced longer than the host takes to plan it, the same batches step by step,
-    the same request and step tables, the same token times."""
-    import simpy
-
-    from sim.clock import WallClock
-    from sim.engine import drive
-    from sim.setup import prepare
+    gaps skipped): with every step priced longer than the host takes to plan it (a second or more: the wall
+    clock jumps over it), the same batches step by step, the same request and step tables, the same token
+    times."""
+    from sim.clock import SimClock, WallClock
 
     cfg = config(scheduler=scheduler, kv_cache={"num_blocks": 60}, max_model_len=512,  # (preemptions too)
                  cluster={"replicas": 2, "router": "least_outstanding"},
-                 workloads=[{"arrival": {"kind": "poisson", "rate": 30.0}, "num_requests": 40,
+                 workloads=[{"arrival": {"kind": "poisson", "rate": 2.0}, "num_requests": 40,
                              "lengths": {"kind": "uniform", "prompt": [20, 400], "output": [2, 40]}}])
-    runs = []
-    for env in (simpy.Environment(), WallClock(asap=True)):
-        executors = []
-
-        def factory(dep, executors=executors):
-            executors.append(_Batches())
-            return executors[-1]
-
-        runs.append((drive(prepare(cfg), env, factory, skip_ahead=False), [e.batches for e in executors]))
-    (sim, sim_batches), (wall, wall_batches) = runs
+    (sim, sim_batches), (wall, wall_batches) = (_drive(cfg, env) for env in (SimClock(), WallClock(asap=True)))
     assert sim_batches == wall_batches and sum(map(len, sim_batches)) > 100
     pd.testing.assert_frame_equal(sim.requests, wall.requests, check_exact=True)
     pd.testing.assert_frame_equal(sim.steps, wall.steps, check_exact=True)
@@ -294,25 +300,38 @@ def test_both_clocks_make_the_same_batches(scheduler: dict) -> None:
     assert (sim.requests["preemptions"] > 0).any()
 
 
-def test_the_wall_clock_sleeps_to_its_events_and_skips_what_it_is_told() -> None:
-    """Without `asap` the wall clock waits for an event's time; a timeout never ends before the wall clock;
-    `skip` takes time out of it."""
-    import time
+def test_arrivals_inside_a_wall_clock_step_meet_the_next_schedule() -> None:
+    """Steps that really take 100 ms on the wall clock, arrivals every 10 ms: the requests that arrive during
+    the first prefill are all in the second (at their own arrival times), as on simulated time."""
+    from sim.clock import SimClock, WallClock
 
+    cfg = config(workloads=[{"arrival": {"kind": "constant", "rate": 100.0}, "num_requests": 8,
+                             "lengths": {"kind": "fixed", "prompt": 10, "output": 2}}])
+    for env, sleep in ((SimClock(), False), (WallClock(asap=True), True)):
+        res, (batches,) = _drive(cfg, env, base_s=0.1, per_token_s=0.0, sleep=sleep)
+        firsts = [len(b["prefill_tokens"]) for b in batches if len(b["prefill_tokens"])]
+        assert firsts[:2] == [1, 7]
+        np.testing.assert_allclose(res.requests["arrival_s"], np.arange(1, 9) / 100.0)
+
+
+def test_the_wall_clock_sleeps_to_its_events_and_skips_what_it_is_told() -> None:
+    """Without `asap` the wall clock waits for an event's time; a step never ends before the wall clock;
+    `skip` takes time out of it; the time before `run` does not count."""
     from sim.clock import WallClock
 
     env = WallClock()
+    time.sleep(0.05)  # (setting up)
 
     def proc():
         yield env.timeout(0.05)  # sleeps until then
         time.sleep(0.03)
         env.skip(0.03)  # as if those 30 ms never passed
-        yield env.timeout(0.0)
+        yield env.step_end(0.0)
         time.sleep(0.02)
-        yield env.timeout(0.0)  # ends at the wall clock, not before
+        yield env.step_end(0.0)  # ends at the wall clock, not before
 
     t0 = time.perf_counter()
     env.process(proc())
     env.run()
     assert time.perf_counter() - t0 >= 0.1
-    assert 0.07 <= env.now < 0.1
+    assert 0.07 <= env.now < 0.5
