@@ -18,10 +18,6 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
-PATHS = [{"hardware": {"profile": "calibrated"}}, {"hardware": {"gpu": "h200", "profile": "h100"}},
-         {"hardware": {"cuda_graphs": False}}, {"hardware": {"kv_access": "gather"}}, {"model": "mistral-7b"},
-         {"model": "qwen1.5-moe-a2.7b"}, {"hardware": {"tp": 2}}, {"hardware": {"pp": 2}},
-         {"model": "deepseek-v2-lite", "hardware": {"dp": 2, "expert_parallel": True}}]
 
 
 def digest(results) -> str:
@@ -38,7 +34,7 @@ def main() -> None:
     ap.add_argument("--out", help="also write the hashes here (JSON)")
     args = ap.parse_args()
     sys.path.insert(0, str(HERE.parent / "tests"))
-    from test_skip_ahead import SCHEDULERS, config
+    from test_skip_ahead import COST_PATHS, SCHEDULERS, config
 
     from sim.config import load_config
     from sim.engine import simulate
@@ -47,7 +43,7 @@ def main() -> None:
     for s in SCHEDULERS:
         cases[s["name"]] = config(s)
         cases[s["name"] + "_heavy"] = config(s, blocks=120, rate=20.0)
-    for i, case in enumerate(PATHS):
+    for i, case in enumerate(COST_PATHS.values()):
         cases[f"path{i}"] = config({"name": "sarathi", "token_budget": 256, "max_num_seqs": 16}, blocks=2000, **case)
     identical = HERE / "identical_workload.yaml"
     cases["identical_vllm"] = load_config(identical, ["workloads.0.num_requests=3000"])

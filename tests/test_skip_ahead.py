@@ -103,17 +103,21 @@ def test_a_blind_router_lets_a_stretch_run_through_an_arrival(replicas: int, rou
     assert (sum(alone) > 0) == runs_alone and len(alone) >= 60
 
 
-@pytest.mark.parametrize("case", [
-    {"hardware": {"profile": "calibrated"}},  # measured attention surfaces (decode at the mean and longest)
-    {"hardware": {"gpu": "h200", "profile": "h100"}},  # another GPU's profile: the what-if rule
-    {"hardware": {"cuda_graphs": False}},  # eager steps (the host-pipelined window)
-    {"hardware": {"kv_access": "gather"}},  # a K/V gather per decode
-    {"model": "mistral-7b"},  # sliding window
-    {"model": "qwen1.5-moe-a2.7b"},  # MoE
-    {"hardware": {"tp": 2}},
-    {"hardware": {"pp": 2}},
-    {"model": "deepseek-v2-lite", "hardware": {"dp": 2, "expert_parallel": True}},  # DP attention, MLA
-], ids=["calibrated", "what-if", "eager", "gather", "window", "moe", "tp2", "pp2", "dp2"])
+# the cost model's paths (`bench/output_hashes.py` hashes the same runs)
+COST_PATHS = {
+    "calibrated": {"hardware": {"profile": "calibrated"}},  # measured attention surfaces (decode: mean, longest)
+    "what-if": {"hardware": {"gpu": "h200", "profile": "h100"}},  # another GPU's profile: the what-if rule
+    "eager": {"hardware": {"cuda_graphs": False}},  # eager steps (the host-pipelined window)
+    "gather": {"hardware": {"kv_access": "gather"}},  # a K/V gather per decode
+    "window": {"model": "mistral-7b"},  # sliding window
+    "moe": {"model": "qwen1.5-moe-a2.7b"},  # MoE
+    "tp2": {"hardware": {"tp": 2}},
+    "pp2": {"hardware": {"pp": 2}},
+    "dp2": {"model": "deepseek-v2-lite", "hardware": {"dp": 2, "expert_parallel": True}},  # DP attention, MLA
+}
+
+
+@pytest.mark.parametrize("case", COST_PATHS.values(), ids=COST_PATHS.keys())
 def test_cost_model_paths_fold_to_the_same_results(case: dict, monkeypatch) -> None:
     cfg = config({"name": "sarathi", "token_budget": 256, "max_num_seqs": 16}, blocks=2000, **case)
     assert assert_identical(cfg, monkeypatch) > 300
