@@ -4,7 +4,9 @@ every output byte-identical: run it in a checkout before the change and in one a
 Run: python bench/output_hashes.py [--out hashes.json]
 Configurations: the skip-ahead tests' (`tests/test_skip_ahead.py`: six schedulers at light and heavy load, nine
 cost-model paths), 3,000 requests of bench/identical_workload.yaml under vllm and sarathi, and the default
-scenario. Each is hashed (requests and steps tables, token times, summary) with skipping ahead and without.
+scenario, and twelve speculation configurations (chains, padded, budgeted, adaptive, Beta, positional and
+trace acceptance, draft heads, prompt lookup, static, Sequoia, OPT-Tree and DySpec trees). Each is hashed
+(requests and steps tables, token times, summary) with skipping ahead and without.
 """
 
 from __future__ import annotations
@@ -29,6 +31,47 @@ def digest(results) -> str:
     return h.hexdigest()[:16]
 
 
+SPECULATION = {  # `speculation:` sections over examples/speculative_decoding.yaml (the default is a chain of 4)
+    "iid": {},
+    "padded": {"batching": "padded"},
+    "budgeted": {"batching": "budgeted", "verify_budget": 24},
+    "adaptive_beta": {"acceptance": {"kind": "beta", "mean": 0.7}, "adaptive": {"full_batch": 2, "off_batch": 8}},
+    "positional_heads": {"acceptance": {"kind": "positional", "alphas": [0.9, 0.6]},
+                         "draft": {"kind": "draft_heads", "layers": 1, "sequential": False}},
+    "trace_ngram": {"acceptance": {"kind": "trace", "path": "TRACE"}, "draft": {"kind": "ngram"}},
+    "static_tree": {"acceptance": {"kind": "ranked", "probs": [0.6, 0.2]},
+                    "tree": {"kind": "static", "widths": [2, 2, 1]}},
+    "sequoia": {"acceptance": {"kind": "ranked", "probs": [0.6, 0.2]}, "tree": {"kind": "sequoia", "nodes": 12}},
+    "sequoia_budget": {"acceptance": {"kind": "ranked", "probs": [0.6, 0.2]}, "batching": "budgeted",
+                       "verify_budget": 40, "tree": {"kind": "sequoia", "nodes": 12}},
+    "opt_tree": {"acceptance": {"kind": "confidence"}, "tree": {"kind": "opt_tree", "nodes": 12}},
+    "dyspec": {"acceptance": {"kind": "confidence"}, "tree": {"kind": "dyspec", "nodes": 12}},
+    "dyspec_budget": {"acceptance": {"kind": "confidence"}, "batching": "budgeted", "verify_budget": 48,
+                      "tree": {"kind": "dyspec", "nodes": 12}},
+}
+
+
+def speculation_cases() -> dict:
+    """The `SPECULATION` variants, each on 120 requests of the speculative-decoding example at 8 req/s."""
+    import tempfile
+
+    import yaml
+
+    from sim.config import SimConfig
+
+    trace = Path(tempfile.mkdtemp()) / "accepted.jsonl"
+    trace.write_text("\n".join(json.dumps({"accepted": [i % 5, (3 * i) % 4, 2]}) for i in range(7)) + "\n")
+    base = yaml.safe_load((HERE.parent / "examples" / "speculative_decoding.yaml").read_text())
+    base["workloads"][0].update(num_requests=120, arrival={"kind": "poisson", "rate": 8})
+    cases = {}
+    for name, change in SPECULATION.items():
+        spec = {**base["speculation"], "compare_baseline": False, **change}
+        if spec["acceptance"].get("path") == "TRACE":
+            spec["acceptance"] = {**spec["acceptance"], "path": str(trace)}
+        cases[f"spec_{name}"] = SimConfig.model_validate({**base, "speculation": spec})
+    return cases
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", help="also write the hashes here (JSON)")
@@ -50,6 +93,7 @@ def main() -> None:
     sarathi = "scheduler={name: sarathi, token_budget: 512, max_num_seqs: 128}"
     cases["identical_sarathi"] = load_config(identical, ["workloads.0.num_requests=3000", sarathi])
     cases["default"] = load_config(None, [])
+    cases.update(speculation_cases())
     out = {}
     for name, cfg in cases.items():
         out[name] = f"{digest(simulate(cfg))} {digest(simulate(cfg, skip_ahead=False))}"
