@@ -32,6 +32,7 @@ from backend.parallel import Shard
 from backend.speculative import DraftRunner, accept, ancestry, breadth_first, seeded, tree_accept
 from hardware.cost import graph_mode, graph_rows
 from hardware.specs import ModelSpec, kv_heads_per_gpu
+from policies.acceptance import Acceptance
 from policies.batch import Batch
 from policies.kv_cache import CACHED, DROP, HIT
 from policies.state import Requests, Status
@@ -57,7 +58,7 @@ class TorchExecutor:
     def __init__(self, spec: ModelSpec, requests: Requests, num_blocks: int, block_size: int,
                  device: str = "cpu", seed: int = 0, temperature: float = 0.0, checkpoint: str | None = None,
                  cuda_graphs: bool | str = True, shard: Shard = Shard(), draft: ModelSpec | None = None,
-                 oracle: bool = False) -> None:
+                 oracle: Acceptance | None = None) -> None:
         self.device = torch.device(device)
         self.dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
         self.spec, self.req, self.seed, self.temperature = spec, requests, seed, temperature
@@ -78,7 +79,7 @@ class TorchExecutor:
         self.key_block: dict[int, int] = {}
         self.capture_seconds = 0.0  # time the last step spent capturing CUDA graphs (a server does it at start)
         # Speculation: a draft model with its own cache (room for every request's KV plus its drafts), and
-        # whether verification forces the simulator's drawn acceptance (oracle) or applies the real rule.
+        # the acceptance model whose draws verification forces (oracle), or None for the real rule.
         self.draft = None if draft is None else DraftRunner(draft, num_blocks + 256, block_size, self.device,
                                                             self.dtype, seed, self.use_graphs)
         self.oracle = oracle
@@ -210,8 +211,9 @@ class TorchExecutor:
             new = sampled.argmax(dim=-1)
         accepted = None
         if ver:
-            accepted = (self._verify(batch, verified, drafts, dists) if trees is None
-                        else self._verify_trees(batch, trees, verified, drafts))
+            forced = None if self.oracle is None else self.oracle.sample(batch)
+            accepted = (self._verify(batch, verified, drafts, dists, forced) if trees is None
+                        else self._verify_trees(batch, trees, verified, drafts, forced))
         gpu = float("nan")
         if dev.type == "cuda":
             end.record()
@@ -257,15 +259,15 @@ class TorchExecutor:
         return drafts, dists, time.perf_counter() - t0
 
     def _verify(self, batch: Batch, logits: torch.Tensor, drafts: list[list[int]],
-                dists: list[list[torch.Tensor]]) -> np.ndarray:
-        """Apply the acceptance rule (or the oracle's counts) to every verification; append its tokens."""
+                dists: list[list[torch.Tensor]], forced: np.ndarray | None) -> np.ndarray:
+        """Apply the acceptance rule (or the oracle's `forced` counts) to every verification; append its tokens."""
         accepted = np.zeros(batch.verify_ids.size, dtype=np.int64)
         row = 0
         for i, (rid, c) in enumerate(zip(batch.verify_ids.tolist(), batch.verify_computed.tolist())):
             k = len(drafts[i])
-            forced = int(batch.verify_accepted[i]) if self.oracle else None
             gen = self._generator(rid, 0) if self.temperature > 0 else None
-            a, new = accept(logits[row:row + k + 1], drafts[i], dists[i], self.temperature, gen, forced)
+            a, new = accept(logits[row:row + k + 1], drafts[i], dists[i], self.temperature, gen,
+                            None if forced is None else int(forced[i]))
             row += k + 1
             accepted[i] = a
             room = int(self.req.output[rid] - self.req.generated[rid])
@@ -275,15 +277,15 @@ class TorchExecutor:
         return accepted
 
     def _verify_trees(self, batch: Batch, trees: list[TokenTree], logits: torch.Tensor,
-                      drafts: list[list[int]]) -> np.ndarray:
-        """Greedy tree verification (or the oracle's depth along rank-0 children); the accepted nodes' K/V
+                      drafts: list[list[int]], forced: np.ndarray | None) -> np.ndarray:
+        """Greedy tree verification (or the oracle's `forced` depth along rank-0 children); the accepted nodes' K/V
         move from the tree's slots to the positions after the root, where the next steps read them."""
         accepted = np.zeros(batch.verify_ids.size, dtype=np.int64)
         row = 0
         for i, (rid, c) in enumerate(zip(batch.verify_ids.tolist(), batch.verify_computed.tolist())):
             tree = trees[i]
-            forced = int(batch.verify_accepted[i]) if self.oracle else None
-            path, new = tree_accept(logits[row:row + tree.size + 1], tree, drafts[i], forced)
+            path, new = tree_accept(logits[row:row + tree.size + 1], tree, drafts[i],
+                                    None if forced is None else int(forced[i]))
             row += tree.size + 1
             accepted[i] = len(path)
             src = np.array([c + 1 + node for node in path], dtype=np.int64)

@@ -1,6 +1,6 @@
 """Replay: the simulator's config, workload and policy objects, run for real on one device by wall clock.
 
-The simulator's own engine (`sim.engine.drive`: its replica loop, router, speculator and step log); only the
+The simulator's own engine (`sim.engine.drive`: its replica loop, router, speculation wrapper and step log); only the
 executor (`TorchExecutor`) and the clock (`sim.clock.WallClock`) differ. Arrivals are released at their times
 (with `asap`, idle gaps are skipped: the clock jumps to the next event when nothing can run). Every step's
 batch shape is kept so `servesim validate` can re-price exactly these steps with the cost model.
@@ -103,7 +103,7 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
                             f"{spec_model.vocab_size}; a draft must share the target's vocabulary")
     executor = TorchExecutor(setup.deployment.model, requests, setup.num_blocks, config.kv_cache.block_size,
                              device, config.seed, temperature, checkpoint, hw.cuda_graphs, draft=draft,
-                             oracle=acceptance == "oracle")
+                             oracle=setup.acceptance if acceptance == "oracle" else None)
     if config.kv_cache.prefix_caching:  # the executor follows the cache's changes to share physical blocks
         executor.journal = state.kv.keep_journal()
     executor.warm_up(setup.deployment.max_num_batched_tokens)

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from hardware.errors import ServesimError
 from hardware.files import read_text
+from policies.batch import Batch
 
 
 class _Model(BaseModel):
@@ -117,7 +118,9 @@ def _beta_moments(mean: float, concentration: float, k: int) -> np.ndarray:
 
 
 class Acceptance:
-    """Draws accepted counts per (request, step) and gives the closed-form expectations."""
+    """Draws accepted counts per (request, step) and gives the closed-form expectations. One per run: the
+    `Speculator` plans with it (expected rates; a dynamic tree's draft confidences) and the cost-model executor
+    draws each step's outcome from it, one stream in the order the steps run."""
 
     def __init__(self, config: AcceptanceConfig, seed: int, num_requests: int) -> None:
         self.config = config
@@ -153,6 +156,15 @@ class Acceptance:
             mid = (lo + hi) / 2
             lo, hi = (mid, hi) if (mid - mid ** (k + 1)) / (1 - mid) < mean else (lo, mid)
         return (lo + hi) / 2
+
+    def sample(self, batch: Batch) -> np.ndarray:
+        """Accepted drafts of each verification of `batch`: along a chain of `verify_drafts[v]`, or down a token
+        tree from its node probabilities (`Batch.verify_probs`)."""
+        if batch.verify_trees is None:
+            return self.draw(batch.verify_ids, batch.verify_drafts)
+        assert batch.verify_probs is not None
+        return np.array([t.sample_accepted(p, self.rng) for t, p in zip(batch.verify_trees, batch.verify_probs)],
+                        dtype=np.int64)
 
     def draw(self, ids: np.ndarray, ks: np.ndarray) -> np.ndarray:
         """Accepted drafts (0..k_i) for requests `ids` speculating `ks` drafts each, this step."""

@@ -1,4 +1,5 @@
-"""`Batch`: what one step runs, per request, as policies hand it to an executor."""
+"""`Batch`: what one step runs, per request, as policies hand it to an executor: decisions only (what came of
+a step, accepted drafts included, is the executor's `sim.executor.StepOutcome`)."""
 
 from __future__ import annotations
 
@@ -21,11 +22,13 @@ class Batch:
       request's recompute is a prefill of its prompt plus the tokens it had generated.
     - decode: `decode_ids[j]` runs its one newest token after `decode_computed[j]` tokens of KV.
 
-    - verify (speculative decoding, set by a `Speculator` on top of any policy): `verify_ids[v]` runs its
+    - verify (speculative decoding, set by a `Speculator` wrapped around any policy): `verify_ids[v]` runs its
       newest token plus `verify_drafts[v]` draft tokens (a chain, or the nodes of a token tree with
       `verify_pairs[v]` attention pairs and `verify_levels[v]` nodes per depth) after `verify_computed[v]`
-      tokens of KV, and accepts `verify_accepted[v]` of them (drawn from the acceptance model; a real
-      executor may report its own). `verify_padded` pads every verification to the largest of the batch.
+      tokens of KV. How many the target accepts is the executor's outcome (drawn from the acceptance model
+      in simulation, measured on a device); a tree's `verify_probs[v]` are the draft's probabilities of its
+      nodes, each given its parent (what the acceptance model draws from). `verify_padded` pads every
+      verification to the largest of the batch.
 
     `pad_prefill_to` and `pad_rows` model padded request-level batching (Hugging Face generate): every
     prompt padded to the longest, and finished rows still computed until the whole batch ends.
@@ -46,11 +49,11 @@ class Batch:
     verify_ids: np.ndarray = field(default_factory=lambda: _EMPTY)
     verify_drafts: np.ndarray = field(default_factory=lambda: _EMPTY)
     verify_computed: np.ndarray = field(default_factory=lambda: _EMPTY)
-    verify_accepted: np.ndarray = field(default_factory=lambda: _EMPTY)
     verify_padded: bool = False
     verify_pairs: np.ndarray | None = None  # token trees: query-key pairs inside each tree (None: chains)
     verify_levels: np.ndarray | None = None  # token trees: nodes per depth, one row per verification
     verify_trees: tuple | None = None  # token trees: each verification's `policies.trees.TokenTree`
+    verify_probs: tuple | None = None  # token trees: each tree's node probabilities, given their parents
     prefill_layers: float = 1.0
     prefill_partial: bool = False
     swap_in_tokens: int = 0  # KV copied back from host memory before the step (swap preemption)

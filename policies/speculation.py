@@ -1,10 +1,11 @@
 """Batched speculative decoding on top of any policy: which running requests speculate, with how many
 draft tokens, this step.
 
-The policy schedules as usual; the `Speculator` then turns its decodes into verifications of the newest
-token plus k_i draft tokens (Leviathan et al., ICML 2023; Chen et al., 2023), gives them the KV blocks the
-drafts need (a request that cannot get them decodes plainly), and draws how many drafts the target accepts
-(`policies/acceptance.py`). Variants (`batching`):
+The `Speculator` wraps the policy: the policy schedules as usual, and the wrapper turns its decodes into
+verifications of the newest token plus k_i draft tokens (Leviathan et al., ICML 2023; Chen et al., 2023) and
+gives them the KV blocks the drafts need (a request that cannot get them decodes plainly). How many drafts the
+target accepts is the step's outcome: the executor draws it (`policies/acceptance.py`) or measures it. Variants
+(`batching`):
 
 - `padded`: every verification runs the batch's largest k + 1 tokens over the batch's longest context (a
   padded batch, as in plain batched implementations);
@@ -28,8 +29,9 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 
 from policies.acceptance import Acceptance, AcceptanceConfig, ConfidenceAcceptance, IidAcceptance, RankedAcceptance
+from policies.base import Scheduler
 from policies.batch import Batch
-from policies.state import ReplicaState
+from policies.state import ReplicaState, StepResult
 from policies.trees import (
     TokenTree,
     allocate,
@@ -138,12 +140,23 @@ class SpeculationConfig(_Section):
         return self
 
 
-class Speculator:
-    """Turns a policy's decodes into verifications (see the module docstring)."""
+class Speculator(Scheduler):
+    """A policy whose decodes speculate (see the module docstring): `inner` schedules, this plans the drafts.
+    `acceptance` gives the expected rates that budgets rank drafts by, and the draft confidences that dynamic
+    trees grow from."""
 
-    def __init__(self, config: SpeculationConfig, acceptance: Acceptance) -> None:
+    def __init__(self, inner: Scheduler, config: SpeculationConfig, acceptance: Acceptance) -> None:
+        super().__init__(inner.params)
+        self.inner = inner
         self.config = config
         self.acceptance = acceptance
+
+    def schedule(self, state: ReplicaState) -> Batch | None:
+        batch = self.inner.schedule(state)
+        return None if batch is None else self.plan(state, batch)
+
+    def on_step_end(self, state: ReplicaState, batch: Batch, result: StepResult) -> None:
+        self.inner.on_step_end(state, batch, result)
 
     def k_now(self, state: ReplicaState, batch: Batch, ids: np.ndarray) -> int:
         """The step's k under the adaptive rule."""
@@ -176,10 +189,9 @@ class Speculator:
         if not spec.any():
             return batch
         v = ids[spec]
-        accepted = self.acceptance.draw(v, ks[spec])
         return Batch(batch.prefill_ids, batch.prefill_tokens, batch.prefill_computed, ids[~spec],
                      batch.decode_computed[~spec], batch.pad_prefill_to, batch.pad_rows, v, ks[spec],
-                     r.computed[v], accepted, self.config.batching == "padded")
+                     r.computed[v], self.config.batching == "padded")
 
     def _budget(self, ids: np.ndarray, ks: np.ndarray) -> np.ndarray:
         """TETRIS: the verify budget left after each request's own token goes to the most probable drafts."""
@@ -247,7 +259,6 @@ class Speculator:
         if not spec.any():
             return batch
         chosen = [trees[i] for i in np.flatnonzero(spec)]
-        accepted = np.array([t.sample_accepted(p, self.acceptance.rng) for t, p in chosen], dtype=np.int64)
         depth = max(t.max_depth for t, _ in chosen)
         levels = np.zeros((len(chosen), depth), dtype=np.int64)
         for row, (t, _) in enumerate(chosen):
@@ -256,9 +267,9 @@ class Speculator:
         v = ids[spec]
         return Batch(batch.prefill_ids, batch.prefill_tokens, batch.prefill_computed, ids[~spec],
                      batch.decode_computed[~spec], batch.pad_prefill_to, batch.pad_rows, v, sizes[spec],
-                     r.computed[v], accepted, self.config.batching == "padded",
+                     r.computed[v], self.config.batching == "padded",
                      np.array([t.attention_pairs for t, _ in chosen], dtype=np.int64), levels,
-                     tuple(t for t, _ in chosen))
+                     tuple(t for t, _ in chosen), tuple(p for _, p in chosen))
 
 
 def _grant_kv(state: ReplicaState, ids: np.ndarray, drafts: np.ndarray) -> None:

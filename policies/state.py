@@ -272,9 +272,11 @@ class ReplicaState:
     # ---- the outcome of a step (applied by whichever engine drives the clock) ---------------------------
     def complete_step(self, batch: Batch, end_time: float, accepted: np.ndarray | None = None) -> StepResult:
         """Advance every request of `batch` by the tokens it ran; emit, finish and free as due. A verifying
-        request keeps the KV of its newest token and its accepted drafts (`accepted`, default the batch's
-        drawn counts), emits them plus the target's next token at `end_time`, capped at its output length,
+        request keeps the KV of its newest token and its accepted drafts (`accepted`: the executor's outcome,
+        one count per verification), emits them plus the target's next token at `end_time`, capped at its output length,
         and gives back the blocks of its rejected drafts."""
+        if batch.verify_ids.size and accepted is None:
+            raise ValueError("a step with verifications completes with the drafts its executor accepted")
         r = self.req
         pre = batch.prefill_ids if not batch.prefill_partial else batch.prefill_ids[:0]  # layered: not done yet
         if pre.size:
@@ -359,9 +361,9 @@ class ReplicaState:
                     r.on_done(rid)
         return cancelled
 
-    def _complete_verify(self, batch: Batch, end_time: float, accepted: np.ndarray | None) -> np.ndarray:
+    def _complete_verify(self, batch: Batch, end_time: float, accepted: np.ndarray) -> np.ndarray:
         r, v = self.req, batch.verify_ids
-        acc = np.minimum(batch.verify_accepted if accepted is None else accepted, batch.verify_drafts)
+        acc = np.minimum(accepted, batch.verify_drafts)
         n = np.minimum(acc + 1, r.output[v] - r.generated[v])  # never more tokens than the output length
         start = np.repeat(r.token_offset[v] + r.generated[v] - np.cumsum(n) + n, n)
         r.token_time[start + np.arange(int(n.sum()))] = end_time

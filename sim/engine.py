@@ -1,9 +1,11 @@
 """The SimPy serving engine: arrival processes, a router, and one process per replica.
 
 Each replica loops `batch = policy.schedule(state)` -> `outcome = executor.run(batch)` ->
-`yield env.step_end(outcome.seconds)` -> `state.complete_step(batch, now)`; with nothing to run it sleeps on
-an event that the next arrival routed to it triggers (no polling). The same loop runs on simulated time
-(`simulate`) and on wall-clock time (`drive` with `sim.clock.WallClock`: `backend.replay`; `sim.clock`).
+`yield env.step_end(outcome.seconds)` -> `state.complete_step(batch, now, outcome.accepted)`; with nothing to
+run it sleeps on an event that the next arrival routed to it triggers (no polling). With speculation the
+policy is wrapped in a `Speculator`, and the executor's outcome says how many drafts were accepted. The same
+loop runs on simulated time (`simulate`) and on wall-clock time (`drive` with `sim.clock.WallClock`:
+`backend.replay`; `sim.clock`).
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ import simpy
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
 from policies import make_scheduler
-from policies.acceptance import Acceptance
 from policies.base import Scheduler
 from policies.batch import Batch
 from policies.routers import Router, make_router
@@ -81,8 +82,7 @@ class StepLog:
         kv = state.kv
         accepted = 0
         if batch.verify_ids.size:
-            got = batch.verify_accepted if outcome.accepted is None else outcome.accepted
-            accepted = int(np.minimum(got, batch.verify_drafts).sum())
+            accepted = int(np.minimum(outcome.accepted, batch.verify_drafts).sum())
         row = (state.index, self.code(pool), start, outcome.seconds, batch.prefill_ids.size, batch.decode_ids.size,
                batch.num_prefill_tokens, batch.decode_ids.size, batch.pad_rows, kv.used, kv.evictable,
                len(state.waiting), len(state.running), preempted, outcome.mfu, outcome.mbu,
@@ -191,10 +191,10 @@ class Replica:
 
     def __init__(self, env: SimClock, state: ReplicaState, policy: Scheduler, executor: Executor,
                  log: StepLog, progress: Progress, pool: str = "colocated", hooks: StepHooks | None = None,
-                 speculator: Speculator | None = None, skip: SkipAhead | None = None) -> None:
+                 skip: SkipAhead | None = None) -> None:
         self.env, self.state, self.policy, self.executor = env, state, policy, executor
         self.log, self.progress, self.pool, self.hooks = log, progress, pool, hooks
-        self.speculator, self.skip = speculator, skip
+        self.skip = skip
         self.wake: simpy.Event | None = None
         env.process(self.loop())
 
@@ -216,8 +216,6 @@ class Replica:
                 self.wake = env.event()
                 yield self.wake
                 continue
-            if self.speculator is not None:
-                batch = self.speculator.plan(state, batch)
             batch = state.with_swaps(batch)
             ahead = self.skip.advance(state, batch, env.now) if self.skip is not None else None
             if isinstance(ahead, Stretch):  # run already (`sim.skip_ahead`): sleep to its end
@@ -328,7 +326,7 @@ def drive(setup: Setup, env: SimClock, executor_factory: Callable[[Deployment], 
     wall0 = time.perf_counter() if wall0 is None else wall0
     config, requests = setup.config, setup.requests
     if executor_factory is None:
-        executors = {id(p.deployment): p.executor(config.speculation) for p in setup.pools}
+        executors = {id(p.deployment): p.executor(config.speculation, setup.acceptance) for p in setup.pools}
         executor_factory = lambda dep: executors[id(dep)]  # noqa: E731
     log = StepLog()
     progress_bar = Progress(requests.n, progress and watched())
@@ -344,17 +342,19 @@ def drive(setup: Setup, env: SimClock, executor_factory: Callable[[Deployment], 
         (pool,) = setup.pools
         states = states or setup.replica_states()
         spec = config.speculation
-        speculator = None if spec is None else Speculator(spec, Acceptance(spec.acceptance, config.seed, requests.n))
-        foldable = (skip_ahead and not waits and speculator is None and not config.kv_cache.prefix_caching
+        foldable = (skip_ahead and not waits and spec is None and not config.kv_cache.prefix_caching
                     and config.hardware.kv_token_budget is None)  # runs `sim.skip_ahead` proves stretches for
         router = make_router(config.cluster.router, config.seed, config.cluster.affinity_slack)
         replicas = []
         for s in states:
             policy, executor = make_scheduler(pool.scheduler), executor_factory(pool.deployment)
+            if spec is not None:
+                assert setup.acceptance is not None
+                policy = Speculator(policy, spec, setup.acceptance)
             skip = None
             if foldable and folds(policy) and isinstance(executor, CostModelExecutor) and executor.draft is None:
                 skip = SkipAhead(executor.cost_model, clock, len(states) == 1 or not router.reads_state)
-            replicas.append(Replica(env, s, policy, executor, log, progress_bar, speculator=speculator, skip=skip))
+            replicas.append(Replica(env, s, policy, executor, log, progress_bar, skip=skip))
         arrive, extra = Cluster(replicas, router, requests, pool.deployment.context_limit).arrive, None
     clients = Clients(env, requests, arrive, config.workloads, config.seed) if waits else None
     for w, workload in enumerate(config.workloads):

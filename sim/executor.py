@@ -16,6 +16,7 @@ from hardware.operators import StepShape
 from policies.batch import Batch
 
 if TYPE_CHECKING:
+    from policies.acceptance import Acceptance
     from sim.speculation import DraftCost
 
 
@@ -29,7 +30,7 @@ class StepOutcome:
     execution: str = "eager"
     gpu_seconds: float = float("nan")  # device time alone (CUDA events), where a real executor measures it
     draft_seconds: float = 0.0  # speculation: the draft's share of `seconds`
-    accepted: np.ndarray | None = None  # speculation: drafts accepted per verifying request, when measured
+    accepted: np.ndarray | None = None  # speculation: drafts accepted per verifying request (None: no verification)
 
 
 class Executor(Protocol):
@@ -38,11 +39,14 @@ class Executor(Protocol):
 
 class CostModelExecutor:
     """Prices each batch with the roofline `CostModel` (padding of request-level batching included), plus
-    the speculative draft's time when a `DraftCost` is given."""
+    the speculative draft's time when a `DraftCost` is given; verifications accept the drafts that
+    `acceptance` draws."""
 
-    def __init__(self, cost_model: CostModel, draft: DraftCost | None = None) -> None:
+    def __init__(self, cost_model: CostModel, draft: DraftCost | None = None,
+                 acceptance: Acceptance | None = None) -> None:
         self.cost_model = cost_model
         self.draft = draft
+        self.acceptance = acceptance
 
     def price(self, shape: StepShape) -> tuple[StepCost, float]:
         """The target's cost of a step of this shape and the draft's seconds in it."""
@@ -57,6 +61,10 @@ class CostModelExecutor:
             extra = self.cost_model.swap_seconds(batch.swap_in_tokens + batch.swap_out_tokens)
             out = replace(out, seconds=out.seconds + extra, mfu=out.mfu * out.seconds / (out.seconds + extra),
                           mbu=out.mbu * out.seconds / (out.seconds + extra))
+        if batch.verify_ids.size:
+            if self.acceptance is None:
+                raise ValueError("a batch with verifications needs the executor's acceptance model")
+            out = replace(out, accepted=self.acceptance.sample(batch))
         return out
 
     def _layered(self, batch: Batch, cost: StepCost) -> StepOutcome:

@@ -13,6 +13,7 @@ from hardware.cost import CostModel
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
 from hardware.profiles import resolve_profile
+from policies.acceptance import Acceptance
 from policies.base import SchedulerParams
 from policies.kv_cache import BlockManager
 from policies.speculation import SpeculationConfig
@@ -68,13 +69,15 @@ class Pool(PoolInfo):
                                                  self.hardware.engine),
                          cuda_graphs=self.hardware.cuda_graphs)
 
-    def executor(self, speculation: SpeculationConfig | None) -> CostModelExecutor:
-        """The cost-model executor of this pool's replicas, pricing the draft when speculating."""
+    def executor(self, speculation: SpeculationConfig | None, acceptance: Acceptance | None = None
+                 ) -> CostModelExecutor:
+        """The cost-model executor of this pool's replicas, pricing the draft when speculating and drawing
+        its verifications' outcomes from `acceptance`."""
         draft = None
         if speculation is not None:
             dep = draft_deployment(self.deployment, speculation)
             draft = DraftCost(self.deployment, speculation, self.cost_model(dep) if dep is not None else None)
-        return CostModelExecutor(self.cost_model(), draft)
+        return CostModelExecutor(self.cost_model(), draft, acceptance)
 
 
 def build_pools(config: SimConfig) -> list[Pool]:
@@ -161,13 +164,15 @@ def _fan_out(requests: Requests, group: np.ndarray, config: SimConfig) -> None:
 
 @dataclass
 class Setup:
-    """What a run needs before its clock starts: the pools (one when colocated) and the requests."""
+    """What a run needs before its clock starts: the pools (one when colocated), the requests, and with
+    speculation the run's acceptance model (the speculator plans with it, the executor draws from it)."""
 
     config: SimConfig
     pools: list[Pool]
     requests: Requests
     workload_names: list[str]
     skipped_rows: int
+    acceptance: Acceptance | None = None
 
     @property
     def deployment(self) -> Deployment:
@@ -217,4 +222,6 @@ def prepare(config: SimConfig) -> Setup:
     """Pools (checked to fit, with their KV blocks per replica) and requests for a run of `config`."""
     pools = build_pools(config)
     requests, names, skipped = make_requests(config)
-    return Setup(config, pools, requests, names, skipped)
+    spec = config.speculation
+    acceptance = None if spec is None else Acceptance(spec.acceptance, config.seed, requests.n)
+    return Setup(config, pools, requests, names, skipped, acceptance)

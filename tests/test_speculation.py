@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hardware.errors import ServesimError
+from policies import make_scheduler
 from policies.acceptance import (
     Acceptance,
     BetaAcceptance,
@@ -18,8 +19,10 @@ from policies.acceptance import (
     PositionalAcceptance,
     TraceAcceptance,
 )
+from policies.speculation import Speculator
 from sim.config import SimConfig, load_config
 from sim.engine import simulate
+from sim.setup import prepare
 
 
 def config(spec: dict | None, rate: float = 2.0, n: int = 40, prompt=(200, 2000), output=(20, 200),
@@ -152,6 +155,34 @@ def test_draft_takes_kv_memory_and_baseline_speedup_is_reported() -> None:
     assert res.summary["spec_speedup_tpot_mean"] == pytest.approx(base.summary["tpot_mean_s"]
                                                                    / res.summary["tpot_mean_s"])
     assert res.summary["spec_speedup_tpot_mean"] > 1.2
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_the_wrapped_policy_decides_and_the_executor_draws_the_outcome(alpha: float) -> None:
+    """The `Speculator` wraps the policy and only plans (which drafts run); the cost-model executor draws how many
+    are accepted, and a verification cannot complete without that outcome."""
+    cfg = config(spec(k=3, acceptance={"kind": "iid", "alpha": alpha}), n=4, prompt=(100, 100), output=(50, 50))
+    setup = prepare(cfg)
+    (state,) = setup.replica_states()
+    policy = Speculator(make_scheduler(cfg.scheduler), cfg.speculation, setup.acceptance)
+    executor = setup.pools[0].executor(cfg.speculation, setup.acceptance)
+    for rid in range(4):
+        state.enqueue(rid)
+    first = policy.schedule(state)
+    assert first is not None and first.prefill_ids.size == 4 and not first.verify_ids.size
+    assert executor.run(first).accepted is None  # nothing verified, nothing drawn
+    state.complete_step(first, 1.0)
+    batch = policy.schedule(state)
+    assert batch is not None and batch.verify_ids.tolist() == [0, 1, 2, 3] and (batch.verify_drafts == 3).all()
+    assert not hasattr(batch, "verify_accepted")  # a decision holds no outcome
+    outcome = executor.run(batch)
+    assert outcome.accepted.tolist() == ([3] * 4 if alpha == 1.0 else [0] * 4)
+    with pytest.raises(ValueError, match="accepted"):
+        state.complete_step(batch, 2.0)
+    state.complete_step(batch, 2.0, outcome.accepted)
+    assert state.req.generated[:4].tolist() == [1 + int(alpha * 3) + 1] * 4  # the first token, then accepted + 1
+    with pytest.raises(ValueError, match="acceptance"):
+        setup.pools[0].executor(cfg.speculation).run(batch)
 
 
 def test_deterministic() -> None:
