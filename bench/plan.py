@@ -14,7 +14,7 @@ import os
 import tempfile
 import time
 
-from sim.planner import PlanSpec, plan
+from servesim.planner import PlanSpec, plan
 
 
 def spec(requests: int, quick: bool) -> PlanSpec:

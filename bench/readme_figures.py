@@ -97,7 +97,7 @@ def _picked(config: str | None, overrides: list[str], keys: tuple[str, ...]) -> 
 
 def _cli(argv: list[str]) -> Values:
     """One `servesim` subcommand through the CLI's own parser and command function (its JSON result)."""
-    from sim.cli import build_parser
+    from servesim.cli import build_parser
 
     args = build_parser().parse_args(argv)
     result = args.func(args)

@@ -25,13 +25,24 @@ import itertools
 import json
 import math
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
 from scipy.optimize import brentq
 from scipy.stats import theilslopes
 
+from calibrate.records import (
+    PAGED_ENGINE,
+    Attention,
+    Collective,
+    Engine,
+    Gemm,
+    GroupedGemm,
+    Measurements,
+    MemoryOp,
+    Step,
+)
 from hardware.catalog import get_interconnect, get_model
 from hardware.cost import CostModel, collective_shape, peak_flops
 from hardware.deployment import Deployment
@@ -53,7 +64,6 @@ from hardware.profile import (
 from hardware.specs import GPUSpec, ModelSpec
 
 MIN_EFFICIENCY = 1e-6
-NAMED_KINDS = ("elementwise", "embedding", "kv-write", "kv-gather", "sampling")  # memory curves per operator
 
 
 def efficiency(roofline: float, seconds: float, fixed: float) -> float:
@@ -101,21 +111,20 @@ def spikes(points: list[tuple[float, float]]) -> set[float]:
             if seconds > SPIKE * max(before, after)}
 
 
-def _gemm_curves(records: list[dict[str, Any]], roof: _Roofline,
+def _gemm_curves(records: list[Gemm], roof: _Roofline,
                  launch: float) -> tuple[tuple[GemmCurve, ...], list[dict[str, float]]]:
     """One curve over M per weight shape and its spikes (`spikes`). The curve runs through the other points,
     and a spike holds only its own M: half a row either side of it the curve through the others takes over,
     so a GEMM of the rows beside it (397 for a graph padded to 400, 401) is priced as its neighbours, and
     `CostModel` prices the spike's own M exactly (its time table would blur so narrow a peak)."""
-    by_shape: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    by_shape: dict[tuple[int, int], list[Gemm]] = defaultdict(list)
     for r in records:
-        by_shape[(r["k"], r["n"])].append(r)
+        by_shape[(r.k, r.n)].append(r)
     curves, listed = [], []
     for (k, n), rs in sorted(by_shape.items()):
-        peaks = spikes([(r["m"], r["seconds"]) for r in rs])
-        listed += [{"k": k, "n": n, "m": r["m"], "seconds": r["seconds"]} for r in rs if r["m"] in peaks]
-        measured = {float(r["m"]): efficiency(roof("gemm", r["flops"], r["bytes"]), r["seconds"], launch * r["kernels"])
-                    for r in rs}
+        peaks = spikes([(r.m, r.seconds) for r in rs])
+        listed += [{"k": k, "n": n, "m": r.m, "seconds": r.seconds} for r in rs if r.m in peaks]
+        measured = {float(r.m): efficiency(roof("gemm", r.flops, r.bytes), r.seconds, launch * r.kernels) for r in rs}
         points = {m: e for m, e in measured.items() if m not in peaks}
         smooth = GemmCurve(k=k, n=n, m=tuple(sorted(points)), efficiency=tuple(points[m] for m in sorted(points)))
         for m in map(float, peaks):
@@ -129,36 +138,36 @@ def _gemm_curves(records: list[dict[str, Any]], roof: _Roofline,
     return tuple(curves), listed
 
 
-def _grouped_curves(records: list[dict[str, Any]], roof: _Roofline, launch: float) -> tuple[GroupedGemmCurve, ...]:
+def _grouped_curves(records: list[GroupedGemm], roof: _Roofline, launch: float) -> tuple[GroupedGemmCurve, ...]:
     """One curve over M (token slots) per expert shape and count: the roofline of the experts actually hit."""
-    by_shape: dict[tuple[int, int, int], list[dict[str, Any]]] = defaultdict(list)
+    by_shape: dict[tuple[int, int, int], list[GroupedGemm]] = defaultdict(list)
     for r in records:
-        by_shape[(r["k"], r["n"], r["experts"])].append(r)
+        by_shape[(r.k, r.n, r.experts)].append(r)
     curves = []
     for (k, n, experts), rs in sorted(by_shape.items()):
-        points = sorted({r["m"]: efficiency(roof("gemm", r["flops"], r["bytes"]), r["seconds"], launch * r["kernels"])
+        points = sorted({r.m: efficiency(roof("gemm", r.flops, r.bytes), r.seconds, launch * r.kernels)
                          for r in rs}.items())
         curves.append(GroupedGemmCurve(k=k, n=n, experts=experts, m=tuple(float(m) for m, _ in points),
                                        efficiency=tuple(e for _, e in points)))
     return tuple(curves)
 
 
-def _memory_efficiency(r: dict[str, Any], gpu: GPUSpec, launch: float) -> float:
-    return efficiency(r["bytes"] / gpu.hbm_bandwidth, r["seconds"], launch * r["kernels"])
+def _memory_efficiency(r: MemoryOp, gpu: GPUSpec, launch: float) -> float:
+    return efficiency(r.bytes / gpu.hbm_bandwidth, r.seconds, launch * r.kernels)
 
 
-def _memory_curve(records: list[dict[str, Any]], gpu: GPUSpec, launch: float) -> Curve:
+def _memory_curve(records: Sequence[MemoryOp], gpu: GPUSpec, launch: float) -> Curve:
     """Memory efficiency over bytes of memory-bound records, binned (`binned_curve`)."""
-    return binned_curve(np.array([r["bytes"] for r in records]),
+    return binned_curve(np.array([r.bytes for r in records]),
                         np.array([_memory_efficiency(r, gpu, launch) for r in records]))
 
 
-def _surfaces(records: list[dict[str, Any]], roof: _Roofline, launch: float) -> tuple[AttentionSurface, ...]:
+def _surfaces(records: list[Attention], roof: _Roofline, launch: float) -> tuple[AttentionSurface, ...]:
     groups: dict[tuple[str, int, int, int], dict[tuple[float, float], float]] = defaultdict(dict)
     for r in records:
-        key = (r["kind"], r["heads"], r["kv_heads"], r["head_dim"])
-        groups[key][(r["x"], r["y"])] = efficiency(roof(r["kind"], r["flops"], r["bytes"]), r["seconds"],
-                                                   launch * _attention_kernels(r))
+        key = (r.kind, r.heads, r.kv_heads, r.head_dim)
+        groups[key][(r.x, r.y)] = efficiency(roof(r.kind, r.flops, r.bytes), r.seconds,
+                                             launch * _attention_kernels(r))
     out = []
     for (kind, heads, kv_heads, head_dim), cells in sorted(groups.items()):
         xs, ys = sorted({x for x, _ in cells}), sorted({y for _, y in cells})
@@ -179,41 +188,30 @@ def _surfaces(records: list[dict[str, Any]], roof: _Roofline, launch: float) -> 
     return tuple(out)
 
 
-def _gather_curves(records: list[dict[str, Any]], gpu: GPUSpec, launch: float) -> tuple[GatherCurve, ...]:
+def _gather_curves(records: list[MemoryOp], gpu: GPUSpec, launch: float) -> tuple[GatherCurve, ...]:
     """The K/V gathers' memory efficiency over bytes per head configuration (prefill and decode gathers
     pooled: the same copy of cache rows)."""
-    groups: dict[tuple[int, int], list[dict[str, Any]]] = defaultdict(list)
+    groups: dict[tuple[int, int], list[MemoryOp]] = defaultdict(list)
     for r in records:
-        groups[(r["kv_heads"], r["head_dim"])].append(r)
+        assert r.kv_heads is not None and r.head_dim is not None
+        groups[(r.kv_heads, r.head_dim)].append(r)
     return tuple(GatherCurve(kv_heads=kv_heads, head_dim=head_dim, curve=_memory_curve(rs, gpu, launch))
                  for (kv_heads, head_dim), rs in sorted(groups.items()))
 
 
-def _collective_curves(records: list[dict[str, Any]], gpu: GPUSpec) -> tuple[CollectiveCurve, ...]:
+def _collective_curves(records: list[Collective], gpu: GPUSpec) -> tuple[CollectiveCurve, ...]:
     link = get_interconnect(gpu.intra_node_link)
     groups: dict[tuple[str, int], list[tuple[float, float]]] = defaultdict(list)
     for r in records:
-        n = r["ranks"]
-        steps, share = collective_shape(Operator(r["kind"], r["kind"], 0.0, 0.0, ranks=n))
-        moved = r["comm_bytes"] * share
-        groups[(r["kind"], n)].append((moved, efficiency(moved / link.bandwidth, r["seconds"], steps * link.latency)))
+        steps, share = collective_shape(Operator(r.kind, r.kind, 0.0, 0.0, ranks=r.ranks))
+        moved = r.comm_bytes * share
+        groups[(r.kind, r.ranks)].append((moved, efficiency(moved / link.bandwidth, r.seconds, steps * link.latency)))
     return tuple(CollectiveCurve(kind=kind, ranks=ranks, curve=binned_curve(*map(np.array, zip(*pts)), per_decade=2))
                  for (kind, ranks), pts in sorted(groups.items()))
 
 
-Engine = dict[str, str]  # the Deployment fields that say which kernels the backend launched
-PAGED_ENGINE: Engine = {"kv_access": "paged", "elementwise": "fused"}  # the backend now
-LEGACY_ENGINE: Engine = {"kv_access": "gather", "elementwise": "unfused"}  # the backend before its Triton kernels
-
-
-def engine(r: Mapping[str, Any]) -> Engine:
-    """Which kernels the backend that timed a record (or a reference step) launched: records from before
-    its paged and fused kernels carry neither field and describe the K/V gather and PyTorch's separate ops."""
-    return {k: r[k] if isinstance(r.get(k), str) else v for k, v in LEGACY_ENGINE.items()}
-
-
-def _attention_kernels(r: dict[str, Any]) -> int:
-    return ATTENTION_KERNELS[engine(r)["kv_access"]][r["kind"]]
+def _attention_kernels(r: Attention) -> int:
+    return ATTENTION_KERNELS[r.engine["kv_access"]][r.kind]
 
 
 def _launched(spec: ModelSpec, shape: StepShape, gpu: GPUSpec, tp: int = 1,
@@ -248,31 +246,20 @@ def _robust_line(x: list[float], y: list[float]) -> tuple[float, float]:
     return max(0.0, float(np.median(np.array(y) - slope * np.array(x)))), slope
 
 
-def _wall(step: dict[str, Any]) -> float:
-    """A step's wall seconds: its fast-phase statistic where recorded (see `calibrate.steps.StepTiming`)."""
-    return step.get("seconds_fast", step["seconds"])
-
-
-def _gpu(step: dict[str, Any]) -> float:
-    """A step's seconds inside its CUDA events (fast phase where recorded); NaN where not measured (CPU)."""
-    gpu = step.get("gpu_seconds_fast", step.get("gpu_seconds"))
-    return float("nan") if gpu is None else float(gpu)
-
-
-def _per_kv_token(steps: list[dict[str, Any]]) -> float:
+def _per_kv_token(steps: list[Step]) -> float:
     """Host seconds per KV token the step's requests hold: the median, over pairs of decode steps with the
     same layers, execution and requests but different contexts, of the growth of their host time (wall less
     GPU seconds) per token."""
     groups: dict[tuple[int, str, int], list[tuple[float, float]]] = defaultdict(list)
     for s in steps:
-        if "kv_tokens" in s and math.isfinite(_gpu(s)) and not s["shape"]["prefill_tokens"]:
-            groups[(s["layers"], s["execution"], s["requests"])].append((s["kv_tokens"], _wall(s) - _gpu(s)))
+        if s.kv_tokens is not None and math.isfinite(s.gpu) and not s.prefills:
+            groups[(s.layers, s.execution, s.requests)].append((s.kv_tokens, s.wall - s.gpu))
     slopes = [(h2 - h1) / (k2 - k1) for points in groups.values()
               for (k1, h1), (k2, h2) in itertools.combinations(sorted(points), 2) if k2 > k1]
     return max(0.0, float(np.median(slopes))) if slopes else 0.0
 
 
-def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph: float) -> Overheads:
+def _overheads(raw: Measurements, partial: Profile, gpu: GPUSpec, launch_graph: float) -> Overheads:
     """Fixed costs from whole steps of a model run with half and all of its layers (robust fits, on the
     fast-phase statistic where recorded: a shared host has slow phases).
 
@@ -295,65 +282,64 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     from the collectives suite's single-call dispatch record.
     """
     base = DEFAULT_PROFILE.overheads
-    steps = [s for s in raw.get("steps", []) if s.get("tp", 1) == 1]
+    steps = [s for s in raw.steps if s.tp == 1]
     per_kv = _per_kv_token(steps)
-    # an eager step's kernels start later, queued on a stream (raw files before the fifth session lack it: 0)
+    # an eager step's kernels start later, queued on a stream
     fitted: dict[str, float] = {"launch_graph": launch_graph, "step_per_kv_token": per_kv,
-                                "stream_gap": raw["fixed"].get("stream_gap_seconds", 0.0)}
-    short = [s for s in steps if _short(s)]
-    eager = [s for s in short if s["execution"] == "eager"]
-    graph = [s for s in short if s["execution"] == "graph"]
+                                "stream_gap": raw.fixed.stream_gap_seconds}
+    short = [s for s in steps if s.short]
+    eager = [s for s in short if s.execution == "eager"]
+    graph = [s for s in short if s.execution == "graph"]
 
     models: dict[tuple[Any, ...], CostModel] = {}
 
-    def per_kernel(s: dict[str, Any]) -> float:  # the host's seconds per kernel that explain the GPU window
-        key = (s["layers"], *engine(s).values())
+    def per_kernel(s: Step) -> float:  # the host's seconds per kernel that explain the GPU window
+        key = (s.layers, *s.engine.values())
         if key not in models:
-            models[key] = CostModel(Deployment.build(_step_spec(s), gpu, **engine(s)), partial, cuda_graphs=False)
-        return dispatch_per_kernel(models[key], StepShape.from_dict(s["shape"]), _gpu(s))
+            models[key] = CostModel(Deployment.build(_step_spec(s), gpu, **s.engine), partial, cuda_graphs=False)
+        return dispatch_per_kernel(models[key], s.step_shape(), s.gpu)
 
     runs = _fastest_run(eager, per_kernel)
     if runs:
         launch, timed = runs
 
-        def outside(s: dict[str, Any]) -> float:  # host seconds outside the GPU window, less the KV tokens' part
-            return _wall(s) - _gpu(s) - per_kv * s.get("kv_tokens", 0)
+        def outside(s: Step) -> float:  # host seconds outside the GPU window, less the KV tokens' part
+            return s.wall - s.gpu - per_kv * s.kv
 
-        single = [s for s in timed if not _mixed(s)]
-        step, per_request = _robust_line([s["requests"] for s in single], [outside(s) for s in single])
+        single = [s for s in timed if not s.mixed]
+        step, per_request = _robust_line([s.requests for s in single], [outside(s) for s in single])
         fitted.update(launch_eager=launch, step_eager=step, step_eager_per_request=per_request)
-        if mixed := [outside(s) - step - per_request * s["requests"] for s in timed if _mixed(s)]:
+        if mixed := [outside(s) - step - per_request * s.requests for s in timed if s.mixed]:
             fitted["step_mixed"] = max(0.0, float(np.median(mixed)))
-    elif len(layers := sorted({s["layers"] for s in eager})) >= 2:
-        key = lambda s: json.dumps(s["shape"], sort_keys=True)  # noqa: E731
-        by_layers = {(s["layers"], key(s)): _wall(s) for s in eager}
+    elif len(layers := sorted({s.layers for s in eager})) >= 2:
+        key = lambda s: json.dumps(s.shape, sort_keys=True)  # noqa: E731
+        by_layers = {(s.layers, key(s)): s.wall for s in eager}
         lo, hi = layers[0], layers[-1]
         per_layer = float(np.median([(by_layers[(hi, k)] - w) / (hi - lo) for (n, k), w in by_layers.items()
                                      if n == lo and (hi, k) in by_layers]))
-        k_layer, k_other = layer_kernels(get_model(eager[0].get("model", "tiny-llama")), StepShape.build(decode=[63]),
-                                         gpu, engine(eager[0]))
+        k_layer, k_other = layer_kernels(get_model(eager[0].model), StepShape.build(decode=[63]), gpu,
+                                         eager[0].engine)
         launch = max(0.0, per_layer) / k_layer
-        step, per_request = _robust_line([s["requests"] for s in eager],
-                                         [_wall(s) - s["layers"] * per_layer - per_kv * s.get("kv_tokens", 0)
-                                          for s in eager])
+        step, per_request = _robust_line([s.requests for s in eager],
+                                         [s.wall - s.layers * per_layer - per_kv * s.kv for s in eager])
         fitted.update(launch_eager=launch, step_eager=max(0.0, step - k_other * launch),
                       step_eager_per_request=per_request)
-    def residual(s: dict[str, Any]) -> float:  # wall less the priced GPU time and the KV tokens' part
-        priced = CostModel(Deployment.build(_step_spec(s), gpu, **engine(s)), partial, cuda_graphs=True).price(
-            StepShape.from_dict(s["shape"]))
-        return _wall(s) - sum(priced.stage_seconds) - per_kv * s.get("kv_tokens", 0)
+    def residual(s: Step) -> float:  # wall less the priced GPU time and the KV tokens' part
+        priced = CostModel(Deployment.build(_step_spec(s), gpu, **s.engine), partial, cuda_graphs=True).price(
+            s.step_shape())
+        return s.wall - sum(priced.stage_seconds) - per_kv * s.kv
 
-    if decodes := [s for s in graph if not s["shape"]["prefill_tokens"]]:
-        step, per_request = _robust_line([s["requests"] for s in decodes], [residual(s) for s in decodes])
+    if decodes := [s for s in graph if not s.prefills]:
+        step, per_request = _robust_line([s.requests for s in decodes], [residual(s) for s in decodes])
         fitted.update(step_graph=step, step_graph_per_request=per_request)
-    if pieces := [s for s in graph if s["shape"]["prefill_tokens"]]:
+    if pieces := [s for s in graph if s.prefills]:
         per_request = fitted.get("step_eager_per_request", base.step_eager_per_request)
-        fitted.update(step_piecewise=max(0.0, float(np.median([residual(s) - per_request * s["requests"]
+        fitted.update(step_piecewise=max(0.0, float(np.median([residual(s) - per_request * s.requests
                                                                  for s in pieces]))),
                       step_piecewise_per_request=per_request)
     launch_eager = fitted.get("launch_eager", base.launch_eager)
-    tp_eager = [s for s in raw.get("steps", []) if s.get("tp", 1) > 1 and s["execution"] == "eager" and _short(s)]
-    dispatch = [r["seconds"] - r["kernel_seconds"] for r in raw["records"] if r["kind"] == "collective-dispatch"]
+    tp_eager = [s for s in raw.steps if s.tp > 1 and s.execution == "eager" and s.short]
+    dispatch = [r.seconds - r.kernel_seconds for r in raw.dispatch]
     if tp_run := _fastest_run(tp_eager, lambda s: _collective_excess(s, gpu, launch_eager)):
         fitted["launch_collective"] = max(0.0, tp_run[0])
     elif dispatch:  # an eager NCCL call's host cost beyond a plain kernel's, in a TP rank
@@ -361,19 +347,9 @@ def _overheads(raw: dict[str, Any], partial: Profile, gpu: GPUSpec, launch_graph
     return base.model_copy(update={k: float(v) for k, v in fitted.items()})
 
 
-def _step_spec(s: dict[str, Any]) -> ModelSpec:
+def _step_spec(s: Step) -> ModelSpec:
     """The model an overhead step ran: its catalog model with the step's number of layers."""
-    return get_model(s.get("model", "tiny-llama")).model_copy(update={"num_hidden_layers": s["layers"]})
-
-
-def _short(s: dict[str, Any]) -> bool:
-    """A step at short contexts (at most 64 KV tokens per request): little GPU work, host-bound when eager."""
-    return s.get("kv_tokens", 0) <= 64 * s["requests"]
-
-
-def _mixed(s: dict[str, Any]) -> bool:
-    """A step with prefill chunks and decodes: two attention calls in the backend."""
-    return bool(s["shape"]["prefill_tokens"]) and bool(s["shape"]["decode_context"])
+    return get_model(s.model).model_copy(update={"num_hidden_layers": s.layers})
 
 
 def dispatch_per_kernel(model: CostModel, shape: StepShape, window: float) -> float:
@@ -387,23 +363,22 @@ def dispatch_per_kernel(model: CostModel, shape: StepShape, window: float) -> fl
     return float(brentq(lambda launch: model.eager_window(cost, launch) - window, 0.0, top, xtol=1e-10))
 
 
-def _collective_excess(s: dict[str, Any], gpu: GPUSpec, launch_eager: float) -> float:
+def _collective_excess(s: Step, gpu: GPUSpec, launch_eager: float) -> float:
     """Host seconds per collective of a host-bound eager TP step beyond its calls' plain dispatch: its GPU
     window less kernels x `launch_eager`, over its collectives (NCCL's own dispatch and the wait for the
     slower rank at each all-reduce)."""
-    kernels, collectives = step_calls(_step_spec(s), StepShape.from_dict(s["shape"]), gpu, s.get("tp", 1), engine(s))
-    return (_gpu(s) - kernels * launch_eager) / collectives
+    kernels, collectives = step_calls(_step_spec(s), s.step_shape(), gpu, s.tp, s.engine)
+    return (s.gpu - kernels * launch_eager) / collectives
 
 
-def _fastest_run(steps: list[dict[str, Any]],
-                 per_step: Callable[[dict[str, Any]], float]) -> tuple[float, list[dict[str, Any]]] | None:
+def _fastest_run(steps: list[Step], per_step: Callable[[Step], float]) -> tuple[float, list[Step]] | None:
     """(median of `per_step`, the steps) of the run (steps of one model: same layers) whose median is the
     smallest, among steps with a GPU window: the run in the host's fastest phase (a slow phase, seconds
     long, can cover a whole run); None without such steps."""
-    runs: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    runs: dict[int, list[Step]] = defaultdict(list)
     for s in steps:
-        if math.isfinite(_gpu(s)):
-            runs[s["layers"]].append(s)
+        if math.isfinite(s.gpu):
+            runs[s.layers].append(s)
     if not runs:
         return None
     medians = {n: float(np.median([per_step(s) for s in run])) for n, run in runs.items()}
@@ -412,58 +387,54 @@ def _fastest_run(steps: list[dict[str, Any]],
 
 
 def fit_profile(raw: dict[str, Any], gpu: GPUSpec, metadata: dict[str, Any]) -> Profile:
-    """A version-3 profile for `gpu` from `calibrate.microbench.run_all`'s output (plus collectives)."""
+    """A version-3 profile for `gpu` from `calibrate.microbench.run_all`'s output (plus collectives): the raw
+    JSON's dict, read into typed records (`calibrate.records.Measurements`)."""
+    m = Measurements.parse(raw)
     roof = _Roofline(gpu)
-    launch = float(raw["fixed"]["graph_kernel_seconds"])
-    records = raw["records"]
-    gemm = [r for r in records if r["kind"] == "gemm"]
-    named = [r for r in records if r["kind"] in NAMED_KINDS]
-    attention = [r for r in records if r["kind"].startswith("attention")]
-    if any(r.get("with_gather", True) for r in attention):
+    launch = float(m.fixed.graph_kernel_seconds)
+    gemm, named, attention = m.gemm, m.named, m.attention
+    if any(r.with_gather for r in attention):
         raise ServesimError("attention records timed with their K/V gather (before profile version 3) cannot be "
                             "fit: measure again with --suites attention and overlay them with --later")
-    collectives = [r for r in records if r["kind"] in ("all-reduce", "all-gather", "send-recv")]
 
     operators, kinds = {}, dict(DEFAULT_PROFILE.efficiency)
-    by_name: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    by_name: dict[str, list[MemoryOp]] = defaultdict(list)
     for r in named:
-        by_name[r["op"]].append(r)
+        by_name[r.op].append(r)
     for name, rs in sorted(by_name.items()):
         operators[name] = _memory_curve(rs, gpu, launch)
-    for kind in {r["kind"] for r in named}:
-        rs = [r for r in named if r["kind"] == kind]
+    for kind in {r.kind for r in named}:
+        rs = [r for r in named if r.kind == kind]
         kinds[kind] = KindEfficiency(compute=kinds[kind].compute, memory=_memory_curve(rs, gpu, launch))
     if gemm:
-        eff = np.array([efficiency(roof("gemm", r["flops"], r["bytes"]), r["seconds"], launch) for r in gemm])
-        kinds["gemm"] = KindEfficiency(compute=binned_curve(np.array([r["flops"] for r in gemm]), eff),
-                                       memory=binned_curve(np.array([r["bytes"] for r in gemm]), eff))
-    grid = [r for r in attention if not r.get("ragged")]
-    surfaces = _surfaces(grid, roof, launch)
+        eff = np.array([efficiency(roof("gemm", r.flops, r.bytes), r.seconds, launch) for r in gemm])
+        kinds["gemm"] = KindEfficiency(compute=binned_curve(np.array([r.flops for r in gemm]), eff),
+                                       memory=binned_curve(np.array([r.bytes for r in gemm]), eff))
+    surfaces = _surfaces([r for r in attention if not r.ragged], roof, launch)
     gemm_curves, gemm_spikes = _gemm_curves(gemm, roof, launch)
     profile = Profile(gpu=gpu.id, metadata=metadata, efficiency=kinds, overheads=DEFAULT_PROFILE.overheads,
                       gemm=gemm_curves, operators=operators, attention=surfaces,
-                      grouped_gemm=_grouped_curves([r for r in records if r["kind"] == "grouped-gemm"], roof, launch),
-                      collectives=_collective_curves(collectives, gpu),
-                      kv_gather=_gather_curves([r for r in named if r["kind"] == "kv-gather" and "kv_heads" in r
-                                                and not r.get("ragged")], gpu, launch))
+                      grouped_gemm=_grouped_curves(m.grouped_gemm, roof, launch),
+                      collectives=_collective_curves(m.collectives, gpu),
+                      kv_gather=_gather_curves([r for r in named if r.kind == "kv-gather" and r.kv_heads is not None
+                                                and not r.ragged], gpu, launch))
     # whole steps are priced with the measured per-kernel costs (graph steps' residuals, the eager dispatch)
-    measured = profile.overheads.model_copy(update={"launch_graph": launch,
-                                                    "stream_gap": raw["fixed"].get("stream_gap_seconds", 0.0)})
+    measured = profile.overheads.model_copy(update={"launch_graph": launch, "stream_gap": m.fixed.stream_gap_seconds})
     profile = profile.model_copy(update={"overheads": measured})
-    profile = profile.model_copy(update={"overheads": _overheads(raw, profile, gpu, launch)})
-    checks = [_ragged_check(r, profile, roof, launch) for r in attention if r.get("ragged")]
+    profile = profile.model_copy(update={"overheads": _overheads(m, profile, gpu, launch)})
+    checks = [_ragged_check(r, profile, roof, launch) for r in attention if r.ragged]
     meta = {**metadata, "ceilings": raw.get("ceilings", {}), "fixed": raw["fixed"],
             "ragged_attention_checks": checks, "gemm_spikes": gemm_spikes}
-    engines = sorted({tuple(engine(s).values()) for s in raw.get("steps", [])})
+    engines = sorted({tuple(s.engine.values()) for s in m.steps})
     name = ("servesim backend (" + "; ".join(f"kv_access {a}, elementwise {e}" for a, e in engines) + ")"
             if engines else DEFAULT_PROFILE.engine_name)
     return profile.model_copy(update={"metadata": meta, "engine_name": name})
 
 
-def _ragged_check(r: dict[str, Any], profile: Profile, roof: _Roofline, launch: float) -> dict[str, float]:
+def _ragged_check(r: Attention, profile: Profile, roof: _Roofline, launch: float) -> dict[str, float]:
     """Predicted vs measured seconds of a ragged attention batch from the surface at its mean shape."""
-    surface = profile.attention_surface(r["kind"], r["heads"], r["kv_heads"], r["head_dim"])
-    e = surface.at(r["x"], r["y"]) if surface is not None else 1.0
-    predicted = roof(r["kind"], r["flops"], r["bytes"]) / e + launch * _attention_kernels(r)
-    return {"kind": r["kind"], "seqs": r["seqs"], "x": r["x"], "y": r["y"], "measured": r["seconds"],
-            "predicted": predicted, "error": predicted / r["seconds"] - 1.0 if r["seconds"] else math.nan}
+    surface = profile.attention_surface(r.kind, r.heads, r.kv_heads, r.head_dim)
+    e = surface.at(r.x, r.y) if surface is not None else 1.0
+    predicted = roof(r.kind, r.flops, r.bytes) / e + launch * _attention_kernels(r)
+    return {"kind": r.kind, "seqs": r.seqs, "x": r.x, "y": r.y, "measured": r.seconds,
+            "predicted": predicted, "error": predicted / r.seconds - 1.0 if r.seconds else math.nan}

@@ -27,8 +27,8 @@ from backend.attention import Chunk, attend, cache_slots, paged_group
 from backend.fused import add_rmsnorm, rope_and_cache, silu_mul
 from backend.model import rope, rope_tables
 from backend.parallel import Shard
-from calibrate.fit import PAGED_ENGINE
 from calibrate.ranks import on_ranks
+from calibrate.records import PAGED_ENGINE
 from calibrate.steps import StepRunner, StepTiming, agreed_blocks, release_memory
 from calibrate.timing import Timer, variants_for
 from hardware.catalog import get_model

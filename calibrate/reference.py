@@ -20,9 +20,9 @@ from typing import Any
 import pandas as pd
 
 from backend.parallel import Shard
-from calibrate.fit import PAGED_ENGINE
 from calibrate.microbench import overhead_record, overhead_shapes
 from calibrate.ranks import on_ranks
+from calibrate.records import PAGED_ENGINE
 from calibrate.steps import StepRunner, agreed_blocks, release_memory
 from hardware.catalog import get_model
 from hardware.cost import graph_rows

@@ -17,14 +17,14 @@ ARGS=()
 [ -n "${MODELS:-}" ] && ARGS+=(--models "$MODELS")
 [ -n "${TPS:-}" ] && ARGS+=(--tp "$TPS")
 [ -n "${SUITES:-}" ] && ARGS+=(--suites "$SUITES")
-time $PY -m sim calibrate --out "$OUT/$ID.json" --raw "$OUT/${ID}_raw.json" "${ARGS[@]}" > "$OUT/${ID}_summary.json"
+time $PY -m servesim calibrate --out "$OUT/$ID.json" --raw "$OUT/${ID}_raw.json" "${ARGS[@]}" > "$OUT/${ID}_summary.json"
 if [ "${REF:-1}" = 1 ]; then
   export NCCL_NVLS_ENABLE=0
   for tp in ${REF_TP:-1}; do
     steps="$OUT/${ID}_llama-3-8b_steps.csv"
     [ "$tp" != 1 ] && steps="$OUT/${ID}_llama-3-8b_tp${tp}_steps.csv"
-    time $PY -m sim calibrate reference --tp "$tp" --out "$steps"
-    $PY -m sim calibrate validate "$steps" --gpu "$ID" --profile "$OUT/$ID.json" > /dev/null || true
+    time $PY -m servesim calibrate reference --tp "$tp" --out "$steps"
+    $PY -m servesim calibrate validate "$steps" --gpu "$ID" --profile "$OUT/$ID.json" > /dev/null || true
   done
 fi
 [ -f "$OUT/gpu_check.txt" ] && tail -4 "$OUT/gpu_check.txt"

@@ -15,12 +15,12 @@ if [[ $STAGES == *" check "* ]]; then
   timeout 150 $PY calibrate/moe_check.py 2>&1 | tail -60 | tee "$OUT/moe_check.txt"
 fi
 if [[ $STAGES == *" kernels "* ]]; then
-  time timeout "${KERNELS_S:-200}" $PY -m sim calibrate --models "${MODELS// /,}" --suites moe \
+  time timeout "${KERNELS_S:-200}" $PY -m servesim calibrate --models "${MODELS// /,}" --suites moe \
     --out "$OUT/${ID}_moe.json" --raw "$OUT/${ID}_moe_raw.json" 2>&1 | tail -8 | tee "$OUT/moe_kernels.txt"
 fi
 if [[ $STAGES == *" reference "* ]]; then
   for m in $MODELS; do
-    time timeout "${REF_S:-240}" $PY -m sim calibrate reference --model "$m" --out "$OUT/${ID}_${m}_steps.csv" \
+    time timeout "${REF_S:-240}" $PY -m servesim calibrate reference --model "$m" --out "$OUT/${ID}_${m}_steps.csv" \
       --raw "$OUT/${ID}_${m}_reference_raw.json" 2>&1 | tail -6 | tee -a "$OUT/moe_reference.txt"
   done
 fi

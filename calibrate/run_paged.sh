@@ -13,11 +13,11 @@ if [[ $STAGES == *" check "* ]]; then
   timeout 150 $PY calibrate/gpu_check.py 2>&1 | tail -40 | tee "$OUT/gpu_check.txt"
 fi
 if [[ $STAGES == *" kernels "* ]]; then
-  time timeout "${KERNELS_S:-330}" $PY -m sim calibrate --out "$OUT/${ID}_paged.json" --raw "$OUT/${ID}_paged_raw.json" \
+  time timeout "${KERNELS_S:-330}" $PY -m servesim calibrate --out "$OUT/${ID}_paged.json" --raw "$OUT/${ID}_paged_raw.json" \
     --models llama-3-8b --suites elementwise,attention,fixed 2>&1 | tail -30 | tee "$OUT/kernels.txt"
 fi
 if [[ $STAGES == *" reference "* ]]; then
-  time timeout "${REF_S:-220}" $PY -m sim calibrate reference --out "$OUT/${ID}_paged_llama-3-8b_steps.csv" \
+  time timeout "${REF_S:-220}" $PY -m servesim calibrate reference --out "$OUT/${ID}_paged_llama-3-8b_steps.csv" \
     --raw "$OUT/${ID}_paged_reference_raw.json" 2>&1 | tail -10 | tee "$OUT/reference.txt"
 fi
 if [[ $STAGES == *" replays "* ]]; then

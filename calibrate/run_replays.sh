@@ -17,7 +17,7 @@ for sched in ${SCHEDS:-vllm sarathi}; do
   for load in "light 1.0 100" "heavy 5.0 150"; do
     set -- $load
     case " ${LOADS:-light heavy} " in *" $1 "*) ;; *) continue ;; esac
-    timeout 150 $PY -m sim replay "$CONFIG" --device cuda --asap --out "$OUT/${PREFIX}real_${sched}_$1" \
+    timeout 150 $PY -m servesim replay "$CONFIG" --device cuda --asap --out "$OUT/${PREFIX}real_${sched}_$1" \
       --set scheduler.name=$sched --set workloads.0.arrival.rate=$2 --set workloads.0.num_requests=$3 \
       --set "workloads.0.trace.path=$TRACE" ${EXTRA:+--set "$EXTRA"} | tail -12 || echo "replay $sched $1 did not finish"
   done

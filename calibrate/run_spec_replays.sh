@@ -12,7 +12,7 @@ CONFIG=calibrate/measurements/h100_llama3_8b_spec.yaml
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 for load in "light 1.0 100" "heavy 5.0 150"; do
   set -- $load
-  timeout 200 $PY -m sim replay "$CONFIG" --device cuda --asap --acceptance oracle --out "$OUT/real_spec_$1" \
+  timeout 200 $PY -m servesim replay "$CONFIG" --device cuda --asap --acceptance oracle --out "$OUT/real_spec_$1" \
     --set workloads.0.arrival.rate=$2 --set workloads.0.num_requests=$3 \
     --set "workloads.0.trace.path=$TRACE" | tail -14 || echo "replay $1 did not finish"
 done

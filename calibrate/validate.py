@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from calibrate.fit import engine
+from calibrate.records import engine
 from hardware.catalog import get_gpu
 from hardware.cost import CostModel
 from hardware.deployment import Deployment

@@ -1,4 +1,5 @@
-"""The SimPy serving engine, its config and results, and the `servesim` command line.
+"""The SimPy serving engine, its config and results (the `servesim` command line and the searches over many runs
+are in the `servesim` package).
 
     from sim import load_config, simulate
     results = simulate(load_config("examples/default.yaml", ["workloads.0.arrival.rate=10"]))

@@ -21,7 +21,7 @@ from backend.parallel import Shard, shard_model  # noqa: E402
 from backend.replay import replay  # noqa: E402
 from hardware.catalog import get_model  # noqa: E402
 from hardware.errors import ServesimError  # noqa: E402
-from sim.cli import main  # noqa: E402
+from servesim.cli import main  # noqa: E402
 from sim.config import KvCacheConfig, SimConfig  # noqa: E402
 
 SPEC = get_model("tiny-llama")

@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from calibrate.fit import NAMED_KINDS, PAGED_ENGINE, fit_profile, layer_kernels, spikes, step_calls
+from calibrate.fit import fit_profile, layer_kernels, spikes, step_calls
 from calibrate.microbench import _decode_shape, gemm_shapes, operators_at, wave_boundaries
+from calibrate.records import NAMED_KINDS, PAGED_ENGINE
 from hardware.catalog import get_gpu, get_interconnect, get_model
 from hardware.cost import CostModel, StepCost, peak_flops
 from hardware.deployment import Deployment
@@ -487,7 +488,7 @@ def test_committed_profiles_beat_the_datasheet_on_their_reference_steps() -> Non
 def test_quick_calibration_pipeline_on_cpu(tmp_path, capsys) -> None:
     """`servesim calibrate --quick`, `reference --quick` and `validate` end to end on the CPU."""
     pytest.importorskip("torch")
-    from sim.cli import main
+    from servesim.cli import main
 
     prof, raw, steps = tmp_path / "p.json", tmp_path / "raw.json", tmp_path / "steps.csv"
     assert main(["calibrate", "--quick", "--out", str(prof), "--raw", str(raw)]) == 0
@@ -525,7 +526,7 @@ def test_quick_calibration_pipeline_on_cpu(tmp_path, capsys) -> None:
 ])
 def test_calibrate_cli_errors(argv, needle, capsys) -> None:
     pytest.importorskip("torch")
-    from sim.cli import main
+    from servesim.cli import main
 
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -534,7 +535,7 @@ def test_calibrate_cli_errors(argv, needle, capsys) -> None:
 
 def test_bad_raw_and_measurement_files_give_one_line_errors(tmp_path, capsys) -> None:
     pytest.importorskip("torch")
-    from sim.cli import main
+    from servesim.cli import main
 
     raw, steps = tmp_path / "raw.json", tmp_path / "steps.csv"
     raw.write_text("{oops")
@@ -545,15 +546,37 @@ def test_bad_raw_and_measurement_files_give_one_line_errors(tmp_path, capsys) ->
     assert "raw.json:1:2: not valid JSON" in err[0] and "row 1: shape = '{bad'" in err[1]
 
 
+@pytest.mark.parametrize("break_it, needle", [
+    (lambda raw: raw["records"][3].pop("m"), r"records\[3\]\.m: Field required"),
+    (lambda raw: raw["records"][3].update(seconds="fast"), r"records\[3\]\.seconds: Input should be a valid number"),
+    (lambda raw: raw["records"][5].update(kind="gemv"), r"records\[5\]\.kind = 'gemv'; allowed: gemm, "),
+    (lambda raw: raw["steps"][0].pop("layers"), r"steps\[0\]\.layers: Field required"),
+    (lambda raw: raw["steps"][1].update(execution="cuda"), r"steps\[1\]\.execution: Input should be 'graph' or"),
+    (lambda raw: raw["fixed"].pop("graph_kernel_seconds"), r"fixed\.graph_kernel_seconds: Field required"),
+])
+def test_a_bad_raw_record_is_a_one_line_error_naming_it(break_it, needle) -> None:
+    """The fit reads typed records (`calibrate.records`): a record it cannot read is named, not a KeyError."""
+    raw = synthetic_raw(noise=0.0)
+    raw.pop("truth")
+    raw["steps"] = [s for s in raw["steps"] if s["execution"] == "eager"]  # (graph steps' times come later)
+    fit_profile(raw, GPU, {})  # as built, it fits
+    assert raw["records"][3]["kind"] == "gemm" and len(raw["steps"]) > 1
+    break_it(raw)
+    with pytest.raises(ServesimError, match=needle) as info:
+        fit_profile(raw, GPU, {})
+    assert "\n" not in str(info.value)
+
+
 def test_attention_timed_with_its_gather_is_refused_by_the_fit(tmp_path, capsys) -> None:
     """Raw files from before profile version 3 timed the K/V gather inside attention: the fit says so."""
     pytest.importorskip("torch")
-    from sim.cli import main
+    from servesim.cli import main
 
     legacy = synthetic_raw(noise=0.0)
     for r in legacy["records"]:
         r.pop("with_gather", None)
     legacy.pop("truth")
+    legacy["steps"] = [s for s in legacy["steps"] if "seconds" in s]  # (graph steps' times come later)
     raw = tmp_path / "raw.json"
     raw.write_text(json.dumps({**legacy, "gpu": GPU.id, "metadata": {}}))
     assert main(["calibrate", "--refit", "--raw", str(raw), "--out", str(tmp_path / "p.json")]) == 2
@@ -566,7 +589,7 @@ def test_tensor_parallel_reference_steps_on_cpu(tmp_path, capsys) -> None:
     pytest.importorskip("torch")
     import pandas as pd
 
-    from sim.cli import main
+    from servesim.cli import main
 
     out = tmp_path / "tp2.csv"
     assert main(["calibrate", "reference", "--quick", "--tp", "2", "--out", str(out)]) == 0
@@ -584,7 +607,7 @@ def test_fast_phase_statistic_and_validation_options(tmp_path, capsys) -> None:
     pytest.importorskip("torch")
     from calibrate.steps import StepTiming
     from calibrate.validate import compare
-    from sim.cli import main
+    from servesim.cli import main
     from sim.executor import StepOutcome
 
     runs = [StepOutcome(seconds=s, execution="eager", gpu_seconds=s - 1e-3) for s in (0.02, 0.03, 0.01, 0.04, 0.05)]

@@ -9,7 +9,7 @@ import pytest
 from scipy.optimize import brentq
 
 from hardware.errors import ServesimError
-from sim.capacity import Horizon, attainment_predicate, find_capacity, slo_predicate, with_duration, with_rate
+from servesim.capacity import Horizon, attainment_predicate, find_capacity, slo_predicate, with_duration, with_rate
 from sim.config import SimConfig
 from sim.engine import simulate
 from sim.executor import FixedCostExecutor

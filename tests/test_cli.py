@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from sim.cli import main
+from servesim.cli import main
 
 
 def run(capsys, *argv: str) -> tuple[int, dict | None, str]:
@@ -114,7 +114,7 @@ def test_catalog_lists_entries(capsys) -> None:
 
 
 def test_console_entry_point_is_deterministic() -> None:
-    cmd = [sys.executable, "-m", "sim", "estimate", "--model", "qwen2.5-72b", "--gpu", "h200", "--tp", "4",
+    cmd = [sys.executable, "-m", "servesim", "estimate", "--model", "qwen2.5-72b", "--gpu", "h200", "--tp", "4",
            "--prefill", "1000", "--decode", "30", "--context", "3000", "--breakdown"]
     first = subprocess.run(cmd, capture_output=True, check=True).stdout
     second = subprocess.run(cmd, capture_output=True, check=True).stdout

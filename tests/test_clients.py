@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from hardware.errors import ServesimError
-from sim.capacity import with_rate
+from servesim.capacity import with_rate
 from sim.config import load_config
 from sim.engine import simulate
 

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 
 from hardware.deployment import Deployment
 from hardware.errors import ServesimError
-from sim.cli import main
+from servesim.cli import main
 from sim.config import SimConfig, load_config
 from sim.disagg import wire_bytes_per_token
 from sim.engine import simulate

@@ -13,7 +13,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from sim.cli import main
+from servesim.cli import main
 
 SMALL = ["--set", "workloads.0.num_requests=20", "--quiet"]
 
@@ -111,10 +111,10 @@ def test_calibrate_validate_refuses_empty_and_non_numeric_tables(tmp_path, capsy
 
 
 def test_version_and_a_broken_pipe_are_quiet() -> None:
-    out = subprocess.run([sys.executable, "-m", "sim", "--version"], capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-m", "servesim", "--version"], capture_output=True, text=True)
     assert out.returncode == 0 and out.stdout.startswith("servesim ")
-    proc = subprocess.Popen([sys.executable, "-m", "sim", "run", "--json", "--set", "workloads.0.num_requests=200"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen([sys.executable, "-m", "servesim", "run", "--json", "--set",
+                             "workloads.0.num_requests=200"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     assert proc.stdout is not None and proc.stdout.read(10)
     proc.stdout.close()  # the reader leaves, as `| head` does
     _, err = proc.communicate()

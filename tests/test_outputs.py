@@ -8,7 +8,7 @@ from collections import Counter
 import numpy as np
 import pandas as pd
 
-from sim.cli import main
+from servesim.cli import main
 
 SMALL = ["--set", "workloads.0.num_requests=120", "--quiet"]
 

@@ -8,11 +8,11 @@ import pytest
 import yaml
 
 from hardware.errors import ServesimError
-from sim.capacity import find_capacity
-from sim.cli import main
+from servesim.capacity import find_capacity
+from servesim.cli import main
+from servesim.planner import PlanSpec, load_spec, plan
 from sim.config import SimConfig, load_config
 from sim.engine import simulate
-from sim.planner import PlanSpec, load_spec, plan
 
 BASE = {
     "model": "llama-3-8b", "max_model_len": 4096, "slo": {"ttft_s": 1.0, "tpot_s": 0.05},
@@ -57,7 +57,7 @@ def test_plan_finds_the_cheapest_configuration_and_caches_it(tmp_path, monkeypat
     check = simulate(cfg).summary
     assert check["stability"] == "stable" and check["steady_slo_attainment"] >= 0.9
     assert best["capacity_req_s"] <= best["capacity_median_req_s"] <= best["capacity_max_req_s"]
-    monkeypatch.setattr("sim.planner.size", lambda *a: pytest.fail("a cached configuration was sized again"))
+    monkeypatch.setattr("servesim.planner.size", lambda *a: pytest.fail("a cached configuration was sized again"))
     again = plan(s, tmp_path, workers=1)
     assert again["cached"].all()
     assert again.drop(columns="cached").equals(table.drop(columns="cached"))
@@ -118,7 +118,7 @@ def test_a_configuration_failing_its_long_check_is_ranked_after_those_that_pass(
             res.summary["stability"] = "overloaded"
         return res
 
-    monkeypatch.setattr("sim.planner.simulate", long_runs_of_the_winner_overload)
+    monkeypatch.setattr("servesim.planner.simulate", long_runs_of_the_winner_overload)
     table = plan(s, tmp_path / "b", workers=1)
     assert table["cached"].all()
     assert table.iloc[-1]["label"] == loser["label"] and table.iloc[-1]["verified"] == "no"
@@ -127,7 +127,7 @@ def test_a_configuration_failing_its_long_check_is_ranked_after_those_that_pass(
 
 
 def test_moe_placements_are_searched_and_count_every_gpu() -> None:
-    from sim.planner import candidates
+    from servesim.planner import candidates
 
     base = {**BASE, "model": "qwen3-30b-a3b"}
     s = spec(base=base, search={"gpus": [{"id": "h100"}], "tp": [1, 2], "max_gpus": 4,

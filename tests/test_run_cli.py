@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import yaml
 
-from sim.cli import main
+from servesim.cli import main
 from sim.config import SimConfig, load_config
 from sim.engine import simulate
 
@@ -99,7 +99,7 @@ def test_examples_exist() -> None:
 
 
 def test_plan_examples_load() -> None:
-    from sim.planner import candidates, load_spec
+    from servesim.planner import candidates, load_spec
 
     for path in EXAMPLES.glob("plan_*.yaml"):
         assert len(list(candidates(load_spec(path)))) > 1
@@ -110,7 +110,7 @@ def test_console_script_runs_the_default_scenario(tmp_path) -> None:
     data = SimConfig().model_dump(mode="json")
     data["workloads"][0]["num_requests"] = 100
     cfg.write_text(yaml.safe_dump(data))
-    out = subprocess.run([sys.executable, "-m", "sim", "run", str(cfg), "--json", "--quiet"], capture_output=True,
+    out = subprocess.run([sys.executable, "-m", "servesim", "run", str(cfg), "--json", "--quiet"], capture_output=True,
                          text=True, check=True).stdout
     assert json.loads(out)["requests_finished"] == 100
 

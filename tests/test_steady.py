@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from sim.cli import main
+from servesim.cli import main
 from sim.config import SimConfig
 from sim.engine import simulate
 from sim.executor import FixedCostExecutor

@@ -1,4 +1,4 @@
-"""`servesim sweep` (`sim.sweep`): GuideLLM's sweep profile over the default scenario, shortened."""
+"""`servesim sweep` (`servesim.sweep`): GuideLLM's sweep profile over the default scenario, shortened."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import json
 import numpy as np
 import pandas as pd
 
-from sim.capacity import Horizon
-from sim.cli import main
+from servesim.capacity import Horizon
+from servesim.cli import main
+from servesim.sweep import COLUMNS, sweep
 from sim.config import load_config
-from sim.sweep import COLUMNS, sweep
 
 SHORT = Horizon(min_duration_s=20.0, min_requests=300)
 

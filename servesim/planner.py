@@ -3,7 +3,7 @@
 A spec names a base scenario (model, workload, SLOs), a search space (GPU types with prices, TP, PP,
 replicas, schedulers, colocated or disaggregated, speculation on or off) and an objective. Every
 configuration in the space is first pruned when it cannot fit in memory or cannot meet the TPOT target
-even at batch 1; the rest are sized by binary search on the arrival rate (`sim.capacity.find_capacity`):
+even at batch 1; the rest are sized by binary search on the arrival rate (`servesim.capacity.find_capacity`):
 capacity = the highest Poisson rate at which the run is stable in steady state and at least `attainment` of
 its steady window's requests meet every SLO, probes sized by simulated time (`horizon_s`, `min_requests`),
 the lowest over `seeds` seeds near the boundary. With `replicas: auto`, one replica is sized and the replica
@@ -43,7 +43,7 @@ from hardware.catalog import get_gpu
 from hardware.errors import ServesimError, describe_validation_error
 from hardware.operators import StepShape
 from policies.speculation import SpeculationConfig
-from sim.capacity import (
+from servesim.capacity import (
     Horizon,
     SearchProgress,
     attainment_predicate,

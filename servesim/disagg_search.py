@@ -3,7 +3,7 @@
 For a workload, SLOs (TTFT and TPOT targets with an attainment target, e.g. 90% of requests within both)
 and a GPU budget, every placement (prefill TP x instances, decode TP x instances) and every colocated
 configuration (TP x replicas, per scheduler) that fits the budget gets its goodput: the highest Poisson
-rate whose steady-state SLO attainment meets the target in a stable run (`sim.capacity.find_capacity`: probes
+rate whose steady-state SLO attainment meets the target in a stable run (`servesim.capacity.find_capacity`: probes
 sized by simulated time, `Horizon`; the lowest over `seeds` seeds near the boundary, the range kept).
 Placements are ranked by goodput per GPU. Configurations run in parallel processes (`workers`); each is a
 pure function of its config.
@@ -21,7 +21,7 @@ from typing import Any
 import pandas as pd
 
 from hardware.errors import ServesimError
-from sim.capacity import Horizon, SearchProgress, attainment_predicate, find_capacity
+from servesim.capacity import Horizon, SearchProgress, attainment_predicate, find_capacity
 from sim.config import SimConfig, parse_config
 from sim.setup import build_pools
 

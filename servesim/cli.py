@@ -22,7 +22,7 @@ from hardware.errors import ServesimError
 from hardware.files import check_out_dir
 from hardware.operators import StepShape
 from hardware.profiles import resolve_profile
-from sim.capacity import Horizon
+from servesim.capacity import Horizon
 
 if TYPE_CHECKING:
     from sim.config import SimConfig
@@ -241,8 +241,8 @@ def _check_workers(workers: int | None) -> None:
 
 def cmd_disagg_search(args: argparse.Namespace) -> dict[str, Any] | None:
     from policies import SCHEDULERS
+    from servesim.disagg_search import best_ratio, search
     from sim.config import load_config
-    from sim.disagg_search import best_ratio, search
 
     overrides = list(args.set)
     overrides += [f"slo.ttft_s={args.ttft}"] if args.ttft is not None else []
@@ -271,8 +271,8 @@ def cmd_disagg_search(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def cmd_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
     check_out_dir(args.out)
+    from servesim.sweep import plot, sweep
     from sim.config import load_config
-    from sim.sweep import plot, sweep
 
     config = load_config(args.config, args.set)
     _check_workers(args.workers)
@@ -300,7 +300,7 @@ def cmd_sweep(args: argparse.Namespace) -> dict[str, Any] | None:
 
 def cmd_plan(args: argparse.Namespace) -> dict[str, Any] | None:
     check_out_dir(args.out)
-    from sim.planner import load_spec, plan
+    from servesim.planner import load_spec, plan
 
     spec = load_spec(args.spec, args.set)
     _check_workers(args.workers)

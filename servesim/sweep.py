@@ -7,7 +7,7 @@
 
 The swept workload is the config's first; the others keep their settings. Each rated probe runs at least
 `Horizon` (60 s of arrivals and 1,000 requests by default, grown while its steady window is too short:
-`sim.capacity.run_sized`), and reports its steady-state metrics (`sim.steady`) with its verdict; the two
+`servesim.capacity.run_sized`), and reports its steady-state metrics (`sim.steady`) with its verdict; the two
 end points report their whole run (a closed loop and a burst have no offered rate to hold).
 """
 
@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from hardware.errors import ServesimError
-from sim.capacity import Horizon, run_sized, with_duration, with_rate
+from servesim.capacity import Horizon, run_sized, with_duration, with_rate
 from sim.config import SimConfig
 from sim.engine import simulate
 from sim.progress import bar as progress_bar
