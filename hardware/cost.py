@@ -39,6 +39,7 @@ from __future__ import annotations
 import bisect
 import math
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -56,7 +57,10 @@ from hardware.operators import (
     pipeline_operator,
 )
 from hardware.profile import COLLECTIVE_KINDS, DEFAULT_PROFILE, AttentionSurface, Curve, GemmCurve, Profile, TimeTables
-from hardware.specs import GPUSpec
+from hardware.specs import GPUSpec, InterconnectSpec
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 # vLLM's default CUDA-graph capture sizes (1, 2, 4, then multiples of 8 up to 512).
 GRAPH_BATCH_SIZES: tuple[int, ...] = (1, 2, 4, *range(8, 513, 8))
@@ -294,13 +298,89 @@ def pipelined_seconds(h: np.ndarray, g: np.ndarray, k: np.ndarray, a: int, b: in
     return float(gp + layers * gl + cg[-1] - cg[b - 1] + best)
 
 
+@dataclass(frozen=True, eq=False)
+class CompiledOperators:
+    """A deployment's step as matrices, before any efficiency: its operators (on one GPU per stage, in issue
+    order, stage by stage), each run `count` times a step, whose FLOPs, bytes and collective payload are
+    affine in a few step features x (`FEATURES`): work(x) = base + slopes @ x. Read off `step_operators` at the
+    origin and at unit vectors and checked at a random point (`of`); with the constants that pricing needs and
+    that no profile changes (kernels, stages, collectives' links, latency steps and moved share).
+    `CostModel(dep).compiled` is this; `frame()` shows it as a table."""
+
+    deployment: Deployment
+    operators: tuple[Operator, ...]
+    count: np.ndarray  # (ops,) instances per step
+    base: np.ndarray  # (ops, 3) FLOPs, bytes and payload at x = 0
+    slopes: np.ndarray  # (ops, 3, features) what one unit of each feature adds
+    kernels: np.ndarray  # (ops,) kernels one instance launches
+    stage_spans: tuple[tuple[int, int], ...]  # each pipeline stage's operators, [start, end)
+    comm: np.ndarray  # (ops,) collectives
+    reduce: np.ndarray  # (ops,) paged decode attention: its reduction kernel runs only where the call splits keys
+    segments: tuple[tuple[np.ndarray, int, int, int, np.ndarray], ...]  # per stage, `pipelined_seconds`' order
+    links: tuple[InterconnectSpec, ...]  # the link each operator's payload crosses (collectives)
+    moved: np.ndarray  # (ops,) share of the payload each rank moves
+    latency: np.ndarray  # (ops,) link latency of a collective's steps (0 for kernels)
+
+    @classmethod
+    def of(cls, dep: Deployment) -> CompiledOperators:
+        def at(x: np.ndarray) -> list[tuple[Operator, int]]:
+            moe = MoeLoad(rows=float(x[9]), active_experts=float(x[1]), group_tokens=float(x[10]),
+                          dispatched=float(x[11]))
+            return step_operators(dep, _totals(x), float(x[0]), moe)
+
+        listed = at(np.zeros(len(FEATURES)))
+        base = _work(listed)
+        slopes = np.stack([_work(at(e)) - base for e in np.eye(len(FEATURES))], axis=2)  # (ops, 3, F)
+        probe = np.random.default_rng(0).uniform(1.0, 1e4, len(FEATURES))
+        if not np.allclose(_work(at(probe)), base + slopes @ probe, rtol=1e-9):
+            raise AssertionError("operator counts are not affine in the step features")
+        ops = tuple(op for op, _ in listed)
+        stage = np.array([op.stage for op in ops])
+        assert np.all(np.diff(stage) >= 0), "operators are listed stage by stage"
+        ends = np.searchsorted(stage, np.arange(dep.pp), side="right")
+        comm = np.array([op.kind in COLLECTIVE_KINDS for op in ops])
+        # per stage: its operators in issue order (before the layers, one layer, after), per-layer scaling
+        segments = tuple((np.concatenate([first, layer, last]), len(first), len(first) + len(layer), n,
+                          np.concatenate([np.ones(len(first)), np.full(len(layer), 1.0 / max(n, 1)),
+                                          np.ones(len(last))]))
+                         for first, layer, last, n in dispatch_segments(dep))
+        links = tuple(dep.pp_link if op.kind == "send-recv" else dep.moe_link if op.name.startswith("moe_")
+                      else dep.tp_link for op in ops)
+        steps, moved = (np.array(v, dtype=float) for v in zip(*map(collective_shape, ops)))
+        return cls(dep, ops, np.array([c for _, c in listed], dtype=float), base, slopes,
+                   np.array([op.kernels for op in ops], dtype=float),
+                   tuple(zip([0, *ends[:-1].tolist()], ends.tolist())), comm,
+                   np.array([op.kind == "attention-decode" and dep.kv_access == "paged" for op in ops]),
+                   segments, links, moved, np.where(comm, steps * np.array([link.latency for link in links]), 0.0))
+
+    def work(self, x: np.ndarray) -> np.ndarray:
+        """(ops, 3): each operator's FLOPs, bytes and collective payload (one instance) at features x."""
+        return self.base + self.slopes @ x
+
+    def frame(self) -> pd.DataFrame:
+        """One row per operator: name, kind, stage, instances, kernels, and its FLOPs, bytes and payload at the
+        origin (`flops`, ...) and per unit of each feature that moves any operator (`flops_per_tokens`, ...)."""
+        import pandas as pd
+
+        out = pd.DataFrame({"name": [op.name for op in self.operators], "kind": [op.kind for op in self.operators],
+                            "stage": [op.stage for op in self.operators], "count": self.count.astype(int),
+                            "kernels": self.kernels})
+        for q, quantity in enumerate(("flops", "bytes", "payload")):
+            out[quantity] = self.base[:, q]
+            for f, feature in enumerate(FEATURES):
+                if np.any(self.slopes[:, q, f]):
+                    out[f"{quantity}_per_{feature}"] = self.slopes[:, q, f]
+        return out
+
+
 class CostModel:
     """Prices `StepShape`s for one `Deployment` under an efficiency profile.
 
-    At construction the operator list is compiled: every operator's FLOPs, bytes and collective payload
-    are affine in a few step features (`FEATURES`), so they are read off `step_operators` at the origin and
-    at unit vectors, checked at a random point, and kept as matrices. Pricing a step is then a handful of
-    numpy operations whatever the model, the batch size or the number of pipeline stages.
+    At construction the deployment's operators are compiled (`CompiledOperators`: their work is affine in a
+    few step features) and the profile's efficiencies bound to them. Pricing a step is then a handful of numpy
+    operations whatever the model, the batch size or the number of pipeline stages, in named steps (`_columns`):
+    the profile's tables, measured GEMM spikes, measured GEMMs' memory side, attention surfaces, the what-if
+    rule, split-KV reduction kernels, then latency, launches and the stream gap.
     """
 
     def __init__(self, deployment: Deployment, profile: Profile | None = None, cuda_graphs: bool | str = True) -> None:
@@ -308,47 +388,18 @@ class CostModel:
         self.profile = (profile or DEFAULT_PROFILE).merged_over(DEFAULT_PROFILE)
         self.cuda_graphs = graph_mode(cuda_graphs)
         self._moe_cache: dict[float, tuple[float, float]] = {}
-        self._compile()
+        self.compiled = CompiledOperators.of(deployment)
+        self._bind_profile()
 
-    def _operators(self, x: np.ndarray) -> list[tuple[Operator, int]]:
-        moe = MoeLoad(rows=float(x[9]), active_experts=float(x[1]), group_tokens=float(x[10]), dispatched=float(x[11]))
-        return step_operators(self.dep, _totals(x), float(x[0]), moe)
-
-    def _affine(self, x: np.ndarray) -> np.ndarray:
-        """(ops, 3) array of FLOPs, bytes and collective payload at feature vector x."""
-        return _work(self._operators(x))
-
-    def _compile(self) -> None:
-        dep, gpu = self.dep, self.dep.gpu
-        ops = self._operators(np.zeros(len(FEATURES)))
-        base = _work(ops)
-        slopes = np.stack([self._affine(e) - base for e in np.eye(len(FEATURES))], axis=2)  # (ops, 3, F)
-        probe = np.random.default_rng(0).uniform(1.0, 1e4, len(FEATURES))
-        if not np.allclose(self._affine(probe), base + slopes @ probe, rtol=1e-9):
-            raise AssertionError("operator counts are not affine in the step features")
-        self._base, self._slopes = base, slopes
-        attention = slopes[:, :, _ATTENTION]  # (ops, 3, 3): what one more attention pair or K/V token adds
+    def _bind_profile(self) -> None:
+        """The profile's efficiency tables and surfaces for the compiled operators, and the caches."""
+        dep, gpu, ops = self.dep, self.dep.gpu, self.compiled
+        self._base, self._slopes, self._ops, self._count = ops.base, ops.slopes, ops.operators, ops.count
+        self._kernels, self._stage_spans, self._comm, self._reduce = ops.kernels, ops.stage_spans, ops.comm, ops.reduce
+        self._segments, self._moved, self._latency = ops.segments, ops.moved, ops.latency
+        attention = ops.slopes[:, :, _ATTENTION]  # (ops, 3, 3): what one more attention pair or K/V token adds
         self._fixed_cache: dict[tuple, _Fixed] = {}
-        self._ops = [op for op, _ in ops]
-        n = len(ops)
-        self._count = np.array([c for _, c in ops], dtype=float)
-        self._kernels = np.array([op.kernels for op in self._ops], dtype=float)
-        self._stage = np.array([op.stage for op in self._ops])
-        assert np.all(np.diff(self._stage) >= 0), "operators are listed stage by stage"
-        ends = np.searchsorted(self._stage, np.arange(dep.pp), side="right")
-        self._stage_spans = list(zip([0, *ends[:-1].tolist()], ends.tolist()))  # each stage's operators
-        self._comm = np.array([op.kind in COLLECTIVE_KINDS for op in self._ops])
-        # paged decode attention: its reduction kernel runs only where the call splits the keys (`decode_reduces`)
-        self._reduce = np.array([op.kind == "attention-decode" and dep.kv_access == "paged" for op in self._ops])
-        # per stage: its operators in issue order (before the layers, one layer, after), per-layer scaling
-        self._segments = [(np.concatenate([first, layer, last]), len(first), len(first) + len(layer), n,
-                           np.concatenate([np.ones(len(first)), np.full(len(layer), 1.0 / max(n, 1)),
-                                           np.ones(len(last))]))
-                          for first, layer, last, n in dispatch_segments(dep)]
-        links = [dep.pp_link if op.kind == "send-recv" else dep.moe_link if op.name.startswith("moe_") else dep.tp_link
-                 for op in self._ops]
-        steps, self._moved = (np.array(v, dtype=float) for v in zip(*map(collective_shape, self._ops)))
-        self._latency = np.where(self._comm, steps * np.array([link.latency for link in links]), 0.0)
+        n = len(ops.operators)
         # The profile's efficiencies are fractions of its own GPU's roofline: evaluate them there, and move
         # the times to this GPU by the what-if rule in `price` when the profile is another GPU's.
         self._source = _profile_gpu(self.profile, gpu)
@@ -367,8 +418,8 @@ class CostModel:
         self._spikes = {i: (1.0 / (2.0 * g.k * g.n), *g.spike_efficiencies())
                         for i, (*_, g) in enumerate(curves) if g is not None and g.spikes}
         self._table_ids = np.arange(2 * n)
-        self._peaks = np.concatenate([self._peak_c, [link.bandwidth if c else self._bandwidth
-                                                     for link, c in zip(links, self._comm)]])
+        self._peaks = np.concatenate([self._peak_c, [link.bandwidth if comm else self._bandwidth
+                                                     for link, comm in zip(ops.links, self._comm)]])
         # Attention kernels measured over their shape: (operator index, surface), evaluated per step.
         # (MLA's kernels have shapes of their own: priced by their kind's curves.)
         heads = (dep.heads_per_gpu, dep.kv_heads_per_gpu, dep.model.head_size)
@@ -646,7 +697,7 @@ class CostModel:
         features: the same decodes one token further, a chunk of the same size beside as many decodes)."""
         hit = self._fixed_cache.get(key)
         if hit is None:
-            work = self._base + self._slopes @ np.array(key[1:], dtype=float)
+            work = self.compiled.work(np.array(key[1:], dtype=float))
             f = self._steady.ids
             tc, tm, total, launched = (np.zeros(self._n) for _ in range(4))
             none = np.zeros(0)
@@ -679,59 +730,103 @@ class CostModel:
         a graph or not (`graph`, one for all or per step); `t` gives a prefill attention surface its place,
         `seqs`, `pairs` and `longest` each step's decodes and their K/V tokens (the decode attention surface's
         place; the decode calls' splits)."""
-        k, m = work.shape[0], c.ids.size
         flops, nbytes, payload = work[..., 0], work[..., 1], work[..., 2]
         present = (work > 0).any(axis=2)
+        tc, tm = self._table_seconds(c, flops, nbytes, payload)
+        self._exact_spikes(c, flops, tc)
+        self._measured_gemm_memory(c, flops, nbytes, tc, tm)
+        self._attention_surfaces(c, flops, nbytes, tc, tm, t, seqs, pairs, longest)
+        if c.target_c is not None:
+            tc, tm = self._what_if(c, flops, nbytes, tc, tm)
+        graphs = isinstance(graph, np.ndarray)
+        all_graph = bool(graph.all()) if graphs else bool(graph)
+        launched = self._launched(c, present, graph, all_graph, t, seqs, longest)
+        return tc, tm, self._kernel_seconds(c, tc, tm, present, launched, graph, all_graph), launched
+
+    def _table_seconds(self, c: _Columns, flops: np.ndarray, nbytes: np.ndarray, payload: np.ndarray
+                       ) -> tuple[np.ndarray, np.ndarray]:
+        """Compute and memory (a collective: link) seconds from the profile's efficiency tables."""
+        m = c.ids.size
         sides = self._tables.seconds(np.concatenate([flops, np.where(c.comm, payload * c.moved, nbytes)
                                                      if c.any_comm else nbytes], axis=1), c.tables, c.peaks)
-        tc, tm = sides[:, :m], sides[:, m:]
-        for j, per_flop, rows, efficiency in c.spikes:  # a spike holds its own M exactly (the table blurs it)
+        return sides[:, :m], sides[:, m:]
+
+    @staticmethod
+    def _exact_spikes(c: _Columns, flops: np.ndarray, tc: np.ndarray) -> None:
+        """A measured GEMM's spike holds its own M exactly (the table would blur it): in place."""
+        for j, per_flop, rows, efficiency in c.spikes:
             m_rows = flops[:, j] * per_flop
             at = np.minimum(np.searchsorted(rows, m_rows - 1e-6), rows.size - 1)
             hit = np.abs(rows[at] - m_rows) < 1e-6
             if hit.any():
                 tc[hit, j] = flops[hit, j] / (c.peak_c[j] * efficiency[at[hit]])
+
+    def _measured_gemm_memory(self, c: _Columns, flops: np.ndarray, nbytes: np.ndarray, tc: np.ndarray,
+                              tm: np.ndarray) -> None:
+        """Measured GEMMs: the compute side's efficiency e(M) applies to the bytes too (in place)."""
         d = c.derived
-        if d.size:  # measured GEMMs: the compute side's efficiency e(M) applies to the bytes too
+        if d.size:
             tm[:, d] = tc[:, d] * (nbytes[:, d] / self._bandwidth) / np.maximum(flops[:, d] / c.peak_c[d], 1e-300)
+
+    def _attention_surfaces(self, c: _Columns, flops: np.ndarray, nbytes: np.ndarray, tc: np.ndarray,
+                            tm: np.ndarray, t: StepTotals | None, seqs: np.ndarray, pairs: np.ndarray,
+                            longest: np.ndarray) -> None:
+        """Attention kernels read off their measured surfaces (in place): prefill at the step's queries and mean
+        K/V per query, decode at each step's mean context and its longest (`_decode_surface`)."""
         for i, j, surface in c.surfaces:
             if surface.kind == "attention-prefill":
                 if t is not None and t.prefill_seqs:
                     e = surface.at(float(t.prefill_queries), t.prefill_kv_tokens / t.prefill_queries)
-                    for r in range(k):
+                    for r in range(flops.shape[0]):
                         tc[r, j], tm[r, j] = self._on_surface(i, flops[r, j], nbytes[r, j], e)
                 continue
             tc[:, j], tm[:, j] = self._decode_surface(i, surface, flops[:, j], nbytes[:, j], tc[:, j], tm[:, j],
                                                       seqs, pairs, longest)
-        if c.target_c is not None:  # what-if: the roofline part moves to this GPU's peaks, the excess stays
-            dense = ~c.comm
-            tc = np.where(dense, flops / c.target_c + self._excess * (tc - flops / c.peak_c), tc)
-            tm = np.where(dense, nbytes / self.dep.gpu.hbm_bandwidth + self._excess * (tm - nbytes / self._bandwidth),
-                          tm)
-        ovh = self.profile.overheads
+
+    def _what_if(self, c: _Columns, flops: np.ndarray, nbytes: np.ndarray, tc: np.ndarray, tm: np.ndarray
+                 ) -> tuple[np.ndarray, np.ndarray]:
+        """Another GPU's profile: the roofline part moves to this GPU's peaks, the excess stays, scaled by the
+        ratio of SM counts (the module docstring's what-if rule); collectives as they are."""
+        assert c.target_c is not None
+        dense = ~c.comm
+        return (np.where(dense, flops / c.target_c + self._excess * (tc - flops / c.peak_c), tc),
+                np.where(dense, nbytes / self.dep.gpu.hbm_bandwidth + self._excess * (tm - nbytes / self._bandwidth),
+                         tm))
+
+    def _launched(self, c: _Columns, present: np.ndarray, graph: bool | np.ndarray, all_graph: bool,
+                  t: StepTotals | None, seqs: np.ndarray, longest: np.ndarray) -> np.ndarray:
+        """Kernels launched by every instance of an operator that does work, but for paged decode attention's
+        reduction kernel where an eager decode call keeps its keys whole (eager steps, and piecewise graphs'
+        attention between the pieces; a decode graph's split is fixed at capture by its block-table width:
+        counted as splitting)."""
         launched = present * c.launches
-        graphs = isinstance(graph, np.ndarray)
-        all_graph = bool(graph.all()) if graphs else bool(graph)
-        if c.reduce.size and len(seqs):  # no reduction kernel where an eager decode call keeps its keys whole
-            # (eager steps, and piecewise graphs' attention between the pieces; a decode graph's split is fixed
-            # at capture by its block-table width: counted as splitting)
+        if c.reduce.size and len(seqs):
             if t is not None and t.prefill_seqs:
-                eager: np.ndarray | None = np.ones(k, dtype=bool)
+                eager: np.ndarray | None = np.ones(present.shape[0], dtype=bool)
             else:  # (decode graphs, most decode steps, skip the rule)
-                eager = None if all_graph else ~graph if graphs else np.ones(k, dtype=bool)
+                eager = None if all_graph else ~graph if isinstance(graph, np.ndarray) else \
+                    np.ones(present.shape[0], dtype=bool)
             if eager is not None:
                 whole = eager & ~decode_reduces(np.asarray(seqs), self.dep.kv_heads_per_gpu, np.asarray(longest),
                                                 self.dep.gpu.sm_count)
                 if whole.any():
                     launched[:, c.reduce] -= (present[:, c.reduce] & whole[:, None]) * c.count[c.reduce]
+        return launched
+
+    def _kernel_seconds(self, c: _Columns, tc: np.ndarray, tm: np.ndarray, present: np.ndarray,
+                        launched: np.ndarray, graph: bool | np.ndarray, all_graph: bool) -> np.ndarray:
+        """Each operator's seconds over its instances: the longer side, a collective's link latency, its kernels'
+        launches, and for kernels queued on a stream (eager) the stream gap (they start later than in a graph
+        replay)."""
+        ovh = self.profile.overheads
         busy = np.maximum(tc, tm)
         if c.any_latency:
             busy = busy + present * c.latency
         total = busy * c.count + launched * ovh.launch_graph
-        if not all_graph:  # kernels queued on a stream start later than in a graph replay
-            total = np.where(graph[:, None], total, total + launched * ovh.stream_gap) if graphs else \
-                total + launched * ovh.stream_gap
-        return tc, tm, total, launched
+        if not all_graph:
+            total = np.where(graph[:, None], total, total + launched * ovh.stream_gap) \
+                if isinstance(graph, np.ndarray) else total + launched * ovh.stream_gap
+        return total
 
 
 @dataclass(frozen=True, slots=True)

@@ -431,7 +431,7 @@ def test_borrowed_profile_moves_the_roofline_part_and_keeps_the_excess(target) -
             if r.kind in ("gemm", "attention-prefill", "attention-decode", "elementwise"):
                 dep = b.dep
                 roof = lambda g, x: max(x.flops / peak_flops(dep, x.kind, g), x.bytes / g.hbm_bandwidth)  # noqa: E731
-                kernels = r.count * next(op.kernels for op in b._ops if op.name == r.name)
+                kernels = r.count * next(op.kernels for op in b.compiled.operators if op.name == r.name)
                 t_src, t_dst = ra[r.name].seconds - kernels * launch, r.seconds - kernels * launch
                 want = roof(dst, r) + (t_src - roof(src, ra[r.name])) * src.sm_count / dst.sm_count
                 assert t_dst == pytest.approx(want, rel=1e-6), r.name

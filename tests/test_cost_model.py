@@ -360,3 +360,23 @@ def test_kept_operators_price_a_step_as_afresh(profile: str | None, graphs: bool
                (fresh.seconds, fresh.stage_seconds, fresh.mfu, fresh.mbu, fresh.kernels, fresh.comm_bytes)
         assert kept.breakdown == fresh.breakdown
     assert len(warm._fixed_cache) < len(shapes)  # (kept features were met again)
+
+
+def test_compiled_operators_hold_a_steps_work_as_an_affine_table() -> None:
+    """`CostModel.compiled`: the deployment's operators and their work per unit of each step feature, before any
+    efficiency; a GEMM's row is its weight (bytes, whatever the rows) and 2 x its weight's elements per row (token)."""
+    dep = Deployment.build("llama-3-8b", "h100", tp=2)
+    compiled = CostModel(dep).compiled
+    frame = compiled.frame()
+    assert list(frame["name"]) == [op.name for op in compiled.operators] and len(frame) == len(compiled.operators)
+    qkv = frame.set_index("name").loc["qkv_proj"]
+    hidden, heads, kv_heads = 4096, 32, 8
+    weight = hidden * (heads + 2 * kv_heads) * (hidden // heads) // 2  # one TP rank's columns
+    assert qkv["count"] == 32 and qkv["bytes"] == 2 * weight and qkv["flops_per_rows"] == 2 * weight
+    reduce = frame[frame["kind"] == "all-reduce"]  # each row's hidden state, bf16
+    assert len(reduce) == 3 and (reduce["payload_per_rows"] == 2 * hidden).all() and "payload_per_tokens" not in frame
+    shape = StepShape.build(prefill=[300], decode=[1000] * 4)
+    cost = CostModel(dep).price(shape)  # the priced step's FLOPs are the table's, at its features, over the GPUs
+    rows = {o.name: o for o in cost.breakdown}
+    assert rows["qkv_proj"].flops == pytest.approx(32 * 2 * weight * 304)
+    assert cost.flops == pytest.approx(2 * sum(o.flops for o in cost.breakdown))
