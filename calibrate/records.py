@@ -161,7 +161,7 @@ class Step(_Engined):
 
 class Fixed(_Record):
     """The fixed-cost suite: a kernel's GPU seconds in a graph, and what one queued on a stream takes more
-    (raw files before the fifth session lack it: 0)."""
+    (older raw files lack it: 0)."""
 
     graph_kernel_seconds: float
     stream_gap_seconds: float = 0.0

@@ -56,8 +56,9 @@ from hardware.operators import (
     layer_operators,
     pipeline_operator,
 )
-from hardware.profile import COLLECTIVE_KINDS, DEFAULT_PROFILE, AttentionSurface, Curve, GemmCurve, Profile, TimeTables
+from hardware.profile import COLLECTIVE_KINDS, DEFAULT_PROFILE, AttentionSurface, Curve, GemmCurve, Profile
 from hardware.specs import GPUSpec, InterconnectSpec
+from hardware.time_tables import TimeTables
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -13,8 +13,9 @@ from hardware.cost import GRAPH_BATCH_SIZES, CostModel, graph_rows
 from hardware.deployment import Deployment
 from hardware.errors import DoesNotFitError, ServesimError
 from hardware.operators import StepShape, decode_reduces, decode_splits
-from hardware.profile import DEFAULT_PROFILE, Curve, KindEfficiency, Profile, TimeTables
+from hardware.profile import DEFAULT_PROFILE, Curve, KindEfficiency, Profile
 from hardware.profiles import load_profile
+from hardware.time_tables import TimeTables
 
 
 @pytest.mark.parametrize("gpu", ["h100", "h200", "a100", "mi300x"])
