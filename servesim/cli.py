@@ -177,11 +177,13 @@ def cmd_run(args: argparse.Namespace) -> dict[str, Any] | None:
 
     if args.trace and not args.out:
         raise ServesimError("--trace writes trace.json into --out: give --out DIR")
+    if args.step_rows < 1:
+        raise ServesimError(f"--step-rows = {args.step_rows}: the steps to write must be at least 1")
     extra = [f"metrics.percentiles=[{args.percentiles}]"] if args.percentiles else []
     config = load_config(args.config, [*args.set, *extra])
     results = simulate(config, progress=not args.quiet, skip_ahead=not args.step_by_step)
     if args.out:
-        paths = write_outputs(results, args.out, args.format, args.trace)
+        paths = write_outputs(results, args.out, args.format, args.trace, args.steps, args.step_rows)
         if not args.json:
             print(f"wrote {', '.join(p.name for p in paths)} to {args.out}")
     if args.json:
@@ -359,6 +361,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="directory for summary.json, requests.csv, steps.csv, token_times.npy, plots")
     run.add_argument("--format", choices=["csv", "parquet"], default="csv",
                      help="requests, steps (and links) tables as CSV or Parquet (default csv)")
+    run.add_argument("--steps", choices=["all", "sampled", "none"], default="all",
+                     help="the steps table written to --out: every step (default), about --step-rows of them evenly "
+                     "(`sampled`, with each one's index in the whole table), or none (a million requests log "
+                     "millions of steps); the summary and plots use every step either way")
+    run.add_argument("--step-rows", type=int, default=100_000, metavar="N", help="rows of --steps sampled")
     run.add_argument("--trace", action="store_true", help="also write trace.json (Chrome trace events: open it in "
                      "ui.perfetto.dev): a slice per step, request lifetimes, KV transfers; about 250 bytes a step")
     run.add_argument("--percentiles", metavar="P,P,...", help="percentiles to report besides 50, 90, 99 (e.g. "

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -12,8 +13,10 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import yaml  # noqa: E402
 
+from hardware.errors import ServesimError  # noqa: E402
 from sim.metrics import Results  # noqa: E402
 
 SUMMARY_ROWS = (
@@ -200,20 +203,42 @@ def _timeline_plot(results: Results, path: Path, bins: int = 300) -> None:
     plt.close(fig)
 
 
-def write_outputs(results: Results, out: str | Path, table_format: str = "csv", trace: bool = False) -> list[Path]:
-    """Write every output file under `out` (created if needed): the tables as CSV or Parquet, and with
-    `trace` the Chrome trace `trace.json` (`sim.chrome_trace`); returns their paths."""
+STEP_TABLES = ("all", "sampled", "none")
+
+
+def sampled_steps(steps: pd.DataFrame, rows: int) -> pd.DataFrame:
+    """At most about `rows` steps of the table, evenly: every k-th step of each replica (its first included),
+    k = ceil(steps / rows), in the table's order, with their index in the whole table as a first column `step`."""
+    k = max(1, math.ceil(len(steps) / rows))
+    kept = steps[(steps.groupby("replica", observed=True).cumcount() % k == 0).to_numpy()]
+    return kept.reset_index(names="step")
+
+
+def write_outputs(results: Results, out: str | Path, table_format: str = "csv", trace: bool = False,
+                  steps: str = "all", step_rows: int = 100_000) -> list[Path]:
+    """Write every output file under `out` (created if needed): the tables as CSV or Parquet (the steps table
+    whole, `sampled` to about `step_rows` rows (`sampled_steps`), or `none`: a long run logs millions of steps,
+    and writing them can take longer than simulating them), and with `trace` the Chrome trace `trace.json`
+    (`sim.chrome_trace`); returns their paths. The summary and the plots read every step either way."""
+    if steps not in STEP_TABLES:
+        raise ServesimError(f"steps = {steps!r}; allowed: {', '.join(STEP_TABLES)}")
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
     paths = [d / n for n in ("summary.json", f"requests.{table_format}", f"steps.{table_format}", "token_times.npy",
                              "config.yaml", "latency_cdf.png", "timeline.png")]
     paths[0].write_text(json.dumps(results.summary, indent=2) + "\n")
-    for frame, path in ((results.requests, paths[1]), (results.steps, paths[2])):
+    tables = [(results.requests, paths[1])]
+    if steps == "none":
+        paths.pop(2)
+    else:
+        tables.append((results.steps if steps == "all" else sampled_steps(results.steps, step_rows), paths[2]))
+    for frame, path in tables:
         frame.to_parquet(path, index=False) if table_format == "parquet" else frame.to_csv(path, index=False)
-    np.save(paths[3], results.token_times)
-    paths[4].write_text(yaml.safe_dump(results.config.model_dump(mode="json"), sort_keys=False))
-    _cdf_plot(results, paths[5])
-    _timeline_plot(results, paths[6])
+    rest = paths[-4:]
+    np.save(rest[0], results.token_times)
+    rest[1].write_text(yaml.safe_dump(results.config.model_dump(mode="json"), sort_keys=False))
+    _cdf_plot(results, rest[2])
+    _timeline_plot(results, rest[3])
     if results.links is not None:
         paths.append(d / f"links.{table_format}")
         (results.links.to_parquet(paths[-1], index=False) if table_format == "parquet"

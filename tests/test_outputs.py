@@ -106,3 +106,25 @@ def test_progress_bars_show_only_where_someone_watches(monkeypatch, capsys) -> N
     engine.simulate(config, progress=True)
     err = capsys.readouterr().err
     assert "servesim run" in err and "1500/1500" in err and "req" in err
+
+
+def test_the_steps_table_written_whole_sampled_or_not_at_all(tmp_path, capsys) -> None:
+    """`--steps sampled` writes every k-th step of each replica, each with its index in the whole table; `none`
+    writes no steps file; the summary is the same (it reads every step)."""
+    two = [*SMALL, "--set", "cluster.replicas=2"]
+    for mode in ("all", "sampled", "none"):
+        assert main(["run", *two, "--out", str(tmp_path / mode), "--steps", mode, "--step-rows", "40"]) == 0
+    whole = pd.read_csv(tmp_path / "all" / "steps.csv")
+    sampled = pd.read_csv(tmp_path / "sampled" / "steps.csv")
+    assert not (tmp_path / "none" / "steps.csv").exists() and (tmp_path / "none" / "requests.csv").exists()
+    k = -(-len(whole) // 40)
+    assert k > 1 and len(sampled) <= 40 + 2  # (each replica's first step is kept)
+    assert list(sampled.columns) == ["step", *whole.columns]
+    pd.testing.assert_frame_equal(sampled.drop(columns="step"), whole.loc[sampled["step"]].reset_index(drop=True))
+    for _, own in sampled.groupby("replica"):  # every k-th step of its replica
+        ranks = whole.groupby("replica").cumcount().loc[own["step"]]
+        assert (ranks.to_numpy() == k * np.arange(len(own))).all()
+    summaries = [(tmp_path / m / "summary.json").read_text() for m in ("all", "sampled", "none")]
+    assert summaries[0] == summaries[1] == summaries[2]
+    assert main(["run", *SMALL, "--steps", "sampled", "--step-rows", "0"]) == 2
+    assert "--step-rows = 0" in capsys.readouterr().err
