@@ -55,6 +55,8 @@ v h100-sxm-80gb_paged_piecewise_llama-3-8b_steps.csv --gpu h100 --out validation
 v h100-sxm-80gb_paged_piecewise2_llama-3-8b_steps.csv --gpu h100 --out validation_h100_paged_piecewise2
 # and on the H100 of the light replays of 2026-12-06's seventh session (the same call: not in the fit)
 v h100-sxm-80gb_paged_piecewise3_llama-3-8b_steps.csv --gpu h100 --out validation_h100_paged_piecewise3
+# and the backend whose eager mixed steps write both attention calls into one output (2026-12-07; not in the fit)
+v h100-sxm-80gb_paged_piecewise4_llama-3-8b_steps.csv --gpu h100 --out validation_h100_paged_piecewise4
 v h200-sxm-141gb_paged_llama-3-8b_steps.csv --gpu h200 --out validation_h200_paged
 for m in qwen1.5-moe-a2.7b qwen3-30b-a3b; do  # MoE steps (issues 25 and 21: the backend's fused MoE layer)
   v h100-sxm-80gb_${m}_steps.csv --gpu h100 --out validation_h100_moe_$m
