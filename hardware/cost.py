@@ -360,7 +360,8 @@ class CompiledOperators:
 
     def frame(self) -> pd.DataFrame:
         """One row per operator: name, kind, stage, instances, kernels, and its FLOPs, bytes and payload at the
-        origin (`flops`, ...) and per unit of each feature that moves any operator (`flops_per_tokens`, ...)."""
+        origin (`flops`, ...) and per unit of each feature that moves that quantity for some operator
+        (`flops_per_rows`, `bytes_per_decode_pairs`, ...)."""
         import pandas as pd
 
         out = pd.DataFrame({"name": [op.name for op in self.operators], "kind": [op.kind for op in self.operators],
