@@ -137,19 +137,19 @@ class StepCost:
     @property
     def compute_seconds(self) -> float:
         """Sum over operators of their compute-side time (one GPU per stage)."""
-        dense = ~self._m._comm
-        return float(self._tc[dense] @ self._m._count[dense])
+        dense = ~self._m.compiled.comm
+        return float(self._tc[dense] @ self._m.compiled.count[dense])
 
     @property
     def memory_seconds(self) -> float:
         """Sum over operators of their memory-side time."""
-        dense = ~self._m._comm
-        return float(self._tm[dense] @ self._m._count[dense])
+        dense = ~self._m.compiled.comm
+        return float(self._tm[dense] @ self._m.compiled.count[dense])
 
     @property
     def comm_seconds(self) -> float:
-        comm = self._m._comm
-        return float((self._tm + self._m._latency)[comm] @ self._m._count[comm])
+        comm = self._m.compiled.comm
+        return float((self._tm + self._m.compiled.latency)[comm] @ self._m.compiled.count[comm])
 
     @property
     def kernel_seconds(self) -> float:
@@ -163,7 +163,8 @@ class StepCost:
 
     def launches(self) -> list[tuple[Operator, int, float]]:
         """(operator, its instances, the kernels they launch) of each operator that launches work."""
-        return [(op, int(c), float(k)) for op, c, k in zip(self._m._ops, self._m._count, self._launched) if k]
+        ops = self._m.compiled
+        return [(op, int(c), float(k)) for op, c, k in zip(ops.operators, ops.count, self._launched) if k]
 
     @property
     def launch_seconds(self) -> float:
@@ -193,8 +194,8 @@ class StepCost:
         return tuple(
             OpCost(op.name, op.kind, op.stage, int(c), float(f * c), float(b * c), float(p * c), float(t),
                    "link" if comm else ("compute" if tc >= tm else "memory"))
-            for op, c, f, b, p, t, comm, tc, tm in zip(m._ops, m._count, self._flops, self._bytes, self._payload,
-                                                       self._total, m._comm, self._tc, self._tm)
+            for op, c, f, b, p, t, comm, tc, tm in zip(m.compiled.operators, m.compiled.count, self._flops, self._bytes,
+                                                       self._payload, self._total, m.compiled.comm, self._tc, self._tm)
             if f or b or p
         )
 
@@ -396,9 +397,6 @@ class CostModel:
     def _bind_profile(self) -> None:
         """The profile's efficiency tables and surfaces for the compiled operators, and the caches."""
         dep, gpu, ops = self.dep, self.dep.gpu, self.compiled
-        self._base, self._slopes, self._ops, self._count = ops.base, ops.slopes, ops.operators, ops.count
-        self._kernels, self._stage_spans, self._comm, self._reduce = ops.kernels, ops.stage_spans, ops.comm, ops.reduce
-        self._segments, self._moved, self._latency = ops.segments, ops.moved, ops.latency
         attention = ops.slopes[:, :, _ATTENTION]  # (ops, 3, 3): what one more attention pair or K/V token adds
         self._fixed_cache: dict[tuple, _Fixed] = {}
         n = len(ops.operators)
@@ -406,13 +404,13 @@ class CostModel:
         # the times to this GPU by the what-if rule in `price` when the profile is another GPU's.
         self._source = _profile_gpu(self.profile, gpu)
         src = self._source or gpu
-        self._peak_c = np.array([peak_flops(dep, op.kind, src) for op in self._ops])
+        self._peak_c = np.array([peak_flops(dep, op.kind, src) for op in ops.operators])
         self._bandwidth = src.hbm_bandwidth
         if self._source is not None:
-            self._target_c = np.array([peak_flops(dep, op.kind) for op in self._ops])
+            self._target_c = np.array([peak_flops(dep, op.kind) for op in ops.operators])
             self._excess = self._source.sm_count / gpu.sm_count
         self._gemm_peak = gpu.matmul_flops(dep.weight_dtype)
-        curves = [self._curves(op) for op in self._ops]
+        curves = [self._curves(op) for op in ops.operators]
         self._is_derived = np.array([g is not None for *_, g in curves], dtype=bool)
         self._tables = TimeTables([c for c, _, _ in curves] + [m for _, m, _ in curves],
                                   [g is not None for *_, g in curves] + [False] * n)
@@ -421,11 +419,11 @@ class CostModel:
                         for i, (*_, g) in enumerate(curves) if g is not None and g.spikes}
         self._table_ids = np.arange(2 * n)
         self._peaks = np.concatenate([self._peak_c, [link.bandwidth if comm else self._bandwidth
-                                                     for link, comm in zip(ops.links, self._comm)]])
+                                                     for link, comm in zip(ops.links, ops.comm)]])
         # Attention kernels measured over their shape: (operator index, surface), evaluated per step.
         # (MLA's kernels have shapes of their own: priced by their kind's curves.)
         heads = (dep.heads_per_gpu, dep.kv_heads_per_gpu, dep.model.head_size)
-        self._surfaces = [(i, s) for i, op in enumerate(self._ops) if op.kind.startswith("attention") and
+        self._surfaces = [(i, s) for i, op in enumerate(ops.operators) if op.kind.startswith("attention") and
                           not dep.model.is_mla and (s := self.profile.attention_surface(op.kind, *heads)) is not None]
         self._n = n
         reads = np.any(attention != 0, axis=(1, 2))  # the operators reading the steps' K/V, and the others
@@ -476,7 +474,7 @@ class CostModel:
         b = min(seqs, max(1, sms // self.dep.kv_heads_per_gpu))
         x = np.zeros(len(FEATURES))
         x[_DECODE_SEQS], x[_DECODE_PAIRS] = b, b * longest
-        flops, nbytes, _ = self._base[i] + self._slopes[i] @ x
+        flops, nbytes, _ = self.compiled.base[i] + self.compiled.slopes[i] @ x
         return max(self._on_surface(i, flops, nbytes, surface.at(float(b), float(longest))))
 
     def _decode_surface(self, i: int, surface: AttentionSurface, flops: np.ndarray, nbytes: np.ndarray,
@@ -507,9 +505,9 @@ class CostModel:
         """GPU window of each pipeline stage of an eager step whose operators take `total` GPU seconds and
         launch `kernels` kernels (all instances), issued by a host that spends `launch` per kernel (and
         `launch_collective` more per collective call: one kernel each)."""
-        host = kernels * launch + kernels * self._comm * self.profile.overheads.launch_collective
+        host = kernels * launch + kernels * self.compiled.comm * self.profile.overheads.launch_collective
         return np.array([pipelined_seconds(host[i] * scale, total[i] * scale, kernels[i] * scale, a, b, n)
-                         for i, a, b, n, scale in self._segments])
+                         for i, a, b, n, scale in self.compiled.segments])
 
     def swap_seconds(self, tokens: int) -> float:
         """Copying `tokens` tokens of KV between GPU and host memory (swap preemption): each GPU moves its
@@ -556,13 +554,13 @@ class CostModel:
         tc[v.ids], tm[v.ids], total[v.ids], launched[v.ids] = (part[0] for part in parts)
         if graph:
             stages = np.cumsum(total)[-1:] if dep.pp == 1 else \
-                np.array([np.cumsum(total[a:b])[-1] for a, b in self._stage_spans])
+                np.array([np.cumsum(total[a:b])[-1] for a, b in self.compiled.stage_spans])
         else:  # the host issues the kernels while the GPU runs them (`pipelined_seconds`)
             stages = self._pipelined(total, launched, ovh.launch_eager)
         if ovh.step_per_kv_token:
             overhead = overhead + ovh.step_per_kv_token * shape.kv_tokens
         seconds = float((stages[0] if dep.pp == 1 else np.cumsum(stages)[-1]) + overhead)
-        totals = np.cumsum(work * self._count[:, None], axis=0)[-1]
+        totals = np.cumsum(work * self.compiled.count[:, None], axis=0)[-1]
         return StepCost(self, seconds, tuple(stages.tolist()), "graph" if graph else "eager", t.tokens,
                         ovh.launch_graph if graph else ovh.launch_eager, float(overhead), totals,
                         (work[:, 0], work[:, 1], work[:, 2], tc, tm, total, launched))
@@ -667,7 +665,7 @@ class CostModel:
             if graph.any():
                 t = total[graph]
                 stage_seconds[graph] = np.cumsum(t, axis=1)[:, -1:] if dep.pp == 1 else \
-                    np.stack([np.cumsum(t[:, a:b], axis=1)[:, -1] for a, b in self._stage_spans], axis=1)
+                    np.stack([np.cumsum(t[:, a:b], axis=1)[:, -1] for a, b in self.compiled.stage_spans], axis=1)
             if not all_graph:  # the host issues the kernels while the GPU runs them (`pipelined_seconds`)
                 launched = per_row("launched")
                 launched[:, v.ids] = launched_v
@@ -708,21 +706,21 @@ class CostModel:
             if len(self._fixed_cache) >= FIXED_CACHE_SIZE:
                 self._fixed_cache.clear()
             hit = self._fixed_cache[key] = _Fixed(total, launched, work[self._varying.ids],
-                                                  work[:, :2] * self._count[:, None], work, tc, tm)
+                                                  work[:, :2] * self.compiled.count[:, None], work, tc, tm)
         return hit
 
     def _column_set(self, cols: np.ndarray, attention: np.ndarray) -> _Columns:
-        both = np.concatenate([cols, self._n + cols])
-        return _Columns(cols, self._comm[cols], self._moved[cols], self._table_ids[both], self._peaks[both],
+        ops, both = self.compiled, np.concatenate([cols, self._n + cols])
+        return _Columns(cols, ops.comm[cols], ops.moved[cols], self._table_ids[both], self._peaks[both],
                         np.flatnonzero(self._is_derived[cols]),
                         [(j, *self._spikes[i]) for j, i in enumerate(cols.tolist()) if i in self._spikes],
                         self._peak_c[cols],
-                        self._target_c[cols] if self._source is not None else None, self._count[cols],
-                        self._latency[cols], np.flatnonzero(self._reduce[cols]),
+                        self._target_c[cols] if self._source is not None else None, ops.count[cols],
+                        ops.latency[cols], np.flatnonzero(ops.reduce[cols]),
                         [(i, int(np.flatnonzero(cols == i)[0]), s) for i, s in self._surfaces if i in cols],
                         tuple(attention[cols][None, ..., f].copy() for f in range(3)),
-                        self._kernels[cols] * self._count[cols], bool(self._comm[cols].any()),
-                        bool(np.any(self._latency[cols] != 0)))
+                        ops.kernels[cols] * ops.count[cols], bool(ops.comm[cols].any()),
+                        bool(np.any(ops.latency[cols] != 0)))
 
     def _columns(self, c: _Columns, work: np.ndarray, graph: bool | np.ndarray, t: StepTotals | None,
                  seqs: np.ndarray, pairs: np.ndarray, longest: np.ndarray
