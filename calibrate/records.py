@@ -182,27 +182,26 @@ class Measurements(_Record):
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Measurements:
         """The typed records of a raw dict (`records`, `steps`, `fixed`); errors name the record."""
-        groups: dict[str, list[Any]] = {name: [] for name in ("gemm", "grouped_gemm", "named", "attention",
-                                                              "collectives", "dispatch")}
+        groups: dict[str, list[Any]] = {name: [] for name, _ in _GROUPS.values()}
         for i, r in enumerate(raw["records"]):
             kind = r.get("kind") if isinstance(r, Mapping) else None
-            if kind == "gemm":
-                groups["gemm"].append(_typed(Gemm, r, f"records[{i}]"))
-            elif kind == "grouped-gemm":
-                groups["grouped_gemm"].append(_typed(GroupedGemm, r, f"records[{i}]"))
-            elif kind in NAMED_KINDS:
-                groups["named"].append(_typed(MemoryOp, r, f"records[{i}]"))
-            elif isinstance(kind, str) and kind.startswith("attention"):
-                groups["attention"].append(_typed(Attention, r, f"records[{i}]"))
-            elif kind in TIMED_COLLECTIVES:
-                groups["collectives"].append(_typed(Collective, r, f"records[{i}]"))
-            elif kind == "collective-dispatch":
-                groups["dispatch"].append(_typed(CollectiveDispatch, r, f"records[{i}]"))
-            else:
-                raise ServesimError(f"raw measurements: records[{i}].kind = {kind!r}; allowed: gemm, grouped-gemm, "
-                                    f"attention-*, {', '.join(NAMED_KINDS + TIMED_COLLECTIVES)}, collective-dispatch")
+            if isinstance(kind, str) and kind.startswith("attention"):
+                kind = "attention-*"
+            if kind not in _GROUPS:
+                raise ServesimError(f"raw measurements: records[{i}].kind = {kind!r}; allowed: {', '.join(_GROUPS)}")
+            name, model = _GROUPS[kind]
+            groups[name].append(_typed(model, r, f"records[{i}]"))
         steps = [_typed(Step, s, f"steps[{i}]") for i, s in enumerate(raw.get("steps", []))]
         return cls.model_construct(**groups, steps=steps, fixed=_typed(Fixed, raw["fixed"], "fixed"))
+
+
+# each record kind's `Measurements` list and record type (attention kinds: `attention-prefill`, `-decode`, ...)
+_GROUPS: dict[str, tuple[str, type[_Record]]] = {
+    "gemm": ("gemm", Gemm), "grouped-gemm": ("grouped_gemm", GroupedGemm), "attention-*": ("attention", Attention),
+    **{kind: ("named", MemoryOp) for kind in NAMED_KINDS},
+    **{kind: ("collectives", Collective) for kind in TIMED_COLLECTIVES},
+    "collective-dispatch": ("dispatch", CollectiveDispatch),
+}
 
 
 def _typed(model: type[_Record], data: Any, where: str) -> Any:
