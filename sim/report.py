@@ -217,32 +217,30 @@ def sampled_steps(steps: pd.DataFrame, rows: int) -> pd.DataFrame:
 def write_outputs(results: Results, out: str | Path, table_format: str = "csv", trace: bool = False,
                   steps: str = "all", step_rows: int = 100_000) -> list[Path]:
     """Write every output file under `out` (created if needed): the tables as CSV or Parquet (the steps table
-    whole, `sampled` to about `step_rows` rows (`sampled_steps`), or `none`: a long run logs millions of steps,
-    and writing them can take longer than simulating them), and with `trace` the Chrome trace `trace.json`
-    (`sim.chrome_trace`); returns their paths. The summary and the plots read every step either way."""
+    whole, `sampled` to about `step_rows` rows (`sampled_steps`), or `none`: a run logs about five steps a
+    request), and with `trace` the Chrome trace `trace.json` (`sim.chrome_trace`); returns their paths. The
+    summary and the plots read every step either way."""
     if steps not in STEP_TABLES:
         raise ServesimError(f"steps = {steps!r}; allowed: {', '.join(STEP_TABLES)}")
     d = Path(out)
     d.mkdir(parents=True, exist_ok=True)
-    paths = [d / n for n in ("summary.json", f"requests.{table_format}", f"steps.{table_format}", "token_times.npy",
-                             "config.yaml", "latency_cdf.png", "timeline.png")]
-    paths[0].write_text(json.dumps(results.summary, indent=2) + "\n")
-    tables = [(results.requests, paths[1])]
-    if steps == "none":
-        paths.pop(2)
-    else:
-        tables.append((results.steps if steps == "all" else sampled_steps(results.steps, step_rows), paths[2]))
+    summary, tokens, config, cdf, timeline = (d / n for n in ("summary.json", "token_times.npy", "config.yaml",
+                                                              "latency_cdf.png", "timeline.png"))
+    tables = [(results.requests, d / f"requests.{table_format}")]
+    if steps != "none":
+        tables.append((results.steps if steps == "all" else sampled_steps(results.steps, step_rows),
+                       d / f"steps.{table_format}"))
+    paths = [summary, *(path for _, path in tables), tokens, config, cdf, timeline]
+    if results.links is not None:
+        tables.append((results.links, d / f"links.{table_format}"))
+        paths.append(tables[-1][1])
+    summary.write_text(json.dumps(results.summary, indent=2) + "\n")
     for frame, path in tables:
         frame.to_parquet(path, index=False) if table_format == "parquet" else frame.to_csv(path, index=False)
-    rest = paths[-4:]
-    np.save(rest[0], results.token_times)
-    rest[1].write_text(yaml.safe_dump(results.config.model_dump(mode="json"), sort_keys=False))
-    _cdf_plot(results, rest[2])
-    _timeline_plot(results, rest[3])
-    if results.links is not None:
-        paths.append(d / f"links.{table_format}")
-        (results.links.to_parquet(paths[-1], index=False) if table_format == "parquet"
-         else results.links.to_csv(paths[-1], index=False))
+    np.save(tokens, results.token_times)
+    config.write_text(yaml.safe_dump(results.config.model_dump(mode="json"), sort_keys=False))
+    _cdf_plot(results, cdf)
+    _timeline_plot(results, timeline)
     if results.links is not None and len(results.links):
         paths.append(d / "links.png")
         _links_plot(results, paths[-1])
