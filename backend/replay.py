@@ -67,6 +67,11 @@ def replay(config: SimConfig, device: str = "cpu", asap: bool = False, temperatu
     if config.disaggregation is not None:
         raise ServesimError("replay: disaggregation is simulated only; the backend replays one colocated replica "
                             "(remove the disaggregation section)")
+    ran = {"kv_access": "paged", "elementwise": "fused", "weight_dtype": "bf16", "kv_dtype": "bf16"}
+    for field, value in ran.items():  # the backend runs one engine: a config describing another is refused
+        if getattr(hw, field) != value:
+            raise ServesimError(f"replay: hardware.{field} = {getattr(hw, field)!r} is simulated only; the backend "
+                                f"runs {field} {value!r} (set it, and the same for `servesim run`)")
     spec = config.speculation
     if spec is not None and not isinstance(spec.draft, DraftModel):
         raise ServesimError(f"replay: speculation.draft.kind = {spec.draft.kind!r} is simulated only; the backend "

@@ -423,6 +423,15 @@ def test_replay_rejects_simulated_only_speculation() -> None:
         replay(heads)
 
 
+@pytest.mark.parametrize("field, value", [("kv_access", "gather"), ("elementwise", "unfused"),
+                                          ("weight_dtype", "fp8"), ("kv_dtype", "fp8")])
+def test_replay_refuses_an_engine_the_backend_does_not_run(field, value) -> None:
+    cfg = tiny_config({"name": "vllm"}, 128)
+    other = cfg.model_copy(update={"hardware": cfg.hardware.model_copy(update={field: value})})
+    with pytest.raises(ServesimError, match=f"hardware.{field} = '{value}' is simulated only"):
+        replay(other)
+
+
 @pytest.mark.parametrize("tree", [{"kind": "sequoia", "nodes": 10, "depth": 4},
                                   {"kind": "static", "widths": [3, 2]}])
 @pytest.mark.parametrize("which", ["same", "other"])
