@@ -10,7 +10,7 @@ inside the steps' timed span, as vLLM's swap does. With prefix caching the engin
 journal of releases, hits, newly cached blocks and evictions, which the executor follows so that requests
 with equal block keys share physical blocks (prompt tokens are drawn per key, so shared blocks hold the
 same tokens). Decode-only steps replay whole CUDA graphs, and
-steps of up to 512 tokens with prefill chunks (no verifications) piecewise graphs, attention between the pieces
+steps of up to 512 tokens with prefill chunks or verifications piecewise graphs, attention between the pieces
 (`backend.graphs`); other steps run eagerly. Steps are timed with a device synchronisation on
 each side (CUDA events measure the GPU part separately).
 """
@@ -81,7 +81,7 @@ class TorchExecutor:
         # Speculation: a draft model with its own cache (room for every request's KV plus its drafts), and
         # the acceptance model whose draws verification forces (oracle), or None for the real rule.
         self.draft = None if draft is None else DraftRunner(draft, num_blocks + 256, block_size, self.device,
-                                                            self.dtype, seed, self.use_graphs)
+                                                            self.dtype, seed, self.graph_mode)
         self.oracle = oracle
 
     # ---- block tables mirror the engine's block counts --------------------------------------------------
@@ -185,7 +185,7 @@ class TorchExecutor:
         trees = [breadth_first(t) for t in batch.verify_trees] if batch.verify_trees is not None else None
         drafts, dists, draft_s = self._draft(batch, trees)
         rows = None if self.graphs is None else graph_rows(self.graph_mode, batch.num_tokens, len(pre), len(ver))
-        graph, mixed = rows is not None and not pre, rows is not None and bool(pre)
+        graph, mixed = rows is not None and not (pre or ver), rows is not None and bool(pre or ver)
         dev = self.device
         if dev.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

@@ -23,6 +23,7 @@ from backend.attention import Chunk, attention_meta
 from backend.block_table import BlockTables
 from backend.graphs import GraphCache
 from backend.model import PagedKVCache, build_model, warm_up_kernels
+from hardware.cost import graph_rows
 from hardware.specs import ModelSpec
 from policies.trees import TokenTree
 
@@ -31,14 +32,15 @@ class DraftRunner:
     """A draft model on the target's device with its own paged cache of `num_blocks` blocks."""
 
     def __init__(self, spec: ModelSpec, num_blocks: int, block_size: int, device: torch.device,
-                 dtype: torch.dtype, seed: int, cuda_graphs: bool = False) -> None:
+                 dtype: torch.dtype, seed: int, graph_mode: str = "none") -> None:
         self.spec, self.device, self.block_size = spec, device, block_size
         self.model = build_model(spec, device, dtype, seed)
         # One block more than it hands out: the scratch slot of padded CUDA-graph rows.
         self.cache = PagedKVCache(spec.num_hidden_layers, num_blocks + 1, block_size, spec.num_key_value_heads,
                                   spec.head_size, dtype, device)
         warm_up_kernels(spec, 1, spec.num_key_value_heads, block_size, dtype, device)
-        self.graphs = GraphCache(self.model, self.cache, num_blocks, block_size) if cuda_graphs else None
+        self.graph_mode = graph_mode  # its passes run as the target's do (`hardware.cost.graph_rows`)
+        self.graphs = GraphCache(self.model, self.cache, num_blocks, block_size) if graph_mode != "none" else None
         self.blocks = BlockTables(num_blocks)
         self.done: dict[int, int] = {}
 
@@ -85,7 +87,8 @@ class DraftRunner:
             flat += toks
             positions += pos
         prefills = len(chunks) if any(c.length > 1 or c.mask is not None for c in chunks) else 0
-        if self.graphs is not None and not prefills:  # the draft's decode steps (all but its first) replay graphs
+        graph = None if self.graphs is None else graph_rows(self.graph_mode, len(flat), prefills)
+        if self.graphs is not None and graph is not None and not prefills:  # one token each: a decode graph
             ids = [rid for rid, *_ in parts]
             logits = self.graphs.decode(self.blocks, ids, np.asarray(flat, np.int64),
                                         np.asarray(positions, np.int64))
@@ -93,8 +96,11 @@ class DraftRunner:
                 return logits
         dev = self.device
         meta = attention_meta(chunks, self.block_size, dev, prefills, self.cache.k.shape[2], self.blocks.array)
-        return self.model(torch.tensor(flat, device=dev), torch.tensor(positions, device=dev), meta, self.cache,
-                          torch.tensor(rows, dtype=torch.long, device=dev))
+        args = (torch.tensor(flat, device=dev), torch.tensor(positions, device=dev), meta)
+        logit_rows = torch.tensor(rows, dtype=torch.long, device=dev)
+        if self.graphs is not None and graph is not None:  # chunks (catch-up, tree levels): piecewise graphs
+            return self.graphs.mixed(graph, *args, logit_rows)
+        return self.model(*args, self.cache, logit_rows)
 
     def catch_up(self, ids: Sequence[int], upto: Sequence[int], tokens_of: Callable[[int], list[int]]) -> None:
         """Bring each request's draft cache to its first `upto` tokens (prompt chunks during prefill)."""

@@ -25,6 +25,21 @@ done
 if [ -d "$M/noprefix_real_vllm_heavy" ]; then
   sim noprefix_ h100_llama3_8b_prefix.yaml calibrated vllm heavy 5.0 150 kv_cache.prefix_caching=false
 fi
+# speculative decoding (issues 8 and 21: calibrate/run_spec_replays.sh) on the backend now
+for gpu in h100 h200; do
+  p=paged_; [ $gpu = h200 ] && p=paged_h200_
+  for load in "light 1.0 100" "heavy 5.0 150"; do
+    set -- $load
+    if [ -d "$M/${p}real_spec_$1" ]; then
+      graphs=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['hardware']['cuda_graphs'])" \
+        "$M/${p}real_spec_$1/config.yaml")
+      servesim run "$M/${gpu}_llama3_8b_spec_paged.yaml" --quiet --out "$M/${p}sim_spec_$1" \
+        --set hardware.cuda_graphs=$graphs --set workloads.0.arrival.rate=$2 --set workloads.0.num_requests=$3 > /dev/null
+      servesim validate "$M/${p}sim_spec_$1" "$M/${p}real_spec_$1" --profile calibrated \
+        --out "$M/${p}validation_spec_$1" | tee "$M/${p}validation_spec_$1.txt"
+    fi
+  done
+done
 for sched in vllm sarathi; do
   for load in "light 1.0 100" "heavy 5.0 150"; do
     set -- $load

@@ -29,9 +29,10 @@ wave's worth of sequences at its longest context: FlashAttention's varlen kernel
 KV head) one block, so a ragged batch waits for its longest (measured on H100 and H200 on ragged batches of
 16 lognormal contexts, mean 2,128: the mean alone priced them 68% low, the longest-sequence bound +1%,
 medians; `bench/ragged_attention.py`).
-CUDA graphs (`graph_rows`, mode `cuda_graphs`): by default ('mixed') every step of at most 512 tokens without
-verifications runs as a graph padded to the next captured size (vLLM V1: full graphs for decodes, piecewise
-for mixed batches); 'decode' graphs decode-only steps alone (vLLM V0); 'none' runs every step eagerly.
+CUDA graphs (`graph_rows`, mode `cuda_graphs`): by default ('mixed') every step of at most 512 tokens runs as
+a graph padded to the next captured size (vLLM V1: full graphs for decodes, piecewise for batches with
+prefill chunks or speculative verifications); 'decode' graphs decode-only steps alone (vLLM V0); 'none' runs
+every step eagerly.
 """
 
 from __future__ import annotations
@@ -74,12 +75,12 @@ HOST_COPY_EFFICIENCY = 0.8  # pinned-memory copies over PCIe reach about 80% of 
 def graph_rows(mode: str, tokens: int, prefills: int, verifies: int = 0) -> int | None:
     """Padded rows of the CUDA graph a step of `tokens` new tokens replays, or None when it runs eagerly.
     `mode` 'decode' and 'mixed': decode-only steps of at most 512 sequences, padded to the next capture size
-    (vLLM's rule); 'mixed' also steps of at most 512 tokens with prefill chunks and no verifications, padded
-    the same way, attention outside the graph (vLLM V1's default, FULL_AND_PIECEWISE); 'none': every step
-    eager (vLLM's enforce_eager)."""
-    if mode == "none" or tokens == 0 or tokens > GRAPH_BATCH_SIZES[-1] or verifies:
+    (vLLM's rule); 'mixed' also steps of at most 512 tokens with prefill chunks or verifications (k + 1
+    tokens, or a token tree, per request), padded the same way, attention outside the graph (vLLM V1's
+    default, FULL_AND_PIECEWISE); 'none': every step eager (vLLM's enforce_eager)."""
+    if mode == "none" or tokens == 0 or tokens > GRAPH_BATCH_SIZES[-1]:
         return None
-    if prefills and mode != "mixed":
+    if (prefills or verifies) and mode != "mixed":
         return None
     return GRAPH_BATCH_SIZES[bisect.bisect_left(GRAPH_BATCH_SIZES, tokens)]
 
@@ -578,7 +579,7 @@ class CostModel:
         key = (graph is not None, tokens, experts, t.tokens, t.logit_tokens, 0.0, t.prefill_queries, 0.0,
                t.decode_seqs, 0.0, moe_rows, group, group / dep.moe_group, t.prefill_on, t.decode_on)
         if graph:
-            return key, ovh.graph_step(requests, piecewise=bool(prefills))
+            return key, ovh.graph_step(requests, piecewise=bool(prefills or verifies))
         overhead = ovh.step_eager + ovh.step_eager_per_request * requests
         return key, overhead + ovh.step_mixed if t.prefill_seqs and t.decode_seqs else overhead
 

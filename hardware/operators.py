@@ -81,7 +81,9 @@ class StepShape:
       of a token tree) after `verify_context[k]` tokens of KV; `verify_pairs[k]` the query-key pairs inside
       the verified tokens (a causal chain when omitted: n(n+1)/2; a tree: the sum of node depths + 1);
       `verify_levels[k]` a token tree's nodes per depth (a chain of verify_tokens[k] - 1 when omitted: the
-      draft runs one step per level).
+      draft runs one step per level); `draft_feed[k]` the tokens the draft model takes in its first step
+      (those of the request it has not cached: after a verification the target's token, plus the last draft
+      where all k were accepted; a tree's accepted path; one each when omitted).
     """
 
     prefill_tokens: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -91,6 +93,7 @@ class StepShape:
     verify_context: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
     verify_pairs: IntArray | None = None
     verify_levels: IntArray | None = None  # (verifications, depth)
+    draft_feed: IntArray | None = None
 
     @classmethod
     def build(
@@ -102,6 +105,7 @@ class StepShape:
         verify_context: Sequence[int] | np.ndarray | None = None,
         verify_pairs: Sequence[int] | np.ndarray | None = None,
         verify_levels: Sequence[Sequence[int]] | np.ndarray | None = None,
+        draft_feed: Sequence[int] | np.ndarray | None = None,
     ) -> StepShape:
         """Validated shape; cached prefixes and verify contexts default to zero."""
         chunks = _ints("prefill_tokens", prefill, minimum=1)
@@ -115,6 +119,7 @@ class StepShape:
             verify_context=_ints("verify_context", verify_context, vtok.size),
             verify_pairs=pairs,
             verify_levels=None if verify_levels is None else _levels(verify_levels, vtok),
+            draft_feed=None if draft_feed is None else _ints("draft_feed", draft_feed, vtok.size, minimum=1),
         )
 
     @property
@@ -143,13 +148,16 @@ class StepShape:
                 out["verify_pairs"] = self.verify_pairs.tolist()
             if self.verify_levels is not None:
                 out["verify_levels"] = self.verify_levels.tolist()
+            if self.draft_feed is not None:
+                out["draft_feed"] = self.draft_feed.tolist()
         return out
 
     @classmethod
     def from_dict(cls, d: dict) -> StepShape:
         return cls.build(prefill=d["prefill_tokens"], prefill_cached=d["prefill_cached"], decode=d["decode_context"],
                          verify=d.get("verify_tokens", ()), verify_context=d.get("verify_context"),
-                         verify_pairs=d.get("verify_pairs"), verify_levels=d.get("verify_levels"))
+                         verify_pairs=d.get("verify_pairs"), verify_levels=d.get("verify_levels"),
+                         draft_feed=d.get("draft_feed"))
 
     @property
     def is_decode_only(self) -> bool:

@@ -28,7 +28,8 @@ class Batch:
       tokens of KV. How many the target accepts is the executor's outcome (drawn from the acceptance model
       in simulation, measured on a device); a tree's `verify_probs[v]` are the draft's probabilities of its
       nodes, each given its parent (what the acceptance model draws from). `verify_padded` pads every
-      verification to the largest of the batch.
+      verification to the largest of the batch. `verify_feed[v]`: the tokens a draft model takes in its first
+      step of the verification (those it has not cached yet; None: one each).
 
     `pad_prefill_to` and `pad_rows` model padded request-level batching (Hugging Face generate): every
     prompt padded to the longest, and finished rows still computed until the whole batch ends.
@@ -54,6 +55,7 @@ class Batch:
     verify_levels: np.ndarray | None = None  # token trees: nodes per depth, one row per verification
     verify_trees: tuple | None = None  # token trees: each verification's `policies.trees.TokenTree`
     verify_probs: tuple | None = None  # token trees: each tree's node probabilities, given their parents
+    verify_feed: np.ndarray | None = None  # tokens the draft model takes in its first step, per verification
     prefill_layers: float = 1.0
     prefill_partial: bool = False
     swap_in_tokens: int = 0  # KV copied back from host memory before the step (swap preemption)
@@ -106,4 +108,4 @@ class Batch:
             pairs = np.full(pairs.size, int(pairs.max()), dtype=np.int64)
         return StepShape(prefill_tokens=chunks, prefill_cached=self.prefill_computed, decode_context=decode,
                          verify_tokens=verify, verify_context=context, verify_pairs=pairs,
-                         verify_levels=self.verify_levels)
+                         verify_levels=self.verify_levels, draft_feed=self.verify_feed)

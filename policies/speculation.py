@@ -14,6 +14,13 @@ target accepts is the step's outcome: the executor draws it (`policies/acceptanc
   speculating request's own token, the budget goes to the draft tokens most likely to be accepted across
   the batch (the j-th draft of request i is accepted with probability prod_{l<=j} alpha_il), ragged.
 
+A draft model caches the tokens it runs, so each verification's first draft step takes the tokens it has not
+seen (`Batch.verify_feed`): after a chain of k whose drafts were all accepted, the last draft and the target's
+token (2); after a rejection, the target's token alone (the draft's cache already holds the accepted drafts);
+after a tree, its accepted path and the target's token (the tree's nodes sat past the context); after plain
+decodes, each of their tokens too. The wrapper follows what each request's draft has cached, as the backend's
+`DraftRunner` does.
+
 Adaptive k (`adaptive`): with B requests in the step, k_eff = k while B <= `full_batch`, falling linearly to 0
 at `off_batch` (rounded down), unless the speculating requests' mean context is at least `long_context`
 tokens, where decoding is memory-bound on the KV cache and speculation keeps paying (MagicDec, Chen et al.,
@@ -150,6 +157,7 @@ class Speculator(Scheduler):
         self.inner = inner
         self.config = config
         self.acceptance = acceptance
+        self.draft_cached: dict[int, int] = {}  # tokens of each request that its draft model has cached
 
     def schedule(self, state: ReplicaState) -> Batch | None:
         batch = self.inner.schedule(state)
@@ -157,6 +165,23 @@ class Speculator(Scheduler):
 
     def on_step_end(self, state: ReplicaState, batch: Batch, result: StepResult) -> None:
         self.inner.on_step_end(state, batch, result)
+        cached = self.draft_cached
+        ends = batch.prefill_computed + batch.prefill_tokens  # the draft ran the prompt chunks too
+        cached.update(zip(batch.prefill_ids.tolist(), ends.tolist()))
+        if batch.verify_ids.size:  # computed now = before + the newest token + the accepted drafts
+            accepted = state.req.computed[batch.verify_ids] - batch.verify_computed - 1
+            ran = (np.minimum(accepted, batch.verify_drafts - 1) if batch.verify_trees is None
+                   else np.zeros_like(accepted))  # a chain ran drafts 1..k-1; a tree's nodes are dropped
+            cached.update(zip(batch.verify_ids.tolist(), (batch.verify_computed + 1 + ran).tolist()))
+        for rid in result.finished.tolist():
+            cached.pop(rid, None)
+
+    def _feed(self, state: ReplicaState, ids: np.ndarray) -> np.ndarray:
+        """Tokens each request's draft takes in its first step: from those it has cached to the newest."""
+        newest = state.req.computed[ids] + 1
+        cached = np.array([self.draft_cached.get(rid, n - 1) for rid, n in zip(ids.tolist(), newest.tolist())],
+                          dtype=np.int64)
+        return np.maximum(newest - cached, 1)
 
     def k_now(self, state: ReplicaState, batch: Batch, ids: np.ndarray) -> int:
         """The step's k under the adaptive rule."""
@@ -191,7 +216,7 @@ class Speculator(Scheduler):
         v = ids[spec]
         return Batch(batch.prefill_ids, batch.prefill_tokens, batch.prefill_computed, ids[~spec],
                      batch.decode_computed[~spec], batch.pad_prefill_to, batch.pad_rows, v, ks[spec],
-                     r.computed[v], self.config.batching == "padded")
+                     r.computed[v], self.config.batching == "padded", verify_feed=self._feed(state, v))
 
     def _budget(self, ids: np.ndarray, ks: np.ndarray) -> np.ndarray:
         """TETRIS: the verify budget left after each request's own token goes to the most probable drafts."""
@@ -269,7 +294,7 @@ class Speculator(Scheduler):
                      batch.decode_computed[~spec], batch.pad_prefill_to, batch.pad_rows, v, sizes[spec],
                      r.computed[v], self.config.batching == "padded",
                      np.array([t.attention_pairs for t, _ in chosen], dtype=np.int64), levels,
-                     tuple(t for t, _ in chosen), tuple(p for _, p in chosen))
+                     tuple(t for t, _ in chosen), tuple(p for _, p in chosen), self._feed(state, v))
 
 
 def _grant_kv(state: ReplicaState, ids: np.ndarray, drafts: np.ndarray) -> None:

@@ -75,7 +75,8 @@ class DraftCost:
     def seconds(self, shape: StepShape) -> float:
         """The draft's time in a step of this shape (verifications already padded when the batch pads).
         Token trees (`shape.verify_levels`: nodes per depth) take one draft step per level: step j runs the
-        nodes of depth j - 1 (the root first) to propose depth j."""
+        nodes of depth j - 1 (the root first) to propose depth j. The first step takes the tokens the draft
+        has not cached (`shape.draft_feed`, one each when omitted): a chunk after the tokens it has."""
         if self.model is None:
             return 0.0
         total = 0.0
@@ -90,10 +91,11 @@ class DraftCost:
         levels = shape.verify_levels
         if levels is None:  # a chain of k_i: k_i steps of one token
             levels = (np.arange(int(ks.max()))[None, :] < ks[:, None]).astype(np.int64)
+        feed = np.ones_like(ks) if shape.draft_feed is None else shape.draft_feed
         for j in range(levels.shape[1]):
             live = levels[:, j] > 0
-            tokens = np.ones(int(live.sum()), dtype=np.int64) if j == 0 else levels[live, j - 1]
-            ctx = context[live] + j
+            tokens = feed[live] if j == 0 else levels[live, j - 1]
+            ctx = context[live] + j + 1 - tokens if j == 0 else context[live] + j
             if (tokens == 1).all():
                 total += self.model.price(StepShape(decode_context=ctx)).seconds
             else:

@@ -398,6 +398,39 @@ def test_speculative_replay_gives_the_greedy_tokens(scheduler, blocks, which, ot
     assert not executor.draft.blocks.ids() and len(executor.draft.blocks.free) == blocks + 256  # the draft's cache
 
 
+@pytest.mark.parametrize("blocks, tree", [(128, None), (9, None), (128, {"kind": "static", "widths": [2, 2]})])
+def test_the_simulated_draft_feed_is_what_the_backends_draft_runs(blocks, tree, other_draft, monkeypatch) -> None:
+    """The tokens each verification's draft takes in its first step, as the `Speculator` follows them
+    (`StepShape.draft_feed`, recorded in the replay's shapes), equal what the backend's draft model runs:
+    chains accepted in part and in full, preemption (9 blocks) and token trees."""
+    from backend.speculative import DraftRunner
+    ran: list[list[int]] = []
+
+    def record(method: str) -> None:
+        original = getattr(DraftRunner, method)
+
+        def first_step(self, ids, plan, tokens_of, *rest):
+            if ids:
+                ran.append([len(tokens_of(rid)) - self.done.get(rid, 0) for rid in ids])
+            return original(self, ids, plan, tokens_of, *rest)
+        monkeypatch.setattr(DraftRunner, method, first_step)
+
+    record("propose")
+    record("propose_tree")
+    cfg = spec_config({"name": "vllm"}, blocks, other_draft, alpha=0.6)
+    if tree is not None:
+        cfg = cfg.model_copy(update={"speculation": cfg.speculation.model_copy(update={
+            "tree": SimConfig.model_validate({"speculation": {"tree": tree}}).speculation.tree,
+            "acceptance": SimConfig.model_validate({"speculation": {"acceptance": {
+                "kind": "ranked", "probs": [0.6, 0.3]}}}).speculation.acceptance})})
+    res, _, shapes = replay(cfg, asap=True)
+    want = [s.draft_feed.tolist() for s in shapes if s.verify_tokens.size]
+    assert ran == want
+    assert any(max(feed) > 1 for feed in want) and any(min(feed) == 1 for feed in want)
+    if blocks == 9:
+        assert res.summary["preemptions"] > 0
+
+
 @pytest.mark.parametrize("alpha", [0.0, 1.0])
 def test_oracle_forces_the_configured_acceptance(alpha, other_draft) -> None:
     res, _, _ = replay(spec_config({"name": "vllm"}, 128, other_draft, alpha=alpha), asap=True)

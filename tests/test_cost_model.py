@@ -103,7 +103,8 @@ def test_cuda_graphs_pad_decode_and_only_apply_to_decode_only_steps() -> None:
     assert graph_rows("decode", 9, 0) == 16 and graph_rows("decode", 1, 0) == 1
     assert graph_rows("decode", 513, 0) is None and graph_rows("none", 8, 0) is None
     assert graph_rows("mixed", 40, 33) == 40 and graph_rows("decode", 40, 1) is None  # piecewise: no chunk cap
-    assert graph_rows("mixed", 513, 1) is None and graph_rows("mixed", 9, 0, verifies=1) is None
+    assert graph_rows("mixed", 513, 1) is None and graph_rows("mixed", 513, 0, verifies=1) is None
+    assert graph_rows("mixed", 9, 0, verifies=1) == 16 and graph_rows("decode", 9, 0, verifies=1) is None
     assert GRAPH_BATCH_SIZES[-1] == 512
     dec = StepShape.build(decode=[1000] * 9)
     g, e = graphs.price(dec), eager.price(dec)
@@ -116,7 +117,7 @@ def test_cuda_graphs_pad_decode_and_only_apply_to_decode_only_steps() -> None:
 
 
 def test_mixed_cuda_graphs_take_steps_of_up_to_512_tokens_by_default() -> None:
-    """vLLM V1's default: steps with prefill chunks run as graphs too, padded by token count; verifications,
+    """vLLM V1's default: steps with prefill chunks or verifications run as graphs too, padded by token count;
     steps over 512 tokens run eagerly; the chunks are not limited (attention runs outside the pieces)."""
     dep = Deployment.build("llama-3-8b", "h100")
     default, decode_only = CostModel(dep), CostModel(dep, cuda_graphs="decode")
@@ -129,14 +130,17 @@ def test_mixed_cuda_graphs_take_steps_of_up_to_512_tokens_by_default() -> None:
     assert default.price(StepShape.build(prefill=[500], decode=[700] * 13)).execution == "eager"  # 513 tokens
     assert default.price(StepShape.build(prefill=[4] * 33)).execution == "graph"
     assert default.price(StepShape.build(prefill=[4] * 32)).execution == "graph"
-    assert default.price(StepShape.build(verify=[4], verify_context=[100])).execution == "eager"
+    verify = StepShape.build(verify=[5, 5], verify_context=[100, 900], decode=[300])
+    assert (default.price(verify).execution, decode_only.price(verify).execution) == ("graph", "eager")
+    assert default.price(StepShape.build(verify=[300, 213], verify_context=[100, 900])).execution == "eager"
     with pytest.raises(ServesimError, match="cuda_graphs = 'piecewise'"):
         CostModel(dep, cuda_graphs="piecewise")
 
 
 def test_piecewise_graph_steps_pay_their_own_host_cost() -> None:
-    """A graph step with prefill chunks (piecewise) costs `step_piecewise` + per request, a decode graph
-    `step_graph` + per request; a profile without the piecewise fields prices both as decode graphs."""
+    """A graph step with prefill chunks or verifications (piecewise) costs `step_piecewise` + per request, a
+    decode graph `step_graph` + per request; a profile without the piecewise fields prices both as decode
+    graphs."""
     dep = Deployment.build("llama-3-8b", "h100")
     base = DEFAULT_PROFILE.overheads.model_copy(update={"step_graph_per_request": 2e-6})
     own = base.model_copy(update={"step_piecewise": 9e-4, "step_piecewise_per_request": 8e-6})
@@ -148,6 +152,8 @@ def test_piecewise_graph_steps_pay_their_own_host_cost() -> None:
         return cost.overhead_seconds
 
     assert overhead(own, chunked) == pytest.approx(9e-4 + 8e-6 * 10)
+    verifies = StepShape.build(verify=[5] * 3, verify_context=[700] * 3, decode=[700] * 2)
+    assert overhead(own, verifies) == pytest.approx(9e-4 + 8e-6 * 5)
     assert overhead(own, decodes) == overhead(base, decodes) == pytest.approx(base.step_graph + 2e-6 * 9)
     assert overhead(base, chunked) == pytest.approx(base.step_graph + 2e-6 * 10)
 

@@ -217,7 +217,8 @@ def test_piecewise_graph_gives_the_eager_pass_logits_and_cache(triton_kernels: b
     """A step with prefill chunks through a piecewise graph (`PiecewiseGraph`, its pieces run as plain calls:
     padded rows, the fixed buffers between pieces, attention between them at the step's exact size) gives
     the plain pass's logits and K/V; a smaller step after it through the same graph too (the rows the first
-    step left behind are padding), and padding writes only the scratch block."""
+    step left behind are padding), then a verification step (a token tree's masked chunk and a chain of k + 1,
+    logits at every row), and padding writes only the scratch block."""
     from contextlib import nullcontext
 
     from backend.attention import attention_meta
@@ -232,9 +233,11 @@ def test_piecewise_graph_gives_the_eager_pass_logits_and_cache(triton_kernels: b
     model = build_model(spec, cpu, torch.float32, seed=4)
     kvh = spec.num_key_value_heads
     rng = np.random.default_rng(4)
-    steps = [([(9, 0), (13, 21), (1, 40)], [20, 37]), ([(5, 9), (2, 0)], [41])]  # (chunks (new, cached), decodes)
-    parts_of = [[(n, c) for n, c in chunks] + [(1, c) for c in decs] for chunks, decs in steps]
-    need = [-(-(n + c) // BLOCK) for parts in parts_of for n, c in parts]
+    tree = np.array([[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 0, 1, 0, 0], [1, 1, 0, 1, 0], [1, 0, 1, 0, 1]], bool)
+    steps = [([(9, 0), (13, 21), (1, 40)], [20, 37]), ([(5, 9), (2, 0)], [41]),  # (chunks (new, cached), decodes)
+             ([(5, 30, tree), (4, 17)], [12])]
+    parts_of = [[(n, c, *mask) for n, c, *mask in chunks] + [(1, c) for c in decs] for chunks, decs in steps]
+    need = [-(-(n + c) // BLOCK) for parts in parts_of for n, c, *_ in parts]
     num_blocks = sum(need) + 4
     perm = rng.permutation(num_blocks).tolist()
     tables, at = [], 0
@@ -254,14 +257,15 @@ def test_piecewise_graph_gives_the_eager_pass_logits_and_cache(triton_kernels: b
     graph = PiecewiseGraph(model, caches[1], rows, bufs, None, lambda step, pool: Eager(step))
     t = iter(tables)
     with kernels_on_cpu() if triton_kernels else nullcontext():
-        for (chunk_parts, _), parts in zip(steps, parts_of):  # chunks, then decodes, as the eager pass has them
+        for i, ((chunk_parts, _), parts) in enumerate(zip(steps, parts_of)):  # chunks, then decodes
             flat, pos, chunks, row = [], [], [], 0
-            for n, c in parts:
-                chunks.append(Chunk(row, n, c, next(t)))
+            for n, c, *mask in parts:
+                chunks.append(Chunk(row, n, c, next(t), *mask))
                 flat += rng.integers(0, spec.vocab_size, n).tolist()
                 pos += range(c, c + n)
                 row += n
-            sample = torch.tensor(np.cumsum([n for n, _ in parts]) - 1)
+            ends = np.cumsum([n for n, *_ in parts]) - 1
+            sample = torch.arange(row) if i == 2 else torch.tensor(ends)  # a verification: logits of every row
             meta = attention_meta(chunks, BLOCK, cpu, len(chunk_parts), kvh)
             want = model(torch.tensor(flat), torch.tensor(pos), meta, caches[0], sample)
             got = graph.run(torch.tensor(flat), torch.tensor(pos), meta, sample)
@@ -269,4 +273,4 @@ def test_piecewise_graph_gives_the_eager_pass_logits_and_cache(triton_kernels: b
             real = slice(0, num_blocks * BLOCK)  # every request's K/V equal; padding wrote only the scratch block
             assert torch.allclose(caches[1].k[:, real], caches[0].k[:, real], atol=1e-5)
             assert torch.allclose(caches[1].v[:, real], caches[0].v[:, real], atol=1e-5)
-    assert (bufs.slots[row:rows] == num_blocks * BLOCK).all()  # the second step's padding rows
+    assert (bufs.slots[row:rows] == num_blocks * BLOCK).all()  # the last step's padding rows

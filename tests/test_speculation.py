@@ -4,12 +4,14 @@ verify budgets, costs, adaptive k, conservation and determinism."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hardware.cost import CostModel
 from hardware.errors import ServesimError
 from policies import make_scheduler
 from policies.acceptance import (
@@ -23,6 +25,7 @@ from policies.speculation import Speculator
 from sim.config import SimConfig, load_config
 from sim.engine import simulate
 from sim.setup import prepare
+from sim.speculation import DraftCost, draft_deployment
 
 
 def config(spec: dict | None, rate: float = 2.0, n: int = 40, prompt=(200, 2000), output=(20, 200),
@@ -183,6 +186,39 @@ def test_the_wrapped_policy_decides_and_the_executor_draws_the_outcome(alpha: fl
     assert state.req.generated[:4].tolist() == [1 + int(alpha * 3) + 1] * 4  # the first token, then accepted + 1
     with pytest.raises(ValueError, match="acceptance"):
         setup.pools[0].executor(cfg.speculation).run(batch)
+
+
+@pytest.mark.parametrize("speculate, feed", [({"acceptance": {"kind": "iid", "alpha": 1.0}}, 2),
+                                             ({"acceptance": {"kind": "iid", "alpha": 0.0}}, 1),
+                                             ({"tree": {"kind": "static", "widths": [2, 2]},
+                                               "acceptance": {"kind": "ranked", "probs": [1.0]}}, 3)])
+def test_the_draft_model_first_takes_the_tokens_it_has_not_cached(speculate, feed) -> None:
+    """After a chain whose k drafts were all accepted the draft's first step takes 2 tokens (the last draft,
+    which it proposed but never ran, and the target's token); after a rejection 1; after a tree its accepted
+    path and the target's token (3 for a path of 2). The draft's time prices that step as a chunk (eager where
+    only decodes are graphed)."""
+    cfg = config(spec(k=3, **speculate), n=4, prompt=(100, 100), output=(50, 50))
+    setup = prepare(cfg)
+    (state,) = setup.replica_states()
+    policy = Speculator(make_scheduler(cfg.scheduler), cfg.speculation, setup.acceptance)
+    executor = setup.pools[0].executor(cfg.speculation, setup.acceptance)
+    for rid in range(4):
+        state.enqueue(rid)
+    feeds = []
+    for step in range(3):  # the prefills, then two verifications
+        batch = policy.schedule(state)
+        assert batch is not None
+        feeds.append(None if batch.verify_feed is None else batch.verify_feed.tolist())
+        outcome = executor.run(batch)
+        policy.on_step_end(state, batch, state.complete_step(batch, float(step), outcome.accepted))
+    assert feeds == [None, [1] * 4, [feed] * 4]
+    shape = batch.shape()
+    assert shape.draft_feed.tolist() == [feed] * 4
+    target = setup.pools[0].deployment
+    graphed_decodes = CostModel(draft_deployment(target, cfg.speculation), cuda_graphs="decode")
+    draft = DraftCost(target, cfg.speculation, graphed_decodes)
+    ones = replace(shape, draft_feed=None)
+    assert draft.seconds(shape) > draft.seconds(ones) if feed > 1 else draft.seconds(shape) == draft.seconds(ones)
 
 
 def test_deterministic() -> None:
