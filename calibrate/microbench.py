@@ -53,13 +53,16 @@ PREFILL_Q = (16, 64, 256, 1024, 4096, 16384)
 PREFILL_RATIO = (1, 2, 4, 16, 64)  # key tokens per query token
 DECODE_B = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 DECODE_CTX = (64, 256, 1024, 4096, 16384, 65536)
+VERIFY_B = (1, 2, 4, 8, 16, 32, 64)  # speculative verifications: chunks of k + 1 tokens over long contexts
+VERIFY_CTX = (512, 2048, 8192)
+VERIFY_TOKENS = 5  # k = 4
 MAX_KV_TOKENS = 2 ** 21  # per attention measurement (one layer's K and V, plus their gathered copy)
 POOL_BYTES = 16e9  # the K/V cache pool attention gathers from: large, as a server's (address translation)
 BLOCK = 16  # tokens per cache block, as the engine's default
 WAVES = 8  # wave boundaries measured (beyond 8 waves a partial wave adds at most 1/8)
 TILE_Q = 128  # query rows per FlashAttention-2 forward block
 QUICK = {"gemm_m": (1, 5, 32), "rows": (1, 8, 64), "prefill_q": (4, 32), "prefill_ratio": (1, 4),
-         "decode_b": (1, 4), "decode_ctx": (16, 64), "max_kv": 4096,
+         "decode_b": (1, 4), "decode_ctx": (16, 64), "verify_b": (1, 4), "verify_ctx": (16, 64), "max_kv": 4096,
          "pool_bytes": 1e6, "waves": False, "moe_tokens": (1, 8, 64)}
 
 
@@ -71,6 +74,8 @@ class Settings:
     prefill_ratio: tuple[int, ...] = PREFILL_RATIO
     decode_b: tuple[int, ...] = DECODE_B
     decode_ctx: tuple[int, ...] = DECODE_CTX
+    verify_b: tuple[int, ...] = VERIFY_B
+    verify_ctx: tuple[int, ...] = VERIFY_CTX
     max_kv: int = MAX_KV_TOKENS
     pool_bytes: float = POOL_BYTES
     waves: bool = True  # add grid points at the attention kernels' wave boundaries (`wave_boundaries`)
@@ -291,6 +296,14 @@ class Bench:
             out += self._attention_records(dep, shape, list(zip(q.tolist(), p.tolist())), pool, x=float(q.sum()),
                                            y=float((q + p).sum() / q.sum()), seqs=n, ragged=True,
                                            longest=int(q.max()), **head)
+        v = VERIFY_TOKENS  # verification-shaped batches (n chunks of k + 1 tokens over a context), as checks:
+        for n in s.verify_b:  # the prefill surface is indexed by a step's total queries and K/V per query
+            for ctx in s.verify_ctx:
+                if n * (ctx + v) > max_kv:
+                    continue
+                shape = StepShape.build(prefill=[v] * n, prefill_cached=[ctx] * n)
+                out += self._attention_records(dep, shape, [(v, ctx)] * n, pool, x=float(v * n),
+                                               y=float((ctx + v) / v), seqs=n, ragged=True, longest=v, **head)
         self.log(f"attention {head}")
         return out
 
