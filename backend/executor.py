@@ -222,8 +222,9 @@ class TorchExecutor:
         new_ids = new.tolist()
         for rid, tok in zip(sample_ids, new_ids):
             self.tokens[rid].append(tok)
-        self.capture_seconds = sum(g.take_capture_seconds() for g in (self.graphs, self.draft and self.draft.graphs)
-                                   if g is not None)
+        draft_capture = self.draft.graphs.take_capture_seconds() if self.draft and self.draft.graphs else 0.0
+        self.capture_seconds = draft_capture + (self.graphs.take_capture_seconds() if self.graphs else 0.0)
+        draft_s -= draft_capture  # (captures belong to the server's start, not to the step)
         return StepOutcome(seconds=time.perf_counter() - t0 - self.capture_seconds,
                            execution="graph" if graph or mixed else "eager", gpu_seconds=gpu, draft_seconds=draft_s,
                            accepted=accepted)

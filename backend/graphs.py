@@ -1,12 +1,12 @@
 """CUDA graphs of serving steps, captured on first use: decode steps whole, per (padded batch rows,
-block-table width), and steps with prefill chunks piecewise, per padded token count, attention between the
-pieces at its exact size.
+block-table width), and steps with prefill chunks or speculative verifications piecewise, per padded token
+count, attention between the pieces at its exact size.
 
 vLLM's V1 engine runs the same way by default (FULL_AND_PIECEWISE): decode batches padded to its capture sizes
-replay full graphs, and batches of up to 512 tokens with prefills replay piecewise graphs padded to the same
-sizes, attention left out of them. A `GraphCache` belongs to one model and one paged cache (the target's, or a
-speculative draft's); the cache has one block more than the engine's, the scratch block that padding rows
-write to and read from.
+replay full graphs, and batches of up to 512 tokens with prefills (or verifications) replay piecewise graphs
+padded to the same sizes, attention left out of them. A `GraphCache` belongs to one model and one paged cache
+(the target's, or a speculative draft's); the cache has one block more than the engine's, the scratch block
+that padding rows write to and read from.
 """
 
 from __future__ import annotations

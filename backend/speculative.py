@@ -2,8 +2,9 @@
 lossless acceptance rule (Leviathan et al., ICML 2023; Chen et al., 2023).
 
 The draft keeps, per request, how many of the request's tokens its cache holds (`done`) and catches up
-on the rest whenever it runs (the prompt's chunks during prefill steps; after a verification, the
-accepted drafts and the target's bonus token). `propose` runs it autoregressively for k_i steps per
+on the rest whenever it runs (the prompt's chunks during prefill steps; after a verification, the target's
+token, and the last draft where all k were accepted, which it proposed but never ran; after a tree, the
+accepted path too). `propose` runs it autoregressively for k_i steps per
 request, greedy or sampled. `accept` applies the rule to the target's logits over the k + 1 verified
 positions: greedy, a draft is accepted while it equals the target's argmax, and the target's own token
 follows, so the output is exactly plain greedy decoding; sampled, draft token d is accepted with

@@ -2,6 +2,8 @@
 # Replays on the GPU for validation (issue 5). Run from the repository root on the device machine:
 #   OUT=<dir> TRACE=<azure_llm_2023_conv.csv> [SCHEDS="vllm sarathi"] [LOADS="light heavy"] [CONFIG=...]
 #   [PREFIX=paged_] [EXTRA=key.path=value] bash calibrate/run_replays.sh
+# (defaults: the H100 scenario of the backend now, prefix paged_; `servesim replay` refuses the configs of the
+# backend before its paged and fused kernels, which it no longer runs)
 # Needs torch and CUDA there; pydantic and simpy come from wheels in .device/wheels when not installed.
 set -euo pipefail
 OUT=${OUT:-out}
@@ -9,8 +11,8 @@ TRACE=${TRACE:-../shared/traces/azure_llm_2023_conv.csv}
 PY=${PY:-python3}
 $PY -c "import pydantic, simpy" 2>/dev/null || $PY -m pip install -q --no-index --find-links .device/wheels pydantic simpy
 export PYTHONPATH=$PWD PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
-CONFIG=${CONFIG:-calibrate/measurements/h100_llama3_8b_azure.yaml}
-PREFIX=${PREFIX:-}
+CONFIG=${CONFIG:-calibrate/measurements/h100_llama3_8b_azure_paged.yaml}  # (the backend as it is)
+PREFIX=${PREFIX-paged_}
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
 $PY -c "import torch; print('torch', torch.__version__, torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 for sched in ${SCHEDS:-vllm sarathi}; do

@@ -16,7 +16,8 @@ $PY -c "import pydantic, simpy" 2>/dev/null || $PY -m pip install -q --no-index 
 export PYTHONPATH=$PWD PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 CONFIG=${CONFIG:-calibrate/measurements/h100_llama3_8b_spec_paged.yaml}
 PREFIX=${PREFIX-paged_}
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/${PREFIX}spec_gpu.txt"
 if [ "${CHECK:-0}" = 1 ]; then
   timeout 200 $PY -m servesim replay "$CONFIG" --device cuda --asap --acceptance model --out "$OUT/self_check" \
     --set speculation.draft.model=llama-3-8b --set kv_cache.num_blocks=2000 --set workloads.0.num_requests=30 \
@@ -32,4 +33,5 @@ for load in "light 1.0 100" "heavy 5.0 150"; do
     --set workloads.0.arrival.rate=$2 --set workloads.0.num_requests=$3 \
     --set "workloads.0.trace.path=$TRACE" | tail -14 || echo "replay $1 did not finish"
 done
-tar -czf "$OUT/spec_replays.tar.gz" -C "$OUT" --exclude=token_times.npy --exclude='*.png' $(cd "$OUT" && ls -d "${PREFIX}"real_spec_*)
+tar -czf "$OUT/${PREFIX}spec_replays.tar.gz" -C "$OUT" --exclude=token_times.npy --exclude='*.png' \
+  $(cd "$OUT" && ls -d "${PREFIX}"real_spec_* "${PREFIX}"spec_*.txt 2>/dev/null)

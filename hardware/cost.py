@@ -10,7 +10,8 @@
                 it is done (`pipelined_seconds`: between the longer and the sum of host and GPU time)
     step time = sum over pipeline stages + CPU overhead of the step (+ per request, + per KV token held,
                 + step_mixed for an eager step with both prefill-style attention and decodes; a graph step
-                with prefill chunks, piecewise, step_piecewise + per request instead of step_graph's)
+                with prefill chunks or verifications, piecewise, step_piecewise + per request instead of
+                step_graph's)
 
 Efficiencies come from a calibration profile (`hardware.profile`), falling back to documented defaults;
 a calibrated profile's measured GEMM, named-operator, attention and collective surfaces take precedence

@@ -83,7 +83,7 @@ class StepShape:
       `verify_levels[k]` a token tree's nodes per depth (a chain of verify_tokens[k] - 1 when omitted: the
       draft runs one step per level); `draft_feed[k]` the tokens the draft model takes in its first step
       (those of the request it has not cached: after a verification the target's token, plus the last draft
-      where all k were accepted; a tree's accepted path; one each when omitted).
+      where all k were accepted; a tree's accepted path and the target's token; one each when omitted).
     """
 
     prefill_tokens: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))

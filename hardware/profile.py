@@ -106,9 +106,10 @@ class Overheads(Spec):
     kernel takes `stream_gap` more GPU time than in a graph replay: a stream starts queued kernels later.
     A step with both prefill-style attention and decodes costs the host `step_mixed` more (servesim's
     backend prepares two attention calls, each with its own key indices copied to the device). A step with
-    prefill chunks replayed as piecewise CUDA graphs costs `step_piecewise` (+ per request) where a decode
-    graph costs `step_graph`: the eager pass's inputs are built, the pieces and the attention calls between
-    them issued, and the GPU waits at the pieces' boundaries; profiles without them use `step_graph`'s."""
+    prefill chunks or verifications replayed as piecewise CUDA graphs costs `step_piecewise` (+ per request)
+    where a decode graph costs `step_graph`: the eager pass's inputs are built, the pieces and the attention
+    calls between them issued, and the GPU waits at the pieces' boundaries; profiles without them use
+    `step_graph`'s."""
 
     launch_eager: float = Field(ge=0.0)
     launch_graph: float = Field(ge=0.0)
@@ -125,7 +126,8 @@ class Overheads(Spec):
 
     def graph_step(self, requests: float, piecewise: bool) -> float:
         """Host seconds of a graph step of `requests` requests: a decode graph, or `piecewise` (prefill
-        chunks, piecewise graphs; priced as a decode graph where the profile has no piecewise costs)."""
+        chunks or verifications, piecewise graphs; priced as a decode graph where the profile has no piecewise
+        costs)."""
         if piecewise and self.step_piecewise is not None and self.step_piecewise_per_request is not None:
             return self.step_piecewise + self.step_piecewise_per_request * requests
         return self.step_graph + self.step_graph_per_request * requests

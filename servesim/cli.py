@@ -347,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--context", type=int, metavar="L", help="tokens of KV per decoding/verifying request")
     x = est.add_argument_group("execution")
     x.add_argument("--graphs", dest="field:hardware.cuda_graphs", choices=GRAPH_MODES,
-                   help="CUDA graphs: 'mixed' every step of at most 512 tokens without verifications, 'decode' "
+                   help="CUDA graphs: 'mixed' every step of at most 512 tokens, 'decode' "
                         "decode-only steps alone, 'none' eager (default: the config's hardware.cuda_graphs, mixed)")
     x.add_argument("--eager", dest="field:hardware.cuda_graphs", action="store_const", const="none",
                    help="run every step eagerly (--graphs none)")

@@ -54,9 +54,9 @@ class HardwareConfig(_Section):
                                "that profile's engine section (e.g. 'datasheet': the documented defaults) over "
                                "this profile's GPU kernels (default: the profile's own)")
     cuda_graphs: bool | Literal["mixed", "decode", "none"] = Field(
-        "mixed", description="CUDA graphs: 'mixed' (true) every step of at most 512 tokens without verifications, "
-        "padded to vLLM's capture sizes (vLLM V1's default); 'decode' decode-only steps alone (vLLM V0); 'none' "
-        "(false) every step eagerly")
+        "mixed", description="CUDA graphs: 'mixed' (true) every step of at most 512 tokens (piecewise where it has "
+        "prefill chunks or verifications), padded to vLLM's capture sizes (vLLM V1's default); 'decode' "
+        "decode-only steps alone (vLLM V0); 'none' (false) every step eagerly")
     kv_access: KvAccess = Field("paged", description="how attention reads the paged KV cache: 'paged' (the kernel "
                                 "reads the blocks in place, as vLLM's FlashAttention and servesim's backend do) or "
                                 "'gather' (an engine that copies a step's K/V into contiguous buffers first)")

@@ -2,10 +2,11 @@
 
 - A draft model (`DraftModel`) runs on the target's GPUs with the target's TP (TP 1 when its heads do not
   divide): it prefills every prompt chunk the target prefills (it needs its own KV of the context), and
-  before each verification runs max k_i autoregressive decode steps, step j over the requests with
-  k_i > j at context + j (padded batches: every request, max k steps). With `kv_window` it attends to the
-  last `kv_window` tokens only (a sliding window: MagicDec's StreamingLLM draft), and its KV memory is that
-  window for `max_num_seqs` requests.
+  before each verification runs max k_i autoregressive steps, step j over the requests with k_i > j at
+  context + j (padded batches: every request, max k steps); its first step takes the tokens it has not
+  cached (`StepShape.draft_feed`: 2 after a chain whose drafts were all accepted), a chunk where any is 2.
+  With `kv_window` it attends to the last `kv_window` tokens only (a sliding window: MagicDec's
+  StreamingLLM draft), and its KV memory is that window for `max_num_seqs` requests.
 - Draft heads (`DraftHeads`) are `layers` decoder layers of the target's shape with its LM head: EAGLE-style
   (`sequential`) they prefill the chunks and run k steps like a draft model; Medusa-style they run once
   per verification over k tokens per request (one pass of the heads, priced as a k-token chunk).
@@ -98,6 +99,8 @@ class DraftCost:
             ctx = context[live] + j + 1 - tokens if j == 0 else context[live] + j
             if (tokens == 1).all():
                 total += self.model.price(StepShape(decode_context=ctx)).seconds
-            else:
+            elif j == 0:  # catching up: chunks after the tokens the draft has, the logits of their last row
+                total += self.model.price(StepShape(prefill_tokens=tokens, prefill_cached=ctx)).seconds
+            else:  # a tree's level: the logits of every node
                 total += self.model.price(StepShape(verify_tokens=tokens, verify_context=ctx)).seconds
         return total
