@@ -6,12 +6,14 @@
 # repository root.
 set -euo pipefail
 M=calibrate/measurements
-sim() {  # prefix config profile scheduler load rate requests [one more --set]
+sim() {  # prefix config profile name load rate requests [key.path=value ...]: runs named ${prefix}real_${name}_${load}
   # the CUDA-graph mode the replay ran (replays before mixed-step graphs ran every step with a prefill eagerly)
   graphs=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['hardware']['cuda_graphs'])" \
     "$M/${1}real_${4}_$5/config.yaml")
+  sets=()
+  for kv in "${@:8}"; do sets+=(--set "$kv"); done
   servesim run "$M/$2" --quiet --out "$M/${1}sim_${4}_$5" --set hardware.cuda_graphs=$graphs \
-    --set scheduler.name=$4 --set workloads.0.arrival.rate=$6 --set workloads.0.num_requests=$7 ${8:+--set $8} > /dev/null
+    --set workloads.0.arrival.rate=$6 --set workloads.0.num_requests=$7 "${sets[@]}" > /dev/null
   servesim validate "$M/${1}sim_${4}_$5" "$M/${1}real_${4}_$5" --profile "$3" --out "$M/${1}validation_${4}_$5" \
     | tee "$M/${1}validation_${4}_$5.txt"
 }
@@ -19,11 +21,12 @@ sim() {  # prefix config profile scheduler load rate requests [one more --set]
 # preemption, and the prefix scenario without caching (the control: same requests, no shared blocks)
 for v in prefix swap; do
   if [ -d "$M/${v}_real_vllm_heavy" ]; then
-    sim ${v}_ h100_llama3_8b_$v.yaml calibrated vllm heavy 5.0 150
+    sim ${v}_ h100_llama3_8b_$v.yaml calibrated vllm heavy 5.0 150 scheduler.name=vllm
   fi
 done
 if [ -d "$M/noprefix_real_vllm_heavy" ]; then
-  sim noprefix_ h100_llama3_8b_prefix.yaml calibrated vllm heavy 5.0 150 kv_cache.prefix_caching=false
+  sim noprefix_ h100_llama3_8b_prefix.yaml calibrated vllm heavy 5.0 150 scheduler.name=vllm \
+    kv_cache.prefix_caching=false
 fi
 # speculative decoding (issues 8 and 21: calibrate/run_spec_replays.sh) on the backend now
 for gpu in h100 h200; do
@@ -31,24 +34,19 @@ for gpu in h100 h200; do
   for load in "light 1.0 100" "heavy 5.0 150"; do
     set -- $load
     if [ -d "$M/${p}real_spec_$1" ]; then
-      graphs=$(python3 -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['hardware']['cuda_graphs'])" \
-        "$M/${p}real_spec_$1/config.yaml")
-      servesim run "$M/${gpu}_llama3_8b_spec_paged.yaml" --quiet --out "$M/${p}sim_spec_$1" \
-        --set hardware.cuda_graphs=$graphs --set workloads.0.arrival.rate=$2 --set workloads.0.num_requests=$3 > /dev/null
-      servesim validate "$M/${p}sim_spec_$1" "$M/${p}real_spec_$1" --profile calibrated \
-        --out "$M/${p}validation_spec_$1" | tee "$M/${p}validation_spec_$1.txt"
+      sim $p ${gpu}_llama3_8b_spec_paged.yaml calibrated spec "$@"
     fi
   done
 done
 for sched in vllm sarathi; do
   for load in "light 1.0 100" "heavy 5.0 150"; do
     set -- $load
-    sim "" h100_llama3_8b_azure.yaml "$M/h100-sxm-80gb_gather_profile.json" $sched "$@"
+    sim "" h100_llama3_8b_azure.yaml "$M/h100-sxm-80gb_gather_profile.json" $sched "$@" scheduler.name=$sched
     if [ -d "$M/paged_real_${sched}_$1" ]; then
-      sim paged_ h100_llama3_8b_azure_paged.yaml calibrated $sched "$@"
+      sim paged_ h100_llama3_8b_azure_paged.yaml calibrated $sched "$@" scheduler.name=$sched
     fi
     if [ -d "$M/paged_h200_real_${sched}_$1" ]; then  # the same backend on an H200 (2026-12-06)
-      sim paged_h200_ h200_llama3_8b_azure_paged.yaml calibrated $sched "$@"
+      sim paged_h200_ h200_llama3_8b_azure_paged.yaml calibrated $sched "$@" scheduler.name=$sched
     fi
   done
 done
