@@ -160,17 +160,24 @@ def test_draft_takes_kv_memory_and_baseline_speedup_is_reported() -> None:
     assert res.summary["spec_speedup_tpot_mean"] > 1.2
 
 
-@pytest.mark.parametrize("alpha", [0.0, 1.0])
-def test_the_wrapped_policy_decides_and_the_executor_draws_the_outcome(alpha: float) -> None:
-    """The `Speculator` wraps the policy and only plans (which drafts run); the cost-model executor draws how many
-    are accepted, and a verification cannot complete without that outcome."""
-    cfg = config(spec(k=3, acceptance={"kind": "iid", "alpha": alpha}), n=4, prompt=(100, 100), output=(50, 50))
+def four_requests_queued(cfg: SimConfig) -> tuple:
+    """The run's setup, its one replica's state with requests 0-3 queued, the `Speculator` around the
+    config's policy, and the cost-model executor (both with the run's acceptance model)."""
     setup = prepare(cfg)
     (state,) = setup.replica_states()
     policy = Speculator(make_scheduler(cfg.scheduler), cfg.speculation, setup.acceptance)
     executor = setup.pools[0].executor(cfg.speculation, setup.acceptance)
     for rid in range(4):
         state.enqueue(rid)
+    return setup, state, policy, executor
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_the_wrapped_policy_decides_and_the_executor_draws_the_outcome(alpha: float) -> None:
+    """The `Speculator` wraps the policy and only plans (which drafts run); the cost-model executor draws how many
+    are accepted, and a verification cannot complete without that outcome."""
+    cfg = config(spec(k=3, acceptance={"kind": "iid", "alpha": alpha}), n=4, prompt=(100, 100), output=(50, 50))
+    setup, state, policy, executor = four_requests_queued(cfg)
     first = policy.schedule(state)
     assert first is not None and first.prefill_ids.size == 4 and not first.verify_ids.size
     assert executor.run(first).accepted is None  # nothing verified, nothing drawn
@@ -198,12 +205,7 @@ def test_the_draft_model_first_takes_the_tokens_it_has_not_cached(speculate, fee
     path and the target's token (3 for a path of 2). The draft's time prices that step as a chunk (eager where
     only decodes are graphed)."""
     cfg = config(spec(k=3, **speculate), n=4, prompt=(100, 100), output=(50, 50))
-    setup = prepare(cfg)
-    (state,) = setup.replica_states()
-    policy = Speculator(make_scheduler(cfg.scheduler), cfg.speculation, setup.acceptance)
-    executor = setup.pools[0].executor(cfg.speculation, setup.acceptance)
-    for rid in range(4):
-        state.enqueue(rid)
+    setup, state, policy, executor = four_requests_queued(cfg)
     feeds = []
     for step in range(3):  # the prefills, then two verifications
         batch = policy.schedule(state)
