@@ -38,9 +38,10 @@ class Chunk:
 class PagedGroup:
     """Consecutive rows [start, end) of the flat batch that attend in one kernel call. Sequence i has the
     query rows q_start[i]:q_start[i+1] (relative to `start`) and the first lens[i] keys of block table row i.
-    Decode groups (one query each) split every sequence's keys `splits` ways; prefill groups run `tiles`
-    of `block_m` queries. Host copies (`q_lens`, `k_lens`, `host_tables`, `host_masks`) serve the CPU
-    reference; `scratch` holds preallocated partial results (CUDA graphs)."""
+    Decode groups split every sequence's keys `splits` ways: one query each, or (verifications) `tiles` of
+    up to `block_m` queries; prefill groups run `tiles` of `block_m` queries. Host copies (`q_lens`,
+    `k_lens`, `host_tables`, `host_masks`) serve the CPU reference; `scratch` holds preallocated partial
+    results (CUDA graphs)."""
 
     start: int
     end: int
@@ -56,6 +57,7 @@ class PagedGroup:
     host_tables: list[list[int] | np.ndarray]
     masks: torch.Tensor | None = None
     mask_off: torch.Tensor | None = None
+    mask_w: torch.Tensor | None = None
     host_masks: list[np.ndarray | None] | None = None
     scratch: tuple[torch.Tensor, torch.Tensor] | None = None
 
@@ -104,17 +106,20 @@ def paged_group(chunks: list[Chunk], block_size: int, device: torch.device, deco
     k_lens = [c.cached + c.length for c in chunks]
     tables = [c.table for c in chunks]
     width = max(1, max(len(t) for t in tables))
-    block_m = 1 if decode else kernels.prefill_block_m(max(q_lens))
-    tiles = [] if decode else kernels.prefill_tiles(q_lens, block_m)
+    longest_q = max(q_lens)
+    block_m = (1 if longest_q == 1 else kernels.VERIFY_TILE) if decode else kernels.prefill_block_m(longest_q)
+    tiles = [] if block_m == 1 else kernels.prefill_tiles(q_lens, block_m)
     host_masks = [c.mask for c in chunks] if any(c.mask is not None for c in chunks) else None
     mask_off: list[int] = []
-    if host_masks is not None:
+    mask_w: list[int] = []
+    if host_masks is not None:  # a mask's columns: the last keys it covers (its chunk's, or more; no mask: causal)
         sizes = [0 if m is None else m.size for m in host_masks]
         starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
         mask_off = [-1 if m is None else int(o) for m, o in zip(host_masks, starts)]
+        mask_w = [q if m is None else m.shape[1] for m, q in zip(host_masks, q_lens)]
     n = len(chunks)
     parts = [np.asarray(k_lens, np.int32), np.cumsum([0, *q_lens], dtype=np.int32), np.asarray(mask_off, np.int32),
-             np.asarray(tiles, np.int32), table_array(chunks, width, source).ravel()]
+             np.asarray(mask_w, np.int32), np.asarray(tiles, np.int32), table_array(chunks, width, source).ravel()]
     # Each part starts on a 16-byte boundary: Triton compiles a kernel per pointer alignment, so parts at
     # offsets that depend on the chunk count would compile new variants in the middle of serving.
     offsets = np.concatenate([[0], np.cumsum([-(-p.size // 4) * 4 for p in parts])])
@@ -122,22 +127,23 @@ def paged_group(chunks: list[Chunk], block_size: int, device: torch.device, deco
     for part, at in zip(parts, offsets):
         packed[at:at + part.size] = part
     dev = torch.from_numpy(packed).to(device)
-    lens_t, q_start, off_t, tiles_t, table_flat = (dev[at:at + p.size] for p, at in zip(parts, offsets))
-    off = off_t if host_masks is not None else None
+    lens_t, q_start, off_t, w_t, tiles_t, table_flat = (dev[at:at + p.size] for p, at in zip(parts, offsets))
+    off, w_t = (off_t, w_t) if host_masks is not None else (None, None)
     table_t = table_flat.view(n, width)
     masks = None
     if host_masks is not None:
         flat = [m.astype(np.uint8).ravel() for m in host_masks if m is not None]
         masks = torch.from_numpy(np.concatenate(flat)).to(device)
-    splits = decode_splits(n, kv_heads, max(k_lens), sm_count(device)) if decode else 1
+    programs = n if block_m == 1 else len(tiles) // 2
+    splits = decode_splits(programs, kv_heads, max(k_lens), sm_count(device)) if decode else 1
     return PagedGroup(chunks[0].start, chunks[-1].start + chunks[-1].length, decode, table_t, lens_t, q_start, tiles_t,
-                      block_m, splits, q_lens, k_lens, tables, masks, off, host_masks)
+                      block_m, splits, q_lens, k_lens, tables, masks, off, w_t, host_masks)
 
 
 def attention_meta(chunks: list[Chunk], block_size: int, device: torch.device, prefills: int,
                    kv_heads: int, source: np.ndarray | None = None) -> AttentionMeta:
     """Slots and attention groups of a pass over `chunks` (token order: chunk after chunk), the first
-    `prefills` of them prefill chunks (or verifications) attending in one call, the rest decodes in another
+    `prefills` of them prefill chunks attending in one call, the rest (verifications, then decodes) in another
     (as the cost model prices them: one prefill-attention and one decode-attention kernel)."""
     new_slots = np.concatenate([cache_slots(c.table, np.arange(c.cached, c.cached + c.length), block_size)
                                 for c in chunks])
@@ -171,10 +177,13 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: Pag
             size = q.shape[0] * q.shape[1] * g.splits
             g.scratch = (torch.empty(size * q.shape[2], dtype=torch.float32, device=q.device),
                          torch.empty(size, dtype=torch.float32, device=q.device))
+        if g.block_m > 1:
+            return kernels.paged_verify(q, k_cache, v_cache, g.tables, g.q_start, g.lens, g.tiles, g.block_m,
+                                        block_size, g.splits, window, g.masks, g.mask_off, g.mask_w, g.scratch, out)
         return kernels.paged_decode(q, k_cache, v_cache, g.tables, g.lens, block_size, g.splits, window, g.scratch,
                                     out)
     return kernels.paged_prefill(q, k_cache, v_cache, g.tables, g.q_start, g.lens, g.tiles, g.block_m, block_size,
-                                 window, g.masks, g.mask_off, out)
+                                 window, g.masks, g.mask_off, g.mask_w, out)
 
 
 def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PagedGroup,
@@ -204,8 +213,8 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 def warm_up(heads: int, kv_heads: int, head_dim: int, window: int | None, block_size: int, dtype: torch.dtype,
             device: torch.device) -> None:
     """Launch every attention variant a serving pass can take once (prefill tiles of each height, with and
-    without a token tree; decode at every flash-decoding split), so that Triton compiles them before the
-    first request instead of in it, as engines warm up at start."""
+    without a token tree; decodes and verifications, with and without a tree, at every flash-decoding split),
+    so that Triton compiles them before the first request instead of in it, as engines warm up at start."""
     if not kernels.use_kernels(torch.empty(0, device=device)):
         return
     longest = 128 + 2 * block_size
@@ -216,8 +225,9 @@ def warm_up(heads: int, kv_heads: int, head_dim: int, window: int | None, block_
         for mask in (None, np.tril(np.ones((n, n), dtype=bool))):
             group = paged_group([Chunk(0, n, block_size, blocks, mask)], block_size, device, False, kv_heads)
             attend(torch.zeros(n, heads, head_dim, dtype=dtype, device=device), kc, vc, group, block_size, window)
-    q = torch.zeros(1, heads, head_dim, dtype=dtype, device=device)
-    for splits in (1 << i for i in range(7)):  # every power of two `decode_splits` gives
-        group = paged_group([Chunk(0, 1, longest - 1, blocks)], block_size, device, True, kv_heads)
-        group.splits = splits
-        attend(q, kc, vc, group, block_size, window)
+    for n, mask in ((1, None), (2, None), (2, np.tril(np.ones((2, 2), dtype=bool)))):
+        q = torch.zeros(n, heads, head_dim, dtype=dtype, device=device)
+        for splits in (1 << i for i in range(7)):  # every power of two `decode_splits` gives
+            group = paged_group([Chunk(0, n, longest - n, blocks, mask)], block_size, device, True, kv_heads)
+            group.splits = splits
+            attend(q, kc, vc, group, block_size, window)

@@ -341,8 +341,7 @@ class TorchExecutor:
                 sample_rows.append(len(flat_tokens) - 1)
                 sample_ids.append(rid)
         dev = self.device
-        meta = attention_meta(chunks, self.block_size, dev, len(pre) + len(ver), self.cache.k.shape[2],
-                              self.blocks.array)
+        meta = attention_meta(chunks, self.block_size, dev, len(pre), self.cache.k.shape[2], self.blocks.array)
         return PassInputs(torch.tensor(flat_tokens, device=dev), torch.tensor(positions, device=dev), meta,
                           torch.tensor(sample_rows + verify_rows, dtype=torch.long, device=dev), sample_ids)
 

@@ -7,6 +7,12 @@
 - `paged_decode`: flash-decoding (Dao et al., 2023): one query per sequence, the query heads of a KV head
   packed as the rows of one tile (grouped-query attention reads each K/V once), the KV length split across
   programs so that a few long sequences still fill the GPU, then a reduction of the partial softmaxes.
+- `paged_verify`: the same for speculative verifications, a few queries per sequence (k + 1 tokens of a
+  chain, or a token tree's nodes, up to `VERIFY_TILE` per tile): the tile's queries times the query heads of
+  a KV head are its rows, with the causal, window and tree masks on the new keys. This is how vLLM V1 runs
+  them (FlashAttention 3 with packed GQA and KV splits, or the decode path of FlashInfer for requests of up
+  to k + 1 tokens); the prefill kernel would give each query head its own program and no KV split, a few
+  dozen programs on a GPU of 132 SMs for one long verification.
 
 Both run on CUDA, and on CPU under Triton's interpreter (`TRITON_INTERPRET=1`), which the tests use to
 check them against the reference in `backend.attention`.
@@ -107,7 +113,7 @@ def _pow2(n: int, least: int = 16) -> int:
 if triton is not None:
 
     @triton.jit(do_not_specialize=["stride_tb"])  # block-table width varies per pass: one compile for all
-    def _prefill_kernel(Q, K, V, O, tables, q_start, lens, tiles, masks, mask_off,
+    def _prefill_kernel(Q, K, V, O, tables, q_start, lens, tiles, masks, mask_off, mask_w,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_tb,
                         scale, window,
                         GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
@@ -133,11 +139,15 @@ if triton is not None:
         lo = 0
         if HAS_WINDOW:
             lo = tl.maximum(0, cached + i0 - window + 1)
-        # keys every row of the tile sees: before the first row's position (before the chunk, with a tree)
+        if HAS_TREE:  # the tree's mask covers the last `width` keys (a draft's tree level: earlier levels too)
+            moff = tl.load(mask_off + seq)
+            width = tl.load(mask_w + seq)
+            tail = length - width
+        # keys every row of the tile sees: before the first row's position (before the tree, with one)
         if HAS_WINDOW:
             visible = lo
         elif HAS_TREE:
-            visible = cached
+            visible = tail
         else:
             visible = cached + i0 + 1
         unmasked_end = lo + tl.maximum(visible - lo, 0) // BLOCK_N * BLOCK_N
@@ -157,8 +167,6 @@ if triton is not None:
             v = tl.load(V + kv, mask=d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        if HAS_TREE:
-            moff = tl.load(mask_off + seq)
         for start in range(unmasked_end, hi, BLOCK_N):
             offs_n = start + tl.arange(0, BLOCK_N)
             n_ok = offs_n < hi
@@ -170,9 +178,9 @@ if triton is not None:
             if HAS_WINDOW:
                 ok = ok & (offs_n[None, :] > pos_q[:, None] - window)
             if HAS_TREE:
-                new = offs_n - cached
+                new = offs_n - tail
                 in_tree = rows_ok[:, None] & ((new >= 0) & n_ok & (new * 0 + moff >= 0))[None, :]
-                seen = tl.load(masks + moff + offs_m[:, None] * q_len + new[None, :], mask=in_tree, other=1)
+                seen = tl.load(masks + moff + offs_m[:, None] * width + new[None, :], mask=in_tree, other=1)
                 ok = ok & (seen != 0)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
@@ -233,6 +241,75 @@ if triton is not None:
             lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
             tl.store(LSE + (seq * tl.num_programs(1) * GROUP + heads) * SPLITS + split, lse, mask=g_ok)
 
+    @triton.jit(do_not_specialize=["stride_os", "stride_tb"])
+    def _verify_kernel(Q, K, V, O, LSE, tables, q_start, lens, tiles, masks, mask_off, mask_w,
+                       stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_os, stride_tb,
+                       scale, window,
+                       GROUP: tl.constexpr, ROWS: tl.constexpr, BLOCK_Q: tl.constexpr, HEADS: tl.constexpr,
+                       D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr, BLOCK_N: tl.constexpr,
+                       SPLITS: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_TREE: tl.constexpr):
+        tile, kvh, split = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+        seq = tl.load(tiles + 2 * tile)
+        i0 = tl.load(tiles + 2 * tile + 1)
+        first = tl.load(q_start + seq)
+        q_len = tl.load(q_start + seq + 1) - first
+        length = tl.load(lens + seq)
+        cached = length - q_len
+        last = tl.minimum(length, cached + i0 + BLOCK_Q)  # keys the tile's last query may see
+        per = tl.cdiv(tl.cdiv(last, SPLITS), BLOCK_N) * BLOCK_N
+        lo = split * per
+        hi = tl.minimum(last, lo + per)
+        if HAS_WINDOW:
+            lo = tl.maximum(lo, cached + i0 - window + 1)
+        offs_r = tl.arange(0, ROWS)  # row r: query i0 + r // GROUP of the tile, query head r % GROUP of kvh
+        qi = i0 + offs_r // GROUP
+        heads = kvh * GROUP + offs_r % GROUP
+        offs_d = tl.arange(0, D_PAD)
+        r_ok = (offs_r < BLOCK_Q * GROUP) & (qi < q_len)
+        d_ok = offs_d < D
+        rows = (first + qi).to(tl.int64)
+        q = tl.load(Q + rows[:, None] * stride_qt + heads[:, None] * stride_qh + offs_d[None, :],
+                    mask=r_ok[:, None] & d_ok[None, :], other=0.0)
+        pos_q = cached + qi
+        table = tables + seq.to(tl.int64) * stride_tb
+        if HAS_TREE:  # the tree's mask covers the last `width` keys
+            moff = tl.load(mask_off + seq)
+            width = tl.load(mask_w + seq)
+            tail = length - width
+        m_i = tl.full([ROWS], float("-inf"), tl.float32)
+        l_i = tl.zeros([ROWS], tl.float32)
+        acc = tl.zeros([ROWS, D_PAD], tl.float32)
+        for start in range(lo, hi, BLOCK_N):
+            offs_n = start + tl.arange(0, BLOCK_N)
+            n_ok = offs_n < hi
+            slot = tl.load(table + offs_n // PAGE, mask=n_ok, other=0).to(tl.int64) * PAGE + offs_n % PAGE
+            kv = slot[:, None] * stride_kt + kvh * stride_kh + offs_d[None, :]
+            k = tl.load(K + kv, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            s = tl.dot(q, tl.trans(k)) * scale
+            ok = n_ok[None, :] & (offs_n[None, :] <= pos_q[:, None])
+            if HAS_WINDOW:
+                ok = ok & (offs_n[None, :] > pos_q[:, None] - window)
+            if HAS_TREE:
+                new = offs_n - tail
+                in_tree = r_ok[:, None] & ((new >= 0) & n_ok & (new * 0 + moff >= 0))[None, :]
+                seen = tl.load(masks + moff + qi[:, None] * width + new[None, :], mask=in_tree, other=1)
+                ok = ok & (seen != 0)
+            s = tl.where(ok, s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = tl.exp2(m_i - m_safe)
+            p = tl.exp2(s - m_safe[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(V + kv, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+            m_i = m_new
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_ptr = O + rows[:, None] * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
+        if SPLITS > 1:
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+            tl.store(LSE + (rows * HEADS + heads) * SPLITS + split, lse, mask=r_ok)
+
     @triton.jit
     def _reduce_kernel(P, LSE, O, stride_pt, stride_ph, stride_ps, stride_ot, stride_oh,
                        SPLITS: tl.constexpr, SPLITS_PAD: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr):
@@ -249,6 +326,11 @@ if triton is not None:
         out = tl.sum(part.to(tl.float32) * w[:, None], 0) / tl.where(total == 0.0, 1.0, total)
         tl.store(O + seq.to(tl.int64) * stride_ot + head * stride_oh + offs_d, out.to(O.dtype.element_ty),
                  mask=offs_d < D)
+
+
+# Queries per tile of `paged_verify`, always (one compiled variant per split count): k + 1 of a chain of up to
+# 7 drafts in one tile; larger token trees take several, each reading the keys.
+VERIFY_TILE = 8
 
 
 def prefill_block_m(max_q: int) -> int:
@@ -268,22 +350,24 @@ def prefill_tiles(q_lens: list[int], block_m: int) -> list[int]:
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                   q_start: torch.Tensor, lens: torch.Tensor, tiles: torch.Tensor, block_m: int, page: int,
                   window: int | None, masks: torch.Tensor | None = None, mask_off: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+                  mask_w: torch.Tensor | None = None, out: torch.Tensor | None = None,
+                  config: dict | None = None) -> torch.Tensor:
     """Attention of queries `q` (rows, heads, d) over the paged cache (slots, kv heads, d): sequence i has
     rows q_start[i]:q_start[i+1], the last of its lens[i] keys; `tiles` from `prefill_tiles`; `masks`
-    (uint8, flat) and `mask_off` (per sequence, -1 for none) give token trees' visibility among new keys."""
+    (uint8, flat), `mask_off` (per sequence, -1 for none) and `mask_w` (its columns) give token trees' visibility:
+    row i of sequence s sees the last mask_w[s] keys where its mask row says (the keys before them all)."""
     rows, heads, d = q.shape
     kv_heads = k_cache.shape[1]
     out = torch.empty((rows, heads, d), dtype=q.dtype, device=q.device) if out is None else out
     tree = masks is not None
     if not tree:
-        masks = mask_off = lens  # unused
+        masks = mask_off = mask_w = lens  # unused
     n_tiles = tiles.numel() // 2
     # bench/attention_configs.py on an H100 (bench/results/h100_attention_configs.txt), an 8k-token prefill:
     # BLOCK_M 128, BLOCK_N 64, 4 warps, 3 stages 366 TFLOP/s (best 374; 8 warps, 2 stages 330)
     cfg = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3 if block_m == 128 else 2, **(config or {})}
     _prefill_kernel[(n_tiles, heads)](
-        q, k_cache, v_cache, out, tables, q_start, lens, tiles, masks, mask_off,
+        q, k_cache, v_cache, out, tables, q_start, lens, tiles, masks, mask_off, mask_w,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         tables.stride(0), d ** -0.5 * LOG2E, window or 0,
         GROUP=heads // kv_heads, D=d, D_PAD=_pow2(d), PAGE=page, BLOCK_M=block_m, HAS_WINDOW=window is not None,
@@ -300,25 +384,63 @@ def paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
     rows, heads, d = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads
-    out = torch.empty((rows, heads, d), dtype=q.dtype, device=q.device) if out is None else out
-    if splits > 1:
-        if scratch is None:
-            part = torch.empty((rows, heads, splits, d), dtype=torch.float32, device=q.device)
-            lse = torch.empty((rows, heads, splits), dtype=torch.float32, device=q.device)
-        else:
-            part = scratch[0][: rows * heads * splits * d].view(rows, heads, splits, d)
-            lse = scratch[1][: rows * heads * splits].view(rows, heads, splits)
-        target, lse_arg, stride_os = part, lse, part.stride(2)
-    else:
-        target, lse_arg, stride_os = out, out, 0
+    out, target, lse, stride_os = _split_targets(q, splits, scratch, out)
     cfg = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, **(config or {})}
     _decode_kernel[(rows, kv_heads, splits)](
-        q, k_cache, v_cache, target, lse_arg, tables, lens,
+        q, k_cache, v_cache, target, lse, tables, lens,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), target.stride(0), target.stride(1),
         stride_os, tables.stride(0), d ** -0.5 * LOG2E, window or 0,
         GROUP=group, GROUP_PAD=_pow2(group), D=d, D_PAD=_pow2(d), PAGE=page, SPLITS=splits,
         HAS_WINDOW=window is not None, **cfg)
+    return _reduce(target, lse, out, splits)
+
+
+def paged_verify(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
+                 q_start: torch.Tensor, lens: torch.Tensor, tiles: torch.Tensor, block_q: int, page: int, splits: int,
+                 window: int | None, masks: torch.Tensor | None = None, mask_off: torch.Tensor | None = None,
+                 mask_w: torch.Tensor | None = None, scratch: tuple[torch.Tensor, torch.Tensor] | None = None,
+                 out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
+    """A few queries per sequence (rows q_start[i]:q_start[i+1], the last of its lens[i] keys; `tiles` of
+    `block_q` queries from `prefill_tiles`), `splits` programs per (tile, KV head) along the keys, causal
+    within the new keys or by a token tree's `masks` (as `paged_prefill` takes them)."""
+    rows, heads, d = q.shape
+    kv_heads = k_cache.shape[1]
+    group = heads // kv_heads
+    out, target, lse, stride_os = _split_targets(q, splits, scratch, out)
+    tree = masks is not None
+    if not tree:
+        masks = mask_off = mask_w = lens  # unused
+    cfg = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 2, **(config or {})}
+    _verify_kernel[(tiles.numel() // 2, kv_heads, splits)](
+        q, k_cache, v_cache, target, lse, tables, q_start, lens, tiles, masks, mask_off, mask_w,
+        q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), target.stride(0), target.stride(1),
+        stride_os, tables.stride(0), d ** -0.5 * LOG2E, window or 0,
+        GROUP=group, ROWS=_pow2(block_q * group), BLOCK_Q=block_q, HEADS=heads, D=d, D_PAD=_pow2(d), PAGE=page,
+        SPLITS=splits, HAS_WINDOW=window is not None, HAS_TREE=tree, **cfg)
+    return _reduce(target, lse, out, splits)
+
+
+def _split_targets(q: torch.Tensor, splits: int, scratch: tuple[torch.Tensor, torch.Tensor] | None,
+                   out: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """(output, what the split kernel writes, its log-sums, its split stride): with one split the output
+    itself; else fp32 partial results (rows, heads, splits, d) and log-sums, in `scratch` if given."""
+    rows, heads, d = q.shape
+    out = torch.empty((rows, heads, d), dtype=q.dtype, device=q.device) if out is None else out
+    if splits == 1:
+        return out, out, out, 0
+    if scratch is None:
+        part = torch.empty((rows, heads, splits, d), dtype=torch.float32, device=q.device)
+        lse = torch.empty((rows, heads, splits), dtype=torch.float32, device=q.device)
+    else:
+        part = scratch[0][: rows * heads * splits * d].view(rows, heads, splits, d)
+        lse = scratch[1][: rows * heads * splits].view(rows, heads, splits)
+    return out, part, lse, part.stride(2)
+
+
+def _reduce(part: torch.Tensor, lse: torch.Tensor, out: torch.Tensor, splits: int) -> torch.Tensor:
+    """The output from the splits' partial results (nothing to do with one split: `part` is `out`)."""
     if splits > 1:
+        rows, heads, _, d = part.shape
         _reduce_kernel[(rows, heads)](part, lse, out, part.stride(0), part.stride(1), part.stride(2), out.stride(0),
                                       out.stride(1), SPLITS=splits, SPLITS_PAD=_pow2(splits, 2), D=d,
                                       D_PAD=_pow2(d))

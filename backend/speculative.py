@@ -64,19 +64,21 @@ class DraftRunner:
             self.blocks.resize(rid, need)
         return self.blocks.table(rid)
 
-    def _forward(self, feeds: list[tuple[int, list[int]]]) -> torch.Tensor:
+    def _forward(self, feeds: list[tuple[int, list[int]]], prefill: bool = False) -> torch.Tensor:
         """Run each (request, tokens after its cached ones) through the draft; last-row logits of each."""
         parts = []
         for rid, toks in feeds:
             done = self.done.get(rid, 0)
             parts.append((rid, toks, done, list(range(done, done + len(toks))), None))
             self.done[rid] = done + len(toks)
-        return self._run(parts, last_only=True)
+        return self._run(parts, last_only=True, prefill=prefill)
 
     def _run(self, parts: list[tuple[int, list[int], int, list[int], np.ndarray | None]],
-             last_only: bool) -> torch.Tensor:
+             last_only: bool, prefill: bool = False) -> torch.Tensor:
         """One pass over (request, tokens, cached tokens before them, positions, tree mask) parts; the
-        logits of each part's last row, or of every row."""
+        logits of each part's last row, or of every row. Prompt chunks (`prefill`) attend in the prefill
+        kernel; the few tokens of a catch-up after a verification, or of a tree's level, in the decode kernel,
+        as the target's verifications do."""
         flat: list[int] = []
         positions: list[int] = []
         chunks: list[Chunk] = []
@@ -87,9 +89,10 @@ class DraftRunner:
             rows += [len(flat) + len(toks) - 1] if last_only else list(range(len(flat), len(flat) + len(toks)))
             flat += toks
             positions += pos
-        prefills = len(chunks) if any(c.length > 1 or c.mask is not None for c in chunks) else 0
-        graph = None if self.graphs is None else graph_rows(self.graph_mode, len(flat), prefills)
-        if self.graphs is not None and graph is not None and not prefills:  # one token each: a decode graph
+        multi = sum(c.length > 1 or c.mask is not None for c in chunks)
+        prefills = len(chunks) if prefill and multi else 0
+        graph = None if self.graphs is None else graph_rows(self.graph_mode, len(flat), prefills, multi)
+        if self.graphs is not None and graph is not None and not multi:  # one token each: a decode graph
             ids = [rid for rid, *_ in parts]
             logits = self.graphs.decode(self.blocks, ids, np.asarray(flat, np.int64),
                                         np.asarray(positions, np.int64))
@@ -108,7 +111,7 @@ class DraftRunner:
         feeds = [(rid, tokens_of(rid)[self.done.get(rid, 0):n]) for rid, n in zip(ids, upto)]
         feeds = [(rid, toks) for rid, toks in feeds if toks]
         if feeds:
-            self._forward(feeds)
+            self._forward(feeds, prefill=True)
 
     def propose(self, ids: Sequence[int], ks: Sequence[int], tokens_of: Callable[[int], list[int]],
                 temperature: float, generator: Callable[[int, int], torch.Generator]

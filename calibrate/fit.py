@@ -436,5 +436,5 @@ def _ragged_check(r: Attention, profile: Profile, roof: _Roofline, launch: float
     surface = profile.attention_surface(r.kind, r.heads, r.kv_heads, r.head_dim)
     e = surface.at(r.x, r.y) if surface is not None else 1.0
     predicted = roof(r.kind, r.flops, r.bytes) / e + launch * _attention_kernels(r)
-    return {"kind": r.kind, "seqs": r.seqs, "x": r.x, "y": r.y, "measured": r.seconds,
+    return {"kind": r.kind, "seqs": r.seqs, "queries": r.queries, "x": r.x, "y": r.y, "measured": r.seconds,
             "predicted": predicted, "error": predicted / r.seconds - 1.0 if r.seconds else math.nan}

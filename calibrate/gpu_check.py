@@ -1,7 +1,8 @@
 """GPU-only checks of the backend (CI has no GPU; `run_device.sh` runs this first on every device call):
-the paged attention kernels (prefill chunks after cached prefixes, token trees, decodes at several
-flash-decoding splits, with and without a sliding window) against the float32 per-sequence reference,
-and eager vs CUDA-graph steps (decode, and mixed prefill + decode) giving the same greedy tokens.
+the paged attention kernels (prefill chunks after cached prefixes, token trees and a draft's tree level,
+decodes and verifications at several flash-decoding splits, with and without a sliding window) against the
+float32 per-sequence reference, and eager vs CUDA-graph steps (decode, and mixed prefill + decode) giving
+the same greedy tokens.
 
 Run: python calibrate/gpu_check.py (exit status 1 when a check fails)
 """
@@ -39,8 +40,12 @@ def attention_errors(window: int | None) -> dict[str, float]:
     perm = rng.permutation(slots // BLOCK).tolist()
     k_host, v_host = kc.float().cpu(), vc.float().cpu()
     cases = {"prefill": ([(37, 100, None), (1, 500, None), (200, 0, None), (129, 3000, None)], False, (1,)),
-             "tree": ([(6, 300, _tree_mask(6, rng)), (300, 17, None), (9, 70, _tree_mask(9, rng))], False, (1,)),
-             "decode": ([(1, int(c), None) for c in rng.integers(1, 9000, 37)], True, (1, 4, 16))}
+             "tree": ([(6, 300, _tree_mask(6, rng)), (300, 17, None), (9, 70, _tree_mask(9, rng)),
+                      (3, 700, _tree_mask(7, rng)[4:])], False, (1,)),
+             "decode": ([(1, int(c), None) for c in rng.integers(1, 9000, 37)], True, (1, 4, 16)),
+             "verify": ([(5, int(c), None) for c in rng.integers(1, 9000, 20)]
+                        + [(12, 2000, _tree_mask(12, rng)), (3, 700, _tree_mask(7, rng)[4:]), (1, 40, None)],
+                        True, (1, 4, 16))}
     errors = {}
     for name, (parts, decode, splits) in cases.items():
         chunks, row, at = [], 0, 0
@@ -54,7 +59,7 @@ def attention_errors(window: int | None) -> dict[str, float]:
         for s in splits:
             group.splits, group.scratch = s, None
             out = attend(q, kc, vc, group, BLOCK, window)
-            errors[f"{name} (splits {s})" if decode else name] = float((out.float().cpu() - ref).abs().max())
+            errors[f"{name} (splits {s})" if len(splits) > 1 else name] = float((out.float().cpu() - ref).abs().max())
     return errors
 
 

@@ -296,14 +296,14 @@ class Bench:
             out += self._attention_records(dep, shape, list(zip(q.tolist(), p.tolist())), pool, x=float(q.sum()),
                                            y=float((q + p).sum() / q.sum()), seqs=n, ragged=True,
                                            longest=int(q.max()), **head)
-        v = VERIFY_TOKENS  # verification-shaped batches (n chunks of k + 1 tokens over a context), as checks:
-        for n in s.verify_b:  # the prefill surface is indexed by a step's total queries and K/V per query
+        v = VERIFY_TOKENS  # verifications (n of k + 1 tokens over a context) in the decode kernel, as checks of
+        for n in s.verify_b:  # the decode surface at n sequences of the context and the verified tokens
             for ctx in s.verify_ctx:
                 if n * (ctx + v) > max_kv:
                     continue
-                shape = StepShape.build(prefill=[v] * n, prefill_cached=[ctx] * n)
-                out += self._attention_records(dep, shape, [(v, ctx)] * n, pool, x=float(v * n),
-                                               y=float((ctx + v) / v), seqs=n, ragged=True, longest=v, **head)
+                shape = StepShape.build(verify=[v] * n, verify_context=[ctx] * n)
+                out += self._attention_records(dep, shape, [(v, ctx)] * n, pool, x=n, y=ctx + v, seqs=n, queries=v,
+                                               ragged=True, longest=ctx + v, **head)
         self.log(f"attention {head}")
         return out
 

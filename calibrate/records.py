@@ -85,6 +85,7 @@ class Attention(Timed, _Engined):
     x: int | float  # (kept as written: a ragged check reports them)
     y: int | float
     seqs: int | None = None  # sequences in the call (a ragged check reports it)
+    queries: int = 1  # queries per sequence of a decode call (speculative verifications: k + 1)
     heads: int
     kv_heads: int
     head_dim: int

@@ -43,6 +43,9 @@ ATTENTION_KERNELS = {"paged": {"attention-prefill": 1, "attention-decode": 2},
                      "gather": {"attention-prefill": 1, "attention-decode": 4}}
 GATHER_KERNELS = 2  # index_select of K, then of V
 SPLIT_TOKENS = 256  # keys of the longest sequence per flash-decoding split, at least
+# Speculative verifications attend in the decode kernel, this many queries per tile (`backend.kernels`): each
+# tile reads the keys up to its last query, as one decode sequence does (k + 1 <= 8: one tile per chain).
+VERIFY_TILE = 8
 
 
 def decode_splits(sequences: int, kv_heads: int, longest: int, sms: int, most: int = 64) -> int:
@@ -78,12 +81,11 @@ class StepShape:
       already cached before the chunk (earlier chunks or a prefix-cache hit).
     - `decode_context[j]`: tokens in request j's KV before this step; it decodes one token.
     - `verify_tokens[k]`: tokens verified for a speculating request (k+1 for k draft tokens, or the nodes
-      of a token tree) after `verify_context[k]` tokens of KV; `verify_pairs[k]` the query-key pairs inside
-      the verified tokens (a causal chain when omitted: n(n+1)/2; a tree: the sum of node depths + 1);
-      `verify_levels[k]` a token tree's nodes per depth (a chain of verify_tokens[k] - 1 when omitted: the
-      draft runs one step per level); `draft_feed[k]` the tokens the draft model takes in its first step
-      (those of the request it has not cached: after a verification the target's token, plus the last draft
-      where all k were accepted; a tree's accepted path and the target's token; one each when omitted).
+      of a token tree) after `verify_context[k]` tokens of KV; `verify_levels[k]` a token tree's nodes per
+      depth (a chain of verify_tokens[k] - 1 when omitted: the draft runs one step per level); `draft_feed[k]`
+      the tokens the draft model takes in its first step (those of the request it has not cached: after a
+      verification the target's token, plus the last draft where all k were accepted; a tree's accepted path
+      and the target's token; one each when omitted).
     """
 
     prefill_tokens: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
@@ -91,7 +93,6 @@ class StepShape:
     decode_context: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
     verify_tokens: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
     verify_context: IntArray = field(default_factory=lambda: np.zeros(0, np.int64))
-    verify_pairs: IntArray | None = None
     verify_levels: IntArray | None = None  # (verifications, depth)
     draft_feed: IntArray | None = None
 
@@ -103,21 +104,18 @@ class StepShape:
         decode: Sequence[int] | np.ndarray = (),
         verify: Sequence[int] | np.ndarray = (),
         verify_context: Sequence[int] | np.ndarray | None = None,
-        verify_pairs: Sequence[int] | np.ndarray | None = None,
         verify_levels: Sequence[Sequence[int]] | np.ndarray | None = None,
         draft_feed: Sequence[int] | np.ndarray | None = None,
     ) -> StepShape:
         """Validated shape; cached prefixes and verify contexts default to zero."""
         chunks = _ints("prefill_tokens", prefill, minimum=1)
         vtok = _ints("verify_tokens", verify, minimum=1)
-        pairs = None if verify_pairs is None else _ints("verify_pairs", verify_pairs, vtok.size, minimum=1)
         return cls(
             prefill_tokens=chunks,
             prefill_cached=_ints("prefill_cached", prefill_cached, chunks.size),
             decode_context=_ints("decode_context", decode),
             verify_tokens=vtok,
             verify_context=_ints("verify_context", verify_context, vtok.size),
-            verify_pairs=pairs,
             verify_levels=None if verify_levels is None else _levels(verify_levels, vtok),
             draft_feed=None if draft_feed is None else _ints("draft_feed", draft_feed, vtok.size, minimum=1),
         )
@@ -144,8 +142,6 @@ class StepShape:
                "decode_context": self.decode_context.tolist()}
         if self.verify_tokens.size:
             out |= {"verify_tokens": self.verify_tokens.tolist(), "verify_context": self.verify_context.tolist()}
-            if self.verify_pairs is not None:
-                out["verify_pairs"] = self.verify_pairs.tolist()
             if self.verify_levels is not None:
                 out["verify_levels"] = self.verify_levels.tolist()
             if self.draft_feed is not None:
@@ -156,7 +152,7 @@ class StepShape:
     def from_dict(cls, d: dict) -> StepShape:
         return cls.build(prefill=d["prefill_tokens"], prefill_cached=d["prefill_cached"], decode=d["decode_context"],
                          verify=d.get("verify_tokens", ()), verify_context=d.get("verify_context"),
-                         verify_pairs=d.get("verify_pairs"), verify_levels=d.get("verify_levels"),
+                         verify_levels=d.get("verify_levels"),
                          draft_feed=d.get("draft_feed"))
 
     @property
@@ -200,52 +196,59 @@ class StepTotals:
 
     tokens: int  # new tokens through the GEMMs
     logit_tokens: int  # tokens whose logits are computed (last of each prefill chunk, decodes, all verified)
-    prefill_seqs: int  # requests in the prefill-style attention kernel (chunks and verifications)
+    prefill_seqs: int  # prefill chunks (the prefill attention kernel)
     prefill_queries: int
     prefill_pairs: float
-    prefill_kv_tokens: float  # K/V tokens read by the prefill-style attention
-    decode_seqs: int
-    decode_pairs: float  # = K/V tokens read by decode attention
+    prefill_kv_tokens: float  # K/V tokens read by the prefill attention
+    decode_seqs: int  # decodes and verification tiles (the decode attention kernel)
+    decode_pairs: float  # = K/V tokens read by decode attention (a verification tile: up to its last query)
     decode_longest: int = 0  # K/V tokens of the longest decode (its attention blocks run longest)
-    prefill_on: float = 0.0  # 1 when the step has prefill-style attention (chunks or verifications), else 0
-    decode_on: float = 0.0  # 1 when it has decodes
+    prefill_on: float = 0.0  # 1 when the step has prefill chunks, else 0
+    decode_on: float = 0.0  # 1 when it has decodes or verifications
 
     @classmethod
     def of(cls, shape: StepShape, sliding_window: int | None = None) -> StepTotals:
+        """Verifications attend in the decode kernel (vLLM V1 routes requests of up to k + 1 tokens to its
+        decode path): one sequence per `VERIFY_TILE` queries, reading the keys up to its last query. Their
+        attention FLOPs are counted as one query's (k + 1 of them, memory-bound: at most 8 queries times the
+        query heads of a KV head per key read)."""
         w = sliding_window
         n_dec = shape.decode_context.size
         dec_pairs, longest = 0.0, 0
-        if n_dec:
-            dec = shape.decode_context + 1
+        dec = shape.decode_context + 1
+        v = shape.verify_tokens
+        if v.size:  # each tile's keys: the context and the verified tokens up to the tile's last
+            tiles = -(-v // VERIFY_TILE)
+            if int(tiles.max()) == 1:
+                reads = shape.verify_context + v
+            else:
+                ends = np.minimum(np.arange(1, int(tiles.max()) + 1)[None, :] * VERIFY_TILE, v[:, None])
+                reads = (shape.verify_context[:, None] + ends)[np.arange(ends.shape[1])[None, :] < tiles[:, None]]
+            dec = np.concatenate([dec, reads])
+        if dec.size:
             if w is not None:
                 dec = np.minimum(dec, w)
             dec_pairs, longest = float(dec.sum()), int(dec.max())
         tokens_c = pairs = kv_read = 0.0
-        c, v = shape.prefill_tokens, shape.verify_tokens
+        c = shape.prefill_tokens
         if c.size:
             p = shape.prefill_cached
             tokens_c = float(c.sum())
             pairs = _window_pairs(p + 1, c, w)
             kv_read = float(((p + c) if w is None else np.minimum(p + c, w)).sum())
-        tokens_v = 0.0
-        if v.size:
-            vc = shape.verify_context if w is None else np.minimum(shape.verify_context, w)
-            intra = v * (v + 1) // 2 if shape.verify_pairs is None else shape.verify_pairs
-            tokens_v = float(v.sum())
-            pairs += float((v * vc).sum() + intra.sum())
-            kv_read += float((vc + v).sum())
+        tokens_v = int(v.sum())
         return cls(
-            tokens=int(tokens_c + tokens_v) + n_dec,
-            logit_tokens=c.size + n_dec + int(tokens_v),
-            prefill_seqs=c.size + v.size,
-            prefill_queries=int(tokens_c + tokens_v),
+            tokens=int(tokens_c) + tokens_v + n_dec,
+            logit_tokens=c.size + n_dec + tokens_v,
+            prefill_seqs=c.size,
+            prefill_queries=int(tokens_c),
             prefill_pairs=pairs,
             prefill_kv_tokens=kv_read,
-            decode_seqs=n_dec,
+            decode_seqs=dec.size,
             decode_pairs=dec_pairs,
             decode_longest=longest,
-            prefill_on=float(c.size + v.size > 0),
-            decode_on=float(n_dec > 0),
+            prefill_on=float(c.size > 0),
+            decode_on=float(dec.size > 0),
         )
 
 

@@ -24,7 +24,7 @@ class Batch:
 
     - verify (speculative decoding, set by a `Speculator` wrapped around any policy): `verify_ids[v]` runs its
       newest token plus `verify_drafts[v]` draft tokens (a chain, or the nodes of a token tree with
-      `verify_pairs[v]` attention pairs and `verify_levels[v]` nodes per depth) after `verify_computed[v]`
+      `verify_levels[v]` nodes per depth) after `verify_computed[v]`
       tokens of KV. How many the target accepts is the executor's outcome (drawn from the acceptance model
       in simulation, measured on a device); a tree's `verify_probs[v]` are the draft's probabilities of its
       nodes, each given its parent (what the acceptance model draws from). `verify_padded` pads every
@@ -51,7 +51,6 @@ class Batch:
     verify_drafts: np.ndarray = field(default_factory=lambda: _EMPTY)
     verify_computed: np.ndarray = field(default_factory=lambda: _EMPTY)
     verify_padded: bool = False
-    verify_pairs: np.ndarray | None = None  # token trees: query-key pairs inside each tree (None: chains)
     verify_levels: np.ndarray | None = None  # token trees: nodes per depth, one row per verification
     verify_trees: tuple | None = None  # token trees: each verification's `policies.trees.TokenTree`
     verify_probs: tuple | None = None  # token trees: each tree's node probabilities, given their parents
@@ -103,9 +102,6 @@ class Batch:
         if self.verify_padded and verify.size:
             verify = np.full(verify.size, int(verify.max()), dtype=np.int64)
             context = np.full(verify.size, int(context.max()), dtype=np.int64)
-        pairs = self.verify_pairs
-        if pairs is not None and self.verify_padded and pairs.size:
-            pairs = np.full(pairs.size, int(pairs.max()), dtype=np.int64)
         return StepShape(prefill_tokens=chunks, prefill_cached=self.prefill_computed, decode_context=decode,
-                         verify_tokens=verify, verify_context=context, verify_pairs=pairs,
+                         verify_tokens=verify, verify_context=context,
                          verify_levels=self.verify_levels, draft_feed=self.verify_feed)

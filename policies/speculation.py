@@ -293,7 +293,7 @@ class Speculator(Scheduler):
         return Batch(batch.prefill_ids, batch.prefill_tokens, batch.prefill_computed, ids[~spec],
                      batch.decode_computed[~spec], batch.pad_prefill_to, batch.pad_rows, v, sizes[spec],
                      r.computed[v], self.config.batching == "padded",
-                     np.array([t.attention_pairs for t, _ in chosen], dtype=np.int64), levels,
+                     levels,
                      tuple(t for t, _ in chosen), tuple(p for _, p in chosen), self._feed(state, v))
 
 

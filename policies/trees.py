@@ -74,12 +74,6 @@ class TokenTree:
         """Nodes at each depth 1..max_depth (what each draft step processes)."""
         return np.bincount(self.depth, minlength=self.max_depth + 1)[1:]
 
-    @property
-    def attention_pairs(self) -> int:
-        """Query-key pairs inside the verified tokens under the tree mask: the root sees itself, each node
-        its ancestors, the root and itself."""
-        return int(1 + (self.depth + 1).sum())
-
     def path_prob(self, node_prob: np.ndarray) -> np.ndarray:
         """Each node's probability of being on the accepted path, from per-node conditional probabilities."""
         out = np.zeros(self.size)

@@ -77,7 +77,9 @@ class DraftCost:
         """The draft's time in a step of this shape (verifications already padded when the batch pads).
         Token trees (`shape.verify_levels`: nodes per depth) take one draft step per level: step j runs the
         nodes of depth j - 1 (the root first) to propose depth j. The first step takes the tokens the draft
-        has not cached (`shape.draft_feed`, one each when omitted): a chunk after the tokens it has."""
+        has not cached (`shape.draft_feed`, one each when omitted) after the tokens it has. Steps of more than
+        one token per request attend as verifications do, in the decode kernel (`backend.speculative`), and
+        are priced as verifications (every row's logits: the LM head's weight read dominates either way)."""
         if self.model is None:
             return 0.0
         total = 0.0
@@ -99,8 +101,6 @@ class DraftCost:
             ctx = context[live] + j + 1 - tokens if j == 0 else context[live] + j
             if (tokens == 1).all():
                 total += self.model.price(StepShape(decode_context=ctx)).seconds
-            elif j == 0:  # catching up: chunks after the tokens the draft has, the logits of their last row
-                total += self.model.price(StepShape(prefill_tokens=tokens, prefill_cached=ctx)).seconds
-            else:  # a tree's level: the logits of every node
+            else:  # catching up after a verification, or a tree's level
                 total += self.model.price(StepShape(verify_tokens=tokens, verify_context=ctx)).seconds
         return total

@@ -497,8 +497,9 @@ def test_quick_calibration_pipeline_on_cpu(tmp_path, capsys) -> None:
     assert {(g.k, g.n, g.experts) for g in profile.grouped_gemm} == {(256, 256, 8), (128, 256, 8)}  # tiny-moe
     assert "kv_gather_decode" in profile.operators and "kv_gather_prefill" in profile.operators
     assert profile.metadata["device"] == "cpu" and profile.metadata["torch"]
-    verify = [c for c in profile.metadata["ragged_attention_checks"] if c["x"] == 5 * c["seqs"]]
-    assert {c["seqs"] for c in verify} == {1, 4}  # verification-shaped batches: n chunks of 5 tokens, as checks
+    verify = [c for c in profile.metadata["ragged_attention_checks"] if c["queries"] == 5]
+    assert {c["seqs"] for c in verify} == {1, 4}  # verifications of 5 tokens in the decode kernel, as checks
+    assert {c["kind"] for c in verify} == {"attention-decode"}
     assert all(c["measured"] > 0 and c["predicted"] > 0 for c in verify)
     assert main(["calibrate", "--refit", "--raw", str(raw), "--out", str(tmp_path / "again.json")]) == 0
     assert load_profile(tmp_path / "again.json").gemm == profile.gemm

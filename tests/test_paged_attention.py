@@ -65,9 +65,11 @@ def test_prefill_kernel_matches_reference(window: int | None) -> None:
 
 @pytest.mark.parametrize("window", [None, 20])
 def test_prefill_kernel_matches_reference_on_token_trees(window: int | None) -> None:
-    """Trees, also under a sliding window (counted from each node's row, in the kernel and the reference)."""
+    """Trees, also under a sliding window (counted from each node's row, in the kernel and the reference), and
+    a draft's tree level: its nodes' mask also covers the earlier levels' keys, cached before them."""
     rng = np.random.default_rng(2)
-    parts = [(5, 40, tree_mask(5, rng)), (17, 45, None), (9, 7, tree_mask(9, rng)), (1, 16, tree_mask(1, rng))]
+    parts = [(5, 40, tree_mask(5, rng)), (17, 45, None), (9, 7, tree_mask(9, rng)), (1, 16, tree_mask(1, rng)),
+             (3, 50, tree_mask(7, rng)[4:])]
     out, ref = run_both(parts, False, window, seed=2)
     assert torch.allclose(out, ref, atol=1e-5)
 
@@ -81,10 +83,25 @@ def test_decode_kernel_matches_reference_at_every_split(splits: int, window: int
     assert torch.allclose(out, ref, atol=1e-5)
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+@pytest.mark.parametrize("window", [None, 30])
+def test_verify_kernel_matches_reference(splits: int, window: int | None) -> None:
+    """Verifications in the decode group (`paged_verify`): chains of k + 1 tokens after cached prefixes
+    (mid-block too), token trees, a tree of more nodes than a tile (two tiles), one-token decodes among them,
+    a draft's tree level (its mask covering earlier levels' keys too), a prefix shorter than the window and one
+    far longer; at one split and several."""
+    rng = np.random.default_rng(6)
+    parts = [(5, 97, None), (3, 16, None), (1, 40, None), (6, 250, tree_mask(6, rng)), (11, 60, tree_mask(11, rng)),
+             (2, 0, None), (8, 129, None), (3, 50, tree_mask(7, rng)[4:])]
+    out, ref = run_both(parts, True, window, seed=6, splits=splits)
+    assert torch.allclose(out, ref, atol=1e-5)
+
+
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (6, 2, 24), (8, 1, 64)])
 def test_kernels_handle_head_layouts(heads: int, kv_heads: int, dim: int) -> None:
     # multi-head (no grouping), a group of 3 and a head size that is not a power of two, multi-query
-    for decode, parts in ((False, [(20, 9, None), (3, 0, None)]), (True, [(1, 50, None), (1, 5, None)])):
+    for decode, parts in ((False, [(20, 9, None), (3, 0, None)]), (True, [(1, 50, None), (1, 5, None)]),
+                          (True, [(5, 50, None), (1, 5, None)])):
         out, ref = run_both(parts, decode, None, seed=4, heads=heads, kv_heads=kv_heads, dim=dim, splits=2)
         assert torch.allclose(out, ref, atol=1e-5)
 
@@ -188,8 +205,9 @@ def test_fused_elementwise_kernels_match_pytorch() -> None:
 
 
 def test_warm_up_launches_every_variant_a_pass_can_take(monkeypatch) -> None:
-    """Before serving, every prefill tile height (with and without a token tree) and every flash-decoding split
-    runs once, and each fused kernel, so that Triton compiles them before the first request."""
+    """Before serving, every prefill tile height (with and without a token tree), every flash-decoding split of
+    decodes and of verifications (with and without a tree) runs once, and each fused kernel, so that Triton
+    compiles them before the first request."""
     from backend import fused, kernels
     from backend.model import warm_up_kernels
     from hardware.catalog import get_model
@@ -198,6 +216,8 @@ def test_warm_up_launches_every_variant_a_pass_can_take(monkeypatch) -> None:
     monkeypatch.setattr(kernels, "paged_prefill", lambda *a, **k: seen.add(("prefill", a[7], a[10] is not None))
                         or a[0])
     monkeypatch.setattr(kernels, "paged_decode", lambda *a, **k: seen.add(("decode", a[6])) or a[0])
+    monkeypatch.setattr(kernels, "paged_verify", lambda *a, **k: seen.add(("verify", a[9], a[11] is not None))
+                        or a[0])
     for name in ("add_rmsnorm", "rope_and_cache", "silu_mul"):
         real = getattr(fused, name)
         monkeypatch.setattr(fused, name, lambda *a, _n=name, _f=real, **k: seen.add(_n) or _f(*a, **k))
@@ -208,7 +228,9 @@ def test_warm_up_launches_every_variant_a_pass_can_take(monkeypatch) -> None:
         warm_up_kernels(spec, 1, spec.num_key_value_heads, 16, torch.float32, torch.device("cpu"))
     prefill = {(m, tree) for kind, *rest in seen if kind == "prefill" for m, tree in [rest]}
     assert prefill == {(m, t) for m in (16, 64, 128) for t in (False, True)}
-    assert {s for kind, *rest in seen if kind == "decode" for s in rest} == {1, 2, 4, 8, 16, 32, 64}
+    splits = {1, 2, 4, 8, 16, 32, 64}
+    assert {s for kind, *rest in seen if kind == "decode" for s in rest} == splits
+    assert {tuple(rest) for kind, *rest in seen if kind == "verify"} == {(s, t) for s in splits for t in (0, 1)}
     assert {"add_rmsnorm", "rope_and_cache", "silu_mul"} <= seen
 
 

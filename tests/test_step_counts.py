@@ -123,13 +123,20 @@ def test_sliding_window_pairs_match_brute_force(chunks: list[tuple[int, int]], w
     assert totals.prefill_pairs == sum(brute_pairs(p + 1, c, window) for c, p in chunks)
 
 
-def test_verify_is_a_short_chunk_and_trees_use_their_pairs() -> None:
-    chain = StepTotals.of(StepShape.build(verify=[5], verify_context=[1000]))
-    chunk = StepTotals.of(StepShape.build(prefill=[5], prefill_cached=[1000]))
-    assert chain.prefill_pairs == chunk.prefill_pairs and chain.tokens == chunk.tokens
-    assert chain.logit_tokens == 5 and chunk.logit_tokens == 1  # every verified token is sampled
-    tree = StepTotals.of(StepShape.build(verify=[5], verify_context=[1000], verify_pairs=[1 + 2 + 2 + 3 + 3]))
-    assert tree.prefill_pairs == 5 * 1000 + 11
+def test_a_verification_attends_as_decodes_do_one_per_tile_of_queries() -> None:
+    """A chain of k + 1 <= 8 tokens is one sequence of the decode kernel, reading its context and itself; a
+    tree of 19 nodes takes three tiles (8, 8 and 3 queries), each reading the keys up to its last query; its
+    tokens go through the GEMMs and every one's logits are computed, unlike a prefill chunk's."""
+    chain = StepTotals.of(StepShape.build(verify=[5], verify_context=[1000], decode=[99]))
+    chunk = StepTotals.of(StepShape.build(prefill=[5], prefill_cached=[1000], decode=[99]))
+    assert chain.tokens == chunk.tokens == 6
+    assert chain.logit_tokens == 6 and chunk.logit_tokens == 2  # every verified token is sampled
+    assert (chain.decode_seqs, chain.decode_pairs, chain.decode_longest) == (2, 1005 + 100, 1005)
+    assert (chain.prefill_seqs, chain.prefill_queries, chain.prefill_on) == (0, 0, 0.0)
+    tree = StepTotals.of(StepShape.build(verify=[19, 3], verify_context=[1000, 50]))
+    assert (tree.decode_seqs, tree.decode_pairs) == (4, 1008 + 1016 + 1019 + 53)
+    windowed = StepTotals.of(StepShape.build(verify=[19], verify_context=[1000]), sliding_window=1010)
+    assert windowed.decode_pairs == 1008 + 1010 + 1010
 
 
 def test_moe_reads_only_the_experts_hit() -> None:
