@@ -110,6 +110,8 @@ def paged_group(chunks: list[Chunk], block_size: int, device: torch.device, deco
     block_m = (1 if longest_q == 1 else kernels.VERIFY_TILE) if decode else kernels.prefill_block_m(longest_q)
     tiles = [] if block_m == 1 else kernels.prefill_tiles(q_lens, block_m)
     host_masks = [c.mask for c in chunks] if any(c.mask is not None for c in chunks) else None
+    if host_masks is not None and not decode:
+        raise ValueError("paged_group: token trees attend in the decode kernel (verifications), not the prefill one")
     mask_off: list[int] = []
     mask_w: list[int] = []
     if host_masks is not None:  # a mask's columns: the last keys it covers (its chunk's, or more; no mask: causal)
@@ -183,7 +185,7 @@ def attend(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: Pag
         return kernels.paged_decode(q, k_cache, v_cache, g.tables, g.lens, block_size, g.splits, window, g.scratch,
                                     out)
     return kernels.paged_prefill(q, k_cache, v_cache, g.tables, g.q_start, g.lens, g.tiles, g.block_m, block_size,
-                                 window, g.masks, g.mask_off, g.mask_w, out)
+                                 window, out)
 
 
 def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, g: PagedGroup,
@@ -212,8 +214,8 @@ def reference_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.T
 
 def warm_up(heads: int, kv_heads: int, head_dim: int, window: int | None, block_size: int, dtype: torch.dtype,
             device: torch.device) -> None:
-    """Launch every attention variant a serving pass can take once (prefill tiles of each height, with and
-    without a token tree; decodes and verifications, with and without a tree, at every flash-decoding split),
+    """Launch every attention variant a serving pass can take once (prefill tiles of each height; decodes and
+    verifications, with and without a token tree, at every flash-decoding split),
     so that Triton compiles them before the first request instead of in it, as engines warm up at start."""
     if not kernels.use_kernels(torch.empty(0, device=device)):
         return
@@ -222,9 +224,8 @@ def warm_up(heads: int, kv_heads: int, head_dim: int, window: int | None, block_
     kc = torch.zeros(len(blocks) * block_size, kv_heads, head_dim, dtype=dtype, device=device)
     vc = torch.zeros_like(kc)
     for n in (16, 64, 128):  # the tile heights of `kernels.prefill_block_m`
-        for mask in (None, np.tril(np.ones((n, n), dtype=bool))):
-            group = paged_group([Chunk(0, n, block_size, blocks, mask)], block_size, device, False, kv_heads)
-            attend(torch.zeros(n, heads, head_dim, dtype=dtype, device=device), kc, vc, group, block_size, window)
+        group = paged_group([Chunk(0, n, block_size, blocks)], block_size, device, False, kv_heads)
+        attend(torch.zeros(n, heads, head_dim, dtype=dtype, device=device), kc, vc, group, block_size, window)
     for n, mask in ((1, None), (2, None), (2, np.tril(np.ones((2, 2), dtype=bool)))):
         q = torch.zeros(n, heads, head_dim, dtype=dtype, device=device)
         for splits in (1 << i for i in range(7)):  # every power of two `decode_splits` gives

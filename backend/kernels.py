@@ -1,9 +1,8 @@
 """Triton kernels of attention over the paged KV cache, read in place through block tables (no gather).
 
 - `paged_prefill`: FlashAttention-2's forward (Dao, 2023) over query tiles of variable-length chunks, each
-  after its cached prefix: the causal mask aligned at the end, an optional sliding window and token-tree
-  masks (a chunk's new keys visible by ancestry). Keys are fetched page by page as vLLM's PagedAttention
-  lays them out (Kwon et al., SOSP 2023).
+  after its cached prefix: the causal mask aligned at the end and an optional sliding window. Keys are
+  fetched page by page as vLLM's PagedAttention lays them out (Kwon et al., SOSP 2023).
 - `paged_decode`: flash-decoding (Dao et al., 2023): one query per sequence, the query heads of a KV head
   packed as the rows of one tile (grouped-query attention reads each K/V once), the KV length split across
   programs so that a few long sequences still fill the GPU, then a reduction of the partial softmaxes.
@@ -113,12 +112,11 @@ def _pow2(n: int, least: int = 16) -> int:
 if triton is not None:
 
     @triton.jit(do_not_specialize=["stride_tb"])  # block-table width varies per pass: one compile for all
-    def _prefill_kernel(Q, K, V, O, tables, q_start, lens, tiles, masks, mask_off, mask_w,
+    def _prefill_kernel(Q, K, V, O, tables, q_start, lens, tiles,
                         stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_tb,
                         scale, window,
                         GROUP: tl.constexpr, D: tl.constexpr, D_PAD: tl.constexpr, PAGE: tl.constexpr,
-                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr,
-                        HAS_TREE: tl.constexpr):
+                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HAS_WINDOW: tl.constexpr):
         tile, head = tl.program_id(0), tl.program_id(1)
         kvh = head // GROUP
         seq = tl.load(tiles + 2 * tile)
@@ -139,15 +137,9 @@ if triton is not None:
         lo = 0
         if HAS_WINDOW:
             lo = tl.maximum(0, cached + i0 - window + 1)
-        if HAS_TREE:  # the tree's mask covers the last `width` keys (a draft's tree level: earlier levels too)
-            moff = tl.load(mask_off + seq)
-            width = tl.load(mask_w + seq)
-            tail = length - width
-        # keys every row of the tile sees: before the first row's position (before the tree, with one)
+        # keys every row of the tile sees: before the first row's position
         if HAS_WINDOW:
             visible = lo
-        elif HAS_TREE:
-            visible = tail
         else:
             visible = cached + i0 + 1
         unmasked_end = lo + tl.maximum(visible - lo, 0) // BLOCK_N * BLOCK_N
@@ -177,11 +169,6 @@ if triton is not None:
             ok = n_ok[None, :] & (offs_n[None, :] <= pos_q[:, None])
             if HAS_WINDOW:
                 ok = ok & (offs_n[None, :] > pos_q[:, None] - window)
-            if HAS_TREE:
-                new = offs_n - tail
-                in_tree = rows_ok[:, None] & ((new >= 0) & n_ok & (new * 0 + moff >= 0))[None, :]
-                seen = tl.load(masks + moff + offs_m[:, None] * width + new[None, :], mask=in_tree, other=1)
-                ok = ok & (seen != 0)
             s = tl.where(ok, s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -349,29 +336,21 @@ def prefill_tiles(q_lens: list[int], block_m: int) -> list[int]:
 
 def paged_prefill(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, tables: torch.Tensor,
                   q_start: torch.Tensor, lens: torch.Tensor, tiles: torch.Tensor, block_m: int, page: int,
-                  window: int | None, masks: torch.Tensor | None = None, mask_off: torch.Tensor | None = None,
-                  mask_w: torch.Tensor | None = None, out: torch.Tensor | None = None,
-                  config: dict | None = None) -> torch.Tensor:
+                  window: int | None, out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """Attention of queries `q` (rows, heads, d) over the paged cache (slots, kv heads, d): sequence i has
-    rows q_start[i]:q_start[i+1], the last of its lens[i] keys; `tiles` from `prefill_tiles`; `masks`
-    (uint8, flat), `mask_off` (per sequence, -1 for none) and `mask_w` (its columns) give token trees' visibility:
-    row i of sequence s sees the last mask_w[s] keys where its mask row says (the keys before them all)."""
+    rows q_start[i]:q_start[i+1], the last of its lens[i] keys; `tiles` from `prefill_tiles`."""
     rows, heads, d = q.shape
     kv_heads = k_cache.shape[1]
     out = torch.empty((rows, heads, d), dtype=q.dtype, device=q.device) if out is None else out
-    tree = masks is not None
-    if not tree:
-        masks = mask_off = mask_w = lens  # unused
     n_tiles = tiles.numel() // 2
     # bench/attention_configs.py on an H100 (bench/results/h100_attention_configs.txt), an 8k-token prefill:
     # BLOCK_M 128, BLOCK_N 64, 4 warps, 3 stages 366 TFLOP/s (best 374; 8 warps, 2 stages 330)
     cfg = {"BLOCK_N": 64, "num_warps": 4, "num_stages": 3 if block_m == 128 else 2, **(config or {})}
     _prefill_kernel[(n_tiles, heads)](
-        q, k_cache, v_cache, out, tables, q_start, lens, tiles, masks, mask_off, mask_w,
+        q, k_cache, v_cache, out, tables, q_start, lens, tiles,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), out.stride(0), out.stride(1),
         tables.stride(0), d ** -0.5 * LOG2E, window or 0,
-        GROUP=heads // kv_heads, D=d, D_PAD=_pow2(d), PAGE=page, BLOCK_M=block_m, HAS_WINDOW=window is not None,
-        HAS_TREE=tree, **cfg)
+        GROUP=heads // kv_heads, D=d, D_PAD=_pow2(d), PAGE=page, BLOCK_M=block_m, HAS_WINDOW=window is not None, **cfg)
     return out
 
 
@@ -402,7 +381,9 @@ def paged_verify(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, 
                  out: torch.Tensor | None = None, config: dict | None = None) -> torch.Tensor:
     """A few queries per sequence (rows q_start[i]:q_start[i+1], the last of its lens[i] keys; `tiles` of
     `block_q` queries from `prefill_tiles`), `splits` programs per (tile, KV head) along the keys, causal
-    within the new keys or by a token tree's `masks` (as `paged_prefill` takes them)."""
+    within the new keys or by a token tree's `masks`: uint8, flat, from `mask_off[i]` (-1: none), mask_w[i]
+    columns, row j of sequence i seeing the last mask_w[i] keys where its mask row says (a draft's tree level
+    covers the earlier levels' keys too) and every key before them."""
     rows, heads, d = q.shape
     kv_heads = k_cache.shape[1]
     group = heads // kv_heads

@@ -1,7 +1,8 @@
 """The Triton kernels that read the paged KV cache in place (`backend.kernels`), run on CPU in Triton's
 interpreter, against the per-sequence reference: prefill chunks after cached prefixes (mid-block too),
-token trees, sliding windows, decodes at every flash-decoding split; and whole passes of the tiny model
-through the executor (chunked prefill, preemption, speculative trees) giving the reference's tokens."""
+sliding windows, decodes and verifications (token trees too) at every flash-decoding split; and whole passes
+of the tiny model through the executor (chunked prefill, preemption, speculative trees) giving the
+reference's tokens."""
 
 from __future__ import annotations
 
@@ -63,17 +64,6 @@ def test_prefill_kernel_matches_reference(window: int | None) -> None:
     assert out.shape == ref.shape and torch.allclose(out, ref, atol=1e-5)
 
 
-@pytest.mark.parametrize("window", [None, 20])
-def test_prefill_kernel_matches_reference_on_token_trees(window: int | None) -> None:
-    """Trees, also under a sliding window (counted from each node's row, in the kernel and the reference), and
-    a draft's tree level: its nodes' mask also covers the earlier levels' keys, cached before them."""
-    rng = np.random.default_rng(2)
-    parts = [(5, 40, tree_mask(5, rng)), (17, 45, None), (9, 7, tree_mask(9, rng)), (1, 16, tree_mask(1, rng)),
-             (3, 50, tree_mask(7, rng)[4:])]
-    out, ref = run_both(parts, False, window, seed=2)
-    assert torch.allclose(out, ref, atol=1e-5)
-
-
 @pytest.mark.parametrize("splits", [1, 2, 8])
 @pytest.mark.parametrize("window", [None, 40])
 def test_decode_kernel_matches_reference_at_every_split(splits: int, window: int | None) -> None:
@@ -89,12 +79,15 @@ def test_verify_kernel_matches_reference(splits: int, window: int | None) -> Non
     """Verifications in the decode group (`paged_verify`): chains of k + 1 tokens after cached prefixes
     (mid-block too), token trees, a tree of more nodes than a tile (two tiles), one-token decodes among them,
     a draft's tree level (its mask covering earlier levels' keys too), a prefix shorter than the window and one
-    far longer; at one split and several."""
+    far longer (the window counted from each node's row, in the kernel and the reference); at one split and
+    several. Prefill groups take no trees."""
     rng = np.random.default_rng(6)
     parts = [(5, 97, None), (3, 16, None), (1, 40, None), (6, 250, tree_mask(6, rng)), (11, 60, tree_mask(11, rng)),
              (2, 0, None), (8, 129, None), (3, 50, tree_mask(7, rng)[4:])]
     out, ref = run_both(parts, True, window, seed=6, splits=splits)
     assert torch.allclose(out, ref, atol=1e-5)
+    with pytest.raises(ValueError, match="decode kernel"):
+        run_both(parts, False, window, seed=6)
 
 
 @pytest.mark.parametrize("heads,kv_heads,dim", [(4, 4, 16), (6, 2, 24), (8, 1, 64)])
@@ -205,16 +198,15 @@ def test_fused_elementwise_kernels_match_pytorch() -> None:
 
 
 def test_warm_up_launches_every_variant_a_pass_can_take(monkeypatch) -> None:
-    """Before serving, every prefill tile height (with and without a token tree), every flash-decoding split of
-    decodes and of verifications (with and without a tree) runs once, and each fused kernel, so that Triton
+    """Before serving, every prefill tile height, every flash-decoding split of decodes and of verifications
+    (with and without a token tree) runs once, and each fused kernel, so that Triton
     compiles them before the first request."""
     from backend import fused, kernels
     from backend.model import warm_up_kernels
     from hardware.catalog import get_model
 
     seen: set = set()
-    monkeypatch.setattr(kernels, "paged_prefill", lambda *a, **k: seen.add(("prefill", a[7], a[10] is not None))
-                        or a[0])
+    monkeypatch.setattr(kernels, "paged_prefill", lambda *a, **k: seen.add(("prefill", a[7])) or a[0])
     monkeypatch.setattr(kernels, "paged_decode", lambda *a, **k: seen.add(("decode", a[6])) or a[0])
     monkeypatch.setattr(kernels, "paged_verify", lambda *a, **k: seen.add(("verify", a[9], a[11] is not None))
                         or a[0])
@@ -226,8 +218,7 @@ def test_warm_up_launches_every_variant_a_pass_can_take(monkeypatch) -> None:
     assert not seen  # on CPU, outside the interpreter, the kernels do not run: nothing to compile
     with kernels_on_cpu():
         warm_up_kernels(spec, 1, spec.num_key_value_heads, 16, torch.float32, torch.device("cpu"))
-    prefill = {(m, tree) for kind, *rest in seen if kind == "prefill" for m, tree in [rest]}
-    assert prefill == {(m, t) for m in (16, 64, 128) for t in (False, True)}
+    assert {m for kind, *rest in seen if kind == "prefill" for m in rest} == {16, 64, 128}
     splits = {1, 2, 4, 8, 16, 32, 64}
     assert {s for kind, *rest in seen if kind == "decode" for s in rest} == splits
     assert {tuple(rest) for kind, *rest in seen if kind == "verify"} == {(s, t) for s in splits for t in (0, 1)}
@@ -288,7 +279,8 @@ def test_piecewise_graph_gives_the_eager_pass_logits_and_cache(triton_kernels: b
                 row += n
             ends = np.cumsum([n for n, *_ in parts]) - 1
             sample = torch.arange(row) if i == 2 else torch.tensor(ends)  # a verification: logits of every row
-            meta = attention_meta(chunks, BLOCK, cpu, len(chunk_parts), kvh)
+            prefills = 0 if i == 2 else len(chunk_parts)  # verifications attend with the decodes
+            meta = attention_meta(chunks, BLOCK, cpu, prefills, kvh)
             want = model(torch.tensor(flat), torch.tensor(pos), meta, caches[0], sample)
             got = graph.run(torch.tensor(flat), torch.tensor(pos), meta, sample)
             assert torch.allclose(got, want, atol=1e-4)
