@@ -264,11 +264,12 @@ class TorchExecutor:
         """Apply the acceptance rule (or the oracle's `forced` counts) to every verification; append its tokens."""
         accepted = np.zeros(batch.verify_ids.size, dtype=np.int64)
         row = 0
+        best = logits.argmax(dim=-1).tolist() if self.temperature <= 0 else None  # one copy for the batch
         for i, (rid, c) in enumerate(zip(batch.verify_ids.tolist(), batch.verify_computed.tolist())):
             k = len(drafts[i])
             gen = self._generator(rid, 0) if self.temperature > 0 else None
             a, new = accept(logits[row:row + k + 1], drafts[i], dists[i], self.temperature, gen,
-                            None if forced is None else int(forced[i]))
+                            None if forced is None else int(forced[i]), None if best is None else best[row:row + k + 1])
             row += k + 1
             accepted[i] = a
             room = int(self.req.output[rid] - self.req.generated[rid])
@@ -283,9 +284,10 @@ class TorchExecutor:
         move from the tree's slots to the positions after the root, where the next steps read them."""
         accepted = np.zeros(batch.verify_ids.size, dtype=np.int64)
         row = 0
+        best = logits.argmax(dim=-1).tolist()  # one copy for the batch
         for i, (rid, c) in enumerate(zip(batch.verify_ids.tolist(), batch.verify_computed.tolist())):
             tree = trees[i]
-            path, new = tree_accept(logits[row:row + tree.size + 1], tree, drafts[i],
+            path, new = tree_accept(best[row:row + tree.size + 1], tree, drafts[i],
                                     None if forced is None else int(forced[i]))
             row += tree.size + 1
             accepted[i] = len(path)

@@ -124,13 +124,14 @@ class DraftRunner:
             feeds = [(ids[i], tokens_of(ids[i])[self.done.get(ids[i], 0):] if step == 0 else [drafts[i][-1]])
                      for i in live]
             logits = self._forward(feeds)
+            best = logits.argmax(dim=-1).tolist() if temperature <= 0 else None  # one copy for the batch
             for row, i in enumerate(live):
-                if temperature > 0:
+                if best is None:
                     q = torch.softmax(logits[row] / temperature, dim=-1)
                     tok = int(torch.multinomial(q, 1, generator=generator(ids[i], step))[0])
                     dists[i].append(q)
                 else:
-                    tok = int(logits[row].argmax())
+                    tok = best[row]
                 drafts[i].append(tok)
         return drafts, dists
 
@@ -196,12 +197,12 @@ def ancestry(tree: TokenTree) -> np.ndarray:
     return mask
 
 
-def tree_accept(target_logits: torch.Tensor, tree: TokenTree, tokens: list[int], forced: int | None = None
+def tree_accept(best: list[int], tree: TokenTree, tokens: list[int], forced: int | None = None
                 ) -> tuple[list[int], list[int]]:
-    """Greedy verification of a tree (rows: the root, then the nodes): from the root, move to the child whose
-    token is the target's argmax, while one is. Returns the accepted nodes and the tokens to append (theirs
-    and the target's next). `forced` (oracle): follow rank-0 children that many levels instead."""
-    best = target_logits.argmax(dim=-1).tolist()
+    """Greedy verification of a tree (`best`: the target's argmax at each row, the root's, then the nodes'):
+    from the root, move to the child whose token is the target's argmax, while one is. Returns the accepted
+    nodes and the tokens to append (theirs and the target's next). `forced` (oracle): follow rank-0 children
+    that many levels instead."""
     path: list[int] = []
     node = -1
     while True:
@@ -218,12 +219,15 @@ def tree_accept(target_logits: torch.Tensor, tree: TokenTree, tokens: list[int],
 
 
 def accept(target_logits: torch.Tensor, drafts: list[int], dists: list[torch.Tensor], temperature: float,
-           generator: torch.Generator | None, forced: int | None = None) -> tuple[int, list[int]]:
+           generator: torch.Generator | None, forced: int | None = None, best: list[int] | None = None
+           ) -> tuple[int, list[int]]:
     """(accepted drafts, tokens to append) for one request from the target's logits over its k + 1 rows.
-    `forced`: the oracle's accepted count (the drafts up to it are kept whatever the target says)."""
+    `forced`: the oracle's accepted count (the drafts up to it are kept whatever the target says); `best`
+    (greedy): the target's argmax at those rows, when the caller took them for the whole batch at once."""
     k = len(drafts)
     if temperature <= 0:
-        best = target_logits.argmax(dim=-1).tolist()
+        if best is None:
+            best = target_logits.argmax(dim=-1).tolist()
         if forced is not None:
             a = min(forced, k)
         else:
