@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from backend import kernels
-from hardware.operators import decode_splits
+from hardware.operators import VERIFY_TILE, decode_splits
 
 
 @dataclass
@@ -107,7 +107,8 @@ def paged_group(chunks: list[Chunk], block_size: int, device: torch.device, deco
     tables = [c.table for c in chunks]
     width = max(1, max(len(t) for t in tables))
     longest_q = max(q_lens)
-    block_m = (1 if longest_q == 1 else kernels.VERIFY_TILE) if decode else kernels.prefill_block_m(longest_q)
+    # verifications: always VERIFY_TILE queries per tile (one compiled variant per split count), as priced
+    block_m = (1 if longest_q == 1 else VERIFY_TILE) if decode else kernels.prefill_block_m(longest_q)
     tiles = [] if block_m == 1 else kernels.prefill_tiles(q_lens, block_m)
     host_masks = [c.mask for c in chunks] if any(c.mask is not None for c in chunks) else None
     if host_masks is not None and not decode:

@@ -315,11 +315,6 @@ if triton is not None:
                  mask=offs_d < D)
 
 
-# Queries per tile of `paged_verify`, always (one compiled variant per split count): k + 1 of a chain of up to
-# 7 drafts in one tile; larger token trees take several, each reading the keys.
-VERIFY_TILE = 8
-
-
 def prefill_block_m(max_q: int) -> int:
     """Query rows per tile: 16 for verifications of a few tokens, 64 for short chunks, else 128."""
     return 16 if max_q <= 16 else 64 if max_q <= 64 else 128
