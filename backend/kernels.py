@@ -182,6 +182,18 @@ if triton is not None:
         tl.store(O + (first + offs_m)[:, None].to(tl.int64) * stride_ot + head * stride_oh + offs_d[None, :],
                  out.to(O.dtype.element_ty), mask=rows_ok[:, None] & d_ok[None, :])
 
+    @triton.jit
+    def _store_split(O, LSE, rows, heads, offs_d, ok, d_ok, acc, m_i, l_i, split, stride_ot, stride_oh, stride_os,
+                     n_heads, SPLITS: tl.constexpr):
+        """A split program's normalised output at (row, head) of each of its rows (`ok`), and with several
+        splits the log2 of each row's softmax mass for the reduction (-inf: an empty split)."""
+        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
+        o_ptr = O + rows[:, None] * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
+        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=ok[:, None] & d_ok[None, :])
+        if SPLITS > 1:
+            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
+            tl.store(LSE + (rows * n_heads + heads) * SPLITS + split, lse, mask=ok)
+
     @triton.jit(do_not_specialize=["stride_os", "stride_tb"])
     def _decode_kernel(Q, K, V, O, LSE, tables, lens,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_ot, stride_oh, stride_os, stride_tb,
@@ -221,12 +233,8 @@ if triton is not None:
             v = tl.load(V + kv, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_ptr = O + seq.to(tl.int64) * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
-        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
-        if SPLITS > 1:  # log2 of each row's softmax mass, for the reduction (-inf: an empty split)
-            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-            tl.store(LSE + (seq * tl.num_programs(1) * GROUP + heads) * SPLITS + split, lse, mask=g_ok)
+        _store_split(O, LSE, seq.to(tl.int64) + offs_g * 0, heads, offs_d, g_ok, d_ok, acc, m_i, l_i, split,
+                     stride_ot, stride_oh, stride_os, tl.num_programs(1) * GROUP, SPLITS)
 
     @triton.jit(do_not_specialize=["stride_os", "stride_tb"])
     def _verify_kernel(Q, K, V, O, LSE, tables, q_start, lens, tiles, masks, mask_off, mask_w,
@@ -290,12 +298,8 @@ if triton is not None:
             v = tl.load(V + kv, mask=n_ok[:, None] & d_ok[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
             m_i = m_new
-        out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
-        o_ptr = O + rows[:, None] * stride_ot + heads[:, None] * stride_oh + split * stride_os + offs_d[None, :]
-        tl.store(o_ptr, out.to(O.dtype.element_ty), mask=r_ok[:, None] & d_ok[None, :])
-        if SPLITS > 1:
-            lse = tl.where(l_i == 0.0, float("-inf"), m_i + tl.log2(tl.where(l_i == 0.0, 1.0, l_i)))
-            tl.store(LSE + (rows * HEADS + heads) * SPLITS + split, lse, mask=r_ok)
+        _store_split(O, LSE, rows, heads, offs_d, r_ok, d_ok, acc, m_i, l_i, split, stride_ot, stride_oh, stride_os,
+                     HEADS, SPLITS)
 
     @triton.jit
     def _reduce_kernel(P, LSE, O, stride_pt, stride_ph, stride_ps, stride_ot, stride_oh,

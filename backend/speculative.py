@@ -223,11 +223,10 @@ def accept(target_logits: torch.Tensor, drafts: list[int], dists: list[torch.Ten
            ) -> tuple[int, list[int]]:
     """(accepted drafts, tokens to append) for one request from the target's logits over its k + 1 rows.
     `forced`: the oracle's accepted count (the drafts up to it are kept whatever the target says); `best`
-    (greedy): the target's argmax at those rows, when the caller took them for the whole batch at once."""
+    (greedy only): the target's argmax at those rows, which the caller takes for the whole batch at once."""
     k = len(drafts)
     if temperature <= 0:
-        if best is None:
-            best = target_logits.argmax(dim=-1).tolist()
+        assert best is not None, "accept: greedy acceptance takes the rows' argmax (best)"
         if forced is not None:
             a = min(forced, k)
         else:
