@@ -9,9 +9,9 @@ host memory (pinned on CUDA) before its blocks go, and back into its new blocks 
 inside the steps' timed span, as vLLM's swap does. With prefix caching the engine's `BlockManager` keeps a
 journal of releases, hits, newly cached blocks and evictions, which the executor follows so that requests
 with equal block keys share physical blocks (prompt tokens are drawn per key, so shared blocks hold the
-same tokens). Decode-only steps replay whole CUDA graphs, and
-steps of up to 512 tokens with prefill chunks or verifications piecewise graphs, attention between the pieces
-(`backend.graphs`); other steps run eagerly. Steps are timed with a device synchronisation on
+same tokens). Decode-only steps and uniform verifications (k + 1 tokens for every request) replay whole CUDA
+graphs, and other steps of up to 512 tokens with prefill chunks or verifications piecewise graphs, attention
+between the pieces (`backend.graphs`); other steps run eagerly. Steps are timed with a device synchronisation on
 each side (CUDA events measure the GPU part separately).
 """
 
@@ -189,8 +189,11 @@ class TorchExecutor:
         dev = self.device
         if dev.type == "cuda":
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        full = self._verify_graph(batch, drafts, start) if mixed and trees is None else None
         if graph:
             sample_ids, logits = dec, self._decode_graph(dec, batch.decode_computed, start)
+        elif full is not None:
+            sample_ids, logits = [], full
         else:
             inputs = self.pass_inputs(batch, drafts, trees)
             sample_ids = inputs.sample_ids
@@ -309,6 +312,18 @@ class TorchExecutor:
         logits = self.graphs.decode(self.blocks, dec, tokens, done, start)
         assert logits is not None
         return logits
+
+    def _verify_graph(self, batch: Batch, drafts: list[list[int]], start: torch.cuda.Event) -> torch.Tensor | None:
+        """Logits of a step of uniform verifications (every request k + 1 tokens: no prefill chunk, decode or
+        token tree) through a full graph, or None: the step runs piecewise (`hardware.cost.full_graph_rows`)."""
+        ks = batch.verify_drafts
+        if self.graph_mode != "mixed" or batch.prefill_ids.size or batch.decode_ids.size or not ks.size \
+                or ks[0] < 1 or (ks != ks[0]).any():
+            return None
+        assert self.graphs is not None
+        ids, done = batch.verify_ids.tolist(), batch.verify_computed
+        tokens = np.array([[self.tokens_of(rid)[c], *d] for rid, c, d in zip(ids, done.tolist(), drafts)], np.int64)
+        return self.graphs.decode(self.blocks, ids, tokens.ravel(), done, start, queries=int(ks[0]) + 1)
 
     def pass_inputs(self, batch: Batch, drafts: list[list[int]], trees: list[TokenTree] | None) -> PassInputs:
         """The device inputs of one eager pass: prefill chunks, verifications (their k + 1 rows, or token trees),

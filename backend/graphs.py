@@ -1,10 +1,12 @@
-"""CUDA graphs of serving steps, captured on first use: decode steps whole, per (padded batch rows,
-block-table width), and steps with prefill chunks or speculative verifications piecewise, per padded token
-count, attention between the pieces at its exact size.
+"""CUDA graphs of serving steps, captured on first use: decode steps and uniform verifications (k + 1 tokens
+for every request) whole, per (padded batch rows, block-table width, tokens per request), and other steps
+with prefill chunks or speculative verifications piecewise, per padded token count, attention between the
+pieces at its exact size.
 
-vLLM's V1 engine runs the same way by default (FULL_AND_PIECEWISE): decode batches padded to its capture sizes
-replay full graphs, and batches of up to 512 tokens with prefills (or verifications) replay piecewise graphs
-padded to the same sizes, attention left out of them. A `GraphCache` belongs to one model and one paged cache
+vLLM's V1 engine runs the same way by default (FULL_AND_PIECEWISE): uniform decode batches (speculative ones
+of k + 1 tokens per request included) padded to its capture sizes replay full graphs, and other batches of up
+to 512 tokens with prefills (or verifications) replay piecewise graphs padded to the same sizes, attention
+left out of them. A `GraphCache` belongs to one model and one paged cache
 (the target's, or a speculative draft's); the cache has one block more than the engine's, the scratch block
 that padding rows write to and read from.
 """
@@ -21,8 +23,8 @@ from backend import kernels
 from backend.attention import AttentionMeta, PagedGroup, sm_count
 from backend.block_table import BlockTables
 from backend.model import LlamaModel, PagedKVCache, rope_tables
-from hardware.cost import GRAPH_BATCH_SIZES
-from hardware.operators import decode_splits
+from hardware.cost import GRAPH_BATCH_SIZES, full_graph_rows
+from hardware.operators import VERIFY_TILE, decode_splits
 
 
 def capture(step: Callable[[], object], pool: object) -> torch.cuda.CUDAGraph:
@@ -47,55 +49,79 @@ def table_bucket(blocks: int) -> int:
 
 
 class DecodeGraph:
-    """A decode step of `rows` sequences of at most `width` blocks each, as a CUDA graph.
+    """A step of `rows` sequences of `queries` new tokens each and at most `width` blocks, as a CUDA graph:
+    decodes (one token each), or a uniform batch of verifications (k + 1 tokens each, causal over the new
+    keys, in the verify kernel: vLLM V1's full graphs of uniform speculative batches).
 
     Its integer inputs (tokens, positions, new-K/V slots as int64; context lengths and block tables as
-    int32) live in one device buffer, filled from one pinned host buffer by one copy per step. Rows past
-    the real batch are padding: they write to and read one key of the scratch block, and their outputs are
-    ignored. The flash-decoding split is fixed per graph (from `width`); each sequence's keys are split as
-    its own length allows."""
+    int32) live in one device buffer, filled from a host buffer (pinned on CUDA, fresh per step, so that a
+    step never waits for the copy of the one before) by one copy per step. Rows past the real batch are
+    padding: they write to and read the scratch block, and their outputs are ignored. The flash-decoding
+    split is fixed per graph (from `width`); each sequence's keys are split as its own length allows."""
 
     def __init__(self, model: LlamaModel, cache: PagedKVCache, rows: int, width: int, scratch_block: int,
-                 pool: object, logits: torch.Tensor, partials: tuple[torch.Tensor, torch.Tensor]) -> None:
+                 pool: object, logits: torch.Tensor, partials: tuple[torch.Tensor, torch.Tensor] | None,
+                 queries: int = 1, capture_fn: Callable[[Callable[[], object], object], object] = capture) -> None:
         dev = cache.k.device
-        self.rows, self.width, self.scratch_block = rows, width, scratch_block
+        if queries > cache.block_size:
+            raise ValueError(f"DecodeGraph: {queries} queries per sequence; padding rows fit one block "
+                             f"({cache.block_size})")
+        self.rows, self.width, self.queries, self.scratch_block = rows, width, queries, scratch_block
         self.scratch_slot = scratch_block * cache.block_size
-        n64 = 3 * rows + (rows + rows * width + 1) // 2
-        self.ints = torch.zeros(n64, dtype=torch.int64, device=dev)
-        self.host = torch.zeros(n64, dtype=torch.int64).pin_memory()
-        self.views = self._views(self.host.numpy())
+        self.pinned = dev.type == "cuda"
+        self.size = 3 * rows * queries + (rows + rows * width + 1) // 2
+        self.ints = torch.zeros(self.size, dtype=torch.int64, device=dev)
+        self.ints.copy_(self._host())  # until the first run: padding everywhere
         tokens, positions, slots, lens, tables = self._views(self.ints)
-        self.views[2][:] = self.scratch_slot  # until the first run: padding everywhere
-        self.views[3][:] = 1
-        self.views[4][:, 0] = scratch_block
-        self.ints.copy_(self.host)
-        kv_heads = cache.k.shape[2]
-        splits = decode_splits(rows, kv_heads, width * cache.block_size, sm_count(dev))
-        group = PagedGroup(0, rows, True, tables, lens, lens, lens, 1, splits, [], [], [], scratch=partials)
+        kv_heads, sms = cache.k.shape[2], sm_count(dev)
+        if queries == 1:
+            splits = decode_splits(rows, kv_heads, width * cache.block_size, sms)
+            group = PagedGroup(0, rows, True, tables, lens, lens, lens, 1, splits, [], [], [], scratch=partials)
+        else:  # fixed per graph: each sequence's first query row and its tiles of up to VERIFY_TILE queries
+            tiles = kernels.prefill_tiles([queries] * rows, VERIFY_TILE)
+            fixed = torch.tensor([*range(0, rows * queries + 1, queries), *tiles], dtype=torch.int32, device=dev)
+            self.fixed = fixed  # kept: the graph reads it at every replay
+            splits = decode_splits(len(tiles) // 2, kv_heads, width * cache.block_size, sms)
+            group = PagedGroup(0, rows * queries, True, tables, lens, fixed[:rows + 1], fixed[rows + 1:],
+                               VERIFY_TILE, splits, [], [], [], scratch=partials)
         self.meta = AttentionMeta(slots, [group])
         self.logits = logits
-        self.row_ids = torch.arange(rows, device=dev)  # kept: the graph reads it at every replay
-        self.graph = capture(lambda: self.logits[:rows].copy_(model(tokens, positions, self.meta, cache,
-                                                                    self.row_ids)), pool)
+        n = rows * queries
+        self.row_ids = torch.arange(n, device=dev)  # kept: the graph reads it at every replay
+        self.graph = capture_fn(lambda: self.logits[:n].copy_(model(tokens, positions, self.meta, cache,
+                                                                     self.row_ids)), pool)
 
     def _views(self, buf: np.ndarray | torch.Tensor) -> tuple:
-        r = self.rows
-        small = buf[3 * r:].view(np.int32 if isinstance(buf, np.ndarray) else torch.int32)
-        return buf[:r], buf[r:2 * r], buf[2 * r:3 * r], small[:r], small[r:r + r * self.width].reshape(r, self.width)
+        r, t = self.rows, self.rows * self.queries
+        small = buf[3 * t:].view(np.int32 if isinstance(buf, np.ndarray) else torch.int32)
+        return buf[:t], buf[t:2 * t], buf[2 * t:3 * t], small[:r], small[r:r + r * self.width].reshape(r, self.width)
 
-    def run(self, tokens: np.ndarray, positions: np.ndarray, slots: np.ndarray, tables: np.ndarray
-            ) -> torch.Tensor:
-        """Logits of `len(tokens)` decodes: each at `positions` (its cached tokens), writing its new K/V at
-        `slots`, its blocks the rows of `tables`."""
-        n, w = len(tokens), tables.shape[1]
-        tok, pos, slot, lens, table = self.views
-        tok[:n], pos[:n], slot[:n], lens[:n] = tokens, positions, slots, positions + 1
-        slot[n:], lens[n:] = self.scratch_slot, 1  # padding rows: the scratch block only
+    def _host(self) -> torch.Tensor:
+        """A host buffer of inputs where every row is padding (its K/V in the scratch block)."""
+        host = torch.zeros(self.size, dtype=torch.int64, pin_memory=self.pinned)
+        _, _, slots, lens, tables = self._views(host.numpy())
+        slots[:], lens[:], tables[:, 0] = self.scratch_slot, self.queries, self.scratch_block
+        return host
+
+    def run(self, tokens: np.ndarray | None, positions: np.ndarray, slots: np.ndarray, tables: np.ndarray,
+            device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of `len(tables)` sequences' new tokens (`queries` each, sequence after sequence): `tokens`
+        at `positions`, writing their K/V at `slots`, each sequence's blocks a row of `tables`. `device_tokens`
+        (on the device) replaces `tokens`: a draft's proposals go from one step to the next without a copy to
+        the host, so the host prepares a step while the GPU still runs the one before."""
+        n, t, w = len(tables), len(positions), tables.shape[1]
+        host = self._host()
+        tok, pos, slot, lens, table = self._views(host.numpy())
+        if device_tokens is None:
+            tok[:t] = tokens
+        pos[:t], slot[:t] = positions, slots
+        lens[:n] = positions[self.queries - 1::self.queries] + 1
         table[:n, :w] = tables
-        table[n:, 0] = self.scratch_block
-        self.ints.copy_(self.host, non_blocking=True)
+        self.ints.copy_(host, non_blocking=self.pinned)
+        if device_tokens is not None:
+            self.ints[:t].copy_(device_tokens)
         self.graph.replay()
-        return self.logits[:n]
+        return self.logits[:t]
 
 
 class Eager:
@@ -184,7 +210,7 @@ class GraphCache:
     def __init__(self, model: LlamaModel, cache: PagedKVCache, num_blocks: int, block_size: int) -> None:
         self.model, self.cache = model, cache
         self.num_blocks, self.block_size = num_blocks, block_size
-        self.graphs: dict[tuple[int, int], DecodeGraph] = {}
+        self.graphs: dict[tuple[int, int, int], DecodeGraph] = {}
         self.piecewise: dict[int, PiecewiseGraph] = {}
         self.logits: torch.Tensor | None = None
         self.partials: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -197,20 +223,24 @@ class GraphCache:
         seconds, self.capture_seconds = self.capture_seconds, 0.0
         return seconds
 
-    def decode(self, blocks: BlockTables, ids: list[int], tokens: np.ndarray, done: np.ndarray,
-               start: torch.cuda.Event | None = None) -> torch.Tensor | None:
-        """Logits of a decode step of requests `ids` (each with `done` tokens cached and its next token in
-        `tokens`) through its graph, or None when the batch is too large; `start` is recorded just before
-        the replay."""
+    def decode(self, blocks: BlockTables, ids: list[int], tokens: np.ndarray | None, done: np.ndarray,
+               start: torch.cuda.Event | None = None, queries: int = 1,
+               device_tokens: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Logits of a step of requests `ids`, each with `done` tokens cached and `queries` new ones (decodes:
+        1; uniform verifications: k + 1), `tokens` sequence after sequence (or `device_tokens`, on the device),
+        through its full graph, or None when the batch is too large; `start` is recorded just before the
+        replay."""
         bs = self.block_size
-        graph = self.get(len(ids), int(done.max()) // bs + 1)
+        graph = self.get(len(ids), int(done.max() + queries - 1) // bs + 1, queries)
         if graph is None:
             return None
         rows = blocks.array[blocks.rows(ids)]
-        slots = rows[np.arange(len(ids)), done // bs].astype(np.int64) * bs + done % bs
+        positions = (done[:, None] + np.arange(queries)).ravel()
+        seq = np.repeat(np.arange(len(ids)), queries)
+        slots = rows[seq, positions // bs].astype(np.int64) * bs + positions % bs
         if start is not None:
             start.record()
-        return graph.run(tokens, done, slots, rows[:, :graph.width])
+        return graph.run(tokens, positions, slots, rows[:, :graph.width], device_tokens)
 
     def mixed(self, rows: int, tokens: torch.Tensor, positions: torch.Tensor, meta: AttentionMeta,
               logit_rows: torch.Tensor, start: torch.cuda.Event | None = None) -> torch.Tensor:
@@ -229,25 +259,31 @@ class GraphCache:
         return self.piecewise[rows].run(tokens, positions, meta, logit_rows)
 
     def _shared(self) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
-        """Buffers all graphs share: logits out, flash-decoding's partial results (the most any graph needs)."""
+        """Buffers all graphs share: logits out, flash-decoding's partial results (the most any graph needs:
+        rows times splits, over every padded batch and every number of queries per sequence)."""
         if self.logits is None or self.partials is None:
             dev = self.cache.k.device
             heads, d = self.model.layers[0].self_attn.heads, self.cache.k.shape[3]
             kv_heads, sms = self.cache.k.shape[2], sm_count(dev)
-            most = max(b * decode_splits(b, kv_heads, 1 << 30, sms) for b in GRAPH_BATCH_SIZES)
+            most = max(b * q * decode_splits(b * -(-q // VERIFY_TILE), kv_heads, 1 << 30, sms)
+                       for q in range(1, self.block_size + 1) for b in GRAPH_BATCH_SIZES
+                       if b * q <= GRAPH_BATCH_SIZES[-1])
             self.logits = torch.empty((GRAPH_BATCH_SIZES[-1], self.model.spec.vocab_size), device=dev)
             self.partials = (torch.empty(most * heads * d, dtype=torch.float32, device=dev),
                              torch.empty(most * heads, dtype=torch.float32, device=dev))
         return self.logits, self.partials
 
-    def get(self, n: int, longest_table: int) -> DecodeGraph | None:
-        """The graph for a decode of `n` sequences whose longest block table has `longest_table` blocks, or
-        None when n is too large."""
-        if n > GRAPH_BATCH_SIZES[-1]:
+    def get(self, n: int, longest_table: int, queries: int = 1) -> DecodeGraph | None:
+        """The full graph for `n` sequences of `queries` new tokens each whose longest block table has
+        `longest_table` blocks, or None when the padded step is too large (`full_graph_rows`)."""
+        rows = full_graph_rows(n, queries)
+        if rows is None:
             return None
-        key = (next(b for b in GRAPH_BATCH_SIZES if b >= n), table_bucket(longest_table))
+        key = (rows, table_bucket(longest_table), queries)
         if key not in self.graphs:
             t0 = time.perf_counter()
-            self.graphs[key] = DecodeGraph(self.model, self.cache, *key, self.num_blocks, self.pool, *self._shared())
+            logits, partials = self._shared()
+            self.graphs[key] = DecodeGraph(self.model, self.cache, rows, key[1], self.num_blocks, self.pool, logits,
+                                           partials, queries)
             self.capture_seconds += time.perf_counter() - t0
         return self.graphs[key]

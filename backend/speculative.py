@@ -64,21 +64,25 @@ class DraftRunner:
             self.blocks.resize(rid, need)
         return self.blocks.table(rid)
 
-    def _forward(self, feeds: list[tuple[int, list[int]]], prefill: bool = False) -> torch.Tensor:
-        """Run each (request, tokens after its cached ones) through the draft; last-row logits of each."""
+    def _forward(self, feeds: list[tuple[int, list[int]]], prefill: bool = False,
+                 device_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run each (request, tokens after its cached ones) through the draft; last-row logits of each.
+        `device_tokens`: the tokens themselves, on the device (the feeds' lists only count them)."""
         parts = []
         for rid, toks in feeds:
             done = self.done.get(rid, 0)
             parts.append((rid, toks, done, list(range(done, done + len(toks))), None))
             self.done[rid] = done + len(toks)
-        return self._run(parts, last_only=True, prefill=prefill)
+        return self._run(parts, last_only=True, prefill=prefill, device_tokens=device_tokens)
 
     def _run(self, parts: list[tuple[int, list[int], int, list[int], np.ndarray | None]],
-             last_only: bool, prefill: bool = False) -> torch.Tensor:
+             last_only: bool, prefill: bool = False, device_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """One pass over (request, tokens, cached tokens before them, positions, tree mask) parts; the
         logits of each part's last row, or of every row. Prompt chunks (`prefill`) attend in the prefill
         kernel; the few tokens of a catch-up after a verification, or of a tree's level, in the decode kernel,
-        as the target's verifications do."""
+        as the target's verifications do. As many tokens for every part, no tree and no prompt chunk: a full
+        graph (decodes, or uniform catch-ups), as the target's uniform steps. `device_tokens`: the flat
+        tokens on the device instead of the parts' lists."""
         flat: list[int] = []
         positions: list[int] = []
         chunks: list[Chunk] = []
@@ -92,15 +96,19 @@ class DraftRunner:
         multi = sum(c.length > 1 or c.mask is not None for c in chunks)
         prefills = len(chunks) if prefill and multi else 0
         graph = None if self.graphs is None else graph_rows(self.graph_mode, len(flat), prefills, multi)
-        if self.graphs is not None and graph is not None and not multi:  # one token each: a decode graph
+        q = chunks[0].length
+        if self.graphs is not None and graph is not None and not prefills and \
+                all(c.length == q and c.mask is None for c in chunks):
             ids = [rid for rid, *_ in parts]
-            logits = self.graphs.decode(self.blocks, ids, np.asarray(flat, np.int64),
-                                        np.asarray(positions, np.int64))
+            done = np.asarray([c.cached for c in chunks], np.int64)
+            logits = self.graphs.decode(self.blocks, ids, np.asarray(flat, np.int64), done, queries=q,
+                                        device_tokens=device_tokens)
             if logits is not None:
-                return logits
+                return logits if not last_only or q == 1 else logits[q - 1::q]
         dev = self.device
         meta = attention_meta(chunks, self.block_size, dev, prefills, self.cache.k.shape[2], self.blocks.array)
-        args = (torch.tensor(flat, device=dev), torch.tensor(positions, device=dev), meta)
+        tokens = torch.tensor(flat, device=dev) if device_tokens is None else device_tokens
+        args = (tokens, torch.tensor(positions, device=dev), meta)
         logit_rows = torch.tensor(rows, dtype=torch.long, device=dev)
         if self.graphs is not None and graph is not None:  # chunks (catch-up, tree levels): piecewise graphs
             return self.graphs.mixed(graph, *args, logit_rows)
@@ -119,21 +127,50 @@ class DraftRunner:
         """k_i draft tokens per request (and, when sampling, the draft distribution of each)."""
         drafts: list[list[int]] = [[] for _ in ids]
         dists: list[list[torch.Tensor]] = [[] for _ in ids]
+        if temperature <= 0:
+            return self._propose_greedy(ids, ks, tokens_of), dists
         for step in range(max(ks, default=0)):
             live = [i for i, k in enumerate(ks) if k > step]
             feeds = [(ids[i], tokens_of(ids[i])[self.done.get(ids[i], 0):] if step == 0 else [drafts[i][-1]])
                      for i in live]
             logits = self._forward(feeds)
-            best = logits.argmax(dim=-1).tolist() if temperature <= 0 else None  # one copy for the batch
             for row, i in enumerate(live):
-                if best is None:
-                    q = torch.softmax(logits[row] / temperature, dim=-1)
-                    tok = int(torch.multinomial(q, 1, generator=generator(ids[i], step))[0])
-                    dists[i].append(q)
-                else:
-                    tok = best[row]
-                drafts[i].append(tok)
+                q = torch.softmax(logits[row] / temperature, dim=-1)
+                drafts[i].append(int(torch.multinomial(q, 1, generator=generator(ids[i], step))[0]))
+                dists[i].append(q)
         return drafts, dists
+
+    def _propose_greedy(self, ids: Sequence[int], ks: Sequence[int], tokens_of: Callable[[int], list[int]]
+                        ) -> list[list[int]]:
+        """Greedy chains: each step's argmax stays on the device and is the next step's input (vLLM's
+        proposer loop), so the host prepares a step while the GPU still runs the one before; the drafts
+        come to the host in one copy at the end."""
+        picks: list[torch.Tensor] = []
+        lives: list[list[int]] = []
+        for step in range(max(ks, default=0)):
+            live = [i for i, k in enumerate(ks) if k > step]
+            if step == 0:
+                logits = self._forward([(ids[i], tokens_of(ids[i])[self.done.get(ids[i], 0):]) for i in live])
+            else:
+                last = picks[-1]
+                if live != lives[-1]:  # requests whose k_i ran out leave: their rows of the last step go
+                    last = last[self._index([lives[-1].index(i) for i in live])]
+                logits = self._forward([(ids[i], [0]) for i in live], device_tokens=last)
+            picks.append(logits.argmax(dim=-1))
+            lives.append(live)
+        drafts: list[list[int]] = [[] for _ in ids]
+        best = iter(torch.cat(picks).tolist() if picks else [])
+        for live in lives:
+            for i in live:
+                drafts[i].append(next(best))
+        return drafts
+
+    def _index(self, rows: list[int]) -> torch.Tensor:
+        """`rows` as an index tensor on the device, copied from pinned memory without waiting for the GPU."""
+        host = torch.tensor(rows, dtype=torch.long)
+        if self.device.type != "cuda":
+            return host
+        return host.pin_memory().to(self.device, non_blocking=True)
 
 
     def propose_tree(self, ids: Sequence[int], trees: Sequence[TokenTree], tokens_of: Callable[[int], list[int]]

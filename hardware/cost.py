@@ -10,8 +10,8 @@
                 it is done (`pipelined_seconds`: between the longer and the sum of host and GPU time)
     step time = sum over pipeline stages + CPU overhead of the step (+ per request, + per KV token held,
                 + step_mixed for an eager step with both prefill-style attention and decodes; a graph step
-                with prefill chunks or verifications, piecewise, step_piecewise + per request instead of
-                step_graph's)
+                with prefill chunks or other than uniform verifications, piecewise, step_piecewise + per
+                request instead of step_graph's)
 
 Efficiencies come from a calibration profile (`hardware.profile`), falling back to documented defaults;
 a calibrated profile's measured GEMM, named-operator, attention and collective surfaces take precedence
@@ -31,8 +31,9 @@ KV head) one block, so a ragged batch waits for its longest (measured on H100 an
 16 lognormal contexts, mean 2,128: the mean alone priced them 68% low, the longest-sequence bound +1%,
 medians; `bench/ragged_attention.py`).
 CUDA graphs (`graph_rows`, mode `cuda_graphs`): by default ('mixed') every step of at most 512 tokens runs as
-a graph padded to the next captured size (vLLM V1: full graphs for decodes, piecewise for batches with
-prefill chunks or speculative verifications); 'decode' graphs decode-only steps alone (vLLM V0); 'none' runs
+a graph padded to the next captured size (vLLM V1: full graphs for decodes and for uniform verifications,
+k + 1 tokens for every request, `full_graph_rows`; piecewise for batches with prefill chunks, decodes beside
+verifications, differing k or token trees); 'decode' graphs decode-only steps alone (vLLM V0); 'none' runs
 every step eagerly.
 """
 
@@ -78,12 +79,24 @@ def graph_rows(mode: str, tokens: int, prefills: int, verifies: int = 0) -> int 
     `mode` 'decode' and 'mixed': decode-only steps of at most 512 sequences, padded to the next capture size
     (vLLM's rule); 'mixed' also steps of at most 512 tokens with prefill chunks or verifications (k + 1
     tokens, or a token tree, per request), padded the same way, attention outside the graph (vLLM V1's
-    default, FULL_AND_PIECEWISE); 'none': every step eager (vLLM's enforce_eager)."""
+    default, FULL_AND_PIECEWISE; uniform verifications replay a full graph instead: `full_graph_rows`);
+    'none': every step eager (vLLM's enforce_eager)."""
     if mode == "none" or tokens == 0 or tokens > GRAPH_BATCH_SIZES[-1]:
         return None
     if (prefills or verifies) and mode != "mixed":
         return None
     return GRAPH_BATCH_SIZES[bisect.bisect_left(GRAPH_BATCH_SIZES, tokens)]
+
+
+def full_graph_rows(seqs: int, queries: int = 1) -> int | None:
+    """Padded sequences of the full CUDA graph that runs `seqs` requests of `queries` new tokens each (decodes:
+    1; a uniform batch of verifications: k + 1), or None when the padded step passes 512 tokens. vLLM V1's
+    FULL_AND_PIECEWISE replays uniform batches, speculative ones of k + 1 tokens per request included, as full
+    graphs; other steps with several tokens per request take the piecewise ones (`graph_rows`)."""
+    at = bisect.bisect_left(GRAPH_BATCH_SIZES, seqs)
+    if seqs < 1 or at == len(GRAPH_BATCH_SIZES) or GRAPH_BATCH_SIZES[at] * queries > GRAPH_BATCH_SIZES[-1]:
+        return None
+    return GRAPH_BATCH_SIZES[at]
 
 
 def graph_mode(value: bool | str) -> str:
@@ -545,7 +558,8 @@ class CostModel:
         t = StepTotals.of(shape, dep.attention_window)
         if dep.dp > 1:  # DP attention: each rank runs an even share of the step
             t = t.share(dep.dp)
-        key, overhead = self._features(t, shape.prefill_tokens.size, shape.verify_tokens.size, shape.num_requests)
+        key, overhead = self._features(t, shape.prefill_tokens.size, shape.verify_tokens.size, shape.num_requests,
+                                       shape.uniform_queries)
         graph = key[0]
         fixed = self._fixed(key, t)  # the operators that do not read attention's K/V, as kept
         work_v = self._with_attention(v, fixed.work_v[None], t.prefill_pairs, t.prefill_kv_tokens, t.decode_pairs)
@@ -567,11 +581,16 @@ class CostModel:
                         ovh.launch_graph if graph else ovh.launch_eager, float(overhead), totals,
                         (work[:, 0], work[:, 1], work[:, 2], tc, tm, total, launched))
 
-    def _features(self, t: StepTotals, prefills: int, verifies: int, requests: int) -> tuple[tuple, float]:
+    def _features(self, t: StepTotals, prefills: int, verifies: int, requests: int, queries: int = 0
+                  ) -> tuple[tuple, float]:
         """A step's key (whether it runs as a graph, then the features x with attention's pairs and K/V tokens
-        left out: `_fixed`) and its host overhead but for the per-KV-token part."""
+        left out: `_fixed`) and its host overhead but for the per-KV-token part. Verifications of `queries`
+        tokens each (a uniform batch, `StepShape.uniform_queries`) replay a full graph in mode 'mixed'."""
         dep, ovh = self.dep, self.profile.overheads
-        graph = graph_rows(self.cuda_graphs, math.ceil(t.tokens), math.ceil(prefills / dep.dp), verifies)
+        full = full_graph_rows(math.ceil(t.tokens / queries), queries) \
+            if queries > 1 and self.cuda_graphs == "mixed" else None
+        graph = full * queries if full else \
+            graph_rows(self.cuda_graphs, math.ceil(t.tokens), math.ceil(prefills / dep.dp), verifies)
         tokens = graph or t.tokens
         moe_rows = experts = group = 0.0
         if dep.model.is_moe:
@@ -580,7 +599,7 @@ class CostModel:
         key = (graph is not None, tokens, experts, t.tokens, t.logit_tokens, 0.0, t.prefill_queries, 0.0,
                t.decode_seqs, 0.0, moe_rows, group, group / dep.moe_group, t.prefill_on, t.decode_on)
         if graph:
-            return key, ovh.graph_step(requests, piecewise=bool(prefills or verifies))
+            return key, ovh.graph_step(requests, piecewise=bool(prefills or verifies) and not full)
         overhead = ovh.step_eager + ovh.step_eager_per_request * requests
         return key, overhead + ovh.step_mixed if t.prefill_seqs and t.decode_seqs else overhead
 

@@ -125,6 +125,19 @@ class StepShape:
         return self.prefill_tokens.size + self.decode_context.size + self.verify_tokens.size
 
     @property
+    def uniform_queries(self) -> int:
+        """New tokens per request where every request of the step runs as many and none is a prefill chunk
+        or a token tree (what a full CUDA graph can run): 1 for a decode-only step, k + 1 for verifications
+        of k drafts each; 0 otherwise."""
+        if self.prefill_tokens.size or not self.num_requests:
+            return 0
+        if not self.verify_tokens.size:
+            return 1
+        q = int(self.verify_tokens[0])
+        uniform = not self.decode_context.size and self.verify_levels is None and (self.verify_tokens == q).all()
+        return q if uniform else 0
+
+    @property
     def num_tokens(self) -> int:
         """New tokens through the model: prefill chunks, decodes and verified tokens."""
         return int(self.prefill_tokens.sum() + self.decode_context.size + self.verify_tokens.sum())

@@ -4,7 +4,9 @@
   divide): it prefills every prompt chunk the target prefills (it needs its own KV of the context), and
   before each verification runs max k_i autoregressive steps, step j over the requests with k_i > j at
   context + j (padded batches: every request, max k steps); its first step takes the tokens it has not
-  cached (`StepShape.draft_feed`: 2 after a chain whose drafts were all accepted), a chunk where any is 2.
+  cached (`StepShape.draft_feed`: 2 after a chain whose drafts were all accepted), a chunk where any is 2;
+  its later steps take the step before's proposals on the device, so in a CUDA graph their host work runs
+  while the GPU runs the step before (priced at the longer of the two, not their sum).
   With `kv_window` it attends to the last `kv_window` tokens only (a sliding window: MagicDec's
   StreamingLLM draft), and its KV memory is that window for `max_num_seqs` requests.
 - Draft heads (`DraftHeads`) are `layers` decoder layers of the target's shape with its LM head: EAGLE-style
@@ -91,8 +93,8 @@ class DraftCost:
         ks, context = shape.verify_tokens - 1, shape.verify_context
         if not self.sequential:
             return total + self.model.price(StepShape(verify_tokens=ks, verify_context=np.zeros_like(ks))).seconds
-        levels = shape.verify_levels
-        if levels is None:  # a chain of k_i: k_i steps of one token
+        levels, chain = shape.verify_levels, shape.verify_levels is None
+        if chain:  # a chain of k_i: k_i steps of one token
             levels = (np.arange(int(ks.max()))[None, :] < ks[:, None]).astype(np.int64)
         feed = np.ones_like(ks) if shape.draft_feed is None else shape.draft_feed
         for j in range(levels.shape[1]):
@@ -100,7 +102,11 @@ class DraftCost:
             tokens = feed[live] if j == 0 else levels[live, j - 1]
             ctx = context[live] + j + 1 - tokens if j == 0 else context[live] + j
             if (tokens == 1).all():
-                total += self.model.price(StepShape(decode_context=ctx)).seconds
+                cost = self.model.price(StepShape(decode_context=ctx))
+                # a chain's later steps take the last one's proposals on the device: the host prepares
+                # each while the GPU runs the one before (as vLLM's proposer), its own time hidden
+                hidden = chain and j > 0 and cost.execution == "graph"
+                total += max(cost.seconds - cost.overhead_seconds, cost.overhead_seconds) if hidden else cost.seconds
             else:  # catching up after a verification, or a tree's level
                 total += self.model.price(StepShape(verify_tokens=tokens, verify_context=ctx)).seconds
         return total

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hardware.cost import GRAPH_BATCH_SIZES, CostModel, graph_rows
+from hardware.cost import GRAPH_BATCH_SIZES, CostModel, full_graph_rows, graph_rows
 from hardware.deployment import Deployment
 from hardware.errors import DoesNotFitError, ServesimError
 from hardware.operators import StepShape, decode_reduces, decode_splits
@@ -156,6 +156,33 @@ def test_piecewise_graph_steps_pay_their_own_host_cost() -> None:
     assert overhead(own, verifies) == pytest.approx(9e-4 + 8e-6 * 5)
     assert overhead(own, decodes) == overhead(base, decodes) == pytest.approx(base.step_graph + 2e-6 * 9)
     assert overhead(base, chunked) == pytest.approx(base.step_graph + 2e-6 * 10)
+
+
+def test_uniform_verifications_replay_a_full_graph() -> None:
+    """vLLM V1's FULL_AND_PIECEWISE: a batch where every request verifies k + 1 tokens (no prefill chunk, no
+    decode beside it, no token tree) replays a full graph, its sequences padded to the next capture size and
+    at most 512 tokens in all, with a decode graph's host cost; other speculative steps run piecewise."""
+    assert full_graph_rows(3, 5) == 4 and full_graph_rows(3) == 4 and full_graph_rows(1, 16) == 1
+    assert full_graph_rows(100, 5) is None and full_graph_rows(96, 5) == 96 and full_graph_rows(513) is None
+    dep = Deployment.build("llama-3-8b", "h100")
+    ovh = DEFAULT_PROFILE.overheads.model_copy(update={"step_graph_per_request": 2e-6, "step_piecewise": 9e-4,
+                                                       "step_piecewise_per_request": 8e-6})
+    model = CostModel(dep, DEFAULT_PROFILE.model_copy(update={"overheads": ovh}))
+    uniform = StepShape.build(verify=[5] * 3, verify_context=[700, 90, 3000])
+    assert uniform.uniform_queries == 5 and StepShape.build(decode=[4, 5]).uniform_queries == 1
+    cost = model.price(uniform)
+    assert cost.execution == "graph" and cost.overhead_seconds == pytest.approx(ovh.step_graph + 2e-6 * 3)
+    qkv = next(r for r in cost.breakdown if r.name == "qkv_proj").flops
+    one = next(r for r in model.price(StepShape.build(verify=[5], verify_context=[700])).breakdown
+               if r.name == "qkv_proj").flops
+    assert qkv == pytest.approx(one * 4)  # 3 sequences padded to the captured 4, 5 tokens each
+    for other in (StepShape.build(verify=[5, 4], verify_context=[700, 90]),  # differing k
+                  StepShape.build(verify=[5] * 3, verify_context=[700] * 3, decode=[50]),  # a decode beside
+                  StepShape.build(verify=[4], verify_context=[700], verify_levels=[[1, 2]]),  # a token tree
+                  StepShape.build(verify=[5] * 100, verify_context=[70] * 100)):  # 104 x 5 > 512: piecewise
+        assert other.uniform_queries == 0 or other.verify_tokens.size == 100
+        assert model.price(other).overhead_seconds == pytest.approx(9e-4 + 8e-6 * other.num_requests)
+    assert CostModel(dep, cuda_graphs="decode").price(uniform).execution == "eager"
 
 
 class OneTable:

@@ -225,6 +225,70 @@ def test_warm_up_launches_every_variant_a_pass_can_take(monkeypatch) -> None:
     assert {"add_rmsnorm", "rope_and_cache", "silu_mul"} <= seen
 
 
+def test_full_graph_of_uniform_verifications_gives_the_eager_pass_logits_and_cache() -> None:
+    """A batch where every request verifies k + 1 tokens through `DecodeGraph` (a full graph, run as a plain
+    call: fixed buffers, padded rows, the verify kernel over the fixed tiles) gives the eager pass's logits at
+    every row and its K/V; a smaller batch after it with its tokens on the device (a draft's proposals) too,
+    and a decode batch through a graph of one query per sequence; padding writes only the scratch block."""
+    from backend.attention import attention_meta
+    from backend.graphs import DecodeGraph, Eager, table_bucket
+    from backend.model import PagedKVCache, build_model
+    from hardware.catalog import get_model
+    from hardware.cost import full_graph_rows
+
+    spec = get_model("tiny-llama")
+    cpu = torch.device("cpu")
+    model = build_model(spec, cpu, torch.float32, seed=6)
+    kvh = spec.num_key_value_heads
+    rng = np.random.default_rng(6)
+    steps = [(5, [30, 17, 41]), (5, [52, 3]), (1, [20, 44, 9])]  # (tokens per sequence, cached per sequence)
+    need = [-(-(q + c) // BLOCK) for q, cached in steps for c in cached]
+    num_blocks = sum(need) + 2
+    perm, at = rng.permutation(num_blocks).tolist(), 0
+    tables = []
+    for nb in need:
+        tables.append(np.asarray(perm[at:at + nb], dtype=np.int32))
+        at += nb
+    caches = [PagedKVCache(spec.num_hidden_layers, num_blocks + 1, BLOCK, kvh, spec.head_size, torch.float32, cpu)
+              for _ in range(2)]
+    gen = torch.Generator().manual_seed(6)
+    for name in ("k", "v"):
+        prior = torch.randn(getattr(caches[0], name).shape, generator=gen)
+        for cache in caches:
+            getattr(cache, name).copy_(prior)
+    logits = torch.zeros((512, spec.vocab_size))
+    partials = (torch.zeros(1 << 16), torch.zeros(1 << 12))
+    t = iter(tables)
+    graphs = {}
+    with kernels_on_cpu():
+        for i, (q, cached) in enumerate(steps):
+            mine = [next(t) for _ in cached]
+            rows = full_graph_rows(len(cached), q)
+            assert rows == (4 if len(cached) == 3 else 2)
+            width = table_bucket(max(len(x) for x in mine))
+            if (rows, q) not in graphs:
+                graphs[rows, q] = DecodeGraph(model, caches[1], rows, width, num_blocks, None, logits, partials, q,
+                                              lambda step, pool: Eager(step))
+            graph = graphs[rows, q]
+            flat = rng.integers(0, spec.vocab_size, q * len(cached))
+            positions = np.concatenate([np.arange(c, c + q) for c in cached])
+            chunks = [Chunk(j * q, q, c, tab) for j, (c, tab) in enumerate(zip(cached, mine))]
+            meta = attention_meta(chunks, BLOCK, cpu, 0, kvh)
+            want = model(torch.tensor(flat), torch.tensor(positions), meta, caches[0], torch.arange(flat.size))
+            slots = np.concatenate([tab[np.arange(c, c + q) // BLOCK].astype(np.int64) * BLOCK + np.arange(c, c + q)
+                                    % BLOCK for c, tab in zip(cached, mine)])
+            table = np.zeros((len(cached), width), np.int32)
+            for j, tab in enumerate(mine):
+                table[j, :tab.size] = tab
+            on_device = i == 1
+            got = graph.run(None if on_device else flat, positions, slots, table,
+                            torch.tensor(flat) if on_device else None)
+            assert got.shape[0] == flat.size and torch.allclose(got, want, atol=1e-4)
+            real = slice(0, num_blocks * BLOCK)
+            assert torch.allclose(caches[1].k[:, real], caches[0].k[:, real], atol=1e-5)
+            assert torch.allclose(caches[1].v[:, real], caches[0].v[:, real], atol=1e-5)
+
+
 @pytest.mark.parametrize("triton_kernels", [False, True])
 def test_piecewise_graph_gives_the_eager_pass_logits_and_cache(triton_kernels: bool) -> None:
     """A step with prefill chunks through a piecewise graph (`PiecewiseGraph`, its pieces run as plain calls:

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 
 from hardware.cost import CostModel
 from hardware.errors import ServesimError
+from hardware.operators import StepShape
 from policies import make_scheduler
 from policies.acceptance import (
     Acceptance,
@@ -221,6 +222,22 @@ def test_the_draft_model_first_takes_the_tokens_it_has_not_cached(speculate, fee
     draft = DraftCost(target, cfg.speculation, graphed_decodes)
     ones = replace(shape, draft_feed=None)
     assert draft.seconds(shape) > draft.seconds(ones) if feed > 1 else draft.seconds(shape) == draft.seconds(ones)
+
+
+def test_a_chains_later_draft_steps_hide_their_host_time() -> None:
+    """A chain's draft steps after the first take the step before's proposals on the device: in a CUDA graph
+    each costs the longer of its GPU and host time, not their sum; the first step (it takes the tokens the
+    draft has not cached from the host) and eager steps pay both."""
+    cfg = config(spec(k=3))
+    target = prepare(cfg).pools[0].deployment
+    shape = StepShape.build(verify=[4, 4], verify_context=[500, 1200])
+    for mode in ("mixed", "none"):
+        model = CostModel(draft_deployment(target, cfg.speculation), cuda_graphs=mode)
+        steps = [model.price(StepShape.build(decode=[500 + j, 1200 + j])) for j in range(3)]
+        want = steps[0].seconds + sum(max(c.seconds - c.overhead_seconds, c.overhead_seconds) if mode == "mixed"
+                                      else c.seconds for c in steps[1:])
+        assert DraftCost(target, cfg.speculation, model).seconds(shape) == pytest.approx(want)
+        assert (mode == "mixed") == (want < sum(c.seconds for c in steps))
 
 
 def test_deterministic() -> None:
