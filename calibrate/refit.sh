@@ -21,9 +21,10 @@ d['records'] = [r for r in d['records'] if r['kind'] == 'gemm']; json.dump(d, op
 # (Llama-3-8B's GEMMs again on 106 values of M, every CUDA-graph capture size among them, 2026-12-06; the
 # grouped expert GEMMs of Qwen1.5-MoE-A2.7B and Qwen3-30B-A3B, issue 25; then the reference's fixed costs, of
 # the backend with piecewise graphs for steps with prefill chunks and one attention output per eager mixed step,
-# 2026-12-07)
+# 2026-12-07; and the GEMMs of Llama-3.2-1B, the speculative replays' draft, twelfth session)
 H100_PAGED=(--raw $tmp/h100_gemm_raw.json --later $R/h100-sxm-80gb_gemm_raw.json --later $R/h100-sxm-80gb_paged_raw.json
-            --later $R/h100-sxm-80gb_moe_raw.json --later $R/h100-sxm-80gb_paged_piecewise4_reference_raw.json)
+            --later $R/h100-sxm-80gb_moe_raw.json --later $R/h100-sxm-80gb_llama-3.2-1b_gemm_raw.json
+            --later $R/h100-sxm-80gb_paged_piecewise4_reference_raw.json)
 servesim calibrate --refit "${H100_PAGED[@]}" --out ../../hardware/profiles/h100-sxm-80gb.json > /dev/null
 # the same inputs with an MoE model's reference steps last: that host's own overheads for its MoE steps
 for m in qwen1.5-moe-a2.7b qwen3-30b-a3b; do
@@ -58,6 +59,8 @@ v h100-sxm-80gb_paged_piecewise2_llama-3-8b_steps.csv --gpu h100 --out validatio
 v h100-sxm-80gb_paged_piecewise3_llama-3-8b_steps.csv --gpu h100 --out validation_h100_paged_piecewise3
 # and the backend whose eager mixed steps write both attention calls into one output (2026-12-07; the fit's)
 v h100-sxm-80gb_paged_piecewise4_llama-3-8b_steps.csv --gpu h100 --out validation_h100_paged_piecewise4
+# Llama-3.2-1B (the speculative replays' draft) on the same backend (twelfth session; not in the fit)
+v h100-sxm-80gb_paged_llama-3.2-1b_steps.csv --gpu h100 --out validation_h100_paged_llama-3.2-1b
 v h200-sxm-141gb_paged_llama-3-8b_steps.csv --gpu h200 --out validation_h200_paged
 for m in qwen1.5-moe-a2.7b qwen3-30b-a3b; do  # MoE steps (issues 25 and 21: the backend's fused MoE layer)
   v h100-sxm-80gb_${m}_steps.csv --gpu h100 --out validation_h100_moe_$m
