@@ -21,9 +21,11 @@ d['records'] = [r for r in d['records'] if r['kind'] == 'gemm']; json.dump(d, op
 # (Llama-3-8B's GEMMs again on 106 values of M, every CUDA-graph capture size among them, 2026-12-06; the
 # grouped expert GEMMs of Qwen1.5-MoE-A2.7B and Qwen3-30B-A3B, issue 25; then the reference's fixed costs, of
 # the backend with piecewise graphs for steps with prefill chunks and one attention output per eager mixed step,
-# 2026-12-07; and the GEMMs of Llama-3.2-1B, the speculative replays' draft, twelfth session)
+# 2026-12-07; and the GEMMs and paged attention of Llama-3.2-1B, the speculative replays' draft, whose 64-wide
+# heads the other models' surfaces do not cover; twelfth session)
 H100_PAGED=(--raw $tmp/h100_gemm_raw.json --later $R/h100-sxm-80gb_gemm_raw.json --later $R/h100-sxm-80gb_paged_raw.json
             --later $R/h100-sxm-80gb_moe_raw.json --later $R/h100-sxm-80gb_llama-3.2-1b_gemm_raw.json
+            --later $R/h100-sxm-80gb_llama-3.2-1b_attention_raw.json
             --later $R/h100-sxm-80gb_paged_piecewise4_reference_raw.json)
 servesim calibrate --refit "${H100_PAGED[@]}" --out ../../hardware/profiles/h100-sxm-80gb.json > /dev/null
 # the same inputs with an MoE model's reference steps last: that host's own overheads for its MoE steps
