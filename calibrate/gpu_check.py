@@ -1,8 +1,9 @@
 """GPU-only checks of the backend (CI has no GPU; `run_device.sh` runs this first on every device call):
 the paged attention kernels (prefill chunks after cached prefixes; decodes, and verifications with token
 trees and a draft's tree level, at several flash-decoding splits, with and without a sliding window) against the
-float32 per-sequence reference, and eager vs CUDA-graph steps (decode, and mixed prefill + decode) giving
-the same greedy tokens.
+float32 per-sequence reference, eager vs CUDA-graph steps (decode, and mixed prefill + decode) giving
+the same greedy tokens, and a batch of uniform verifications through its full graph giving the eager pass's
+logits.
 
 Run: python calibrate/gpu_check.py (exit status 1 when a check fails)
 """
@@ -109,6 +110,42 @@ def graph_tokens_match() -> bool:
     return ok
 
 
+def verify_graph_error() -> float:
+    """A batch of uniform verifications (3 sequences of k + 1 = 5 tokens after 17-41 cached ones) through its
+    full CUDA graph (`GraphCache.decode`, padded to 4 sequences) against the eager pass: the largest logit
+    difference relative to the largest logit (bf16), the graph's K/V written to a second cache."""
+    from backend.attention import attention_meta
+    from backend.block_table import BlockTables
+    from backend.graphs import GraphCache
+    from backend.model import PagedKVCache, build_model
+
+    spec, dev, q = get_model("tiny-llama"), torch.device("cuda"), 5
+    model = build_model(spec, dev, torch.bfloat16, seed=3)
+    cached = np.array([30, 17, 41])
+    num_blocks = 16
+    caches = [PagedKVCache(spec.num_hidden_layers, num_blocks + 1, BLOCK, spec.num_key_value_heads, spec.head_size,
+                           torch.bfloat16, dev) for _ in range(2)]
+    gen = torch.Generator(device=dev).manual_seed(3)
+    for name in ("k", "v"):
+        prior = torch.randn(getattr(caches[0], name).shape, generator=gen, device=dev, dtype=torch.bfloat16)
+        for cache in caches:
+            getattr(cache, name).copy_(prior)
+    tables = BlockTables(num_blocks)
+    for rid, c in enumerate(cached.tolist()):
+        tables.resize(rid, -(-(c + q) // BLOCK))
+    tokens = np.random.default_rng(3).integers(0, spec.vocab_size, q * cached.size)
+    positions = np.concatenate([np.arange(c, c + q) for c in cached])
+    chunks = [Chunk(i * q, q, int(c), tables.table(i)) for i, c in enumerate(cached)]
+    meta = attention_meta(chunks, BLOCK, dev, 0, spec.num_key_value_heads)
+    with torch.no_grad():
+        want = model(torch.tensor(tokens, device=dev), torch.tensor(positions, device=dev), meta, caches[0],
+                     torch.arange(tokens.size, device=dev)).float()
+        got = GraphCache(model, caches[1], num_blocks, BLOCK).decode(tables, [0, 1, 2], tokens, cached, queries=q)
+    assert got is not None
+    torch.cuda.synchronize()
+    return float((got.float() - want).abs().max() / want.abs().max())
+
+
 def main() -> int:
     ok = True
     for window in (None, 64):
@@ -119,6 +156,9 @@ def main() -> int:
         print(f"fused {case}: max abs error vs fp32 reference, relative to its largest value: {err:.4f}")
         ok &= err < 0.02
     ok &= graph_tokens_match()
+    err = verify_graph_error()
+    print(f"uniform verifications, full CUDA graph vs eager: max logit error relative to the largest {err:.4f}")
+    ok &= err < 0.02
     print("GPU CHECKS OK" if ok else "GPU CHECKS FAILED")
     return 0 if ok else 1
 
