@@ -205,7 +205,8 @@ class PiecewiseGraph:
 
 
 class GraphCache:
-    """The graphs of one model over one cache (`num_blocks` blocks for requests plus the scratch one)."""
+    """The graphs of one model over one cache (`num_blocks` blocks for requests plus the scratch one); off CUDA
+    (tests) their pieces run as plain calls (`Eager`)."""
 
     def __init__(self, model: LlamaModel, cache: PagedKVCache, num_blocks: int, block_size: int) -> None:
         self.model, self.cache = model, cache
@@ -215,7 +216,10 @@ class GraphCache:
         self.logits: torch.Tensor | None = None
         self.partials: tuple[torch.Tensor, torch.Tensor] | None = None
         self.buffers: PieceBuffers | None = None  # the piecewise graphs' inputs and outputs
-        self.pool = torch.cuda.graph_pool_handle()
+        cuda = cache.k.device.type == "cuda"  # elsewhere (tests) the graphs' pieces run as plain calls
+        self.pool = torch.cuda.graph_pool_handle() if cuda else None
+        self.capture_fn: Callable[[Callable[[], object], object], object] = \
+            capture if cuda else (lambda step, pool: Eager(step))
         self.capture_seconds = 0.0
 
     def take_capture_seconds(self) -> float:
@@ -252,7 +256,8 @@ class GraphCache:
             if self.buffers is None:
                 self.buffers = PieceBuffers(self.model, self.num_blocks * self.block_size, self.cache.k.device,
                                             self.cache.k.dtype)
-            self.piecewise[rows] = PiecewiseGraph(self.model, self.cache, rows, self.buffers, self.pool)
+            self.piecewise[rows] = PiecewiseGraph(self.model, self.cache, rows, self.buffers, self.pool,
+                                                  self.capture_fn)
             self.capture_seconds += time.perf_counter() - t0
         if start is not None:
             start.record()
@@ -284,6 +289,6 @@ class GraphCache:
             t0 = time.perf_counter()
             logits, partials = self._shared()
             self.graphs[key] = DecodeGraph(self.model, self.cache, rows, key[1], self.num_blocks, self.pool, logits,
-                                           partials, queries)
+                                           partials, queries, self.capture_fn)
             self.capture_seconds += time.perf_counter() - t0
         return self.graphs[key]

@@ -289,6 +289,45 @@ def test_full_graph_of_uniform_verifications_gives_the_eager_pass_logits_and_cac
             assert torch.allclose(caches[1].v[:, real], caches[0].v[:, real], atol=1e-5)
 
 
+def test_graph_cache_runs_uniform_verifications_and_decodes_over_block_tables() -> None:
+    """`GraphCache.decode` (as the executor and the draft call it: requests' block tables, cached counts,
+    queries per request) gives the eager pass's logits and K/V for uniform verifications of 5 tokens, then
+    decodes, each through its full graph (plain calls on CPU), padded to the capture size."""
+    from backend.attention import attention_meta
+    from backend.block_table import BlockTables
+    from backend.graphs import GraphCache
+    from backend.model import PagedKVCache, build_model
+    from hardware.catalog import get_model
+
+    spec = get_model("tiny-llama")
+    cpu = torch.device("cpu")
+    model = build_model(spec, cpu, torch.float32, seed=8)
+    kvh, num_blocks = spec.num_key_value_heads, 24
+    caches = [PagedKVCache(spec.num_hidden_layers, num_blocks + 1, BLOCK, kvh, spec.head_size, torch.float32, cpu)
+              for _ in range(2)]
+    gen = torch.Generator().manual_seed(8)
+    for name in ("k", "v"):
+        prior = torch.randn(getattr(caches[0], name).shape, generator=gen)
+        for cache in caches:
+            getattr(cache, name).copy_(prior)
+    graphs, tables = GraphCache(model, caches[1], num_blocks, BLOCK), BlockTables(num_blocks)
+    rng = np.random.default_rng(8)
+    with kernels_on_cpu():
+        for q, cached in ((5, [30, 17, 41]), (1, [35, 22, 46])):  # the same requests, verified then decoding
+            for rid, c in enumerate(cached):
+                tables.resize(rid, -(-(c + q) // BLOCK))
+            flat = rng.integers(0, spec.vocab_size, q * len(cached))
+            positions = np.concatenate([np.arange(c, c + q) for c in cached])
+            chunks = [Chunk(i * q, q, c, tables.table(i)) for i, c in enumerate(cached)]
+            want = model(torch.tensor(flat), torch.tensor(positions), attention_meta(chunks, BLOCK, cpu, 0, kvh),
+                         caches[0], torch.arange(flat.size))
+            got = graphs.decode(tables, [0, 1, 2], flat, np.asarray(cached), queries=q)
+            assert got is not None and torch.allclose(got, want, atol=1e-4)
+            real = slice(0, num_blocks * BLOCK)
+            assert torch.allclose(caches[1].k[:, real], caches[0].k[:, real], atol=1e-5)
+    assert sorted(graphs.graphs) == [(4, 16, 1), (4, 16, 5)]  # 3 sequences padded to 4, a graph per q
+
+
 @pytest.mark.parametrize("triton_kernels", [False, True])
 def test_piecewise_graph_gives_the_eager_pass_logits_and_cache(triton_kernels: bool) -> None:
     """A step with prefill chunks through a piecewise graph (`PiecewiseGraph`, its pieces run as plain calls:
