@@ -21,6 +21,7 @@ import torch
 from backend.block_table import BlockTables
 from backend.graphs import GraphCache
 from backend.model import PagedKVCache, build_model, warm_up_kernels
+from calibrate.timing import Timer
 from hardware.catalog import get_model
 from hardware.cost import CostModel
 from hardware.deployment import Deployment
@@ -48,19 +49,6 @@ def kernel_times(replay: object, reps: int = 5) -> dict[str, tuple[float, float]
     return {k: (v[0], v[1] / reps) for k, v in out.items()}
 
 
-def event_ms(replay: object, reps: int = 50) -> float:
-    """Median GPU time of one replay (CUDA events)."""
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end))
-    return statistics.median(times)
-
-
 def run_case(model_id: str, seqs: int, context: int, queries: int, built: dict) -> dict:
     spec = get_model(model_id)
     dev = torch.device("cuda")
@@ -85,7 +73,8 @@ def run_case(model_id: str, seqs: int, context: int, queries: int, built: dict) 
 
     replay()  # captures
     torch.cuda.synchronize()
-    gpu_ms = event_ms(replay)
+    timer = Timer(dev)
+    gpu_ms = statistics.median(timer.events(replay) for _ in range(50)) * 1e3
     kernels = kernel_times(replay)
     shape = (StepShape.build(decode=[context] * seqs) if queries == 1 else
              StepShape.build(verify=[queries] * seqs, verify_context=[context] * seqs))

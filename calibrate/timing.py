@@ -36,7 +36,7 @@ class Timer:
             return self.wall(lambda: fn(0))
         fn(0)
         torch.cuda.synchronize()
-        once = self._events(lambda: fn(0))
+        once = self.events(lambda: fn(0))
         n = max(1, min(self.max_calls, math.ceil(self.min_seconds / max(once, 1e-7))))
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
@@ -49,11 +49,12 @@ class Timer:
             for i in range(n):
                 fn(i % variants)
         graph.replay()
-        times = [self._events(graph.replay) for _ in range(self.repeats)]
+        times = [self.events(graph.replay) for _ in range(self.repeats)]
         del graph
         return statistics.median(times) / n
 
-    def _events(self, fn: Callable[[], object]) -> float:
+    def events(self, fn: Callable[[], object]) -> float:
+        """GPU seconds of one call of `fn` between two CUDA events (host work inside it included)."""
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
         fn()
@@ -94,11 +95,11 @@ class Timer:
             return self.host(fn, calls)
         lead = 3.0 * self.host(fn, calls) * calls  # seconds the host needs to issue the calls, with margin
         cycles = 1 << 20
-        per_cycle = self._events(lambda: torch.cuda._sleep(cycles)) / cycles
+        per_cycle = self.events(lambda: torch.cuda._sleep(cycles)) / cycles
         times = []
         for _ in range(self.repeats):
             torch.cuda._sleep(int(lead / per_cycle))
-            times.append(self._events(lambda: [fn() for _ in range(calls)]) / calls)
+            times.append(self.events(lambda: [fn() for _ in range(calls)]) / calls)
         return statistics.median(times)
 
     def sync(self) -> None:

@@ -29,6 +29,21 @@ def tree_mask(n: int, rng: np.random.Generator) -> np.ndarray:
     return mask
 
 
+def twin_caches(spec, num_blocks: int, seed: int) -> list:
+    """Two float32 CPU paged caches of `num_blocks` blocks plus the scratch block padding rows write to, both
+    holding the same random K/V (the cached prefixes): one for the eager pass, one for the graph under test."""
+    from backend.model import PagedKVCache
+
+    caches = [PagedKVCache(spec.num_hidden_layers, num_blocks + 1, BLOCK, spec.num_key_value_heads, spec.head_size,
+                           torch.float32, torch.device("cpu")) for _ in range(2)]
+    gen = torch.Generator().manual_seed(seed)
+    for name in ("k", "v"):
+        prior = torch.randn(getattr(caches[0], name).shape, generator=gen)
+        for cache in caches:
+            getattr(cache, name).copy_(prior)
+    return caches
+
+
 def run_both(parts: list[tuple[int, int, np.ndarray | None]], decode: bool, window: int | None, seed: int,
              heads: int = 8, kv_heads: int = 2, dim: int = 32, splits: int | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -232,7 +247,7 @@ def test_full_graph_of_uniform_verifications_gives_the_eager_pass_logits_and_cac
     and a decode batch through a graph of one query per sequence; padding writes only the scratch block."""
     from backend.attention import attention_meta
     from backend.graphs import DecodeGraph, Eager, table_bucket
-    from backend.model import PagedKVCache, build_model
+    from backend.model import build_model
     from hardware.catalog import get_model
     from hardware.cost import full_graph_rows
 
@@ -249,13 +264,7 @@ def test_full_graph_of_uniform_verifications_gives_the_eager_pass_logits_and_cac
     for nb in need:
         tables.append(np.asarray(perm[at:at + nb], dtype=np.int32))
         at += nb
-    caches = [PagedKVCache(spec.num_hidden_layers, num_blocks + 1, BLOCK, kvh, spec.head_size, torch.float32, cpu)
-              for _ in range(2)]
-    gen = torch.Generator().manual_seed(6)
-    for name in ("k", "v"):
-        prior = torch.randn(getattr(caches[0], name).shape, generator=gen)
-        for cache in caches:
-            getattr(cache, name).copy_(prior)
+    caches = twin_caches(spec, num_blocks, seed=6)
     logits = torch.zeros((512, spec.vocab_size))
     partials = (torch.zeros(1 << 16), torch.zeros(1 << 12))
     t = iter(tables)
@@ -296,20 +305,14 @@ def test_graph_cache_runs_uniform_verifications_and_decodes_over_block_tables() 
     from backend.attention import attention_meta
     from backend.block_table import BlockTables
     from backend.graphs import GraphCache
-    from backend.model import PagedKVCache, build_model
+    from backend.model import build_model
     from hardware.catalog import get_model
 
     spec = get_model("tiny-llama")
     cpu = torch.device("cpu")
     model = build_model(spec, cpu, torch.float32, seed=8)
     kvh, num_blocks = spec.num_key_value_heads, 24
-    caches = [PagedKVCache(spec.num_hidden_layers, num_blocks + 1, BLOCK, kvh, spec.head_size, torch.float32, cpu)
-              for _ in range(2)]
-    gen = torch.Generator().manual_seed(8)
-    for name in ("k", "v"):
-        prior = torch.randn(getattr(caches[0], name).shape, generator=gen)
-        for cache in caches:
-            getattr(cache, name).copy_(prior)
+    caches = twin_caches(spec, num_blocks, seed=8)
     graphs, tables = GraphCache(model, caches[1], num_blocks, BLOCK), BlockTables(num_blocks)
     rng = np.random.default_rng(8)
     with kernels_on_cpu():
@@ -339,7 +342,7 @@ def test_piecewise_graph_gives_the_eager_pass_logits_and_cache(triton_kernels: b
 
     from backend.attention import attention_meta
     from backend.graphs import Eager, PieceBuffers, PiecewiseGraph
-    from backend.model import PagedKVCache, build_model
+    from backend.model import build_model
     from hardware.catalog import get_model
     from hardware.cost import graph_rows
 
@@ -360,13 +363,7 @@ def test_piecewise_graph_gives_the_eager_pass_logits_and_cache(triton_kernels: b
     for nb in need:
         tables.append(np.asarray(perm[at:at + nb], dtype=np.int32))
         at += nb
-    caches = [PagedKVCache(spec.num_hidden_layers, num_blocks + 1, BLOCK, kvh, spec.head_size, torch.float32, cpu)
-              for _ in range(2)]  # one extra block: the scratch block padding rows write to
-    gen = torch.Generator().manual_seed(4)
-    for name in ("k", "v"):  # the cached prefixes' K/V
-        prior = torch.randn(getattr(caches[0], name).shape, generator=gen)
-        for cache in caches:
-            getattr(cache, name).copy_(prior)
+    caches = twin_caches(spec, num_blocks, seed=4)
     bufs = PieceBuffers(model, num_blocks * BLOCK, cpu, torch.float32)
     rows = graph_rows("mixed", 25, 3)
     assert rows == 32  # the first step's 25 tokens padded to 32 rows
