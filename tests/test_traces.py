@@ -44,6 +44,25 @@ def test_azure_bad_row_names_file_and_line(tmp_path) -> None:
         read_azure(write(tmp_path, "h.csv", "time,in,out\n1,2,3\n"))
 
 
+def test_azure_reader_at_once_gives_the_row_by_row_values(tmp_path, monkeypatch) -> None:
+    """Plain files are read whole by pandas (`_azure_at_once`); the values must be the row-by-row reader's
+    to the bit (timestamps truncated to the microsecond), and any row off the plain form falls back to it."""
+    import traces.readers as readers
+
+    plain = AZURE + ("2023-11-16T18:16:00,007,1\n2023-11-16 18:15:59.123456789,2147483648,3\n"
+                     "2023-11-17 00:00:00.0000005,8,9\n\n")
+    quirky = AZURE + " 2023-11-16 18:16:01.5 , 12 ,3\n"  # (spaces: int() and fromisoformat() take them)
+    files = [write(tmp_path, "plain.csv", plain), write(tmp_path, "quirky.csv", quirky)]
+    assert readers._azure_at_once(files[0]) is not None and readers._azure_at_once(files[1]) is None
+    at_once = [read_azure(f) for f in files]
+    monkeypatch.setattr(readers, "_azure_at_once", lambda p: None)
+    for a, b in zip(at_once, (read_azure(f) for f in files)):
+        for field in ("time_s", "prompt", "output"):
+            assert getattr(a, field).dtype == getattr(b, field).dtype
+            assert getattr(a, field).tobytes() == getattr(b, field).tobytes(), field
+    assert at_once[0].prompt.max() == 2147483648 and len(at_once[1]) == 4
+
+
 def test_mooncake_reader(tmp_path) -> None:
     text = ('{"timestamp": 0, "input_length": 700, "output_length": 5, "hash_ids": [0, 1]}\n'
             '{"timestamp": 1500, "input_length": 800, "output_length": 7, "hash_ids": [0, 2]}\n')

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Literal, TextIO
 
 import numpy as np
+import pandas as pd
 
 from hardware.errors import ServesimError
 
@@ -45,9 +46,9 @@ def _positive_int(value: object, field: str) -> int:
     return n
 
 
-def _finish(path: Path, times: list[float], prompt: list[int], output: list[int],
-            hashes: list[tuple[int, ...]] | None, skipped: int) -> TraceData:
-    if not times:
+def _finish(path: Path, times: list[float] | np.ndarray, prompt: list[int] | np.ndarray,
+            output: list[int] | np.ndarray, hashes: list[tuple[int, ...]] | None, skipped: int) -> TraceData:
+    if not len(times):
         raise ServesimError(f"{path}: no valid rows")
     t = np.asarray(times, dtype=np.float64)
     order = np.argsort(t, kind="stable")  # some traces are not sorted; keep file order on ties
@@ -83,9 +84,39 @@ def _utf8(text: str) -> str:
     return text
 
 
+AZURE_HEADER = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
+_ISO_TIME = r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?"  # naive ISO 8601, as the Azure traces write it
+_TOKENS = r"[0-9]{1,10}"
+
+
+def _azure_at_once(p: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+    """The Azure trace read whole by pandas' C parser (100k rows in about 0.3 s, against 1.2 s row by row):
+    arrival seconds since the epoch and both token counts, the values `read_azure`'s rows give (timestamps
+    truncated to the microsecond, as `datetime.fromisoformat`). None where any row is not of the plain form
+    (naive timestamp, digits only): the row-by-row reader then reads the file, with its checks and errors."""
+    try:
+        df = pd.read_csv(p, dtype=str, na_filter=False, encoding="utf-8-sig")
+        if df.columns.tolist() != AZURE_HEADER or not len(df):
+            return None
+        stamp, prompt, output = (df[c] for c in AZURE_HEADER)
+        if not (stamp.str.fullmatch(_ISO_TIME).all() and prompt.str.fullmatch(_TOKENS).all()
+                and output.str.fullmatch(_TOKENS).all()):
+            return None
+        ns = pd.to_datetime(stamp, format="ISO8601").to_numpy().astype("datetime64[ns]").astype(np.int64)
+    except (ValueError, UnicodeError, OverflowError, pd.errors.ParserError):
+        return None
+    counts = [c.to_numpy().astype(np.int64) for c in (prompt, output)]
+    if any(((c < 1) | (c > MAX_TOKENS)).any() for c in counts):
+        return None
+    return (ns // 1000) / 1e6, counts[0], counts[1]  # (integer microseconds over 1e6: `datetime.timestamp`)
+
+
 def read_azure(path: str | Path, on_bad_row: BadRow = "error") -> TraceData:
     """Azure LLM inference trace 2023 (`TIMESTAMP,ContextTokens,GeneratedTokens`; Patel et al., Splitwise)."""
     p = _open(path)
+    whole = _azure_at_once(p)
+    if whole is not None:
+        return _finish(p, *whole, None, 0)
     times: list[float] = []
     prompt: list[int] = []
     output: list[int] = []
@@ -93,9 +124,8 @@ def read_azure(path: str | Path, on_bad_row: BadRow = "error") -> TraceData:
     with _text(p) as f:
         reader = csv.reader(f)
         header = next(reader, None)
-        expected = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
-        if header is None or [h.strip() for h in header] != expected:
-            raise ServesimError(f"{p}:1: header must be {','.join(expected)}, got {header}")
+        if header is None or [h.strip() for h in header] != AZURE_HEADER:
+            raise ServesimError(f"{p}:1: header must be {','.join(AZURE_HEADER)}, got {header}")
         for row in reader:
             line = reader.line_num
             if not any(cell.strip() for cell in row):  # blank lines (a trailing newline or two)
