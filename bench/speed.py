@@ -6,6 +6,7 @@ Run: python bench/speed.py [--trace ../shared/traces/azure_llm_2023_conv.csv] [-
        (bench/identical_workload.yaml: Llama-2-70B, TP 2, A100-80GB, the request list of
        bench/make_identical_workload.py; Vidur 0.0.26 took 300 s (vllm) and 324 s (sarathi) on the same
        100k requests on this 2-core machine, with 1.7 GB peak RSS; target 15 s and 1 GB)
+     python bench/speed.py --reader                            # Azure trace reading, whole file and row by row
      add --step-by-step to any of these: every decode step one by one (no skipping ahead: sim/skip_ahead.py)
 Each size runs in a fresh subprocess so its peak memory (max RSS, results included) is its own. Prints wall
 seconds, simulated requests per wall second, simulated steps per wall second and peak memory.
@@ -56,6 +57,26 @@ def one(trace: str | None, n: int, rate: float, scenario: str = "trace", skip_ah
             "throughput_req_s": s["throughput_req_s"], "ttft_p50_s": s["ttft_p50_s"]}
 
 
+def reader_times(repeats: int = 5) -> None:
+    """Median seconds to read the identical workload's 100k-row trace whole (`traces.readers._azure_at_once`,
+    pandas' C parser) and row by row (the reader of any file with a row off the plain form)."""
+    import statistics
+
+    import traces.readers as readers
+
+    path = IDENTICAL.parent / "data" / "identical_workload_100k.csv"
+    whole = readers._azure_at_once
+    for name, at_once in (("whole", whole), ("row by row", lambda p: None)):
+        readers._azure_at_once = at_once
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            readers.read_azure(path)
+            times.append(time.perf_counter() - t0)
+        print(f"{path.name}, {name}: {statistics.median(times):.3f} s (median of {repeats})")
+    readers._azure_at_once = whole
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trace", default=str(DEFAULT_TRACE))
@@ -64,9 +85,13 @@ def main() -> None:
     ap.add_argument("--default", action="store_true", help="the embedded default scenario instead (its own rate)")
     ap.add_argument("--identical", action="store_true", help="issue 28's identical workload, vllm and sarathi")
     ap.add_argument("--step-by-step", action="store_true", help="no skipping ahead (the engine before issue 28)")
+    ap.add_argument("--reader", action="store_true", help="time the trace reader alone")
     ap.add_argument("--scenario", help=argparse.SUPPRESS)
     ap.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.reader:
+        reader_times()
+        return
     if args.child:
         print(json.dumps(one(None if args.default else args.trace, args.child, args.rate, args.scenario or "trace",
                              not args.step_by_step)))

@@ -52,8 +52,12 @@ def test_azure_reader_at_once_gives_the_row_by_row_values(tmp_path, monkeypatch)
     plain = AZURE + ("2023-11-16T18:16:00,007,1\n2023-11-16 18:15:59.123456789,2147483648,3\n"
                      "2023-11-17 00:00:00.0000005,8,9\n\n")
     quirky = AZURE + " 2023-11-16 18:16:01.5 , 12 ,3\n"  # (spaces: int() and fromisoformat() take them)
+    shifted = "TIMESTAMP,ContextTokens,GeneratedTokens\nx,2023-11-16 00:00:01,1,2\n"  # (a field too many)
     files = [write(tmp_path, "plain.csv", plain), write(tmp_path, "quirky.csv", quirky)]
     assert readers._azure_at_once(files[0]) is not None and readers._azure_at_once(files[1]) is None
+    assert readers._azure_at_once(write(tmp_path, "shifted.csv", shifted)) is None
+    with pytest.raises(ServesimError, match=r"shifted\.csv:2: bad row .*expected 3 fields, got 4"):
+        read_azure(tmp_path / "shifted.csv")
     at_once = [read_azure(f) for f in files]
     monkeypatch.setattr(readers, "_azure_at_once", lambda p: None)
     for a, b in zip(at_once, (read_azure(f) for f in files)):
