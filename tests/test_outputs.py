@@ -63,7 +63,8 @@ def test_parquet_tables_hold_what_the_csv_tables_hold(tmp_path) -> None:
             if pd.api.types.is_numeric_dtype(pq[col]):
                 assert np.allclose(csv[col].astype(float), pq[col].astype(float), equal_nan=True, rtol=1e-12), col
             else:
-                assert (csv[col].fillna("").astype(str) == pq[col].fillna("").astype(str)).all(), col
+                assert (csv[col].astype(object).fillna("").astype(str) ==
+                        pq[col].astype(object).fillna("").astype(str)).all(), col
 
 
 def test_json_with_out_still_writes_the_files_and_trace_needs_out(tmp_path, capsys) -> None:
