@@ -56,6 +56,8 @@ def test_azure_reader_at_once_gives_the_row_by_row_values(tmp_path, monkeypatch)
     files = [write(tmp_path, "plain.csv", plain), write(tmp_path, "quirky.csv", quirky)]
     assert readers._azure_at_once(files[0]) is not None and readers._azure_at_once(files[1]) is None
     assert readers._azure_at_once(write(tmp_path, "shifted.csv", shifted)) is None
+    late = write(tmp_path, "late.csv", AZURE + "2300-01-01 00:00:00,5,5\n")  # (past 64-bit nanoseconds)
+    assert readers._azure_at_once(late) is None and read_azure(late).time_s[-1] > 8e9
     with pytest.raises(ServesimError, match=r"shifted\.csv:2: bad row .*expected 3 fields, got 4"):
         read_azure(tmp_path / "shifted.csv")
     at_once = [read_azure(f) for f in files]

@@ -85,7 +85,8 @@ def _utf8(text: str) -> str:
 
 
 AZURE_HEADER = ["TIMESTAMP", "ContextTokens", "GeneratedTokens"]
-_ISO_TIME = r"\d{4}-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?"  # naive ISO 8601, as the Azure traces write it
+# naive ISO 8601 as the Azure traces write it, years 1970-2199 (nanoseconds since 1970 fit 64 bits)
+_ISO_TIME = r"(?:19[7-9]\d|2[01]\d\d)-\d{2}-\d{2}[ T]\d{2}:\d{2}:\d{2}(?:\.\d{1,9})?"
 _TOKENS = r"[0-9]{1,10}"
 
 
