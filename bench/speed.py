@@ -59,22 +59,19 @@ def one(trace: str | None, n: int, rate: float, scenario: str = "trace", skip_ah
 
 def reader_times(repeats: int = 5) -> None:
     """Median seconds to read the identical workload's 100k-row trace whole (`traces.readers._azure_at_once`,
-    pandas' C parser) and row by row (the reader of any file with a row off the plain form)."""
+    pandas' C parser) and row by row (`_azure_by_rows`, the reader of any file with a row off the plain form)."""
     import statistics
 
     import traces.readers as readers
 
     path = IDENTICAL.parent / "data" / "identical_workload_100k.csv"
-    whole = readers._azure_at_once
-    for name, at_once in (("whole", whole), ("row by row", lambda p: None)):
-        readers._azure_at_once = at_once
+    for name, read in (("whole", readers.read_azure), ("row by row", lambda p: readers._azure_by_rows(p, "error"))):
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            readers.read_azure(path)
+            read(path)
             times.append(time.perf_counter() - t0)
         print(f"{path.name}, {name}: {statistics.median(times):.3f} s (median of {repeats})")
-    readers._azure_at_once = whole
 
 
 def main() -> None:

@@ -118,8 +118,11 @@ def read_azure(path: str | Path, on_bad_row: BadRow = "error") -> TraceData:
     """Azure LLM inference trace 2023 (`TIMESTAMP,ContextTokens,GeneratedTokens`; Patel et al., Splitwise)."""
     p = _open(path)
     whole = _azure_at_once(p)
-    if whole is not None:
-        return _finish(p, *whole, None, 0)
+    return _azure_by_rows(p, on_bad_row) if whole is None else _finish(p, *whole, None, 0)
+
+
+def _azure_by_rows(p: Path, on_bad_row: BadRow) -> TraceData:
+    """The Azure trace row by row, each row checked: a bad row stops the read with its line, or is skipped."""
     times: list[float] = []
     prompt: list[int] = []
     output: list[int] = []
