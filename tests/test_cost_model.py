@@ -396,6 +396,28 @@ def test_kept_operators_price_a_step_as_afresh(profile: str | None, graphs: bool
     assert len(warm._fixed_cache) < len(shapes)  # (kept features were met again)
 
 
+def test_prefill_prices_kept_drop_the_least_recently_used(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`price` keeps prefill-only steps' prices per shape up to `PREFILL_CACHE_SIZE`; a full cache drops the
+    shape used least recently (a shape met again moves to the end), and a kept price is the one priced afresh."""
+    import hardware.cost as cost
+    from hardware.catalog import get_gpu, get_model
+
+    monkeypatch.setattr(cost, "PREFILL_CACHE_SIZE", 3)
+    dep = Deployment.build(get_model("llama-3-8b"), get_gpu("h100"))
+    model = CostModel(dep)
+
+    def shape(tokens: int) -> StepShape:
+        return StepShape(prefill_tokens=np.array([tokens]), prefill_cached=np.array([0]))
+
+    first = {n: model.price(shape(n)) for n in (100, 200, 300)}
+    assert model.price(shape(100)) is first[100]  # (kept; now the most recently used)
+    model.price(shape(400))  # the cache is full: 200, used least recently, goes
+    assert [key[0][0] for key in model._prefill_cache] == [300, 100, 400]
+    again = model.price(shape(200))
+    assert again is not first[200] and again.seconds == first[200].seconds == CostModel(dep).price(shape(200)).seconds
+    assert [key[0][0] for key in model._prefill_cache] == [100, 400, 200]
+
+
 def test_compiled_operators_hold_a_steps_work_as_an_affine_table() -> None:
     """`CostModel.compiled`: the deployment's operators and their work per unit of each step feature, before any
     efficiency; a GEMM's row is its weight (bytes, whatever the rows) and 2 x its weight's elements per row (token)."""
