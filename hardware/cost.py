@@ -460,6 +460,12 @@ class CostModel:
         heads = (dep.heads_per_gpu, dep.kv_heads_per_gpu, dep.model.head_size)
         self._surfaces = [(i, s) for i, op in enumerate(ops.operators) if op.kind.startswith("attention") and
                           not dep.model.is_mla and (s := self.profile.attention_surface(op.kind, *heads)) is not None]
+        # `_longest_decode`: the sequences one wave of the surface's GPU holds, and the decode operators' FLOPs
+        # and bytes at no features, per decode and per decode K/V token
+        self._wave_seqs = max(1, (self._source or gpu).sm_count // dep.kv_heads_per_gpu)
+        self._wave_work = {i: tuple(tuple(ops.base[i, :2].tolist()) if f is None else
+                                    tuple(ops.slopes[i, :2, f].tolist()) for f in (None, _DECODE_SEQS, _DECODE_PAIRS))
+                           for i, _ in self._surfaces}
         self._n = n
         reads = np.any(attention != 0, axis=(1, 2))  # the operators reading the steps' K/V, and the others
         self._varying, self._steady = (self._column_set(np.flatnonzero(reads), attention),
@@ -505,11 +511,10 @@ class CostModel:
         """A ragged decode batch takes at least as long as its longest sequence's blocks: the time of a batch
         of the sequences one wave holds (one block per sequence and KV head), all at the longest context
         (a uniform batch at the mean context packs the blocks perfectly, which a ragged one cannot)."""
-        sms = (self._source or self.dep.gpu).sm_count  # the surface's GPU
-        b = min(seqs, max(1, sms // self.dep.kv_heads_per_gpu))
-        x = np.zeros(len(FEATURES))
-        x[_DECODE_SEQS], x[_DECODE_PAIRS] = b, b * longest
-        flops, nbytes, _ = self.compiled.base[i] + self.compiled.slopes[i] @ x
+        b = min(seqs, self._wave_seqs)
+        (base_f, base_b), (seq_f, seq_b), (pair_f, pair_b) = self._wave_work[i]
+        x_seqs, x_pairs = float(b), float(b * longest)  # (`compiled.work` at these two features, in plain floats)
+        flops, nbytes = base_f + (seq_f * x_seqs + pair_f * x_pairs), base_b + (seq_b * x_seqs + pair_b * x_pairs)
         return max(self._on_surface(i, flops, nbytes, surface.at(float(b), float(longest))))
 
     def _decode_surface(self, i: int, surface: AttentionSurface, flops: np.ndarray, nbytes: np.ndarray,
