@@ -32,6 +32,8 @@ def main() -> None:
     ap.add_argument("--scheduler", choices=["vllm", "sarathi"], default="vllm")
     ap.add_argument("--default", action="store_true", help="the embedded default scenario (its own scheduler)")
     args = ap.parse_args()
+    if args.default and args.scheduler != "vllm":
+        ap.error("--default runs the default scenario with its own scheduler (vllm); leave --scheduler out")
     sets = [f"workloads.0.num_requests={args.requests}"] + ([SARATHI] if args.scheduler == "sarathi" else [])
     config = load_config(None if args.default else Path(__file__).resolve().parent / "identical_workload.yaml",
                          [sets[0]] if args.default else sets)

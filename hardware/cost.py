@@ -463,9 +463,8 @@ class CostModel:
         # `_longest_decode`: the sequences one wave of the surface's GPU holds, and the decode operators' FLOPs
         # and bytes at no features, per decode and per decode K/V token
         self._wave_seqs = max(1, (self._source or gpu).sm_count // dep.kv_heads_per_gpu)
-        self._wave_work = {i: tuple(tuple(ops.base[i, :2].tolist()) if f is None else
-                                    tuple(ops.slopes[i, :2, f].tolist()) for f in (None, _DECODE_SEQS, _DECODE_PAIRS))
-                           for i, _ in self._surfaces}
+        self._wave_work = {i: (tuple(ops.base[i, :2].tolist()), tuple(ops.slopes[i, :2, _DECODE_SEQS].tolist()),
+                               tuple(ops.slopes[i, :2, _DECODE_PAIRS].tolist())) for i, _ in self._surfaces}
         self._n = n
         reads = np.any(attention != 0, axis=(1, 2))  # the operators reading the steps' K/V, and the others
         self._varying, self._steady = (self._column_set(np.flatnonzero(reads), attention),
