@@ -35,8 +35,7 @@ def main() -> None:
     if args.default and args.scheduler != "vllm":
         ap.error("--default runs the default scenario with its own scheduler (vllm); leave --scheduler out")
     sets = [f"workloads.0.num_requests={args.requests}"] + ([SARATHI] if args.scheduler == "sarathi" else [])
-    config = load_config(None if args.default else Path(__file__).resolve().parent / "identical_workload.yaml",
-                         [sets[0]] if args.default else sets)
+    config = load_config(None if args.default else Path(__file__).resolve().parent / "identical_workload.yaml", sets)
     totals: dict[str, list[float]] = {}
 
     def timed(cls: type, name: str, label: str) -> None:

@@ -460,11 +460,12 @@ class CostModel:
         heads = (dep.heads_per_gpu, dep.kv_heads_per_gpu, dep.model.head_size)
         self._surfaces = [(i, s) for i, op in enumerate(ops.operators) if op.kind.startswith("attention") and
                           not dep.model.is_mla and (s := self.profile.attention_surface(op.kind, *heads)) is not None]
-        # `_longest_decode`: the sequences one wave of the surface's GPU holds, and the decode operators' FLOPs
-        # and bytes at no features, per decode and per decode K/V token
+        # `_longest_decode`: the sequences one wave of the surface's GPU holds, and each decode attention
+        # operator's FLOPs and bytes at no features, per decode and per decode K/V token
         self._wave_seqs = max(1, (self._source or gpu).sm_count // dep.kv_heads_per_gpu)
         self._wave_work = {i: (tuple(ops.base[i, :2].tolist()), tuple(ops.slopes[i, :2, _DECODE_SEQS].tolist()),
-                               tuple(ops.slopes[i, :2, _DECODE_PAIRS].tolist())) for i, _ in self._surfaces}
+                               tuple(ops.slopes[i, :2, _DECODE_PAIRS].tolist()))
+                           for i, s in self._surfaces if s.kind == "attention-decode"}
         self._n = n
         reads = np.any(attention != 0, axis=(1, 2))  # the operators reading the steps' K/V, and the others
         self._varying, self._steady = (self._column_set(np.flatnonzero(reads), attention),
